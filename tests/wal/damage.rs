@@ -1,0 +1,300 @@
+//! Damages real segment files on disk and checks exactly what recovery and
+//! replay keep, quarantine and report.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use sluice::wal::{format, Gap, GapReason, WalConfig};
+
+use super::{open_std, read_all, rec, segment_files, small_cfg};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    cfg: WalConfig,
+    expected: Vec<(u64, String)>,
+    /// (first_seq, path) of each segment, ascending.
+    segments: Vec<(u64, PathBuf)>,
+    frame_len: u64,
+}
+
+fn tag(i: u64) -> String {
+    format!("{i:0>60}")
+}
+
+/// 60 equal-sized records in 1 KiB segments (several records per segment).
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let cfg = small_cfg(&data);
+    let mut expected = Vec::new();
+    {
+        let wal = open_std(&cfg, 0).0;
+        for i in 1..=60 {
+            let r = wal.append_blocking(vec![rec(&tag(i))]).unwrap();
+            expected.push((r.first, tag(i)));
+        }
+    }
+    let segments = segment_files(&data)
+        .into_iter()
+        .map(|n| {
+            (
+                format::parse_segment_name(&n).unwrap(),
+                data.join("wal").join(n),
+            )
+        })
+        .collect::<Vec<_>>();
+    assert!(segments.len() >= 5);
+    let frame_len = format::frame_len(rec(&tag(1)).len()) as u64;
+    Fixture {
+        _dir: dir,
+        data,
+        cfg,
+        expected,
+        segments,
+        frame_len,
+    }
+}
+
+fn without(expected: &[(u64, String)], first: u64, last: u64) -> Vec<(u64, String)> {
+    expected
+        .iter()
+        .filter(|(s, _)| *s < first || *s > last)
+        .cloned()
+        .collect()
+}
+
+fn flip(path: &Path, offset: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset as usize] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn quarantine(data: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(data.join("quarantine")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn bit_flip_in_a_sealed_segment_loses_exactly_the_rest_of_that_segment() {
+    let f = fixture();
+    let (first, path) = &f.segments[1];
+    let next = f.segments[2].0;
+    // Inside the payload of the segment's third frame.
+    let off = format::HEADER_LEN as u64 + 2 * f.frame_len + 30;
+    flip(path, off);
+    let (wal, report) = open_std(&f.cfg, 0);
+    assert!(
+        report.lost.is_empty(),
+        "sealed segments are verified lazily"
+    );
+    let (recs, gaps) = read_all(&wal, 1);
+    let lost = Gap {
+        first: first + 2,
+        last: next - 1,
+        reason: GapReason::Corrupt,
+    };
+    assert_eq!(gaps, vec![lost]);
+    assert_eq!(recs, without(&f.expected, lost.first, lost.last));
+    assert_eq!(
+        wal.counters().lost_records.load(Ordering::Relaxed),
+        lost.len()
+    );
+    let name = format::segment_name(*first);
+    let bad = format::HEADER_LEN as u64 + 2 * f.frame_len;
+    assert_eq!(quarantine(&f.data), vec![format!("{name}.corrupt-{bad}")]);
+    // The quarantined copy is the damaged file, byte for byte.
+    assert_eq!(
+        std::fs::read(
+            f.data
+                .join("quarantine")
+                .join(format!("{name}.corrupt-{bad}"))
+        )
+        .unwrap(),
+        std::fs::read(path).unwrap()
+    );
+}
+
+#[test]
+fn bit_flip_in_the_last_segment_is_cut_and_the_intact_frames_after_it_counted() {
+    let f = fixture();
+    let (first, path) = f.segments.last().unwrap();
+    let len = std::fs::metadata(path).unwrap().len();
+    let records = (len - format::HEADER_LEN as u64) / f.frame_len;
+    assert!(records >= 3, "fixture needs 3 records in the last segment");
+    flip(path, format::HEADER_LEN as u64 + f.frame_len + 40);
+    let (wal, report) = open_std(&f.cfg, 0);
+    let cut_at = format::HEADER_LEN as u64 + f.frame_len;
+    assert_eq!(report.truncated_bytes, len - cut_at);
+    let lost = Gap {
+        first: first + 1,
+        last: 60,
+        reason: GapReason::Corrupt,
+    };
+    assert_eq!(report.lost, vec![lost]);
+    assert_eq!(std::fs::metadata(path).unwrap().len(), cut_at);
+    let name = format::segment_name(*first);
+    assert_eq!(quarantine(&f.data), vec![format!("{name}.tail-{cut_at}")]);
+    let (recs, gaps) = read_all(&wal, 1);
+    assert!(gaps.is_empty());
+    assert_eq!(recs, without(&f.expected, lost.first, lost.last));
+    // Numbering continues after the cut; the damaged seqs are gone for good.
+    assert_eq!(
+        wal.append_blocking(vec![rec("new")]).unwrap().first,
+        first + 1
+    );
+}
+
+#[test]
+fn truncation_mid_frame_is_a_torn_tail_with_no_loss_reported() {
+    let f = fixture();
+    let (_, path) = f.segments.last().unwrap();
+    let len = std::fs::metadata(path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    let (wal, report) = open_std(&f.cfg, 0);
+    assert_eq!(report.truncated_bytes, f.frame_len - 5);
+    assert!(report.lost.is_empty(), "a torn tail was never acknowledged");
+    let (recs, gaps) = read_all(&wal, 1);
+    assert!(gaps.is_empty());
+    assert_eq!(recs, f.expected[..59].to_vec());
+    assert_eq!(quarantine(&f.data).len(), 1, "the partial frame is kept");
+}
+
+#[test]
+fn zeroed_tail_is_cut_silently_and_nothing_is_lost() {
+    let f = fixture();
+    let (_, path) = f.segments.last().unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(&[0u8; 4096])
+        .unwrap();
+    let (wal, report) = open_std(&f.cfg, 0);
+    assert_eq!(report.truncated_bytes, 4096);
+    assert!(report.lost.is_empty());
+    assert!(quarantine(&f.data).is_empty(), "zeros are not evidence");
+    assert_eq!(read_all(&wal, 1).0, f.expected);
+}
+
+fn assert_whole_segment_quarantined(f: &Fixture, index: usize) {
+    let (first, _) = f.segments[index];
+    let next = f.segments[index + 1].0;
+    let (wal, report) = open_std(&f.cfg, 0);
+    let lost = Gap {
+        first,
+        last: next - 1,
+        reason: GapReason::BadHeader,
+    };
+    assert_eq!(report.lost, vec![lost]);
+    let qname = format!("{}.bad-header", format::segment_name(first));
+    assert_eq!(report.quarantined, vec![qname.clone()]);
+    assert_eq!(quarantine(&f.data), vec![qname]);
+    let (recs, gaps) = read_all(&wal, 1);
+    assert_eq!(recs, without(&f.expected, lost.first, lost.last));
+    assert_eq!(gaps.len(), 1, "replay skips the range");
+    assert_eq!(
+        wal.counters().lost_records.load(Ordering::Relaxed),
+        lost.len(),
+        "reported at open and met again in replay, counted once"
+    );
+}
+
+#[test]
+fn garbage_file_in_place_of_a_segment_is_quarantined_whole() {
+    let f = fixture();
+    let garbage: Vec<u8> = (0..3000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&f.segments[2].1, garbage).unwrap();
+    assert_whole_segment_quarantined(&f, 2);
+}
+
+#[test]
+fn wrong_magic_is_quarantined_whole() {
+    let f = fixture();
+    let mut bytes = std::fs::read(&f.segments[1].1).unwrap();
+    bytes[..8].copy_from_slice(b"NOTSLUIC");
+    std::fs::write(&f.segments[1].1, bytes).unwrap();
+    assert_whole_segment_quarantined(&f, 1);
+}
+
+#[test]
+fn unknown_format_version_is_quarantined_whole() {
+    let f = fixture();
+    let mut bytes = std::fs::read(&f.segments[1].1).unwrap();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[0..20]);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&f.segments[1].1, bytes).unwrap();
+    assert_whole_segment_quarantined(&f, 1);
+}
+
+#[test]
+fn missing_middle_segment_is_an_exact_gap() {
+    let f = fixture();
+    std::fs::remove_file(&f.segments[2].1).unwrap();
+    let (wal, report) = open_std(&f.cfg, 0);
+    assert!(report.lost.is_empty(), "found by replay, not by open");
+    let (recs, gaps) = read_all(&wal, 1);
+    let lost = Gap {
+        first: f.segments[2].0,
+        last: f.segments[3].0 - 1,
+        reason: GapReason::Missing,
+    };
+    assert_eq!(gaps, vec![lost]);
+    assert_eq!(recs, without(&f.expected, lost.first, lost.last));
+    assert!(quarantine(&f.data).is_empty());
+}
+
+#[test]
+fn missing_first_segments_below_committed_are_not_a_loss_but_above_are() {
+    let f = fixture();
+    std::fs::remove_file(&f.segments[0].1).unwrap();
+    std::fs::remove_file(&f.segments[1].1).unwrap();
+    let committed = f.segments[2].0 - 1;
+    let (wal, report) = open_std(&f.cfg, committed);
+    assert!(report.lost.is_empty());
+    let (recs, gaps) = read_all(&wal, committed + 1);
+    assert!(gaps.is_empty());
+    assert_eq!(recs, f.expected[committed as usize..].to_vec());
+    drop(wal);
+    // With an older committed offset, the missing records are a loss.
+    let (_, report) = open_std(&f.cfg, 3);
+    assert_eq!(
+        report.lost,
+        vec![Gap {
+            first: 4,
+            last: committed,
+            reason: GapReason::Missing
+        }]
+    );
+}
+
+#[test]
+fn junk_after_the_last_frame_of_a_sealed_segment_loses_nothing() {
+    let f = fixture();
+    OpenOptions::new()
+        .append(true)
+        .open(&f.segments[1].1)
+        .unwrap()
+        .write_all(b"junk that is not a frame")
+        .unwrap();
+    let (wal, _) = open_std(&f.cfg, 0);
+    let (recs, gaps) = read_all(&wal, 1);
+    assert!(gaps.is_empty());
+    assert_eq!(recs, f.expected);
+}
