@@ -33,6 +33,7 @@
 //! `docs/design.md` for the full rules.
 
 pub mod format;
+pub mod inspect;
 pub mod io;
 mod reader;
 pub mod record;

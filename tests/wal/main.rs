@@ -2,6 +2,7 @@
 //! uses the simulated disk (`SimFs`) to model crashes and faults.
 
 mod basic;
+mod cli;
 mod crash;
 mod damage;
 mod model;

@@ -1,0 +1,245 @@
+//! Command-line entry points. `main.rs` only calls [`main`].
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::offsets::OffsetStore;
+use crate::wal::inspect;
+use crate::wal::io::StdFs;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Crash-safe HTTP-to-Kafka ingest daemon"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect a WAL offline (read-only; safe on a stopped daemon's data dir).
+    Wal {
+        #[command(subcommand)]
+        command: WalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalCommand {
+    /// Check every frame of every segment. Exits 1 if acknowledged records
+    /// are unreadable, 2 on a usage or I/O error.
+    Verify {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Print records as NDJSON on stdout; unreadable ranges go to stderr.
+    Dump {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// First sequence number to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Print a JSON summary: segments, sequence range, bytes, committed offset.
+    Stats {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Wal { command } => run_wal(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The committed offset of a stopped daemon, or 0 with a note on stderr.
+fn read_committed(data_dir: &Path) -> u64 {
+    let dir = data_dir.join("offsets");
+    if !dir.exists() {
+        return 0;
+    }
+    match OffsetStore::open(&dir).and_then(|s| s.committed()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "note: committed offset unavailable ({e}); is the daemon running? assuming 0"
+            );
+            0
+        }
+    }
+}
+
+type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+fn run_wal(command: WalCommand) -> CliResult {
+    match command {
+        WalCommand::Verify { data_dir } => verify(&data_dir),
+        WalCommand::Dump {
+            data_dir,
+            from,
+            limit,
+        } => dump(&data_dir, from, limit),
+        WalCommand::Stats { data_dir } => stats(&data_dir),
+    }
+}
+
+fn wal_dir(data_dir: &Path) -> Result<PathBuf, String> {
+    let dir = data_dir.join("wal");
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(format!("{} has no wal/ directory", data_dir.display()))
+    }
+}
+
+fn verify(data_dir: &Path) -> CliResult {
+    let committed = read_committed(data_dir);
+    let report = inspect::verify(&StdFs, &wal_dir(data_dir)?, committed)?;
+    let mut out = std::io::stdout().lock();
+    for s in &report.segments {
+        let range = match s.last_seq {
+            Some(last) => format!("{}..={last}", s.first_seq),
+            None => "empty".into(),
+        };
+        write!(
+            out,
+            "{}  {:>10} bytes  {:>8} records  {range}",
+            s.name, s.bytes, s.records
+        )?;
+        if let Some(p) = &s.problem {
+            write!(
+                out,
+                "  PROBLEM at +{} bytes from end: {p}",
+                s.trailing_bytes
+            )?;
+        }
+        writeln!(out)?;
+    }
+    for g in &report.lost {
+        writeln!(
+            out,
+            "LOST {}..={} ({} records, {})",
+            g.first,
+            g.last,
+            g.len(),
+            g.reason
+        )?;
+    }
+    if report.torn_tail_bytes > 0 && report.lost.is_empty() {
+        writeln!(
+            out,
+            "torn tail: {} bytes after the last good frame (cut on next start; never acknowledged)",
+            report.torn_tail_bytes
+        )?;
+    }
+    let lost: u64 = report.lost.iter().map(|g| g.len()).sum();
+    writeln!(
+        out,
+        "{}: {} segments, {} records, {} bytes, committed offset {}, {} records lost",
+        if report.damaged() { "DAMAGED" } else { "OK" },
+        report.segments.len(),
+        report.records,
+        report.bytes,
+        report.committed,
+        lost
+    )?;
+    Ok(if report.damaged() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn dump(data_dir: &Path, from: u64, limit: Option<u64>) -> CliResult {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut left = limit.unwrap_or(u64::MAX);
+    inspect::for_each_record(
+        &StdFs,
+        &wal_dir(data_dir)?,
+        from,
+        |seq, r| {
+            if left == 0 {
+                return Ok(ControlFlow::Break(()));
+            }
+            left -= 1;
+            let value = serde_json::from_slice::<serde_json::Value>(&r.value)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&r.value).into_owned().into());
+            let headers: serde_json::Map<String, serde_json::Value> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into()))
+                .collect();
+            let line = serde_json::json!({
+                "seq": seq,
+                "key": r.key.as_deref().map(String::from_utf8_lossy),
+                "timestamp_ms": r.timestamp_ms,
+                "headers": headers,
+                "value": value,
+            });
+            serde_json::to_writer(&mut out, &line)?;
+            out.write_all(b"\n")?;
+            Ok(ControlFlow::Continue(()))
+        },
+        |g| {
+            eprintln!(
+                "unreadable {}..={} ({} records, {})",
+                g.first,
+                g.last,
+                g.len(),
+                g.reason
+            )
+        },
+    )?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats(data_dir: &Path) -> CliResult {
+    let committed = read_committed(data_dir);
+    let report = inspect::verify(&StdFs, &wal_dir(data_dir)?, committed)?;
+    let backlog = report
+        .last_seq
+        .map_or(0, |last| last.saturating_sub(committed));
+    let stats = serde_json::json!({
+        "segments": report.segments.len(),
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+        "records": report.records,
+        "bytes": report.bytes,
+        "committed": committed,
+        "backlog_records": backlog,
+        "lost_records": report.lost.iter().map(|g| g.len()).sum::<u64>(),
+        "torn_tail_bytes": report.torn_tail_bytes,
+    });
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    Ok(ExitCode::SUCCESS)
+}
