@@ -5,6 +5,7 @@ mod basic;
 mod cli;
 mod crash;
 mod damage;
+mod fuzz_seeds;
 mod model;
 
 use std::path::Path;

@@ -1,0 +1,42 @@
+# sluice developer targets. `make test` is the README's test command and what
+# .ci/run runs; it builds once (dev profile) and runs every test binary with
+# its tests in parallel.
+
+CARGO ?= cargo
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= wal_segment wal_record
+
+.PHONY: test lint fmt bench fuzz fuzz-smoke ci
+
+test:
+	$(CARGO) test --locked --all-features
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets --all-features -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# Criterion benchmarks (release profile). Results: target/criterion and
+# docs/benchmarks.md.
+bench:
+	$(CARGO) bench --locked --bench wal
+
+# cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP=1 enables them on the
+# stable toolchain this project builds with. Each target runs FUZZ_SECONDS.
+# New inputs land in fuzz/corpus/<target>/ (git-ignored except seed-*); a crash
+# is saved in fuzz/artifacts/<target>/ - copy it to the corpus as seed-crash-*
+# so that `make test` replays it forever.
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512 \
+			|| exit 1; \
+	done
+
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=20
+
+ci: lint test
