@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= wal_segment wal_record
+FUZZ_TARGETS ?= wal_segment wal_record ingest_body
 
 .PHONY: test lint fmt bench fuzz fuzz-smoke ci
 

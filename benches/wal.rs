@@ -20,7 +20,10 @@ fn payload_256() -> Vec<u8> {
     let mut r = Record {
         key: Some(b"tenant-a".to_vec()),
         value: Vec::new(),
-        headers: vec![("id".into(), b"0190c0de-0000-7000-8000-000000000000".to_vec())],
+        headers: vec![(
+            "id".into(),
+            b"0190c0de-0000-7000-8000-000000000000".to_vec(),
+        )],
         timestamp_ms: 1_700_000_000_000,
     };
     let overhead = r.encode().len();
@@ -75,32 +78,36 @@ fn append_concurrent(c: &mut Criterion) {
         // One iteration = every appender appends one record, concurrently.
         g.throughput(Throughput::Elements(appenders as u64));
         let (mut records, mut fsyncs, mut elapsed) = (0u64, 0u64, Duration::ZERO);
-        g.bench_with_input(BenchmarkId::from_parameter(appenders), &appenders, |b, &n| {
-            b.iter_custom(|iters| {
-                let before = wal.counters().fsyncs.load(Ordering::Relaxed);
-                let start = Instant::now();
-                rt.block_on(async {
-                    let tasks: Vec<_> = (0..n)
-                        .map(|_| {
-                            let (wal, p) = (wal.clone(), payload.clone());
-                            tokio::spawn(async move {
-                                for _ in 0..iters {
-                                    wal.append(vec![p.clone()]).await.unwrap();
-                                }
+        g.bench_with_input(
+            BenchmarkId::from_parameter(appenders),
+            &appenders,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    let before = wal.counters().fsyncs.load(Ordering::Relaxed);
+                    let start = Instant::now();
+                    rt.block_on(async {
+                        let tasks: Vec<_> = (0..n)
+                            .map(|_| {
+                                let (wal, p) = (wal.clone(), payload.clone());
+                                tokio::spawn(async move {
+                                    for _ in 0..iters {
+                                        wal.append(vec![p.clone()]).await.unwrap();
+                                    }
+                                })
                             })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap();
-                    }
-                });
-                let took = start.elapsed();
-                records += iters * n as u64;
-                fsyncs += wal.counters().fsyncs.load(Ordering::Relaxed) - before;
-                elapsed += took;
-                took
-            })
-        });
+                            .collect();
+                        for t in tasks {
+                            t.await.unwrap();
+                        }
+                    });
+                    let took = start.elapsed();
+                    records += iters * n as u64;
+                    fsyncs += wal.counters().fsyncs.load(Ordering::Relaxed) - before;
+                    elapsed += took;
+                    took
+                })
+            },
+        );
         let secs = elapsed.as_secs_f64();
         let line = format!(
             "appenders={appenders:>3}  records/s={:>10.0}  fsyncs/s={:>8.0}  records/fsync={:>7.1}\n",

@@ -24,11 +24,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
     /// Inspect a WAL offline (read-only; safe on a stopped daemon's data dir).
     Wal {
         #[command(subcommand)]
         command: WalCommand,
     },
+}
+
+/// Flags override the config file; `SLUICE_*` environment variables
+/// override the file too and are overridden by flags.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file (see sluice.example.toml).
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:8080.
+    #[arg(long, env = "SLUICE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Kafka bootstrap servers (comma-separated).
+    #[arg(long, env = "SLUICE_BROKERS")]
+    brokers: Option<String>,
+    #[arg(long, env = "SLUICE_TOPIC")]
+    topic: Option<String>,
+    /// Development mode: no external Kafka needed.
+    #[arg(long, env = "SLUICE_DEV")]
+    dev: bool,
+    /// Write the bound address to this file once listening (useful with
+    /// `--listen 127.0.0.1:0`).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +89,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Wal { command } => run_wal(command),
     };
     match result {
@@ -74,7 +103,7 @@ pub fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -99,6 +128,69 @@ fn read_committed(data_dir: &Path) -> u64 {
 }
 
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+fn serve(args: ServeArgs) -> CliResult {
+    let mut config = match &args.config {
+        Some(path) => crate::config::Config::from_file(path)?,
+        None => crate::config::Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.http.listen = l;
+    }
+    if let Some(b) = args.brokers {
+        config.kafka.brokers = b;
+    }
+    if let Some(t) = args.topic {
+        config.kafka.topic = t;
+    }
+    if args.dev {
+        config.kafka.brokers.clear();
+    }
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let exit = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.http.listen).await?;
+        if let Some(path) = &args.addr_file {
+            std::fs::write(path, listener.local_addr()?.to_string())?;
+        }
+        let exit = crate::server::run(config, listener, shutdown_signal()).await?;
+        Ok::<_, Box<dyn std::error::Error>>(exit)
+    })?;
+    Ok(match exit {
+        crate::server::Exit::Clean => ExitCode::SUCCESS,
+        crate::server::Exit::WalFailed => ExitCode::from(1),
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT. A second one exits at once, which
+/// is safe: everything acknowledged is already in the WAL.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now; the WAL holds everything acknowledged");
+        std::process::exit(130);
+    });
+}
 
 fn run_wal(command: WalCommand) -> CliResult {
     match command {

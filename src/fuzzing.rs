@@ -62,7 +62,10 @@ pub fn wal_segment(data: &[u8]) {
         assert_eq!(first, expect, "reader skipped or repeated sequence numbers");
         expect = last + 1;
     }
-    assert_eq!(expect, report.next_seq, "recovery and replay disagree on the end");
+    assert_eq!(
+        expect, report.next_seq,
+        "recovery and replay disagree on the end"
+    );
     let record = Record {
         key: None,
         value: b"{}".to_vec(),
@@ -85,5 +88,36 @@ pub fn wal_record(data: &[u8]) {
     }
     if let Ok(record) = Record::decode(data) {
         assert_eq!(record.encode(), data);
+    }
+}
+
+/// Arbitrary bytes as a request body in each format, through parsing and
+/// normalization with small limits: no panic, and every accepted event
+/// respects the limits and decodes as a record.
+pub fn ingest_body(data: &[u8]) {
+    use crate::config::{EventsConfig, Limits};
+    use crate::ingest::{prepare, BodyFormat, Normalizer};
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
+    let format = match mode % 3 {
+        0 => BodyFormat::Json,
+        1 => BodyFormat::Ndjson,
+        _ => BodyFormat::Csv,
+    };
+    let limits = Limits {
+        max_events_per_request: 100,
+        max_event_bytes: 4096,
+        max_depth: 16,
+        ..Limits::default()
+    };
+    let normalizer = Normalizer::new(limits.clone(), EventsConfig::default());
+    let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("valid");
+    if let Ok(batch) = prepare(format, body, &limits, &normalizer, now) {
+        assert!(batch.accepted.len() + batch.rejected.len() <= limits.max_events_per_request);
+        for e in &batch.accepted {
+            let r = Record::decode(&e.payload).expect("accepted events decode");
+            assert!(r.value.len() <= limits.max_event_bytes);
+        }
     }
 }

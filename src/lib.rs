@@ -1,5 +1,9 @@
 pub mod cli;
+pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http;
+pub mod ingest;
 pub mod offsets;
+pub mod server;
 pub mod wal;

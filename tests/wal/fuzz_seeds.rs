@@ -4,14 +4,20 @@
 use std::path::Path;
 
 fn replay(target: &str, run: fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         run(&std::fs::read(&path).unwrap());
         n += 1;
     }
-    assert!(n >= 3, "{target}: expected a seed corpus in {}", dir.display());
+    assert!(
+        n >= 3,
+        "{target}: expected a seed corpus in {}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -33,4 +39,9 @@ fn a_valid_seed_really_decodes() {
     .unwrap();
     let r = sluice::wal::Record::decode(&seed).expect("seed matches the record encoding");
     assert_eq!(r.key.as_deref(), Some(&b"tenant-a"[..]));
+}
+
+#[test]
+fn ingest_body_corpus() {
+    replay("ingest_body", sluice::fuzzing::ingest_body);
 }

@@ -1,0 +1,273 @@
+//! Configuration: a TOML file with kebab-case keys, then `SLUICE_*`
+//! environment variables and CLI flags on top (see `cli.rs`). Every field's
+//! doc ends with its default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wal::WalConfig;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    /// Root of the WAL, offsets, quarantine and dead-letter directories.
+    /// Default `./sluice-data`.
+    pub data_dir: PathBuf,
+    pub http: HttpConfig,
+    pub limits: Limits,
+    pub events: EventsConfig,
+    pub wal: WalSettings,
+    pub kafka: KafkaConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Seconds a client is told to wait (`Retry-After`) when the WAL is full,
+    /// the disk is low or the daemon is shutting down. Default 5.
+    pub retry_after_secs: u64,
+    /// A request body must arrive within this many milliseconds, else 408.
+    /// Default 30000.
+    pub body_timeout_ms: u64,
+}
+
+/// Ingest limits. All sizes apply after decompression.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Limits {
+    /// Bytes of request body. Default 10 MiB.
+    pub max_body_bytes: u64,
+    /// Events in one request. Default 10000.
+    pub max_events_per_request: usize,
+    /// Bytes of one normalized event (its Kafka value). Keep it at or below
+    /// the producer's `message.max.bytes`. Default 1 MiB.
+    pub max_event_bytes: usize,
+    /// Nesting depth of an event's JSON (the event object itself is depth 1).
+    /// Default 64.
+    pub max_depth: usize,
+    /// Characters in an `id`. Default 128.
+    pub max_id_chars: usize,
+    /// Characters in `source`. Default 256.
+    pub max_source_chars: usize,
+    /// Bytes of request bodies held in memory at once, across all requests.
+    /// Past it, requests get 503 at once rather than queueing. Default 256 MiB.
+    pub max_inflight_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Fields every event must carry. Default `["tenant_id", "source", "message"]`.
+    pub required: Vec<String>,
+    /// Top-level field used as the Kafka key. Default `tenant_id`.
+    pub key_field: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct WalSettings {
+    /// Segment size before a roll. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Quota on bytes of segments; past it ingest answers 503. Default 8 GiB.
+    pub max_bytes: u64,
+    /// Free disk space to keep; below it ingest answers 503. Default 512 MiB.
+    pub min_free_bytes: u64,
+    /// Upper bound of one group commit. Default 16 MiB.
+    pub max_group_bytes: u64,
+    /// Append requests queued for the writer. Default 1024.
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated. Empty means the embedded dev
+    /// broker. Default empty.
+    pub brokers: String,
+    /// Topic for events. Default `events`.
+    pub topic: String,
+    /// Topic for records Kafka permanently refuses. Default `events-dlq`.
+    pub dead_letter_topic: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("sluice-data"),
+            http: HttpConfig::default(),
+            limits: Limits::default(),
+            events: EventsConfig::default(),
+            wal: WalSettings::default(),
+            kafka: KafkaConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            retry_after_secs: 5,
+            body_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 10 * MIB,
+            max_events_per_request: 10_000,
+            max_event_bytes: MIB as usize,
+            max_depth: 64,
+            max_id_chars: 128,
+            max_source_chars: 256,
+            max_inflight_bytes: 256 * MIB,
+        }
+    }
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            required: vec!["tenant_id".into(), "source".into(), "message".into()],
+            key_field: "tenant_id".into(),
+        }
+    }
+}
+
+impl Default for WalSettings {
+    fn default() -> Self {
+        WalSettings {
+            segment_bytes: 64 * MIB,
+            max_bytes: 8 * GIB,
+            min_free_bytes: 512 * MIB,
+            max_group_bytes: 16 * MIB,
+            queue_depth: 1024,
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            topic: "events".into(),
+            dead_letter_topic: "events-dlq".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parses a TOML file. Unknown keys are errors, reported with their line.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Rejects values that cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if l.max_event_bytes == 0 || l.max_body_bytes == 0 || l.max_events_per_request == 0 {
+            return bad("limits must be positive".into());
+        }
+        if l.max_event_bytes as u64 > l.max_body_bytes {
+            return bad(format!(
+                "limits.max-event-bytes ({}) exceeds limits.max-body-bytes ({})",
+                l.max_event_bytes, l.max_body_bytes
+            ));
+        }
+        if l.max_inflight_bytes < l.max_body_bytes {
+            return bad(format!(
+                "limits.max-inflight-bytes ({}) is below limits.max-body-bytes ({}): no full-size request could ever be admitted",
+                l.max_inflight_bytes, l.max_body_bytes
+            ));
+        }
+        if l.max_depth == 0 || l.max_depth > 128 {
+            return bad(
+                "limits.max-depth must be 1..=128 (the JSON parser's own limit is 128)".into(),
+            );
+        }
+        if self.wal.segment_bytes < 4096 {
+            return bad("wal.segment-bytes must be at least 4096".into());
+        }
+        if self.wal.max_bytes < 2 * self.wal.segment_bytes {
+            return bad(format!(
+                "wal.max-bytes ({}) must hold at least two segments of wal.segment-bytes ({})",
+                self.wal.max_bytes, self.wal.segment_bytes
+            ));
+        }
+        if self.events.key_field.is_empty() {
+            return bad("events.key-field must not be empty".into());
+        }
+        Ok(())
+    }
+
+    pub fn wal_config(&self) -> WalConfig {
+        let mut w = WalConfig::new(&self.data_dir);
+        w.segment_bytes = self.wal.segment_bytes;
+        w.max_bytes = self.wal.max_bytes;
+        w.min_free_bytes = self.wal.min_free_bytes;
+        w.max_group_bytes = self.wal.max_group_bytes as usize;
+        w.queue_depth = self.wal.queue_depth;
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unknown_keys_are_refused_with_a_line() {
+        Config::default().validate().unwrap();
+        let err = Config::from_toml("[limits]\nmax-body-bytes = 5\nmax-bodee = 1\n").unwrap_err();
+        assert!(err.contains("max-bodee") && err.contains("line 3"), "{err}");
+        let c = Config::from_toml("[limits]\nmax-event-bytes = 2048\n").unwrap();
+        assert_eq!(c.limits.max_event_bytes, 2048);
+        assert_eq!(c.limits.max_depth, 64, "other keys keep defaults");
+    }
+
+    #[test]
+    fn conflicts_are_refused() {
+        let mut c = Config::default();
+        c.limits.max_event_bytes = (c.limits.max_body_bytes + 1) as usize;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max-event-bytes"));
+    }
+}

@@ -1,0 +1,259 @@
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{AppError, SharedState};
+use crate::ingest::{self, BodyFormat, Rejection};
+
+/// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
+/// not stall the async workers.
+const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
+
+/// The ingest response, for 202 and for the 400/413 of "nothing accepted".
+#[derive(serde::Serialize)]
+struct IngestResponse {
+    accepted: usize,
+    rejected: usize,
+    errors: Vec<Rejection>,
+    first_seq: Option<u64>,
+    last_seq: Option<u64>,
+}
+
+pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Response, AppError> {
+    st.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let retry_after = st.http.retry_after_secs;
+    if st.shutting_down.load(Ordering::Relaxed) {
+        return Err(AppError::ShuttingDown { retry_after });
+    }
+    if let Some(why) = st.wal.failure() {
+        return Err(AppError::StorageFailed {
+            detail: why.to_string(),
+            retry_after,
+        });
+    }
+    let (parts, body) = req.into_parts();
+    let content_type = match parts.headers.get(header::CONTENT_TYPE) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| AppError::UnsupportedMediaType("Content-Type is not ASCII".into()))?,
+        ),
+    };
+    let format =
+        BodyFormat::from_content_type(content_type).map_err(AppError::UnsupportedMediaType)?;
+    // The decompression layer drops Content-Length when it decodes, so a
+    // length still present is the real one: refuse early without reading.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > st.limits.max_body_bytes) {
+        return Err(AppError::BodyTooLarge(st.limits.max_body_bytes));
+    }
+    let (bytes, permit) = read_body(&st, body, declared).await?;
+
+    // Millisecond precision, as Kafka timestamps have.
+    let now = chrono::Utc::now();
+    let received_at =
+        chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
+    let big = bytes.len() > BLOCKING_PARSE_BYTES;
+    let state = st.clone();
+    let parse = move || {
+        ingest::prepare(
+            format,
+            &bytes,
+            &state.limits,
+            &state.normalizer,
+            received_at,
+        )
+    };
+    let batch = if big {
+        tokio::task::spawn_blocking(parse)
+            .await
+            .map_err(|e| AppError::BadRequest(format!("parse task failed: {e}")))??
+    } else {
+        parse()?
+    };
+    let rejected = batch.rejected.len();
+    st.counters
+        .events_rejected
+        .fetch_add(rejected as u64, Ordering::Relaxed);
+    if batch.accepted.is_empty() {
+        let status = if batch.all_too_large() {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        let body = IngestResponse {
+            accepted: 0,
+            rejected,
+            errors: batch.rejected,
+            first_seq: None,
+            last_seq: None,
+        };
+        return Ok((status, Json(body)).into_response());
+    }
+
+    let accepted = batch.accepted.len();
+    let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
+    // Cancellation: if the client goes away while we wait, the append still
+    // completes in the writer; the events are then delivered without a 202
+    // (at-least-once), never half-acknowledged.
+    let range = match st.wal.append(payloads).await {
+        Ok(range) => range,
+        Err(e) => {
+            let err = AppError::from_wal(e, retry_after);
+            match &err {
+                AppError::StorageFailed { .. } => st.fatal.notify_one(),
+                AppError::StorageFull { reason, .. }
+                    if !st.quota_refusing.swap(true, Ordering::Relaxed) =>
+                {
+                    tracing::warn!(%reason, "WAL quota reached: answering 503 until replay frees space");
+                }
+                _ => {}
+            }
+            st.counters.requests_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(err);
+        }
+    };
+    drop(permit);
+    if st.quota_refusing.swap(false, Ordering::Relaxed) {
+        tracing::info!("WAL quota cleared: accepting again");
+    }
+    st.counters
+        .events_accepted
+        .fetch_add(accepted as u64, Ordering::Relaxed);
+    let body = IngestResponse {
+        accepted,
+        rejected,
+        errors: batch.rejected,
+        first_seq: Some(range.first),
+        last_seq: Some(range.last),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Reads the (decompressed) body within the size limit, the in-flight byte
+/// budget and the body deadline. The permit is held until the response.
+async fn read_body(
+    st: &SharedState,
+    mut body: Body,
+    declared: Option<u64>,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), AppError> {
+    let limit = st.limits.max_body_bytes;
+    let timeout_ms = st.http.body_timeout_ms;
+    let read = async {
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+        let mut permit: Option<OwnedSemaphorePermit> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| AppError::BodyUnreadable(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() as u64 + data.len() as u64 > limit {
+                return Err(AppError::BodyTooLarge(limit));
+            }
+            let n = u32::try_from(data.len()).map_err(|_| AppError::BodyTooLarge(limit))?;
+            let more = st
+                .inflight
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| AppError::Overloaded)?;
+            match &mut permit {
+                Some(p) => p.merge(more),
+                None => permit = Some(more),
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok((buf, permit))
+    };
+    tokio::time::timeout(Duration::from_millis(timeout_ms), read)
+        .await
+        .map_err(|_| AppError::BodyTimeout(timeout_ms))?
+}
+
+pub async fn receipt(
+    State(st): State<SharedState>,
+    Path(seq): Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let seq: u64 = seq
+        .parse()
+        .ok()
+        .filter(|&s| s >= 1)
+        .ok_or_else(|| AppError::BadRequest("seq must be a positive integer".into()))?;
+    let durable = seq < st.wal.durable().borrow().next_seq;
+    let committed = st
+        .offsets
+        .committed()
+        .map_err(|e| AppError::StorageFailed {
+            detail: e.to_string(),
+            retry_after: st.http.retry_after_secs,
+        })?;
+    Ok(Json(json!({
+        "seq": seq,
+        "durable": durable,
+        "delivered": seq <= committed,
+    })))
+}
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the WAL can take writes: not failed, under quota, enough disk.
+pub async fn ready(State(st): State<SharedState>) -> Response {
+    let cfg = st.wal.config();
+    let mut reasons = Vec::new();
+    if st.shutting_down.load(Ordering::Relaxed) {
+        reasons.push("shutting down".to_string());
+    }
+    if let Some(why) = st.wal.failure() {
+        reasons.push(format!("WAL failed: {why}"));
+    }
+    let used = st.wal.disk_bytes();
+    if used >= cfg.max_bytes {
+        reasons.push(format!("WAL over quota: {used} of {} bytes", cfg.max_bytes));
+    }
+    match st.wal.free_bytes() {
+        Ok(free) if free < cfg.min_free_bytes => reasons.push(format!(
+            "disk low: {free} bytes free, {} required",
+            cfg.min_free_bytes
+        )),
+        Ok(_) => {}
+        Err(e) => reasons.push(format!("cannot read free disk space: {e}")),
+    }
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": reasons.is_empty(),
+        "reasons": reasons,
+        "wal": { "disk_bytes": used, "max_bytes": cfg.max_bytes },
+    });
+    (status, Json(body)).into_response()
+}
+
+pub async fn stats(State(st): State<SharedState>) -> Json<serde_json::Value> {
+    let c = &st.counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    Json(json!({
+        "ingest": {
+            "requests": get(&c.requests),
+            "events_accepted": get(&c.events_accepted),
+            "events_rejected": get(&c.events_rejected),
+            "requests_refused": get(&c.requests_refused),
+        },
+        "wal": st.wal.stats(),
+        "replay": { "committed": st.offsets.committed().ok() },
+    }))
+}

@@ -1,0 +1,252 @@
+//! Turning a decompressed request body into candidate events. Whole-body
+//! problems (not UTF-8 JSON, too many events, no CSV header) fail the request;
+//! problems with one event (one NDJSON line, one CSV row, one array element)
+//! become that event's error and the rest go on.
+
+use serde_json::{Map, Value};
+
+use crate::config::Limits;
+
+/// Body formats, chosen by `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    Ndjson,
+    Csv,
+}
+
+impl BodyFormat {
+    /// Maps a `Content-Type` header. A missing header means JSON. A charset,
+    /// when given, must be UTF-8.
+    pub fn from_content_type(ct: Option<&str>) -> Result<BodyFormat, String> {
+        let Some(ct) = ct else {
+            return Ok(BodyFormat::Json);
+        };
+        let mut parts = ct.split(';');
+        let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        for param in parts {
+            let (k, v) = param.split_once('=').unwrap_or((param, ""));
+            if k.trim().eq_ignore_ascii_case("charset") {
+                let v = v.trim().trim_matches('"');
+                if !v.eq_ignore_ascii_case("utf-8") && !v.eq_ignore_ascii_case("utf8") {
+                    return Err(format!("unsupported charset {v:?}: bodies must be UTF-8"));
+                }
+            }
+        }
+        match mime.as_str() {
+            "application/json" | "text/json" => Ok(BodyFormat::Json),
+            m if m.starts_with("application/") && m.ends_with("+json") => Ok(BodyFormat::Json),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+            | "application/x-jsonlines" | "application/jsonlines" => Ok(BodyFormat::Ndjson),
+            "text/csv" | "application/csv" => Ok(BodyFormat::Csv),
+            _ => Err(format!(
+                "unsupported media type {mime:?}: use application/json, application/x-ndjson or text/csv"
+            )),
+        }
+    }
+}
+
+/// One event as found in the body, before validation.
+#[derive(Debug)]
+pub struct Candidate {
+    /// 1-based line of the body where the event starts (NDJSON and CSV).
+    pub line: Option<usize>,
+    pub value: Result<Value, String>,
+}
+
+/// Why the whole body is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("too many events: more than {0} in one request")]
+    TooManyEvents(usize),
+    #[error("empty body: no events")]
+    Empty,
+}
+
+pub fn parse_body(
+    format: BodyFormat,
+    body: &[u8],
+    limits: &Limits,
+) -> Result<Vec<Candidate>, BodyError> {
+    let candidates = match format {
+        BodyFormat::Json => parse_json(body, limits)?,
+        BodyFormat::Ndjson => parse_ndjson(body, limits)?,
+        BodyFormat::Csv => parse_csv(body, limits)?,
+    };
+    if candidates.is_empty() {
+        return Err(BodyError::Empty);
+    }
+    Ok(candidates)
+}
+
+fn too_many(n: usize, limits: &Limits) -> Result<(), BodyError> {
+    if n > limits.max_events_per_request {
+        Err(BodyError::TooManyEvents(limits.max_events_per_request))
+    } else {
+        Ok(())
+    }
+}
+
+/// A single object, `{"event": {...}}`, `{"events": [...]}`, or an array. An
+/// object is a wrapper only when `event`/`events` is its one key, so an event
+/// that merely has a field named `event` is still an event.
+fn parse_json(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(BodyError::Empty);
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| BodyError::Malformed(format!("body is not valid JSON: {e}")))?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(mut obj) if obj.len() == 1 && obj.contains_key("events") => {
+            match obj.remove("events") {
+                Some(Value::Array(items)) => items,
+                _ => {
+                    return Err(BodyError::Malformed(
+                        "\"events\" must be an array of event objects".into(),
+                    ))
+                }
+            }
+        }
+        Value::Object(mut obj) if obj.len() == 1 && obj.contains_key("event") => {
+            vec![obj.remove("event").unwrap_or(Value::Null)]
+        }
+        obj @ Value::Object(_) => vec![obj],
+        _ => {
+            return Err(BodyError::Malformed(
+                "body must be a JSON object or an array of objects".into(),
+            ))
+        }
+    };
+    too_many(items.len(), limits)?;
+    Ok(items
+        .into_iter()
+        .map(|v| Candidate {
+            line: None,
+            value: Ok(v),
+        })
+        .collect())
+}
+
+/// One JSON value per line; blank lines are skipped. Each line stands alone.
+fn parse_ndjson(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyError> {
+    let mut out = Vec::new();
+    for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        too_many(out.len() + 1, limits)?;
+        let value = match std::str::from_utf8(raw) {
+            Err(e) => Err(format!("line is not valid UTF-8: {e}")),
+            Ok(text) => {
+                serde_json::from_str::<Value>(text).map_err(|e| format!("invalid JSON: {e}"))
+            }
+        };
+        out.push(Candidate {
+            line: Some(i + 1),
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The header row names the fields. Cells are strings, except `timestamp`
+/// when it is a number (epoch), `metadata` (a JSON object), and
+/// `metadata.<key>` columns, which become keys of `metadata`. An empty cell is
+/// an absent field, so defaults apply.
+fn parse_csv(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(body);
+    let headers = reader
+        .byte_headers()
+        .map_err(|e| BodyError::Malformed(format!("CSV header row: {e}")))?
+        .clone();
+    let headers: Vec<String> = headers
+        .iter()
+        .map(|h| {
+            std::str::from_utf8(h)
+                .map(|s| s.trim().to_string())
+                .map_err(|_| BodyError::Malformed("CSV header row is not valid UTF-8".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    if headers.iter().all(String::is_empty) {
+        return Err(BodyError::Malformed(
+            "CSV header row names no fields".into(),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut row = csv::ByteRecord::new();
+    loop {
+        match reader.read_byte_record(&mut row) {
+            Ok(false) => break,
+            Ok(true) => {
+                too_many(out.len() + 1, limits)?;
+                let line = row.position().map(|p| p.line() as usize);
+                out.push(Candidate {
+                    line,
+                    value: csv_row(&headers, &row),
+                });
+            }
+            Err(e) => {
+                // A row the CSV reader cannot parse (e.g. an unclosed quote)
+                // ends the body; rows before it stand.
+                too_many(out.len() + 1, limits)?;
+                let line = e.position().map(|p| p.line() as usize);
+                out.push(Candidate {
+                    line,
+                    value: Err(format!("CSV: {e}")),
+                });
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn csv_row(headers: &[String], row: &csv::ByteRecord) -> Result<Value, String> {
+    if row.len() != headers.len() {
+        return Err(format!(
+            "row has {} fields but the header names {}",
+            row.len(),
+            headers.len()
+        ));
+    }
+    let mut obj = Map::new();
+    let mut metadata = Map::new();
+    for (name, cell) in headers.iter().zip(row.iter()) {
+        let cell =
+            std::str::from_utf8(cell).map_err(|_| format!("field {name:?} is not valid UTF-8"))?;
+        if cell.is_empty() || name.is_empty() {
+            continue;
+        }
+        if let Some(key) = name.strip_prefix("metadata.") {
+            metadata.insert(key.to_string(), Value::String(cell.to_string()));
+            continue;
+        }
+        let value = match name.as_str() {
+            "timestamp" => match cell.trim().parse::<serde_json::Number>() {
+                Ok(n) => Value::Number(n),
+                Err(_) => Value::String(cell.to_string()),
+            },
+            "metadata" => serde_json::from_str::<Value>(cell)
+                .map_err(|e| format!("metadata cell is not JSON: {e}"))?,
+            _ => Value::String(cell.to_string()),
+        };
+        obj.insert(name.clone(), value);
+    }
+    if !metadata.is_empty() {
+        match obj
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()))
+        {
+            Value::Object(m) => m.extend(metadata),
+            _ => return Err("metadata must be an object".into()),
+        }
+    }
+    Ok(Value::Object(obj))
+}

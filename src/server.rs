@@ -1,0 +1,137 @@
+//! `sluice serve`: open the data directory, recover the WAL, serve HTTP, and
+//! shut down in order.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::http::{app, AppState};
+use crate::offsets::OffsetStore;
+use crate::wal::io::{Filesystem, StdFs};
+use crate::wal::Wal;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another sluice process ({1})")]
+    Locked(PathBuf, String),
+    #[error(transparent)]
+    Offsets(#[from] crate::offsets::OffsetError),
+    #[error("WAL recovery failed: {0}")]
+    Wal(#[from] crate::wal::WalError),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// How the daemon ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Clean shutdown.
+    Clean,
+    /// The WAL failed (sticky); exit non-zero so systemd restarts into
+    /// recovery.
+    WalFailed,
+}
+
+/// Holds `DATA_DIR/LOCK` with an exclusive `flock` for the life of the
+/// process, so two daemons never share a data directory. The kernel drops the
+/// lock when the process dies, so a crash never leaves a stale lock.
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    pub fn acquire(dir: &Path) -> Result<Self, ServeError> {
+        let io = |source| ServeError::DataDir {
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join("LOCK");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => "unknown pid".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(ServeError::Locked(dir.to_owned(), holder));
+        }
+        file.set_len(0).map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Runs the daemon on `listener` until `shutdown` resolves or the WAL fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Exit, ServeError> {
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    let _lock = DataDirLock::acquire(&data_dir)?;
+    let offsets_dir = data_dir.join("offsets");
+    let wal_config = config.wal_config();
+    // sled and recovery do blocking I/O.
+    let (offsets, wal) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let offsets = OffsetStore::open(&offsets_dir)?;
+        let committed = offsets.committed()?;
+        let (wal, _report) = Wal::open(
+            wal_config,
+            Arc::new(StdFs) as Arc<dyn Filesystem>,
+            committed,
+        )?;
+        Ok((Arc::new(offsets), Arc::new(wal)))
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+
+    if config.kafka.brokers.is_empty() {
+        tracing::warn!(
+            "no Kafka replay in this build yet: accepted events are durable in the WAL and stay there"
+        );
+    }
+    let state = Arc::new(AppState::new(&config, wal.clone(), offsets));
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    tracing::info!(%addr, data_dir = %data_dir.display(), "sluice listening");
+
+    let st = state.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutdown requested: finishing in-flight requests"),
+            _ = st.fatal.notified() => tracing::error!("WAL failed: shutting down to restart into recovery"),
+        }
+        st.shutting_down.store(true, Ordering::Relaxed);
+    };
+    axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(stop)
+        .await
+        .map_err(ServeError::Http)?;
+    // Every handler has finished: each accepted request was fsynced before
+    // its 202. Dropping the last WAL handle lets the writer drain and exit.
+    let failed = wal.failure().is_some();
+    drop(state);
+    drop(wal);
+    tracing::info!("sluice stopped");
+    Ok(if failed { Exit::WalFailed } else { Exit::Clean })
+}
