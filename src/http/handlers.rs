@@ -218,12 +218,18 @@ pub async fn ready(State(st): State<SharedState>) -> Response {
     if let Some(why) = st.wal.failure() {
         reasons.push(format!("WAL failed: {why}"));
     }
+    // Ready means one maximum-size event still fits: stateless, so it clears
+    // by itself as GC frees space even if no client is sending.
     let used = st.wal.disk_bytes();
-    if used >= cfg.max_bytes {
-        reasons.push(format!("WAL over quota: {used} of {} bytes", cfg.max_bytes));
+    let headroom = crate::wal::format::frame_len(st.limits.max_event_bytes) as u64;
+    if used.saturating_add(headroom) > cfg.max_bytes {
+        reasons.push(format!(
+            "WAL at quota: {used} of {} bytes; a maximum-size event would not fit",
+            cfg.max_bytes
+        ));
     }
     match st.wal.free_bytes() {
-        Ok(free) if free < cfg.min_free_bytes => reasons.push(format!(
+        Ok(free) if free < cfg.min_free_bytes.saturating_add(headroom) => reasons.push(format!(
             "disk low: {free} bytes free, {} required",
             cfg.min_free_bytes
         )),

@@ -94,7 +94,7 @@ impl Normalizer {
         }
         let l = &self.limits;
 
-        let id = match input.remove("id") {
+        let id = match input.shift_remove("id") {
             None | Some(Value::Null) => uuid::Uuid::now_v7().to_string(),
             Some(Value::String(s)) => {
                 let n = s.chars().count();
@@ -108,23 +108,23 @@ impl Normalizer {
             }
             Some(_) => return Err(invalid("id must be a string")),
         };
-        let tenant = match input.remove("tenant_id") {
+        let tenant = match input.shift_remove("tenant_id") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if valid_tenant(&s) => Some(s),
             Some(_) => return Err(invalid("tenant_id must match [A-Za-z0-9._-]{1,64}")),
         };
-        let timestamp = match input.remove("timestamp") {
+        let timestamp = match input.shift_remove("timestamp") {
             None | Some(Value::Null) => received_at,
             Some(v) => parse_timestamp(&v)?,
         };
-        let severity = match input.remove("severity") {
+        let severity = match input.shift_remove("severity") {
             None | Some(Value::Null) => "INFO",
             Some(Value::String(s)) => normalize_severity(&s).ok_or_else(|| {
                 invalid("severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL")
             })?,
             Some(_) => return Err(invalid("severity must be a string")),
         };
-        let source = match input.remove("source") {
+        let source = match input.shift_remove("source") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => {
                 let s = s.trim().to_lowercase();
@@ -138,12 +138,12 @@ impl Normalizer {
             }
             Some(_) => return Err(invalid("source must be a string")),
         };
-        let message = match input.remove("message") {
+        let message = match input.shift_remove("message") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.trim().to_string()),
             Some(_) => return Err(invalid("message must be a string")),
         };
-        let metadata = match input.remove("metadata") {
+        let metadata = match input.shift_remove("metadata") {
             None | Some(Value::Null) => None,
             Some(m @ Value::Object(_)) => Some(m),
             Some(_) => return Err(invalid("metadata must be an object")),
