@@ -261,6 +261,16 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid_and_states_exactly_the_defaults() {
+        let parsed = Config::from_toml(include_str!("../sluice.example.toml")).unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(
+            toml::to_string(&parsed).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+    }
+
+    #[test]
     fn conflicts_are_refused() {
         let mut c = Config::default();
         c.limits.max_event_bytes = (c.limits.max_body_bytes + 1) as usize;
