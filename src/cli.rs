@@ -26,6 +26,35 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// Run a standalone mock Kafka cluster (librdkafka's, real protocol over
+    /// TCP, data in memory) that outlives daemon restarts. Prints the
+    /// bootstrap address on stdout.
+    DevBroker {
+        /// Topics to create (repeatable).
+        #[arg(long = "topic", default_values_t = ["events".to_string(), "events-dlq".to_string()])]
+        topics: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Also write the bootstrap address to this file.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Print a topic's records as NDJSON (key, headers, partition, offset, value).
+    Consume {
+        #[arg(long, env = "SLUICE_BROKERS")]
+        brokers: String,
+        #[arg(long, default_value = "events")]
+        topic: String,
+        /// Start at the beginning of each partition (default: only new records).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Stop after this many seconds without a new record.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
     /// Inspect a WAL offline (read-only; safe on a stopped daemon's data dir).
     Wal {
         #[command(subcommand)]
@@ -91,6 +120,18 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Wal { command } => run_wal(command),
+        Command::DevBroker {
+            topics,
+            partitions,
+            addr_file,
+        } => dev_broker(&topics, partitions, addr_file),
+        Command::Consume {
+            brokers,
+            topic,
+            from_beginning,
+            max,
+            timeout,
+        } => consume(&brokers, &topic, from_beginning, max, timeout),
     };
     match result {
         Ok(code) => code,
@@ -128,6 +169,64 @@ fn read_committed(data_dir: &Path) -> u64 {
 }
 
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+fn dev_broker(topics: &[String], partitions: i32, addr_file: Option<PathBuf>) -> CliResult {
+    let broker = crate::kafka::dev_broker::DevBroker::start(topics, partitions)?;
+    println!("{}", broker.bootstrap_servers());
+    std::io::stdout().flush()?;
+    if let Some(path) = addr_file {
+        std::fs::write(path, broker.bootstrap_servers())?;
+    }
+    tracing::warn!(
+        bootstrap = broker.bootstrap_servers(),
+        ?topics,
+        partitions,
+        "dev broker running; its data lives only in memory"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    });
+    drop(broker);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn consume(
+    brokers: &str,
+    topic: &str,
+    from_beginning: bool,
+    max: Option<usize>,
+    timeout: f64,
+) -> CliResult {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut write_err = None;
+    let idle = std::time::Duration::from_secs_f64(timeout.max(0.0));
+    crate::kafka::consume::consume(brokers, topic, from_beginning, max, idle, |c| {
+        if write_err.is_none() {
+            let r = serde_json::to_writer(&mut out, &c)
+                .map_err(std::io::Error::from)
+                .and_then(|()| out.write_all(b"\n"))
+                .and_then(|()| out.flush());
+            write_err = r.err();
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 fn serve(args: ServeArgs) -> CliResult {
     let mut config = match &args.config {

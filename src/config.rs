@@ -24,6 +24,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub wal: WalSettings,
     pub kafka: KafkaConfig,
+    pub replay: ReplayConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,6 +97,41 @@ pub struct KafkaConfig {
     pub topic: String,
     /// Topic for records Kafka permanently refuses. Default `events-dlq`.
     pub dead_letter_topic: String,
+    /// `compression.type`: none, gzip, snappy, lz4 or zstd. Default `lz4`.
+    pub compression: String,
+    /// `linger.ms`. Default 5.
+    pub linger_ms: u64,
+    /// `batch.size` in bytes. Default 1000000.
+    pub batch_size: u64,
+    /// `message.timeout.ms`: after this, librdkafka gives a record up and
+    /// sluice produces it again from the committed offset. Default 300000.
+    pub message_timeout_ms: u64,
+    /// Partitions of each topic the dev broker creates. Default 3.
+    pub dev_partitions: i32,
+    /// Any other librdkafka producer property, passed through as is
+    /// (security.protocol, sasl.*, ssl.*, ...). `acks` and
+    /// `enable.idempotence` are sluice's guarantees and cannot be set here.
+    /// Default empty.
+    pub librdkafka: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// Records produced but not yet confirmed, at most. Default 50000.
+    pub max_in_flight: usize,
+    /// How often the committed offset is flushed to disk (then GC runs), in
+    /// milliseconds. A longer interval means more duplicates after a crash,
+    /// never a loss. Default 200.
+    pub commit_interval_ms: u64,
+    /// First backoff after a failed delivery, in milliseconds; doubles up to
+    /// `backoff-max-ms`. Default 100.
+    pub backoff_initial_ms: u64,
+    /// Default 30000.
+    pub backoff_max_ms: u64,
+    /// On shutdown, how long to wait for in-flight deliveries before exiting;
+    /// what does not drain stays in the WAL. Default 10000.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -107,6 +143,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             wal: WalSettings::default(),
             kafka: KafkaConfig::default(),
+            replay: ReplayConfig::default(),
         }
     }
 }
@@ -162,6 +199,24 @@ impl Default for KafkaConfig {
             brokers: String::new(),
             topic: "events".into(),
             dead_letter_topic: "events-dlq".into(),
+            compression: "lz4".into(),
+            linger_ms: 5,
+            batch_size: 1_000_000,
+            message_timeout_ms: 300_000,
+            dev_partitions: 3,
+            librdkafka: Default::default(),
+        }
+    }
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            max_in_flight: 50_000,
+            commit_interval_ms: 200,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 30_000,
+            drain_timeout_ms: 10_000,
         }
     }
 }
@@ -231,6 +286,14 @@ impl Config {
         }
         if self.events.key_field.is_empty() {
             return bad("events.key-field must not be empty".into());
+        }
+        crate::kafka::validate(&self.kafka, &self.limits)?;
+        let r = &self.replay;
+        if r.max_in_flight == 0 || r.commit_interval_ms == 0 || r.backoff_initial_ms == 0 {
+            return bad("replay values must be positive".into());
+        }
+        if r.backoff_max_ms < r.backoff_initial_ms {
+            return bad("replay.backoff-max-ms is below replay.backoff-initial-ms".into());
         }
         Ok(())
     }

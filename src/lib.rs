@@ -4,6 +4,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod http;
 pub mod ingest;
+pub mod kafka;
 pub mod offsets;
 pub mod server;
 pub mod wal;

@@ -12,6 +12,9 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::http::{app, AppState};
+use crate::kafka::dead_letter::DeadLetterFile;
+use crate::kafka::dev_broker::DevBroker;
+use crate::kafka::replayer::Replayer;
 use crate::offsets::OffsetStore;
 use crate::wal::io::{Filesystem, StdFs};
 use crate::wal::Wal;
@@ -33,6 +36,8 @@ pub enum ServeError {
     Wal(#[from] crate::wal::WalError),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    #[error("Kafka: {0}")]
+    Kafka(String),
 }
 
 /// How the daemon ended.
@@ -106,12 +111,40 @@ pub async fn run(
     .await
     .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
 
-    if config.kafka.brokers.is_empty() {
+    // Kafka: the configured brokers, or the embedded dev broker.
+    let dev_broker = if config.kafka.brokers.is_empty() {
+        let topics = [
+            config.kafka.topic.clone(),
+            config.kafka.dead_letter_topic.clone(),
+        ];
+        let broker =
+            DevBroker::start(&topics, config.kafka.dev_partitions).map_err(ServeError::Kafka)?;
         tracing::warn!(
-            "no Kafka replay in this build yet: accepted events are durable in the WAL and stay there"
+            bootstrap = broker.bootstrap_servers(),
+            "DEV MODE: embedded mock Kafka broker. Delivered events live ONLY IN MEMORY and vanish when sluice stops. Configure kafka.brokers for real use."
         );
-    }
-    let state = Arc::new(AppState::new(&config, wal.clone(), offsets));
+        Some(broker)
+    } else {
+        None
+    };
+    let brokers = dev_broker
+        .as_ref()
+        .map_or(config.kafka.brokers.clone(), |b| {
+            b.bootstrap_servers().to_string()
+        });
+    let state = Arc::new(AppState::new(&config, wal.clone(), offsets.clone()));
+    let (replay_stop, replay_stop_rx) = tokio::sync::watch::channel(false);
+    let replayer = Replayer {
+        wal: wal.clone(),
+        offsets,
+        kafka: config.kafka.clone(),
+        brokers,
+        cfg: config.replay.clone(),
+        stats: state.replay.clone(),
+        dead_letter: DeadLetterFile::new(&data_dir),
+        drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
+    };
+    let replay_task = tokio::spawn(replayer.run(replay_stop_rx));
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "sluice listening");
 
@@ -128,7 +161,14 @@ pub async fn run(
         .await
         .map_err(ServeError::Http)?;
     // Every handler has finished: each accepted request was fsynced before
-    // its 202. Dropping the last WAL handle lets the writer drain and exit.
+    // its 202. Then the replayer drains up to its deadline and flushes the
+    // committed offset; what did not drain stays in the WAL.
+    let _ = replay_stop.send(true);
+    if let Err(e) = replay_task.await {
+        tracing::error!(error = %e, "replayer task failed");
+    }
+    drop(dev_broker);
+    // Dropping the last WAL handle lets the writer finish and exit.
     let failed = wal.failure().is_some();
     drop(state);
     drop(wal);

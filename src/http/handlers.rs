@@ -245,6 +245,7 @@ pub async fn ready(State(st): State<SharedState>) -> Response {
         "ready": reasons.is_empty(),
         "reasons": reasons,
         "wal": { "disk_bytes": used, "max_bytes": cfg.max_bytes },
+        "kafka": kafka_state(&st),
     });
     (status, Json(body)).into_response()
 }
@@ -260,6 +261,40 @@ pub async fn stats(State(st): State<SharedState>) -> Json<serde_json::Value> {
             "requests_refused": get(&c.requests_refused),
         },
         "wal": st.wal.stats(),
-        "replay": { "committed": st.offsets.committed().ok() },
+        "replay": replay_state(&st),
+        "kafka": kafka_state(&st),
     }))
+}
+
+fn kafka_state(st: &SharedState) -> serde_json::Value {
+    let r = &st.replay;
+    json!({
+        "connected": r.connected.load(Ordering::Relaxed),
+        "producer_recreations": r.producer_recreations.load(Ordering::Relaxed),
+    })
+}
+
+/// Replay progress. Lag in bytes is estimated from the WAL's average frame.
+fn replay_state(st: &SharedState) -> serde_json::Value {
+    let r = &st.replay;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let last_seq = st.wal.durable().borrow().next_seq.saturating_sub(1);
+    let delivered = get(&r.delivered_through);
+    let lag = last_seq.saturating_sub(delivered);
+    let c = st.wal.counters();
+    let (bytes, records) = (get(&c.bytes), get(&c.records).max(1));
+    json!({
+        "last_seq": last_seq,
+        "delivered_through": delivered,
+        "committed": get(&r.committed),
+        "lag_records": lag,
+        "lag_bytes_estimate": lag * (bytes / records),
+        "in_flight": get(&r.in_flight),
+        "produced": get(&r.produced),
+        "delivered": get(&r.delivered),
+        "retries": get(&r.retries),
+        "dead_lettered_topic": get(&r.dead_lettered_topic),
+        "dead_lettered_file": get(&r.dead_lettered_file),
+        "gap_records": get(&r.gap_records),
+    })
 }

@@ -36,6 +36,8 @@ pub struct AppState {
     /// and systemd restarts it into recovery.
     pub fatal: Notify,
     pub counters: IngestCounters,
+    /// Replay and Kafka state, shared with the replayer.
+    pub replay: Arc<crate::kafka::ReplayStats>,
     /// Whether the last append was refused for quota, to log the change once.
     pub(crate) quota_refusing: AtomicBool,
 }
@@ -64,6 +66,7 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             fatal: Notify::new(),
             counters: IngestCounters::default(),
+            replay: Arc::default(),
             quota_refusing: AtomicBool::new(false),
         }
     }

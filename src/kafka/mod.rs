@@ -1,0 +1,168 @@
+//! Kafka: the producer settings, the replayer that streams the WAL into
+//! Kafka, dead letters, and the embedded development broker.
+
+pub mod consume;
+pub mod dead_letter;
+pub mod dev_broker;
+pub mod replayer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::ClientConfig;
+
+use crate::config::{ConfigError, KafkaConfig, Limits};
+
+/// Properties sluice sets itself because its guarantees depend on them.
+const RESERVED: [&str; 3] = ["acks", "enable.idempotence", "bootstrap.servers"];
+
+pub fn validate(k: &KafkaConfig, limits: &Limits) -> Result<(), ConfigError> {
+    let bad = |m: String| Err(ConfigError::Invalid(m));
+    if k.topic.is_empty() || k.dead_letter_topic.is_empty() {
+        return bad("kafka.topic and kafka.dead-letter-topic must be set".into());
+    }
+    if k.topic == k.dead_letter_topic {
+        return bad("kafka.dead-letter-topic must differ from kafka.topic".into());
+    }
+    if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
+        return bad(format!(
+            "kafka.compression {:?} is not one of none, gzip, snappy, lz4, zstd",
+            k.compression
+        ));
+    }
+    if k.dev_partitions < 1 {
+        return bad("kafka.dev-partitions must be at least 1".into());
+    }
+    for key in k.librdkafka.keys() {
+        if RESERVED.contains(&key.as_str()) {
+            return bad(format!(
+                "kafka.librdkafka.{key:?} cannot be set: sluice relies on its own value"
+            ));
+        }
+    }
+    if let Some(max) = k.librdkafka.get("message.max.bytes") {
+        let max: usize = max.parse().map_err(|_| {
+            ConfigError::Invalid("kafka.librdkafka.message.max.bytes is not a number".into())
+        })?;
+        if limits.max_event_bytes + 64 * 1024 > max {
+            return bad(format!(
+                "limits.max-event-bytes ({}) plus 64 KiB for key and headers exceeds the producer's message.max.bytes ({max})",
+                limits.max_event_bytes
+            ));
+        }
+    }
+    // librdkafka itself rejects unknown properties and bad values.
+    producer_config(k, "localhost:9092")
+        .create_native_config()
+        .map_err(|e| ConfigError::Invalid(format!("kafka.librdkafka: {e}")))?;
+    Ok(())
+}
+
+/// The producer configuration: sluice's fixed guarantees, the configured
+/// tunables, then the passthrough properties.
+pub fn producer_config(k: &KafkaConfig, brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", &k.compression)
+        .set("linger.ms", k.linger_ms.to_string())
+        .set("batch.size", k.batch_size.to_string())
+        .set("message.timeout.ms", k.message_timeout_ms.to_string())
+        // Room for the replayer's in-flight bound; the bound is ours.
+        .set("queue.buffering.max.messages", "1000000");
+    for (key, value) in &k.librdkafka {
+        c.set(key, value);
+    }
+    c
+}
+
+/// What to do with a record whose delivery failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Kafka will never take this record: dead-letter it.
+    Permanent,
+    /// Anything else (timeouts, broker errors): produce again from the
+    /// committed offset after a backoff.
+    Retriable,
+}
+
+/// Classifies a delivery or enqueue error. Only errors that are about the
+/// record itself are permanent; everything else is retried forever.
+pub fn classify(e: &KafkaError) -> Failure {
+    let code = match e {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return Failure::Retriable,
+    };
+    // Explicit paths, not a glob import: a misspelled variant under a glob
+    // silently becomes a catch-all binding.
+    match code {
+        RDKafkaErrorCode::MessageSizeTooLarge
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::InvalidMessage
+        | RDKafkaErrorCode::InvalidRecord
+        | RDKafkaErrorCode::PolicyViolation
+        | RDKafkaErrorCode::InvalidTimestamp
+        | RDKafkaErrorCode::BadMessage => Failure::Permanent,
+        _ => Failure::Retriable,
+    }
+}
+
+/// Replay state shared with `/stats`, `/ready` and receipts.
+#[derive(Debug, Default)]
+pub struct ReplayStats {
+    pub connected: AtomicBool,
+    /// Highest sequence number with every record at or below it confirmed
+    /// (in memory; `committed` is the flushed one).
+    pub delivered_through: AtomicU64,
+    pub committed: AtomicU64,
+    pub produced: AtomicU64,
+    pub delivered: AtomicU64,
+    pub retries: AtomicU64,
+    pub producer_recreations: AtomicU64,
+    pub dead_lettered_topic: AtomicU64,
+    pub dead_lettered_file: AtomicU64,
+    pub gap_records: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub peak_in_flight: AtomicU64,
+}
+
+impl ReplayStats {
+    pub fn set_connected(&self, up: bool, why: &str) {
+        if self.connected.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("Kafka reachable: deliveries confirmed");
+            } else {
+                tracing::warn!(
+                    reason = why,
+                    "Kafka unreachable: replay backs off; ingest continues until the WAL quota"
+                );
+            }
+        }
+    }
+}
+
+/// librdkafka client context: turns global errors into the connectivity
+/// state and logs them once per change.
+#[derive(Clone)]
+pub struct KafkaHealth(pub Arc<ReplayStats>);
+
+impl ClientContext for KafkaHealth {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AllBrokersDown) => self.0.set_connected(false, reason),
+            _ => tracing::debug!(%error, reason, "librdkafka error"),
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => tracing::error!(fac, message, "librdkafka"),
+            Warning => tracing::debug!(fac, message, "librdkafka"),
+            _ => tracing::trace!(fac, message, "librdkafka"),
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The replayer: streams the WAL into Kafka and advances the committed offset
+//! only over a contiguous prefix of confirmed deliveries.
+//!
+//! State machine (one "incarnation" per producer):
+//!
+//! ```text
+//!   start: delivered = committed offset (sled)
+//!   loop:
+//!     build producer ──fail──> backoff, retry
+//!     reader = WAL from delivered + 1
+//!     running:
+//!       read durable record ──> produce, push its delivery future (FIFO)
+//!       front future resolves (in produce order):
+//!         ok                  ──> delivered = seq
+//!         gap (WAL loss)      ──> delivered = gap.last (counted by the WAL)
+//!         permanent error     ──> dead-letter topic ──fails permanently──> dead-letter file
+//!                                 then delivered = seq
+//!         retriable / timeout ──> drop producer (purges its queue), backoff,
+//!                                 new incarnation from delivered + 1
+//!         fatal producer      ──> same: a new producer
+//!       every commit-interval: flush delivered to sled, then WAL GC below it
+//!     shutdown: stop reading, wait for in-flight up to the drain deadline,
+//!               flush the offset
+//! ```
+//!
+//! Ordering: records are produced in sequence order and a record's key picks
+//! its partition, so each tenant's records reach their partition in order
+//! (idempotent producer, acks=all). After a retry, records already delivered
+//! may be produced again: at-least-once, with the event id in a header.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::watch;
+
+use super::dead_letter::DeadLetterFile;
+use super::{classify, producer_config, Failure, KafkaHealth, ReplayStats};
+use crate::config::{KafkaConfig, ReplayConfig};
+use crate::offsets::OffsetStore;
+use crate::wal::{ReadItem, Record, Wal};
+
+/// Header names added at produce time.
+pub const HEADER_SEQ: &str = "seq";
+pub const HEADER_ERROR: &str = "error";
+pub const HEADER_ORIGINAL_TOPIC: &str = "original_topic";
+
+type Producer_ = FutureProducer<KafkaHealth>;
+
+/// The result of one in-flight entry, in sequence order.
+enum Settled {
+    /// Every record up to and including this sequence number is done.
+    Done(u64),
+    Failed {
+        seq: u64,
+        error: KafkaError,
+        record: Record,
+    },
+}
+
+type Pending = Pin<Box<dyn Future<Output = Settled> + Send>>;
+
+enum End {
+    Shutdown,
+    Retry(String),
+}
+
+pub struct Replayer {
+    pub wal: Arc<Wal>,
+    pub offsets: Arc<OffsetStore>,
+    pub kafka: KafkaConfig,
+    pub brokers: String,
+    pub cfg: ReplayConfig,
+    pub stats: Arc<ReplayStats>,
+    pub dead_letter: DeadLetterFile,
+    /// How long shutdown waits for in-flight deliveries.
+    pub drain: Duration,
+}
+
+impl Replayer {
+    /// Runs until `shutdown` turns true, then drains and flushes the offset.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut delivered = match self.offsets.committed() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the committed offset; replay not started");
+                return;
+            }
+        };
+        self.stats.committed.store(delivered, Ordering::Relaxed);
+        self.stats
+            .delivered_through
+            .store(delivered, Ordering::Relaxed);
+        let initial = Duration::from_millis(self.cfg.backoff_initial_ms);
+        let max = Duration::from_millis(self.cfg.backoff_max_ms);
+        let mut backoff = initial;
+        let mut first = true;
+        while !*shutdown.borrow() {
+            if !first {
+                self.stats
+                    .producer_recreations
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            first = false;
+            let producer: Producer_ = match producer_config(&self.kafka, &self.brokers)
+                .create_with_context(KafkaHealth(self.stats.clone()))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot create the Kafka producer");
+                    if sleep_or_shutdown(backoff, &mut shutdown).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(max);
+                    continue;
+                }
+            };
+            let before = delivered;
+            let end = self
+                .incarnation(&producer, &mut delivered, &mut shutdown)
+                .await;
+            if delivered > before {
+                backoff = initial;
+            }
+            match end {
+                End::Shutdown => break,
+                End::Retry(why) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    self.stats.set_connected(false, &why);
+                    tracing::warn!(
+                        from_seq = delivered + 1,
+                        reason = %why,
+                        backoff_ms = backoff.as_millis() as u64,
+                        "delivery failed: producing again from the last confirmed record"
+                    );
+                    // Dropping the producer purges what it still queues, so
+                    // the next incarnation starts clean.
+                    drop(producer);
+                    if sleep_or_shutdown(backoff, &mut shutdown).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(max);
+                }
+            }
+        }
+        self.commit(delivered).await;
+        tracing::info!(committed = delivered, "replay stopped");
+    }
+
+    async fn incarnation(
+        &self,
+        producer: &Producer_,
+        delivered: &mut u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> End {
+        let mut reader = self.wal.reader(*delivered + 1);
+        let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.commit_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stats = &self.stats;
+        loop {
+            if producer.client().fatal_error().is_some() {
+                let (code, why) = producer
+                    .client()
+                    .fatal_error()
+                    .unwrap_or((RDKafkaErrorCode::Fail, String::new()));
+                return End::Retry(format!("fatal producer error {code:?}: {why}"));
+            }
+            let room = pending.len() < self.cfg.max_in_flight;
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    return self.drain(producer, pending, delivered).await;
+                }
+                Some(settled) = pending.next(), if !pending.is_empty() => {
+                    stats.in_flight.store(pending.len() as u64, Ordering::Relaxed);
+                    match self.settle(producer, settled).await {
+                        Ok(seq) => {
+                            *delivered = seq;
+                            stats.delivered_through.store(seq, Ordering::Relaxed);
+                        }
+                        Err(why) => return End::Retry(why),
+                    }
+                }
+                item = reader.next(), if room => {
+                    match item {
+                        Ok(ReadItem::Record { seq, record, .. }) => {
+                            pending.push_back(self.produce(producer, seq, record).await);
+                            stats.produced.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(ReadItem::Gap(g)) => {
+                            // Already counted and logged by the WAL; replay
+                            // moves past it so damage never wedges delivery.
+                            stats.gap_records.fetch_add(g.len(), Ordering::Relaxed);
+                            pending.push_back(Box::pin(std::future::ready(Settled::Done(g.last))));
+                        }
+                        Err(e) => return End::Retry(format!("WAL read: {e}")),
+                    }
+                    let n = pending.len() as u64;
+                    stats.in_flight.store(n, Ordering::Relaxed);
+                    stats.peak_in_flight.fetch_max(n, Ordering::Relaxed);
+                }
+                _ = tick.tick() => self.commit(*delivered).await,
+            }
+        }
+    }
+
+    /// Produces one record; the returned future settles with its delivery.
+    async fn produce(&self, producer: &Producer_, seq: u64, record: Record) -> Pending {
+        let seq_text = seq.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        headers = headers.insert(Header {
+            key: HEADER_SEQ,
+            value: Some(&seq_text),
+        });
+        let mut fr = FutureRecord::to(&self.kafka.topic)
+            .payload(&record.value)
+            .headers(headers)
+            .timestamp(record.timestamp_ms);
+        if let Some(k) = &record.key {
+            fr = fr.key(k);
+        }
+        loop {
+            match producer.send_result(fr) {
+                Ok(delivery) => {
+                    return Box::pin(async move {
+                        match delivery.await {
+                            Ok(Ok(_)) => Settled::Done(seq),
+                            Ok(Err((error, msg))) => Settled::Failed {
+                                seq,
+                                error,
+                                record: from_message(&msg),
+                            },
+                            Err(_canceled) => Settled::Failed {
+                                seq,
+                                error: KafkaError::Canceled,
+                                record: Record {
+                                    key: None,
+                                    value: Vec::new(),
+                                    headers: Vec::new(),
+                                    timestamp_ms: 0,
+                                },
+                            },
+                        }
+                    })
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    fr = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => {
+                    return Box::pin(std::future::ready(Settled::Failed { seq, error, record }));
+                }
+            }
+        }
+    }
+
+    /// Turns a settled entry into the new delivered-through sequence number,
+    /// or the reason to start a new incarnation.
+    async fn settle(&self, producer: &Producer_, settled: Settled) -> Result<u64, String> {
+        let stats = &self.stats;
+        match settled {
+            Settled::Done(seq) => {
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                stats.set_connected(true, "");
+                Ok(seq)
+            }
+            Settled::Failed { seq, error, record } => match classify(&error) {
+                Failure::Retriable => Err(format!("seq {seq}: {error}")),
+                Failure::Permanent => {
+                    self.dead_letter(producer, seq, &error, record).await?;
+                    Ok(seq)
+                }
+            },
+        }
+    }
+
+    /// A record Kafka will never take: to the dead-letter topic with error
+    /// headers, or, if that refuses it permanently too, to the dead-letter
+    /// file. A retriable failure of the dead-letter produce retries the whole
+    /// record later (it is produced again from the committed offset).
+    async fn dead_letter(
+        &self,
+        producer: &Producer_,
+        seq: u64,
+        error: &KafkaError,
+        record: Record,
+    ) -> Result<(), String> {
+        let why = error.to_string();
+        let seq_text = seq.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        headers = headers
+            .insert(Header {
+                key: HEADER_SEQ,
+                value: Some(&seq_text),
+            })
+            .insert(Header {
+                key: HEADER_ERROR,
+                value: Some(&why),
+            })
+            .insert(Header {
+                key: HEADER_ORIGINAL_TOPIC,
+                value: Some(&self.kafka.topic),
+            });
+        let mut fr = FutureRecord::to(&self.kafka.dead_letter_topic)
+            .payload(&record.value)
+            .headers(headers)
+            .timestamp(record.timestamp_ms);
+        if let Some(k) = &record.key {
+            fr = fr.key(k);
+        }
+        let dlq_error = match producer.send_result(fr) {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => None,
+                Ok(Err((e, _))) => Some(e),
+                Err(_) => Some(KafkaError::Canceled),
+            },
+            Err((e, _)) => Some(e),
+        };
+        match dlq_error {
+            None => {
+                self.stats
+                    .dead_lettered_topic
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(seq, error = %why, topic = %self.kafka.dead_letter_topic, "record refused by Kafka: sent to the dead-letter topic");
+                Ok(())
+            }
+            Some(e) if classify(&e) == Failure::Permanent => {
+                let file = &self.dead_letter;
+                file.append(seq, &self.kafka.topic, &why, &record)
+                    .map_err(|io| format!("dead-letter file {}: {io}", file.path().display()))?;
+                self.stats
+                    .dead_lettered_file
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(seq, error = %why, dead_letter_error = %e, file = %file.path().display(), "record refused by Kafka and by the dead-letter topic: written to the dead-letter file");
+                Ok(())
+            }
+            Some(e) => Err(format!("dead-letter produce for seq {seq}: {e}")),
+        }
+    }
+
+    /// Shutdown: no new produces; wait for what is in flight up to the drain
+    /// deadline. What does not settle stays in the WAL for the next start.
+    async fn drain(
+        &self,
+        producer: &Producer_,
+        mut pending: FuturesOrdered<Pending>,
+        delivered: &mut u64,
+    ) -> End {
+        let deadline = tokio::time::sleep(self.drain);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => {
+                    tracing::warn!(in_flight = pending.len(), "drain deadline passed; the rest stays in the WAL");
+                    break;
+                }
+                next = pending.next() => match next {
+                    None => break,
+                    Some(settled) => match self.settle(producer, settled).await {
+                        Ok(seq) => {
+                            *delivered = seq;
+                            self.stats.delivered_through.store(seq, Ordering::Relaxed);
+                        }
+                        Err(_) => break,
+                    },
+                },
+            }
+        }
+        End::Shutdown
+    }
+
+    /// Flushes the offset, then (only then) lets GC delete segments below it.
+    async fn commit(&self, delivered: u64) {
+        if delivered <= self.stats.committed.load(Ordering::Relaxed) {
+            return;
+        }
+        let (offsets, wal) = (self.offsets.clone(), self.wal.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            offsets.commit(delivered).map_err(|e| e.to_string())?;
+            // Dying here leaves consumed segments that the next open removes.
+            wal.remove_through(delivered).map_err(|e| e.to_string())
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => self.stats.committed.store(delivered, Ordering::Relaxed),
+            Ok(Err(e)) => tracing::error!(error = %e, "committing the offset failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "commit task failed"),
+        }
+    }
+}
+
+/// Rebuilds the record from what librdkafka hands back with a failure.
+fn from_message(msg: &OwnedMessage) -> Record {
+    let headers = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter(|h| h.key != HEADER_SEQ)
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().unwrap_or_default().to_vec(),
+        headers,
+        timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
+    }
+}
+
+/// Sleeps, or returns true early if shutdown was requested.
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
