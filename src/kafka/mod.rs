@@ -121,6 +121,8 @@ pub struct ReplayStats {
     pub produced: AtomicU64,
     pub delivered: AtomicU64,
     pub retries: AtomicU64,
+    /// Records produced again alone after a permanent error on their batch.
+    pub isolated_retries: AtomicU64,
     pub producer_recreations: AtomicU64,
     pub dead_lettered_topic: AtomicU64,
     pub dead_lettered_file: AtomicU64,

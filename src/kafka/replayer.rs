@@ -13,8 +13,10 @@
 //!       front future resolves (in produce order):
 //!         ok                  ──> delivered = seq
 //!         gap (WAL loss)      ──> delivered = gap.last (counted by the WAL)
-//!         permanent error     ──> dead-letter topic ──fails permanently──> dead-letter file
-//!                                 then delivered = seq
+//!         permanent error     ──> produce it alone (the broker refuses whole
+//!                                 requests); fails permanently again ──>
+//!                                 dead-letter topic ──fails permanently──>
+//!                                 dead-letter file; then delivered = seq
 //!         retriable / timeout ──> drop producer (purges its queue), backoff,
 //!                                 new incarnation from delivered + 1
 //!         fatal producer      ──> same: a new producer
@@ -280,8 +282,23 @@ impl Replayer {
             Settled::Failed { seq, error, record } => match classify(&error) {
                 Failure::Retriable => Err(format!("seq {seq}: {error}")),
                 Failure::Permanent => {
-                    self.dead_letter(producer, seq, &error, record).await?;
-                    Ok(seq)
+                    // A broker refuses a whole produce request, so a permanent
+                    // error does not prove this record is the bad one. Produce
+                    // it alone before condemning it.
+                    stats.isolated_retries.fetch_add(1, Ordering::Relaxed);
+                    match self.produce(producer, seq, record).await.await {
+                        Settled::Done(_) => {
+                            stats.delivered.fetch_add(1, Ordering::Relaxed);
+                            Ok(seq)
+                        }
+                        Settled::Failed { error, record, .. } => match classify(&error) {
+                            Failure::Retriable => Err(format!("seq {seq} (alone): {error}")),
+                            Failure::Permanent => {
+                                self.dead_letter(producer, seq, &error, record).await?;
+                                Ok(seq)
+                            }
+                        },
+                    }
                 }
             },
         }
