@@ -20,7 +20,7 @@ use super::{cluster, id_counts, read_topic, Node, TOPIC};
 async fn http_to_wal_to_kafka_with_key_value_and_headers() {
     let kafka = cluster(3);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     let config = Config {
         data_dir: node.dir.path().to_path_buf(),
         ..Config::default()
@@ -103,7 +103,7 @@ async fn http_to_wal_to_kafka_with_key_value_and_headers() {
 async fn restart_resumes_from_the_committed_offset() {
     let kafka = cluster(2);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     let first = node.append("r1", &["a", "b"], 300);
     let running = node.start(&brokers, |_, _| {});
     node.wait_committed(first, Duration::from_secs(30)).await;
@@ -136,7 +136,7 @@ async fn restart_resumes_from_the_committed_offset() {
 async fn gc_deletes_segments_only_after_the_offset_is_flushed() {
     let kafka = cluster(1);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     let last = node.append("gc", &["a"], 400);
     let segments_before = node.wal.stats().segments;
     assert!(segments_before > 5, "4 KiB segments: {segments_before}");
@@ -168,7 +168,7 @@ async fn gc_deletes_segments_only_after_the_offset_is_flushed() {
 async fn order_is_preserved_per_tenant() {
     let kafka = cluster(3);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     let last = node.append("ord", &["t1", "t2", "t3", "t4", "t5"], 1000);
     let running = node.start(&brokers, |_, _| {});
     node.wait_committed(last, Duration::from_secs(30)).await;
@@ -193,7 +193,7 @@ async fn order_is_preserved_per_tenant() {
 async fn large_backlog_replays_with_bounded_in_flight_records() {
     let kafka = cluster(2);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     let last = node.append("bl", &["a", "b", "c"], 20_000);
     let segments = node.wal.stats().segments;
     let running = node.start(&brokers, |_, r| r.max_in_flight = 256);

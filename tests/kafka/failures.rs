@@ -12,7 +12,7 @@ use super::{cluster, id_counts, read_topic, Node, DLQ, TOPIC};
 async fn broker_outage_longer_than_the_message_timeout_reproduces_and_loses_nothing() {
     let kafka = cluster(2);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     let before = node.append("pre", &["a", "b"], 100);
     let running = node.start(&brokers, |k, _| k.message_timeout_ms = 1_000);
     node.wait_committed(before, Duration::from_secs(30)).await;
@@ -50,7 +50,7 @@ async fn retriable_produce_errors_are_retried_without_loss() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         ],
     );
-    let node = Node::new();
+    let node = Node::temp();
     let last = node.append("retry", &["a"], 50);
     let running = node.start(&brokers, |_, _| {});
     node.wait_committed(last, Duration::from_secs(30)).await;
@@ -64,7 +64,7 @@ async fn retriable_produce_errors_are_retried_without_loss() {
 async fn permanent_errors_go_to_the_dead_letter_topic_with_headers() {
     let kafka = cluster(1);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     // Deliver one record first so the producer is connected, then make the
     // next produce request fail permanently.
     let first = node.append("ok", &["a"], 1);
@@ -110,7 +110,7 @@ async fn permanent_errors_go_to_the_dead_letter_topic_with_headers() {
 async fn when_the_dead_letter_topic_refuses_too_the_record_goes_to_the_file() {
     let kafka = cluster(1);
     let brokers = kafka.bootstrap_servers();
-    let node = Node::new();
+    let node = Node::temp();
     let first = node.append("ok", &["a"], 1);
     let running = node.start(&brokers, |_, _| {});
     node.wait_committed(first, Duration::from_secs(30)).await;

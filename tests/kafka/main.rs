@@ -48,7 +48,8 @@ pub fn wal_cfg(dir: &Path) -> WalConfig {
 }
 
 impl Node {
-    pub fn new() -> Node {
+    /// A node with its own temp data directory.
+    pub fn temp() -> Node {
         let dir = tempfile::tempdir().unwrap();
         let offsets = Arc::new(OffsetStore::open(&dir.path().join("offsets")).unwrap());
         let wal = Arc::new(
