@@ -124,6 +124,8 @@ pub struct ReplayStats {
     /// Records produced again alone after a permanent error on their batch.
     pub isolated_retries: AtomicU64,
     pub producer_recreations: AtomicU64,
+    /// librdkafka fatal errors seen (each recreates the producer).
+    pub fatal_errors: AtomicU64,
     pub dead_lettered_topic: AtomicU64,
     pub dead_lettered_file: AtomicU64,
     pub gap_records: AtomicU64,

@@ -133,6 +133,12 @@ impl Replayer {
             match end {
                 End::Shutdown => break,
                 End::Retry(why) => {
+                    // Whatever ended the incarnation, a fatal error means this
+                    // producer can never recover by itself (lessons.md #5).
+                    if let Some((code, fatal)) = producer.client().fatal_error() {
+                        self.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(?code, reason = %fatal, "fatal producer error: recreating the producer");
+                    }
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     self.stats.set_connected(false, &why);
                     tracing::warn!(
@@ -167,11 +173,7 @@ impl Replayer {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stats = &self.stats;
         loop {
-            if producer.client().fatal_error().is_some() {
-                let (code, why) = producer
-                    .client()
-                    .fatal_error()
-                    .unwrap_or((RDKafkaErrorCode::Fail, String::new()));
+            if let Some((code, why)) = producer.client().fatal_error() {
                 return End::Retry(format!("fatal producer error {code:?}: {why}"));
             }
             let room = pending.len() < self.cfg.max_in_flight;

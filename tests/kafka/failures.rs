@@ -139,3 +139,30 @@ async fn when_the_dead_letter_topic_refuses_too_the_record_goes_to_the_file() {
     assert_eq!(lines[0]["value"]["json"]["id"], "doomed-0");
     assert!(lines[0]["error"].as_str().unwrap().contains("too large"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_idempotent_producer_error_recreates_the_producer() {
+    let kafka = cluster(1);
+    let brokers = kafka.bootstrap_servers();
+    let node = Node::temp();
+    let first = node.append("pre", &["a"], 10);
+    let running = node.start(&brokers, |_, _| {});
+    node.wait_committed(first, Duration::from_secs(30)).await;
+    // An out-of-order sequence answer is fatal for an idempotent producer:
+    // librdkafka never recovers by itself (lessons.md, item 5).
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    let last = node.append("post", &["a"], 20);
+    node.wait_committed(last, Duration::from_secs(60)).await;
+    running.shutdown().await;
+    assert!(
+        node.stats.fatal_errors.load(Ordering::Relaxed) >= 1,
+        "{:?}",
+        node.stats
+    );
+    assert!(node.stats.producer_recreations.load(Ordering::Relaxed) >= 1);
+    let counts = id_counts(&read_topic(&brokers, TOPIC).await);
+    assert!((0..20).all(|n| counts.contains_key(&format!("post-{n}"))));
+}
