@@ -6,7 +6,12 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body
 
-.PHONY: test lint fmt bench fuzz fuzz-smoke ci
+.PHONY: run test lint fmt bench fuzz fuzz-smoke ci
+
+# The daemon with the embedded dev broker (data delivered to Kafka lives in
+# memory only). POST to 127.0.0.1:8080, read back with `make consume`.
+run:
+	$(CARGO) run --release --bin sluice -- serve --dev
 
 test:
 	$(CARGO) test --locked --all-features
