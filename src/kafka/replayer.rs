@@ -217,18 +217,7 @@ impl Replayer {
 
     /// Produces one record; the returned future settles with its delivery.
     async fn produce(&self, producer: &Producer_, seq: u64, record: Record) -> Pending {
-        let seq_text = seq.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1);
-        for (k, v) in &record.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        headers = headers.insert(Header {
-            key: HEADER_SEQ,
-            value: Some(&seq_text),
-        });
+        let headers = kafka_headers(&record, seq, &[]);
         let mut fr = FutureRecord::to(&self.kafka.topic)
             .payload(&record.value)
             .headers(headers)
@@ -318,27 +307,14 @@ impl Replayer {
         record: Record,
     ) -> Result<(), String> {
         let why = error.to_string();
-        let seq_text = seq.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 3);
-        for (k, v) in &record.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        headers = headers
-            .insert(Header {
-                key: HEADER_SEQ,
-                value: Some(&seq_text),
-            })
-            .insert(Header {
-                key: HEADER_ERROR,
-                value: Some(&why),
-            })
-            .insert(Header {
-                key: HEADER_ORIGINAL_TOPIC,
-                value: Some(&self.kafka.topic),
-            });
+        let headers = kafka_headers(
+            &record,
+            seq,
+            &[
+                (HEADER_ERROR, why.as_bytes()),
+                (HEADER_ORIGINAL_TOPIC, self.kafka.topic.as_bytes()),
+            ],
+        );
         let mut fr = FutureRecord::to(&self.kafka.dead_letter_topic)
             .payload(&record.value)
             .headers(headers)
@@ -425,6 +401,26 @@ impl Replayer {
             Err(e) => tracing::error!(error = %e, "commit task failed"),
         }
     }
+}
+
+/// The record's own headers, then `seq`, then `extra`.
+fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> OwnedHeaders {
+    let seq_text = seq.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1 + extra.len());
+    let ours = [(HEADER_SEQ, seq_text.as_bytes())];
+    let all = record
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .chain(ours)
+        .chain(extra.iter().copied());
+    for (key, value) in all {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    headers
 }
 
 /// Rebuilds the record from what librdkafka hands back with a failure.

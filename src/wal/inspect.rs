@@ -51,14 +51,20 @@ impl VerifyReport {
     }
 }
 
-/// Walks every segment in `dir`, checking every frame.
-pub fn verify(fs: &dyn Filesystem, dir: &Path, committed: u64) -> io::Result<VerifyReport> {
+/// First sequence numbers of the segments in `dir`, ascending.
+fn segment_firsts(fs: &dyn Filesystem, dir: &Path) -> io::Result<Vec<u64>> {
     let mut firsts: Vec<u64> = fs
         .list(dir)?
         .iter()
         .filter_map(|n| format::parse_segment_name(n))
         .collect();
     firsts.sort_unstable();
+    Ok(firsts)
+}
+
+/// Walks every segment in `dir`, checking every frame.
+pub fn verify(fs: &dyn Filesystem, dir: &Path, committed: u64) -> io::Result<VerifyReport> {
+    let firsts = segment_firsts(fs, dir)?;
     let mut report = VerifyReport {
         segments: Vec::new(),
         committed,
@@ -153,12 +159,7 @@ pub fn for_each_record(
     mut each: impl FnMut(u64, Record) -> io::Result<ControlFlow<()>>,
     mut gap: impl FnMut(Gap),
 ) -> io::Result<()> {
-    let mut firsts: Vec<u64> = fs
-        .list(dir)?
-        .iter()
-        .filter_map(|n| format::parse_segment_name(n))
-        .collect();
-    firsts.sort_unstable();
+    let firsts = segment_firsts(fs, dir)?;
     for (i, &first) in firsts.iter().enumerate() {
         let next_first = firsts.get(i + 1).copied();
         if next_first.is_some_and(|n| n <= from_seq) {
