@@ -1,6 +1,7 @@
 //! Replay tests against librdkafka's mock cluster: the real Kafka protocol
 //! over TCP on localhost, with broker-down and error-injection controls.
 
+mod cli;
 mod delivery;
 mod failures;
 
