@@ -5,6 +5,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod metrics;
 pub mod offsets;
 pub mod server;
 pub mod wal;

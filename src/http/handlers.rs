@@ -83,6 +83,12 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
         parse()?
     };
     let rejected = batch.rejected.len();
+    for r in &batch.rejected {
+        st.metrics
+            .events_rejected
+            .with_label_values(&[r.kind])
+            .inc();
+    }
     st.counters
         .events_rejected
         .fetch_add(rejected as u64, Ordering::Relaxed);
@@ -297,4 +303,38 @@ fn replay_state(st: &SharedState) -> serde_json::Value {
         "dead_lettered_file": get(&r.dead_lettered_file),
         "gap_records": get(&r.gap_records),
     })
+}
+
+pub async fn metrics(State(st): State<SharedState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Counts every routed request by route template (bounded cardinality) and
+/// status, and times it.
+pub async fn track(
+    State(st): State<SharedState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &st.metrics;
+    m.http_requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }

@@ -35,7 +35,8 @@ pub struct AppState {
     /// Notified when the WAL fails for good, so the process exits non-zero
     /// and systemd restarts it into recovery.
     pub fatal: Notify,
-    pub counters: IngestCounters,
+    pub counters: Arc<IngestCounters>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Replay and Kafka state, shared with the replayer.
     pub replay: Arc<crate::kafka::ReplayStats>,
     /// Whether the last append was refused for quota, to log the change once.
@@ -56,17 +57,30 @@ impl AppState {
         let permits = usize::try_from(config.limits.max_inflight_bytes)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
+        let counters = Arc::new(IngestCounters::default());
+        let replay = Arc::new(crate::kafka::ReplayStats::default());
+        let inflight = Arc::new(Semaphore::new(permits));
+        let metrics = crate::metrics::Metrics::new(crate::metrics::Sources {
+            wal: wal.clone(),
+            ingest: counters.clone(),
+            replay: replay.clone(),
+            inflight: inflight.clone(),
+            max_inflight_bytes: permits as u64,
+        })
+        .expect("metric names and labels are static and unique");
+        wal.set_observer(metrics.clone());
         AppState {
             wal,
             offsets,
             normalizer: Normalizer::new(config.limits.clone(), config.events.clone()),
             limits: config.limits.clone(),
             http: config.http.clone(),
-            inflight: Arc::new(Semaphore::new(permits)),
+            inflight,
             shutting_down: AtomicBool::new(false),
             fatal: Notify::new(),
-            counters: IngestCounters::default(),
-            replay: Arc::default(),
+            counters,
+            metrics,
+            replay,
             quota_refusing: AtomicBool::new(false),
         }
     }
@@ -88,6 +102,11 @@ pub fn app(state: SharedState) -> Router {
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
         .route("/stats", get(handlers::stats))
+        .route("/metrics", get(handlers::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::track,
+        ))
         // Innermost first: the handler sees decompressed bytes, so every size
         // limit applies after decompression and a bomb is cut at the limit.
         .layer(RequestDecompressionLayer::new())

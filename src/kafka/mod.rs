@@ -131,6 +131,8 @@ pub struct ReplayStats {
     pub gap_records: AtomicU64,
     pub in_flight: AtomicU64,
     pub peak_in_flight: AtomicU64,
+    /// Produce-to-report latency, when metrics are on.
+    pub delivery_latency: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 impl ReplayStats {

@@ -225,11 +225,17 @@ impl Replayer {
         if let Some(k) = &record.key {
             fr = fr.key(k);
         }
+        let started = std::time::Instant::now();
+        let latency = self.stats.delivery_latency.get().cloned();
         loop {
             match producer.send_result(fr) {
                 Ok(delivery) => {
                     return Box::pin(async move {
-                        match delivery.await {
+                        let report = delivery.await;
+                        if let Some(h) = &latency {
+                            h.observe(started.elapsed().as_secs_f64());
+                        }
+                        match report {
                             Ok(Ok(_)) => Settled::Done(seq),
                             Ok(Err((error, msg))) => Settled::Failed {
                                 seq,

@@ -186,7 +186,14 @@ pub struct WalStats {
     pub quarantined_files: u64,
 }
 
+/// Told about every group commit, e.g. to feed latency histograms. Called on
+/// the writer thread: keep it cheap.
+pub trait WalObserver: Send + Sync {
+    fn group_committed(&self, records: u64, bytes: u64, fsync: std::time::Duration);
+}
+
 struct Shared {
+    observer: std::sync::OnceLock<Arc<dyn WalObserver>>,
     cfg: WalConfig,
     fs: Arc<dyn Filesystem>,
     /// first_seq -> bytes on disk. The last entry is the active segment.
@@ -374,6 +381,16 @@ impl Wal {
         // back after a crash lies below the committed offset and is removed by
         // the next open.
         Ok(removed)
+    }
+
+    /// Installs the group-commit observer; only the first call takes effect.
+    pub fn set_observer(&self, observer: Arc<dyn WalObserver>) {
+        let _ = self.shared.observer.set(observer);
+    }
+
+    /// False once the writer thread has exited (shutdown or a bug).
+    pub fn writer_alive(&self) -> bool {
+        self.writer.as_ref().is_some_and(|h| !h.is_finished())
     }
 
     pub fn counters(&self) -> &WalCounters {

@@ -231,6 +231,7 @@ pub(super) fn open(
         active_len: active.len,
     });
     let shared = Shared {
+        observer: std::sync::OnceLock::new(),
         cfg,
         fs,
         segments: Mutex::new(sizes),

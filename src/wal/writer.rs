@@ -210,8 +210,11 @@ impl Writer {
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         c.bytes.fetch_add(written, Ordering::Relaxed);
         let published = self.shared.durable.borrow().next_seq;
-        c.records
-            .fetch_add(self.next_seq - published, Ordering::Relaxed);
+        let records = self.next_seq - published;
+        c.records.fetch_add(records, Ordering::Relaxed);
+        if let Some(o) = self.shared.observer.get() {
+            o.group_committed(records, written, took);
+        }
         self.shared.disk_bytes.fetch_add(written, Ordering::Relaxed);
         lock(&self.shared.segments).insert(self.active.first_seq, self.active.len);
         self.publish();

@@ -5,6 +5,7 @@
 mod bodies;
 mod concurrency;
 mod crash;
+mod metrics;
 mod statuses;
 
 use std::path::Path;

@@ -1,0 +1,478 @@
+//! Prometheus metrics. Observations (HTTP requests, fsync latency, group
+//! commit sizes, delivery latency) are prometheus vectors and histograms.
+//! Everything else is read at scrape time from the atomic counters the WAL,
+//! the ingest handler and the replayer already keep, so there is one source
+//! of truth and `/stats` and `/metrics` always agree.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+};
+use tokio::sync::Semaphore;
+
+use crate::http::IngestCounters;
+use crate::kafka::ReplayStats;
+use crate::wal::{Wal, WalObserver};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub events_rejected: IntCounterVec,
+    pub wal_fsync: Histogram,
+    pub wal_group_records: Histogram,
+}
+
+impl WalObserver for Metrics {
+    fn group_committed(&self, records: u64, _bytes: u64, fsync: Duration) {
+        self.wal_fsync.observe(fsync.as_secs_f64());
+        self.wal_group_records.observe(records as f64);
+    }
+}
+
+/// Where the scrape-time values come from.
+pub struct Sources {
+    pub wal: Arc<Wal>,
+    pub ingest: Arc<IngestCounters>,
+    pub replay: Arc<ReplayStats>,
+    pub inflight: Arc<Semaphore>,
+    pub max_inflight_bytes: u64,
+}
+
+impl Metrics {
+    pub fn new(src: Sources) -> prometheus::Result<Arc<Metrics>> {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "sluice_http_requests_total",
+                "HTTP requests by route and status.",
+            ),
+            &["route", "status"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_http_request_duration_seconds",
+                "HTTP request duration by route; for ingest, the time to 202 (includes the fsync).",
+            )
+            .buckets(exponential_buckets(0.0001, 2.0, 18)?),
+            &["route"],
+        )?;
+        let events_rejected = IntCounterVec::new(
+            Opts::new(
+                "sluice_events_rejected_total",
+                "Events rejected at validation, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let wal_fsync = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_wal_fsync_duration_seconds",
+                "Duration of each group-commit fdatasync.",
+            )
+            .buckets(exponential_buckets(0.00005, 2.0, 18)?),
+        )?;
+        let wal_group_records = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_wal_group_commit_records",
+                "Records made durable by one fdatasync.",
+            )
+            .buckets(exponential_buckets(1.0, 2.0, 16)?),
+        )?;
+        let delivery = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_kafka_delivery_duration_seconds",
+                "Time from produce to Kafka's delivery report.",
+            )
+            .buckets(exponential_buckets(0.0005, 2.0, 18)?),
+        )?;
+        let _ = src.replay.delivery_latency.set(delivery.clone());
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(events_rejected.clone()))?;
+        registry.register(Box::new(wal_fsync.clone()))?;
+        registry.register(Box::new(wal_group_records.clone()))?;
+        registry.register(Box::new(delivery))?;
+        registry.register(Box::new(pulled(src)?))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Arc::new(Metrics {
+            registry,
+            http_requests,
+            http_duration,
+            events_rejected,
+            wal_fsync,
+            wal_group_records,
+        }))
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+type Read = Box<dyn Fn() -> Vec<(Vec<String>, f64)> + Send + Sync>;
+
+/// A metric whose samples are read at scrape time.
+struct Pulled {
+    desc: Desc,
+    kind: MetricType,
+    label_names: Vec<String>,
+    read: Read,
+}
+
+struct PulledCollector {
+    items: Vec<Pulled>,
+}
+
+impl Collector for PulledCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.items.iter().map(|p| &p.desc).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.items
+            .iter()
+            .map(|p| {
+                let mut mf = MetricFamily::default();
+                mf.set_name(p.desc.fq_name.clone());
+                mf.set_help(p.desc.help.clone());
+                mf.set_field_type(p.kind);
+                for (values, v) in (p.read)() {
+                    let mut m = proto::Metric::default();
+                    let labels = p
+                        .label_names
+                        .iter()
+                        .zip(values)
+                        .map(|(n, v)| {
+                            let mut l = proto::LabelPair::default();
+                            l.set_name(n.clone());
+                            l.set_value(v);
+                            l
+                        })
+                        .collect();
+                    m.set_label(labels);
+                    if p.kind == MetricType::COUNTER {
+                        let mut c = proto::Counter::default();
+                        c.set_value(v);
+                        m.set_counter(c);
+                    } else {
+                        let mut g = proto::Gauge::default();
+                        g.set_value(v);
+                        m.set_gauge(g);
+                    }
+                    mf.mut_metric().push(m);
+                }
+                mf
+            })
+            .collect()
+    }
+}
+
+fn get(a: &AtomicU64) -> f64 {
+    a.load(Ordering::Relaxed) as f64
+}
+
+fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
+    let mut items = Vec::new();
+    let mut add = |name: &str, help: &str, kind: MetricType, labels: &[&str], read: Read| {
+        let desc = Desc::new(
+            format!("sluice_{name}"),
+            help.to_string(),
+            labels.iter().map(|s| s.to_string()).collect(),
+            Default::default(),
+        )?;
+        items.push(Pulled {
+            desc,
+            kind,
+            label_names: labels.iter().map(|s| s.to_string()).collect(),
+            read,
+        });
+        Ok::<_, prometheus::Error>(())
+    };
+    use MetricType::{COUNTER, GAUGE};
+    macro_rules! one {
+        ($src:expr, |$s:ident| $e:expr) => {{
+            let $s = $src.clone();
+            Box::new(move || vec![(Vec::new(), $e)]) as Read
+        }};
+    }
+    let (w, i, r) = (&src.wal, &src.ingest, &src.replay);
+
+    add(
+        "events_accepted_total",
+        "Events accepted (fsynced and answered 202).",
+        COUNTER,
+        &[],
+        one!(i, |i| get(&i.events_accepted)),
+    )?;
+    let (sem, max) = (src.inflight.clone(), src.max_inflight_bytes);
+    add(
+        "inflight_body_bytes",
+        "Request body bytes held in memory now.",
+        GAUGE,
+        &[],
+        Box::new(move || {
+            vec![(
+                Vec::new(),
+                max.saturating_sub(sem.available_permits() as u64) as f64,
+            )]
+        }),
+    )?;
+
+    add(
+        "wal_appends_total",
+        "Append requests made durable (one per accepted HTTP request).",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().append_requests)),
+    )?;
+    add(
+        "wal_records_total",
+        "Records made durable.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().records)),
+    )?;
+    add(
+        "wal_written_bytes_total",
+        "Frame bytes written and fsynced.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().bytes)),
+    )?;
+    add(
+        "wal_fsyncs_total",
+        "Group-commit fdatasyncs.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().fsyncs)),
+    )?;
+    add(
+        "wal_segments",
+        "Segment files on disk.",
+        GAUGE,
+        &[],
+        one!(w, |w| w.stats().segments as f64),
+    )?;
+    add(
+        "wal_segments_created_total",
+        "Segments created (rolls).",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().segments_created)),
+    )?;
+    add(
+        "wal_segments_removed_total",
+        "Segments deleted by GC.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().segments_removed)),
+    )?;
+    add(
+        "wal_disk_bytes",
+        "Bytes of segments on disk.",
+        GAUGE,
+        &[],
+        one!(w, |w| w.disk_bytes() as f64),
+    )?;
+    add(
+        "wal_quota_bytes",
+        "The WAL quota (wal.max-bytes).",
+        GAUGE,
+        &[],
+        one!(w, |w| w.config().max_bytes as f64),
+    )?;
+    add(
+        "disk_free_bytes",
+        "Free bytes on the WAL's filesystem.",
+        GAUGE,
+        &[],
+        one!(w, |w| w.free_bytes().map_or(f64::NAN, |b| b as f64)),
+    )?;
+    add(
+        "disk_min_free_bytes",
+        "Free space kept (wal.min-free-bytes).",
+        GAUGE,
+        &[],
+        one!(w, |w| w.config().min_free_bytes as f64),
+    )?;
+    let wr = w.clone();
+    add(
+        "wal_refused_total",
+        "Appends refused before touching the disk, by reason.",
+        COUNTER,
+        &["reason"],
+        Box::new(move || {
+            let c = wr.counters();
+            vec![
+                (vec!["full".into()], get(&c.refused_full)),
+                (vec!["disk_low".into()], get(&c.refused_disk_low)),
+            ]
+        }),
+    )?;
+    add(
+        "wal_truncated_bytes_total",
+        "Bytes cut from a torn tail at recovery.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().truncated_bytes)),
+    )?;
+    add(
+        "wal_lost_records_total",
+        "Records found unreadable (corrupt or missing), counted once per range.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().lost_records)),
+    )?;
+    add(
+        "wal_quarantined_files_total",
+        "Damaged segments or tails copied to quarantine/.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().quarantined_files)),
+    )?;
+    add(
+        "wal_failed",
+        "1 once a write or fsync failed (sticky; the process exits to recover).",
+        GAUGE,
+        &[],
+        one!(w, |w| f64::from(u8::from(w.failure().is_some()))),
+    )?;
+
+    let (wl, rl) = (w.clone(), r.clone());
+    let lag = move || {
+        let last = wl.durable().borrow().next_seq.saturating_sub(1);
+        last.saturating_sub(rl.delivered_through.load(Ordering::Relaxed))
+    };
+    let lag2 = lag.clone();
+    add(
+        "replay_lag_records",
+        "Durable records not yet confirmed by Kafka.",
+        GAUGE,
+        &[],
+        Box::new(move || vec![(Vec::new(), lag() as f64)]),
+    )?;
+    let wb = w.clone();
+    add(
+        "replay_lag_bytes",
+        "Estimated bytes of durable records not yet confirmed (lag x average frame).",
+        GAUGE,
+        &[],
+        Box::new(move || {
+            let c = wb.counters();
+            let avg = c.bytes.load(Ordering::Relaxed) / c.records.load(Ordering::Relaxed).max(1);
+            vec![(Vec::new(), (lag2() * avg) as f64)]
+        }),
+    )?;
+    add(
+        "replay_last_seq",
+        "Last durable sequence number.",
+        GAUGE,
+        &[],
+        one!(w, |w| w.durable().borrow().next_seq.saturating_sub(1)
+            as f64),
+    )?;
+    add(
+        "replay_delivered_seq",
+        "Every record at or below this is confirmed by Kafka.",
+        GAUGE,
+        &[],
+        one!(r, |r| get(&r.delivered_through)),
+    )?;
+    add(
+        "replay_committed_seq",
+        "The committed offset flushed to disk.",
+        GAUGE,
+        &[],
+        one!(r, |r| get(&r.committed)),
+    )?;
+    add(
+        "replay_in_flight",
+        "Records produced and awaiting a delivery report.",
+        GAUGE,
+        &[],
+        one!(r, |r| get(&r.in_flight)),
+    )?;
+    add(
+        "kafka_produced_total",
+        "Records handed to the producer.",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.produced)),
+    )?;
+    add(
+        "kafka_delivered_total",
+        "Records confirmed by Kafka.",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.delivered)),
+    )?;
+    add(
+        "replay_retries_total",
+        "Failed deliveries that restarted replay from the last confirmed record.",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.retries)),
+    )?;
+    add(
+        "replay_isolated_retries_total",
+        "Records produced again alone after a permanent error on their request.",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.isolated_retries)),
+    )?;
+    add(
+        "kafka_producer_recreations_total",
+        "Producers rebuilt after a failure.",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.producer_recreations)),
+    )?;
+    add(
+        "kafka_fatal_errors_total",
+        "librdkafka fatal errors.",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.fatal_errors)),
+    )?;
+    let rd = r.clone();
+    add(
+        "dead_letter_total",
+        "Records Kafka refused for good, by where they went.",
+        COUNTER,
+        &["target"],
+        Box::new(move || {
+            vec![
+                (vec!["topic".into()], get(&rd.dead_lettered_topic)),
+                (vec!["file".into()], get(&rd.dead_lettered_file)),
+            ]
+        }),
+    )?;
+    add(
+        "replay_gap_records_total",
+        "Lost WAL records replay skipped (see wal_lost_records_total).",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.gap_records)),
+    )?;
+    add(
+        "kafka_connected",
+        "1 when the last delivery succeeded, 0 after all brokers went down or a delivery failed.",
+        GAUGE,
+        &[],
+        one!(r, |r| f64::from(u8::from(
+            r.connected.load(Ordering::Relaxed)
+        ))),
+    )?;
+    Ok(PulledCollector { items })
+}
