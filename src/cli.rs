@@ -26,6 +26,15 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// Validate a config file (and the SLUICE_* environment): exits 1 with
+    /// `file:line: message` for each problem, 0 when it is valid.
+    CheckConfig {
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// Also print the effective configuration (file + environment) as TOML.
+        #[arg(long)]
+        print: bool,
+    },
     /// Run a standalone mock Kafka cluster (librdkafka's, real protocol over
     /// TCP, data in memory) that outlives daemon restarts. Prints the
     /// bootstrap address on stdout.
@@ -62,22 +71,22 @@ enum Command {
     },
 }
 
-/// Flags override the config file; `SLUICE_*` environment variables
-/// override the file too and are overridden by flags.
+/// Precedence: defaults < config file < `SLUICE_<SECTION>_<KEY>` environment
+/// variables < flags.
 #[derive(clap::Args)]
 struct ServeArgs {
     /// TOML config file (see sluice.example.toml).
     #[arg(long, env = "SLUICE_CONFIG")]
     config: Option<PathBuf>,
-    #[arg(long, env = "SLUICE_DATA_DIR")]
+    #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:8080.
-    #[arg(long, env = "SLUICE_LISTEN")]
+    #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Kafka bootstrap servers (comma-separated).
-    #[arg(long, env = "SLUICE_BROKERS")]
+    #[arg(long)]
     brokers: Option<String>,
-    #[arg(long, env = "SLUICE_TOPIC")]
+    #[arg(long)]
     topic: Option<String>,
     /// Development mode: no external Kafka needed.
     #[arg(long, env = "SLUICE_DEV")]
@@ -116,9 +125,12 @@ enum WalCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_logging("warn", "text");
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::CheckConfig { config, print } => check_config(&config, print),
         Command::Wal { command } => run_wal(command),
         Command::DevBroker {
             topics,
@@ -142,13 +154,55 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr (journald captures it under systemd). `RUST_LOG` wins
+/// over the configured level.
+fn init_logging(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn check_config(path: &Path, print: bool) -> CliResult {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut config = match crate::config::Config::from_toml(&text) {
+        Ok(c) => c,
+        Err(message) => {
+            // toml's message names the line and column and quotes it.
+            eprintln!("{}: {message}", path.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let result = config
+        .apply_env(std::env::vars())
+        .and_then(|()| config.validate());
+    if let Err(e) = result {
+        let message = e.to_string();
+        let line = crate::config::key_in(&message).and_then(|k| crate::config::locate(&text, k));
+        match line {
+            Some(n) => eprintln!("{}:{n}: {message}", path.display()),
+            None => eprintln!("{}: {message}", path.display()),
+        }
+        return Ok(ExitCode::from(1));
+    }
+    if print {
+        print!("{}", toml::to_string(&config)?);
+    }
+    eprintln!("{}: OK", path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The committed offset of a stopped daemon, or 0 with a note on stderr.
@@ -233,6 +287,7 @@ fn serve(args: ServeArgs) -> CliResult {
         Some(path) => crate::config::Config::from_file(path)?,
         None => crate::config::Config::default(),
     };
+    config.apply_env(std::env::vars())?;
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
@@ -249,6 +304,7 @@ fn serve(args: ServeArgs) -> CliResult {
         config.kafka.brokers.clear();
     }
     config.validate()?;
+    init_logging(&config.log.level, &config.log.format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

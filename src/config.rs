@@ -25,6 +25,26 @@ pub struct Config {
     pub wal: WalSettings,
     pub kafka: KafkaConfig,
     pub replay: ReplayConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json` (one object per line). Default `text`.
+    pub format: String,
+    /// A tracing filter such as `info` or `sluice=debug,rdkafka=warn`;
+    /// `RUST_LOG`, when set, wins. Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,6 +164,7 @@ impl Default for Config {
             wal: WalSettings::default(),
             kafka: KafkaConfig::default(),
             replay: ReplayConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -287,6 +308,12 @@ impl Config {
         if self.events.key_field.is_empty() {
             return bad("events.key-field must not be empty".into());
         }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return bad(format!(
+                "log.format {:?} is not text or json",
+                self.log.format
+            ));
+        }
         crate::kafka::validate(&self.kafka, &self.limits)?;
         let r = &self.replay;
         if r.max_in_flight == 0 || r.commit_interval_ms == 0 || r.backoff_initial_ms == 0 {
@@ -294,6 +321,61 @@ impl Config {
         }
         if r.backoff_max_ms < r.backoff_initial_ms {
             return bad("replay.backoff-max-ms is below replay.backoff-initial-ms".into());
+        }
+        Ok(())
+    }
+
+    /// Applies `SLUICE_<SECTION>_<KEY>` environment variables, e.g.
+    /// `SLUICE_WAL_SEGMENT_BYTES=1048576` for `wal.segment-bytes` and
+    /// `SLUICE_DATA_DIR`. Shorthands: `SLUICE_LISTEN` (http.listen),
+    /// `SLUICE_BROKERS` (kafka.brokers), `SLUICE_TOPIC` (kafka.topic). Lists
+    /// are comma-separated. An unknown `SLUICE_` name is an error, so a typo
+    /// never goes unnoticed. `SLUICE_CONFIG` and `SLUICE_DEV` are CLI options.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        const SECTIONS: [&str; 7] = ["http", "limits", "events", "wal", "kafka", "replay", "log"];
+        const NOT_CONFIG: [&str; 2] = ["CONFIG", "DEV"];
+        let mut tree =
+            toml::Value::try_from(&*self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut changed = false;
+        for (name, raw) in vars {
+            let Some(rest) = name.strip_prefix("SLUICE_") else {
+                continue;
+            };
+            if NOT_CONFIG.contains(&rest)
+                || rest.starts_with("TEST_")
+                || rest.starts_with("REQUIRE_")
+            {
+                continue;
+            }
+            let lower = rest.to_ascii_lowercase();
+            let (section, key) = match lower.as_str() {
+                "listen" => (Some("http"), "listen".to_string()),
+                "brokers" => (Some("kafka"), "brokers".to_string()),
+                "topic" => (Some("kafka"), "topic".to_string()),
+                _ => match lower.split_once('_') {
+                    Some((sec, k)) if SECTIONS.contains(&sec) => (Some(sec), k.replace('_', "-")),
+                    _ => (None, lower.replace('_', "-")),
+                },
+            };
+            let table = match section {
+                Some(sec) => tree.get_mut(sec).and_then(toml::Value::as_table_mut),
+                None => tree.as_table_mut(),
+            };
+            let unknown = || ConfigError::Invalid(format!("{name}: no such setting"));
+            let table = table.ok_or_else(unknown)?;
+            let current = table.get(&key).ok_or_else(unknown)?;
+            let value = env_value(current, &raw)
+                .map_err(|e| ConfigError::Invalid(format!("{name}={raw:?}: {e}")))?;
+            table.insert(key, value);
+            changed = true;
+        }
+        if changed {
+            *self = tree
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())
     }
@@ -307,6 +389,56 @@ impl Config {
         w.queue_depth = self.wal.queue_depth;
         w
     }
+}
+
+/// Parses an environment value into the type the setting already has.
+fn env_value(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    use toml::Value;
+    Ok(match current {
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| "not an integer")?),
+        Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| "not true or false")?),
+        Value::Array(_) => Value::Array(
+            raw.split(',')
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
+        Value::Table(_) => return Err("a table cannot be set from the environment".into()),
+        other => return Err(format!("unsupported type {}", other.type_str())),
+    })
+}
+
+/// The 1-based line of `section.key` (or a top-level `key`) in a TOML text,
+/// to point at the setting a semantic error names.
+pub fn locate(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            current = h.trim().to_string();
+        } else if current == section {
+            let k = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if k == key {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+/// The first `section.key` a message mentions, if any.
+pub fn key_in(message: &str) -> Option<&str> {
+    message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+        .find(|w| {
+            w.split_once('.').is_some_and(|(sec, k)| {
+                ["http", "limits", "events", "wal", "kafka", "replay", "log"].contains(&sec)
+                    && !k.is_empty()
+            })
+        })
 }
 
 #[cfg(test)]
@@ -331,6 +463,49 @@ mod tests {
             toml::to_string(&parsed).unwrap(),
             toml::to_string(&Config::default()).unwrap()
         );
+    }
+
+    #[test]
+    fn environment_overrides_every_key_and_refuses_typos() {
+        let mut c = Config::default();
+        c.apply_env([
+            (
+                "SLUICE_WAL_SEGMENT_BYTES".to_string(),
+                "1048576".to_string(),
+            ),
+            ("SLUICE_LISTEN".into(), "0.0.0.0:9000".into()),
+            ("SLUICE_EVENTS_REQUIRED".into(), "message, source".into()),
+            ("SLUICE_DATA_DIR".into(), "/var/lib/sluice".into()),
+            ("SLUICE_LOG_FORMAT".into(), "json".into()),
+            ("PATH".into(), "/bin".into()),
+        ])
+        .unwrap();
+        assert_eq!(c.wal.segment_bytes, 1_048_576);
+        assert_eq!(c.http.listen.port(), 9000);
+        assert_eq!(c.events.required, ["message", "source"]);
+        assert_eq!(c.data_dir, std::path::PathBuf::from("/var/lib/sluice"));
+        assert_eq!(c.log.format, "json");
+        let err = c
+            .apply_env([("SLUICE_WAL_SEGMENT_BYTEZ".to_string(), "1".to_string())])
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("SLUICE_WAL_SEGMENT_BYTEZ: no such setting"));
+        let err = c
+            .apply_env([("SLUICE_WAL_MAX_BYTES".to_string(), "lots".to_string())])
+            .unwrap_err();
+        assert!(err.to_string().contains("not an integer"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_line_of_the_key() {
+        let text = "data-dir = \"x\"\n[limits]\nmax-body-bytes = 100\nmax-event-bytes = 200\n";
+        let c = Config::from_toml(text).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        let key = key_in(&err).unwrap();
+        assert_eq!(key, "limits.max-event-bytes");
+        assert_eq!(locate(text, key), Some(4));
+        assert_eq!(locate(text, "data-dir"), Some(1));
     }
 
     #[test]

@@ -103,3 +103,34 @@ fn missing_data_dir_is_a_usage_error() {
     assert_eq!(code, 2);
     assert!(err.contains("no wal/ directory"), "{err}");
 }
+
+#[test]
+fn check_config_reports_file_and_line_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let conflict = dir.path().join("conflict.toml");
+    std::fs::write(
+        &conflict,
+        "data-dir = \"/x\"\n[limits]\nmax-body-bytes = 1000\nmax-event-bytes = 2000\n",
+    )
+    .unwrap();
+    let (code, _, err) = sluice(&["check-config", "--config", conflict.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("conflict.toml:4: ") && err.contains("limits.max-event-bytes"),
+        "{err}"
+    );
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[wal]\nsegment-bytez = 5\n").unwrap();
+    let (code, _, err) = sluice(&["check-config", "--config", typo.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 2") && err.contains("segment-bytez"),
+        "{err}"
+    );
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/sluice.example.toml");
+    let (code, out, err) = sluice(&["check-config", "--config", example, "--print"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("segment-bytes = 67108864"), "{out}");
+}
