@@ -8,4 +8,5 @@ pub mod kafka;
 pub mod metrics;
 pub mod offsets;
 pub mod server;
+pub mod systemd;
 pub mod wal;

@@ -144,7 +144,21 @@ pub async fn run(
         dead_letter: DeadLetterFile::new(&data_dir),
         drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
     };
-    let replay_task = tokio::spawn(replayer.run(replay_stop_rx));
+    let (replayer_alive, guard) = crate::systemd::Alive::pair();
+    let replay_task = tokio::spawn(async move {
+        let _guard = guard;
+        replayer.run(replay_stop_rx).await;
+    });
+    let wal_for_dog = wal.clone();
+    let watchdog = tokio::spawn(crate::systemd::watchdog(move || {
+        if !wal_for_dog.writer_alive() {
+            Some("WAL writer")
+        } else if !replayer_alive.get() {
+            Some("replayer")
+        } else {
+            None
+        }
+    }));
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "sluice listening");
 
@@ -154,8 +168,10 @@ pub async fn run(
             _ = shutdown => tracing::info!("shutdown requested: finishing in-flight requests"),
             _ = st.fatal.notified() => tracing::error!("WAL failed: shutting down to restart into recovery"),
         }
+        crate::systemd::stopping();
         st.shutting_down.store(true, Ordering::Relaxed);
     };
+    crate::systemd::ready(&format!("serving on {addr}"));
     axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(stop)
         .await
@@ -164,6 +180,7 @@ pub async fn run(
     // its 202. Then the replayer drains up to its deadline and flushes the
     // committed offset; what did not drain stays in the WAL.
     let _ = replay_stop.send(true);
+    watchdog.abort();
     if let Err(e) = replay_task.await {
         tracing::error!(error = %e, "replayer task failed");
     }

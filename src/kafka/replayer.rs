@@ -21,8 +21,8 @@
 //!                                 new incarnation from delivered + 1
 //!         fatal producer      ──> same: a new producer
 //!       every commit-interval: flush delivered to sled, then WAL GC below it
-//!     shutdown: stop reading, wait for in-flight up to the drain deadline,
-//!               flush the offset
+//!     shutdown: keep delivering what is durable (ingest has stopped) until
+//!               caught up or the drain deadline passes; flush the offset
 //! ```
 //!
 //! Ordering: records are produced in sequence order and a record's key picks
@@ -168,19 +168,32 @@ impl Replayer {
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let mut reader = self.wal.reader(*delivered + 1);
+        let durable = self.wal.durable();
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.commit_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set once shutdown is requested: keep delivering what is durable
+        // (ingest has stopped, so the frontier no longer moves) until caught
+        // up or until the deadline; the rest stays in the WAL.
+        let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let stats = &self.stats;
         loop {
             if let Some((code, why)) = producer.client().fatal_error() {
                 return End::Retry(format!("fatal producer error {code:?}: {why}"));
             }
+            let caught_up = reader.next_seq() >= durable.borrow().next_seq;
+            if deadline.is_some() && caught_up && pending.is_empty() {
+                return End::Shutdown;
+            }
             let room = pending.len() < self.cfg.max_in_flight;
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
-                    return self.drain(producer, pending, delivered).await;
+                _ = shutdown.changed(), if deadline.is_none() => {
+                    deadline = Some(Box::pin(tokio::time::sleep(self.drain)));
+                }
+                _ = async { deadline.as_mut().expect("guarded").await }, if deadline.is_some() => {
+                    tracing::warn!(in_flight = pending.len(), next_seq = reader.next_seq(), "drain deadline passed; the rest stays in the WAL");
+                    return End::Shutdown;
                 }
                 Some(settled) = pending.next(), if !pending.is_empty() => {
                     stats.in_flight.store(pending.len() as u64, Ordering::Relaxed);
@@ -192,7 +205,7 @@ impl Replayer {
                         Err(why) => return End::Retry(why),
                     }
                 }
-                item = reader.next(), if room => {
+                item = reader.next(), if room && !(deadline.is_some() && caught_up) => {
                     match item {
                         Ok(ReadItem::Record { seq, record, .. }) => {
                             pending.push_back(self.produce(producer, seq, record).await);
@@ -356,37 +369,6 @@ impl Replayer {
             }
             Some(e) => Err(format!("dead-letter produce for seq {seq}: {e}")),
         }
-    }
-
-    /// Shutdown: no new produces; wait for what is in flight up to the drain
-    /// deadline. What does not settle stays in the WAL for the next start.
-    async fn drain(
-        &self,
-        producer: &Producer_,
-        mut pending: FuturesOrdered<Pending>,
-        delivered: &mut u64,
-    ) -> End {
-        let deadline = tokio::time::sleep(self.drain);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => {
-                    tracing::warn!(in_flight = pending.len(), "drain deadline passed; the rest stays in the WAL");
-                    break;
-                }
-                next = pending.next() => match next {
-                    None => break,
-                    Some(settled) => match self.settle(producer, settled).await {
-                        Ok(seq) => {
-                            *delivered = seq;
-                            self.stats.delivered_through.store(seq, Ordering::Relaxed);
-                        }
-                        Err(_) => break,
-                    },
-                },
-            }
-        }
-        End::Shutdown
     }
 
     /// Flushes the offset, then (only then) lets GC delete segments below it.
