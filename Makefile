@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= wal_segment wal_record ingest_body
+FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml
 
 .PHONY: run test lint fmt bench fuzz fuzz-smoke ci docker chaos
 

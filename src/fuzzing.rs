@@ -121,3 +121,24 @@ pub fn ingest_body(data: &[u8]) {
         }
     }
 }
+
+/// Arbitrary bytes as a config file: parsing, validation and the error
+/// locator must not panic.
+pub fn config_toml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match crate::config::Config::from_toml(text) {
+        Ok(c) => {
+            if let Err(e) = c.validate() {
+                let msg = e.to_string();
+                if let Some(key) = crate::config::key_in(&msg) {
+                    let _ = crate::config::locate(text, key);
+                }
+            }
+        }
+        Err(msg) => {
+            let _ = crate::config::key_in(&msg);
+        }
+    }
+}

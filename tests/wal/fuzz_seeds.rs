@@ -45,3 +45,8 @@ fn a_valid_seed_really_decodes() {
 fn ingest_body_corpus() {
     replay("ingest_body", sluice::fuzzing::ingest_body);
 }
+
+#[test]
+fn config_toml_corpus() {
+    replay("config_toml", sluice::fuzzing::config_toml);
+}
