@@ -37,7 +37,8 @@ enum Command {
     },
     /// Run a standalone mock Kafka cluster (librdkafka's, real protocol over
     /// TCP, data in memory) that outlives daemon restarts. Prints the
-    /// bootstrap address on stdout.
+    /// bootstrap address on stdout. SIGUSR1 takes the broker down (an outage,
+    /// data kept), SIGUSR2 brings it back; SIGTERM stops it.
     DevBroker {
         /// Topics to create (repeatable).
         #[arg(long = "topic", default_values_t = ["events".to_string(), "events-dlq".to_string()])]
@@ -242,15 +243,27 @@ fn dev_broker(topics: &[String], partitions: i32, addr_file: Option<PathBuf>) ->
         .build()?;
     runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut usr1), Ok(mut usr2)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
         ) else {
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = usr1.recv() => {
+                    tracing::warn!("SIGUSR1: broker down (simulated outage)");
+                    broker.set_down(true);
+                }
+                _ = usr2.recv() => {
+                    tracing::warn!("SIGUSR2: broker up");
+                    broker.set_down(false);
+                }
+            }
         }
     });
     drop(broker);

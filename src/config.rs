@@ -344,9 +344,11 @@ impl Config {
             let Some(rest) = name.strip_prefix("SLUICE_") else {
                 continue;
             };
+            // Not settings: test switches and the debug-build pause hooks.
             if NOT_CONFIG.contains(&rest)
-                || rest.starts_with("TEST_")
-                || rest.starts_with("REQUIRE_")
+                || ["TEST_", "REQUIRE_", "DEBUG_"]
+                    .iter()
+                    .any(|p| rest.starts_with(p))
             {
                 continue;
             }

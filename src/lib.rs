@@ -1,6 +1,8 @@
 pub mod cli;
 pub mod config;
 #[doc(hidden)]
+pub mod debug;
+#[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
 pub mod ingest;

@@ -10,8 +10,15 @@ use rdkafka::mocking::MockCluster;
 
 pub struct DevBroker {
     bootstrap: String,
-    stop: Option<mpsc::Sender<()>>,
+    control: Option<mpsc::Sender<Control>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Commands for the broker thread. Dropping the sender stops it.
+enum Control {
+    /// Take broker 1 down (true) or back up (false): a Kafka outage as the
+    /// clients see it, with the data kept.
+    Down(bool),
 }
 
 impl DevBroker {
@@ -19,7 +26,7 @@ impl DevBroker {
     /// `partitions` partitions each.
     pub fn start(topics: &[String], partitions: i32) -> Result<DevBroker, String> {
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (control_tx, control_rx) = mpsc::channel::<Control>();
         let topics = topics.to_vec();
         let thread = std::thread::Builder::new()
             .name("sluice-dev-broker".into())
@@ -38,8 +45,17 @@ impl DevBroker {
                     }
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-                // Held until the handle drops (or its sender does).
-                let _ = stop_rx.recv();
+                // Held until the handle (and with it the sender) drops.
+                while let Ok(cmd) = control_rx.recv() {
+                    match cmd {
+                        Control::Down(true) => {
+                            let _ = cluster.broker_down(1);
+                        }
+                        Control::Down(false) => {
+                            let _ = cluster.broker_up(1);
+                        }
+                    }
+                }
                 drop(cluster);
             })
             .map_err(|e| e.to_string())?;
@@ -48,7 +64,7 @@ impl DevBroker {
             .map_err(|_| "dev broker thread exited".to_string())??;
         Ok(DevBroker {
             bootstrap,
-            stop: Some(stop_tx),
+            control: Some(control_tx),
             thread: Some(thread),
         })
     }
@@ -56,11 +72,18 @@ impl DevBroker {
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
     }
+
+    /// Simulates an outage: the broker refuses connections until `set_down(false)`.
+    pub fn set_down(&self, down: bool) {
+        if let Some(c) = &self.control {
+            let _ = c.send(Control::Down(down));
+        }
+    }
 }
 
 impl Drop for DevBroker {
     fn drop(&mut self) {
-        self.stop.take();
+        self.control.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -243,6 +243,7 @@ impl Replayer {
         loop {
             match producer.send_result(fr) {
                 Ok(delivery) => {
+                    crate::debug::pause(crate::debug::Site::Replay);
                     return Box::pin(async move {
                         let report = delivery.await;
                         if let Some(h) = &latency {
@@ -266,7 +267,7 @@ impl Replayer {
                                 },
                             },
                         }
-                    })
+                    });
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     fr = back;
@@ -380,6 +381,7 @@ impl Replayer {
         let result = tokio::task::spawn_blocking(move || {
             offsets.commit(delivered).map_err(|e| e.to_string())?;
             // Dying here leaves consumed segments that the next open removes.
+            crate::debug::pause(crate::debug::Site::Gc);
             wal.remove_through(delivered).map_err(|e| e.to_string())
         })
         .await;

@@ -42,6 +42,7 @@ pub(super) fn create_segment(
     file.write_all_at(&format::encode_header(first_seq), 0)?;
     file.sync_data()?;
     fs.rename(&tmp, &dir.join(&name))?;
+    crate::debug::pause(crate::debug::Site::Roll);
     fs.sync_dir(dir)?;
     Ok(file)
 }
@@ -195,6 +196,7 @@ impl Writer {
             return Ok(());
         }
         self.active.file.write_all_at(&self.buf, self.active.len)?;
+        crate::debug::pause(crate::debug::Site::Commit);
         let started = Instant::now();
         self.active.file.sync_data()?;
         let took = started.elapsed();

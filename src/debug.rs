@@ -1,0 +1,51 @@
+//! Debug-build-only pause hooks at the sites where a crash matters most, so
+//! that the chaos harness's random SIGKILLs land inside those windows more
+//! often. `SLUICE_DEBUG_PAUSE="commit=2,roll=20,gc=20,replay=1"` sleeps that
+//! many milliseconds at each named site. Release builds compile this to
+//! nothing.
+
+/// The sites, each between two steps whose order is an invariant.
+#[derive(Debug, Clone, Copy)]
+pub enum Site {
+    /// Group commit: frames written, fdatasync not yet done.
+    Commit = 0,
+    /// Segment roll: renamed, directory not yet fsynced.
+    Roll = 1,
+    /// GC: offset flushed, segments not yet deleted.
+    Gc = 2,
+    /// Replay: a record produced, its delivery not yet settled.
+    Replay = 3,
+}
+
+#[cfg(debug_assertions)]
+pub fn pause(site: Site) {
+    use std::sync::OnceLock;
+    static PAUSES: OnceLock<[u64; 4]> = OnceLock::new();
+    let pauses = PAUSES.get_or_init(|| {
+        let mut p = [0u64; 4];
+        if let Ok(spec) = std::env::var("SLUICE_DEBUG_PAUSE") {
+            for part in spec.split(',') {
+                let Some((name, ms)) = part.split_once('=') else {
+                    continue;
+                };
+                let i = match name.trim() {
+                    "commit" => 0,
+                    "roll" => 1,
+                    "gc" => 2,
+                    "replay" => 3,
+                    _ => continue,
+                };
+                p[i] = ms.trim().parse().unwrap_or(0);
+            }
+        }
+        p
+    });
+    let ms = pauses[site as usize];
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn pause(_site: Site) {}

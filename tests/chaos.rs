@@ -1,0 +1,318 @@
+//! The chaos harness: kill -9 a real `sluice serve` over and over while
+//! clients load it, then prove that every event that got a 202 reached Kafka.
+//!
+//! - a `sluice dev-broker` process outlives the daemon restarts;
+//! - each cycle starts `sluice serve` (64 KiB segments so rolls and GC run
+//!   constantly, debug pause hooks widening the commit/roll/GC windows), runs
+//!   several clients mixing single events and batches, records every
+//!   acknowledged id in a ledger file, and SIGKILLs the daemon at a seeded
+//!   random moment; every third cycle the broker goes down mid-load first;
+//! - after the last cycle a final daemon drains the WAL, the topic is
+//!   consumed, and the acknowledged ids are checked.
+//!
+//! Prints one summary line and exits 1 on any loss. `CHAOS_CYCLES` (default
+//! 10), `CHAOS_SEED`, `CHAOS_CLIENTS` (default 4). `make chaos CYCLES=200`.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const EXE: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// xorshift64*: a seeded, dependency-free RNG so a run can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+}
+
+fn wait_file(path: &Path, within: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return s.trim().to_string();
+            }
+        }
+        assert!(t0.elapsed() < within, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns status and body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: sluice\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {resp:.80}")))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Every caller kills or waits for the child.
+#[allow(clippy::zombie_processes)]
+fn serve(data: &Path, brokers: &str) -> (Child, String) {
+    let addr_file = data.join("addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("serve.log"))
+        .unwrap();
+    let child = Command::new(EXE)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--brokers",
+            brokers,
+            "--data-dir",
+        ])
+        .arg(data.join("data"))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env("SLUICE_WAL_SEGMENT_BYTES", "65536")
+        .env("SLUICE_WAL_MAX_BYTES", "1073741824")
+        .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
+        .env("SLUICE_REPLAY_COMMIT_INTERVAL_MS", "20")
+        .env("SLUICE_KAFKA_MESSAGE_TIMEOUT_MS", "2000")
+        .env("SLUICE_REPLAY_BACKOFF_MAX_MS", "500")
+        .env("SLUICE_DEBUG_PAUSE", "commit=1,roll=10,gc=10")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr = wait_file(&addr_file, Duration::from_secs(60));
+    (child, addr)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status();
+}
+
+/// A client: posts until the daemon goes away, appending each acknowledged id
+/// (with its sequence number) to the ledger.
+fn client(
+    addr: String,
+    tag: String,
+    seed: u64,
+    ledger: Arc<Mutex<std::fs::File>>,
+    stop: Arc<AtomicBool>,
+) -> usize {
+    let mut rng = Rng(seed | 1);
+    let mut acked = 0;
+    for r in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let n = if rng.next() % 2 == 0 {
+            1
+        } else {
+            rng.range(2, 60) as usize
+        };
+        let ids: Vec<String> = (0..n).map(|i| format!("{tag}-r{r}-{i}")).collect();
+        let events: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                format!(
+                    r#"{{"id":"{id}","tenant_id":"t{}","source":"chaos","message":"m"}}"#,
+                    id.len() % 7
+                )
+            })
+            .collect();
+        let body = format!("[{}]", events.join(","));
+        match http(&addr, "POST", "/v1/events", &body) {
+            Ok((202, resp)) => {
+                let v: serde_json::Value = serde_json::from_str(&resp).expect("202 body is JSON");
+                assert_eq!(v["accepted"], n, "{resp}");
+                let first = v["first_seq"].as_u64().unwrap();
+                let mut f = ledger.lock().unwrap();
+                for (i, id) in ids.iter().enumerate() {
+                    writeln!(f, "{id} {}", first + i as u64).unwrap();
+                }
+                acked += n;
+            }
+            Ok((503, _)) => std::thread::sleep(Duration::from_millis(20)),
+            Ok((status, resp)) => panic!("unexpected {status}: {resp}"),
+            Err(_) => break, // killed
+        }
+    }
+    acked
+}
+
+fn lag(addr: &str) -> Option<u64> {
+    let (status, body) = http(addr, "GET", "/stats", "").ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["replay"]["lag_records"].as_u64()
+}
+
+fn main() -> ExitCode {
+    let cycles: u64 = env_or("CHAOS_CYCLES", 10);
+    let clients: u64 = env_or("CHAOS_CLIENTS", 4);
+    let seed: u64 = env_or(
+        "CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    let mut rng = Rng(seed | 1);
+    let dir = tempfile::tempdir().unwrap();
+    let root: PathBuf = dir.path().to_path_buf();
+    let started = Instant::now();
+    eprintln!(
+        "chaos: seed={seed} cycles={cycles} clients={clients} dir={}",
+        root.display()
+    );
+
+    let mut broker = Command::new(EXE)
+        .args(["dev-broker", "--partitions", "3", "--addr-file"])
+        .arg(root.join("broker"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let brokers = wait_file(&root.join("broker"), Duration::from_secs(30));
+    let ledger_path = root.join("ledger.txt");
+    let ledger = Arc::new(Mutex::new(std::fs::File::create(&ledger_path).unwrap()));
+
+    for cycle in 0..cycles {
+        let (mut daemon, addr) = serve(&root, &brokers);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let (addr, ledger, stop) = (addr.clone(), ledger.clone(), stop.clone());
+                let s = rng.next();
+                std::thread::spawn(move || client(addr, format!("k{cycle}-c{c}"), s, ledger, stop))
+            })
+            .collect();
+        let outage = cycle % 3 == 2;
+        let delay = rng.range(150, 900);
+        if outage {
+            std::thread::sleep(Duration::from_millis(delay / 2));
+            signal(broker.id(), "USR1");
+            std::thread::sleep(Duration::from_millis(delay / 2));
+        } else {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        daemon.kill().unwrap(); // SIGKILL
+        daemon.wait().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().expect("client thread");
+        }
+        if outage {
+            signal(broker.id(), "USR2");
+        }
+    }
+
+    // Drain: a last daemon runs until replay has caught up, then stops cleanly.
+    let (mut daemon, addr) = serve(&root, &brokers);
+    let t0 = Instant::now();
+    while lag(&addr) != Some(0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "replay did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(daemon.id(), "TERM");
+    let clean = daemon.wait().unwrap().success();
+
+    drop(ledger);
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    for line in BufReader::new(std::fs::File::open(&ledger_path).unwrap()).lines() {
+        let line = line.unwrap();
+        let (id, seq) = line.split_once(' ').unwrap();
+        acked.insert(id.to_string(), seq.parse().unwrap());
+    }
+    let mut consumed: HashMap<String, u64> = HashMap::new();
+    let n = sluice::kafka::consume::consume(
+        &brokers,
+        "events",
+        true,
+        None,
+        Duration::from_secs(3),
+        |c| {
+            *consumed
+                .entry(c.header("id").unwrap_or_default().to_string())
+                .or_insert(0) += 1;
+        },
+    )
+    .unwrap();
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+
+    let lost: Vec<_> = acked
+        .keys()
+        .filter(|id| !consumed.contains_key(*id))
+        .collect();
+    let duplicates: u64 = consumed.values().map(|c| c - 1).sum();
+    let unacked: HashSet<_> = consumed
+        .keys()
+        .filter(|id| !acked.contains_key(*id))
+        .collect();
+    println!(
+        "chaos: cycles={cycles} acknowledged={} lost={} duplicates={duplicates} delivered_unacknowledged={} consumed_records={n} clean_final_stop={clean} seed={seed} seconds={:.0}",
+        acked.len(),
+        lost.len(),
+        unacked.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if !lost.is_empty() {
+        let mut sample: Vec<_> = lost
+            .iter()
+            .take(10)
+            .map(|id| (id.as_str(), acked[id.as_str()]))
+            .collect();
+        sample.sort_by_key(|(_, s)| *s);
+        eprintln!(
+            "LOST (id, seq), first 10: {sample:?}; logs kept in {}",
+            root.display()
+        );
+        std::mem::forget(dir);
+        return ExitCode::from(1);
+    }
+    if !clean || acked.is_empty() {
+        eprintln!("final daemon did not stop cleanly or nothing was acknowledged");
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
