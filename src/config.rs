@@ -138,7 +138,9 @@ pub struct KafkaConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ReplayConfig {
-    /// Records produced but not yet confirmed, at most. Default 50000.
+    /// Records produced but not yet confirmed, at most. This bounds replay
+    /// memory (records plus librdkafka's per-message overhead) however large
+    /// the backlog. Default 10000.
     pub max_in_flight: usize,
     /// How often the committed offset is flushed to disk (then GC runs), in
     /// milliseconds. A longer interval means more duplicates after a crash,
@@ -233,7 +235,7 @@ impl Default for KafkaConfig {
 impl Default for ReplayConfig {
     fn default() -> Self {
         ReplayConfig {
-            max_in_flight: 50_000,
+            max_in_flight: 10_000,
             commit_interval_ms: 200,
             backoff_initial_ms: 100,
             backoff_max_ms: 30_000,

@@ -4,6 +4,7 @@
 mod cli;
 mod delivery;
 mod failures;
+mod outage;
 
 use std::collections::BTreeMap;
 use std::path::Path;
