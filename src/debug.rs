@@ -49,3 +49,28 @@ pub fn pause(site: Site) {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn pause(_site: Site) {}
+
+/// Debug builds only: true when this fdatasync should fail with EIO, after
+/// `SLUICE_DEBUG_FAIL_FSYNC_AFTER` successful ones. Lets a test make a real
+/// daemon process meet a failed fsync.
+#[cfg(debug_assertions)]
+pub fn fail_fsync_now() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static AFTER: OnceLock<Option<u64>> = OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    match AFTER.get_or_init(|| {
+        std::env::var("SLUICE_DEBUG_FAIL_FSYNC_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) {
+        Some(after) => SEEN.fetch_add(1, Ordering::Relaxed) >= *after,
+        None => false,
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn fail_fsync_now() -> bool {
+    false
+}

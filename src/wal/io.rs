@@ -61,6 +61,9 @@ impl WalFile for StdFile {
         self.0.set_len(len)
     }
     fn sync_data(&self) -> io::Result<()> {
+        if crate::debug::fail_fsync_now() {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         self.0.sync_data()
     }
 }

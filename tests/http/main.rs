@@ -5,6 +5,7 @@
 mod bodies;
 mod concurrency;
 mod crash;
+mod disk_faults;
 mod lifecycle;
 mod metrics;
 mod statuses;
