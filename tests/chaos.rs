@@ -174,6 +174,90 @@ fn client(
     acked
 }
 
+/// What the consumer thread saw: id counts, and per partition the offsets.
+#[derive(Default)]
+struct Seen {
+    ids: HashMap<String, u64>,
+    offsets: HashMap<i32, (i64, i64, u64)>, // (min, max, count)
+}
+
+/// Reads the topic from the beginning for the whole run, so that records are
+/// seen long before the mock broker's retention (5 MiB or 100k message sets
+/// per partition) could evict them. Stops once `stop` is set and every
+/// partition was read to its high watermark.
+fn consumer(brokers: String, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "chaos")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some("events"), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset("events", p.id(), rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut idle_since = Instant::now();
+    let mut stopped_at: Option<Instant> = None;
+    loop {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                idle_since = Instant::now();
+                let id = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                let mut s = seen.lock().unwrap();
+                *s.ids.entry(id).or_insert(0) += 1;
+                let e = s.offsets.entry(m.partition()).or_insert((i64::MAX, -1, 0));
+                e.0 = e.0.min(m.offset());
+                e.1 = e.1.max(m.offset());
+                e.2 += 1;
+            }
+            Some(Err(_)) | None => {}
+        }
+        // After the run: stop once every partition was read up to its high
+        // watermark (checked at most every 500 ms), or give up after 120 s
+        // and let the completeness check below report it.
+        if stop.load(Ordering::Relaxed) && idle_since.elapsed() > Duration::from_millis(500) {
+            let stopped = *stopped_at.get_or_insert_with(Instant::now);
+            let s = seen.lock().unwrap();
+            let caught_up = md.topics()[0].partitions().iter().all(|p| {
+                let high = c
+                    .fetch_watermarks("events", p.id(), Duration::from_secs(5))
+                    .map_or(i64::MAX, |(_, h)| h);
+                high == 0 || s.offsets.get(&p.id()).is_some_and(|o| o.1 == high - 1)
+            });
+            if caught_up || stopped.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+            drop(s);
+            idle_since = Instant::now();
+        }
+    }
+    // The check is only valid if every record ever written was read: from
+    // offset 0 to the high watermark, without holes.
+    let mut s = seen.lock().unwrap();
+    for p in md.topics()[0].partitions() {
+        let (low, high) = c
+            .fetch_watermarks("events", p.id(), Duration::from_secs(10))
+            .unwrap();
+        let got = s.offsets.get(&p.id()).copied().unwrap_or((i64::MAX, -1, 0));
+        let complete = high == 0 || (got.0 == 0 && got.1 == high - 1 && got.2 as i64 == high);
+        if !complete {
+            eprintln!("partition {}: watermarks {low}..{high}, read {got:?}: the topic was not read completely", p.id());
+            s.ids.insert("__incomplete__".into(), 0);
+        }
+    }
+}
+
 fn lag(addr: &str) -> Option<u64> {
     let (status, body) = http(addr, "GET", "/stats", "").ok()?;
     if status != 200 {
@@ -203,13 +287,19 @@ fn main() -> ExitCode {
     );
 
     let mut broker = Command::new(EXE)
-        .args(["dev-broker", "--partitions", "3", "--addr-file"])
+        .args(["dev-broker", "--partitions", "16", "--addr-file"])
         .arg(root.join("broker"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let brokers = wait_file(&root.join("broker"), Duration::from_secs(30));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let consumer_stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (b, s, st) = (brokers.clone(), seen.clone(), consumer_stop.clone());
+        std::thread::spawn(move || consumer(b, s, st))
+    };
     let ledger_path = root.join("ledger.txt");
     let ledger = Arc::new(Mutex::new(std::fs::File::create(&ledger_path).unwrap()));
 
@@ -263,20 +353,12 @@ fn main() -> ExitCode {
         let (id, seq) = line.split_once(' ').unwrap();
         acked.insert(id.to_string(), seq.parse().unwrap());
     }
-    let mut consumed: HashMap<String, u64> = HashMap::new();
-    let n = sluice::kafka::consume::consume(
-        &brokers,
-        "events",
-        true,
-        None,
-        Duration::from_secs(3),
-        |c| {
-            *consumed
-                .entry(c.header("id").unwrap_or_default().to_string())
-                .or_insert(0) += 1;
-        },
-    )
-    .unwrap();
+    consumer_stop.store(true, Ordering::Relaxed);
+    reader.join().expect("consumer thread");
+    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
+    let incomplete = seen.ids.remove("__incomplete__").is_some();
+    let consumed = seen.ids;
+    let n: u64 = consumed.values().sum();
     broker.kill().unwrap();
     broker.wait().unwrap();
 
@@ -310,8 +392,8 @@ fn main() -> ExitCode {
         std::mem::forget(dir);
         return ExitCode::from(1);
     }
-    if !clean || acked.is_empty() {
-        eprintln!("final daemon did not stop cleanly or nothing was acknowledged");
+    if incomplete || !clean || acked.is_empty() {
+        eprintln!("invalid run: topic not read completely ({incomplete}), unclean final stop ({}), or nothing acknowledged", !clean);
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

@@ -148,8 +148,9 @@ impl Replayer {
                         "delivery failed: producing again from the last confirmed record"
                     );
                     // Dropping the producer purges what it still queues, so
-                    // the next incarnation starts clean.
-                    drop(producer);
+                    // the next incarnation starts clean. The drop flushes for
+                    // up to 500 ms: keep it off the async workers.
+                    let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
                     if sleep_or_shutdown(backoff, &mut shutdown).await {
                         break;
                     }
