@@ -206,8 +206,7 @@ fn consumer(brokers: String, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
     let mut idle_since = Instant::now();
     let mut stopped_at: Option<Instant> = None;
     loop {
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
                 idle_since = Instant::now();
                 let id = m
                     .headers()
@@ -220,9 +219,6 @@ fn consumer(brokers: String, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
                 e.0 = e.0.min(m.offset());
                 e.1 = e.1.max(m.offset());
                 e.2 += 1;
-            }
-            Some(Err(_)) | None => {}
-        }
         // After the run: stop once every partition was read up to its high
         // watermark (checked at most every 500 ms), or give up after 120 s
         // and let the completeness check below report it.
