@@ -207,18 +207,19 @@ fn consumer(brokers: String, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
     let mut stopped_at: Option<Instant> = None;
     loop {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-                idle_since = Instant::now();
-                let id = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                let mut s = seen.lock().unwrap();
-                *s.ids.entry(id).or_insert(0) += 1;
-                let e = s.offsets.entry(m.partition()).or_insert((i64::MAX, -1, 0));
-                e.0 = e.0.min(m.offset());
-                e.1 = e.1.max(m.offset());
-                e.2 += 1;
+            idle_since = Instant::now();
+            let id = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            let mut s = seen.lock().unwrap();
+            *s.ids.entry(id).or_insert(0) += 1;
+            let e = s.offsets.entry(m.partition()).or_insert((i64::MAX, -1, 0));
+            e.0 = e.0.min(m.offset());
+            e.1 = e.1.max(m.offset());
+            e.2 += 1;
+        }
         // After the run: stop once every partition was read up to its high
         // watermark (checked at most every 500 ms), or give up after 120 s
         // and let the completeness check below report it.
