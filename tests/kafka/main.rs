@@ -2,6 +2,7 @@
 //! over TCP on localhost, with broker-down and error-injection controls.
 
 mod cli;
+mod damage;
 mod delivery;
 mod failures;
 mod outage;
