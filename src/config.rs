@@ -58,6 +58,16 @@ pub struct HttpConfig {
     /// A request body must arrive within this many milliseconds, else 408.
     /// Default 30000.
     pub body_timeout_ms: u64,
+    /// Request headers must arrive within this many milliseconds, else the
+    /// connection is closed (slowloris). It also bounds how long an idle
+    /// keep-alive connection waits for its next request. Default 10000.
+    pub header_timeout_ms: u64,
+    /// Largest request head (request line and headers) in bytes; larger gets
+    /// 431. At least 8192. Default 65536.
+    pub max_header_bytes: usize,
+    /// Open connections at most; past it, new connections are closed at
+    /// once. Default 10000 (raise LimitNOFILE to match).
+    pub max_connections: usize,
 }
 
 /// Ingest limits. All sizes apply after decompression.
@@ -177,6 +187,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             retry_after_secs: 5,
             body_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
         }
     }
 }
@@ -309,6 +322,13 @@ impl Config {
         }
         if self.events.key_field.is_empty() {
             return bad("events.key-field must not be empty".into());
+        }
+        let h = &self.http;
+        if h.max_header_bytes < 8192 {
+            return bad("http.max-header-bytes must be at least 8192".into());
+        }
+        if h.max_connections == 0 || h.header_timeout_ms == 0 || h.body_timeout_ms == 0 {
+            return bad("http.max-connections and the http timeouts must be positive".into());
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return bad(format!(

@@ -215,6 +215,20 @@ fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
         &[],
         one!(i, |i| get(&i.events_accepted)),
     )?;
+    add(
+        "http_connections",
+        "Open HTTP connections.",
+        GAUGE,
+        &[],
+        one!(i, |i| get(&i.connections_open)),
+    )?;
+    add(
+        "http_connections_refused_total",
+        "Connections closed at once because http.max-connections were open.",
+        COUNTER,
+        &[],
+        one!(i, |i| get(&i.connections_refused)),
+    )?;
     let (sem, max) = (src.inflight.clone(), src.max_inflight_bytes);
     add(
         "inflight_body_bytes",

@@ -172,10 +172,14 @@ pub async fn run(
         st.shutting_down.store(true, Ordering::Relaxed);
     };
     crate::systemd::ready(&format!("serving on {addr}"));
-    axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(stop)
-        .await
-        .map_err(ServeError::Http)?;
+    crate::http::listener::serve(
+        listener,
+        app(state.clone()),
+        &config.http,
+        state.counters.clone(),
+        stop,
+    )
+    .await;
     // Every handler has finished: each accepted request was fsynced before
     // its 202. Then the replayer drains up to its deadline and flushes the
     // committed offset; what did not drain stays in the WAL.

@@ -3,6 +3,7 @@
 
 mod error;
 mod handlers;
+pub mod listener;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -50,6 +51,10 @@ pub struct IngestCounters {
     pub events_accepted: AtomicU64,
     pub events_rejected: AtomicU64,
     pub requests_refused: AtomicU64,
+    /// Open HTTP connections (a gauge).
+    pub connections_open: AtomicU64,
+    /// Connections closed at once because `http.max-connections` were open.
+    pub connections_refused: AtomicU64,
 }
 
 impl AppState {

@@ -6,6 +6,7 @@ mod bodies;
 mod concurrency;
 mod crash;
 mod disk_faults;
+mod hostile;
 mod lifecycle;
 mod metrics;
 mod statuses;
