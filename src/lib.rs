@@ -1,3 +1,4 @@
+#[cfg(feature = "kafka")]
 pub mod cli;
 pub mod config;
 #[doc(hidden)]
@@ -9,6 +10,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+#[cfg(feature = "kafka")]
 pub mod server;
 pub mod systemd;
 pub mod wal;

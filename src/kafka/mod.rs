@@ -1,16 +1,23 @@
 //! Kafka: the producer settings, the replayer that streams the WAL into
 //! Kafka, dead letters, and the embedded development broker.
 
+#[cfg(feature = "kafka")]
 pub mod consume;
 pub mod dead_letter;
+#[cfg(feature = "kafka")]
 pub mod dev_broker;
+#[cfg(feature = "kafka")]
 pub mod replayer;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(feature = "kafka")]
 use std::sync::Arc;
 
+#[cfg(feature = "kafka")]
 use rdkafka::client::ClientContext;
+#[cfg(feature = "kafka")]
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+#[cfg(feature = "kafka")]
 use rdkafka::ClientConfig;
 
 use crate::config::{ConfigError, KafkaConfig, Limits};
@@ -54,12 +61,14 @@ pub fn validate(k: &KafkaConfig, limits: &Limits) -> Result<(), ConfigError> {
         }
     }
     // librdkafka itself rejects unknown properties and bad values.
+    #[cfg(feature = "kafka")]
     producer_config(k, "localhost:9092")
         .create_native_config()
         .map_err(|e| ConfigError::Invalid(format!("kafka.librdkafka: {e}")))?;
     Ok(())
 }
 
+#[cfg(feature = "kafka")]
 /// The producer configuration: sluice's fixed guarantees, the configured
 /// tunables, then the passthrough properties.
 pub fn producer_config(k: &KafkaConfig, brokers: &str) -> ClientConfig {
@@ -79,6 +88,7 @@ pub fn producer_config(k: &KafkaConfig, brokers: &str) -> ClientConfig {
     c
 }
 
+#[cfg(feature = "kafka")]
 /// What to do with a record whose delivery failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -89,6 +99,7 @@ pub enum Failure {
     Retriable,
 }
 
+#[cfg(feature = "kafka")]
 /// Classifies a delivery or enqueue error. Only errors that are about the
 /// record itself are permanent; everything else is retried forever.
 pub fn classify(e: &KafkaError) -> Failure {
@@ -150,11 +161,13 @@ impl ReplayStats {
     }
 }
 
+#[cfg(feature = "kafka")]
 /// librdkafka client context: turns global errors into the connectivity
 /// state and logs them once per change.
 #[derive(Clone)]
 pub struct KafkaHealth(pub Arc<ReplayStats>);
 
+#[cfg(feature = "kafka")]
 impl ClientContext for KafkaHealth {
     fn error(&self, error: KafkaError, reason: &str) {
         match error.rdkafka_error_code() {
