@@ -70,6 +70,33 @@ enum Command {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// Manage API keys (the file `auth.keys-file` names).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a random key bound to tenants, add its hash to the keys file
+    /// (created if missing, replaced atomically), and print the key once on
+    /// stdout. The key itself is stored nowhere. A running daemon picks the
+    /// entry up within `auth.reload-interval-ms`, or at once on SIGHUP.
+    Add {
+        /// The keys file.
+        #[arg(long)]
+        file: PathBuf,
+        /// A name for logs and metrics, e.g. the client's service name.
+        #[arg(long)]
+        name: String,
+        /// A tenant the key may write (repeatable); `*` for any tenant.
+        #[arg(long = "tenant", required = true)]
+        tenants: Vec<String>,
+    },
+    /// Print the SHA-256 a keys file stores for a key, read from stdin (one
+    /// line), so the key never appears in `ps` or shell history.
+    Hash,
 }
 
 /// Precedence: defaults < config file < `SLUICE_<SECTION>_<KEY>` environment
@@ -133,6 +160,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::CheckConfig { config, print } => check_config(&config, print),
         Command::Wal { command } => run_wal(command),
+        Command::Keys { command } => run_keys(command),
         Command::DevBroker {
             topics,
             partitions,
@@ -358,6 +386,75 @@ async fn shutdown_signal() {
         tracing::warn!("second signal: exiting now; the WAL holds everything acknowledged");
         std::process::exit(130);
     });
+}
+
+fn run_keys(command: KeysCommand) -> CliResult {
+    use crate::auth::keys;
+    match command {
+        KeysCommand::Hash => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| format!("reading the key from stdin: {e}"))?;
+            let key = line.trim();
+            if key.is_empty() {
+                return Err("no key on stdin".into());
+            }
+            println!("{}", keys::hash_key(key));
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Add {
+            file,
+            name,
+            tenants,
+        } => {
+            let existing = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(format!("{}: {e}", file.display()).into()),
+            };
+            let key = keys::generate_key();
+            let text = keys::append_entry(&existing, &name, &keys::hash_key(&key), &tenants);
+            // Validate the whole result, as the daemon will read it.
+            keys::parse_keys(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            write_atomically(&file, text.as_bytes())
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            eprintln!(
+                "added key {name:?} for {} to {}; it is shown once, store it now:",
+                tenants.join(", "),
+                file.display()
+            );
+            println!("{key}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Write to a temporary file beside `path`, fsync, rename over it, fsync
+/// the directory: a crash leaves the old file or the new one, never half.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir)?.sync_all()
 }
 
 fn run_wal(command: WalCommand) -> CliResult {

@@ -26,6 +26,85 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub replay: ReplayConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub rates: RatesConfig,
+}
+
+/// The config file's sections, for environment names and error pointers.
+pub const SECTIONS: [&str; 9] = [
+    "http", "limits", "events", "wal", "kafka", "replay", "log", "auth", "rates",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The API keys file (see docs/security.md). Empty disables
+    /// authentication: any client may write any tenant, which is only safe on
+    /// a trusted network. Default empty.
+    pub keys_file: PathBuf,
+    /// How often the keys file is checked for changes, in milliseconds; a
+    /// SIGHUP reloads at once. Default 2000.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            keys_file: PathBuf::new(),
+            reload_interval_ms: 2000,
+        }
+    }
+}
+
+/// Token-bucket rate limits. A rate of 0 means unlimited; a burst of 0 means
+/// one second's worth of the rate. Over a limit: 429 with `Retry-After`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RatesConfig {
+    /// Requests per second per API key. Default 0.
+    pub key_requests_per_sec: u32,
+    /// Default 0.
+    pub key_requests_burst: u32,
+    /// Events per second per API key. Default 0.
+    pub key_events_per_sec: u32,
+    /// Default 0.
+    pub key_events_burst: u32,
+    /// Requests per second per tenant (a request counts once for each tenant
+    /// it writes). Default 0.
+    pub tenant_requests_per_sec: u32,
+    /// Default 0.
+    pub tenant_requests_burst: u32,
+    /// Events per second per tenant. Default 0.
+    pub tenant_events_per_sec: u32,
+    /// Keep it at or above `limits.max-events-per-request`, or the largest
+    /// batches can never pass (they get 413). Default 0.
+    pub tenant_events_burst: u32,
+    /// Distinct tenants that get their own label in per-tenant metrics; the
+    /// rest are counted as `other`. Default 0 (then 100).
+    pub tenant_metrics_cap: usize,
+    /// Per-tenant overrides, `[rates.tenant.<name>]` with `requests-per-sec`,
+    /// `requests-burst`, `events-per-sec`, `events-burst`; unset keys keep
+    /// the global value. Default none.
+    pub tenant: std::collections::BTreeMap<String, TenantRates>,
+}
+
+impl RatesConfig {
+    pub fn tenant_metrics_cap(&self) -> usize {
+        if self.tenant_metrics_cap == 0 {
+            100
+        } else {
+            self.tenant_metrics_cap
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TenantRates {
+    pub requests_per_sec: Option<u32>,
+    pub requests_burst: Option<u32>,
+    pub events_per_sec: Option<u32>,
+    pub events_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +147,19 @@ pub struct HttpConfig {
     /// Open connections at most; past it, new connections are closed at
     /// once. Default 10000 (raise LimitNOFILE to match).
     pub max_connections: usize,
+    /// Deadline for a whole ingest request, from its head to the answer, in
+    /// milliseconds. It never cuts a WAL append in half: a batch handed to
+    /// the writer is written whole or not at all, and a client whose
+    /// deadline passes while its batch is being fsynced gets 503 (the
+    /// events may still be delivered; their ids make a retry safe to
+    /// deduplicate). Default 60000.
+    pub request_timeout_ms: u64,
+    /// PEM certificate chain for HTTPS. Empty (with `tls-key-file`) serves
+    /// plain HTTP. Reloaded on SIGHUP. Default empty.
+    pub tls_cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls-cert-file`.
+    /// Default empty.
+    pub tls_key_file: PathBuf,
 }
 
 /// Ingest limits. All sizes apply after decompression.
@@ -177,6 +269,8 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             replay: ReplayConfig::default(),
             log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            rates: RatesConfig::default(),
         }
     }
 }
@@ -190,6 +284,9 @@ impl Default for HttpConfig {
             header_timeout_ms: 10_000,
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            request_timeout_ms: 60_000,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
         }
     }
 }
@@ -327,8 +424,49 @@ impl Config {
         if h.max_header_bytes < 8192 {
             return bad("http.max-header-bytes must be at least 8192".into());
         }
-        if h.max_connections == 0 || h.header_timeout_ms == 0 || h.body_timeout_ms == 0 {
+        if h.max_connections == 0
+            || h.header_timeout_ms == 0
+            || h.body_timeout_ms == 0
+            || h.request_timeout_ms == 0
+        {
             return bad("http.max-connections and the http timeouts must be positive".into());
+        }
+        if h.tls_cert_file.as_os_str().is_empty() != h.tls_key_file.as_os_str().is_empty() {
+            return bad("http.tls-cert-file and http.tls-key-file must be set together".into());
+        }
+        if self.auth.reload_interval_ms == 0 {
+            return bad("auth.reload-interval-ms must be positive".into());
+        }
+        let rt = &self.rates;
+        let batch = l.max_events_per_request as u64;
+        let burst = |rate: u32, burst: u32| if burst == 0 { rate } else { burst } as u64;
+        for (name, rate, b) in [
+            (
+                "rates.tenant-events-burst",
+                rt.tenant_events_per_sec,
+                rt.tenant_events_burst,
+            ),
+            (
+                "rates.key-events-burst",
+                rt.key_events_per_sec,
+                rt.key_events_burst,
+            ),
+        ] {
+            if rate > 0 && burst(rate, b) < batch {
+                tracing::warn!(
+                    "{name} ({}) is below limits.max-events-per-request ({batch}): larger batches will get 413",
+                    burst(rate, b)
+                );
+            }
+        }
+        if let Some(bad_tenant) = rt
+            .tenant
+            .keys()
+            .find(|t| !crate::ingest::event::valid_tenant(t))
+        {
+            return bad(format!(
+                "rates.tenant.{bad_tenant:?} is not a valid tenant id ([A-Za-z0-9._-]{{1,64}})"
+            ));
         }
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return bad(format!(
@@ -357,7 +495,6 @@ impl Config {
         &mut self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), ConfigError> {
-        const SECTIONS: [&str; 7] = ["http", "limits", "events", "wal", "kafka", "replay", "log"];
         const NOT_CONFIG: [&str; 2] = ["CONFIG", "DEV"];
         let mut tree =
             toml::Value::try_from(&*self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -458,10 +595,8 @@ pub fn key_in(message: &str) -> Option<&str> {
     message
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
         .find(|w| {
-            w.split_once('.').is_some_and(|(sec, k)| {
-                ["http", "limits", "events", "wal", "kafka", "replay", "log"].contains(&sec)
-                    && !k.is_empty()
-            })
+            w.split_once('.')
+                .is_some_and(|(sec, k)| SECTIONS.contains(&sec) && !k.is_empty())
         })
 }
 

@@ -113,7 +113,14 @@ pub fn ingest_body(data: &[u8]) {
     };
     let normalizer = Normalizer::new(limits.clone(), EventsConfig::default());
     let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("valid");
-    if let Ok(batch) = prepare(format, body, &limits, &normalizer, now) {
+    if let Ok(batch) = prepare(
+        format,
+        body,
+        &limits,
+        &normalizer,
+        now,
+        &crate::auth::TenantScope::Any,
+    ) {
         assert!(batch.accepted.len() + batch.rejected.len() <= limits.max_events_per_request);
         for e in &batch.accepted {
             let r = Record::decode(&e.payload).expect("accepted events decode");

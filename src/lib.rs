@@ -1,3 +1,4 @@
+pub mod auth;
 #[cfg(feature = "kafka")]
 pub mod cli;
 pub mod config;

@@ -11,7 +11,8 @@ use std::time::Duration;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry,
 };
 use tokio::sync::Semaphore;
 
@@ -26,6 +27,51 @@ pub struct Metrics {
     pub events_rejected: IntCounterVec,
     pub wal_fsync: Histogram,
     pub wal_group_records: Histogram,
+    pub auth_failures: IntCounterVec,
+    pub auth_keys: IntGauge,
+    pub auth_reloads: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    /// Events by tenant and outcome; label values capped by `tenants`.
+    pub tenant_events: IntCounterVec,
+    pub tenants: TenantLabels,
+}
+
+/// Bounds the cardinality of the `tenant` label: the first `cap` tenants
+/// seen get their own series, every later one is counted as `other`. Tenant
+/// ids are client input (a forbidden one too), so an unbounded label would
+/// let a client grow the scrape without limit.
+pub struct TenantLabels {
+    cap: usize,
+    seen: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+impl TenantLabels {
+    pub fn new(cap: usize) -> Self {
+        TenantLabels {
+            cap,
+            seen: Default::default(),
+        }
+    }
+
+    /// The label value for a tenant (`none` for events without one).
+    pub fn label<'a>(&self, tenant: Option<&'a str>) -> &'a str {
+        let Some(t) = tenant else { return "none" };
+        if let Ok(seen) = self.seen.read() {
+            if seen.contains(t) {
+                return t;
+            }
+            if seen.len() >= self.cap {
+                return "other";
+            }
+        }
+        match self.seen.write() {
+            Ok(mut seen) if seen.len() < self.cap || seen.contains(t) => {
+                seen.insert(t.to_string());
+                t
+            }
+            _ => "other",
+        }
+    }
 }
 
 impl WalObserver for Metrics {
@@ -37,6 +83,8 @@ impl WalObserver for Metrics {
 
 /// Where the scrape-time values come from.
 pub struct Sources {
+    /// Distinct tenant label values (`rates.tenant-metrics-cap`).
+    pub tenant_cap: usize,
     pub wal: Arc<Wal>,
     pub ingest: Arc<IngestCounters>,
     pub replay: Arc<ReplayStats>,
@@ -90,6 +138,40 @@ impl Metrics {
             )
             .buckets(exponential_buckets(0.0005, 2.0, 18)?),
         )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "sluice_auth_failures_total",
+                "Ingest requests refused with 401, by reason (missing, malformed, unknown).",
+            ),
+            &["reason"],
+        )?;
+        let auth_keys = IntGauge::new("sluice_auth_keys", "API keys loaded.")?;
+        let auth_reloads = IntCounterVec::new(
+            Opts::new(
+                "sluice_auth_reloads_total",
+                "Reloads of the keys file by result (ok, error); on error the previous keys stay.",
+            ),
+            &["result"],
+        )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "sluice_rate_limited_requests_total",
+                "Requests refused with 429 (or 413 when a batch exceeds a burst), by bucket scope (key, tenant) and unit (requests, events).",
+            ),
+            &["scope", "unit"],
+        )?;
+        let tenant_events = IntCounterVec::new(
+            Opts::new(
+                "sluice_tenant_events_total",
+                "Events by tenant (capped: the rest are `other`, untenanted ones `none`) and outcome (accepted, forbidden, rate_limited).",
+            ),
+            &["tenant", "outcome"],
+        )?;
+        for m in [&auth_failures, &auth_reloads, &rate_limited, &tenant_events] {
+            registry.register(Box::new(m.clone()))?;
+        }
+        registry.register(Box::new(auth_keys.clone()))?;
+        let tenants = TenantLabels::new(src.tenant_cap);
         let _ = src.replay.delivery_latency.set(delivery.clone());
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
@@ -108,6 +190,12 @@ impl Metrics {
             events_rejected,
             wal_fsync,
             wal_group_records,
+            auth_failures,
+            auth_keys,
+            auth_reloads,
+            rate_limited,
+            tenant_events,
+            tenants,
         }))
     }
 

@@ -38,6 +38,10 @@ pub enum ServeError {
     Http(std::io::Error),
     #[error("Kafka: {0}")]
     Kafka(String),
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeysError),
+    #[error(transparent)]
+    Tls(#[from] crate::http::tls::TlsError),
 }
 
 /// How the daemon ended.
@@ -93,6 +97,28 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Exit, ServeError> {
     config.validate()?;
+    // Credentials first: a bad keys file or certificate is an operator error
+    // to report before anything else is opened.
+    let keys = if config.auth.keys_file.as_os_str().is_empty() {
+        let exposed = !config.http.listen.ip().is_loopback();
+        if exposed {
+            tracing::warn!(listen = %config.http.listen, "AUTH DISABLED on a non-loopback address: any client that reaches this port may write any tenant. Set auth.keys-file (docs/security.md).");
+        } else {
+            tracing::info!("auth disabled (no auth.keys-file); listening on loopback only");
+        }
+        None
+    } else {
+        let store = crate::auth::KeyStore::load(&config.auth.keys_file)?;
+        tracing::info!(keys = store.len(), file = %config.auth.keys_file.display(), "API keys loaded");
+        Some(Arc::new(store))
+    };
+    let tls = if config.http.tls_cert_file.as_os_str().is_empty() {
+        None
+    } else {
+        let t = crate::http::tls::Tls::load(&config.http.tls_cert_file, &config.http.tls_key_file)?;
+        tracing::info!(cert = %config.http.tls_cert_file.display(), "TLS enabled");
+        Some(Arc::new(t))
+    };
     let data_dir = config.data_dir.clone();
     let _lock = DataDirLock::acquire(&data_dir)?;
     let offsets_dir = data_dir.join("offsets");
@@ -132,7 +158,27 @@ pub async fn run(
         .map_or(config.kafka.brokers.clone(), |b| {
             b.bootstrap_servers().to_string()
         });
-    let state = Arc::new(AppState::new(&config, wal.clone(), offsets.clone()));
+    let state = Arc::new(AppState::with_keys(
+        &config,
+        wal.clone(),
+        offsets.clone(),
+        keys,
+    ));
+    // Installed here, before READY, so a SIGHUP never meets the default
+    // action (terminate).
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler; keys reload on file change only");
+            None
+        }
+    };
+    let reloads = tokio::spawn(reload_credentials(
+        state.clone(),
+        hup,
+        tls.clone(),
+        std::time::Duration::from_millis(config.auth.reload_interval_ms),
+    ));
     let (replay_stop, replay_stop_rx) = tokio::sync::watch::channel(false);
     let replayer = Replayer {
         wal: wal.clone(),
@@ -177,9 +223,11 @@ pub async fn run(
         app(state.clone()),
         &config.http,
         state.counters.clone(),
+        tls,
         stop,
     )
     .await;
+    reloads.abort();
     // Every handler has finished: each accepted request was fsynced before
     // its 202. Then the replayer drains up to its deadline and flushes the
     // committed offset; what did not drain stays in the WAL.
@@ -195,4 +243,54 @@ pub async fn run(
     drop(wal);
     tracing::info!("sluice stopped");
     Ok(if failed { Exit::WalFailed } else { Exit::Clean })
+}
+
+/// Keeps credentials current: on SIGHUP reloads the keys file and the TLS
+/// certificate; on a timer reloads the keys file if it changed, and lets the
+/// rate limiter forget idle buckets. A failed reload keeps what was loaded.
+async fn reload_credentials(
+    state: Arc<AppState>,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    tls: Option<Arc<crate::http::tls::Tls>>,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let hangup = tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+            _ = tick.tick() => false,
+        };
+        if hangup {
+            tracing::info!("SIGHUP: reloading API keys and TLS certificate");
+            if let Some(t) = &tls {
+                match t.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate")
+                    }
+                }
+            }
+        }
+        state.rates.housekeeping();
+        let Some(keys) = &state.keys else { continue };
+        let outcome = if hangup {
+            Some(keys.reload())
+        } else {
+            keys.reload_if_changed()
+        };
+        let m = &state.metrics;
+        match outcome {
+            None => {}
+            Some(Ok(n)) => {
+                m.auth_reloads.with_label_values(&["ok"]).inc();
+                m.auth_keys.set(n as i64);
+                tracing::info!(keys = n, "API keys reloaded");
+            }
+            Some(Err(e)) => {
+                m.auth_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, "API keys reload failed; the previous keys stay in force");
+            }
+        }
+    }
 }

@@ -24,6 +24,22 @@ pub enum AppError {
     BodyTimeout(u64),
     #[error("{0}")]
     BadRequest(String),
+    /// No key, an unusable header, or a key the server does not know. The
+    /// message never echoes the key.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// A token bucket is empty: come back after `retry_after` seconds.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
+    /// A batch larger than a bucket's burst: it could never pass; split it.
+    #[error("{0}")]
+    OverBurst(String),
+    /// The request deadline passed while its batch was being made durable.
+    #[error("request deadline of {ms} ms passed while the batch was being written; it may still be delivered, so a retry may duplicate it")]
+    DeadlineAfterAppend { ms: u64, retry_after: u64 },
+    /// The request deadline passed before anything was handed to the WAL.
+    #[error("request deadline of {0} ms passed before the batch was written; nothing was stored")]
+    DeadlineBeforeAppend(u64),
     /// Too many request bytes in flight across clients.
     #[error("server is at its in-flight byte limit; retry shortly")]
     Overloaded,
@@ -42,12 +58,19 @@ impl AppError {
         use AppError::*;
         match self {
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            BodyTooLarge(_) | Body(BodyError::TooManyEvents(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTooLarge(_) | Body(BodyError::TooManyEvents(_)) | OverBurst(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            DeadlineBeforeAppend(_) => StatusCode::REQUEST_TIMEOUT,
             Body(_) | BodyUnreadable(_) | BadRequest(_) => StatusCode::BAD_REQUEST,
             BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Overloaded | ShuttingDown { .. } | StorageFull { .. } | StorageFailed { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Overloaded
+            | ShuttingDown { .. }
+            | StorageFull { .. }
+            | StorageFailed { .. }
+            | DeadlineAfterAppend { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -56,7 +79,9 @@ impl AppError {
             AppError::Overloaded => Some(1),
             AppError::ShuttingDown { retry_after }
             | AppError::StorageFull { retry_after, .. }
-            | AppError::StorageFailed { retry_after, .. } => Some(*retry_after),
+            | AppError::StorageFailed { retry_after, .. }
+            | AppError::RateLimited { retry_after, .. }
+            | AppError::DeadlineAfterAppend { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -93,6 +118,12 @@ impl IntoResponse for AppError {
         if let Some(secs) = self.retry_after() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sluice\""),
+            );
         }
         resp
     }

@@ -1,4 +1,5 @@
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -11,6 +12,8 @@ use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{AppError, SharedState};
+use crate::auth::keys::presented_key;
+use crate::auth::{KeyEntry, RateDecision, TenantScope};
 use crate::ingest::{self, BodyFormat, Rejection};
 
 /// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
@@ -27,11 +30,112 @@ struct IngestResponse {
     last_seq: Option<u64>,
 }
 
+/// The ingest route, under the request deadline (`http.request-timeout-ms`).
 pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Response, AppError> {
     st.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let ms = st.http.request_timeout_ms;
+    // Set just before the batch is handed to the WAL writer. From then on the
+    // append runs to completion in the writer whatever happens to this
+    // future, so a deadline can only decide what the client is told.
+    let handed = AtomicBool::new(false);
+    match tokio::time::timeout(Duration::from_millis(ms), accept(&st, req, &handed)).await {
+        Ok(result) => result,
+        Err(_) if handed.load(Ordering::Relaxed) => Err(AppError::DeadlineAfterAppend {
+            ms,
+            retry_after: st.http.retry_after_secs,
+        }),
+        Err(_) => Err(AppError::DeadlineBeforeAppend(ms)),
+    }
+}
+
+/// The tenants the request's key may write, and the key, when auth is on.
+fn authorize(
+    st: &SharedState,
+    headers: &axum::http::HeaderMap,
+) -> Result<(TenantScope, Option<Arc<KeyEntry>>), AppError> {
+    let Some(keys) = &st.keys else {
+        return Ok((TenantScope::Any, None));
+    };
+    let fail = |reason: &str, message: &'static str| {
+        st.metrics.auth_failures.with_label_values(&[reason]).inc();
+        AppError::Unauthorized(message)
+    };
+    let presented =
+        match presented_key(headers) {
+            Ok(Some(k)) => k,
+            Ok(None) => return Err(fail(
+                "missing",
+                "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            )),
+            Err(why) => return Err(fail("malformed", why)),
+        };
+    match keys.authenticate(presented) {
+        Some(entry) => Ok((entry.scope.clone(), Some(entry))),
+        None => Err(fail("unknown", "unknown API key")),
+    }
+}
+
+/// Turns a rate decision into `Ok` or its answer, counting refusals.
+fn rate_check(
+    st: &SharedState,
+    decision: RateDecision,
+    tenants: &[(String, u32)],
+) -> Result<(), AppError> {
+    let (scope, unit) = match &decision {
+        RateDecision::Allow => return Ok(()),
+        RateDecision::Limited { scope, unit, .. } => (*scope, *unit),
+        RateDecision::Oversized { scope, unit, .. } => (*scope, *unit),
+    };
+    st.metrics
+        .rate_limited
+        .with_label_values(&[scope, unit])
+        .inc();
+    for (t, n) in tenants {
+        st.metrics
+            .tenant_events
+            .with_label_values(&[st.metrics.tenants.label(Some(t)), "rate_limited"])
+            .inc_by(u64::from(*n));
+    }
+    Err(match decision {
+        RateDecision::Allow => unreachable!("returned above"),
+        RateDecision::Limited {
+            scope,
+            unit,
+            who,
+            retry_after,
+        } => {
+            // Whole seconds, rounded up: never tell a client to come back
+            // before the bucket can hold its request.
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            AppError::RateLimited {
+                message: format!(
+                    "rate limit: {scope} {who:?} is over its {unit} per second; retry after {secs} s"
+                ),
+                retry_after: secs,
+            }
+        }
+        RateDecision::Oversized {
+            scope,
+            who,
+            events,
+            burst,
+            ..
+        } => AppError::OverBurst(format!(
+            "{events} events for {scope} {who:?} exceed its rate-limit burst of {burst}: this batch can never pass; send smaller batches"
+        )),
+    })
+}
+
+async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<Response, AppError> {
     let retry_after = st.http.retry_after_secs;
     if st.shutting_down.load(Ordering::Relaxed) {
         return Err(AppError::ShuttingDown { retry_after });
+    }
+    let (parts, body) = req.into_parts();
+    // Who and how fast, before a byte of the body is read.
+    let (scope, key) = authorize(st, &parts.headers)?;
+    if let Some(k) = &key {
+        rate_check(st, st.rates.check_key_request(&k.name), &[])?;
     }
     if let Some(why) = st.wal.failure() {
         return Err(AppError::StorageFailed {
@@ -39,7 +143,6 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
             retry_after,
         });
     }
-    let (parts, body) = req.into_parts();
     let content_type = match parts.headers.get(header::CONTENT_TYPE) {
         None => None,
         Some(v) => Some(
@@ -58,7 +161,7 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
     if declared.is_some_and(|n| n > st.limits.max_body_bytes) {
         return Err(AppError::BodyTooLarge(st.limits.max_body_bytes));
     }
-    let (bytes, permit) = read_body(&st, body, declared).await?;
+    let (bytes, permit) = read_body(st, body, declared).await?;
 
     // Millisecond precision, as Kafka timestamps have.
     let now = chrono::Utc::now();
@@ -73,6 +176,7 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
             &state.limits,
             &state.normalizer,
             received_at,
+            &scope,
         )
     };
     let batch = if big {
@@ -88,6 +192,12 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
             .events_rejected
             .with_label_values(&[r.kind])
             .inc();
+        if r.kind == "forbidden" {
+            st.metrics
+                .tenant_events
+                .with_label_values(&[st.metrics.tenants.label(r.tenant.as_deref()), "forbidden"])
+                .inc();
+        }
     }
     st.counters
         .events_rejected
@@ -95,6 +205,8 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
     if batch.accepted.is_empty() {
         let status = if batch.all_too_large() {
             StatusCode::PAYLOAD_TOO_LARGE
+        } else if batch.all_forbidden() {
+            StatusCode::FORBIDDEN
         } else {
             StatusCode::BAD_REQUEST
         };
@@ -108,8 +220,15 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
         return Ok((status, Json(body)).into_response());
     }
 
+    let tenants = batch.tenant_counts();
+    let decision = st
+        .rates
+        .check_batch(key.as_ref().map(|k| k.name.as_str()), &tenants);
+    rate_check(st, decision, &tenants)?;
+
     let accepted = batch.accepted.len();
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
+    handed.store(true, Ordering::Relaxed);
     // Cancellation: if the client goes away while we wait, the append still
     // completes in the writer; the events are then delivered without a 202
     // (at-least-once), never half-acknowledged.
@@ -137,6 +256,18 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
     st.counters
         .events_accepted
         .fetch_add(accepted as u64, Ordering::Relaxed);
+    let untenanted = accepted as u64 - tenants.iter().map(|(_, n)| u64::from(*n)).sum::<u64>();
+    for (label, n) in tenants
+        .iter()
+        .map(|(t, n)| (Some(t.as_str()), u64::from(*n)))
+        .chain(std::iter::once((None, untenanted)))
+        .filter(|(_, n)| *n > 0)
+    {
+        st.metrics
+            .tenant_events
+            .with_label_values(&[st.metrics.tenants.label(label), "accepted"])
+            .inc_by(n);
+    }
     let body = IngestResponse {
         accepted,
         rejected,
@@ -189,7 +320,11 @@ async fn read_body(
 pub async fn receipt(
     State(st): State<SharedState>,
     Path(seq): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Json<serde_json::Value>, AppError> {
+    // Any valid key may read receipts: they say only whether a sequence
+    // number is durable and delivered.
+    authorize(&st, &headers)?;
     let seq: u64 = seq
         .parse()
         .ok()

@@ -15,17 +15,22 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::tls::Tls;
 use super::IngestCounters;
 use crate::config::HttpConfig;
 
 /// Serves `app` until `shutdown` resolves, then waits for open requests.
+/// With `tls`, each connection first completes a TLS handshake, which must
+/// finish within the header timeout like any other slow client.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     cfg: &HttpConfig,
     counters: Arc<IngestCounters>,
+    tls: Option<Arc<Tls>>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let handshake_timeout = Duration::from_millis(cfg.header_timeout_ms);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut builder = http1::Builder::new();
@@ -55,12 +60,35 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         counters.connections_open.fetch_add(1, Ordering::Relaxed);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let service = TowerToHyperService::new(app.clone());
         let counters = counters.clone();
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let conn = builder.serve_connection(TokioIo::new(tls_stream), service);
+                            watcher.watch(conn).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             counters.connections_open.fetch_sub(1, Ordering::Relaxed);

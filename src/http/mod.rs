@@ -4,6 +4,7 @@
 mod error;
 mod handlers;
 pub mod listener;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tower_http::trace::TraceLayer;
 
 pub use error::AppError;
 
+use crate::auth::{KeyStore, Rates};
 use crate::config::{Config, HttpConfig, Limits};
 use crate::ingest::Normalizer;
 use crate::offsets::OffsetStore;
@@ -42,6 +44,9 @@ pub struct AppState {
     pub replay: Arc<crate::kafka::ReplayStats>,
     /// Whether the last append was refused for quota, to log the change once.
     pub(crate) quota_refusing: AtomicBool,
+    /// API keys; `None` when auth is disabled.
+    pub keys: Option<Arc<KeyStore>>,
+    pub rates: Rates,
 }
 
 /// Monotonic ingest counters.
@@ -58,7 +63,17 @@ pub struct IngestCounters {
 }
 
 impl AppState {
+    /// State without API keys (auth disabled); see [`AppState::with_keys`].
     pub fn new(config: &Config, wal: Arc<Wal>, offsets: Arc<OffsetStore>) -> Self {
+        Self::with_keys(config, wal, offsets, None)
+    }
+
+    pub fn with_keys(
+        config: &Config,
+        wal: Arc<Wal>,
+        offsets: Arc<OffsetStore>,
+        keys: Option<Arc<KeyStore>>,
+    ) -> Self {
         let permits = usize::try_from(config.limits.max_inflight_bytes)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
@@ -66,6 +81,7 @@ impl AppState {
         let replay = Arc::new(crate::kafka::ReplayStats::default());
         let inflight = Arc::new(Semaphore::new(permits));
         let metrics = crate::metrics::Metrics::new(crate::metrics::Sources {
+            tenant_cap: config.rates.tenant_metrics_cap(),
             wal: wal.clone(),
             ingest: counters.clone(),
             replay: replay.clone(),
@@ -74,6 +90,9 @@ impl AppState {
         })
         .expect("metric names and labels are static and unique");
         wal.set_observer(metrics.clone());
+        if let Some(k) = &keys {
+            metrics.auth_keys.set(k.len() as i64);
+        }
         AppState {
             wal,
             offsets,
@@ -87,6 +106,8 @@ impl AppState {
             metrics,
             replay,
             quota_refusing: AtomicBool::new(false),
+            keys,
+            rates: Rates::new(&config.rates),
         }
     }
 }

@@ -4,6 +4,7 @@
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde_json::{Map, Value};
 
+use crate::auth::TenantScope;
 use crate::config::{EventsConfig, Limits};
 use crate::wal::Record;
 
@@ -31,6 +32,9 @@ pub enum EventError {
     TooLarge { size: usize, limit: usize },
     #[error("event nesting is deeper than {0}")]
     TooDeep(usize),
+    /// The request's key may not write the event's tenant.
+    #[error("{0}")]
+    Forbidden(crate::auth::TenantDenied),
 }
 
 impl EventError {
@@ -42,6 +46,7 @@ impl EventError {
             EventError::Invalid(_) => "invalid_field",
             EventError::TooLarge { .. } => "too_large",
             EventError::TooDeep(_) => "too_deep",
+            EventError::Forbidden(_) => "forbidden",
         }
     }
 }
@@ -50,6 +55,7 @@ impl EventError {
 #[derive(Debug, Clone)]
 pub struct NormalizedEvent {
     pub id: String,
+    pub tenant: Option<String>,
     /// The encoded [`Record`]: the WAL payload and the Kafka record.
     pub payload: Vec<u8>,
 }
@@ -72,16 +78,34 @@ impl Normalizer {
         }
     }
 
+    /// Normalizes an event with no tenant restriction (auth disabled).
     pub fn normalize(
         &self,
         value: Value,
         received_at: DateTime<Utc>,
+    ) -> Result<NormalizedEvent, EventError> {
+        self.normalize_for(value, received_at, &TenantScope::Any)
+    }
+
+    /// Normalizes an event for a request whose key grants `scope`. A key
+    /// bound to one tenant fills in a missing `tenant_id`; any other tenant
+    /// (or none, for a key bound to several) is refused.
+    pub fn normalize_for(
+        &self,
+        value: Value,
+        received_at: DateTime<Utc>,
+        scope: &TenantScope,
     ) -> Result<NormalizedEvent, EventError> {
         let Value::Object(mut input) = value else {
             return Err(EventError::NotObject);
         };
         if depth(&input, 1) > self.limits.max_depth {
             return Err(EventError::TooDeep(self.limits.max_depth));
+        }
+        if let Some(t) = scope.implied() {
+            if matches!(input.get("tenant_id"), None | Some(Value::Null)) {
+                input.insert("tenant_id".into(), Value::String(t.to_string()));
+            }
         }
         for field in &self.events.required {
             match input.get(field) {
@@ -113,6 +137,9 @@ impl Normalizer {
             Some(Value::String(s)) if valid_tenant(&s) => Some(s),
             Some(_) => return Err(invalid("tenant_id must match [A-Za-z0-9._-]{1,64}")),
         };
+        scope
+            .check(tenant.as_deref())
+            .map_err(EventError::Forbidden)?;
         let timestamp = match input.shift_remove("timestamp") {
             None | Some(Value::Null) => received_at,
             Some(v) => parse_timestamp(&v)?,
@@ -183,8 +210,8 @@ impl Normalizer {
             });
         }
         let mut headers = vec![(HEADER_ID.to_string(), id.clone().into_bytes())];
-        if let Some(t) = tenant {
-            headers.push((HEADER_TENANT.to_string(), t.into_bytes()));
+        if let Some(t) = &tenant {
+            headers.push((HEADER_TENANT.to_string(), t.clone().into_bytes()));
         }
         headers.push((
             HEADER_RECEIVED_AT.to_string(),
@@ -200,6 +227,7 @@ impl Normalizer {
         };
         Ok(NormalizedEvent {
             id,
+            tenant,
             payload: record.encode(),
         })
     }

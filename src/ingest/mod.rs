@@ -11,6 +11,7 @@ use serde::Serialize;
 pub use event::{EventError, NormalizedEvent, Normalizer};
 pub use parse::{BodyError, BodyFormat};
 
+use crate::auth::{TenantDenied, TenantScope};
 use crate::config::Limits;
 
 /// One rejected event, as reported to the client.
@@ -27,6 +28,9 @@ pub struct Rejection {
     /// Stable label, for metrics.
     #[serde(skip)]
     pub kind: &'static str,
+    /// The tenant a forbidden event named, for the per-tenant metric.
+    #[serde(skip)]
+    pub tenant: Option<String>,
 }
 
 /// A request's events after validation, in request order.
@@ -40,9 +44,33 @@ impl Batch {
     /// True when nothing was accepted and every rejection was for size: the
     /// request deserves 413 rather than 400.
     pub fn all_too_large(&self) -> bool {
+        self.all_rejected_for("too_large")
+    }
+
+    /// True when nothing was accepted and every rejection was a tenant the
+    /// key may not write: the request deserves 403.
+    pub fn all_forbidden(&self) -> bool {
+        self.all_rejected_for("forbidden")
+    }
+
+    fn all_rejected_for(&self, kind: &str) -> bool {
         self.accepted.is_empty()
             && !self.rejected.is_empty()
-            && self.rejected.iter().all(|r| r.kind == "too_large")
+            && self.rejected.iter().all(|r| r.kind == kind)
+    }
+
+    /// Each distinct tenant among the accepted events with its event count,
+    /// in name order; events without a tenant are not counted. A map, not a
+    /// scan: a batch of 10,000 distinct tenants must not cost 10,000².
+    pub fn tenant_counts(&self) -> Vec<(String, u32)> {
+        let mut counts = std::collections::BTreeMap::<&str, u32>::new();
+        for t in self.accepted.iter().filter_map(|e| e.tenant.as_deref()) {
+            *counts.entry(t).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(t, n)| (t.to_string(), n))
+            .collect()
     }
 }
 
@@ -52,6 +80,7 @@ pub fn prepare(
     limits: &Limits,
     normalizer: &Normalizer,
     received_at: DateTime<Utc>,
+    scope: &TenantScope,
 ) -> Result<Batch, BodyError> {
     let candidates = parse::parse_body(format, body, limits)?;
     let mut batch = Batch {
@@ -68,12 +97,13 @@ pub fn prepare(
                     id: None,
                     error,
                     kind: "malformed",
+                    tenant: None,
                 });
                 continue;
             }
         };
         let id = Normalizer::claimed_id(&value);
-        match normalizer.normalize(value, received_at) {
+        match normalizer.normalize_for(value, received_at, scope) {
             Ok(e) => batch.accepted.push(e),
             Err(e) => batch.rejected.push(Rejection {
                 index,
@@ -81,6 +111,10 @@ pub fn prepare(
                 id,
                 error: e.to_string(),
                 kind: e.kind(),
+                tenant: match &e {
+                    EventError::Forbidden(TenantDenied::NotAllowed(t)) => Some(t.clone()),
+                    _ => None,
+                },
             }),
         }
     }

@@ -2,6 +2,7 @@
 //! in a temp dir; `concurrency` and `crash` use real TCP, the latter against a
 //! real `sluice serve` child process.
 
+mod auth;
 mod bodies;
 mod concurrency;
 mod crash;
