@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 const EXE: &str = env!("CARGO_BIN_EXE_sluice");
 
-struct Daemon {
-    child: Child,
-    addr: String,
+pub(super) struct Daemon {
+    pub(super) child: Child,
+    pub(super) addr: String,
     _dir: tempfile::TempDir,
 }
 
@@ -22,7 +22,7 @@ impl Drop for Daemon {
     }
 }
 
-fn daemon(env: &[(&str, &str)]) -> Daemon {
+pub(super) fn daemon(env: &[(&str, &str)]) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let addr_file = dir.path().join("addr");
     let mut cmd = Command::new(EXE);
@@ -75,7 +75,7 @@ fn good(addr: &str) -> u16 {
     .0
 }
 
-fn request(addr: &str, raw: &str) -> (u16, String) {
+pub(super) fn request(addr: &str, raw: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(raw.as_bytes()).unwrap();
@@ -96,7 +96,7 @@ fn stats(addr: &str) -> serde_json::Value {
 }
 
 /// True once the server has closed the connection (EOF or reset).
-fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+pub(super) fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
     s.set_read_timeout(Some(within)).unwrap();
     let mut buf = [0u8; 256];
     loop {

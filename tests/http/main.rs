@@ -10,6 +10,7 @@ mod disk_faults;
 mod hostile;
 mod lifecycle;
 mod metrics;
+mod security;
 mod statuses;
 
 use std::path::Path;
