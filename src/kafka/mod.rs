@@ -185,3 +185,39 @@ impl ClientContext for KafkaHealth {
         }
     }
 }
+
+#[cfg(all(test, feature = "kafka"))]
+mod tests {
+    use crate::config::Config;
+
+    /// The Kafka TLS + SASL example of docs/security.md is accepted by the
+    /// librdkafka sluice is built with (it refuses `SASL_SSL` when built
+    /// without OpenSSL), and the reserved guarantees cannot be overridden.
+    #[test]
+    fn the_documented_sasl_ssl_passthrough_is_valid() {
+        let c = Config::from_toml(
+            r#"
+[kafka]
+brokers = "kafka-1.example.net:9093"
+[kafka.librdkafka]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanism" = "SCRAM-SHA-512"
+"sasl.username" = "sluice"
+"sasl.password" = "from-a-secret-store"
+"ssl.ca.location" = "/etc/sluice/kafka-ca.pem"
+"ssl.endpoint.identification.algorithm" = "https"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.kafka
+            .librdkafka
+            .insert("security.protocol".into(), "SASL_TLS".into());
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("security.protocol"), "{err}");
+        let mut reserved = c;
+        reserved.kafka.librdkafka.insert("acks".into(), "1".into());
+        assert!(reserved.validate().is_err());
+    }
+}
