@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml
 
-.PHONY: run test lint fmt bench fuzz fuzz-smoke ci docker chaos
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -25,8 +25,20 @@ fmt:
 
 # Criterion benchmarks (release profile). Results: target/criterion and
 # docs/benchmarks.md.
+# Criterion micro-benchmarks, then the end-to-end report against baselines
+# measured in the same run (benches/e2e.py rewrites its section of
+# docs/benchmarks.md and the plots in docs/img/). BENCH_SECONDS per load run,
+# BENCH_BACKLOG_GB for the drain and RSS test.
 bench:
 	$(CARGO) bench --locked --bench wal
+	$(CARGO) build --release --locked --bins
+	@python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
+	python3 benches/e2e.py
+
+# A 1-minute end-to-end smoke of the bench harness (does not touch docs).
+bench-quick:
+	$(CARGO) build --release --locked --bins
+	BENCH_QUICK=1 python3 benches/e2e.py
 
 # cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP=1 enables them on the
 # stable toolchain this project builds with. Each target runs FUZZ_SECONDS.
