@@ -30,7 +30,7 @@ fmt:
 # docs/benchmarks.md and the plots in docs/img/). BENCH_SECONDS per load run,
 # BENCH_BACKLOG_GB for the drain and RSS test.
 bench:
-	$(CARGO) bench --locked --bench wal
+	$(CARGO) bench --locked --bench wal --bench codec
 	$(CARGO) build --release --locked --bins
 	@python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
 	python3 benches/e2e.py
