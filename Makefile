@@ -23,8 +23,6 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-# Criterion benchmarks (release profile). Results: target/criterion and
-# docs/benchmarks.md.
 # Criterion micro-benchmarks, then the end-to-end report against baselines
 # measured in the same run (benches/e2e.py rewrites its section of
 # docs/benchmarks.md and the plots in docs/img/). BENCH_SECONDS per load run,
