@@ -177,32 +177,45 @@ impl Normalizer {
         };
 
         // Known fields first in a fixed order, then unknown ones verbatim in
-        // the order the client sent them.
+        // the order the client sent them. Written straight to bytes: the
+        // same output as collecting a `Map` and serializing it (the known
+        // keys were removed from `input`, so no key repeats), without a
+        // second hash map per event.
         let ts = timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true);
-        let mut out = Map::new();
-        out.insert("id".into(), Value::String(id.clone()));
-        if let Some(t) = &tenant {
-            out.insert("tenant_id".into(), Value::String(t.clone()));
-        }
-        out.insert("timestamp".into(), Value::String(ts));
-        out.insert("severity".into(), Value::String(severity.into()));
-        if let Some(s) = source {
-            out.insert("source".into(), Value::String(s));
-        }
-        if let Some(m) = message {
-            out.insert("message".into(), Value::String(m));
-        }
-        if let Some(m) = metadata {
-            out.insert("metadata".into(), m);
-        }
-        out.extend(input);
-        let key = match out.get(&self.events.key_field) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone().into_bytes()),
-            Some(other) => Some(other.to_string().into_bytes()),
+        let key = match self.events.key_field.as_str() {
+            "id" => Some(id.as_bytes().to_vec()),
+            "tenant_id" => tenant.as_ref().map(|t| t.as_bytes().to_vec()),
+            "timestamp" => Some(ts.as_bytes().to_vec()),
+            "severity" => Some(severity.as_bytes().to_vec()),
+            "source" => source.as_ref().map(|s| s.as_bytes().to_vec()),
+            "message" => message.as_ref().map(|m| m.as_bytes().to_vec()),
+            "metadata" => metadata.as_ref().map(|m| m.to_string().into_bytes()),
+            other => match input.get(other) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.as_bytes().to_vec()),
+                Some(v) => Some(v.to_string().into_bytes()),
+            },
         };
-        let value = serde_json::to_vec(&Value::Object(out))
-            .map_err(|e| EventError::Malformed(e.to_string()))?;
+        let mut out = JsonObject::with_capacity(256);
+        out.field("id", &id)?;
+        if let Some(t) = &tenant {
+            out.field("tenant_id", t)?;
+        }
+        out.field("timestamp", &ts)?;
+        out.field("severity", severity)?;
+        if let Some(s) = &source {
+            out.field("source", s)?;
+        }
+        if let Some(m) = &message {
+            out.field("message", m)?;
+        }
+        if let Some(m) = &metadata {
+            out.field("metadata", m)?;
+        }
+        for (k, v) in &input {
+            out.field(k, v)?;
+        }
+        let value = out.finish();
         if value.len() > l.max_event_bytes {
             return Err(EventError::TooLarge {
                 size: value.len(),
@@ -230,6 +243,38 @@ impl Normalizer {
             tenant,
             payload: record.encode(),
         })
+    }
+}
+
+/// A JSON object written field by field into one buffer.
+struct JsonObject {
+    buf: Vec<u8>,
+}
+
+impl JsonObject {
+    fn with_capacity(n: usize) -> Self {
+        let mut buf = Vec::with_capacity(n);
+        buf.push(b'{');
+        JsonObject { buf }
+    }
+
+    fn field<V: serde::Serialize + ?Sized>(
+        &mut self,
+        key: &str,
+        value: &V,
+    ) -> Result<(), EventError> {
+        if self.buf.len() > 1 {
+            self.buf.push(b',');
+        }
+        let malformed = |e: serde_json::Error| EventError::Malformed(e.to_string());
+        serde_json::to_writer(&mut self.buf, key).map_err(malformed)?;
+        self.buf.push(b':');
+        serde_json::to_writer(&mut self.buf, value).map_err(malformed)
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.buf.push(b'}');
+        self.buf
     }
 }
 
@@ -369,6 +414,39 @@ mod tests {
         assert_eq!(r.header("tenant"), Some(&b"acme"[..]));
         assert_eq!(r.timestamp_ms, now().timestamp_millis() + 500);
         assert_eq!(uuid::Uuid::parse_str(&e.id).unwrap().get_version_num(), 7);
+    }
+
+    #[test]
+    fn value_bytes_are_exact_and_the_key_comes_from_any_field() {
+        let input = json!({"zeta": {"b": 1, "a": [true, null]}, "id": "e-1", "message": " m\"x ",
+                           "source": "Src", "tenant_id": "acme", "alpha": 2.5,
+                           "metadata": {"k": "v"}, "n": 7});
+        let expected = concat!(
+            r#"{"id":"e-1","tenant_id":"acme","timestamp":"2024-05-01T12:00:00Z","#,
+            r#""severity":"INFO","source":"src","message":"m\"x","metadata":{"k":"v"},"#,
+            r#""zeta":{"b":1,"a":[true,null]},"alpha":2.5,"n":7}"#
+        );
+        for (field, key) in [
+            ("tenant_id", Some("acme")),
+            ("id", Some("e-1")),
+            ("timestamp", Some("2024-05-01T12:00:00Z")),
+            ("severity", Some("INFO")),
+            ("source", Some("src")),
+            ("message", Some("m\"x")),
+            ("metadata", Some(r#"{"k":"v"}"#)),
+            ("zeta", Some(r#"{"b":1,"a":[true,null]}"#)),
+            ("n", Some("7")),
+            ("absent", None),
+        ] {
+            let events = EventsConfig {
+                key_field: field.into(),
+                ..EventsConfig::default()
+            };
+            let n = Normalizer::new(Limits::default(), events);
+            let (r, _) = value_of(&n.normalize(input.clone(), now()).unwrap());
+            assert_eq!(String::from_utf8(r.value).unwrap(), expected, "{field}");
+            assert_eq!(r.key.as_deref(), key.map(str::as_bytes), "{field}");
+        }
     }
 
     #[test]
