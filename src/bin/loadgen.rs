@@ -429,8 +429,21 @@ async fn producer(
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let kafka = sluice::config::KafkaConfig::default();
     let producer: FutureProducer = sluice::kafka::producer_config(&kafka, brokers).create()?;
-    let value = event("loadgen", event_bytes, 0).to_string().into_bytes();
+    // The same shape of record sluice's replay sends: a distinct normalized
+    // event per record (an id, a timestamp, the loadgen padding), keyed by
+    // tenant, with the four headers sluice adds. Built before the clock
+    // starts; 65,536 distinct values are cycled.
     let keys: Vec<String> = (0..64).map(|i| format!("tenant-{i}")).collect();
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let values: Vec<(String, Vec<u8>)> = (0..65_536u64)
+        .map(|i| {
+            let id = uuid::Uuid::now_v7().to_string();
+            let mut v = event(&keys[(i % 64) as usize], event_bytes, i);
+            v["id"] = json!(id);
+            v["timestamp"] = json!(now);
+            (id, v.to_string().into_bytes())
+        })
+        .collect();
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     let mut delivered = 0u64;
@@ -443,7 +456,29 @@ async fn producer(
             }
         }
         let key = &keys[(i % 64) as usize];
-        let rec = FutureRecord::to(topic).key(key.as_str()).payload(&value);
+        let (id, value) = &values[(i % 65_536) as usize];
+        let seq = (i + 1).to_string();
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header {
+                key: "id",
+                value: Some(id.as_str()),
+            })
+            .insert(rdkafka::message::Header {
+                key: "tenant",
+                value: Some(key.as_str()),
+            })
+            .insert(rdkafka::message::Header {
+                key: "received_at",
+                value: Some(now.as_str()),
+            })
+            .insert(rdkafka::message::Header {
+                key: "seq",
+                value: Some(seq.as_str()),
+            });
+        let rec = FutureRecord::to(topic)
+            .key(key.as_str())
+            .payload(value)
+            .headers(headers);
         match producer.send_result(rec) {
             Ok(f) => pending.push(f),
             Err(_) => failed += 1,
