@@ -92,6 +92,10 @@ impl Window {
 /// `max-in-flight` (they are a `u64` each unless they failed).
 const ORDER_WINDOW_FACTOR: usize = 8;
 
+/// Records produced per wake-up of the replay loop at most, so that
+/// settling deliveries, commits and shutdown are still served in between.
+const PRODUCE_BURST: usize = 256;
+
 enum End {
     Shutdown,
     Retry(String),
@@ -234,18 +238,32 @@ impl Replayer {
                     }
                 }
                 item = reader.next(), if room && !(deadline.is_some() && caught_up) => {
-                    match item {
-                        Ok(ReadItem::Record { seq, record, .. }) => {
-                            pending.push_back(self.produce(producer, &window, seq, record).await);
-                            stats.produced.fetch_add(1, Ordering::Relaxed);
+                    let mut item = Some(item);
+                    let mut burst = 0;
+                    while let Some(next) = item.take() {
+                        match next {
+                            Ok(ReadItem::Record { seq, record, .. }) => {
+                                pending.push_back(self.produce(producer, &window, seq, record).await);
+                                stats.produced.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(ReadItem::Gap(g)) => {
+                                // Already counted and logged by the WAL; replay
+                                // moves past it so damage never wedges delivery.
+                                stats.gap_records.fetch_add(g.len(), Ordering::Relaxed);
+                                pending.push_back(Box::pin(std::future::ready(Settled::Done(g.last))));
+                            }
+                            Err(e) => return End::Retry(format!("WAL read: {e}")),
                         }
-                        Ok(ReadItem::Gap(g)) => {
-                            // Already counted and logged by the WAL; replay
-                            // moves past it so damage never wedges delivery.
-                            stats.gap_records.fetch_add(g.len(), Ordering::Relaxed);
-                            pending.push_back(Box::pin(std::future::ready(Settled::Done(g.last))));
+                        // Records already durable are produced in a burst,
+                        // not one per trip through this select!, while the
+                        // window has room. try_next never returns a record
+                        // past the durable frontier, as next does not.
+                        burst += 1;
+                        let room = window.unsettled.load(Ordering::Relaxed) < max
+                            && pending.len() < max * ORDER_WINDOW_FACTOR;
+                        if burst < PRODUCE_BURST && room {
+                            item = reader.try_next().transpose();
                         }
-                        Err(e) => return End::Retry(format!("WAL read: {e}")),
                     }
                     let n = window.unsettled.load(Ordering::Relaxed) as u64;
                     stats.in_flight.store(n, Ordering::Relaxed);
