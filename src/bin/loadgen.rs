@@ -458,23 +458,19 @@ async fn producer(
         let key = &keys[(i % 64) as usize];
         let (id, value) = &values[(i % 65_536) as usize];
         let seq = (i + 1).to_string();
-        let headers = rdkafka::message::OwnedHeaders::new()
-            .insert(rdkafka::message::Header {
-                key: "id",
-                value: Some(id.as_str()),
+        let headers = [
+            ("id", id.as_str()),
+            ("tenant", key.as_str()),
+            ("received_at", now.as_str()),
+            ("seq", seq.as_str()),
+        ]
+        .into_iter()
+        .fold(rdkafka::message::OwnedHeaders::new(), |h, (key, v)| {
+            h.insert(rdkafka::message::Header {
+                key,
+                value: Some(v),
             })
-            .insert(rdkafka::message::Header {
-                key: "tenant",
-                value: Some(key.as_str()),
-            })
-            .insert(rdkafka::message::Header {
-                key: "received_at",
-                value: Some(now.as_str()),
-            })
-            .insert(rdkafka::message::Header {
-                key: "seq",
-                value: Some(seq.as_str()),
-            });
+        });
         let rec = FutureRecord::to(topic)
             .key(key.as_str())
             .payload(value)
