@@ -86,6 +86,12 @@ impl Window {
         self.unsettled.fetch_sub(1, Ordering::Relaxed);
         self.freed.notify_one();
     }
+
+    /// Whether replay may hand librdkafka another record: fewer than `max`
+    /// unsettled, and the ordered queue (`queued` entries) under its cap.
+    fn has_room(&self, queued: usize, max: usize) -> bool {
+        self.unsettled.load(Ordering::Relaxed) < max && queued < max * ORDER_WINDOW_FACTOR
+    }
 }
 
 /// Settled entries waiting behind an unsettled one, at most, per unit of
@@ -216,8 +222,7 @@ impl Replayer {
             if deadline.is_some() && caught_up && pending.is_empty() {
                 return End::Shutdown;
             }
-            let unsettled = window.unsettled.load(Ordering::Relaxed);
-            let room = unsettled < max && pending.len() < max * ORDER_WINDOW_FACTOR;
+            let room = window.has_room(pending.len(), max);
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if deadline.is_none() => {
@@ -259,9 +264,7 @@ impl Replayer {
                         // window has room. try_next never returns a record
                         // past the durable frontier, as next does not.
                         burst += 1;
-                        let room = window.unsettled.load(Ordering::Relaxed) < max
-                            && pending.len() < max * ORDER_WINDOW_FACTOR;
-                        if burst < PRODUCE_BURST && room {
+                        if burst < PRODUCE_BURST && window.has_room(pending.len(), max) {
                             item = reader.try_next().transpose();
                         }
                     }
@@ -455,8 +458,9 @@ impl Replayer {
     }
 }
 
-/// The record's own headers, then `seq`, then `extra`.
-fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> OwnedHeaders {
+/// The record's own headers, then `seq`, then `extra`. Public for the
+/// raw-producer baseline in sluice-loadgen, which must send what replay sends.
+pub fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> OwnedHeaders {
     let seq_text = seq.to_string();
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1 + extra.len());
     let ours = [(HEADER_SEQ, seq_text.as_bytes())];
