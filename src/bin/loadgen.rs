@@ -429,21 +429,21 @@ async fn producer(
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let kafka = sluice::config::KafkaConfig::default();
     let producer: FutureProducer = sluice::kafka::producer_config(&kafka, brokers).create()?;
-    // The same shape of record sluice's replay sends: a distinct normalized
-    // event per record (an id, a timestamp, the loadgen padding), keyed by
-    // tenant, with the four headers sluice adds. Built before the clock
-    // starts; 65,536 distinct values are cycled.
-    let keys: Vec<String> = (0..64).map(|i| format!("tenant-{i}")).collect();
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let values: Vec<(String, Vec<u8>)> = (0..65_536u64)
+    // The records sluice's replay sends, built by sluice's own normalizer
+    // (a distinct normalized event per record with its id, timestamp, tenant
+    // key and headers) before the clock starts; 65,536 of them are cycled.
+    let normalizer = sluice::ingest::Normalizer::new(
+        sluice::config::Limits::default(),
+        sluice::config::EventsConfig::default(),
+    );
+    let now = chrono::Utc::now();
+    let built = (0..65_536u64)
         .map(|i| {
-            let id = uuid::Uuid::now_v7().to_string();
-            let mut v = event(&keys[(i % 64) as usize], event_bytes, i);
-            v["id"] = json!(id);
-            v["timestamp"] = json!(now);
-            (id, v.to_string().into_bytes())
+            let e =
+                normalizer.normalize(event(&format!("tenant-{}", i % 64), event_bytes, i), now)?;
+            Ok(sluice::wal::Record::decode(&e.payload)?)
         })
-        .collect();
+        .collect::<Res<Vec<_>>>()?;
     let started = Instant::now();
     let mut pending = FuturesUnordered::new();
     let mut delivered = 0u64;
@@ -455,26 +455,14 @@ async fn producer(
                 _ => failed += 1,
             }
         }
-        let key = &keys[(i % 64) as usize];
-        let (id, value) = &values[(i % 65_536) as usize];
-        let seq = (i + 1).to_string();
-        let headers = [
-            ("id", id.as_str()),
-            ("tenant", key.as_str()),
-            ("received_at", now.as_str()),
-            ("seq", seq.as_str()),
-        ]
-        .into_iter()
-        .fold(rdkafka::message::OwnedHeaders::new(), |h, (key, v)| {
-            h.insert(rdkafka::message::Header {
-                key,
-                value: Some(v),
-            })
-        });
-        let rec = FutureRecord::to(topic)
-            .key(key.as_str())
-            .payload(value)
-            .headers(headers);
+        let record = &built[(i % 65_536) as usize];
+        let mut rec = FutureRecord::to(topic)
+            .payload(&record.value)
+            .headers(sluice::kafka::replayer::kafka_headers(record, i + 1, &[]))
+            .timestamp(record.timestamp_ms);
+        if let Some(k) = &record.key {
+            rec = rec.key(k);
+        }
         match producer.send_result(rec) {
             Ok(f) => pending.push(f),
             Err(_) => failed += 1,
