@@ -126,7 +126,25 @@ pub fn verify(fs: &dyn Filesystem, dir: &Path, committed: u64) -> io::Result<Ver
                     report.first_seq.get_or_insert(first);
                     report.last_seq = scan.last_seq();
                 }
-                let end = first + scan.records;
+                let mut end = first + scan.records;
+                if is_last && scan.stop.is_some() {
+                    // As recovery does: damage followed by intact frames is a
+                    // loss of exactly the damaged range, not a torn tail.
+                    let file = fs.open(&dir.join(&seg.name))?;
+                    let after = past_damage(file, scan.valid_len, end)?;
+                    for g in &after.gaps {
+                        lose(&mut report, g.first, g.last, GapReason::Corrupt);
+                    }
+                    seg.records += after.records;
+                    report.records += after.records;
+                    if after.records > 0 {
+                        report.first_seq.get_or_insert(first);
+                        seg.last_seq = Some(after.next - 1);
+                        report.last_seq = seg.last_seq;
+                    }
+                    seg.trailing_bytes = scan.file_len - after.valid_end.max(scan.valid_len);
+                    end = after.next;
+                }
                 match next_first {
                     Some(n) if end < n => {
                         let reason = if scan.stop.is_some() {
@@ -149,9 +167,72 @@ pub fn verify(fs: &dyn Filesystem, dir: &Path, committed: u64) -> io::Result<Ver
     Ok(report)
 }
 
+/// What lies past the first damage of a last segment.
+struct PastDamage {
+    /// Damaged ranges with intact frames after them.
+    gaps: Vec<Gap>,
+    /// Intact frames found after the first damage.
+    records: u64,
+    /// The sequence number after the last intact frame.
+    next: u64,
+    /// Offset just past the last intact frame (0 if none).
+    valid_end: u64,
+}
+
+/// Walks a last segment past damage at `bad_at` (where `expected` was due),
+/// resynchronising on the next intact frame each time, as recovery does.
+fn past_damage(
+    file: Box<dyn super::io::WalFile>,
+    bad_at: u64,
+    expected: u64,
+) -> io::Result<PastDamage> {
+    let file_len = file.len()?;
+    let mut out = PastDamage {
+        gaps: Vec::new(),
+        records: 0,
+        next: expected,
+        valid_end: 0,
+    };
+    let Ok((_, mut cursor)) = FrameCursor::open(file)? else {
+        return Ok(out);
+    };
+    let mut at = bad_at;
+    loop {
+        let max_seq = out.next.saturating_add((file_len - at) / 17 + 1);
+        let Some(resumed) = cursor.resync(at, out.next + 1..=max_seq)? else {
+            return Ok(out);
+        };
+        out.gaps.push(Gap {
+            first: out.next,
+            last: resumed - 1,
+            reason: GapReason::Corrupt,
+        });
+        out.next = resumed;
+        loop {
+            match cursor.next_frame()? {
+                Step::Frame { frame, .. } if frame.seq == out.next => {
+                    out.next += 1;
+                    out.records += 1;
+                    out.valid_end = cursor.position();
+                }
+                Step::Frame { offset, .. } => {
+                    at = offset;
+                    break;
+                }
+                Step::End { error: None, .. } => return Ok(out),
+                Step::End { offset, .. } => {
+                    at = offset + 1;
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Calls `each` for every readable record from `from_seq` on, in order, until
 /// it breaks, and `gap` for each unreadable range. Read-only; stops at the
-/// first bad frame of each segment.
+/// first bad frame of each sealed segment, and in the last segment goes on
+/// after damage from the next intact frame, as recovery does.
 pub fn for_each_record(
     fs: &dyn Filesystem,
     dir: &Path,
@@ -177,8 +258,13 @@ pub fn for_each_record(
             continue;
         };
         let mut expect = first;
+        let file_len = if next_first.is_none() {
+            fs.open(&dir.join(format::segment_name(first)))?.len()?
+        } else {
+            0
+        };
         loop {
-            match cursor.next_frame()? {
+            let bad_at = match cursor.next_frame()? {
                 Step::Frame { frame, .. } if frame.seq == expect => {
                     expect += 1;
                     if frame.seq < from_seq {
@@ -196,9 +282,27 @@ pub fn for_each_record(
                             reason: GapReason::Undecodable,
                         }),
                     }
+                    continue;
                 }
-                _ => break,
+                Step::Frame { offset, .. } => offset,
+                Step::End { error: None, .. } => break,
+                Step::End { offset, .. } => offset + 1,
+            };
+            if next_first.is_some() {
+                break;
             }
+            let max_seq = expect.saturating_add(file_len.saturating_sub(bad_at) / 17 + 1);
+            let Some(resumed) = cursor.resync(bad_at, expect + 1..=max_seq)? else {
+                break;
+            };
+            if resumed > from_seq {
+                gap(Gap {
+                    first: expect.max(from_seq),
+                    last: resumed - 1,
+                    reason: GapReason::Corrupt,
+                });
+            }
+            expect = resumed;
         }
         if let Some(n) = next_first {
             if expect < n {

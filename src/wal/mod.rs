@@ -167,6 +167,8 @@ pub struct WalCounters {
     pub truncated_bytes: AtomicU64,
     pub lost_records: AtomicU64,
     pub quarantined_files: AtomicU64,
+    /// Damaged bytes that could not be copied to quarantine (disk full).
+    pub quarantine_failures: AtomicU64,
 }
 
 /// A point-in-time summary.
@@ -184,6 +186,7 @@ pub struct WalStats {
     pub truncated_bytes: u64,
     pub lost_records: u64,
     pub quarantined_files: u64,
+    pub quarantine_failures: u64,
 }
 
 /// Told about every group commit, e.g. to feed latency histograms. Called on
@@ -198,9 +201,15 @@ struct Shared {
     fs: Arc<dyn Filesystem>,
     /// first_seq -> bytes on disk. The last entry is the active segment.
     segments: Mutex<BTreeMap<u64, u64>>,
+    /// Serialises GC callers, so that `segments` need not stay locked (and
+    /// block the writer's publish) across unlinks.
+    gc: Mutex<()>,
     disk_bytes: AtomicU64,
     durable: watch::Sender<Durable>,
     failed: Mutex<Option<Arc<str>>>,
+    /// Becomes true when the log fails, so that the process can end without
+    /// waiting for a request to notice.
+    failure: watch::Sender<bool>,
     counters: WalCounters,
     /// Last sequence numbers of loss ranges already reported, so that a range
     /// found again (by a restarted reader) is not counted twice.
@@ -221,6 +230,7 @@ impl Shared {
         if f.is_none() {
             tracing::error!(error = %why, "WAL failed; refusing all further appends until restart");
             *f = Some(why.into());
+            self.failure.send_replace(true);
         }
     }
 
@@ -271,10 +281,10 @@ impl Wal {
         fs: Arc<dyn Filesystem>,
         committed: u64,
     ) -> Result<(Wal, RecoveryReport), WalError> {
-        let (shared, active, report) = recovery::open(cfg, fs, committed)?;
+        let (shared, report) = recovery::open(cfg, fs, committed)?;
         let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(shared.cfg.queue_depth.max(1));
-        let writer = writer::Writer::new(shared.clone(), active);
+        let writer = writer::Writer::new(shared.clone());
         let handle = std::thread::Builder::new()
             .name("sluice-wal-writer".into())
             .spawn(move || writer.run(rx))
@@ -355,21 +365,31 @@ impl Wal {
     /// a segment deleted before that would be a hole after a crash. Returns
     /// how many segments were removed.
     pub fn remove_through(&self, seq: u64) -> Result<usize, WalError> {
-        let mut segments = lock(&self.shared.segments);
-        let firsts: Vec<u64> = segments.keys().copied().collect();
+        let _gc = lock(&self.shared.gc);
+        // Only segments with a successor (sealed), chosen under the lock; the
+        // unlinks run without it so the writer can publish meanwhile.
+        let doomed: Vec<u64> = {
+            let segments = lock(&self.shared.segments);
+            let firsts: Vec<u64> = segments.keys().copied().collect();
+            firsts
+                .windows(2)
+                .take_while(|pair| pair[1] - 1 <= seq)
+                .map(|pair| pair[0])
+                .collect()
+        };
         let mut removed = 0;
-        // Ascending order, and only segments with a successor (sealed): a crash
-        // part-way leaves a contiguous suffix of segments.
-        for pair in firsts.windows(2) {
-            let (first, next_first) = (pair[0], pair[1]);
-            if next_first - 1 > seq {
-                break;
+        // Ascending order: a crash part-way leaves a contiguous suffix.
+        for first in doomed {
+            match self.shared.fs.remove(&self.shared.segment_path(first)) {
+                Ok(()) => {}
+                // Already gone (removed by hand, or by an earlier attempt):
+                // the goal is reached; stopping here would wedge GC forever.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(segment = %format::segment_name(first), "consumed segment was already gone");
+                }
+                Err(e) => return Err(WalError::io(e)),
             }
-            self.shared
-                .fs
-                .remove(&self.shared.segment_path(first))
-                .map_err(WalError::io)?;
-            let bytes = segments.remove(&first).unwrap_or(0);
+            let bytes = lock(&self.shared.segments).remove(&first).unwrap_or(0);
             self.shared.disk_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.shared
                 .counters
@@ -400,6 +420,19 @@ impl Wal {
     /// The reason the log refuses writes, if it does.
     pub fn failure(&self) -> Option<Arc<str>> {
         self.shared.failed()
+    }
+
+    /// Resolves once the log has failed (at once if it already has). The
+    /// daemon ends on this, whether or not a request was waiting.
+    pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shared.failure.subscribe();
+        async move {
+            // The sender lives in `Shared`; if it is dropped the log is gone
+            // and there is nothing left to fail.
+            if rx.wait_for(|&f| f).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     pub fn config(&self) -> &WalConfig {
@@ -433,6 +466,7 @@ impl Wal {
             truncated_bytes: get(&c.truncated_bytes),
             lost_records: get(&c.lost_records),
             quarantined_files: get(&c.quarantined_files),
+            quarantine_failures: get(&c.quarantine_failures),
         }
     }
 }
@@ -459,20 +493,29 @@ fn quarantine_copy(
     name: &str,
 ) -> std::io::Result<()> {
     fs.create_dir_all(quarantine_dir)?;
-    let dst = fs.create(&quarantine_dir.join(name))?;
-    let mut buf = vec![0u8; 1024 * 1024];
-    let mut off = from;
-    while off < to {
-        let want = ((to - off) as usize).min(buf.len());
-        let n = segment::read_full(src, &mut buf[..want], off)?;
-        if n == 0 {
-            break;
+    let path = quarantine_dir.join(name);
+    let copied = (|| {
+        let dst = fs.create(&path)?;
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut off = from;
+        while off < to {
+            let want = ((to - off) as usize).min(buf.len());
+            let n = segment::read_full(src, &mut buf[..want], off)?;
+            if n == 0 {
+                break;
+            }
+            dst.write_all_at(&buf[..n], off - from)?;
+            off += n as u64;
         }
-        dst.write_all_at(&buf[..n], off - from)?;
-        off += n as u64;
+        dst.sync_data()?;
+        fs.sync_dir(quarantine_dir)
+    })();
+    if let Err(e) = copied {
+        // A partial copy is no evidence, and on a full disk it holds the space
+        // that recovery and replay need.
+        let _ = fs.remove(&path);
+        return Err(e);
     }
-    dst.sync_data()?;
-    fs.sync_dir(quarantine_dir)?;
     counters.quarantined_files.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         file = name,

@@ -10,8 +10,7 @@ use tokio::sync::watch;
 use super::format::{self, HEADER_LEN, SEGMENT_SUFFIX, TMP_SUFFIX};
 use super::io::{Filesystem, WalFile};
 use super::reader::{Gap, GapReason};
-use super::segment::{self, read_full};
-use super::writer::{create_segment, Active};
+use super::segment::{read_full, FrameCursor, ScanStop, Step};
 use super::{quarantine_copy, Durable, Shared, WalConfig, WalCounters, WalError};
 
 /// What open found and did. Everything in here was also logged.
@@ -30,6 +29,9 @@ pub struct RecoveryReport {
     pub truncated_bytes: u64,
     /// Files written to the quarantine directory.
     pub quarantined: Vec<String>,
+    /// Damaged bytes that could not be copied to quarantine (e.g. disk full);
+    /// recovery went on without them.
+    pub not_quarantined: Vec<String>,
     /// Sequence ranges known to be lost. A segment whose header is unreadable
     /// and that was the last one has an unknown end; it is reported as
     /// `first..=first` and flagged in the log.
@@ -40,8 +42,11 @@ pub(super) fn open(
     cfg: WalConfig,
     fs: Arc<dyn Filesystem>,
     committed: u64,
-) -> Result<(Shared, Active, RecoveryReport), WalError> {
+) -> Result<(Shared, RecoveryReport), WalError> {
     let io = WalError::io;
+    // Creates wal/ (and the data dir) if missing and fsyncs the parent of each
+    // new directory: a segment fsynced inside an unsynced directory can still
+    // vanish with it.
     fs.create_dir_all(&cfg.dir).map_err(io)?;
     let counters = WalCounters::default();
     let mut report = RecoveryReport::default();
@@ -50,7 +55,7 @@ pub(super) fn open(
     for name in fs.list(&cfg.dir).map_err(io)? {
         if name.ends_with(TMP_SUFFIX) {
             // A roll died before its rename: the segment never held a record.
-            fs.remove(&cfg.dir.join(&name)).map_err(io)?;
+            remove_file(fs.as_ref(), &cfg.dir.join(&name)).map_err(io)?;
             report.removed_tmp += 1;
             tracing::info!(file = %name, "removed half-created segment");
         } else if let Some(first) = format::parse_segment_name(&name) {
@@ -61,13 +66,14 @@ pub(super) fn open(
     }
     firsts.sort_unstable();
 
-    // Headers: 24 bytes per segment. A segment whose header is unreadable
-    // cannot be trusted at all; it moves to quarantine whole.
+    // Headers: 24 bytes per segment, read from the device (not the page
+    // cache). A segment whose header is unreadable cannot be trusted at all;
+    // it moves to quarantine whole.
     let mut sizes = BTreeMap::new();
     let mut bad_header_last = None;
     for (i, &first) in firsts.iter().enumerate() {
         let path = cfg.dir.join(format::segment_name(first));
-        let file = fs.open(&path).map_err(io)?;
+        let file = fs.open_direct(&path).map_err(io)?;
         let mut head = [0u8; HEADER_LEN];
         let n = read_full(file.as_ref(), &mut head, 0).map_err(io)?;
         let problem = match format::decode_header(&head[..n]) {
@@ -83,17 +89,31 @@ pub(super) fn open(
             continue;
         };
         let qname = format!("{}.bad-header", format::segment_name(first));
-        fs.create_dir_all(&cfg.quarantine_dir).map_err(io)?;
-        fs.rename(&path, &cfg.quarantine_dir.join(&qname))
-            .map_err(io)?;
-        fs.sync_dir(&cfg.quarantine_dir).map_err(io)?;
-        fs.sync_dir(&cfg.dir).map_err(io)?;
-        counters.quarantined_files.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(file = %qname, %problem, "quarantined a segment with an unreadable header");
-        report.quarantined.push(qname);
+        let moved = fs
+            .create_dir_all(&cfg.quarantine_dir)
+            .and_then(|()| fs.rename(&path, &cfg.quarantine_dir.join(&qname)))
+            .and_then(|()| fs.sync_dir(&cfg.quarantine_dir))
+            .and_then(|()| fs.sync_dir(&cfg.dir));
+        match moved {
+            Ok(()) => {
+                counters.quarantined_files.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(file = %qname, %problem, "quarantined a segment with an unreadable header");
+                report.quarantined.push(qname);
+            }
+            Err(e) => {
+                counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(file = %format::segment_name(first), %problem, error = %e, "a segment has an unreadable header and could not be moved to quarantine; skipping it");
+                report.not_quarantined.push(qname);
+            }
+        }
         match firsts.get(i + 1) {
+            // Every record in it was delivered already: not a loss.
+            Some(&next) if next - 1 <= committed => tracing::info!(
+                file = %format::segment_name(first),
+                "the bad-header segment lies wholly at or below the committed offset: nothing lost"
+            ),
             Some(&next) => report.lost.push(Gap {
-                first,
+                first: first.max(committed + 1),
                 last: next - 1,
                 reason: GapReason::BadHeader,
             }),
@@ -108,80 +128,38 @@ pub(super) fn open(
         if pair[1] - 1 > committed {
             break;
         }
-        fs.remove(&cfg.dir.join(format::segment_name(pair[0])))
-            .map_err(io)?;
+        remove_file(fs.as_ref(), &cfg.dir.join(format::segment_name(pair[0]))).map_err(io)?;
         sizes.remove(&pair[0]);
         report.removed_consumed += 1;
     }
 
-    // The last segment is the only one that can have a torn tail.
+    // The last segment is the only one a predecessor may have left unsynced
+    // or damaged at its end. Damage followed by intact frames splits it; the
+    // part after the damage becomes the new last segment and is checked in
+    // turn.
     let mut last_seq = committed;
-    let mut active = None;
-    if let Some((&first, size)) = sizes.iter_mut().next_back() {
-        let path = cfg.dir.join(format::segment_name(first));
-        let scan = match segment::scan(fs.open(&path).map_err(io)?).map_err(io)? {
-            Ok(scan) => scan,
-            // The header was good a moment ago; only a concurrent writer
-            // could change that, and the data-dir lock rules that out.
-            Err(e) => return Err(WalError::io(std::io::Error::other(e))),
-        };
-        let file = fs.open(&path).map_err(io)?;
-        if scan.valid_len < scan.file_len {
-            let cut = scan.file_len - scan.valid_len;
-            let why = scan
-                .stop
-                .as_ref()
-                .map_or_else(|| "trailing bytes".to_string(), |s| s.to_string());
-            if !all_zero(file.as_ref(), scan.valid_len, scan.file_len).map_err(io)? {
-                let qname = format!("{}.tail-{}", format::segment_name(first), scan.valid_len);
-                quarantine_copy(
-                    fs.as_ref(),
-                    &cfg.quarantine_dir,
-                    &counters,
-                    file.as_ref(),
-                    (scan.valid_len, scan.file_len),
-                    &qname,
-                )
-                .map_err(io)?;
-                report.quarantined.push(qname);
+    while let Some((&first, _)) = sizes.iter().next_back() {
+        match recover_last(fs.as_ref(), &cfg, &counters, &mut report, first, committed)? {
+            Last::Split {
+                len,
+                resumed_first,
+                resumed_len,
+            } => {
+                sizes.insert(first, len);
+                sizes.insert(resumed_first, resumed_len);
             }
-            // Intact frames after the bad one mean damage, not a torn write:
-            // count them as lost so the loss is exact, not just "bytes cut".
-            if let Some(last) = intact_after(fs.as_ref(), &path, &scan).map_err(io)? {
-                let first_lost = first + scan.records;
-                report.lost.push(Gap {
-                    first: first_lost,
-                    last,
-                    reason: GapReason::Corrupt,
-                });
+            Last::Done { len, records } => {
+                if records == 0 {
+                    // Only a header: numbering continues in the new segment.
+                    remove_file(fs.as_ref(), &cfg.dir.join(format::segment_name(first)))
+                        .map_err(io)?;
+                    sizes.remove(&first);
+                } else {
+                    sizes.insert(first, len);
+                }
+                last_seq = last_seq.max((first + records).saturating_sub(1));
+                break;
             }
-            // Order: the evidence is durable in quarantine, then the cut is
-            // made durable. Dying in between leaves the tail to cut again.
-            file.set_len(scan.valid_len).map_err(io)?;
-            file.sync_data().map_err(io)?;
-            *size = scan.valid_len;
-            report.truncated_bytes = cut;
-            counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
-            tracing::warn!(
-                segment = %format::segment_name(first),
-                offset = scan.valid_len,
-                bytes = cut,
-                reason = %why,
-                "cut the torn tail of the last WAL segment"
-            );
-        }
-        last_seq = last_seq.max(scan.last_seq().unwrap_or(first.saturating_sub(1)));
-        let next = last_seq + 1;
-        if scan.records == 0 && first != next {
-            // Empty, and the log must continue at another number.
-            fs.remove(&path).map_err(io)?;
-            sizes.remove(&first);
-        } else if scan.last_seq().map_or(first, |l| l + 1) == next {
-            active = Some(Active {
-                file,
-                first_seq: first,
-                len: scan.valid_len,
-            });
         }
     }
     if let Some(first) = bad_header_last {
@@ -197,19 +175,11 @@ pub(super) fn open(
         last_seq = last_seq.max(first.saturating_sub(1));
     }
     let next_seq = last_seq + 1;
-    let active = match active {
-        Some(a) => a,
-        None => {
-            let file = create_segment(fs.as_ref(), &cfg.dir, next_seq).map_err(io)?;
-            sizes.insert(next_seq, HEADER_LEN as u64);
-            counters.segments_created.fetch_add(1, Ordering::Relaxed);
-            Active {
-                file,
-                first_seq: next_seq,
-                len: HEADER_LEN as u64,
-            }
-        }
-    };
+    // New appends will go to a fresh segment that the writer creates at its
+    // first append: never behind a tail that this process did not fdatasync
+    // itself (after a failed fsync the kernel may later write new frames past
+    // a hole). Creating it fsyncs wal/, which also makes durable any name a
+    // killed predecessor renamed but did not fsync, before the first 202.
 
     // Records between the committed offset and the first segment are gone.
     if let Some(&first) = sizes.keys().next() {
@@ -227,17 +197,19 @@ pub(super) fn open(
     let disk_bytes = sizes.values().sum();
     let (durable, _) = watch::channel(Durable {
         next_seq,
-        active_first: active.first_seq,
-        active_len: active.len,
+        active_first: next_seq,
+        active_len: HEADER_LEN as u64,
     });
     let shared = Shared {
         observer: std::sync::OnceLock::new(),
         cfg,
         fs,
         segments: Mutex::new(sizes),
+        gc: Mutex::new(()),
         disk_bytes: AtomicU64::new(disk_bytes),
         durable,
         failed: Mutex::new(None),
+        failure: watch::channel(false).0,
         counters,
         reported_losses: Mutex::default(),
     };
@@ -251,45 +223,289 @@ pub(super) fn open(
         disk_bytes,
         "WAL recovered"
     );
-    Ok((shared, active, report))
+    Ok((shared, report))
 }
 
-/// When the walk of the last segment stopped at a frame with a bad checksum
-/// whose length field is plausible, looks past it: the last sequence number of
-/// the intact, contiguous frames that follow, if any. A torn write leaves no
-/// such frames (except after page reordering on power loss, where they were
-/// never acknowledged; reporting them is the conservative error).
-fn intact_after(
+/// What became of the last segment.
+enum Last {
+    /// It ends cleanly at `len` (cut if needed) with `records` records.
+    Done { len: u64, records: u64 },
+    /// Damage with intact frames after it: those frames were copied to a new
+    /// segment starting at `resumed_first`, and this one was cut at `len`.
+    Split {
+        len: u64,
+        resumed_first: u64,
+        resumed_len: u64,
+    },
+}
+
+/// Makes the last segment durable and trustworthy: syncs it, walks it as the
+/// device (not the page cache) holds it, treats frames that are not really
+/// on disk as never written, counts damage exactly, and cuts a torn tail.
+fn recover_last(
     fs: &dyn Filesystem,
-    path: &std::path::Path,
-    scan: &segment::SegmentScan,
-) -> std::io::Result<Option<u64>> {
-    use super::format::{FrameError, FRAME_HEADER_LEN};
-    use super::segment::{FrameCursor, ScanStop, Step};
-    if scan.stop != Some(ScanStop::Frame(FrameError::BadCrc)) {
-        return Ok(None);
+    cfg: &WalConfig,
+    counters: &WalCounters,
+    report: &mut RecoveryReport,
+    first: u64,
+    committed: u64,
+) -> Result<Last, WalError> {
+    let io = WalError::io;
+    let name = format::segment_name(first);
+    let path = cfg.dir.join(&name);
+    let file = fs.open(&path).map_err(io)?;
+    // A predecessor killed between its pwrite and its fdatasync left frames
+    // dirty in the page cache: write them now. If its writeback failed, this
+    // reports the error to us, or, if it was already reported, succeeds
+    // having written nothing: pages that failed stay in the cache, marked
+    // clean. Either way the outcome decides nothing; the direct read does.
+    if let Err(e) = file.sync_data() {
+        tracing::warn!(segment = %name, error = %e, "fdatasync of the last WAL segment failed at open; keeping only what the disk really holds");
     }
-    let file = fs.open(path)?;
-    let mut head = [0u8; FRAME_HEADER_LEN];
-    if read_full(file.as_ref(), &mut head, scan.valid_len)? < FRAME_HEADER_LEN {
-        return Ok(None);
-    }
-    let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as u64;
-    let bad_seq = scan.header.first_seq + scan.records;
-    let Ok((_, mut cursor)) = FrameCursor::open(file)? else {
-        return Ok(None);
+    let direct = fs.open_direct(&path).map_err(io)?;
+    let file_len = direct.len().map_err(io)?;
+    let (_, mut cursor) = match FrameCursor::open(direct).map_err(io)? {
+        Ok(v) => v,
+        // The header was read from the device a moment ago; only a concurrent
+        // writer could change that, and the data-dir lock rules that out.
+        Err(e) => return Err(WalError::io(std::io::Error::other(e))),
     };
-    cursor.seek(scan.valid_len + FRAME_HEADER_LEN as u64 + len);
-    let mut last = None;
-    let mut expected = bad_seq + 1;
-    while let Step::Frame { frame, .. } = cursor.next_frame()? {
-        if frame.seq != expected {
-            break;
+    let mut expected = first;
+    let (tail_at, stop) = loop {
+        let (bad_at, stop, search_from) = match cursor.next_frame().map_err(io)? {
+            Step::Frame { frame, .. } if frame.seq == expected => {
+                expected += 1;
+                continue;
+            }
+            Step::Frame { frame, offset } => (
+                offset,
+                ScanStop::Sequence {
+                    expected,
+                    found: frame.seq,
+                },
+                offset,
+            ),
+            Step::End {
+                offset,
+                error: None,
+            } => break (offset, None),
+            Step::End {
+                offset,
+                error: Some(e),
+            } => (offset, ScanStop::Frame(e), offset + 1),
+        };
+        // Is anything intact after the damage? A torn write leaves nothing
+        // valid behind it; a damaged frame (a flipped length, a bad sector)
+        // in front of acknowledged frames does. Frames are at least 17 bytes,
+        // which bounds the sequence numbers worth matching.
+        let max_seq = expected.saturating_add((file_len - bad_at) / 17 + 1);
+        let Some(resumed) = cursor
+            .resync(search_from, expected + 1..=max_seq)
+            .map_err(io)?
+        else {
+            break (bad_at, Some(stop));
+        };
+        let resume_at = cursor.position();
+        let gap = Gap {
+            first: expected,
+            last: resumed - 1,
+            reason: GapReason::Corrupt,
+        };
+        tracing::error!(
+            segment = %name,
+            offset = bad_at,
+            resumes_at = resume_at,
+            first_seq = gap.first,
+            last_seq = gap.last,
+            reason = %stop,
+            "damage inside the last WAL segment with intact frames after it"
+        );
+        let src = fs.open_direct(&path).map_err(io)?;
+        if resume_at > bad_at {
+            keep_evidence(
+                fs,
+                cfg,
+                counters,
+                report,
+                src.as_ref(),
+                (bad_at, resume_at),
+                &format!("{name}.corrupt-{bad_at}"),
+            );
         }
-        last = Some(frame.seq);
-        expected += 1;
+        // The frames after the damage move to their own segment, named by
+        // their first sequence number, so that this one can be cut at the
+        // damage and every segment stays contiguous. The copy (file, name and
+        // directory) is durable before the cut: dying in between leaves this
+        // segment whole and sealed by the copy, and the reader reports the
+        // same range.
+        match copy_to_segment(fs, &cfg.dir, resumed, src.as_ref(), (resume_at, file_len)) {
+            Ok(resumed_len) => {
+                file.set_len(bad_at).map_err(io)?;
+                file.sync_data().map_err(io)?;
+                let cut = file_len - bad_at;
+                report.truncated_bytes += cut;
+                counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
+                push_loss(report, gap, committed);
+                return Ok(Last::Split {
+                    len: bad_at,
+                    resumed_first: resumed,
+                    resumed_len,
+                });
+            }
+            Err(e) => {
+                // No room for the copy (a full disk): leave the segment whole.
+                // The new active segment seals it, and a sealed segment's
+                // reader stops at the damage, so the intact frames after it
+                // are unreachable: count them with the damaged range, exactly.
+                let mut last = resumed;
+                cursor.next_frame().map_err(io)?;
+                while let Step::Frame { frame, .. } = cursor.next_frame().map_err(io)? {
+                    if frame.seq != last + 1 {
+                        break;
+                    }
+                    last = frame.seq;
+                }
+                tracing::error!(segment = %name, error = %e, first_seq = gap.first, last_seq = last, "could not copy the intact frames after the damage to a new segment; they are counted as lost");
+                file.sync_data().map_err(io)?;
+                push_loss(
+                    report,
+                    Gap {
+                        first: gap.first,
+                        last,
+                        reason: GapReason::Corrupt,
+                    },
+                    committed,
+                );
+                return Ok(Last::Done {
+                    len: file_len,
+                    records: last + 1 - first,
+                });
+            }
+        }
+    };
+    if tail_at < file_len {
+        let cut = file_len - tail_at;
+        let why = stop
+            .as_ref()
+            .map_or_else(|| "trailing bytes".to_string(), |s| s.to_string());
+        let src = fs.open_direct(&path).map_err(io)?;
+        if !all_zero(src.as_ref(), tail_at, file_len).map_err(io)? {
+            keep_evidence(
+                fs,
+                cfg,
+                counters,
+                report,
+                src.as_ref(),
+                (tail_at, file_len),
+                &format!("{name}.tail-{tail_at}"),
+            );
+        }
+        file.set_len(tail_at).map_err(io)?;
+        report.truncated_bytes += cut;
+        counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
+        tracing::warn!(
+            segment = %name,
+            offset = tail_at,
+            bytes = cut,
+            reason = %why,
+            "cut the torn tail of the last WAL segment"
+        );
     }
-    Ok(last)
+    // Makes the cut durable, and the frames we keep: they were read from the
+    // device, but a predecessor may have died before its fdatasync flushed
+    // the device's write cache.
+    file.sync_data().map_err(io)?;
+    Ok(Last::Done {
+        len: tail_at,
+        records: expected - first,
+    })
+}
+
+/// Records a lost range, minus any part at or below the committed offset
+/// (those records were delivered).
+fn push_loss(report: &mut RecoveryReport, gap: Gap, committed: u64) {
+    if gap.last <= committed {
+        return;
+    }
+    report.lost.push(Gap {
+        first: gap.first.max(committed + 1),
+        ..gap
+    });
+}
+
+/// Copies damaged bytes to quarantine. A failure (typically a full disk) does
+/// not stop recovery: refusing to start would keep replay and GC from ever
+/// freeing space. It is counted and logged with what was not kept.
+fn keep_evidence(
+    fs: &dyn Filesystem,
+    cfg: &WalConfig,
+    counters: &WalCounters,
+    report: &mut RecoveryReport,
+    src: &dyn WalFile,
+    range: (u64, u64),
+    qname: &str,
+) {
+    match quarantine_copy(fs, &cfg.quarantine_dir, counters, src, range, qname) {
+        Ok(()) => report.quarantined.push(qname.to_string()),
+        Err(e) => {
+            counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                file = qname,
+                from_offset = range.0,
+                to_offset = range.1,
+                bytes = range.1 - range.0,
+                error = %e,
+                "could not copy damaged WAL bytes to quarantine; starting without keeping them"
+            );
+            report.not_quarantined.push(qname.to_string());
+        }
+    }
+}
+
+/// Creates segment `first_seq` holding bytes `from..to` of `src` (whole
+/// frames, starting with `first_seq`'s), durably: written as `.tmp`,
+/// fdatasynced, renamed, directory fsynced. Returns its length.
+fn copy_to_segment(
+    fs: &dyn Filesystem,
+    dir: &std::path::Path,
+    first_seq: u64,
+    src: &dyn WalFile,
+    (from, to): (u64, u64),
+) -> std::io::Result<u64> {
+    let name = format::segment_name(first_seq);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let result = (|| {
+        let dst = fs.create(&tmp)?;
+        dst.write_all_at(&format::encode_header(first_seq), 0)?;
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut off = from;
+        while off < to {
+            let want = ((to - off) as usize).min(buf.len());
+            let n = read_full(src, &mut buf[..want], off)?;
+            if n == 0 {
+                break;
+            }
+            dst.write_all_at(&buf[..n], HEADER_LEN as u64 + off - from)?;
+            off += n as u64;
+        }
+        dst.sync_data()?;
+        fs.rename(&tmp, &dir.join(&name))?;
+        fs.sync_dir(dir)?;
+        Ok(HEADER_LEN as u64 + off - from)
+    })();
+    if result.is_err() {
+        // Free what the partial copy took; open deletes a leftover .tmp anyway.
+        let _ = fs.remove(&tmp);
+    }
+    result
+}
+
+/// Unlinks a file; one that is already gone is what we wanted.
+fn remove_file(fs: &dyn Filesystem, path: &std::path::Path) -> std::io::Result<()> {
+    match fs.remove(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn all_zero(file: &dyn WalFile, from: u64, to: u64) -> std::io::Result<bool> {

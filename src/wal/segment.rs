@@ -3,6 +3,7 @@
 //! [`FrameCursor`], so there is one frame-walking code path to fuzz.
 
 use std::io;
+use std::ops::RangeInclusive;
 
 use crate::wal::format::{self, Frame, FrameError, SegmentHeader, HEADER_LEN};
 use crate::wal::io::WalFile;
@@ -63,6 +64,55 @@ impl FrameCursor {
         self.pos = offset;
         self.buf.clear();
         self.buf_start = offset;
+    }
+
+    /// Searches forward from `from` for the first offset that holds a valid
+    /// frame whose sequence number lies in `seqs`, and positions the cursor
+    /// there. After damage this tells a torn tail (nothing valid follows)
+    /// from a damaged frame with intact records after it. The sequence filter
+    /// is checked before any checksum, so garbage costs one header decode per
+    /// byte, and a candidate frame is read only if the file holds all of it.
+    pub fn resync(&mut self, from: u64, seqs: RangeInclusive<u64>) -> io::Result<Option<u64>> {
+        let file_len = self.file.len()?;
+        let head_len = format::FRAME_HEADER_LEN;
+        let mut window: Vec<u8> = Vec::new();
+        let mut window_start = from;
+        let mut off = from;
+        while off + head_len as u64 <= file_len {
+            let rel = (off - window_start) as usize;
+            if rel + head_len > window.len() {
+                window_start = off;
+                let want = (READ_CHUNK as u64).min(file_len - off) as usize;
+                window.resize(want, 0);
+                let n = read_full(self.file.as_ref(), &mut window, off)?;
+                window.truncate(n);
+                if n < head_len {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let head = &window[rel..rel + head_len];
+            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let seq = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+            if len != 0 && len <= format::MAX_PAYLOAD_BYTES && seqs.contains(&seq) {
+                let total = format::frame_len(len as usize);
+                if off + total as u64 <= file_len {
+                    let valid = if rel + total <= window.len() {
+                        format::decode_frame(&window[rel..]).is_ok()
+                    } else {
+                        let mut frame = vec![0u8; total];
+                        read_full(self.file.as_ref(), &mut frame, off)? == total
+                            && format::decode_frame(&frame).is_ok()
+                    };
+                    if valid {
+                        self.seek(off);
+                        return Ok(Some(seq));
+                    }
+                }
+            }
+            off += 1;
+        }
+        Ok(None)
     }
 
     /// Reads the frame at the current position and advances past it. On

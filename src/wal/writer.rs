@@ -30,7 +30,9 @@ pub(super) struct Active {
 /// `.wal.tmp` that open deletes; after the rename but before the directory
 /// fsync, a segment that may or may not survive, holding no acknowledged
 /// record either way, because nothing is acknowledged in it before this
-/// function has returned and a frame fdatasync has followed.
+/// function has returned and a frame fdatasync has followed. If the directory
+/// fsync fails, the log fails; the next process never appends to this
+/// segment (it starts its own, whose directory fsync covers this name too).
 pub(super) fn create_segment(
     fs: &dyn Filesystem,
     dir: &Path,
@@ -49,7 +51,10 @@ pub(super) fn create_segment(
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
-    active: Active,
+    /// `None` until the first append of this process: appends always start a
+    /// fresh segment rather than continue a tail that a predecessor wrote,
+    /// and an idle daemon on a full disk needs no space to start.
+    active: Option<Active>,
     next_seq: u64,
     /// Frames of the current group, reused across groups.
     buf: Vec<u8>,
@@ -57,11 +62,11 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, active: Active) -> Self {
+    pub fn new(shared: Arc<Shared>) -> Self {
         let next_seq = shared.durable.borrow().next_seq;
         Writer {
             shared,
-            active,
+            active: None,
             next_seq,
             buf: Vec::new(),
             warned_statvfs: false,
@@ -166,10 +171,14 @@ impl Writer {
     fn write_group(&mut self, group: &[AppendRequest]) -> io::Result<Vec<SeqRange>> {
         let seg_limit = self.shared.cfg.segment_bytes;
         let mut ranges = Vec::with_capacity(group.len());
+        if self.active.is_none() {
+            self.roll()?;
+        }
         for req in group {
             // Roll before a request that would push a non-empty segment past
             // the limit. A single request larger than a segment gets one alone.
-            let pending = self.active.len + self.buf.len() as u64;
+            let active_len = self.active.as_ref().map_or(HEADER_LEN as u64, |a| a.len);
+            let pending = active_len + self.buf.len() as u64;
             if pending > HEADER_LEN as u64 && pending + req.frame_bytes > seg_limit {
                 self.flush()?;
                 self.roll()?;
@@ -195,17 +204,21 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.active.file.write_all_at(&self.buf, self.active.len)?;
+        let Some(active) = self.active.as_mut() else {
+            return Err(io::Error::other("no active segment"));
+        };
+        active.file.write_all_at(&self.buf, active.len)?;
         crate::debug::pause(crate::debug::Site::Commit);
         let started = Instant::now();
-        self.active.file.sync_data()?;
+        active.file.sync_data()?;
         let took = started.elapsed();
         if took > SLOW_FSYNC {
             tracing::warn!(seconds = took.as_secs_f64(), "slow WAL fdatasync");
         }
         let written = self.buf.len() as u64;
         self.buf.clear();
-        self.active.len += written;
+        active.len += written;
+        let (active_first, active_len) = (active.first_seq, active.len);
         let c = &self.shared.counters;
         c.fsyncs.fetch_add(1, Ordering::Relaxed);
         c.fsync_nanos
@@ -218,7 +231,7 @@ impl Writer {
             o.group_committed(records, written, took);
         }
         self.shared.disk_bytes.fetch_add(written, Ordering::Relaxed);
-        lock(&self.shared.segments).insert(self.active.first_seq, self.active.len);
+        lock(&self.shared.segments).insert(active_first, active_len);
         self.publish();
         Ok(())
     }
@@ -227,11 +240,11 @@ impl Writer {
     /// the next one at `next_seq`.
     fn roll(&mut self) -> io::Result<()> {
         let file = create_segment(self.shared.fs.as_ref(), &self.shared.cfg.dir, self.next_seq)?;
-        self.active = Active {
+        self.active = Some(Active {
             file,
             first_seq: self.next_seq,
             len: HEADER_LEN as u64,
-        };
+        });
         lock(&self.shared.segments).insert(self.next_seq, HEADER_LEN as u64);
         self.shared
             .disk_bytes
@@ -245,10 +258,14 @@ impl Writer {
     }
 
     fn publish(&self) {
+        let (active_first, active_len) = self
+            .active
+            .as_ref()
+            .map_or((self.next_seq, HEADER_LEN as u64), |a| (a.first_seq, a.len));
         self.shared.durable.send_replace(Durable {
             next_seq: self.next_seq,
-            active_first: self.active.first_seq,
-            active_len: self.active.len,
+            active_first,
+            active_len,
         });
     }
 }

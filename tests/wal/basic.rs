@@ -2,7 +2,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice::wal::io::{Fault, FaultKind, Filesystem, SimFs};
+use sluice::wal::io::{Fault, FaultKind, Filesystem, SimFs, StdFs};
 use sluice::wal::{format, Wal, WalConfig, WalError};
 
 use super::{open_std, read_all, rec, segment_files, small_cfg};
@@ -319,4 +319,182 @@ fn reader_never_reports_loss_twice_for_the_same_range() {
         gaps1[0].len(),
         "but it is counted once"
     );
+}
+
+/// Appends `n` records tagged `t1..tn` one by one on the simulated disk and
+/// closes the log. Returns the path of the only segment.
+fn sim_log(fs: &SimFs, cfg: &WalConfig, n: u64) -> std::path::PathBuf {
+    let wal = open_sim(fs, cfg, 0);
+    for i in 1..=n {
+        wal.append_blocking(vec![rec(&format!("t{i}"))]).unwrap();
+    }
+    drop(wal);
+    cfg.dir.join(format::segment_name(1))
+}
+
+#[test]
+fn a_full_disk_that_cannot_hold_the_quarantine_copy_does_not_stop_the_start() {
+    let fs = SimFs::new();
+    let mut cfg = sim_cfg();
+    cfg.segment_bytes = 1 << 20;
+    let path = sim_log(&fs, &cfg, 5);
+    let mut bytes = fs.read_file(&path).unwrap();
+    let valid = bytes.len() as u64;
+    bytes.extend(std::iter::repeat_n(0xAB, 3000)); // not zeros: evidence
+    fs.write_file(&path, &bytes);
+    fs.set_capacity(fs.used_bytes() + 100);
+
+    let (wal, report) = Wal::open(cfg.clone(), Arc::new(fs.clone()) as Arc<dyn Filesystem>, 0)
+        .expect("starts although the evidence does not fit");
+    assert_eq!(report.truncated_bytes, 3000);
+    assert!(report.quarantined.is_empty());
+    assert_eq!(
+        report.not_quarantined,
+        vec![format!("{}.tail-{valid}", format::segment_name(1))]
+    );
+    assert_eq!(wal.stats().quarantine_failures, 1);
+    assert!(
+        fs.list(&cfg.quarantine_dir).unwrap().is_empty(),
+        "the partial copy is removed, not left to hold space"
+    );
+    assert_eq!(read_all(&wal, 1).0.len(), 5);
+    assert_eq!(wal.append_blocking(vec![rec("t6")]).unwrap().first, 6);
+}
+
+#[test]
+fn damage_in_the_last_segment_on_a_full_disk_is_counted_exactly() {
+    let fs = SimFs::new();
+    let mut cfg = sim_cfg();
+    cfg.segment_bytes = 1 << 20;
+    let path = sim_log(&fs, &cfg, 30);
+    let mut bytes = fs.read_file(&path).unwrap();
+    let frame_len = format::frame_len(rec("t10").len());
+    // Frame 10's checksum: the intact frames 11..=30 cannot be moved to a
+    // segment of their own on a full disk.
+    bytes[format::HEADER_LEN + 9 * frame_len] ^= 1;
+    fs.write_file(&path, &bytes);
+    fs.set_capacity(fs.used_bytes() + 10);
+    let (wal, report) =
+        Wal::open(cfg.clone(), Arc::new(fs.clone()) as Arc<dyn Filesystem>, 0).expect("starts");
+    let lost = sluice::wal::Gap {
+        first: 10,
+        last: 30,
+        reason: sluice::wal::GapReason::Corrupt,
+    };
+    assert_eq!(report.lost, vec![lost]);
+    assert_eq!(report.next_seq, 31);
+    let (recs, gaps) = read_all(&wal, 1);
+    assert_eq!(recs.len(), 9);
+    assert_eq!(
+        gaps,
+        vec![lost],
+        "the reader skips the same range, counted once"
+    );
+    assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 21);
+}
+
+#[test]
+fn gc_goes_on_when_a_consumed_segment_is_already_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    let (wal, _) = open_std(&cfg, 0);
+    for i in 0..40 {
+        wal.append_blocking(vec![rec(&format!("r{i}"))]).unwrap();
+    }
+    let before = segment_files(dir.path());
+    assert!(before.len() >= 4);
+    std::fs::remove_file(dir.path().join("wal").join(&before[1])).unwrap();
+    let removed = wal.remove_through(40).expect("NotFound is not an error");
+    assert_eq!(removed, before.len() - 1, "every sealed segment is gone");
+    assert_eq!(
+        segment_files(dir.path()),
+        vec![before.last().unwrap().clone()]
+    );
+    assert_eq!(wal.stats().segments, 1);
+}
+
+/// A filesystem whose unlinks wait for the test's go-ahead.
+struct SlowUnlinks {
+    entered: std::sync::mpsc::SyncSender<()>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Filesystem for SlowUnlinks {
+    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        StdFs.create_dir_all(dir)
+    }
+    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+        StdFs.list(dir)
+    }
+    fn open(&self, path: &std::path::Path) -> std::io::Result<Box<dyn sluice::wal::io::WalFile>> {
+        StdFs.open(path)
+    }
+    fn open_direct(
+        &self,
+        path: &std::path::Path,
+    ) -> std::io::Result<Box<dyn sluice::wal::io::WalFile>> {
+        StdFs.open_direct(path)
+    }
+    fn create(&self, path: &std::path::Path) -> std::io::Result<Box<dyn sluice::wal::io::WalFile>> {
+        StdFs.create(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        StdFs.rename(from, to)
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let _ = self.entered.try_send(());
+        let _ = self.go.lock().unwrap().recv();
+        StdFs.remove(path)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        StdFs.sync_dir(dir)
+    }
+    fn free_bytes(&self, dir: &std::path::Path) -> std::io::Result<u64> {
+        StdFs.free_bytes(dir)
+    }
+}
+
+#[test]
+fn appends_complete_while_gc_is_inside_an_unlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path());
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let fs = SlowUnlinks {
+        entered: entered_tx,
+        go: std::sync::Mutex::new(go_rx),
+    };
+    let wal = Arc::new(
+        Wal::open(cfg, Arc::new(fs) as Arc<dyn Filesystem>, 0)
+            .unwrap()
+            .0,
+    );
+    for i in 0..30 {
+        wal.append_blocking(vec![rec(&format!("r{i}"))]).unwrap();
+    }
+    let gc = {
+        let wal = wal.clone();
+        std::thread::spawn(move || wal.remove_through(30))
+    };
+    entered
+        .recv_timeout(Duration::from_secs(30))
+        .expect("GC reached an unlink");
+    // GC is blocked inside an unlink. An append must still be acknowledged.
+    let (done_tx, done) = std::sync::mpsc::channel();
+    {
+        let wal = wal.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(wal.append_blocking(vec![rec("during-gc")]));
+        });
+    }
+    let appended = done.recv_timeout(Duration::from_secs(30));
+    for _ in 0..100 {
+        let _ = go.send(());
+    }
+    let removed = gc.join().unwrap().unwrap();
+    assert!(removed >= 2);
+    let range = appended
+        .expect("the append was not blocked by GC")
+        .expect("append");
+    assert_eq!(range.first, 31);
 }

@@ -124,7 +124,7 @@ fn bit_flip_in_a_sealed_segment_loses_exactly_the_rest_of_that_segment() {
 }
 
 #[test]
-fn bit_flip_in_the_last_segment_is_cut_and_the_intact_frames_after_it_counted() {
+fn bit_flip_in_the_last_segment_loses_that_frame_and_recovers_the_frames_after_it() {
     let f = fixture();
     let (first, path) = f.segments.last().unwrap();
     let len = std::fs::metadata(path).unwrap().len();
@@ -136,21 +136,98 @@ fn bit_flip_in_the_last_segment_is_cut_and_the_intact_frames_after_it_counted() 
     assert_eq!(report.truncated_bytes, len - cut_at);
     let lost = Gap {
         first: first + 1,
-        last: 60,
+        last: first + 1,
         reason: GapReason::Corrupt,
     };
     assert_eq!(report.lost, vec![lost]);
     assert_eq!(std::fs::metadata(path).unwrap().len(), cut_at);
     let name = format::segment_name(*first);
-    assert_eq!(quarantine(&f.data), vec![format!("{name}.tail-{cut_at}")]);
-    let (recs, gaps) = read_all(&wal, 1);
-    assert!(gaps.is_empty());
-    assert_eq!(recs, without(&f.expected, lost.first, lost.last));
-    // Numbering continues after the cut; the damaged seqs are gone for good.
     assert_eq!(
-        wal.append_blocking(vec![rec("new")]).unwrap().first,
-        first + 1
+        quarantine(&f.data),
+        vec![format!("{name}.corrupt-{cut_at}")]
     );
+    assert_eq!(
+        std::fs::metadata(
+            f.data
+                .join("quarantine")
+                .join(format!("{name}.corrupt-{cut_at}"))
+        )
+        .unwrap()
+        .len(),
+        f.frame_len,
+        "exactly the damaged frame is kept as evidence"
+    );
+    let (recs, gaps) = read_all(&wal, 1);
+    // The reader finds the segment ending early (the damage was cut).
+    let ranges: Vec<_> = gaps.iter().map(|g| (g.first, g.last)).collect();
+    assert_eq!(
+        ranges,
+        vec![(lost.first, lost.last)],
+        "replay skips the range"
+    );
+    assert_eq!(recs, without(&f.expected, lost.first, lost.last));
+    assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 1);
+    assert_eq!(wal.append_blocking(vec![rec("new")]).unwrap().first, 61);
+}
+
+/// 100 acknowledged records in one segment, then frame 10's length field is
+/// overwritten: with a length past the end of the file, out of bounds, or 0.
+/// Only record 10 is lost, counted exactly; 11..=100 are read back.
+#[test]
+fn a_damaged_length_in_the_last_segment_loses_exactly_that_frame() {
+    for bad_len in [0x00F0_0000u32, u32::MAX, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path());
+        cfg.min_free_bytes = 0;
+        let mut expected = Vec::new();
+        {
+            let wal = open_std(&cfg, 0).0;
+            for i in 1..=100u64 {
+                let r = wal.append_blocking(vec![rec(&tag(i))]).unwrap();
+                expected.push((r.first, tag(i)));
+            }
+        }
+        let names = segment_files(dir.path());
+        assert_eq!(names.len(), 1, "one segment");
+        let path = dir.path().join("wal").join(&names[0]);
+        let frame_len = format::frame_len(rec(&tag(1)).len()) as u64;
+        let at = format::HEADER_LEN as u64 + 9 * frame_len;
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at as usize + 4..at as usize + 8].copy_from_slice(&bad_len.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+
+        let (wal, report) = open_std(&cfg, 0);
+        let lost = Gap {
+            first: 10,
+            last: 10,
+            reason: GapReason::Corrupt,
+        };
+        assert_eq!(report.lost, vec![lost], "length {bad_len:#x}");
+        assert_eq!(report.next_seq, 101);
+        let (recs, gaps) = read_all(&wal, 1);
+        let ranges: Vec<_> = gaps.iter().map(|g| (g.first, g.last)).collect();
+        assert_eq!(ranges, vec![(10, 10)]);
+        assert_eq!(recs, without(&expected, 10, 10), "length {bad_len:#x}");
+        assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            quarantine(dir.path()),
+            vec![format!("{}.corrupt-{at}", names[0])]
+        );
+        assert_eq!(wal.append_blocking(vec![rec("new")]).unwrap().first, 101);
+    }
+}
+
+#[test]
+fn a_bad_header_segment_wholly_below_the_committed_offset_is_not_a_loss() {
+    let f = fixture();
+    flip(&f.segments[1].1, 0);
+    let committed = f.segments[2].0 - 1;
+    let (wal, report) = open_std(&f.cfg, committed);
+    assert!(report.lost.is_empty(), "{report:?}");
+    assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 0);
+    let (recs, gaps) = read_all(&wal, committed + 1);
+    assert!(gaps.is_empty());
+    assert_eq!(recs, f.expected[committed as usize..].to_vec());
 }
 
 #[test]
