@@ -67,7 +67,9 @@ impl DataDirLock {
             path: dir.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // Durable: the directories must survive a power loss with the files
+        // that recovery later fsyncs inside them.
+        crate::wal::io::create_dir_all_durable(dir).map_err(io)?;
         let path = dir.join("LOCK");
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -199,6 +201,8 @@ pub async fn run(
     let watchdog = tokio::spawn(crate::systemd::watchdog(move || {
         if !wal_for_dog.writer_alive() {
             Some("WAL writer")
+        } else if wal_for_dog.failure().is_some() {
+            Some("WAL (failed)")
         } else if !replayer_alive.get() {
             Some("replayer")
         } else {
@@ -209,10 +213,15 @@ pub async fn run(
     tracing::info!(%addr, data_dir = %data_dir.display(), "sluice listening");
 
     let st = state.clone();
+    // The failure itself ends the process: the request that met it may be
+    // gone already (deadline, client away), and a daemon that only answers
+    // 503 would never be restarted into recovery.
+    let wal_failed = wal.failed();
     let stop = async move {
         tokio::select! {
             _ = shutdown => tracing::info!("shutdown requested: finishing in-flight requests"),
             _ = st.fatal.notified() => tracing::error!("WAL failed: shutting down to restart into recovery"),
+            _ = wal_failed => tracing::error!("WAL failed: shutting down to restart into recovery"),
         }
         crate::systemd::stopping();
         st.shutting_down.store(true, Ordering::Relaxed);

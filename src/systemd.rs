@@ -1,8 +1,9 @@
 //! systemd integration over `$NOTIFY_SOCKET` (sd-notify): READY=1 once the
 //! WAL is recovered and the listener bound, STOPPING=1 when shutdown starts,
 //! and WATCHDOG=1 pings at half of `WatchdogSec` from a task that pings only
-//! while the WAL writer and the replayer are alive. A wedged runtime stops the
-//! pings too, since the task runs on it. Outside systemd these do nothing.
+//! while the WAL writer and the replayer are alive and the WAL has not
+//! failed. A wedged runtime stops the pings too, since the task runs on it.
+//! Outside systemd these do nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

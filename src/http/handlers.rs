@@ -345,8 +345,16 @@ pub async fn receipt(
     })))
 }
 
-pub async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// Liveness: 503 once the WAL has failed, since only a restart recovers it.
+pub async fn health(State(st): State<SharedState>) -> Response {
+    match st.wal.failure() {
+        None => Json(json!({ "status": "ok" })).into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "failed", "reason": format!("WAL failed: {why}") })),
+        )
+            .into_response(),
+    }
 }
 
 /// Ready when the WAL can take writes: not failed, under quota, enough disk.

@@ -4,6 +4,7 @@
 mod basic;
 mod cli;
 mod crash;
+mod daemon;
 mod damage;
 mod fuzz_seeds;
 mod model;
