@@ -444,6 +444,13 @@ fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
         one!(w, |w| get(&w.counters().quarantined_files)),
     )?;
     add(
+        "wal_quarantine_failures_total",
+        "Damaged bytes recovery could not copy to quarantine/ (disk full); it started without them.",
+        COUNTER,
+        &[],
+        one!(w, |w| get(&w.counters().quarantine_failures)),
+    )?;
+    add(
         "wal_failed",
         "1 once a write or fsync failed (sticky; the process exits to recover).",
         GAUGE,

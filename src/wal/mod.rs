@@ -16,20 +16,25 @@
 //!    writer publishes only after that fdatasync. Nothing not yet durable can
 //!    reach Kafka, so a sequence number that was never durable may be reused
 //!    after a crash without creating a conflicting duplicate.
-//! 3. Only the active (last) segment is ever written. Sealed segments are
-//!    immutable until GC deletes them whole.
+//! 3. Only the active (last) segment is ever written, and only by the process
+//!    that created it. Sealed segments are immutable until GC deletes them
+//!    whole (recovery may cut the last segment a predecessor left).
 //! 4. A failed write or fsync is sticky: the writer refuses every later
-//!    append. The kernel may have dropped the dirty pages (fsyncgate), so only
-//!    a restart and recovery from what is really on disk is trustworthy.
+//!    append, and [`Wal::failed`] resolves so the process can exit. The
+//!    kernel may have dropped the dirty pages (fsyncgate), so only a restart
+//!    and recovery from what is really on disk is trustworthy.
 //! 5. GC deletes a segment only when its last record is at or below a committed
 //!    offset that the caller has already made durable. Segments are deleted in
 //!    ascending order, so a crash mid-GC leaves a suffix, never a hole.
 //!
 //! # Recovery
 //! Open lists the directory, checks every header (24 bytes each) and scans
-//! only the last segment, whose tail may be torn: it is cut at the first bad
-//! frame. Sealed segments are verified lazily by the reader as replay reaches
-//! them, so startup cost does not grow with the backlog. See
+//! only the last segment, after an fdatasync and from the device (`O_DIRECT`),
+//! so bytes a failed fsync left only in the page cache count as never
+//! written. A torn tail is cut; damage with intact frames after it is counted
+//! exactly and those frames are kept. The first append of a process starts a
+//! fresh segment. Sealed segments are verified lazily by the reader as replay
+//! reaches them, so startup cost does not grow with the backlog. See
 //! `docs/design.md` for the full rules.
 
 pub mod format;
