@@ -32,8 +32,8 @@
 //! only the last segment, after an fdatasync and from the device (`O_DIRECT`),
 //! so bytes a failed fsync left only in the page cache count as never
 //! written. A torn tail is cut; damage with intact frames after it is counted
-//! exactly and those frames are kept. The first append of a process starts a
-//! fresh segment. Sealed segments are verified lazily by the reader as replay
+//! exactly and those frames are kept. Every process appends to a fresh
+//! segment of its own. Sealed segments are verified lazily by the reader as replay
 //! reaches them, so startup cost does not grow with the backlog. See
 //! `docs/design.md` for the full rules.
 
@@ -286,10 +286,10 @@ impl Wal {
         fs: Arc<dyn Filesystem>,
         committed: u64,
     ) -> Result<(Wal, RecoveryReport), WalError> {
-        let (shared, report) = recovery::open(cfg, fs, committed)?;
+        let (shared, active, report) = recovery::open(cfg, fs, committed)?;
         let shared = Arc::new(shared);
         let (tx, rx) = mpsc::channel(shared.cfg.queue_depth.max(1));
-        let writer = writer::Writer::new(shared.clone());
+        let writer = writer::Writer::new(shared.clone(), active);
         let handle = std::thread::Builder::new()
             .name("sluice-wal-writer".into())
             .spawn(move || writer.run(rx))

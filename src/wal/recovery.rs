@@ -11,6 +11,7 @@ use super::format::{self, HEADER_LEN, SEGMENT_SUFFIX, TMP_SUFFIX};
 use super::io::{Filesystem, WalFile};
 use super::reader::{Gap, GapReason};
 use super::segment::{read_full, FrameCursor, ScanStop, Step};
+use super::writer::{create_segment, Active};
 use super::{quarantine_copy, Durable, Shared, WalConfig, WalCounters, WalError};
 
 /// What open found and did. Everything in here was also logged.
@@ -42,7 +43,7 @@ pub(super) fn open(
     cfg: WalConfig,
     fs: Arc<dyn Filesystem>,
     committed: u64,
-) -> Result<(Shared, RecoveryReport), WalError> {
+) -> Result<(Shared, Option<Active>, RecoveryReport), WalError> {
     let io = WalError::io;
     // Creates wal/ (and the data dir) if missing and fsyncs the parent of each
     // new directory: a segment fsynced inside an unsynced directory can still
@@ -175,11 +176,28 @@ pub(super) fn open(
         last_seq = last_seq.max(first.saturating_sub(1));
     }
     let next_seq = last_seq + 1;
-    // New appends will go to a fresh segment that the writer creates at its
-    // first append: never behind a tail that this process did not fdatasync
-    // itself (after a failed fsync the kernel may later write new frames past
-    // a hole). Creating it fsyncs wal/, which also makes durable any name a
-    // killed predecessor renamed but did not fsync, before the first 202.
+    // New appends go to a fresh segment: never behind a tail that this
+    // process did not fdatasync itself (after a failed fsync the kernel may
+    // later write new frames past a hole). Creating it fsyncs wal/, which
+    // also makes durable any name a killed predecessor renamed but did not
+    // fsync, before the first 202. If it cannot be created now (a full disk),
+    // start anyway so that replay and GC can free space; the writer creates
+    // it at the first append, and a failure then fails the log.
+    let active = match create_segment(fs.as_ref(), &cfg.dir, next_seq) {
+        Ok(file) => {
+            sizes.insert(next_seq, HEADER_LEN as u64);
+            counters.segments_created.fetch_add(1, Ordering::Relaxed);
+            Some(Active {
+                file,
+                first_seq: next_seq,
+                len: HEADER_LEN as u64,
+            })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, next_seq, "cannot create the first WAL segment at open; starting without it (appends will try again)");
+            None
+        }
+    };
 
     // Records between the committed offset and the first segment are gone.
     if let Some(&first) = sizes.keys().next() {
@@ -223,7 +241,7 @@ pub(super) fn open(
         disk_bytes,
         "WAL recovered"
     );
-    Ok((shared, report))
+    Ok((shared, active, report))
 }
 
 /// What became of the last segment.

@@ -51,9 +51,9 @@ pub(super) fn create_segment(
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
-    /// `None` until the first append of this process: appends always start a
-    /// fresh segment rather than continue a tail that a predecessor wrote,
-    /// and an idle daemon on a full disk needs no space to start.
+    /// The segment this process created at open; `None` if that failed (a
+    /// full disk), in which case the first append creates it. Never a
+    /// predecessor's segment.
     active: Option<Active>,
     next_seq: u64,
     /// Frames of the current group, reused across groups.
@@ -62,11 +62,11 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, active: Option<Active>) -> Self {
         let next_seq = shared.durable.borrow().next_seq;
         Writer {
             shared,
-            active: None,
+            active,
             next_seq,
             buf: Vec::new(),
             warned_statvfs: false,

@@ -498,3 +498,20 @@ fn appends_complete_while_gc_is_inside_an_unlink() {
         .expect("append");
     assert_eq!(range.first, 31);
 }
+
+#[test]
+fn a_disk_with_no_room_for_a_new_segment_still_opens_and_appends_once_space_returns() {
+    let fs = SimFs::new();
+    let mut cfg = sim_cfg();
+    cfg.segment_bytes = 1 << 20;
+    sim_log(&fs, &cfg, 5);
+    fs.set_capacity(fs.used_bytes());
+    let wal = open_sim(&fs, &cfg, 0);
+    assert_eq!(read_all(&wal, 1).0.len(), 5, "replay can run");
+    fs.set_capacity(u64::MAX);
+    assert_eq!(wal.append_blocking(vec![rec("t6")]).unwrap().first, 6);
+    drop(wal);
+    fs.crash(|_, _| 0);
+    let wal = open_sim(&fs, &cfg, 0);
+    assert_eq!(read_all(&wal, 1).0.len(), 6);
+}
