@@ -97,6 +97,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Exit, ServeError> {
     config.validate()?;
+    let mut config = config;
+    // An event larger than the producer takes would get 202 and then go to
+    // the dead letters: ingest answers 413 instead.
+    let fit = config.effective_max_event_bytes()?;
+    if fit < config.limits.max_event_bytes {
+        tracing::info!(
+            max_event_bytes = fit,
+            "limits.max-event-bytes lowered from its default to what the producer's message.max.bytes carries after the key and headers"
+        );
+        config.limits.max_event_bytes = fit;
+    }
     // Credentials first: a bad keys file or certificate is an operator error
     // to report before anything else is opened.
     let keys = if config.auth.keys_file.as_os_str().is_empty() {
@@ -121,18 +132,31 @@ pub async fn run(
     };
     let data_dir = config.data_dir.clone();
     let _lock = DataDirLock::acquire(&data_dir)?;
-    let offsets_dir = data_dir.join("offsets");
     let wal_config = config.wal_config();
+    let data_dir_ = data_dir.clone();
     // sled and recovery do blocking I/O.
-    let (offsets, wal) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
-        let offsets = OffsetStore::open(&offsets_dir)?;
+    let (offsets, wal, offsets_reset) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let (offsets, reset) = OffsetStore::open_or_reset(&data_dir_, &wal_config.dir)?;
+        if let Some(r) = &reset {
+            tracing::error!(
+                reason = %r.reason,
+                quarantined = ?r.quarantined,
+                replay_from_seq = r.committed + 1,
+                "OFFSET STORE RESET: replay restarts from the oldest retained WAL segment; records already in Kafka will be delivered again (duplicates, no loss)"
+            );
+        }
         let committed = offsets.committed()?;
-        let (wal, _report) = Wal::open(
+        let (wal, report) = Wal::open(
             wal_config,
             Arc::new(StdFs) as Arc<dyn Filesystem>,
             committed,
         )?;
-        Ok((Arc::new(offsets), Arc::new(wal)))
+        // Receipts must say `lost` for these; durable with the next commit,
+        // which is the earliest the offset can pass them.
+        for gap in &report.lost {
+            offsets.record_fate(gap.first, gap.last, crate::offsets::Fate::Lost)?;
+        }
+        Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))
     })
     .await
     .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
@@ -179,6 +203,12 @@ pub async fn run(
         tls.clone(),
         std::time::Duration::from_millis(config.auth.reload_interval_ms),
     ));
+    if offsets_reset {
+        state
+            .replay
+            .offset_store_resets
+            .fetch_add(1, Ordering::Relaxed);
+    }
     let (replay_stop, replay_stop_rx) = tokio::sync::watch::channel(false);
     let replayer = Replayer {
         wal: wal.clone(),
