@@ -157,6 +157,14 @@ impl OffsetStore {
         let reason = if existed {
             match Self::open(&dir) {
                 Ok(store) => return Ok((store, None)),
+                // Another process (an offline tool) holds sled's lock: the
+                // store is fine, so it must not be quarantined. Failing the
+                // start lets systemd retry once the tool is done.
+                Err(OffsetError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock") =>
+                {
+                    return Err(OffsetError::Sled(sled::Error::Io(e)));
+                }
                 Err(e) => e.to_string(),
             }
         } else {
@@ -347,6 +355,24 @@ mod tests {
         }
         let s = OffsetStore::open(dir.path()).unwrap();
         assert_eq!(s.committed().unwrap(), 10);
+    }
+
+    #[test]
+    fn a_store_locked_by_another_process_is_not_quarantined() {
+        let data = tempfile::tempdir().unwrap();
+        let wal = data.path().join("wal");
+        let held = OffsetStore::open(&data.path().join("offsets")).unwrap();
+        held.commit(7).unwrap();
+        let err = OffsetStore::open_or_reset(data.path(), &wal).err();
+        assert!(
+            err.is_some_and(|e| e.to_string().contains("lock")),
+            "a held lock is an error to retry, not damage"
+        );
+        assert!(!data.path().join("quarantine").exists());
+        drop(held);
+        let (store, reset) = OffsetStore::open_or_reset(data.path(), &wal).unwrap();
+        assert!(reset.is_none());
+        assert_eq!(store.committed().unwrap(), 7);
     }
 
     #[test]

@@ -152,8 +152,10 @@ pub async fn run(
             committed,
         )?;
         // Receipts must say `lost` for these; durable with the next commit,
-        // which is the earliest the offset can pass them.
-        for gap in &report.lost {
+        // which is the earliest the offset can pass them. A range that
+        // reaches next_seq (a last segment with an unreadable header) will be
+        // reassigned to new records, so it is not recorded.
+        for gap in report.lost.iter().filter(|g| g.last < report.next_seq) {
             offsets.record_fate(gap.first, gap.last, crate::offsets::Fate::Lost)?;
         }
         Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))

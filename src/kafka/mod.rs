@@ -61,7 +61,9 @@ pub fn value_fit(
         })?,
     };
     // librdkafka's header size: per header a varint key length (<= 5), the
-    // key, a varint value length (<= 5), the value.
+    // key, a varint value length (<= 5), the value. Every header a record
+    // can carry must be counted here, or its events get 202 and then a dead
+    // letter.
     let header = |name: &str, value: usize| 10 + name.len() + value;
     let utf8_max = |chars: usize| chars * 4;
     let headers = header("id", utf8_max(limits.max_id_chars))
