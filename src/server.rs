@@ -211,6 +211,26 @@ pub async fn run(
             .offset_store_resets
             .fetch_add(1, Ordering::Relaxed);
     }
+    let dead_letter = DeadLetterFile::new(&data_dir);
+    let (dead_letter, repaired) = tokio::task::spawn_blocking(move || {
+        let r = dead_letter.repair_tail();
+        (dead_letter, r)
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))?;
+    match repaired {
+        Ok(0) => {}
+        Ok(_) => {
+            state
+                .replay
+                .dead_letter_partial_lines
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Not fatal: the first append checks the tail again before writing.
+        Err(e) => {
+            tracing::error!(error = %e, file = %dead_letter.path().display(), "cannot check the dead-letter file's last line; the next dead letter will")
+        }
+    }
     let (replay_stop, replay_stop_rx) = tokio::sync::watch::channel(false);
     let replayer = Replayer {
         wal: wal.clone(),
@@ -219,7 +239,7 @@ pub async fn run(
         brokers,
         cfg: config.replay.clone(),
         stats: state.replay.clone(),
-        dead_letter: DeadLetterFile::new(&data_dir),
+        dead_letter,
         drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();

@@ -6,9 +6,9 @@
 //! Every line is a whole JSON object ending in `\n`. A write cut short (ENOSPC,
 //! a kill mid-`write`) leaves a partial last line; its record was never
 //! acknowledged (the offset did not pass it), so it will be written again.
-//! Before the first append of a process, and after any failed append, the
-//! file is truncated back to its last `\n`, so a partial line never swallows
-//! the next record.
+//! At start ([`DeadLetterFile::repair_tail`]), or else before the first
+//! append of a process, and after any failed append, the file is truncated
+//! back to its last `\n`, so a partial line never swallows the next record.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -48,6 +48,38 @@ impl DeadLetterFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Run at start: cuts a partial last line left by the previous process
+    /// (so the file is line-parseable even if no record is ever appended
+    /// again), makes the cut and the file's directory entry durable, and
+    /// returns how many bytes were cut. No file is no work.
+    pub fn repair_tail(&self) -> std::io::Result<u64> {
+        let mut f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.check_tail.store(false, Ordering::Relaxed);
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        let cut = truncate_partial_line(&mut f)?;
+        if cut > 0 {
+            f.sync_data()?;
+        }
+        // An earlier process may have died between creating the file and
+        // syncing its directory.
+        let dir = self.path.parent().expect("has a parent");
+        std::fs::File::open(dir)?.sync_all()?;
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        self.check_tail.store(false, Ordering::Relaxed);
+        Ok(cut)
     }
 
     /// Appends the record and fdatasyncs. Values that are JSON are embedded

@@ -52,6 +52,26 @@ fn a_partial_last_line_is_cut_before_the_next_append_and_counted() {
     assert_eq!(lines(file.path()).len(), 3);
 }
 
+#[test]
+fn a_partial_last_line_is_cut_at_start_even_without_a_new_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = DeadLetterFile::new(dir.path());
+    assert_eq!(file.repair_tail().unwrap(), 0, "no file, no work");
+    file.append(1, "events", "too large", &event("dl", "a", 1, 0))
+        .unwrap();
+    let whole = std::fs::metadata(file.path()).unwrap().len();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(file.path())
+        .unwrap();
+    std::io::Write::write_all(&mut f, br#"{"seq":2,"to"#).unwrap();
+    drop(f);
+    let file = DeadLetterFile::new(dir.path());
+    assert_eq!(file.repair_tail().unwrap(), 12);
+    assert_eq!(std::fs::metadata(file.path()).unwrap().len(), whole);
+    assert_eq!(lines(file.path()).len(), 1);
+}
+
 /// Run by the test below under strace: one append to an existing file.
 #[test]
 #[ignore = "child process of the_directory_is_synced_for_a_file_an_earlier_process_created"]
