@@ -294,6 +294,9 @@ impl Replayer {
                     while let Some(next) = item.take() {
                         match next {
                             Ok(ReadItem::Record { seq, record, .. }) => {
+                                if seq <= isolate_through {
+                                    stats.isolated_retries.fetch_add(1, Ordering::Relaxed);
+                                }
                                 pending.push_back(self.produce(producer, &window, seq, record).await);
                                 stats.produced.fetch_add(1, Ordering::Relaxed);
                             }
@@ -420,13 +423,10 @@ impl Replayer {
                 }
                 // A broker refuses a whole produce request, so this does not
                 // prove the record is the bad one: isolate before condemning.
-                Failure::Permanent => {
-                    stats.isolated_retries.fetch_add(1, Ordering::Relaxed);
-                    Err(End::Isolate {
-                        from: seq,
-                        through: seq,
-                    })
-                }
+                Failure::Permanent => Err(End::Isolate {
+                    from: seq,
+                    through: seq,
+                }),
             },
         }
     }
