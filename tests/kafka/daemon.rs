@@ -201,6 +201,20 @@ impl Daemon {
     }
 }
 
+/// A test that fails before `stop` must not leave a daemon behind.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // sluice itself, which is not our child under a wrapper.
+            if let Ok(pid) = std::fs::read_to_string(self.data.join("LOCK")) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Every `seq` and `id` header in `topic`, in consumed order.
 pub fn consume_all(brokers: &str, topic: &str) -> Vec<(u64, String)> {
     let mut out = Vec::new();
