@@ -227,6 +227,9 @@ fn check_config(path: &Path, print: bool) -> CliResult {
         }
         return Ok(ExitCode::from(1));
     }
+    if let Ok(fit) = config.effective_max_event_bytes() {
+        eprintln!("effective limits.max-event-bytes: {fit}");
+    }
     if print {
         print!("{}", toml::to_string(&config)?);
     }

@@ -12,6 +12,9 @@ use crate::wal::WalConfig;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
+/// `limits.max-event-bytes` unless set: 1 MiB, lowered to what the producer
+/// takes (see [`Config::effective_max_event_bytes`]).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = MIB as usize;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -170,8 +173,12 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Events in one request. Default 10000.
     pub max_events_per_request: usize,
-    /// Bytes of one normalized event (its Kafka value). Keep it at or below
-    /// the producer's `message.max.bytes`. Default 1 MiB.
+    /// Bytes of one normalized event (its Kafka value). Its whole Kafka
+    /// record (key and headers included) must fit the producer's
+    /// `message.max.bytes`: at the default, the limit is lowered to what
+    /// fits (998,645 bytes with librdkafka's default of 1,000,000 and the
+    /// default key field); an explicit value that does not fit is refused.
+    /// Default 1 MiB, lowered as said.
     pub max_event_bytes: usize,
     /// Nesting depth of an event's JSON (the event object itself is depth 1).
     /// Default 64.
@@ -296,7 +303,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 10 * MIB,
             max_events_per_request: 10_000,
-            max_event_bytes: MIB as usize,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             max_depth: 64,
             max_id_chars: 128,
             max_source_chars: 256,
@@ -382,6 +389,20 @@ impl Config {
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The largest event value the producer takes, key and headers included
+    /// (see [`crate::kafka::value_fit`]).
+    pub fn producer_event_fit(&self) -> Result<usize, ConfigError> {
+        crate::kafka::value_fit(&self.kafka, &self.limits, &self.events)
+    }
+
+    /// The event size limit ingest enforces: `limits.max-event-bytes`, or,
+    /// when that is left at its default, the default lowered to what the
+    /// producer takes. An explicit value above that is refused by
+    /// [`Config::validate`].
+    pub fn effective_max_event_bytes(&self) -> Result<usize, ConfigError> {
+        Ok(self.limits.max_event_bytes.min(self.producer_event_fit()?))
     }
 
     /// Rejects values that cannot work together.
@@ -474,7 +495,14 @@ impl Config {
                 self.log.format
             ));
         }
-        crate::kafka::validate(&self.kafka, &self.limits)?;
+        crate::kafka::validate(&self.kafka)?;
+        let fit = self.producer_event_fit()?;
+        if l.max_event_bytes > fit && l.max_event_bytes != DEFAULT_MAX_EVENT_BYTES {
+            return bad(format!(
+                "limits.max-event-bytes ({}) exceeds what the producer's message.max.bytes carries after the key and headers ({fit}): such events would get 202 and then go to the dead letters. Lower it, or raise kafka.librdkafka.message.max.bytes (and the broker's and topic's limits)",
+                l.max_event_bytes
+            ));
+        }
         let r = &self.replay;
         if r.max_in_flight == 0 || r.commit_interval_ms == 0 || r.backoff_initial_ms == 0 {
             return bad("replay values must be positive".into());

@@ -575,6 +575,20 @@ fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
         one!(r, |r| get(&r.gap_records)),
     )?;
     add(
+        "offset_store_resets_total",
+        "Offset stores found unreadable or missing at start and moved to quarantine/ (replay restarted from the oldest segment).",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.offset_store_resets)),
+    )?;
+    add(
+        "dead_letter_partial_lines_total",
+        "Partial last lines of the dead-letter file (ENOSPC, kill) truncated before an append.",
+        COUNTER,
+        &[],
+        one!(r, |r| get(&r.dead_letter_partial_lines)),
+    )?;
+    add(
         "kafka_connected",
         "1 when the last delivery succeeded, 0 after all brokers went down or a delivery failed.",
         GAUGE,

@@ -1,19 +1,41 @@
 //! The committed offset: every WAL record at or below it has been confirmed by
-//! Kafka (or dead-lettered). Stored in sled and flushed before `commit`
-//! returns.
+//! Kafka (or dead-lettered). Stored in sled, then made durable with a real
+//! fsync of sled's files before `commit` returns.
 //!
-//! Why "flush the offset, then delete segments" is safe: GC removes only
-//! segments whose last record is at or below an offset that is already on
-//! disk. A crash after the flush and before the unlink leaves extra consumed
-//! segments, which the next open deletes. A crash before the flush leaves the
-//! old offset and every segment above it, so the records are produced again
-//! (a duplicate, never a loss). The reverse order could leave an offset
-//! pointing past a deleted segment's predecessor, i.e. a hole: Vector's
-//! crash-loop of lessons.md item 2.
+//! Why "make the offset durable, then delete segments" is safe: GC removes
+//! only segments whose last record is at or below an offset that is already
+//! on disk. A crash after the fsync and before the unlink leaves extra
+//! consumed segments, which the next open deletes. A crash before the fsync
+//! leaves the old offset and every segment above it, so the records are
+//! produced again (a duplicate, never a loss). The reverse order could leave
+//! an offset pointing past a deleted segment's predecessor: a hole.
+//!
+//! sled 0.34's `flush()` ends in `sync_file_range(2)`, which writes the pages
+//! but flushes neither the inode's metadata nor the disk's write cache, and
+//! its own `fsync` runs from a background timer. So `commit` follows the flush
+//! with `sync_all` on every file of the store and on its directory (fsync acts
+//! on the inode, so our own descriptor is enough); sled's timer is turned off
+//! so that every write to the store happens inside a commit.
+//!
+//! The same store keeps the *fates* of sequence numbers that did not reach the
+//! topic: ranges that recovery or replay found unreadable (`lost`) and records
+//! sent to the dead-letter topic or file. They are few (one entry per range or
+//! dead letter), written before the commit that passes them, and made durable
+//! by that commit; receipts read them.
+//!
+//! A store that will not open (sled refuses it, panics on it, or it holds a
+//! malformed value) or is missing while the WAL holds segments never stops
+//! the daemon: [`OffsetStore::open_or_reset`] moves it to `quarantine/` and
+//! restarts from just below the oldest retained segment. Everything below that
+//! segment was committed, since GC only removes committed segments, so this
+//! produces duplicates, never a false loss report.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const KEY: &[u8] = b"committed";
+/// sled tree of fates: key = first seq (big-endian), value = last seq
+/// (big-endian) followed by one [`Fate`] byte.
+const FATES: &[u8] = b"fates";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
@@ -21,18 +43,167 @@ pub enum OffsetError {
     Sled(#[from] sled::Error),
     #[error("offset store holds a malformed value ({0} bytes, expected 8)")]
     Malformed(usize),
+    #[error("offset store: fsync of {path}: {source}")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("offset store could not be opened ({reason}) nor moved aside: {source}")]
+    Quarantine {
+        reason: String,
+        source: std::io::Error,
+    },
+}
+
+/// What became of a sequence number that did not reach the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Recovery or replay found it unreadable: it will never be delivered.
+    Lost,
+    /// Kafka refused it permanently; it is in the dead-letter topic.
+    DeadLetteredTopic,
+    /// Kafka and the dead-letter topic refused it; it is in the dead-letter
+    /// file.
+    DeadLetteredFile,
+}
+
+impl Fate {
+    fn to_byte(self) -> u8 {
+        match self {
+            Fate::Lost => 1,
+            Fate::DeadLetteredTopic => 2,
+            Fate::DeadLetteredFile => 3,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Fate> {
+        match b {
+            1 => Some(Fate::Lost),
+            2 => Some(Fate::DeadLetteredTopic),
+            3 => Some(Fate::DeadLetteredFile),
+            _ => None,
+        }
+    }
+}
+
+/// Why [`OffsetStore::open_or_reset`] started a fresh store.
+#[derive(Debug, Clone)]
+pub struct Reset {
+    /// What was wrong with the old store.
+    pub reason: String,
+    /// Where the old store went, if there was one.
+    pub quarantined: Option<PathBuf>,
+    /// The committed offset the fresh store starts from.
+    pub committed: u64,
 }
 
 pub struct OffsetStore {
     db: sled::Db,
+    fates: sled::Tree,
+    dir: PathBuf,
 }
 
 impl OffsetStore {
+    /// Opens the store at `dir`, creating it if needed; fails on a store sled
+    /// cannot read. The daemon uses [`OffsetStore::open_or_reset`].
     pub fn open(dir: &Path) -> Result<Self, OffsetError> {
-        let db = sled::Config::new().path(dir).open()?;
-        let store = OffsetStore { db };
+        let created = !dir.exists();
+        // sled panics on some damaged files instead of returning an error.
+        let db = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir)
+                // Every write happens in `commit`, which fsyncs itself.
+                .flush_every_ms(None)
+                .open()
+        })
+        .map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            sled::Error::Unsupported(format!("sled panicked opening the store: {why}"))
+        })??;
+        let fates = db.open_tree(FATES)?;
+        let store = OffsetStore {
+            db,
+            fates,
+            dir: dir.to_owned(),
+        };
         store.committed()?;
+        // A store we just created is durable only once its files, its
+        // directory and the directory's entry in the data dir are.
+        store.sync()?;
+        if created {
+            if let Some(parent) = dir.parent() {
+                sync_path(parent)?;
+            }
+        }
         Ok(store)
+    }
+
+    /// Opens `DATA_DIR/offsets`. If it is unreadable, or missing while
+    /// `wal_dir` holds segments, moves it to `DATA_DIR/quarantine/` and
+    /// starts a fresh store whose committed offset is just below the oldest
+    /// retained segment (durable before this returns). Fails only on I/O
+    /// errors that recovery cannot work around (the store cannot be moved or
+    /// created).
+    pub fn open_or_reset(
+        data_dir: &Path,
+        wal_dir: &Path,
+    ) -> Result<(Self, Option<Reset>), OffsetError> {
+        let dir = data_dir.join("offsets");
+        let existed = dir.join("db").exists() || dir.join("conf").exists();
+        let reason = if existed {
+            match Self::open(&dir) {
+                Ok(store) => return Ok((store, None)),
+                // Another process (an offline tool) holds sled's lock: the
+                // store is fine, so it must not be quarantined. Failing the
+                // start lets systemd retry once the tool is done.
+                Err(OffsetError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock") =>
+                {
+                    return Err(OffsetError::Sled(sled::Error::Io(e)));
+                }
+                Err(e) => e.to_string(),
+            }
+        } else {
+            match oldest_segment(wal_dir) {
+                // A fresh data dir, or a WAL that starts at 1: nothing to guess.
+                None | Some(1) => return Ok((Self::open(&dir)?, None)),
+                Some(_) => "the offset store is missing but the WAL holds segments".to_string(),
+            }
+        };
+        let quarantine = |source| OffsetError::Quarantine {
+            reason: reason.clone(),
+            source,
+        };
+        let quarantined = if dir.exists() {
+            let qdir = data_dir.join("quarantine");
+            std::fs::create_dir_all(&qdir).map_err(quarantine)?;
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let to = qdir.join(format!("offsets-{stamp}"));
+            std::fs::rename(&dir, &to).map_err(quarantine)?;
+            // The rename is durable once both directories are.
+            sync_path(&qdir)?;
+            sync_path(data_dir)?;
+            Some(to)
+        } else {
+            None
+        };
+        let committed = oldest_segment(wal_dir).map_or(0, |first| first - 1);
+        let store = Self::open(&dir)?;
+        store.commit(committed)?;
+        Ok((
+            store,
+            Some(Reset {
+                reason,
+                quarantined,
+                committed,
+            }),
+        ))
     }
 
     /// The committed offset; 0 when nothing was ever committed (sequence
@@ -50,8 +221,10 @@ impl OffsetStore {
         }
     }
 
-    /// Raises the committed offset to `seq` and flushes it to disk before
-    /// returning. Lower values are ignored: the offset never moves back.
+    /// Raises the committed offset to `seq` and makes it (and every fate
+    /// recorded before) durable before returning: sled's flush, then an fsync
+    /// of each of its files and of its directory. Lower values are ignored:
+    /// the offset never moves back.
     pub fn commit(&self, seq: u64) -> Result<u64, OffsetError> {
         let mut current = self.committed()?;
         while seq > current {
@@ -65,8 +238,106 @@ impl OffsetStore {
             }
         }
         self.db.flush()?;
+        // If we die here the offset may still be only in the page cache (or
+        // the disk's cache): no segment has been deleted yet, so the worst
+        // case is records produced again.
+        self.sync()?;
         Ok(current)
     }
+
+    /// Records the fate of `first..=last`. Not durable by itself: the next
+    /// [`OffsetStore::commit`] makes it so, and must come after this call for
+    /// the offset to pass these numbers.
+    pub fn record_fate(&self, first: u64, last: u64, fate: Fate) -> Result<(), OffsetError> {
+        let mut value = [0u8; 9];
+        value[..8].copy_from_slice(&last.to_be_bytes());
+        value[8] = fate.to_byte();
+        self.fates.insert(first.to_be_bytes(), &value[..])?;
+        Ok(())
+    }
+
+    /// The recorded fate of `seq`, if any.
+    pub fn fate(&self, seq: u64) -> Result<Option<Fate>, OffsetError> {
+        // Ranges never overlap in practice; the latest starting at or below
+        // `seq` is the one that can cover it.
+        let Some(entry) = self.fates.range(..=seq.to_be_bytes()).next_back() else {
+            return Ok(None);
+        };
+        let (_, value) = entry?;
+        if value.len() != 9 {
+            return Err(OffsetError::Malformed(value.len()));
+        }
+        let mut last = [0u8; 8];
+        last.copy_from_slice(&value[..8]);
+        if u64::from_be_bytes(last) < seq {
+            return Ok(None);
+        }
+        Ok(Fate::from_byte(value[8]))
+    }
+
+    /// fsyncs every file of the store, then its directory (sled creates and
+    /// renames snapshot files without syncing the directory).
+    fn sync(&self) -> Result<(), OffsetError> {
+        let err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| OffsetError::Sync { path, source }
+        };
+        for entry in std::fs::read_dir(&self.dir).map_err(err(&self.dir))? {
+            let entry = entry.map_err(err(&self.dir))?;
+            let path = entry.path();
+            match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                // sled removes old snapshots on its own.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(&path)(e)),
+            }
+        }
+        sync_path(&self.dir)
+    }
+}
+
+/// The body of `GET /v1/receipts/{seq}`: `written` says the number was
+/// assigned and fsynced, `committed` is the committed offset and `fate` what
+/// the store recorded for `seq`.
+pub fn receipt(seq: u64, written: bool, committed: u64, fate: Option<Fate>) -> serde_json::Value {
+    let (status, dead_letter) = match fate {
+        Some(Fate::Lost) => ("lost", None),
+        Some(Fate::DeadLetteredTopic) => ("dead_lettered", Some("topic")),
+        Some(Fate::DeadLetteredFile) => ("dead_lettered", Some("file")),
+        None if !written => ("unknown", None),
+        None if seq <= committed => ("delivered", None),
+        None => ("pending", None),
+    };
+    let mut body = serde_json::json!({
+        "seq": seq,
+        // A lost record was written once, but what is on disk is unreadable.
+        "durable": written && fate != Some(Fate::Lost),
+        // In the topic: not lost, not dead-lettered, and confirmed.
+        "delivered": status == "delivered",
+        "status": status,
+    });
+    if let Some(target) = dead_letter {
+        body["dead_letter"] = target.into();
+    }
+    body
+}
+
+fn sync_path(path: &Path) -> Result<(), OffsetError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| OffsetError::Sync {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The first sequence number of the oldest segment in `wal_dir`, if any.
+fn oldest_segment(wal_dir: &Path) -> Option<u64> {
+    std::fs::read_dir(wal_dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| crate::wal::format::parse_segment_name(e.file_name().to_str()?))
+        .min()
 }
 
 #[cfg(test)]
@@ -84,5 +355,41 @@ mod tests {
         }
         let s = OffsetStore::open(dir.path()).unwrap();
         assert_eq!(s.committed().unwrap(), 10);
+    }
+
+    #[test]
+    fn a_store_locked_by_another_process_is_not_quarantined() {
+        let data = tempfile::tempdir().unwrap();
+        let wal = data.path().join("wal");
+        let held = OffsetStore::open(&data.path().join("offsets")).unwrap();
+        held.commit(7).unwrap();
+        let err = OffsetStore::open_or_reset(data.path(), &wal).err();
+        assert!(
+            err.is_some_and(|e| e.to_string().contains("lock")),
+            "a held lock is an error to retry, not damage"
+        );
+        assert!(!data.path().join("quarantine").exists());
+        drop(held);
+        let (store, reset) = OffsetStore::open_or_reset(data.path(), &wal).unwrap();
+        assert!(reset.is_none());
+        assert_eq!(store.committed().unwrap(), 7);
+    }
+
+    #[test]
+    fn fates_are_kept_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = OffsetStore::open(dir.path()).unwrap();
+            s.record_fate(5, 9, Fate::Lost).unwrap();
+            s.record_fate(12, 12, Fate::DeadLetteredFile).unwrap();
+            s.commit(20).unwrap();
+        }
+        let s = OffsetStore::open(dir.path()).unwrap();
+        assert_eq!(s.fate(4).unwrap(), None);
+        assert_eq!(s.fate(5).unwrap(), Some(Fate::Lost));
+        assert_eq!(s.fate(9).unwrap(), Some(Fate::Lost));
+        assert_eq!(s.fate(10).unwrap(), None);
+        assert_eq!(s.fate(12).unwrap(), Some(Fate::DeadLetteredFile));
+        assert_eq!(s.fate(13).unwrap(), None);
     }
 }

@@ -99,6 +99,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Exit, ServeError> {
     config.validate()?;
+    let mut config = config;
+    // An event larger than the producer takes would get 202 and then go to
+    // the dead letters: ingest answers 413 instead.
+    let fit = config.effective_max_event_bytes()?;
+    if fit < config.limits.max_event_bytes {
+        tracing::info!(
+            max_event_bytes = fit,
+            "limits.max-event-bytes lowered from its default to what the producer's message.max.bytes carries after the key and headers"
+        );
+        config.limits.max_event_bytes = fit;
+    }
     // Credentials first: a bad keys file or certificate is an operator error
     // to report before anything else is opened.
     let keys = if config.auth.keys_file.as_os_str().is_empty() {
@@ -123,18 +134,33 @@ pub async fn run(
     };
     let data_dir = config.data_dir.clone();
     let _lock = DataDirLock::acquire(&data_dir)?;
-    let offsets_dir = data_dir.join("offsets");
     let wal_config = config.wal_config();
+    let data_dir_ = data_dir.clone();
     // sled and recovery do blocking I/O.
-    let (offsets, wal) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
-        let offsets = OffsetStore::open(&offsets_dir)?;
+    let (offsets, wal, offsets_reset) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let (offsets, reset) = OffsetStore::open_or_reset(&data_dir_, &wal_config.dir)?;
+        if let Some(r) = &reset {
+            tracing::error!(
+                reason = %r.reason,
+                quarantined = ?r.quarantined,
+                replay_from_seq = r.committed + 1,
+                "OFFSET STORE RESET: replay restarts from the oldest retained WAL segment; records already in Kafka will be delivered again (duplicates, no loss)"
+            );
+        }
         let committed = offsets.committed()?;
-        let (wal, _report) = Wal::open(
+        let (wal, report) = Wal::open(
             wal_config,
             Arc::new(StdFs) as Arc<dyn Filesystem>,
             committed,
         )?;
-        Ok((Arc::new(offsets), Arc::new(wal)))
+        // Receipts must say `lost` for these; durable with the next commit,
+        // which is the earliest the offset can pass them. A range that
+        // reaches next_seq (a last segment with an unreadable header) will be
+        // reassigned to new records, so it is not recorded.
+        for gap in report.lost.iter().filter(|g| g.last < report.next_seq) {
+            offsets.record_fate(gap.first, gap.last, crate::offsets::Fate::Lost)?;
+        }
+        Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))
     })
     .await
     .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
@@ -181,6 +207,32 @@ pub async fn run(
         tls.clone(),
         std::time::Duration::from_millis(config.auth.reload_interval_ms),
     ));
+    if offsets_reset {
+        state
+            .replay
+            .offset_store_resets
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    let dead_letter = DeadLetterFile::new(&data_dir);
+    let (dead_letter, repaired) = tokio::task::spawn_blocking(move || {
+        let r = dead_letter.repair_tail();
+        (dead_letter, r)
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))?;
+    match repaired {
+        Ok(0) => {}
+        Ok(_) => {
+            state
+                .replay
+                .dead_letter_partial_lines
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Not fatal: the first append checks the tail again before writing.
+        Err(e) => {
+            tracing::error!(error = %e, file = %dead_letter.path().display(), "cannot check the dead-letter file's last line; the next dead letter will")
+        }
+    }
     let (replay_stop, replay_stop_rx) = tokio::sync::watch::channel(false);
     let replayer = Replayer {
         wal: wal.clone(),
@@ -189,7 +241,7 @@ pub async fn run(
         brokers,
         cfg: config.replay.clone(),
         stats: state.replay.clone(),
-        dead_letter: DeadLetterFile::new(&data_dir),
+        dead_letter,
         drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();

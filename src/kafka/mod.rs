@@ -20,12 +20,83 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 #[cfg(feature = "kafka")]
 use rdkafka::ClientConfig;
 
-use crate::config::{ConfigError, KafkaConfig, Limits};
+use crate::config::{ConfigError, EventsConfig, KafkaConfig, Limits};
 
 /// Properties sluice sets itself because its guarantees depend on them.
 const RESERVED: [&str; 3] = ["acks", "enable.idempotence", "bootstrap.servers"];
 
-pub fn validate(k: &KafkaConfig, limits: &Limits) -> Result<(), ConfigError> {
+/// librdkafka's default `message.max.bytes`, used when the config does not
+/// pass one through.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// librdkafka's per-record overhead in its size check
+/// (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: length, attributes, timestamp and
+/// offset deltas, key and value lengths, header count, all as widest varints).
+const RECORD_OVERHEAD: usize = 36;
+
+/// Bytes of the `error` header on a dead-letter record, at most (longer
+/// error texts are cut), so that a record that fits its topic fits the
+/// dead-letter topic too.
+pub const ERROR_HEADER_MAX: usize = 512;
+
+/// Bytes of a received-at timestamp (RFC 3339 with milliseconds) and of a
+/// decimal u64, with room to spare.
+const TIMESTAMP_MAX: usize = 40;
+const SEQ_MAX: usize = 20;
+
+/// The largest event value (bytes of normalized JSON) whose whole Kafka
+/// record, key and headers included, the producer's `message.max.bytes`
+/// still takes, in the topic and in the dead-letter topic. librdkafka refuses
+/// a larger record at produce time with MSG_SIZE_TOO_LARGE, which would send
+/// an event that already got its 202 to the dead letters.
+pub fn value_fit(
+    k: &KafkaConfig,
+    limits: &Limits,
+    events: &EventsConfig,
+) -> Result<usize, ConfigError> {
+    let max = match k.librdkafka.get("message.max.bytes") {
+        None => LIBRDKAFKA_MESSAGE_MAX_BYTES,
+        Some(v) => v.parse().map_err(|_| {
+            ConfigError::Invalid("kafka.librdkafka.message.max.bytes is not a number".into())
+        })?,
+    };
+    // librdkafka's header size: per header a varint key length (<= 5), the
+    // key, a varint value length (<= 5), the value. Every header a record
+    // can carry must be counted here, or its events get 202 and then a dead
+    // letter.
+    let header = |name: &str, value: usize| 10 + name.len() + value;
+    let utf8_max = |chars: usize| chars * 4;
+    let headers = header("id", utf8_max(limits.max_id_chars))
+        + header("tenant", 64)
+        + header("received_at", TIMESTAMP_MAX)
+        + header("seq", SEQ_MAX)
+        + header("error", ERROR_HEADER_MAX)
+        + header("original_topic", k.topic.len());
+    // The key is one of the event's fields. Known fields have a bound of
+    // their own; any other field is part of the value, so at most its size.
+    let key = match events.key_field.as_str() {
+        "tenant_id" => Some(64),
+        "id" => Some(utf8_max(limits.max_id_chars)),
+        "source" => Some(utf8_max(limits.max_source_chars)),
+        "timestamp" => Some(TIMESTAMP_MAX),
+        "severity" => Some(8),
+        _ => None,
+    };
+    let room = max.checked_sub(RECORD_OVERHEAD + headers + key.unwrap_or(0));
+    let fit = match (room, key) {
+        (Some(room), Some(_)) => room,
+        (Some(room), None) => room / 2,
+        (None, _) => 0,
+    };
+    if fit < 1024 {
+        return Err(ConfigError::Invalid(format!(
+            "kafka.librdkafka.message.max.bytes ({max}) leaves {fit} bytes for an event after the key and headers; at least 1024 are needed"
+        )));
+    }
+    Ok(fit)
+}
+
+pub fn validate(k: &KafkaConfig) -> Result<(), ConfigError> {
     let bad = |m: String| Err(ConfigError::Invalid(m));
     if k.topic.is_empty() || k.dead_letter_topic.is_empty() {
         return bad("kafka.topic and kafka.dead-letter-topic must be set".into());
@@ -46,17 +117,6 @@ pub fn validate(k: &KafkaConfig, limits: &Limits) -> Result<(), ConfigError> {
         if RESERVED.contains(&key.as_str()) {
             return bad(format!(
                 "kafka.librdkafka.{key:?} cannot be set: sluice relies on its own value"
-            ));
-        }
-    }
-    if let Some(max) = k.librdkafka.get("message.max.bytes") {
-        let max: usize = max.parse().map_err(|_| {
-            ConfigError::Invalid("kafka.librdkafka.message.max.bytes is not a number".into())
-        })?;
-        if limits.max_event_bytes + 64 * 1024 > max {
-            return bad(format!(
-                "limits.max-event-bytes ({}) plus 64 KiB for key and headers exceeds the producer's message.max.bytes ({max})",
-                limits.max_event_bytes
             ));
         }
     }
@@ -140,6 +200,10 @@ pub struct ReplayStats {
     pub dead_lettered_topic: AtomicU64,
     pub dead_lettered_file: AtomicU64,
     pub gap_records: AtomicU64,
+    /// Offset stores moved to quarantine at start (unreadable or missing).
+    pub offset_store_resets: AtomicU64,
+    /// Partial dead-letter lines (ENOSPC, kill) truncated before an append.
+    pub dead_letter_partial_lines: AtomicU64,
     pub in_flight: AtomicU64,
     pub peak_in_flight: AtomicU64,
     /// Produce-to-report latency, when metrics are on.

@@ -13,10 +13,14 @@
 //!       front future resolves (in produce order):
 //!         ok                  ──> delivered = seq
 //!         gap (WAL loss)      ──> delivered = gap.last (counted by the WAL)
-//!         permanent error     ──> produce it alone (the broker refuses whole
-//!                                 requests); fails permanently again ──>
-//!                                 dead-letter topic ──fails permanently──>
-//!                                 dead-letter file; then delivered = seq
+//!         permanent error     ──> isolate: drop the producer (purging
+//!                                 everything queued behind it), new
+//!                                 incarnation that produces the suspects
+//!                                 one at a time (the broker refuses whole
+//!                                 requests, so neighbours may be innocent);
+//!                                 fails permanently alone ──> dead-letter
+//!                                 topic ──fails permanently──> dead-letter
+//!                                 file; then delivered = seq
 //!         retriable / timeout ──> drop producer (purges its queue), backoff,
 //!                                 new incarnation from delivered + 1
 //!         fatal producer      ──> same: a new producer
@@ -29,6 +33,12 @@
 //! its partition, so each tenant's records reach their partition in order
 //! (idempotent producer, acks=all). After a retry, records already delivered
 //! may be produced again: at-least-once, with the event id in a header.
+//!
+//! Isolation keeps that order: producing a refused record again while later
+//! records sit in librdkafka's queue would put it behind them (librdkafka
+//! renumbers the queue after a permanent error and sends on). So a permanent
+//! error ends the incarnation first; the purge drops the later records, and
+//! the suspects go out alone, each settled before the next is produced.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -45,7 +55,7 @@ use tokio::sync::watch;
 use super::dead_letter::DeadLetterFile;
 use super::{classify, producer_config, Failure, KafkaHealth, ReplayStats};
 use crate::config::{KafkaConfig, ReplayConfig};
-use crate::offsets::OffsetStore;
+use crate::offsets::{Fate, OffsetStore};
 use crate::wal::{ReadItem, Record, Wal};
 
 /// Header names added at produce time.
@@ -105,7 +115,18 @@ const PRODUCE_BURST: usize = 256;
 enum End {
     Shutdown,
     Retry(String),
+    /// A permanent error at `from`: produce `from..=through` one at a time.
+    Isolate {
+        from: u64,
+        through: u64,
+    },
 }
+
+/// Records produced one at a time after a permanent error, at most: the
+/// refused request held some of the records produced before the error
+/// settled. Suspects past this cap go out in batches again; if they are
+/// refused too, another isolation round starts at the first of them.
+const ISOLATE_MAX: u64 = 1024;
 
 pub struct Replayer {
     pub wal: Arc<Wal>,
@@ -137,6 +158,8 @@ impl Replayer {
         let max = Duration::from_millis(self.cfg.backoff_max_ms);
         let mut backoff = initial;
         let mut first = true;
+        // Highest sequence number to produce alone; 0 when not isolating.
+        let mut isolate_through = 0;
         while !*shutdown.borrow() {
             if !first {
                 self.stats
@@ -159,13 +182,25 @@ impl Replayer {
             };
             let before = delivered;
             let end = self
-                .incarnation(&producer, &mut delivered, &mut shutdown)
+                .incarnation(&producer, &mut delivered, isolate_through, &mut shutdown)
                 .await;
             if delivered > before {
                 backoff = initial;
             }
             match end {
                 End::Shutdown => break,
+                End::Isolate { from, through } => {
+                    tracing::warn!(
+                        from_seq = from,
+                        through_seq = through,
+                        "Kafka refused a produce request for good: producing its records again one at a time"
+                    );
+                    isolate_through = through;
+                    // Purge everything queued behind the refused request
+                    // before any suspect is produced again; see the module
+                    // doc. No backoff: Kafka is up, it refused this request.
+                    let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+                }
                 End::Retry(why) => {
                     // Whatever ended the incarnation, a fatal error means this
                     // producer can never recover by itself (lessons.md #5).
@@ -200,6 +235,7 @@ impl Replayer {
         &self,
         producer: &Producer_,
         delivered: &mut u64,
+        isolate_through: u64,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let mut reader = self.wal.reader(*delivered + 1);
@@ -222,7 +258,10 @@ impl Replayer {
             if deadline.is_some() && caught_up && pending.is_empty() {
                 return End::Shutdown;
             }
-            let room = window.has_room(pending.len(), max);
+            // A suspect goes out only with nothing else in flight.
+            let alone = |next: u64, queued: usize| next > isolate_through || queued == 0;
+            let room =
+                window.has_room(pending.len(), max) && alone(reader.next_seq(), pending.len());
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if deadline.is_none() => {
@@ -234,12 +273,19 @@ impl Replayer {
                 }
                 Some(settled) = pending.next(), if !pending.is_empty() => {
                     stats.in_flight.store(window.unsettled.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
-                    match self.settle(producer, &window, settled).await {
+                    match self.settle(producer, settled, isolate_through).await {
                         Ok(seq) => {
                             *delivered = seq;
                             stats.delivered_through.store(seq, Ordering::Relaxed);
                         }
-                        Err(why) => return End::Retry(why),
+                        Err(End::Isolate { from, .. }) => {
+                            let produced = reader.next_seq() - 1;
+                            return End::Isolate {
+                                from,
+                                through: produced.min(from + ISOLATE_MAX - 1),
+                            };
+                        }
+                        Err(end) => return end,
                     }
                 }
                 item = reader.next(), if room && !(deadline.is_some() && caught_up) => {
@@ -248,6 +294,9 @@ impl Replayer {
                     while let Some(next) = item.take() {
                         match next {
                             Ok(ReadItem::Record { seq, record, .. }) => {
+                                if seq <= isolate_through {
+                                    stats.isolated_retries.fetch_add(1, Ordering::Relaxed);
+                                }
                                 pending.push_back(self.produce(producer, &window, seq, record).await);
                                 stats.produced.fetch_add(1, Ordering::Relaxed);
                             }
@@ -255,6 +304,11 @@ impl Replayer {
                                 // Already counted and logged by the WAL; replay
                                 // moves past it so damage never wedges delivery.
                                 stats.gap_records.fetch_add(g.len(), Ordering::Relaxed);
+                                // For receipts; durable with the commit that
+                                // passes the gap, which comes after this.
+                                if let Err(e) = self.offsets.record_fate(g.first, g.last, Fate::Lost) {
+                                    return End::Retry(format!("recording lost range: {e}"));
+                                }
                                 pending.push_back(Box::pin(std::future::ready(Settled::Done(g.last))));
                             }
                             Err(e) => return End::Retry(format!("WAL read: {e}")),
@@ -264,7 +318,10 @@ impl Replayer {
                         // window has room. try_next never returns a record
                         // past the durable frontier, as next does not.
                         burst += 1;
-                        if burst < PRODUCE_BURST && window.has_room(pending.len(), max) {
+                        if burst < PRODUCE_BURST
+                            && window.has_room(pending.len(), max)
+                            && alone(reader.next_seq(), pending.len())
+                        {
                             item = reader.try_next().transpose();
                         }
                     }
@@ -341,13 +398,13 @@ impl Replayer {
     }
 
     /// Turns a settled entry into the new delivered-through sequence number,
-    /// or the reason to start a new incarnation.
+    /// or the way this incarnation ends.
     async fn settle(
         &self,
         producer: &Producer_,
-        window: &Arc<Window>,
         settled: Settled,
-    ) -> Result<u64, String> {
+        isolate_through: u64,
+    ) -> Result<u64, End> {
         let stats = &self.stats;
         match settled {
             Settled::Done(seq) => {
@@ -356,26 +413,20 @@ impl Replayer {
                 Ok(seq)
             }
             Settled::Failed { seq, error, record } => match classify(&error) {
-                Failure::Retriable => Err(format!("seq {seq}: {error}")),
-                Failure::Permanent => {
-                    // A broker refuses a whole produce request, so a permanent
-                    // error does not prove this record is the bad one. Produce
-                    // it alone before condemning it.
-                    stats.isolated_retries.fetch_add(1, Ordering::Relaxed);
-                    match self.produce(producer, window, seq, record).await.await {
-                        Settled::Done(_) => {
-                            stats.delivered.fetch_add(1, Ordering::Relaxed);
-                            Ok(seq)
-                        }
-                        Settled::Failed { error, record, .. } => match classify(&error) {
-                            Failure::Retriable => Err(format!("seq {seq} (alone): {error}")),
-                            Failure::Permanent => {
-                                self.dead_letter(producer, seq, &error, record).await?;
-                                Ok(seq)
-                            }
-                        },
-                    }
+                Failure::Retriable => Err(End::Retry(format!("seq {seq}: {error}"))),
+                // Produced alone and still refused: the record itself is bad.
+                Failure::Permanent if seq <= isolate_through => {
+                    self.dead_letter(producer, seq, &error, record)
+                        .await
+                        .map_err(End::Retry)?;
+                    Ok(seq)
                 }
+                // A broker refuses a whole produce request, so this does not
+                // prove the record is the bad one: isolate before condemning.
+                Failure::Permanent => Err(End::Isolate {
+                    from: seq,
+                    through: seq,
+                }),
             },
         }
     }
@@ -391,7 +442,15 @@ impl Replayer {
         error: &KafkaError,
         record: Record,
     ) -> Result<(), String> {
-        let why = error.to_string();
+        let mut why = error.to_string();
+        // Bounded so a record that fits its topic fits the dead-letter topic.
+        if why.len() > super::ERROR_HEADER_MAX {
+            let mut cut = super::ERROR_HEADER_MAX;
+            while !why.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            why.truncate(cut);
+        }
         let headers = kafka_headers(
             &record,
             seq,
@@ -417,6 +476,9 @@ impl Replayer {
         };
         match dlq_error {
             None => {
+                self.offsets
+                    .record_fate(seq, seq, Fate::DeadLetteredTopic)
+                    .map_err(|e| format!("recording dead letter {seq}: {e}"))?;
                 self.stats
                     .dead_lettered_topic
                     .fetch_add(1, Ordering::Relaxed);
@@ -425,8 +487,17 @@ impl Replayer {
             }
             Some(e) if classify(&e) == Failure::Permanent => {
                 let file = &self.dead_letter;
-                file.append(seq, &self.kafka.topic, &why, &record)
+                let appended = file
+                    .append(seq, &self.kafka.topic, &why, &record)
                     .map_err(|io| format!("dead-letter file {}: {io}", file.path().display()))?;
+                if appended.truncated_partial > 0 {
+                    self.stats
+                        .dead_letter_partial_lines
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                self.offsets
+                    .record_fate(seq, seq, Fate::DeadLetteredFile)
+                    .map_err(|e| format!("recording dead letter {seq}: {e}"))?;
                 self.stats
                     .dead_lettered_file
                     .fetch_add(1, Ordering::Relaxed);

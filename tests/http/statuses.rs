@@ -326,18 +326,36 @@ async fn receipts_health_ready() {
     let r = h.send(get("/v1/receipts/2")).await;
     assert_eq!(
         r.json,
-        json!({"seq": 2, "durable": true, "delivered": false})
+        json!({"seq": 2, "durable": true, "delivered": false, "status": "pending"})
     );
     h.state.offsets.commit(1).unwrap();
     let r = h.send(get("/v1/receipts/1")).await;
     assert_eq!(
         r.json,
-        json!({"seq": 1, "durable": true, "delivered": true})
+        json!({"seq": 1, "durable": true, "delivered": true, "status": "delivered"})
     );
     let r = h.send(get("/v1/receipts/3")).await;
     assert_eq!(
         r.json,
-        json!({"seq": 3, "durable": false, "delivered": false})
+        json!({"seq": 3, "durable": false, "delivered": false, "status": "unknown"})
+    );
+    // What replay records for numbers that did not reach the topic.
+    use sluice::offsets::Fate;
+    h.state.offsets.record_fate(1, 1, Fate::Lost).unwrap();
+    h.state
+        .offsets
+        .record_fate(2, 2, Fate::DeadLetteredFile)
+        .unwrap();
+    h.state.offsets.commit(2).unwrap();
+    let r = h.send(get("/v1/receipts/1")).await;
+    assert_eq!(
+        r.json,
+        json!({"seq": 1, "durable": false, "delivered": false, "status": "lost"})
+    );
+    let r = h.send(get("/v1/receipts/2")).await;
+    assert_eq!(
+        r.json,
+        json!({"seq": 2, "durable": true, "delivered": false, "status": "dead_lettered", "dead_letter": "file"})
     );
     for bad in ["/v1/receipts/0", "/v1/receipts/abc", "/v1/receipts/-1"] {
         assert_eq!(

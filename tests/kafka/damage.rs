@@ -137,11 +137,37 @@ fn daemon_on_a_damaged_wal_reports_the_exact_loss_and_delivers_the_rest() {
         sample("sluice_wal_quarantined_files_total") >= 2.0,
         "damaged segment and cut tail kept"
     );
+    let receipt = |addr: &str, seq: u64| -> serde_json::Value {
+        serde_json::from_str(&get(addr, &format!("/v1/receipts/{seq}"))).unwrap()
+    };
+    let r = receipt(&addr, first + 2);
+    assert_eq!(r["status"], "lost", "{r}");
+    assert_eq!(r["delivered"], false, "{r}");
+    assert_eq!(r["durable"], false, "{r}");
+    // Delivered once the offset is committed (every commit interval).
+    let t0 = Instant::now();
+    while receipt(&addr, first + 1)["status"] != "delivered" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            receipt(&addr, first + 1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Command::new("kill")
         .arg(daemon.id().to_string())
         .status()
         .unwrap();
     assert!(daemon.wait().unwrap().success());
+    // Across a restart (GC may have removed the damaged segment's copy by
+    // now; the offset store remembers).
+    let again = super::daemon::Daemon::start(dir.path(), &data, &brokers, &[], &[]);
+    for seq in [first + 2, next - 1] {
+        let r = receipt(&again.addr, seq);
+        assert_eq!(r["status"], "lost", "{r}");
+    }
+    assert_eq!(receipt(&again.addr, next)["status"], "delivered");
+    assert!(again.stop().success());
 
     let log = std::fs::read_to_string(&log_path).unwrap();
     let loss_line = log

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use sluice::offsets::{Fate, OffsetStore};
 
 use super::{cluster, id_counts, read_topic, Node, DLQ, TOPIC};
 
@@ -100,6 +101,12 @@ async fn permanent_errors_go_to_the_dead_letter_topic_with_headers() {
     assert_eq!(d.value["id"], "bad-0");
     let main = id_counts(&read_topic(&brokers, TOPIC).await);
     assert!(!main.contains_key("bad-0"));
+    // Receipts say so, from the offset store, across a reopen.
+    let Node { dir, offsets, .. } = node;
+    drop(offsets);
+    let store = OffsetStore::open(&dir.path().join("offsets")).unwrap();
+    assert_eq!(store.fate(bad).unwrap(), Some(Fate::DeadLetteredTopic));
+    assert_eq!(store.fate(bad + 1).unwrap(), None);
     assert!(
         (0..5).all(|n| main.contains_key(&format!("after-{n}"))),
         "innocent neighbours are delivered, not dead-lettered"
@@ -138,6 +145,10 @@ async fn when_the_dead_letter_topic_refuses_too_the_record_goes_to_the_file() {
     assert_eq!(lines[0]["headers"]["id"], "doomed-0");
     assert_eq!(lines[0]["value"]["json"]["id"], "doomed-0");
     assert!(lines[0]["error"].as_str().unwrap().contains("too large"));
+    let Node { dir, offsets, .. } = node;
+    drop(offsets);
+    let store = OffsetStore::open(&dir.path().join("offsets")).unwrap();
+    assert_eq!(store.fate(bad).unwrap(), Some(Fate::DeadLetteredFile));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,4 +176,51 @@ async fn a_fatal_idempotent_producer_error_recreates_the_producer() {
     assert!(node.stats.producer_recreations.load(Ordering::Relaxed) >= 1);
     let counts = id_counts(&read_topic(&brokers, TOPIC).await);
     assert!((0..20).all(|n| counts.contains_key(&format!("post-{n}"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolating_a_refused_request_keeps_the_tenants_order() {
+    let kafka = cluster(1);
+    let brokers = kafka.bootstrap_servers();
+    let node = Node::temp();
+    let first = node.append("warm", &["a"], 1);
+    let running = node.start(&brokers, |k, _| k.linger_ms = 200);
+    node.wait_committed(first, Duration::from_secs(30)).await;
+    // The next produce request is refused for good; its records are fine
+    // alone, so nothing is dead-lettered. The answer takes 100 ms, so the
+    // next linger window's records are queued when it comes back.
+    kafka
+        .broker_round_trip_time(1, Duration::from_millis(100))
+        .unwrap();
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    // 50 records, one every 10 ms, over several 200 ms linger windows.
+    let mut last = 0;
+    for n in 0..50 {
+        last = node.append(&format!("ord{n}"), &["a"], 1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    node.wait_committed(last, Duration::from_secs(60)).await;
+    running.shutdown().await;
+    assert!(node.stats.isolated_retries.load(Ordering::Relaxed) >= 1);
+    assert_eq!(node.stats.dead_lettered_topic.load(Ordering::Relaxed), 0);
+
+    let records = read_topic(&brokers, TOPIC).await;
+    let seqs: Vec<u64> = records
+        .iter()
+        .map(|r| r.header("seq").unwrap().parse().unwrap())
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let firsts: Vec<u64> = seqs.iter().copied().filter(|&s| seen.insert(s)).collect();
+    assert_eq!(
+        firsts.len() as u64,
+        last,
+        "every record delivered: {seqs:?}"
+    );
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "first occurrences must rise: {seqs:?}"
+    );
 }

@@ -2,9 +2,13 @@
 //! over TCP on localhost, with broker-down and error-injection controls.
 
 mod cli;
+mod daemon;
 mod damage;
+mod dead_letter;
 mod delivery;
 mod failures;
+mod limits;
+mod offsets;
 mod outage;
 
 use std::collections::BTreeMap;
