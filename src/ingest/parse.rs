@@ -3,8 +3,10 @@
 //! problems with one event (one NDJSON line, one CSV row, one array element)
 //! become that event's error and the rest go on.
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::raw;
 use crate::config::Limits;
 
 /// Body formats, chosen by `Content-Type`.
@@ -46,12 +48,29 @@ impl BodyFormat {
     }
 }
 
-/// One event as found in the body, before validation.
+/// One event as found in the body, before validation: its raw JSON text.
 #[derive(Debug)]
-pub struct Candidate {
+pub struct Candidate<'a> {
     /// 1-based line of the body where the event starts (NDJSON and CSV).
     pub line: Option<usize>,
-    pub value: Result<Value, String>,
+    pub value: Result<EventText<'a>, String>,
+}
+
+/// An event's JSON text: borrowed from a JSON or NDJSON body, or built from a
+/// CSV row.
+#[derive(Debug)]
+pub enum EventText<'a> {
+    Borrowed(&'a RawValue),
+    Owned(Box<RawValue>),
+}
+
+impl EventText<'_> {
+    pub fn get(&self) -> &RawValue {
+        match self {
+            EventText::Borrowed(r) => r,
+            EventText::Owned(r) => r,
+        }
+    }
 }
 
 /// Why the whole body is refused.
@@ -65,11 +84,11 @@ pub enum BodyError {
     Empty,
 }
 
-pub fn parse_body(
+pub fn parse_body<'a>(
     format: BodyFormat,
-    body: &[u8],
+    body: &'a [u8],
     limits: &Limits,
-) -> Result<Vec<Candidate>, BodyError> {
+) -> Result<Vec<Candidate<'a>>, BodyError> {
     let candidates = match format {
         BodyFormat::Json => parse_json(body, limits)?,
         BodyFormat::Ndjson => parse_ndjson(body, limits)?,
@@ -92,46 +111,68 @@ fn too_many(n: usize, limits: &Limits) -> Result<(), BodyError> {
 /// A single object, `{"event": {...}}`, `{"events": [...]}`, or an array. An
 /// object is a wrapper only when `event`/`events` is its one key, so an event
 /// that merely has a field named `event` is still an event.
-fn parse_json(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyError> {
+///
+/// The body is first checked as a whole (syntax at any depth, without
+/// allocating), then split into the raw text of each event: no value tree is
+/// built, and an array stops at the element past the event limit.
+fn parse_json<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, BodyError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(BodyError::Empty);
     }
-    let value: Value = serde_json::from_slice(body)
+    let whole: &RawValue = serde_json::from_slice(body)
         .map_err(|e| BodyError::Malformed(format!("body is not valid JSON: {e}")))?;
-    let items = match value {
-        Value::Array(items) => items,
-        Value::Object(mut obj) if obj.len() == 1 && obj.contains_key("events") => {
-            match obj.remove("events") {
-                Some(Value::Array(items)) => items,
-                _ => {
-                    return Err(BodyError::Malformed(
-                        "\"events\" must be an array of event objects".into(),
-                    ))
+    let split = |text: &'a str| match raw::elements(text, limits.max_events_per_request) {
+        Ok(items) => Ok(items),
+        Err(raw::SplitError::TooMany) => {
+            Err(BodyError::TooManyEvents(limits.max_events_per_request))
+        }
+        Err(raw::SplitError::Json(e)) => {
+            Err(BodyError::Malformed(format!("body is not valid JSON: {e}")))
+        }
+    };
+    let text = whole.get();
+    let items: Vec<&RawValue> = if text.starts_with('[') {
+        split(text)?
+    } else if text.starts_with('{') {
+        // Two fields are enough to tell a wrapper from an event.
+        let wrapped = match raw::fields(text, 2) {
+            Ok(raw::Fields::Object(f)) if f.len() == 1 => {
+                let (k, v) = &f[0];
+                match k.as_ref() {
+                    "events" => Some(Ok(*v)),
+                    "event" => Some(Err(*v)),
+                    _ => None,
                 }
             }
+            _ => None,
+        };
+        match wrapped {
+            Some(Ok(list)) if list.get().starts_with('[') => split(list.get())?,
+            Some(Ok(_)) => {
+                return Err(BodyError::Malformed(
+                    "\"events\" must be an array of event objects".into(),
+                ))
+            }
+            Some(Err(one)) => vec![one],
+            None => vec![whole],
         }
-        Value::Object(mut obj) if obj.len() == 1 && obj.contains_key("event") => {
-            vec![obj.remove("event").unwrap_or(Value::Null)]
-        }
-        obj @ Value::Object(_) => vec![obj],
-        _ => {
-            return Err(BodyError::Malformed(
-                "body must be a JSON object or an array of objects".into(),
-            ))
-        }
+    } else {
+        return Err(BodyError::Malformed(
+            "body must be a JSON object or an array of objects".into(),
+        ));
     };
     too_many(items.len(), limits)?;
     Ok(items
         .into_iter()
         .map(|v| Candidate {
             line: None,
-            value: Ok(v),
+            value: Ok(EventText::Borrowed(v)),
         })
         .collect())
 }
 
 /// One JSON value per line; blank lines are skipped. Each line stands alone.
-fn parse_ndjson(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyError> {
+fn parse_ndjson<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, BodyError> {
     let mut out = Vec::new();
     for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
@@ -141,9 +182,9 @@ fn parse_ndjson(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyErro
         too_many(out.len() + 1, limits)?;
         let value = match std::str::from_utf8(raw) {
             Err(e) => Err(format!("line is not valid UTF-8: {e}")),
-            Ok(text) => {
-                serde_json::from_str::<Value>(text).map_err(|e| format!("invalid JSON: {e}"))
-            }
+            Ok(text) => serde_json::from_str::<&RawValue>(text)
+                .map(EventText::Borrowed)
+                .map_err(|e| format!("invalid JSON: {e}")),
         };
         out.push(Candidate {
             line: Some(i + 1),
@@ -157,7 +198,7 @@ fn parse_ndjson(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyErro
 /// when it is a number (epoch), `metadata` (a JSON object), and
 /// `metadata.<key>` columns, which become keys of `metadata`. An empty cell is
 /// an absent field, so defaults apply.
-fn parse_csv(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyError> {
+fn parse_csv<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, BodyError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)
@@ -189,7 +230,11 @@ fn parse_csv(body: &[u8], limits: &Limits) -> Result<Vec<Candidate>, BodyError> 
                 let line = row.position().map(|p| p.line() as usize);
                 out.push(Candidate {
                     line,
-                    value: csv_row(&headers, &row),
+                    value: csv_row(&headers, &row).and_then(|v| {
+                        serde_json::value::to_raw_value(&v)
+                            .map(EventText::Owned)
+                            .map_err(|e| e.to_string())
+                    }),
                 });
             }
             Err(e) => {
