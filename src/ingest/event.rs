@@ -249,14 +249,16 @@ impl Normalizer {
         let source = match string_field(source, "source must be a string").map_err(fail)? {
             None => None,
             Some(s) => {
-                let s = s.trim().to_lowercase();
+                // The limit is on the characters sent: lower-casing can
+                // lengthen a string (`İ` becomes two characters).
+                let s = s.trim();
                 if s.chars().count() > l.max_source_chars {
                     return Err(fail(invalid(format!(
                         "source is longer than {} characters",
                         l.max_source_chars
                     ))));
                 }
-                Some(s)
+                Some(s.to_lowercase())
             }
         };
         let message = string_field(message, "message must be a string")
@@ -433,11 +435,27 @@ fn normalize_severity(s: &str) -> Option<&'static str> {
     })
 }
 
+/// The first and last millisecond a Kafka record time can carry through
+/// librdkafka (0 means "now", a negative time means none) that RFC 3339 can
+/// also write (years up to 9999).
+const MIN_TIMESTAMP_MS: i64 = 1;
+const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
 /// RFC 3339 (any offset), or epoch seconds or milliseconds as a number or a
-/// numeric string; the result is UTC.
+/// numeric string (one rule for both); the result is UTC, and every form must
+/// land in the same range once converted.
 fn parse_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, EventError> {
     let bad = || {
         invalid("timestamp must be RFC 3339 (e.g. 2024-05-01T12:00:00Z) or epoch seconds or milliseconds")
+    };
+    let in_range = |dt: DateTime<Utc>| {
+        if (MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(&dt.timestamp_millis()) {
+            Ok(dt)
+        } else {
+            Err(invalid(
+                "timestamp is out of range: 1970-01-01T00:00:00.001Z to 9999-12-31T23:59:59.999Z",
+            ))
+        }
     };
     let epoch = |n: f64| -> Result<DateTime<Utc>, EventError> {
         if !n.is_finite() {
@@ -448,13 +466,15 @@ fn parse_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, EventError> {
         } else {
             n * 1000.0
         };
-        // Years 0..=9999 only: RFC 3339 cannot express more.
-        if !(-62_167_219_200_000.0..=253_402_300_799_999.0).contains(&ms) {
-            return Err(invalid("timestamp is out of range (years 0 to 9999)"));
+        // Checked as a float first: `as i64` saturates, it does not fail.
+        if !(MIN_TIMESTAMP_MS as f64 - 0.5..=MAX_TIMESTAMP_MS as f64 + 0.5).contains(&ms) {
+            return in_range(DateTime::<Utc>::MIN_UTC);
         }
-        Utc.timestamp_millis_opt(ms.round() as i64)
+        let dt = Utc
+            .timestamp_millis_opt(ms.round() as i64)
             .single()
-            .ok_or_else(bad)
+            .ok_or_else(bad)?;
+        in_range(dt)
     };
     let t = raw.get();
     if t.starts_with(['{', '[']) {
@@ -466,12 +486,14 @@ fn parse_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, EventError> {
         Value::String(s) => {
             let s = s.trim();
             if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
-                return Ok(dt.with_timezone(&Utc));
+                return in_range(dt.with_timezone(&Utc));
             }
+            // The same numbers a JSON number may spell, exponent included.
             match s.parse::<f64>() {
                 Ok(n)
-                    if s.bytes()
-                        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') =>
+                    if s.bytes().all(|b| {
+                        b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E')
+                    }) =>
                 {
                     epoch(n)
                 }

@@ -2,6 +2,7 @@
 //! normalize each event alone. No HTTP here, so the fuzz target and the
 //! benchmarks drive exactly this.
 
+pub mod decode;
 pub mod event;
 pub mod parse;
 mod raw;

@@ -82,6 +82,10 @@ pub enum BodyError {
     TooManyEvents(usize),
     #[error("empty body: no events")]
     Empty,
+    #[error("CSV body has a header row but no data rows")]
+    CsvHeaderOnly,
+    #[error("body is JSON, but Content-Type says CSV: send it as application/json")]
+    JsonAsCsv,
 }
 
 pub fn parse_body<'a>(
@@ -197,8 +201,16 @@ fn parse_ndjson<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>
 /// The header row names the fields. Cells are strings, except `timestamp`
 /// when it is a number (epoch), `metadata` (a JSON object), and
 /// `metadata.<key>` columns, which become keys of `metadata`. An empty cell is
-/// an absent field, so defaults apply.
+/// an absent field, so defaults apply. Lines are physical lines of the body,
+/// whatever the line ending (LF, CRLF or CR), blank lines included.
 fn parse_csv<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, BodyError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if matches!(first, Some(b'{' | b'['))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    {
+        return Err(BodyError::JsonAsCsv);
+    }
+    let open_quote = unclosed_quote(body);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)
@@ -220,6 +232,12 @@ fn parse_csv<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, 
             "CSV header row names no fields".into(),
         ));
     }
+    if open_quote == Some(0) {
+        return Err(BodyError::Malformed(
+            "CSV header row has a quote that is never closed".into(),
+        ));
+    }
+    let mut lines = LineCounter::new(body);
     let mut out = Vec::new();
     let mut row = csv::ByteRecord::new();
     loop {
@@ -227,21 +245,36 @@ fn parse_csv<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, 
             Ok(false) => break,
             Ok(true) => {
                 too_many(out.len() + 1, limits)?;
-                let line = row.position().map(|p| p.line() as usize);
-                out.push(Candidate {
-                    line,
-                    value: csv_row(&headers, &row).and_then(|v| {
+                // The reader's position can be that of blank lines it
+                // skipped before the row.
+                let mut start = row.position().map_or(0, |p| p.byte() as usize);
+                while matches!(body.get(start), Some(b'\r' | b'\n')) {
+                    start += 1;
+                }
+                let line = Some(lines.line_at(start));
+                // The reader ends a quoted field at the end of the body
+                // without complaint; a quote still open there would turn
+                // every later row into this one's text.
+                let end = reader.position().byte() as usize;
+                let value = if open_quote.is_some_and(|q| (start..end).contains(&q)) {
+                    Err(format!(
+                        "CSV: a quoted field opened on line {} is never closed",
+                        lines.line_at(open_quote.unwrap_or(start))
+                    ))
+                } else {
+                    csv_row(&headers, &row).and_then(|v| {
                         serde_json::value::to_raw_value(&v)
                             .map(EventText::Owned)
                             .map_err(|e| e.to_string())
-                    }),
-                });
+                    })
+                };
+                out.push(Candidate { line, value });
             }
             Err(e) => {
-                // A row the CSV reader cannot parse (e.g. an unclosed quote)
-                // ends the body; rows before it stand.
+                // A row the CSV reader cannot parse ends the body; rows
+                // before it stand.
                 too_many(out.len() + 1, limits)?;
-                let line = e.position().map(|p| p.line() as usize);
+                let line = e.position().map(|p| lines.line_at(p.byte() as usize));
                 out.push(Candidate {
                     line,
                     value: Err(format!("CSV: {e}")),
@@ -250,7 +283,69 @@ fn parse_csv<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, 
             }
         }
     }
+    if out.is_empty() {
+        return Err(BodyError::CsvHeaderOnly);
+    }
     Ok(out)
+}
+
+/// Where the quoted field still open at the end of the body starts, if any,
+/// following the reader's rules: a quote opens a field only at its start,
+/// and `""` inside a quoted field is a literal quote.
+fn unclosed_quote(body: &[u8]) -> Option<usize> {
+    let (mut at_field_start, mut open) = (true, None);
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        match open {
+            Some(_) if b == b'"' => {
+                if body.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    open = None;
+                }
+            }
+            Some(_) => {}
+            None if b == b'"' && at_field_start => open = Some(i),
+            None => at_field_start = matches!(b, b',' | b'\n' | b'\r'),
+        }
+        if open.is_some() || b == b'"' {
+            at_field_start = false;
+        }
+        i += 1;
+    }
+    open
+}
+
+/// Physical line numbers (1-based) of byte offsets, counting LF, CRLF and a
+/// lone CR each as one line end. Offsets must be asked in rising order.
+struct LineCounter<'a> {
+    body: &'a [u8],
+    pos: usize,
+    line: usize,
+}
+
+impl<'a> LineCounter<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        LineCounter {
+            body,
+            pos: 0,
+            line: 1,
+        }
+    }
+
+    fn line_at(&mut self, offset: usize) -> usize {
+        let offset = offset.min(self.body.len());
+        while self.pos < offset {
+            match self.body[self.pos] {
+                b'\n' => self.line += 1,
+                b'\r' if self.body.get(self.pos + 1) != Some(&b'\n') => self.line += 1,
+                _ => {}
+            }
+            self.pos += 1;
+        }
+        self.line
+    }
 }
 
 fn csv_row(headers: &[String], row: &csv::ByteRecord) -> Result<Value, String> {

@@ -1,4 +1,3 @@
-#![allow(dead_code)] // helpers for the wire-level contract tests
 //! A real `sluice serve` child process and a raw HTTP/1.1 client over TCP,
 //! for tests that must see exactly what a client sees on the wire.
 
@@ -132,11 +131,22 @@ impl Drop for Daemon {
     }
 }
 
-#[derive(Debug)]
 pub struct Resp {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Resp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {:?} {}",
+            self.status,
+            self.headers,
+            String::from_utf8_lossy(&self.body)
+        )
+    }
 }
 
 impl Resp {

@@ -5,6 +5,7 @@
 mod auth;
 mod bodies;
 mod concurrency;
+mod contract;
 mod crash;
 mod daemon;
 mod disk_faults;
