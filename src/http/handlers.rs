@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::{AppError, SharedState};
 use crate::auth::keys::presented_key;
 use crate::auth::{KeyEntry, RateDecision, TenantScope};
-use crate::ingest::decode::{decode_body, Coding, DecodeError};
+use crate::ingest::decode::{self, Coding, DecodeError};
 use crate::ingest::{self, BodyFormat, Rejection};
 
 /// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
@@ -167,10 +167,7 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     let (bytes, permit) = if codings.is_empty() {
         (bytes, permit)
     } else {
-        let state = st.clone();
-        tokio::task::spawn_blocking(move || decode(&state, bytes, &codings, permit))
-            .await
-            .map_err(|e| AppError::BadRequest(format!("decode task failed: {e}")))??
+        decode(st, bytes, &codings, permit).await?
     };
 
     // Millisecond precision, as Kafka timestamps have.
@@ -362,25 +359,48 @@ fn content_codings(headers: &axum::http::HeaderMap) -> Result<Vec<Coding>, AppEr
 }
 
 /// Undoes the codings within `max-body-bytes`, charging the in-flight budget
-/// as the output grows.
-fn decode(
+/// as the output grows. On the request's own task, yielding every megabyte:
+/// a blocking-pool thread would keep its own allocator heap per request.
+async fn decode(
     st: &SharedState,
-    bytes: Vec<u8>,
+    mut bytes: Vec<u8>,
     codings: &[Coding],
     mut permit: Option<OwnedSemaphorePermit>,
 ) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), AppError> {
     let limit = st.limits.max_body_bytes;
     let mut overloaded = false;
-    let out = decode_body(bytes, codings, limit, |n| {
-        let ok = charge(st, &mut permit, n as u32).is_ok();
-        overloaded |= !ok;
-        ok
-    });
-    match out {
-        Ok(b) => Ok((b, permit)),
-        Err(_) if overloaded => Err(AppError::Overloaded),
-        Err(DecodeError::TooLarge) => Err(AppError::BodyTooLarge(limit)),
-        Err(DecodeError::Invalid(m)) => Err(AppError::BadRequest(m)),
+    let mut chunk = vec![0u8; decode::CHUNK];
+    for &coding in codings.iter().rev() {
+        let mut out = Vec::new();
+        {
+            let mut r =
+                decode::reader(coding, &bytes, limit).map_err(|e| decode_error(e, limit))?;
+            let mut charge = |n: usize| {
+                let ok = charge(st, &mut permit, n as u32).is_ok();
+                overloaded |= !ok;
+                ok
+            };
+            for i in 0u32.. {
+                match decode::read_chunk(&mut r, coding, &mut out, &mut chunk, limit, &mut charge) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(_) if overloaded => return Err(AppError::Overloaded),
+                    Err(e) => return Err(decode_error(e, limit)),
+                }
+                if i % 16 == 15 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        bytes = out;
+    }
+    Ok((bytes, permit))
+}
+
+fn decode_error(e: DecodeError, limit: u64) -> AppError {
+    match e {
+        DecodeError::TooLarge => AppError::BodyTooLarge(limit),
+        DecodeError::Invalid(m) => AppError::BadRequest(m),
     }
 }
 

@@ -48,6 +48,62 @@ pub enum DecodeError {
     Invalid(String),
 }
 
+/// A reader of the decoded bytes of one coding over `bytes`.
+pub fn reader<'a>(
+    coding: Coding,
+    bytes: &'a [u8],
+    limit: u64,
+) -> Result<Box<dyn Read + Send + 'a>, DecodeError> {
+    Ok(match coding {
+        // MultiGzDecoder reads member after member; bytes after the last
+        // one fail as a bad header instead of being ignored.
+        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(bytes)),
+        Coding::Zstd => {
+            let bad = |e: std::io::Error| DecodeError::Invalid(format!("zstd: {e}"));
+            let mut d = zstd::stream::read::Decoder::new(bytes).map_err(bad)?;
+            // A window larger than the body limit is never needed, and the
+            // decoder would allocate it up front.
+            let log = (64 - limit.max(1).leading_zeros()).clamp(10, 27);
+            d.window_log_max(log).map_err(bad)?;
+            Box::new(d)
+        }
+    })
+}
+
+/// Reads up to one chunk of decoded bytes into `out`, within `limit` and
+/// what `charge` allows; `Ok(false)` at the end.
+pub fn read_chunk(
+    reader: &mut dyn Read,
+    coding: Coding,
+    out: &mut Vec<u8>,
+    chunk: &mut [u8],
+    limit: u64,
+    charge: &mut dyn FnMut(usize) -> bool,
+) -> Result<bool, DecodeError> {
+    let name = match coding {
+        Coding::Gzip => "gzip",
+        Coding::Zstd => "zstd",
+    };
+    let n = reader
+        .read(chunk)
+        .map_err(|e| DecodeError::Invalid(format!("body is not valid {name} data: {e}")))?;
+    if n == 0 {
+        return Ok(false);
+    }
+    if out.len() as u64 + n as u64 > limit || !charge(n) {
+        return Err(DecodeError::TooLarge);
+    }
+    if out.capacity() - out.len() < n {
+        // Double, but never past the limit: a 10 MiB body must not hold a
+        // 16 MiB buffer.
+        let want = (out.capacity() * 2).max(out.len() + n).max(256 * 1024);
+        let want = want.min(usize::try_from(limit).unwrap_or(usize::MAX));
+        out.reserve_exact(want - out.len());
+    }
+    out.extend_from_slice(&chunk[..n]);
+    Ok(true)
+}
+
 /// Undoes `codings`, the last applied first. The output never exceeds
 /// `limit`; `charge(n)` is asked before each `n` more decoded bytes are kept
 /// and may refuse (the in-flight budget).
@@ -57,40 +113,16 @@ pub fn decode_body(
     limit: u64,
     mut charge: impl FnMut(usize) -> bool,
 ) -> Result<Vec<u8>, DecodeError> {
-    for coding in codings.iter().rev() {
-        let (name, mut reader): (&str, Box<dyn Read + '_>) = match coding {
-            // MultiGzDecoder reads member after member; bytes after the last
-            // one fail as a bad header instead of being ignored.
-            Coding::Gzip => (
-                "gzip",
-                Box::new(flate2::read::MultiGzDecoder::new(&bytes[..])),
-            ),
-            Coding::Zstd => {
-                let bad = |e: std::io::Error| DecodeError::Invalid(format!("zstd: {e}"));
-                let mut d = zstd::stream::read::Decoder::new(&bytes[..]).map_err(bad)?;
-                // A window larger than the body limit is never needed, and
-                // the decoder would allocate it up front.
-                let log = (64 - limit.max(1).leading_zeros()).clamp(10, 27);
-                d.window_log_max(log).map_err(bad)?;
-                ("zstd", Box::new(d))
-            }
-        };
+    let mut chunk = vec![0u8; CHUNK];
+    for &coding in codings.iter().rev() {
+        let mut r = reader(coding, &bytes, limit)?;
         let mut out = Vec::new();
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            let n = reader
-                .read(&mut chunk)
-                .map_err(|e| DecodeError::Invalid(format!("body is not valid {name} data: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            if out.len() as u64 + n as u64 > limit || !charge(n) {
-                return Err(DecodeError::TooLarge);
-            }
-            out.extend_from_slice(&chunk[..n]);
-        }
-        drop(reader);
+        while read_chunk(&mut r, coding, &mut out, &mut chunk, limit, &mut charge)? {}
+        drop(r);
         bytes = out;
     }
     Ok(bytes)
 }
+
+/// Decoded bytes read at a time.
+pub const CHUNK: usize = 64 * 1024;

@@ -210,7 +210,14 @@ fn parse_csv<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, 
     {
         return Err(BodyError::JsonAsCsv);
     }
-    let open_quote = unclosed_quote(body);
+    let scan = scan_csv(body);
+    if let Some(at) = scan.too_wide {
+        return Err(BodyError::Malformed(format!(
+            "CSV record on line {} has more than {MAX_CSV_FIELDS} fields",
+            LineCounter::new(body).line_at(at)
+        )));
+    }
+    let open_quote = scan.open_quote;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)
@@ -289,11 +296,23 @@ fn parse_csv<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>, 
     Ok(out)
 }
 
-/// Where the quoted field still open at the end of the body starts, if any,
-/// following the reader's rules: a quote opens a field only at its start,
-/// and `""` inside a quoted field is a literal quote.
-fn unclosed_quote(body: &[u8]) -> Option<usize> {
+/// Columns a CSV record may have. The reader keeps an offset per cell, so a
+/// row of millions of empty cells would cost several times its bytes.
+pub const MAX_CSV_FIELDS: usize = 10_000;
+
+/// What a pass over a CSV body finds before the reader sees it: where the
+/// quoted field still open at the end of the body starts, and where the first
+/// record with more than [`MAX_CSV_FIELDS`] fields starts. Follows the
+/// reader's rules: a quote opens a field only at its start, and `""` inside a
+/// quoted field is a literal quote.
+struct CsvScan {
+    open_quote: Option<usize>,
+    too_wide: Option<usize>,
+}
+
+fn scan_csv(body: &[u8]) -> CsvScan {
     let (mut at_field_start, mut open) = (true, None);
+    let (mut record_start, mut fields, mut too_wide) = (0, 1usize, None);
     let mut i = 0;
     while i < body.len() {
         let b = body[i];
@@ -307,14 +326,30 @@ fn unclosed_quote(body: &[u8]) -> Option<usize> {
             }
             Some(_) => {}
             None if b == b'"' && at_field_start => open = Some(i),
-            None => at_field_start = matches!(b, b',' | b'\n' | b'\r'),
+            None => {
+                at_field_start = matches!(b, b',' | b'\n' | b'\r');
+                match b {
+                    b',' => fields += 1,
+                    b'\n' | b'\r' => {
+                        fields = 1;
+                        record_start = i + 1;
+                    }
+                    _ => {}
+                }
+                if fields > MAX_CSV_FIELDS && too_wide.is_none() {
+                    too_wide = Some(record_start);
+                }
+            }
         }
         if open.is_some() || b == b'"' {
             at_field_start = false;
         }
         i += 1;
     }
-    open
+    CsvScan {
+        open_quote: open,
+        too_wide,
+    }
 }
 
 /// Physical line numbers (1-based) of byte offsets, counting LF, CRLF and a

@@ -9,6 +9,7 @@ mod contract;
 mod crash;
 mod daemon;
 mod disk_faults;
+mod docs_examples;
 mod hostile;
 mod lifecycle;
 mod memory;

@@ -91,3 +91,41 @@ fn one_event_holding_millions_of_values_stays_under_512_mib() {
     assert!(statuses.contains(&413), "{statuses:?}");
     assert!(peak < 512 * 1024, "peak RSS {peak} kB");
 }
+
+/// CSV rows of millions of empty cells: the reader keeps an offset per cell,
+/// so a row must be refused before it is read.
+#[test]
+fn csv_rows_of_millions_of_cells_stay_under_512_mib() {
+    let d = Daemon::start("");
+    let mut wide = b"tenant_id,source,message\n".to_vec();
+    wide.extend(std::iter::repeat_n(b',', 9_000_000));
+    wide.push(b'\n');
+    let mut header = vec![b'a'; 1];
+    header.extend(std::iter::repeat_n(b",a".iter().copied(), 4_500_000).flatten());
+    header.push(b'\n');
+    for body in [wide, header] {
+        let body = gzip(&body);
+        let statuses: Vec<u16> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    s.spawn(|| {
+                        d.post(
+                            "/v1/events",
+                            &[("Content-Type", "text/csv"), ("Content-Encoding", "gzip")],
+                            &body,
+                        )
+                        .status
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let peak = d.proc_status_kb("VmHWM");
+        eprintln!("VmHWM after 16 wide CSV bodies {peak} kB; statuses {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 400 || *s == 503),
+            "{statuses:?}"
+        );
+        assert!(peak < 512 * 1024, "peak RSS {peak} kB");
+    }
+}
