@@ -105,6 +105,25 @@ pub fn ingest_body(data: &[u8]) {
         1 => BodyFormat::Ndjson,
         _ => BodyFormat::Csv,
     };
+    // mode / 3: 0 plain, 1 gzip, 2 zstd, as the handler decodes them.
+    let coding = match (mode / 3) % 3 {
+        0 => None,
+        1 => Some(crate::ingest::decode::Coding::Gzip),
+        _ => Some(crate::ingest::decode::Coding::Zstd),
+    };
+    let decoded;
+    let body = match coding {
+        None => body,
+        Some(c) => match crate::ingest::decode::decode_body(body.to_vec(), &[c], 1 << 20, |_| true)
+        {
+            Ok(b) => {
+                assert!(b.len() <= 1 << 20);
+                decoded = b;
+                &decoded[..]
+            }
+            Err(_) => return,
+        },
+    };
     let limits = Limits {
         max_events_per_request: 100,
         max_event_bytes: 4096,

@@ -317,6 +317,13 @@ fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
         &[],
         one!(i, |i| get(&i.connections_refused)),
     )?;
+    add(
+        "requests_shed_total",
+        "Requests answered 503 because limits.max-inflight-bytes of bodies were in memory.",
+        COUNTER,
+        &[],
+        one!(i, |i| get(&i.requests_shed)),
+    )?;
     let (sem, max) = (src.inflight.clone(), src.max_inflight_bytes);
     add(
         "inflight_body_bytes",

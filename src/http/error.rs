@@ -24,6 +24,12 @@ pub enum AppError {
     BodyTimeout(u64),
     #[error("{0}")]
     BadRequest(String),
+    #[error("no such endpoint")]
+    NotFound,
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    #[error("request head exceeds {0} bytes (http.max-header-bytes)")]
+    HeadTooLarge(usize),
     /// No key, an unusable header, or a key the server does not know. The
     /// message never echoes the key.
     #[error("{0}")]
@@ -62,6 +68,9 @@ impl AppError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             DeadlineBeforeAppend(_) => StatusCode::REQUEST_TIMEOUT,
             Body(_) | BodyUnreadable(_) | BadRequest(_) => StatusCode::BAD_REQUEST,

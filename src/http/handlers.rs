@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::{AppError, SharedState};
 use crate::auth::keys::presented_key;
 use crate::auth::{KeyEntry, RateDecision, TenantScope};
+use crate::ingest::decode::{self, Coding, DecodeError};
 use crate::ingest::{self, BodyFormat, Rejection};
 
 /// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
@@ -152,8 +153,9 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     };
     let format =
         BodyFormat::from_content_type(content_type).map_err(AppError::UnsupportedMediaType)?;
-    // The decompression layer drops Content-Length when it decodes, so a
-    // length still present is the real one: refuse early without reading.
+    let codings = content_codings(&parts.headers)?;
+    // The sent body (compressed or not) also counts against the limit, so a
+    // length over it is refused without reading.
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -162,6 +164,11 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
         return Err(AppError::BodyTooLarge(st.limits.max_body_bytes));
     }
     let (bytes, permit) = read_body(st, body, declared).await?;
+    let (bytes, permit) = if codings.is_empty() {
+        (bytes, permit)
+    } else {
+        decode(st, bytes, &codings, permit).await?
+    };
 
     // Millisecond precision, as Kafka timestamps have.
     let now = chrono::Utc::now();
@@ -299,22 +306,131 @@ async fn read_body(
                 return Err(AppError::BodyTooLarge(limit));
             }
             let n = u32::try_from(data.len()).map_err(|_| AppError::BodyTooLarge(limit))?;
-            let more = st
-                .inflight
-                .clone()
-                .try_acquire_many_owned(n)
-                .map_err(|_| AppError::Overloaded)?;
-            match &mut permit {
-                Some(p) => p.merge(more),
-                None => permit = Some(more),
-            }
+            charge(st, &mut permit, n)?;
             buf.extend_from_slice(&data);
         }
         Ok((buf, permit))
     };
-    tokio::time::timeout(Duration::from_millis(timeout_ms), read)
+    let r = tokio::time::timeout(Duration::from_millis(timeout_ms), read)
         .await
-        .map_err(|_| AppError::BodyTimeout(timeout_ms))?
+        .map_err(|_| AppError::BodyTimeout(timeout_ms))?;
+    if r.is_ok() && st.shedding.swap(false, Ordering::Relaxed) {
+        tracing::info!("in-flight byte budget has room again: accepting bodies");
+    }
+    r
+}
+
+/// Takes `n` more bytes of the in-flight budget, or sheds the request. The
+/// first refusal after a success is logged; every one is counted.
+fn charge(
+    st: &SharedState,
+    permit: &mut Option<OwnedSemaphorePermit>,
+    n: u32,
+) -> Result<(), AppError> {
+    let Ok(more) = st.inflight.clone().try_acquire_many_owned(n) else {
+        st.counters.requests_shed.fetch_add(1, Ordering::Relaxed);
+        if !st.shedding.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                limit = st.limits.max_inflight_bytes,
+                "in-flight byte limit reached: shedding requests with 503 until bodies drain"
+            );
+        }
+        return Err(AppError::Overloaded);
+    };
+    match permit {
+        Some(p) => p.merge(more),
+        None => *permit = Some(more),
+    }
+    Ok(())
+}
+
+/// Every `Content-Encoding` line joined into one list, as RFC 9110 reads
+/// repeated fields, matched case-insensitively.
+fn content_codings(headers: &axum::http::HeaderMap) -> Result<Vec<Coding>, AppError> {
+    let mut values = Vec::new();
+    for v in headers.get_all(header::CONTENT_ENCODING) {
+        values.push(
+            v.to_str().map_err(|_| {
+                AppError::UnsupportedMediaType("Content-Encoding is not ASCII".into())
+            })?,
+        );
+    }
+    Coding::parse_list(values).map_err(AppError::UnsupportedMediaType)
+}
+
+/// Undoes the codings within `max-body-bytes`, charging the in-flight budget
+/// as the output grows. On the request's own task, yielding every megabyte:
+/// a blocking-pool thread would keep its own allocator heap per request.
+async fn decode(
+    st: &SharedState,
+    mut bytes: Vec<u8>,
+    codings: &[Coding],
+    mut permit: Option<OwnedSemaphorePermit>,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), AppError> {
+    let limit = st.limits.max_body_bytes;
+    let mut overloaded = false;
+    let mut chunk = vec![0u8; decode::CHUNK];
+    for &coding in codings.iter().rev() {
+        let mut out = Vec::new();
+        {
+            let mut r =
+                decode::reader(coding, &bytes, limit).map_err(|e| decode_error(e, limit))?;
+            let mut charge = |n: usize| {
+                let ok = charge(st, &mut permit, n as u32).is_ok();
+                overloaded |= !ok;
+                ok
+            };
+            for i in 0u32.. {
+                match decode::read_chunk(&mut r, coding, &mut out, &mut chunk, limit, &mut charge) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(_) if overloaded => return Err(AppError::Overloaded),
+                    Err(e) => return Err(decode_error(e, limit)),
+                }
+                if i % 16 == 15 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        bytes = out;
+    }
+    Ok((bytes, permit))
+}
+
+fn decode_error(e: DecodeError, limit: u64) -> AppError {
+    match e {
+        DecodeError::TooLarge => AppError::BodyTooLarge(limit),
+        DecodeError::Invalid(m) => AppError::BadRequest(m),
+    }
+}
+
+/// Any path that is not an endpoint.
+pub async fn not_found() -> AppError {
+    AppError::NotFound
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
+}
+
+/// Enforces `http.max-header-bytes` on the request head as sent: the request
+/// line and every `name: value` line with their CRLFs. The HTTP parser's own
+/// buffer limit is only a coarse guard above this.
+pub async fn head_limit(
+    State(st): State<SharedState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uri = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let mut size = req.method().as_str().len() + 1 + uri + 1 + "HTTP/1.1\r\n".len() + 2;
+    for (k, v) in req.headers() {
+        size += k.as_str().len() + 2 + v.as_bytes().len() + 2;
+    }
+    if size > st.http.max_header_bytes {
+        return AppError::HeadTooLarge(st.http.max_header_bytes).into_response();
+    }
+    next.run(req).await
 }
 
 pub async fn receipt(

@@ -13,7 +13,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{Notify, Semaphore};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::AppError;
@@ -44,6 +43,9 @@ pub struct AppState {
     pub replay: Arc<crate::kafka::ReplayStats>,
     /// Whether the last append was refused for quota, to log the change once.
     pub(crate) quota_refusing: AtomicBool,
+    /// Whether the last body was refused for the in-flight byte budget, to
+    /// log the change once.
+    pub(crate) shedding: AtomicBool,
     /// API keys; `None` when auth is disabled.
     pub keys: Option<Arc<KeyStore>>,
     pub rates: Rates,
@@ -60,6 +62,8 @@ pub struct IngestCounters {
     pub connections_open: AtomicU64,
     /// Connections closed at once because `http.max-connections` were open.
     pub connections_refused: AtomicU64,
+    /// Requests answered 503 because the in-flight byte budget was spent.
+    pub requests_shed: AtomicU64,
 }
 
 impl AppState {
@@ -106,6 +110,7 @@ impl AppState {
             metrics,
             replay,
             quota_refusing: AtomicBool::new(false),
+            shedding: AtomicBool::new(false),
             keys,
             rates: Rates::new(&config.rates),
         }
@@ -133,10 +138,15 @@ pub fn app(state: SharedState) -> Router {
             state.clone(),
             handlers::track,
         ))
-        // Innermost first: the handler sees decompressed bytes, so every size
-        // limit applies after decompression and a bomb is cut at the limit.
-        .layer(RequestDecompressionLayer::new())
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::head_limit,
+        ))
         .layer(CatchPanicLayer::custom(error::panic_response))
-        .layer(TraceLayer::new_for_http())
+        // 5xx are logged by the code that decides them, once per state
+        // change (quota, shedding, WAL failure), not once per response.
+        .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
 }

@@ -2,8 +2,10 @@
 //! becomes. Each event is judged alone.
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
+use super::raw;
 use crate::auth::TenantScope;
 use crate::config::{EventsConfig, Limits};
 use crate::wal::Record;
@@ -87,100 +89,191 @@ impl Normalizer {
         self.normalize_for(value, received_at, &TenantScope::Any)
     }
 
-    /// Normalizes an event for a request whose key grants `scope`. A key
-    /// bound to one tenant fills in a missing `tenant_id`; any other tenant
-    /// (or none, for a key bound to several) is refused.
+    /// [`Normalizer::normalize_raw`] for an event already held as a value.
     pub fn normalize_for(
         &self,
         value: Value,
         received_at: DateTime<Utc>,
         scope: &TenantScope,
     ) -> Result<NormalizedEvent, EventError> {
-        let Value::Object(mut input) = value else {
-            return Err(EventError::NotObject);
-        };
-        if depth(&input, 1) > self.limits.max_depth {
-            return Err(EventError::TooDeep(self.limits.max_depth));
+        let text =
+            serde_json::to_string(&value).map_err(|e| EventError::Malformed(e.to_string()))?;
+        let raw: &RawValue =
+            serde_json::from_str(&text).map_err(|e| EventError::Malformed(e.to_string()))?;
+        self.normalize_raw(raw, received_at, scope)
+            .map_err(|(e, _)| e)
+    }
+
+    /// Normalizes one event from its raw JSON text, for a request whose key
+    /// grants `scope`. A key bound to one tenant fills in a missing
+    /// `tenant_id`; any other tenant (or none, for a key bound to several) is
+    /// refused. The error carries the id the event claimed, for the report.
+    ///
+    /// Only the top-level fields are split out; nested values stay text, so
+    /// an event costs little more than its own bytes at any shape or depth.
+    pub fn normalize_raw(
+        &self,
+        raw: &RawValue,
+        received_at: DateTime<Utc>,
+        scope: &TenantScope,
+    ) -> Result<NormalizedEvent, (EventError, Option<String>)> {
+        let l = &self.limits;
+        let text = raw.get();
+        if !text.starts_with('{') {
+            return Err((EventError::NotObject, None));
         }
-        if let Some(t) = scope.implied() {
-            if matches!(input.get("tenant_id"), None | Some(Value::Null)) {
-                input.insert("tenant_id".into(), Value::String(t.to_string()));
+        // Every distinct field adds at least `"k":0,` (or `"":0,`) to the
+        // output, so an event with more fields than this cannot fit: stop
+        // collecting them rather than hold millions of entries.
+        let max_fields = l.max_event_bytes / 4 + 1;
+        let listed = raw::fields(text, max_fields)
+            .map_err(|e| (EventError::Malformed(e.to_string()), None))?;
+        let listed = match listed {
+            raw::Fields::Object(f) => f,
+            raw::Fields::TooMany => {
+                let size = raw::compact(text, None).0;
+                return Err((
+                    EventError::TooLarge {
+                        size,
+                        limit: l.max_event_bytes,
+                    },
+                    None,
+                ));
+            }
+        };
+        // A repeated key keeps its first position and its last value, as a
+        // JSON object read into a map would.
+        let mut fields: Vec<(std::borrow::Cow<'_, str>, &RawValue)> =
+            Vec::with_capacity(listed.len());
+        let mut index = std::collections::HashMap::with_capacity(listed.len());
+        for (k, v) in listed {
+            match index.get(&k) {
+                Some(&i) => fields[i] = (k, v),
+                None => {
+                    index.insert(k.clone(), fields.len());
+                    fields.push((k, v));
+                }
             }
         }
+        drop(index);
+        let claimed = fields
+            .iter()
+            .find(|(k, _)| k == "id")
+            .and_then(|(_, v)| raw::string(v).ok().flatten())
+            .map(|s| s.chars().take(128).collect::<String>());
+        let fail = |e: EventError| (e, claimed.clone());
+        if fields
+            .iter()
+            .any(|(_, v)| 1 + raw::compact(v.get(), None).1 > l.max_depth)
+        {
+            return Err(fail(EventError::TooDeep(l.max_depth)));
+        }
+        let mut take = |name: &str| -> Option<&RawValue> {
+            let i = fields.iter().position(|(k, _)| k == name)?;
+            Some(fields.remove(i).1)
+        };
+        let string_field =
+            |v: Option<&RawValue>, msg: &str| -> Result<Option<String>, EventError> {
+                match v {
+                    None => Ok(None),
+                    Some(v) => raw::string(v).map_err(|()| invalid(msg)),
+                }
+            };
+        let id = take("id");
+        let tenant = take("tenant_id");
+        let timestamp = take("timestamp");
+        let severity = take("severity");
+        let source = take("source");
+        let message = take("message");
+        let metadata = take("metadata");
+        let known = [
+            ("id", id),
+            ("tenant_id", tenant),
+            ("timestamp", timestamp),
+            ("severity", severity),
+            ("source", source),
+            ("message", message),
+            ("metadata", metadata),
+        ];
+        let implied = scope.implied();
         for field in &self.events.required {
-            match input.get(field) {
-                None | Some(Value::Null) => return Err(EventError::Missing(field.clone())),
-                Some(Value::String(s)) if s.trim().is_empty() => {
-                    return Err(EventError::Invalid(format!("{field} is empty")))
+            let v = match known.iter().find(|(k, _)| k == field) {
+                Some((_, v)) => *v,
+                None => fields.iter().find(|(k, _)| k == field).map(|(_, v)| *v),
+            };
+            if field == "tenant_id" && implied.is_some() && v.is_none_or(|v| v.get() == "null") {
+                continue;
+            }
+            match v.map(|v| (v.get(), raw::string(v))) {
+                None | Some(("null", _)) => return Err(fail(EventError::Missing(field.clone()))),
+                Some((_, Ok(Some(s)))) if s.trim().is_empty() => {
+                    return Err(fail(invalid(format!("{field} is empty"))))
                 }
                 _ => {}
             }
         }
-        let l = &self.limits;
 
-        let id = match input.shift_remove("id") {
-            None | Some(Value::Null) => uuid::Uuid::now_v7().to_string(),
-            Some(Value::String(s)) => {
+        let id = match string_field(id, "id must be a string").map_err(fail)? {
+            None => uuid::Uuid::now_v7().to_string(),
+            Some(s) => {
                 let n = s.chars().count();
                 if n == 0 || n > l.max_id_chars {
-                    return Err(invalid(format!(
+                    return Err(fail(invalid(format!(
                         "id must be 1 to {} characters",
                         l.max_id_chars
-                    )));
+                    ))));
                 }
                 s
             }
-            Some(_) => return Err(invalid("id must be a string")),
         };
-        let tenant = match input.shift_remove("tenant_id") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if valid_tenant(&s) => Some(s),
-            Some(_) => return Err(invalid("tenant_id must match [A-Za-z0-9._-]{1,64}")),
+        let tenant_msg = "tenant_id must match [A-Za-z0-9._-]{1,64}";
+        let tenant = match string_field(tenant, tenant_msg).map_err(fail)? {
+            None => implied.map(str::to_string),
+            Some(s) if valid_tenant(&s) => Some(s),
+            Some(_) => return Err(fail(invalid(tenant_msg))),
         };
         scope
             .check(tenant.as_deref())
-            .map_err(EventError::Forbidden)?;
-        let timestamp = match input.shift_remove("timestamp") {
-            None | Some(Value::Null) => received_at,
-            Some(v) => parse_timestamp(&v)?,
+            .map_err(|e| fail(EventError::Forbidden(e)))?;
+        let timestamp = match timestamp {
+            None => received_at,
+            Some(v) if v.get() == "null" => received_at,
+            Some(v) => parse_timestamp(v).map_err(fail)?,
         };
-        let severity = match input.shift_remove("severity") {
-            None | Some(Value::Null) => "INFO",
-            Some(Value::String(s)) => normalize_severity(&s).ok_or_else(|| {
-                invalid("severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL")
-            })?,
-            Some(_) => return Err(invalid("severity must be a string")),
+        let severity_msg =
+            "severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL";
+        let severity = match string_field(severity, "severity must be a string").map_err(fail)? {
+            None => "INFO",
+            Some(s) => normalize_severity(&s).ok_or_else(|| fail(invalid(severity_msg)))?,
         };
-        let source = match input.shift_remove("source") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                let s = s.trim().to_lowercase();
+        let source = match string_field(source, "source must be a string").map_err(fail)? {
+            None => None,
+            Some(s) => {
+                // The limit is on the characters sent: lower-casing can
+                // lengthen a string (`İ` becomes two characters).
+                let s = s.trim();
                 if s.chars().count() > l.max_source_chars {
-                    return Err(invalid(format!(
+                    return Err(fail(invalid(format!(
                         "source is longer than {} characters",
                         l.max_source_chars
-                    )));
+                    ))));
                 }
-                Some(s)
+                Some(s.to_lowercase())
             }
-            Some(_) => return Err(invalid("source must be a string")),
         };
-        let message = match input.shift_remove("message") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.trim().to_string()),
-            Some(_) => return Err(invalid("message must be a string")),
-        };
-        let metadata = match input.shift_remove("metadata") {
-            None | Some(Value::Null) => None,
-            Some(m @ Value::Object(_)) => Some(m),
-            Some(_) => return Err(invalid("metadata must be an object")),
+        let message = string_field(message, "message must be a string")
+            .map_err(fail)?
+            .map(|s| s.trim().to_string());
+        let metadata = match metadata {
+            None => None,
+            Some(v) if v.get() == "null" => None,
+            Some(v) if v.get().starts_with('{') => Some(compact_text(v)),
+            Some(_) => return Err(fail(invalid("metadata must be an object"))),
         };
 
-        // Known fields first in a fixed order, then unknown ones verbatim in
-        // the order the client sent them. Written straight to bytes: the
-        // same output as collecting a `Map` and serializing it (the known
-        // keys were removed from `input`, so no key repeats), without a
-        // second hash map per event.
+        // Known fields first in a fixed order, then unknown ones verbatim
+        // (compact, numbers and escapes as sent) in the order the client sent
+        // them, written straight to bytes.
         let ts = timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true);
         let key = match self.events.key_field.as_str() {
             "id" => Some(id.as_bytes().to_vec()),
@@ -189,38 +282,54 @@ impl Normalizer {
             "severity" => Some(severity.as_bytes().to_vec()),
             "source" => source.as_ref().map(|s| s.as_bytes().to_vec()),
             "message" => message.as_ref().map(|m| m.as_bytes().to_vec()),
-            "metadata" => metadata.as_ref().map(|m| m.to_string().into_bytes()),
-            other => match input.get(other) {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.as_bytes().to_vec()),
-                Some(v) => Some(v.to_string().into_bytes()),
+            "metadata" => metadata.clone(),
+            other => match fields.iter().find(|(k, _)| k == other) {
+                None => None,
+                Some((_, v)) => match raw::string(v) {
+                    Ok(None) => None,
+                    Ok(Some(s)) => Some(s.into_bytes()),
+                    Err(()) => Some(compact_text(v)),
+                },
             },
         };
         let mut out = JsonObject::with_capacity(256);
-        out.field("id", &id)?;
+        out.field("id", &id).map_err(fail)?;
         if let Some(t) = &tenant {
-            out.field("tenant_id", t)?;
+            out.field("tenant_id", t).map_err(fail)?;
         }
-        out.field("timestamp", &ts)?;
-        out.field("severity", severity)?;
+        out.field("timestamp", &ts).map_err(fail)?;
+        out.field("severity", severity).map_err(fail)?;
         if let Some(s) = &source {
-            out.field("source", s)?;
+            out.field("source", s).map_err(fail)?;
         }
         if let Some(m) = &message {
-            out.field("message", m)?;
+            out.field("message", m).map_err(fail)?;
         }
         if let Some(m) = &metadata {
-            out.field("metadata", m)?;
+            out.raw_field("metadata", m).map_err(fail)?;
         }
-        for (k, v) in &input {
-            out.field(k, v)?;
+        // The size is known before a byte of an unknown field is copied, so
+        // an oversized event never costs more than the limit to refuse.
+        let mut size = out.buf.len() + 1;
+        for (k, v) in &fields {
+            size += k.len() + 4 + raw::compact(v.get(), None).0;
+        }
+        if size > l.max_event_bytes {
+            return Err(fail(EventError::TooLarge {
+                size,
+                limit: l.max_event_bytes,
+            }));
+        }
+        for (k, v) in &fields {
+            out.key(k).map_err(fail)?;
+            raw::compact(v.get(), Some(&mut out.buf));
         }
         let value = out.finish();
         if value.len() > l.max_event_bytes {
-            return Err(EventError::TooLarge {
+            return Err(fail(EventError::TooLarge {
                 size: value.len(),
                 limit: l.max_event_bytes,
-            });
+            }));
         }
         let mut headers = vec![(HEADER_ID.to_string(), id.clone().into_bytes())];
         if let Some(t) = &tenant {
@@ -244,6 +353,13 @@ impl Normalizer {
             payload: record.encode(),
         })
     }
+}
+
+/// The compact text of a raw value.
+fn compact_text(v: &RawValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.get().len());
+    raw::compact(v.get(), Some(&mut out));
+    out
 }
 
 /// A JSON object written field by field into one buffer.
@@ -270,6 +386,23 @@ impl JsonObject {
         serde_json::to_writer(&mut self.buf, key).map_err(malformed)?;
         self.buf.push(b':');
         serde_json::to_writer(&mut self.buf, value).map_err(malformed)
+    }
+
+    fn key(&mut self, key: &str) -> Result<(), EventError> {
+        if self.buf.len() > 1 {
+            self.buf.push(b',');
+        }
+        serde_json::to_writer(&mut self.buf, key)
+            .map_err(|e| EventError::Malformed(e.to_string()))?;
+        self.buf.push(b':');
+        Ok(())
+    }
+
+    /// A field whose value is already compact JSON text.
+    fn raw_field(&mut self, key: &str, value: &[u8]) -> Result<(), EventError> {
+        self.key(key)?;
+        self.buf.extend_from_slice(value);
+        Ok(())
     }
 
     fn finish(mut self) -> Vec<u8> {
@@ -302,11 +435,27 @@ fn normalize_severity(s: &str) -> Option<&'static str> {
     })
 }
 
+/// The first and last millisecond a Kafka record time can carry through
+/// librdkafka (0 means "now", a negative time means none) that RFC 3339 can
+/// also write (years up to 9999).
+const MIN_TIMESTAMP_MS: i64 = 1;
+const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
 /// RFC 3339 (any offset), or epoch seconds or milliseconds as a number or a
-/// numeric string; the result is UTC.
-fn parse_timestamp(v: &Value) -> Result<DateTime<Utc>, EventError> {
+/// numeric string (one rule for both); the result is UTC, and every form must
+/// land in the same range once converted.
+fn parse_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, EventError> {
     let bad = || {
         invalid("timestamp must be RFC 3339 (e.g. 2024-05-01T12:00:00Z) or epoch seconds or milliseconds")
+    };
+    let in_range = |dt: DateTime<Utc>| {
+        if (MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(&dt.timestamp_millis()) {
+            Ok(dt)
+        } else {
+            Err(invalid(
+                "timestamp is out of range: 1970-01-01T00:00:00.001Z to 9999-12-31T23:59:59.999Z",
+            ))
+        }
     };
     let epoch = |n: f64| -> Result<DateTime<Utc>, EventError> {
         if !n.is_finite() {
@@ -317,25 +466,34 @@ fn parse_timestamp(v: &Value) -> Result<DateTime<Utc>, EventError> {
         } else {
             n * 1000.0
         };
-        // Years 0..=9999 only: RFC 3339 cannot express more.
-        if !(-62_167_219_200_000.0..=253_402_300_799_999.0).contains(&ms) {
-            return Err(invalid("timestamp is out of range (years 0 to 9999)"));
+        // Checked as a float first: `as i64` saturates, it does not fail.
+        if !(MIN_TIMESTAMP_MS as f64 - 0.5..=MAX_TIMESTAMP_MS as f64 + 0.5).contains(&ms) {
+            return in_range(DateTime::<Utc>::MIN_UTC);
         }
-        Utc.timestamp_millis_opt(ms.round() as i64)
+        let dt = Utc
+            .timestamp_millis_opt(ms.round() as i64)
             .single()
-            .ok_or_else(bad)
+            .ok_or_else(bad)?;
+        in_range(dt)
     };
-    match v {
+    let t = raw.get();
+    if t.starts_with(['{', '[']) {
+        return Err(bad());
+    }
+    let v: Value = serde_json::from_str(t).map_err(|_| bad())?;
+    match &v {
         Value::Number(n) => epoch(n.as_f64().ok_or_else(bad)?),
         Value::String(s) => {
             let s = s.trim();
             if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
-                return Ok(dt.with_timezone(&Utc));
+                return in_range(dt.with_timezone(&Utc));
             }
+            // The same numbers a JSON number may spell, exponent included.
             match s.parse::<f64>() {
                 Ok(n)
-                    if s.bytes()
-                        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') =>
+                    if s.bytes().all(|b| {
+                        b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E')
+                    }) =>
                 {
                     epoch(n)
                 }
@@ -344,27 +502,6 @@ fn parse_timestamp(v: &Value) -> Result<DateTime<Utc>, EventError> {
         }
         _ => Err(bad()),
     }
-}
-
-/// Nesting depth, counting the event object as 1. Iterative, so a deep value
-/// cannot overflow the stack here (serde_json already caps parsing at 128).
-fn depth(obj: &Map<String, Value>, base: usize) -> usize {
-    let mut max = base;
-    let mut stack: Vec<(&Value, usize)> = obj.values().map(|v| (v, base + 1)).collect();
-    while let Some((v, d)) = stack.pop() {
-        match v {
-            Value::Object(m) => {
-                max = max.max(d);
-                stack.extend(m.values().map(|c| (c, d + 1)));
-            }
-            Value::Array(a) => {
-                max = max.max(d);
-                stack.extend(a.iter().map(|c| (c, d + 1)));
-            }
-            _ => {}
-        }
-    }
-    max
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 //! normalize each event alone. No HTTP here, so the fuzz target and the
 //! benchmarks drive exactly this.
 
+pub mod decode;
 pub mod event;
 pub mod parse;
+mod raw;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -102,10 +104,9 @@ pub fn prepare(
                 continue;
             }
         };
-        let id = Normalizer::claimed_id(&value);
-        match normalizer.normalize_for(value, received_at, scope) {
+        match normalizer.normalize_raw(value.get(), received_at, scope) {
             Ok(e) => batch.accepted.push(e),
-            Err(e) => batch.rejected.push(Rejection {
+            Err((e, id)) => batch.rejected.push(Rejection {
                 index,
                 line: c.line,
                 id,

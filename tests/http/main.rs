@@ -5,10 +5,14 @@
 mod auth;
 mod bodies;
 mod concurrency;
+mod contract;
 mod crash;
+mod daemon;
 mod disk_faults;
+mod docs_examples;
 mod hostile;
 mod lifecycle;
+mod memory;
 mod metrics;
 mod security;
 mod statuses;
