@@ -29,3 +29,9 @@ else
   echo "promtool not available: Prometheus config, rules and dashboard not checked"
 fi
 python3 deploy/check-dockerignore.py
+# The packaged unit is the same unit with the binary in /usr/bin.
+if ! diff <(sed 1d deploy/sluice.service | sed 's|/usr/local/bin/sluice|/usr/bin/sluice|') \
+          <(sed 1d deploy/debian/sluice.service); then
+  echo "FAIL: deploy/debian/sluice.service drifted from deploy/sluice.service (diff above)"; exit 1
+fi
+echo "deploy/debian/sluice.service: same unit as deploy/sluice.service"
