@@ -70,7 +70,7 @@ chaos:
 # target/debian/sluice_<version>-1_<arch>.deb. A release build.
 deb:
 	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb
-	$(CARGO) deb --locked
+	$(CARGO) deb --locked --strip
 
 # Builds the package, lints it, installs, checks and purges it (CI; root).
 deb-check:

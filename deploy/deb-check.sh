@@ -14,10 +14,10 @@ target="${CARGO_TARGET_DIR:-$(pwd)/target}"
 fail() { echo "FAIL: $*"; exit 1; }
 
 if [ -n "${DEB_NO_BUILD:-}" ]; then
-  cargo deb --no-build
+  cargo deb --no-build --strip
 else
   # The one release build of the CI run: niced, the tests may run beside it.
-  nice -n 10 cargo deb --locked
+  nice -n 10 cargo deb --locked --strip
 fi
 deb=$(ls -t "$target"/debian/sluice_*.deb | head -1)
 echo "built $deb ($(du -h "$deb" | cut -f1))"
@@ -30,8 +30,42 @@ dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/sluice/slui
 
 lintian --version
 # Errors fail; warnings are printed for the record.
-lintian --fail-on error --no-tag-display-limit "$deb"
+lintian --fail-on error --tag-display-limit 0 "$deb"
 echo "lintian: no errors"
+
+# The maintainer scripts as systemd would see them. CI has no systemd as
+# PID 1, so the scripts' systemd branch runs here in a private mount
+# namespace where /run/systemd/system exists, with systemctl and
+# deb-systemd-invoke replaced by stubs that record their arguments.
+ctl=$(mktemp -d)
+trap 'rm -rf "$ctl"' EXIT
+dpkg-deb -e "$deb" "$ctl/DEBIAN"
+mkdir "$ctl/bin"
+for c in systemctl deb-systemd-invoke; do
+  printf '#!/bin/sh\necho "%s $*" >> %s/calls\n' "$c" "$ctl" > "$ctl/bin/$c"
+  chmod +x "$ctl/bin/$c"
+done
+script_calls() { # which script + args; prints the systemd calls it made
+  : > "$ctl/calls"
+  unshare -m sh -c 'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system &&
+    PATH="$1/bin:$PATH" "$1/DEBIAN/$2" "$3" "$4" >/dev/null' sh "$ctl" "$@"
+  cat "$ctl/calls"
+}
+calls=$(script_calls postinst configure "")
+echo "$calls" | grep -qx "systemctl --system daemon-reload" || fail "postinst (install) does not reload systemd: $calls"
+calls=$(script_calls postinst configure 0.0.1)
+echo "$calls" | grep -qx "systemctl --system daemon-reload" || fail "postinst (upgrade) does not reload systemd: $calls"
+calls=$(script_calls prerm upgrade 0.1.1)
+[ -z "$calls" ] || fail "prerm touches the service on upgrade: $calls"
+calls=$(script_calls prerm remove "")
+echo "$calls" | grep -qx "deb-systemd-invoke stop sluice.service" || fail "prerm remove does not stop sluice: $calls"
+calls=$(script_calls postrm remove "")
+echo "$calls" | grep -qx "systemctl --system daemon-reload" || fail "postrm remove does not reload systemd: $calls"
+all=$(cat "$ctl"/DEBIAN/postinst "$ctl"/DEBIAN/prerm "$ctl"/DEBIAN/postrm)
+if echo "$all" | grep -vE '^\s*(#|echo )' | grep -qE '(systemctl|deb-systemd-invoke)[^#]* (enable|start|restart|try-restart|reload-or-restart)\b'; then
+  fail "a maintainer script enables or (re)starts the service"
+fi
+echo "maintainer scripts: daemon-reload on install, upgrade and remove; stop only on remove; never enable or start"
 
 # A clean slate on a reused machine.
 if dpkg-query -W -f='${Status}' sluice 2>/dev/null | grep -q installed; then
