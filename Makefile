@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -65,3 +65,13 @@ docker:
 CYCLES ?= 200
 chaos:
 	CHAOS_CYCLES=$(CYCLES) $(CARGO) test --locked --test chaos
+
+# The Debian package (cargo-deb; [package.metadata.deb] in Cargo.toml):
+# target/debian/sluice_<version>-1_<arch>.deb. A release build.
+deb:
+	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb
+	$(CARGO) deb --locked --strip
+
+# Builds the package, lints it, installs, checks and purges it (CI; root).
+deb-check:
+	bash deploy/deb-check.sh

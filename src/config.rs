@@ -517,7 +517,7 @@ impl Config {
     /// `SLUICE_WAL_SEGMENT_BYTES=1048576` for `wal.segment-bytes` and
     /// `SLUICE_DATA_DIR`. Shorthands: `SLUICE_LISTEN` (http.listen),
     /// `SLUICE_BROKERS` (kafka.brokers), `SLUICE_TOPIC` (kafka.topic). Lists
-    /// are comma-separated. An unknown `SLUICE_` name is an error, so a typo
+    /// are a TOML array (`[]`, `["a","b"]`) or comma-separated (`a,b`). An unknown `SLUICE_` name is an error, so a typo
     /// never goes unnoticed. `SLUICE_CONFIG` and `SLUICE_DEV` are CLI options.
     pub fn apply_env(
         &mut self,
@@ -587,6 +587,20 @@ fn env_value(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
         Value::String(_) => Value::String(raw.to_string()),
         Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| "not an integer")?),
         Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| "not true or false")?),
+        // A TOML array when it starts with `[`: the only way to say "empty
+        // list" (the comma form of "" is ambiguous with unset) and to put a
+        // comma inside an item. Otherwise the comma form.
+        Value::Array(_) if raw.trim_start().starts_with('[') => {
+            let parsed: toml::Table = toml::from_str(&format!("v = {raw}"))
+                .map_err(|_| r#"not a TOML array (write ["a", "b"] or a,b)"#)?;
+            match parsed.get("v") {
+                Some(Value::Array(items)) if items.iter().all(Value::is_str) => {
+                    Value::Array(items.clone())
+                }
+                Some(Value::Array(_)) => return Err("list items must be strings".into()),
+                _ => return Err(r#"not a TOML array (write ["a", "b"] or a,b)"#.into()),
+            }
+        }
         Value::Array(_) => Value::Array(
             raw.split(',')
                 .map(|s| s.trim())
@@ -682,6 +696,33 @@ mod tests {
             .apply_env([("SLUICE_WAL_MAX_BYTES".to_string(), "lots".to_string())])
             .unwrap_err();
         assert!(err.to_string().contains("not an integer"), "{err}");
+    }
+
+    #[test]
+    fn list_from_the_environment_takes_a_toml_array_or_commas() {
+        let set = |raw: &str| {
+            let mut c = Config::default();
+            c.apply_env([("SLUICE_EVENTS_REQUIRED".to_string(), raw.to_string())])
+                .map(|()| c.events.required)
+        };
+        // The empty list can only be written as a TOML array.
+        assert_eq!(set("[]").unwrap(), Vec::<String>::new());
+        assert_eq!(set(" [ ] ").unwrap(), Vec::<String>::new());
+        assert_eq!(set(r#"["a","b"]"#).unwrap(), ["a", "b"]);
+        assert_eq!(set(r#"[ "a, b", 'c' ]"#).unwrap(), ["a, b", "c"]);
+        assert_eq!(set("a,b").unwrap(), ["a", "b"]);
+        assert_eq!(set(" message , source ").unwrap(), ["message", "source"]);
+        assert_eq!(set("message").unwrap(), ["message"]);
+        let err = set("[a, b]").unwrap_err().to_string();
+        assert!(
+            err.contains("SLUICE_EVENTS_REQUIRED") && err.contains("TOML array"),
+            "{err}"
+        );
+        let err = set("[1, 2]").unwrap_err().to_string();
+        assert!(
+            err.contains("SLUICE_EVENTS_REQUIRED") && err.contains("string"),
+            "{err}"
+        );
     }
 
     #[test]
