@@ -95,7 +95,7 @@ pub fn wal_record(data: &[u8]) {
 /// normalization with small limits: no panic, and every accepted event
 /// respects the limits and decodes as a record.
 pub fn ingest_body(data: &[u8]) {
-    use crate::config::{EventsConfig, Limits};
+    use crate::ingest::config::{EventsConfig, Limits};
     use crate::ingest::{prepare, BodyFormat, Normalizer};
     let Some((&mode, body)) = data.split_first() else {
         return;

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::dev::dev_broker::DevBroker;
 use crate::http::{app, AppState};
-use crate::kafka::dead_letter::DeadLetterFile;
-use crate::kafka::dev_broker::DevBroker;
-use crate::kafka::replayer::Replayer;
-use crate::offsets::OffsetStore;
+use crate::replay::dead_letter::DeadLetterFile;
+use crate::replay::offsets::OffsetStore;
+use crate::replay::replayer::Replayer;
 use crate::wal::io::{Filesystem, StdFs};
 use crate::wal::Wal;
 
@@ -31,7 +31,7 @@ pub enum ServeError {
     #[error("data directory {0} is in use by another sluice process ({1})")]
     Locked(PathBuf, String),
     #[error(transparent)]
-    Offsets(#[from] crate::offsets::OffsetError),
+    Offsets(#[from] crate::replay::offsets::OffsetError),
     #[error("WAL recovery failed: {0}")]
     Wal(#[from] crate::wal::WalError),
     #[error("HTTP server: {0}")]
@@ -158,7 +158,7 @@ pub async fn run(
         // reaches next_seq (a last segment with an unreadable header) will be
         // reassigned to new records, so it is not recorded.
         for gap in report.lost.iter().filter(|g| g.last < report.next_seq) {
-            offsets.record_fate(gap.first, gap.last, crate::offsets::Fate::Lost)?;
+            offsets.record_fate(gap.first, gap.last, crate::replay::offsets::Fate::Lost)?;
         }
         Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))
     })

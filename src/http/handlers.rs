@@ -446,14 +446,16 @@ pub async fn receipt(
         .ok()
         .filter(|&s| s >= 1)
         .ok_or_else(|| AppError::BadRequest("seq must be a positive integer".into()))?;
-    let storage = |e: crate::offsets::OffsetError| AppError::StorageFailed {
+    let storage = |e: crate::replay::offsets::OffsetError| AppError::StorageFailed {
         detail: e.to_string(),
         retry_after: st.http.retry_after_secs,
     };
     let written = seq < st.wal.durable().borrow().next_seq;
     let committed = st.offsets.committed().map_err(storage)?;
     let fate = st.offsets.fate(seq).map_err(storage)?;
-    Ok(Json(crate::offsets::receipt(seq, written, committed, fate)))
+    Ok(Json(crate::replay::offsets::receipt(
+        seq, written, committed, fate,
+    )))
 }
 
 /// Liveness: 503 once the WAL has failed, since only a restart recovers it.

@@ -1,12 +1,13 @@
 //! The HTTP API: `fn app(state) -> Router`, so tests drive it with `oneshot`
 //! and `server.rs` serves it.
 
+pub mod config;
 mod error;
 mod handlers;
 pub mod listener;
 pub mod tls;
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::routing::{get, post};
@@ -17,11 +18,26 @@ use tower_http::trace::TraceLayer;
 
 pub use error::AppError;
 
+pub use crate::ingest::IngestCounters;
+
+use crate::auth::config::RatesConfig;
 use crate::auth::{KeyStore, Rates};
-use crate::config::{Config, HttpConfig, Limits};
+use crate::ingest::config::{EventsConfig, Limits};
 use crate::ingest::Normalizer;
-use crate::offsets::OffsetStore;
+use crate::replay::offsets::OffsetStore;
+use crate::replay::ReplayStats;
 use crate::wal::Wal;
+use config::HttpConfig;
+
+/// The sections of the configuration the HTTP layer uses (built from the
+/// whole `Config` with `(&config).into()`).
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub http: HttpConfig,
+    pub limits: Limits,
+    pub events: EventsConfig,
+    pub rates: RatesConfig,
+}
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -40,7 +56,7 @@ pub struct AppState {
     pub counters: Arc<IngestCounters>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Replay and Kafka state, shared with the replayer.
-    pub replay: Arc<crate::kafka::ReplayStats>,
+    pub replay: Arc<ReplayStats>,
     /// Whether the last append was refused for quota, to log the change once.
     pub(crate) quota_refusing: AtomicBool,
     /// Whether the last body was refused for the in-flight byte budget, to
@@ -51,38 +67,24 @@ pub struct AppState {
     pub rates: Rates,
 }
 
-/// Monotonic ingest counters.
-#[derive(Debug, Default)]
-pub struct IngestCounters {
-    pub requests: AtomicU64,
-    pub events_accepted: AtomicU64,
-    pub events_rejected: AtomicU64,
-    pub requests_refused: AtomicU64,
-    /// Open HTTP connections (a gauge).
-    pub connections_open: AtomicU64,
-    /// Connections closed at once because `http.max-connections` were open.
-    pub connections_refused: AtomicU64,
-    /// Requests answered 503 because the in-flight byte budget was spent.
-    pub requests_shed: AtomicU64,
-}
-
 impl AppState {
     /// State without API keys (auth disabled); see [`AppState::with_keys`].
-    pub fn new(config: &Config, wal: Arc<Wal>, offsets: Arc<OffsetStore>) -> Self {
+    pub fn new(config: impl Into<StateConfig>, wal: Arc<Wal>, offsets: Arc<OffsetStore>) -> Self {
         Self::with_keys(config, wal, offsets, None)
     }
 
     pub fn with_keys(
-        config: &Config,
+        config: impl Into<StateConfig>,
         wal: Arc<Wal>,
         offsets: Arc<OffsetStore>,
         keys: Option<Arc<KeyStore>>,
     ) -> Self {
+        let config: StateConfig = config.into();
         let permits = usize::try_from(config.limits.max_inflight_bytes)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
         let counters = Arc::new(IngestCounters::default());
-        let replay = Arc::new(crate::kafka::ReplayStats::default());
+        let replay = Arc::new(ReplayStats::default());
         let inflight = Arc::new(Semaphore::new(permits));
         let metrics = crate::metrics::Metrics::new(crate::metrics::Sources {
             tenant_cap: config.rates.tenant_metrics_cap(),
@@ -94,15 +96,16 @@ impl AppState {
         })
         .expect("metric names and labels are static and unique");
         wal.set_observer(metrics.clone());
+        replay.set_observer(metrics.clone());
         if let Some(k) = &keys {
             metrics.auth_keys.set(k.len() as i64);
         }
         AppState {
             wal,
             offsets,
-            normalizer: Normalizer::new(config.limits.clone(), config.events.clone()),
-            limits: config.limits.clone(),
-            http: config.http.clone(),
+            normalizer: Normalizer::new(config.limits.clone(), config.events),
+            limits: config.limits,
+            http: config.http,
             inflight,
             shutting_down: AtomicBool::new(false),
             fatal: Notify::new(),

@@ -37,6 +37,7 @@
 //! reaches them, so startup cost does not grow with the backlog. See
 //! `docs/design.md` for the full rules.
 
+pub mod config;
 pub mod format;
 pub mod inspect;
 pub mod io;
@@ -357,7 +358,7 @@ impl Wal {
     /// A reader positioned at `from_seq`. With `quarantine` set, damaged
     /// sealed segments it meets are copied to the quarantine directory.
     pub fn reader(&self, from_seq: u64) -> WalReader {
-        WalReader::new(self.shared.clone(), from_seq, true)
+        WalReader::new(self.shared.clone(), from_seq)
     }
 
     /// Watches the durable frontier.

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use sluice::offsets::{Fate, OffsetStore};
+use sluice::replay::offsets::{Fate, OffsetStore};
 
 use super::{cluster, id_counts, read_topic, Node, DLQ, TOPIC};
 
