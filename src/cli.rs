@@ -239,7 +239,7 @@ fn check_config(path: &Path, print: bool) -> CliResult {
 
 /// The committed offset of a stopped daemon, or 0 with a note on stderr.
 fn read_committed(data_dir: &Path) -> u64 {
-    let dir = data_dir.join("offsets");
+    let dir = crate::datadir::offsets_dir(data_dir);
     if !dir.exists() {
         return 0;
     }
@@ -473,7 +473,7 @@ fn run_wal(command: WalCommand) -> CliResult {
 }
 
 fn wal_dir(data_dir: &Path) -> Result<PathBuf, String> {
-    let dir = data_dir.join("wal");
+    let dir = crate::datadir::wal_dir(data_dir);
     if dir.is_dir() {
         Ok(dir)
     } else {

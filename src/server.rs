@@ -1,16 +1,15 @@
 //! `sluice serve`: open the data directory, recover the WAL, serve HTTP, and
 //! shut down in order.
 
-use std::fs::File;
 use std::future::Future;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::datadir::DataDirLock;
 use crate::dev::dev_broker::DevBroker;
 use crate::http::{app, AppState};
 use crate::replay::dead_letter::DeadLetterFile;
@@ -28,8 +27,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("data directory {0} is in use by another sluice process ({1})")]
-    Locked(PathBuf, String),
+    #[error(transparent)]
+    Lock(#[from] crate::datadir::LockError),
     #[error(transparent)]
     Offsets(#[from] crate::replay::offsets::OffsetError),
     #[error("WAL recovery failed: {0}")]
@@ -52,44 +51,6 @@ pub enum Exit {
     /// The WAL failed (sticky); exit non-zero so systemd restarts into
     /// recovery.
     WalFailed,
-}
-
-/// Holds `DATA_DIR/LOCK` with an exclusive `flock` for the life of the
-/// process, so two daemons never share a data directory. The kernel drops the
-/// lock when the process dies, so a crash never leaves a stale lock.
-pub struct DataDirLock {
-    _file: File,
-}
-
-impl DataDirLock {
-    pub fn acquire(dir: &Path) -> Result<Self, ServeError> {
-        let io = |source| ServeError::DataDir {
-            path: dir.to_owned(),
-            source,
-        };
-        // Durable: the directories must survive a power loss with the files
-        // that recovery later fsyncs inside them.
-        crate::wal::io::create_dir_all_durable(dir).map_err(io)?;
-        let path = dir.join("LOCK");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = match holder.trim() {
-                "" => "unknown pid".to_string(),
-                pid => format!("pid {pid}"),
-            };
-            return Err(ServeError::Locked(dir.to_owned(), holder));
-        }
-        file.set_len(0).map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
-        Ok(DataDirLock { _file: file })
-    }
 }
 
 /// Runs the daemon on `listener` until `shutdown` resolves or the WAL fails.
@@ -133,6 +94,12 @@ pub async fn run(
         Some(Arc::new(t))
     };
     let data_dir = config.data_dir.clone();
+    // Durable: the directories must survive a power loss with the files
+    // that recovery later fsyncs inside them.
+    crate::wal::io::create_dir_all_durable(&data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
     let _lock = DataDirLock::acquire(&data_dir)?;
     let wal_config = config.wal_config();
     let data_dir_ = data_dir.clone();

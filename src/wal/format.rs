@@ -14,7 +14,6 @@
 //! how a preallocated or zero-filled tail looks, and it must never parse) and never
 //! above [`MAX_PAYLOAD_BYTES`], which is checked before any allocation.
 
-
 /// First 8 bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"SLUICEWL";
 /// Format version written in the header. Bumped on any incompatible change.

@@ -88,8 +88,8 @@ impl WalConfig {
     /// copies in `data_dir/quarantine`.
     pub fn new(data_dir: &Path) -> Self {
         WalConfig {
-            dir: data_dir.join("wal"),
-            quarantine_dir: data_dir.join("quarantine"),
+            dir: crate::datadir::wal_dir(data_dir),
+            quarantine_dir: crate::datadir::quarantine_dir(data_dir),
             segment_bytes: 64 * 1024 * 1024,
             max_bytes: 8 * 1024 * 1024 * 1024,
             min_free_bytes: 512 * 1024 * 1024,
