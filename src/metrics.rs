@@ -17,7 +17,7 @@ use prometheus::{
 use tokio::sync::Semaphore;
 
 use crate::ingest::IngestCounters;
-use crate::replay::{ReplayObserver, ReplayStats};
+use crate::replay::{Lag, ReplayObserver, ReplayStats};
 use crate::wal::{Wal, WalObserver};
 
 pub struct Metrics {
@@ -473,29 +473,20 @@ fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
     )?;
 
     let (wl, rl) = (w.clone(), r.clone());
-    let lag = move || {
-        let last = wl.durable().borrow().next_seq.saturating_sub(1);
-        last.saturating_sub(rl.delivered_through.load(Ordering::Relaxed))
-    };
-    let lag2 = lag.clone();
     add(
         "replay_lag_records",
         "Durable records not yet confirmed by Kafka.",
         GAUGE,
         &[],
-        Box::new(move || vec![(Vec::new(), lag() as f64)]),
+        Box::new(move || vec![(Vec::new(), Lag::of(&wl, &rl).records as f64)]),
     )?;
-    let wb = w.clone();
+    let (wl, rl) = (w.clone(), r.clone());
     add(
         "replay_lag_bytes",
         "Estimated bytes of durable records not yet confirmed (lag x average frame).",
         GAUGE,
         &[],
-        Box::new(move || {
-            let c = wb.counters();
-            let avg = c.bytes.load(Ordering::Relaxed) / c.records.load(Ordering::Relaxed).max(1);
-            vec![(Vec::new(), (lag2() * avg) as f64)]
-        }),
+        Box::new(move || vec![(Vec::new(), Lag::of(&wl, &rl).bytes_estimate as f64)]),
     )?;
     add(
         "replay_last_seq",

@@ -3,13 +3,16 @@
 
 pub mod config;
 mod error;
-mod handlers;
+mod ingest;
 pub mod listener;
+mod status;
 pub mod tls;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{Notify, Semaphore};
@@ -129,27 +132,76 @@ pub const INGEST_PATHS: [&str; 4] = ["/v1/events", "/ingest", "/events", "/logs"
 pub fn app(state: SharedState) -> Router {
     let mut router = Router::new();
     for path in INGEST_PATHS {
-        router = router.route(path, post(handlers::ingest));
+        router = router.route(path, post(ingest::ingest));
     }
     router
-        .route("/v1/receipts/{seq}", get(handlers::receipt))
-        .route("/health", get(handlers::health))
-        .route("/ready", get(handlers::ready))
-        .route("/stats", get(handlers::stats))
-        .route("/metrics", get(handlers::metrics))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            handlers::track,
-        ))
-        .fallback(handlers::not_found)
-        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .route("/v1/receipts/{seq}", get(status::receipt))
+        .route("/health", get(status::health))
+        .route("/ready", get(status::ready))
+        .route("/stats", get(status::stats))
+        .route("/metrics", get(status::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            handlers::head_limit,
+            head_limit,
         ))
         .layer(CatchPanicLayer::custom(error::panic_response))
         // 5xx are logged by the code that decides them, once per state
         // change (quota, shedding, WAL failure), not once per response.
         .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
+}
+
+/// Any path that is not an endpoint.
+pub async fn not_found() -> AppError {
+    AppError::NotFound
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
+}
+
+/// Enforces `http.max-header-bytes` on the request head as sent: the request
+/// line and every `name: value` line with their CRLFs. The HTTP parser's own
+/// buffer limit is only a coarse guard above this.
+pub async fn head_limit(
+    State(st): State<SharedState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uri = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let mut size = req.method().as_str().len() + 1 + uri + 1 + "HTTP/1.1\r\n".len() + 2;
+    for (k, v) in req.headers() {
+        size += k.as_str().len() + 2 + v.as_bytes().len() + 2;
+    }
+    if size > st.http.max_header_bytes {
+        return AppError::HeadTooLarge(st.http.max_header_bytes).into_response();
+    }
+    next.run(req).await
+}
+
+/// Counts every routed request by route template (bounded cardinality) and
+/// status, and times it.
+pub async fn track(
+    State(st): State<SharedState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &st.metrics;
+    m.http_requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }

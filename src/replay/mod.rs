@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::wal::Wal;
+
 pub use config::{KafkaConfig, ReplayConfig};
 #[cfg(feature = "kafka")]
 pub use producer::{classify, producer_config, Failure, KafkaHealth};
@@ -33,10 +35,33 @@ pub trait ReplayObserver: Send + Sync {
     fn delivered(&self, latency: Duration);
 }
 
-/// Durable records not yet confirmed by Kafka: the replay lag that `/stats`
-/// and `/metrics` both report.
-pub fn lag(last_durable: u64, delivered_through: u64) -> u64 {
-    last_durable.saturating_sub(delivered_through)
+/// How far replay is behind the durable WAL, computed in one place for
+/// `/stats` and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag {
+    /// Last durable sequence number.
+    pub last_seq: u64,
+    pub delivered_through: u64,
+    /// Durable records not yet confirmed by Kafka.
+    pub records: u64,
+    /// `records` times the WAL's average frame: an estimate.
+    pub bytes_estimate: u64,
+}
+
+impl Lag {
+    pub fn of(wal: &Wal, stats: &ReplayStats) -> Lag {
+        let last_seq = wal.durable().borrow().next_seq.saturating_sub(1);
+        let delivered_through = stats.delivered_through.load(Ordering::Relaxed);
+        let records = last_seq.saturating_sub(delivered_through);
+        let c = wal.counters();
+        let avg = c.bytes.load(Ordering::Relaxed) / c.records.load(Ordering::Relaxed).max(1);
+        Lag {
+            last_seq,
+            delivered_through,
+            records,
+            bytes_estimate: records * avg,
+        }
+    }
 }
 
 /// Replay state shared with `/stats`, `/ready` and receipts.

@@ -1,14 +1,17 @@
+//! The ingest route (`POST /v1/events` and its aliases): admit the request,
+//! read and decode its body, parse it into events, check rates, append to
+//! the WAL, answer. Each step is a function below, in that order.
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http_body_util::BodyExt;
-use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{AppError, SharedState};
@@ -50,7 +53,7 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
 }
 
 /// The tenants the request's key may write, and the key, when auth is on.
-fn authorize(
+pub(super) fn authorize(
     st: &SharedState,
     headers: &axum::http::HeaderMap,
 ) -> Result<(TenantScope, Option<Arc<KeyEntry>>), AppError> {
@@ -402,195 +405,4 @@ fn decode_error(e: DecodeError, limit: u64) -> AppError {
         DecodeError::TooLarge => AppError::BodyTooLarge(limit),
         DecodeError::Invalid(m) => AppError::BadRequest(m),
     }
-}
-
-/// Any path that is not an endpoint.
-pub async fn not_found() -> AppError {
-    AppError::NotFound
-}
-
-/// A known path with the wrong method.
-pub async fn method_not_allowed() -> AppError {
-    AppError::MethodNotAllowed
-}
-
-/// Enforces `http.max-header-bytes` on the request head as sent: the request
-/// line and every `name: value` line with their CRLFs. The HTTP parser's own
-/// buffer limit is only a coarse guard above this.
-pub async fn head_limit(
-    State(st): State<SharedState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let uri = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
-    let mut size = req.method().as_str().len() + 1 + uri + 1 + "HTTP/1.1\r\n".len() + 2;
-    for (k, v) in req.headers() {
-        size += k.as_str().len() + 2 + v.as_bytes().len() + 2;
-    }
-    if size > st.http.max_header_bytes {
-        return AppError::HeadTooLarge(st.http.max_header_bytes).into_response();
-    }
-    next.run(req).await
-}
-
-pub async fn receipt(
-    State(st): State<SharedState>,
-    Path(seq): Path<String>,
-    headers: axum::http::HeaderMap,
-) -> Result<Json<serde_json::Value>, AppError> {
-    // Any valid key may read receipts: they say only whether a sequence
-    // number is durable and delivered.
-    authorize(&st, &headers)?;
-    let seq: u64 = seq
-        .parse()
-        .ok()
-        .filter(|&s| s >= 1)
-        .ok_or_else(|| AppError::BadRequest("seq must be a positive integer".into()))?;
-    let storage = |e: crate::replay::offsets::OffsetError| AppError::StorageFailed {
-        detail: e.to_string(),
-        retry_after: st.http.retry_after_secs,
-    };
-    let written = seq < st.wal.durable().borrow().next_seq;
-    let committed = st.offsets.committed().map_err(storage)?;
-    let fate = st.offsets.fate(seq).map_err(storage)?;
-    Ok(Json(crate::replay::offsets::receipt(
-        seq, written, committed, fate,
-    )))
-}
-
-/// Liveness: 503 once the WAL has failed, since only a restart recovers it.
-pub async fn health(State(st): State<SharedState>) -> Response {
-    match st.wal.failure() {
-        None => Json(json!({ "status": "ok" })).into_response(),
-        Some(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "failed", "reason": format!("WAL failed: {why}") })),
-        )
-            .into_response(),
-    }
-}
-
-/// Ready when the WAL can take writes: not failed, under quota, enough disk.
-pub async fn ready(State(st): State<SharedState>) -> Response {
-    let cfg = st.wal.config();
-    let mut reasons = Vec::new();
-    if st.shutting_down.load(Ordering::Relaxed) {
-        reasons.push("shutting down".to_string());
-    }
-    if let Some(why) = st.wal.failure() {
-        reasons.push(format!("WAL failed: {why}"));
-    }
-    // Ready means one maximum-size event still fits: stateless, so it clears
-    // by itself as GC frees space even if no client is sending.
-    let used = st.wal.disk_bytes();
-    let headroom = crate::wal::format::frame_len(st.limits.max_event_bytes) as u64;
-    if used.saturating_add(headroom) > cfg.max_bytes {
-        reasons.push(format!(
-            "WAL at quota: {used} of {} bytes; a maximum-size event would not fit",
-            cfg.max_bytes
-        ));
-    }
-    match st.wal.free_bytes() {
-        Ok(free) if free < cfg.min_free_bytes.saturating_add(headroom) => reasons.push(format!(
-            "disk low: {free} bytes free, {} required",
-            cfg.min_free_bytes
-        )),
-        Ok(_) => {}
-        Err(e) => reasons.push(format!("cannot read free disk space: {e}")),
-    }
-    let status = if reasons.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = json!({
-        "ready": reasons.is_empty(),
-        "reasons": reasons,
-        "wal": { "disk_bytes": used, "max_bytes": cfg.max_bytes },
-        "kafka": kafka_state(&st),
-    });
-    (status, Json(body)).into_response()
-}
-
-pub async fn stats(State(st): State<SharedState>) -> Json<serde_json::Value> {
-    let c = &st.counters;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    Json(json!({
-        "ingest": {
-            "requests": get(&c.requests),
-            "events_accepted": get(&c.events_accepted),
-            "events_rejected": get(&c.events_rejected),
-            "requests_refused": get(&c.requests_refused),
-        },
-        "wal": st.wal.stats(),
-        "replay": replay_state(&st),
-        "kafka": kafka_state(&st),
-    }))
-}
-
-fn kafka_state(st: &SharedState) -> serde_json::Value {
-    let r = &st.replay;
-    json!({
-        "connected": r.connected.load(Ordering::Relaxed),
-        "producer_recreations": r.producer_recreations.load(Ordering::Relaxed),
-    })
-}
-
-/// Replay progress. Lag in bytes is estimated from the WAL's average frame.
-fn replay_state(st: &SharedState) -> serde_json::Value {
-    let r = &st.replay;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let last_seq = st.wal.durable().borrow().next_seq.saturating_sub(1);
-    let delivered = get(&r.delivered_through);
-    let lag = last_seq.saturating_sub(delivered);
-    let c = st.wal.counters();
-    let (bytes, records) = (get(&c.bytes), get(&c.records).max(1));
-    json!({
-        "last_seq": last_seq,
-        "delivered_through": delivered,
-        "committed": get(&r.committed),
-        "lag_records": lag,
-        "lag_bytes_estimate": lag * (bytes / records),
-        "in_flight": get(&r.in_flight),
-        "produced": get(&r.produced),
-        "delivered": get(&r.delivered),
-        "retries": get(&r.retries),
-        "dead_lettered_topic": get(&r.dead_lettered_topic),
-        "dead_lettered_file": get(&r.dead_lettered_file),
-        "gap_records": get(&r.gap_records),
-    })
-}
-
-pub async fn metrics(State(st): State<SharedState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        st.metrics.render(),
-    )
-        .into_response()
-}
-
-/// Counts every routed request by route template (bounded cardinality) and
-/// status, and times it.
-pub async fn track(
-    State(st): State<SharedState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let started = std::time::Instant::now();
-    let resp = next.run(req).await;
-    let m = &st.metrics;
-    m.http_requests
-        .with_label_values(&[route.as_str(), resp.status().as_str()])
-        .inc();
-    m.http_duration
-        .with_label_values(&[route.as_str()])
-        .observe(started.elapsed().as_secs_f64());
-    resp
 }
