@@ -130,14 +130,55 @@ fn rate_check(
     })
 }
 
+/// One ingest request, step by step. Each step either hands its result to
+/// the next or ends the request with its answer.
 async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<Response, AppError> {
+    let (parts, body) = req.into_parts();
+    let admitted = admit(st, &parts.headers)?;
+    let (bytes, permit) = read_and_decode(st, body, &admitted).await?;
+    let batch = parse(st, bytes, admitted.format, admitted.scope).await?;
+    let rejected = count_rejections(st, &batch);
+    if batch.accepted.is_empty() {
+        return Ok(nothing_accepted(batch, rejected));
+    }
+    let tenants = batch.tenant_counts();
+    let decision = st
+        .rates
+        .check_batch(admitted.key.as_ref().map(|k| k.name.as_str()), &tenants);
+    rate_check(st, decision, &tenants)?;
+    let accepted = batch.accepted.len();
+    let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
+    let range = append(st, payloads, handed).await?;
+    drop(permit);
+    Ok(respond(
+        st,
+        accepted,
+        &tenants,
+        rejected,
+        batch.rejected,
+        range,
+    ))
+}
+
+/// What admission learnt from the request head.
+struct Admitted {
+    scope: TenantScope,
+    key: Option<Arc<KeyEntry>>,
+    format: BodyFormat,
+    codings: Vec<Coding>,
+    /// `Content-Length`, when sent and numeric.
+    declared: Option<u64>,
+}
+
+/// Everything decided before a byte of the body is read: shutdown, who and
+/// how fast, a failed WAL, the body's type, codings and declared length.
+fn admit(st: &SharedState, headers: &axum::http::HeaderMap) -> Result<Admitted, AppError> {
     let retry_after = st.http.retry_after_secs;
     if st.shutting_down.load(Ordering::Relaxed) {
         return Err(AppError::ShuttingDown { retry_after });
     }
-    let (parts, body) = req.into_parts();
     // Who and how fast, before a byte of the body is read.
-    let (scope, key) = authorize(st, &parts.headers)?;
+    let (scope, key) = authorize(st, headers)?;
     if let Some(k) = &key {
         rate_check(st, st.rates.check_key_request(&k.name), &[])?;
     }
@@ -147,7 +188,7 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
             retry_after,
         });
     }
-    let content_type = match parts.headers.get(header::CONTENT_TYPE) {
+    let content_type = match headers.get(header::CONTENT_TYPE) {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -156,23 +197,47 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     };
     let format =
         BodyFormat::from_content_type(content_type).map_err(AppError::UnsupportedMediaType)?;
-    let codings = content_codings(&parts.headers)?;
+    let codings = content_codings(headers)?;
     // The sent body (compressed or not) also counts against the limit, so a
     // length over it is refused without reading.
-    let declared = parts
-        .headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > st.limits.max_body_bytes) {
         return Err(AppError::BodyTooLarge(st.limits.max_body_bytes));
     }
-    let (bytes, permit) = read_body(st, body, declared).await?;
-    let (bytes, permit) = if codings.is_empty() {
-        (bytes, permit)
-    } else {
-        decode(st, bytes, &codings, permit).await?
-    };
+    Ok(Admitted {
+        scope,
+        key,
+        format,
+        codings,
+        declared,
+    })
+}
 
+/// The body as sent, then with its codings undone; the permit charges its
+/// bytes to the in-flight budget until the response.
+async fn read_and_decode(
+    st: &SharedState,
+    body: Body,
+    admitted: &Admitted,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), AppError> {
+    let (bytes, permit) = read_body(st, body, admitted.declared).await?;
+    if admitted.codings.is_empty() {
+        Ok((bytes, permit))
+    } else {
+        decode(st, bytes, &admitted.codings, permit).await
+    }
+}
+
+/// Parses and normalizes the body into events; a large body on the blocking
+/// pool.
+async fn parse(
+    st: &SharedState,
+    bytes: Vec<u8>,
+    format: BodyFormat,
+    scope: TenantScope,
+) -> Result<ingest::Batch, AppError> {
     // Millisecond precision, as Kafka timestamps have.
     let now = chrono::Utc::now();
     let received_at =
@@ -189,13 +254,17 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
             &scope,
         )
     };
-    let batch = if big {
+    Ok(if big {
         tokio::task::spawn_blocking(parse)
             .await
             .map_err(|e| AppError::BadRequest(format!("parse task failed: {e}")))??
     } else {
         parse()?
-    };
+    })
+}
+
+/// Counts the refused events by reason (and forbidden ones by tenant).
+fn count_rejections(st: &SharedState, batch: &ingest::Batch) -> usize {
     let rejected = batch.rejected.len();
     for r in &batch.rejected {
         st.metrics
@@ -212,38 +281,42 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     st.counters
         .events_rejected
         .fetch_add(rejected as u64, Ordering::Relaxed);
-    if batch.accepted.is_empty() {
-        let status = if batch.all_too_large() {
-            StatusCode::PAYLOAD_TOO_LARGE
-        } else if batch.all_forbidden() {
-            StatusCode::FORBIDDEN
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        let body = IngestResponse {
-            accepted: 0,
-            rejected,
-            errors: batch.rejected,
-            first_seq: None,
-            last_seq: None,
-        };
-        return Ok((status, Json(body)).into_response());
-    }
+    rejected
+}
 
-    let tenants = batch.tenant_counts();
-    let decision = st
-        .rates
-        .check_batch(key.as_ref().map(|k| k.name.as_str()), &tenants);
-    rate_check(st, decision, &tenants)?;
+/// 413 when every event was too large, 403 when every one was forbidden,
+/// else 400; with every event's error.
+fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
+    let status = if batch.all_too_large() {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else if batch.all_forbidden() {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let body = IngestResponse {
+        accepted: 0,
+        rejected,
+        errors: batch.rejected,
+        first_seq: None,
+        last_seq: None,
+    };
+    (status, Json(body)).into_response()
+}
 
-    let accepted = batch.accepted.len();
-    let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
+/// Hands the events to the WAL and waits for their fdatasync.
+async fn append(
+    st: &SharedState,
+    payloads: Vec<Vec<u8>>,
+    handed: &AtomicBool,
+) -> Result<crate::wal::SeqRange, AppError> {
+    let retry_after = st.http.retry_after_secs;
     handed.store(true, Ordering::Relaxed);
     // Cancellation: if the client goes away while we wait, the append still
     // completes in the writer; the events are then delivered without a 202
     // (at-least-once), never half-acknowledged.
-    let range = match st.wal.append(payloads).await {
-        Ok(range) => range,
+    match st.wal.append(payloads).await {
+        Ok(range) => Ok(range),
         Err(e) => {
             let err = AppError::from_wal(e, retry_after);
             match &err {
@@ -256,10 +329,20 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
                 _ => {}
             }
             st.counters.requests_refused.fetch_add(1, Ordering::Relaxed);
-            return Err(err);
+            Err(err)
         }
-    };
-    drop(permit);
+    }
+}
+
+/// The 202, after counting the accepted events (by tenant too).
+fn respond(
+    st: &SharedState,
+    accepted: usize,
+    tenants: &[(String, u32)],
+    rejected: usize,
+    errors: Vec<Rejection>,
+    range: crate::wal::SeqRange,
+) -> Response {
     if st.quota_refusing.swap(false, Ordering::Relaxed) {
         tracing::info!("WAL quota cleared: accepting again");
     }
@@ -281,11 +364,11 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     let body = IngestResponse {
         accepted,
         rejected,
-        errors: batch.rejected,
+        errors,
         first_seq: Some(range.first),
         last_seq: Some(range.last),
     };
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 /// Reads the (decompressed) body within the size limit, the in-flight byte
