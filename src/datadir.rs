@@ -4,7 +4,7 @@
 //! ```text
 //! DATA_DIR/
 //!   LOCK                          flock held by the running daemon, holds its pid
-//!   wal/<first-seq>.seg           WAL segments (see docs/design.md)
+//!   wal/<first seq, 20 digits>.wal  WAL segments (see docs/design.md)
 //!   offsets/                      the committed offset and lost ranges (sled)
 //!   quarantine/                   damaged segments, tails and offset stores
 //!   dead-letter/dead-letter.ndjson  records Kafka and the dead-letter topic refused

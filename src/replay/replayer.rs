@@ -199,7 +199,7 @@ impl Replayer {
                 }
                 End::Retry(why) => {
                     // Whatever ended the incarnation, a fatal error means this
-                    // producer can never recover by itself (lessons.md #5).
+                    // producer can never recover by itself: only a new one can.
                     if let Some((code, fatal)) = producer.client().fatal_error() {
                         self.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(?code, reason = %fatal, "fatal producer error: recreating the producer");
