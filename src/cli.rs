@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::offsets::OffsetStore;
+use crate::replay::offsets::OffsetStore;
 use crate::wal::inspect;
 use crate::wal::io::StdFs;
 
@@ -239,7 +239,7 @@ fn check_config(path: &Path, print: bool) -> CliResult {
 
 /// The committed offset of a stopped daemon, or 0 with a note on stderr.
 fn read_committed(data_dir: &Path) -> u64 {
-    let dir = data_dir.join("offsets");
+    let dir = crate::datadir::offsets_dir(data_dir);
     if !dir.exists() {
         return 0;
     }
@@ -257,7 +257,7 @@ fn read_committed(data_dir: &Path) -> u64 {
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
 fn dev_broker(topics: &[String], partitions: i32, addr_file: Option<PathBuf>) -> CliResult {
-    let broker = crate::kafka::dev_broker::DevBroker::start(topics, partitions)?;
+    let broker = crate::dev::dev_broker::DevBroker::start(topics, partitions)?;
     println!("{}", broker.bootstrap_servers());
     std::io::stdout().flush()?;
     if let Some(path) = addr_file {
@@ -311,7 +311,7 @@ fn consume(
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut write_err = None;
     let idle = std::time::Duration::from_secs_f64(timeout.max(0.0));
-    crate::kafka::consume::consume(brokers, topic, from_beginning, max, idle, |c| {
+    crate::dev::consume::consume(brokers, topic, from_beginning, max, idle, |c| {
         if write_err.is_none() {
             let r = serde_json::to_writer(&mut out, &c)
                 .map_err(std::io::Error::from)
@@ -473,7 +473,7 @@ fn run_wal(command: WalCommand) -> CliResult {
 }
 
 fn wal_dir(data_dir: &Path) -> Result<PathBuf, String> {
-    let dir = data_dir.join("wal");
+    let dir = crate::datadir::wal_dir(data_dir);
     if dir.is_dir() {
         Ok(dir)
     } else {

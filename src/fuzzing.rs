@@ -43,7 +43,7 @@ pub fn wal_segment(data: &[u8]) {
     };
     let fs = SimFs::new();
     let data_dir = Path::new("/fuzz");
-    let wal_dir = data_dir.join("wal");
+    let wal_dir = crate::datadir::wal_dir(data_dir);
     fs.write_file(&wal_dir.join(format::segment_name(1)), &file);
     let _ = inspect::verify(&fs, &wal_dir, 0);
     let mut cfg = WalConfig::new(data_dir);
@@ -95,7 +95,7 @@ pub fn wal_record(data: &[u8]) {
 /// normalization with small limits: no panic, and every accepted event
 /// respects the limits and decodes as a record.
 pub fn ingest_body(data: &[u8]) {
-    use crate::config::{EventsConfig, Limits};
+    use crate::ingest::config::{EventsConfig, Limits};
     use crate::ingest::{prepare, BodyFormat, Normalizer};
     let Some((&mode, body)) = data.split_first() else {
         return;

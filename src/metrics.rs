@@ -16,8 +16,8 @@ use prometheus::{
 };
 use tokio::sync::Semaphore;
 
-use crate::http::IngestCounters;
-use crate::kafka::ReplayStats;
+use crate::ingest::IngestCounters;
+use crate::replay::{Lag, ReplayObserver, ReplayStats};
 use crate::wal::{Wal, WalObserver};
 
 pub struct Metrics {
@@ -27,6 +27,7 @@ pub struct Metrics {
     pub events_rejected: IntCounterVec,
     pub wal_fsync: Histogram,
     pub wal_group_records: Histogram,
+    pub kafka_delivery: Histogram,
     pub auth_failures: IntCounterVec,
     pub auth_keys: IntGauge,
     pub auth_reloads: IntCounterVec,
@@ -78,6 +79,12 @@ impl WalObserver for Metrics {
     fn group_committed(&self, records: u64, _bytes: u64, fsync: Duration) {
         self.wal_fsync.observe(fsync.as_secs_f64());
         self.wal_group_records.observe(records as f64);
+    }
+}
+
+impl ReplayObserver for Metrics {
+    fn delivered(&self, latency: Duration) {
+        self.kafka_delivery.observe(latency.as_secs_f64());
     }
 }
 
@@ -172,13 +179,12 @@ impl Metrics {
         }
         registry.register(Box::new(auth_keys.clone()))?;
         let tenants = TenantLabels::new(src.tenant_cap);
-        let _ = src.replay.delivery_latency.set(delivery.clone());
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(events_rejected.clone()))?;
         registry.register(Box::new(wal_fsync.clone()))?;
         registry.register(Box::new(wal_group_records.clone()))?;
-        registry.register(Box::new(delivery))?;
+        registry.register(Box::new(delivery.clone()))?;
         registry.register(Box::new(pulled(src)?))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -190,6 +196,7 @@ impl Metrics {
             events_rejected,
             wal_fsync,
             wal_group_records,
+            kafka_delivery: delivery,
             auth_failures,
             auth_keys,
             auth_reloads,
@@ -466,29 +473,20 @@ fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
     )?;
 
     let (wl, rl) = (w.clone(), r.clone());
-    let lag = move || {
-        let last = wl.durable().borrow().next_seq.saturating_sub(1);
-        last.saturating_sub(rl.delivered_through.load(Ordering::Relaxed))
-    };
-    let lag2 = lag.clone();
     add(
         "replay_lag_records",
         "Durable records not yet confirmed by Kafka.",
         GAUGE,
         &[],
-        Box::new(move || vec![(Vec::new(), lag() as f64)]),
+        Box::new(move || vec![(Vec::new(), Lag::of(&wl, &rl).records as f64)]),
     )?;
-    let wb = w.clone();
+    let (wl, rl) = (w.clone(), r.clone());
     add(
         "replay_lag_bytes",
         "Estimated bytes of durable records not yet confirmed (lag x average frame).",
         GAUGE,
         &[],
-        Box::new(move || {
-            let c = wb.counters();
-            let avg = c.bytes.load(Ordering::Relaxed) / c.records.load(Ordering::Relaxed).max(1);
-            vec![(Vec::new(), (lag2() * avg) as f64)]
-        }),
+        Box::new(move || vec![(Vec::new(), Lag::of(&wl, &rl).bytes_estimate as f64)]),
     )?;
     add(
         "replay_last_seq",

@@ -1,21 +1,20 @@
 //! `sluice serve`: open the data directory, recover the WAL, serve HTTP, and
 //! shut down in order.
 
-use std::fs::File;
 use std::future::Future;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::datadir::DataDirLock;
+use crate::dev::dev_broker::DevBroker;
 use crate::http::{app, AppState};
-use crate::kafka::dead_letter::DeadLetterFile;
-use crate::kafka::dev_broker::DevBroker;
-use crate::kafka::replayer::Replayer;
-use crate::offsets::OffsetStore;
+use crate::replay::dead_letter::DeadLetterFile;
+use crate::replay::offsets::OffsetStore;
+use crate::replay::replayer::Replayer;
 use crate::wal::io::{Filesystem, StdFs};
 use crate::wal::Wal;
 
@@ -28,10 +27,10 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("data directory {0} is in use by another sluice process ({1})")]
-    Locked(PathBuf, String),
     #[error(transparent)]
-    Offsets(#[from] crate::offsets::OffsetError),
+    Lock(#[from] crate::datadir::LockError),
+    #[error(transparent)]
+    Offsets(#[from] crate::replay::offsets::OffsetError),
     #[error("WAL recovery failed: {0}")]
     Wal(#[from] crate::wal::WalError),
     #[error("HTTP server: {0}")]
@@ -54,44 +53,6 @@ pub enum Exit {
     WalFailed,
 }
 
-/// Holds `DATA_DIR/LOCK` with an exclusive `flock` for the life of the
-/// process, so two daemons never share a data directory. The kernel drops the
-/// lock when the process dies, so a crash never leaves a stale lock.
-pub struct DataDirLock {
-    _file: File,
-}
-
-impl DataDirLock {
-    pub fn acquire(dir: &Path) -> Result<Self, ServeError> {
-        let io = |source| ServeError::DataDir {
-            path: dir.to_owned(),
-            source,
-        };
-        // Durable: the directories must survive a power loss with the files
-        // that recovery later fsyncs inside them.
-        crate::wal::io::create_dir_all_durable(dir).map_err(io)?;
-        let path = dir.join("LOCK");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = match holder.trim() {
-                "" => "unknown pid".to_string(),
-                pid => format!("pid {pid}"),
-            };
-            return Err(ServeError::Locked(dir.to_owned(), holder));
-        }
-        file.set_len(0).map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
-        Ok(DataDirLock { _file: file })
-    }
-}
-
 /// Runs the daemon on `listener` until `shutdown` resolves or the WAL fails.
 pub async fn run(
     config: Config,
@@ -112,80 +73,18 @@ pub async fn run(
     }
     // Credentials first: a bad keys file or certificate is an operator error
     // to report before anything else is opened.
-    let keys = if config.auth.keys_file.as_os_str().is_empty() {
-        let exposed = !config.http.listen.ip().is_loopback();
-        if exposed {
-            tracing::warn!(listen = %config.http.listen, "AUTH DISABLED on a non-loopback address: any client that reaches this port may write any tenant. Set auth.keys-file (docs/security.md).");
-        } else {
-            tracing::info!("auth disabled (no auth.keys-file); listening on loopback only");
-        }
-        None
-    } else {
-        let store = crate::auth::KeyStore::load(&config.auth.keys_file)?;
-        tracing::info!(keys = store.len(), file = %config.auth.keys_file.display(), "API keys loaded");
-        Some(Arc::new(store))
-    };
-    let tls = if config.http.tls_cert_file.as_os_str().is_empty() {
-        None
-    } else {
-        let t = crate::http::tls::Tls::load(&config.http.tls_cert_file, &config.http.tls_key_file)?;
-        tracing::info!(cert = %config.http.tls_cert_file.display(), "TLS enabled");
-        Some(Arc::new(t))
-    };
+    let (keys, tls) = load_credentials(&config)?;
     let data_dir = config.data_dir.clone();
+    // Durable: the directories must survive a power loss with the files
+    // that recovery later fsyncs inside them.
+    crate::wal::io::create_dir_all_durable(&data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
     let _lock = DataDirLock::acquire(&data_dir)?;
-    let wal_config = config.wal_config();
-    let data_dir_ = data_dir.clone();
-    // sled and recovery do blocking I/O.
-    let (offsets, wal, offsets_reset) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
-        let (offsets, reset) = OffsetStore::open_or_reset(&data_dir_, &wal_config.dir)?;
-        if let Some(r) = &reset {
-            tracing::error!(
-                reason = %r.reason,
-                quarantined = ?r.quarantined,
-                replay_from_seq = r.committed + 1,
-                "OFFSET STORE RESET: replay restarts from the oldest retained WAL segment; records already in Kafka will be delivered again (duplicates, no loss)"
-            );
-        }
-        let committed = offsets.committed()?;
-        let (wal, report) = Wal::open(
-            wal_config,
-            Arc::new(StdFs) as Arc<dyn Filesystem>,
-            committed,
-        )?;
-        // Receipts must say `lost` for these; durable with the next commit,
-        // which is the earliest the offset can pass them. A range that
-        // reaches next_seq (a last segment with an unreadable header) will be
-        // reassigned to new records, so it is not recorded.
-        for gap in report.lost.iter().filter(|g| g.last < report.next_seq) {
-            offsets.record_fate(gap.first, gap.last, crate::offsets::Fate::Lost)?;
-        }
-        Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))
-    })
-    .await
-    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    let (offsets, wal, offsets_reset) = open_storage(&config).await?;
 
-    // Kafka: the configured brokers, or the embedded dev broker.
-    let dev_broker = if config.kafka.brokers.is_empty() {
-        let topics = [
-            config.kafka.topic.clone(),
-            config.kafka.dead_letter_topic.clone(),
-        ];
-        let broker =
-            DevBroker::start(&topics, config.kafka.dev_partitions).map_err(ServeError::Kafka)?;
-        tracing::warn!(
-            bootstrap = broker.bootstrap_servers(),
-            "DEV MODE: embedded mock Kafka broker. Delivered events live ONLY IN MEMORY and vanish when sluice stops. Configure kafka.brokers for real use."
-        );
-        Some(broker)
-    } else {
-        None
-    };
-    let brokers = dev_broker
-        .as_ref()
-        .map_or(config.kafka.brokers.clone(), |b| {
-            b.bootstrap_servers().to_string()
-        });
+    let (dev_broker, brokers) = start_kafka(&config)?;
     let state = Arc::new(AppState::with_keys(
         &config,
         wal.clone(),
@@ -213,54 +112,9 @@ pub async fn run(
             .offset_store_resets
             .fetch_add(1, Ordering::Relaxed);
     }
-    let dead_letter = DeadLetterFile::new(&data_dir);
-    let (dead_letter, repaired) = tokio::task::spawn_blocking(move || {
-        let r = dead_letter.repair_tail();
-        (dead_letter, r)
-    })
-    .await
-    .map_err(|e| ServeError::Http(std::io::Error::other(e)))?;
-    match repaired {
-        Ok(0) => {}
-        Ok(_) => {
-            state
-                .replay
-                .dead_letter_partial_lines
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        // Not fatal: the first append checks the tail again before writing.
-        Err(e) => {
-            tracing::error!(error = %e, file = %dead_letter.path().display(), "cannot check the dead-letter file's last line; the next dead letter will")
-        }
-    }
-    let (replay_stop, replay_stop_rx) = tokio::sync::watch::channel(false);
-    let replayer = Replayer {
-        wal: wal.clone(),
-        offsets,
-        kafka: config.kafka.clone(),
-        brokers,
-        cfg: config.replay.clone(),
-        stats: state.replay.clone(),
-        dead_letter,
-        drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
-    };
-    let (replayer_alive, guard) = crate::systemd::Alive::pair();
-    let replay_task = tokio::spawn(async move {
-        let _guard = guard;
-        replayer.run(replay_stop_rx).await;
-    });
-    let wal_for_dog = wal.clone();
-    let watchdog = tokio::spawn(crate::systemd::watchdog(move || {
-        if !wal_for_dog.writer_alive() {
-            Some("WAL writer")
-        } else if wal_for_dog.failure().is_some() {
-            Some("WAL (failed)")
-        } else if !replayer_alive.get() {
-            Some("replayer")
-        } else {
-            None
-        }
-    }));
+    let (replay_stop, replayer_alive, replay_task) =
+        spawn_replayer(&config, &state, wal.clone(), offsets, brokers).await?;
+    let watchdog = spawn_watchdog(wal.clone(), replayer_alive);
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "sluice listening");
 
@@ -288,6 +142,208 @@ pub async fn run(
         stop,
     )
     .await;
+    shut_down(Running {
+        reloads,
+        replay_stop,
+        watchdog,
+        replay_task,
+        dev_broker,
+        state,
+        wal,
+    })
+    .await
+}
+
+/// The API keys (`None`: auth disabled) and the TLS certificate (`None`:
+/// plain HTTP).
+type Credentials = (
+    Option<Arc<crate::auth::KeyStore>>,
+    Option<Arc<crate::http::tls::Tls>>,
+);
+
+fn load_credentials(config: &Config) -> Result<Credentials, ServeError> {
+    let keys = if config.auth.keys_file.as_os_str().is_empty() {
+        let exposed = !config.http.listen.ip().is_loopback();
+        if exposed {
+            tracing::warn!(listen = %config.http.listen, "AUTH DISABLED on a non-loopback address: any client that reaches this port may write any tenant. Set auth.keys-file (docs/security.md).");
+        } else {
+            tracing::info!("auth disabled (no auth.keys-file); listening on loopback only");
+        }
+        None
+    } else {
+        let store = crate::auth::KeyStore::load(&config.auth.keys_file)?;
+        tracing::info!(keys = store.len(), file = %config.auth.keys_file.display(), "API keys loaded");
+        Some(Arc::new(store))
+    };
+    let tls = if config.http.tls_cert_file.as_os_str().is_empty() {
+        None
+    } else {
+        let t = crate::http::tls::Tls::load(&config.http.tls_cert_file, &config.http.tls_key_file)?;
+        tracing::info!(cert = %config.http.tls_cert_file.display(), "TLS enabled");
+        Some(Arc::new(t))
+    };
+    Ok((keys, tls))
+}
+
+/// Opens the offset store (reset if unreadable), recovers the WAL from the
+/// committed offset, and records the ranges recovery found lost.
+async fn open_storage(config: &Config) -> Result<(Arc<OffsetStore>, Arc<Wal>, bool), ServeError> {
+    let data_dir = &config.data_dir;
+    let wal_config = config.wal_config();
+    let data_dir_ = data_dir.clone();
+    // sled and recovery do blocking I/O.
+    tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let (offsets, reset) = OffsetStore::open_or_reset(&data_dir_, &wal_config.dir)?;
+        if let Some(r) = &reset {
+            tracing::error!(
+                reason = %r.reason,
+                quarantined = ?r.quarantined,
+                replay_from_seq = r.committed + 1,
+                "OFFSET STORE RESET: replay restarts from the oldest retained WAL segment; records already in Kafka will be delivered again (duplicates, no loss)"
+            );
+        }
+        let committed = offsets.committed()?;
+        let (wal, report) = Wal::open(
+            wal_config,
+            Arc::new(StdFs) as Arc<dyn Filesystem>,
+            committed,
+        )?;
+        // Receipts must say `lost` for these; durable with the next commit,
+        // which is the earliest the offset can pass them. A range that
+        // reaches next_seq (a last segment with an unreadable header) will be
+        // reassigned to new records, so it is not recorded.
+        for gap in report.lost.iter().filter(|g| g.last < report.next_seq) {
+            offsets.record_fate(gap.first, gap.last, crate::replay::offsets::Fate::Lost)?;
+        }
+        Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
+}
+
+/// Kafka: the configured brokers, or the embedded dev broker (returned, so
+/// it lives until shutdown), and the bootstrap servers to use.
+fn start_kafka(config: &Config) -> Result<(Option<DevBroker>, String), ServeError> {
+    let dev_broker = if config.kafka.brokers.is_empty() {
+        let topics = [
+            config.kafka.topic.clone(),
+            config.kafka.dead_letter_topic.clone(),
+        ];
+        let broker =
+            DevBroker::start(&topics, config.kafka.dev_partitions).map_err(ServeError::Kafka)?;
+        tracing::warn!(
+            bootstrap = broker.bootstrap_servers(),
+            "DEV MODE: embedded mock Kafka broker. Delivered events live ONLY IN MEMORY and vanish when sluice stops. Configure kafka.brokers for real use."
+        );
+        Some(broker)
+    } else {
+        None
+    };
+    let brokers = dev_broker
+        .as_ref()
+        .map_or(config.kafka.brokers.clone(), |b| {
+            b.bootstrap_servers().to_string()
+        });
+    Ok((dev_broker, brokers))
+}
+
+/// Repairs the dead-letter file's tail, then starts the replayer. Returns its
+/// stop switch, its liveness for the watchdog, and its task.
+async fn spawn_replayer(
+    config: &Config,
+    state: &Arc<AppState>,
+    wal: Arc<Wal>,
+    offsets: Arc<OffsetStore>,
+    brokers: String,
+) -> Result<
+    (
+        tokio::sync::watch::Sender<bool>,
+        crate::systemd::Alive,
+        tokio::task::JoinHandle<()>,
+    ),
+    ServeError,
+> {
+    let data_dir = &config.data_dir;
+    let dead_letter = DeadLetterFile::new(data_dir);
+    let (dead_letter, repaired) = tokio::task::spawn_blocking(move || {
+        let r = dead_letter.repair_tail();
+        (dead_letter, r)
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))?;
+    match repaired {
+        Ok(0) => {}
+        Ok(_) => {
+            state
+                .replay
+                .dead_letter_partial_lines
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Not fatal: the first append checks the tail again before writing.
+        Err(e) => {
+            tracing::error!(error = %e, file = %dead_letter.path().display(), "cannot check the dead-letter file's last line; the next dead letter will")
+        }
+    }
+    let (replay_stop, replay_stop_rx) = tokio::sync::watch::channel(false);
+    let replayer = Replayer {
+        wal,
+        offsets,
+        kafka: config.kafka.clone(),
+        brokers,
+        cfg: config.replay.clone(),
+        stats: state.replay.clone(),
+        dead_letter,
+        drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
+    };
+    let (replayer_alive, guard) = crate::systemd::Alive::pair();
+    let replay_task = tokio::spawn(async move {
+        let _guard = guard;
+        replayer.run(replay_stop_rx).await;
+    });
+    Ok((replay_stop, replayer_alive, replay_task))
+}
+
+/// Pings systemd's watchdog while the WAL writer and the replayer live and
+/// the WAL has not failed.
+fn spawn_watchdog(
+    wal_for_dog: Arc<Wal>,
+    replayer_alive: crate::systemd::Alive,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(crate::systemd::watchdog(move || {
+        if !wal_for_dog.writer_alive() {
+            Some("WAL writer")
+        } else if wal_for_dog.failure().is_some() {
+            Some("WAL (failed)")
+        } else if !replayer_alive.get() {
+            Some("replayer")
+        } else {
+            None
+        }
+    }))
+}
+
+/// What is still running when the HTTP server has stopped.
+struct Running {
+    reloads: tokio::task::JoinHandle<()>,
+    replay_stop: tokio::sync::watch::Sender<bool>,
+    watchdog: tokio::task::JoinHandle<()>,
+    replay_task: tokio::task::JoinHandle<()>,
+    dev_broker: Option<DevBroker>,
+    state: Arc<AppState>,
+    wal: Arc<Wal>,
+}
+
+/// Stops what `run` started, in order.
+async fn shut_down(r: Running) -> Result<Exit, ServeError> {
+    let Running {
+        reloads,
+        replay_stop,
+        watchdog,
+        replay_task,
+        dev_broker,
+        state,
+        wal,
+    } = r;
     reloads.abort();
     // Every handler has finished: each accepted request was fsynced before
     // its 202. Then the replayer drains up to its deadline and flushes the

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::TenantScope;
-use crate::ingest::event::valid_tenant;
+use crate::tenant::TenantId;
 
 /// Prefix of generated keys, so a leaked one is recognizable by secret
 /// scanners.
@@ -210,7 +210,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<Arc<KeyEntry>>, String> {
                     "key {name:?}: tenants is empty; name at least one, or \"*\""
                 ));
             }
-            if let Some(bad) = raw.tenants.iter().find(|t| !valid_tenant(t)) {
+            if let Some(bad) = raw.tenants.iter().find(|t| !TenantId::is_valid(t)) {
                 return Err(format!(
                     "key {name:?}: tenant {bad:?} does not match [A-Za-z0-9._-]{{1,64}}"
                 ));

@@ -5,6 +5,7 @@
 //! touches the WAL: is the key known (401), may it write this event's tenant
 //! (403, per event), and is there budget left (429, per request).
 
+pub mod config;
 pub mod keys;
 pub mod rates;
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::config::{RatesConfig, TenantRates};
+use super::config::{RatesConfig, TenantRates};
 
 /// A bucket's rate and burst, as configured; 0 per second means unlimited,
 /// a burst of 0 means one second's worth.

@@ -428,7 +428,7 @@ async fn producer(
     use futures_util::stream::{FuturesUnordered, StreamExt};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let kafka = sluice::config::KafkaConfig::default();
-    let producer: FutureProducer = sluice::kafka::producer_config(&kafka, brokers).create()?;
+    let producer: FutureProducer = sluice::replay::producer_config(&kafka, brokers).create()?;
     // The records sluice's replay sends, built by sluice's own normalizer
     // (a distinct normalized event per record with its id, timestamp, tenant
     // key and headers) before the clock starts; 65,536 of them are cycled.
@@ -458,7 +458,7 @@ async fn producer(
         let record = &built[(i % 65_536) as usize];
         let mut rec = FutureRecord::to(topic)
             .payload(&record.value)
-            .headers(sluice::kafka::replayer::kafka_headers(record, i + 1, &[]))
+            .headers(sluice::replay::replayer::kafka_headers(record, i + 1, &[]))
             .timestamp(record.timestamp_ms);
         if let Some(k) = &record.key {
             rec = rec.key(k);

@@ -18,9 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::config::HttpConfig;
 use super::tls::Tls;
-use super::IngestCounters;
-use crate::config::HttpConfig;
+use crate::ingest::IngestCounters;
 
 /// Serves `app` until `shutdown` resolves, then waits for open requests.
 /// With `tls`, each connection first completes a TLS handshake, which must

@@ -1,14 +1,18 @@
 //! The HTTP API: `fn app(state) -> Router`, so tests drive it with `oneshot`
 //! and `server.rs` serves it.
 
+pub mod config;
 mod error;
-mod handlers;
+mod ingest;
 pub mod listener;
+mod status;
 pub mod tls;
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::{Notify, Semaphore};
@@ -17,11 +21,26 @@ use tower_http::trace::TraceLayer;
 
 pub use error::AppError;
 
+pub use crate::ingest::IngestCounters;
+
+use crate::auth::config::RatesConfig;
 use crate::auth::{KeyStore, Rates};
-use crate::config::{Config, HttpConfig, Limits};
+use crate::ingest::config::{EventsConfig, Limits};
 use crate::ingest::Normalizer;
-use crate::offsets::OffsetStore;
+use crate::replay::offsets::OffsetStore;
+use crate::replay::ReplayStats;
 use crate::wal::Wal;
+use config::HttpConfig;
+
+/// The sections of the configuration the HTTP layer uses (built from the
+/// whole `Config` with `(&config).into()`).
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub http: HttpConfig,
+    pub limits: Limits,
+    pub events: EventsConfig,
+    pub rates: RatesConfig,
+}
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -40,7 +59,7 @@ pub struct AppState {
     pub counters: Arc<IngestCounters>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Replay and Kafka state, shared with the replayer.
-    pub replay: Arc<crate::kafka::ReplayStats>,
+    pub replay: Arc<ReplayStats>,
     /// Whether the last append was refused for quota, to log the change once.
     pub(crate) quota_refusing: AtomicBool,
     /// Whether the last body was refused for the in-flight byte budget, to
@@ -51,38 +70,24 @@ pub struct AppState {
     pub rates: Rates,
 }
 
-/// Monotonic ingest counters.
-#[derive(Debug, Default)]
-pub struct IngestCounters {
-    pub requests: AtomicU64,
-    pub events_accepted: AtomicU64,
-    pub events_rejected: AtomicU64,
-    pub requests_refused: AtomicU64,
-    /// Open HTTP connections (a gauge).
-    pub connections_open: AtomicU64,
-    /// Connections closed at once because `http.max-connections` were open.
-    pub connections_refused: AtomicU64,
-    /// Requests answered 503 because the in-flight byte budget was spent.
-    pub requests_shed: AtomicU64,
-}
-
 impl AppState {
     /// State without API keys (auth disabled); see [`AppState::with_keys`].
-    pub fn new(config: &Config, wal: Arc<Wal>, offsets: Arc<OffsetStore>) -> Self {
+    pub fn new(config: impl Into<StateConfig>, wal: Arc<Wal>, offsets: Arc<OffsetStore>) -> Self {
         Self::with_keys(config, wal, offsets, None)
     }
 
     pub fn with_keys(
-        config: &Config,
+        config: impl Into<StateConfig>,
         wal: Arc<Wal>,
         offsets: Arc<OffsetStore>,
         keys: Option<Arc<KeyStore>>,
     ) -> Self {
+        let config: StateConfig = config.into();
         let permits = usize::try_from(config.limits.max_inflight_bytes)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
         let counters = Arc::new(IngestCounters::default());
-        let replay = Arc::new(crate::kafka::ReplayStats::default());
+        let replay = Arc::new(ReplayStats::default());
         let inflight = Arc::new(Semaphore::new(permits));
         let metrics = crate::metrics::Metrics::new(crate::metrics::Sources {
             tenant_cap: config.rates.tenant_metrics_cap(),
@@ -94,15 +99,16 @@ impl AppState {
         })
         .expect("metric names and labels are static and unique");
         wal.set_observer(metrics.clone());
+        replay.set_observer(metrics.clone());
         if let Some(k) = &keys {
             metrics.auth_keys.set(k.len() as i64);
         }
         AppState {
             wal,
             offsets,
-            normalizer: Normalizer::new(config.limits.clone(), config.events.clone()),
-            limits: config.limits.clone(),
-            http: config.http.clone(),
+            normalizer: Normalizer::new(config.limits.clone(), config.events),
+            limits: config.limits,
+            http: config.http,
             inflight,
             shutting_down: AtomicBool::new(false),
             fatal: Notify::new(),
@@ -126,27 +132,76 @@ pub const INGEST_PATHS: [&str; 4] = ["/v1/events", "/ingest", "/events", "/logs"
 pub fn app(state: SharedState) -> Router {
     let mut router = Router::new();
     for path in INGEST_PATHS {
-        router = router.route(path, post(handlers::ingest));
+        router = router.route(path, post(ingest::ingest));
     }
     router
-        .route("/v1/receipts/{seq}", get(handlers::receipt))
-        .route("/health", get(handlers::health))
-        .route("/ready", get(handlers::ready))
-        .route("/stats", get(handlers::stats))
-        .route("/metrics", get(handlers::metrics))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            handlers::track,
-        ))
-        .fallback(handlers::not_found)
-        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .route("/v1/receipts/{seq}", get(status::receipt))
+        .route("/health", get(status::health))
+        .route("/ready", get(status::ready))
+        .route("/stats", get(status::stats))
+        .route("/metrics", get(status::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            handlers::head_limit,
+            head_limit,
         ))
         .layer(CatchPanicLayer::custom(error::panic_response))
         // 5xx are logged by the code that decides them, once per state
         // change (quota, shedding, WAL failure), not once per response.
         .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
+}
+
+/// Any path that is not an endpoint.
+pub async fn not_found() -> AppError {
+    AppError::NotFound
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
+}
+
+/// Enforces `http.max-header-bytes` on the request head as sent: the request
+/// line and every `name: value` line with their CRLFs. The HTTP parser's own
+/// buffer limit is only a coarse guard above this.
+pub async fn head_limit(
+    State(st): State<SharedState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uri = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let mut size = req.method().as_str().len() + 1 + uri + 1 + "HTTP/1.1\r\n".len() + 2;
+    for (k, v) in req.headers() {
+        size += k.as_str().len() + 2 + v.as_bytes().len() + 2;
+    }
+    if size > st.http.max_header_bytes {
+        return AppError::HeadTooLarge(st.http.max_header_bytes).into_response();
+    }
+    next.run(req).await
+}
+
+/// Counts every routed request by route template (bounded cardinality) and
+/// status, and times it.
+pub async fn track(
+    State(st): State<SharedState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &st.metrics;
+    m.http_requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }

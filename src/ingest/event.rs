@@ -5,15 +5,14 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use super::config::{EventsConfig, Limits};
 use super::raw;
 use crate::auth::TenantScope;
-use crate::config::{EventsConfig, Limits};
+use crate::tenant::TenantId;
 use crate::wal::Record;
 
 /// Kafka header names set at ingest. The replayer adds `seq`.
-pub const HEADER_ID: &str = "id";
-pub const HEADER_TENANT: &str = "tenant";
-pub const HEADER_RECEIVED_AT: &str = "received_at";
+pub use crate::replay::producer::{HEADER_ID, HEADER_RECEIVED_AT, HEADER_TENANT};
 
 /// Epoch values at or above this are milliseconds, below it seconds.
 /// 1e11 seconds is the year 5138; 1e11 milliseconds is March 1973.
@@ -229,7 +228,7 @@ impl Normalizer {
         let tenant_msg = "tenant_id must match [A-Za-z0-9._-]{1,64}";
         let tenant = match string_field(tenant, tenant_msg).map_err(fail)? {
             None => implied.map(str::to_string),
-            Some(s) if valid_tenant(&s) => Some(s),
+            Some(s) if TenantId::is_valid(&s) => Some(s),
             Some(_) => return Err(fail(invalid(tenant_msg))),
         };
         scope
@@ -413,14 +412,6 @@ impl JsonObject {
 
 fn invalid(msg: impl Into<String>) -> EventError {
     EventError::Invalid(msg.into())
-}
-
-/// `[A-Za-z0-9._-]{1,64}`, ASCII only: a look-alike from another script is
-/// refused, never folded.
-pub fn valid_tenant(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn normalize_severity(s: &str) -> Option<&'static str> {

@@ -2,10 +2,13 @@
 //! normalize each event alone. No HTTP here, so the fuzz target and the
 //! benchmarks drive exactly this.
 
+pub mod config;
 pub mod decode;
 pub mod event;
 pub mod parse;
 mod raw;
+
+use std::sync::atomic::AtomicU64;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -14,7 +17,7 @@ pub use event::{EventError, NormalizedEvent, Normalizer};
 pub use parse::{BodyError, BodyFormat};
 
 use crate::auth::{TenantDenied, TenantScope};
-use crate::config::Limits;
+use config::Limits;
 
 /// One rejected event, as reported to the client.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -120,4 +123,19 @@ pub fn prepare(
         }
     }
     Ok(batch)
+}
+
+/// Monotonic ingest counters.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    pub requests: AtomicU64,
+    pub events_accepted: AtomicU64,
+    pub events_rejected: AtomicU64,
+    pub requests_refused: AtomicU64,
+    /// Open HTTP connections (a gauge).
+    pub connections_open: AtomicU64,
+    /// Connections closed at once because `http.max-connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Requests answered 503 because the in-flight byte budget was spent.
+    pub requests_shed: AtomicU64,
 }

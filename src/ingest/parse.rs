@@ -6,8 +6,8 @@
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::config::Limits;
 use super::raw;
-use crate::config::Limits;
 
 /// Body formats, chosen by `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,6 @@
 //! how a preallocated or zero-filled tail looks, and it must never parse) and never
 //! above [`MAX_PAYLOAD_BYTES`], which is checked before any allocation.
 
-use crate::wal::record::Record;
-
 /// First 8 bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"SLUICEWL";
 /// Format version written in the header. Bumped on any incompatible change.
@@ -178,11 +176,6 @@ pub fn decode_frame(buf: &[u8]) -> Result<Frame<'_>, FrameError> {
         seq: le_u64(&head[8..16]),
         payload: &buf[FRAME_HEADER_LEN..total],
     })
-}
-
-/// Decodes a frame payload into the record it carries.
-pub fn decode_record(payload: &[u8]) -> Result<Record, bincode::error::DecodeError> {
-    Record::decode(payload)
 }
 
 fn le_u32(b: &[u8]) -> u32 {

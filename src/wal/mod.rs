@@ -37,6 +37,7 @@
 //! reaches them, so startup cost does not grow with the backlog. See
 //! `docs/design.md` for the full rules.
 
+pub mod config;
 pub mod format;
 pub mod inspect;
 pub mod io;
@@ -87,8 +88,8 @@ impl WalConfig {
     /// copies in `data_dir/quarantine`.
     pub fn new(data_dir: &Path) -> Self {
         WalConfig {
-            dir: data_dir.join("wal"),
-            quarantine_dir: data_dir.join("quarantine"),
+            dir: crate::datadir::wal_dir(data_dir),
+            quarantine_dir: crate::datadir::quarantine_dir(data_dir),
             segment_bytes: 64 * 1024 * 1024,
             max_bytes: 8 * 1024 * 1024 * 1024,
             min_free_bytes: 512 * 1024 * 1024,
@@ -357,7 +358,7 @@ impl Wal {
     /// A reader positioned at `from_seq`. With `quarantine` set, damaged
     /// sealed segments it meets are copied to the quarantine directory.
     pub fn reader(&self, from_seq: u64) -> WalReader {
-        WalReader::new(self.shared.clone(), from_seq, true)
+        WalReader::new(self.shared.clone(), from_seq)
     }
 
     /// Watches the durable frontier.

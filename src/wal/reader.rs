@@ -73,18 +73,16 @@ pub struct WalReader {
     next: u64,
     /// The segment being read, by first sequence number.
     cursor: Option<(u64, FrameCursor)>,
-    quarantine: bool,
 }
 
 impl WalReader {
-    pub(super) fn new(shared: Arc<Shared>, from_seq: u64, quarantine: bool) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, from_seq: u64) -> Self {
         let durable = shared.durable.subscribe();
         WalReader {
             shared,
             durable,
             next: from_seq.max(1),
             cursor: None,
-            quarantine,
         }
     }
 
@@ -226,9 +224,6 @@ impl WalReader {
 
     /// Keeps a copy of a damaged segment, once per process.
     fn quarantine_segment(&self, first: u64, bad_offset: u64) {
-        if !self.quarantine {
-            return;
-        }
         let name = format!("{}.corrupt-{bad_offset}", format::segment_name(first));
         let dst = self.shared.cfg.quarantine_dir.join(&name);
         if self.shared.fs.open(&dst).is_ok() {

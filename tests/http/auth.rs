@@ -16,7 +16,7 @@ use sluice::auth::keys::{append_entry, hash_key};
 use sluice::auth::KeyStore;
 use sluice::config::Config;
 use sluice::http::AppState;
-use sluice::offsets::OffsetStore;
+use sluice::replay::offsets::OffsetStore;
 use sluice::wal::io::{Filesystem, StdFs, WalFile};
 use sluice::wal::Wal;
 

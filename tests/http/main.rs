@@ -27,7 +27,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use sluice::config::Config;
 use sluice::http::{app, AppState};
-use sluice::offsets::OffsetStore;
+use sluice::replay::offsets::OffsetStore;
 use sluice::wal::io::{Filesystem, StdFs};
 use sluice::wal::{ReadItem, Record, Wal};
 use tower::ServiceExt;

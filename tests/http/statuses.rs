@@ -340,7 +340,7 @@ async fn receipts_health_ready() {
         json!({"seq": 3, "durable": false, "delivered": false, "status": "unknown"})
     );
     // What replay records for numbers that did not reach the topic.
-    use sluice::offsets::Fate;
+    use sluice::replay::offsets::Fate;
     h.state.offsets.record_fate(1, 1, Fate::Lost).unwrap();
     h.state
         .offsets

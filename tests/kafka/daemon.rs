@@ -218,7 +218,7 @@ impl Drop for Daemon {
 /// Every `seq` and `id` header in `topic`, in consumed order.
 pub fn consume_all(brokers: &str, topic: &str) -> Vec<(u64, String)> {
     let mut out = Vec::new();
-    sluice::kafka::consume::consume(brokers, topic, true, None, Duration::from_secs(3), |c| {
+    sluice::dev::consume::consume(brokers, topic, true, None, Duration::from_secs(3), |c| {
         out.push((
             c.header("seq").unwrap().parse().unwrap(),
             c.header("id").unwrap().to_string(),

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice::kafka::consume::consume;
+use sluice::dev::consume::consume;
 use sluice::wal::io::{Filesystem, StdFs};
 use sluice::wal::{format, Wal};
 

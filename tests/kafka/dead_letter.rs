@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use sluice::kafka::dead_letter::DeadLetterFile;
+use sluice::replay::dead_letter::DeadLetterFile;
 
 use super::event;
 

@@ -114,7 +114,7 @@ async fn restart_resumes_from_the_committed_offset() {
     // Records appended while replay is down are picked up after restart,
     // and nothing below the committed offset is produced again.
     let last = node.append("r2", &["a", "b"], 200);
-    let stats = Arc::new(sluice::kafka::ReplayStats::default());
+    let stats = Arc::new(sluice::replay::ReplayStats::default());
     let node = Node { stats, ..node };
     let running = node.start(&brokers, |_, _| {});
     node.wait_committed(last, Duration::from_secs(30)).await;

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use sluice::offsets::{Fate, OffsetStore};
+use sluice::replay::offsets::{Fate, OffsetStore};
 
 use super::{cluster, id_counts, read_topic, Node, DLQ, TOPIC};
 
@@ -160,7 +160,7 @@ async fn a_fatal_idempotent_producer_error_recreates_the_producer() {
     let running = node.start(&brokers, |_, _| {});
     node.wait_committed(first, Duration::from_secs(30)).await;
     // An out-of-order sequence answer is fatal for an idempotent producer:
-    // librdkafka never recovers by itself (lessons.md, item 5).
+    // librdkafka never recovers by itself, so sluice must build a new producer.
     kafka.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice::kafka::consume::consume;
+use sluice::dev::consume::consume;
 
 const EXE: &str = env!("CARGO_BIN_EXE_sluice");
 

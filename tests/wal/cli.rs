@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use sluice::offsets::OffsetStore;
+use sluice::replay::offsets::OffsetStore;
 use sluice::wal::format;
 
 use super::{open_std, rec, segment_files, small_cfg};

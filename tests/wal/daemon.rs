@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sluice::config::Config;
 use sluice::http::{app, AppState};
-use sluice::offsets::OffsetStore;
+use sluice::replay::offsets::OffsetStore;
 use sluice::wal::format;
 use sluice::wal::io::{Fault, FaultKind, Filesystem, SimFs};
 use sluice::wal::Wal;

@@ -1,15 +1,8 @@
-//! Kafka: the producer settings, the replayer that streams the WAL into
-//! Kafka, dead letters, and the embedded development broker.
+//! The Kafka producer: its configuration, the size an event may have to fit
+//! a record, error classification, connectivity, and every Kafka header name
+//! sluice writes. The one place the `kafka` feature gates: without it (the
+//! fuzz targets) only the config checks that need no librdkafka remain.
 
-#[cfg(feature = "kafka")]
-pub mod consume;
-pub mod dead_letter;
-#[cfg(feature = "kafka")]
-pub mod dev_broker;
-#[cfg(feature = "kafka")]
-pub mod replayer;
-
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[cfg(feature = "kafka")]
 use std::sync::Arc;
 
@@ -20,7 +13,27 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 #[cfg(feature = "kafka")]
 use rdkafka::ClientConfig;
 
-use crate::config::{ConfigError, EventsConfig, KafkaConfig, Limits};
+use super::config::KafkaConfig;
+#[cfg(feature = "kafka")]
+use super::ReplayStats;
+
+/// Kafka header names. Ingest stores the first three in the WAL record;
+/// replay adds `seq` at produce time and the last two on a dead letter.
+pub const HEADER_ID: &str = "id";
+pub const HEADER_TENANT: &str = "tenant";
+pub const HEADER_RECEIVED_AT: &str = "received_at";
+pub const HEADER_SEQ: &str = "seq";
+pub const HEADER_ERROR: &str = "error";
+pub const HEADER_ORIGINAL_TOPIC: &str = "original_topic";
+
+/// What bounds an event's key and headers, from the ingest limits.
+#[derive(Debug, Clone, Copy)]
+pub struct EventBounds<'a> {
+    pub max_id_chars: usize,
+    pub max_source_chars: usize,
+    /// The event field used as the Kafka key.
+    pub key_field: &'a str,
+}
 
 /// Properties sluice sets itself because its guarantees depend on them.
 const RESERVED: [&str; 3] = ["acks", "enable.idempotence", "bootstrap.servers"];
@@ -49,16 +62,12 @@ const SEQ_MAX: usize = 20;
 /// still takes, in the topic and in the dead-letter topic. librdkafka refuses
 /// a larger record at produce time with MSG_SIZE_TOO_LARGE, which would send
 /// an event that already got its 202 to the dead letters.
-pub fn value_fit(
-    k: &KafkaConfig,
-    limits: &Limits,
-    events: &EventsConfig,
-) -> Result<usize, ConfigError> {
+pub fn value_fit(k: &KafkaConfig, limits: &EventBounds) -> Result<usize, String> {
     let max = match k.librdkafka.get("message.max.bytes") {
         None => LIBRDKAFKA_MESSAGE_MAX_BYTES,
-        Some(v) => v.parse().map_err(|_| {
-            ConfigError::Invalid("kafka.librdkafka.message.max.bytes is not a number".into())
-        })?,
+        Some(v) => v
+            .parse()
+            .map_err(|_| "kafka.librdkafka.message.max.bytes is not a number".to_string())?,
     };
     // librdkafka's header size: per header a varint key length (<= 5), the
     // key, a varint value length (<= 5), the value. Every header a record
@@ -66,15 +75,15 @@ pub fn value_fit(
     // letter.
     let header = |name: &str, value: usize| 10 + name.len() + value;
     let utf8_max = |chars: usize| chars * 4;
-    let headers = header("id", utf8_max(limits.max_id_chars))
-        + header("tenant", 64)
-        + header("received_at", TIMESTAMP_MAX)
-        + header("seq", SEQ_MAX)
-        + header("error", ERROR_HEADER_MAX)
-        + header("original_topic", k.topic.len());
+    let headers = header(HEADER_ID, utf8_max(limits.max_id_chars))
+        + header(HEADER_TENANT, 64)
+        + header(HEADER_RECEIVED_AT, TIMESTAMP_MAX)
+        + header(HEADER_SEQ, SEQ_MAX)
+        + header(HEADER_ERROR, ERROR_HEADER_MAX)
+        + header(HEADER_ORIGINAL_TOPIC, k.topic.len());
     // The key is one of the event's fields. Known fields have a bound of
     // their own; any other field is part of the value, so at most its size.
-    let key = match events.key_field.as_str() {
+    let key = match limits.key_field {
         "tenant_id" => Some(64),
         "id" => Some(utf8_max(limits.max_id_chars)),
         "source" => Some(utf8_max(limits.max_source_chars)),
@@ -89,15 +98,16 @@ pub fn value_fit(
         (None, _) => 0,
     };
     if fit < 1024 {
-        return Err(ConfigError::Invalid(format!(
+        return Err(format!(
             "kafka.librdkafka.message.max.bytes ({max}) leaves {fit} bytes for an event after the key and headers; at least 1024 are needed"
-        )));
+        ));
     }
     Ok(fit)
 }
 
-pub fn validate(k: &KafkaConfig) -> Result<(), ConfigError> {
-    let bad = |m: String| Err(ConfigError::Invalid(m));
+/// The checks of `[kafka]` alone (see [`KafkaConfig::validate`]).
+pub fn validate(k: &KafkaConfig) -> Result<(), String> {
+    let bad = |m: String| Err(m);
     if k.topic.is_empty() || k.dead_letter_topic.is_empty() {
         return bad("kafka.topic and kafka.dead-letter-topic must be set".into());
     }
@@ -124,7 +134,7 @@ pub fn validate(k: &KafkaConfig) -> Result<(), ConfigError> {
     #[cfg(feature = "kafka")]
     producer_config(k, "localhost:9092")
         .create_native_config()
-        .map_err(|e| ConfigError::Invalid(format!("kafka.librdkafka: {e}")))?;
+        .map_err(|e| format!("kafka.librdkafka: {e}"))?;
     Ok(())
 }
 
@@ -181,50 +191,6 @@ pub fn classify(e: &KafkaError) -> Failure {
     }
 }
 
-/// Replay state shared with `/stats`, `/ready` and receipts.
-#[derive(Debug, Default)]
-pub struct ReplayStats {
-    pub connected: AtomicBool,
-    /// Highest sequence number with every record at or below it confirmed
-    /// (in memory; `committed` is the flushed one).
-    pub delivered_through: AtomicU64,
-    pub committed: AtomicU64,
-    pub produced: AtomicU64,
-    pub delivered: AtomicU64,
-    pub retries: AtomicU64,
-    /// Records produced again alone after a permanent error on their batch.
-    pub isolated_retries: AtomicU64,
-    pub producer_recreations: AtomicU64,
-    /// librdkafka fatal errors seen (each recreates the producer).
-    pub fatal_errors: AtomicU64,
-    pub dead_lettered_topic: AtomicU64,
-    pub dead_lettered_file: AtomicU64,
-    pub gap_records: AtomicU64,
-    /// Offset stores moved to quarantine at start (unreadable or missing).
-    pub offset_store_resets: AtomicU64,
-    /// Partial dead-letter lines (ENOSPC, kill) truncated before an append.
-    pub dead_letter_partial_lines: AtomicU64,
-    pub in_flight: AtomicU64,
-    pub peak_in_flight: AtomicU64,
-    /// Produce-to-report latency, when metrics are on.
-    pub delivery_latency: std::sync::OnceLock<prometheus::Histogram>,
-}
-
-impl ReplayStats {
-    pub fn set_connected(&self, up: bool, why: &str) {
-        if self.connected.swap(up, Ordering::Relaxed) != up {
-            if up {
-                tracing::info!("Kafka reachable: deliveries confirmed");
-            } else {
-                tracing::warn!(
-                    reason = why,
-                    "Kafka unreachable: replay backs off; ingest continues until the WAL quota"
-                );
-            }
-        }
-    }
-}
-
 #[cfg(feature = "kafka")]
 /// librdkafka client context: turns global errors into the connectivity
 /// state and logs them once per change.
@@ -247,41 +213,5 @@ impl ClientContext for KafkaHealth {
             Warning => tracing::debug!(fac, message, "librdkafka"),
             _ => tracing::trace!(fac, message, "librdkafka"),
         }
-    }
-}
-
-#[cfg(all(test, feature = "kafka"))]
-mod tests {
-    use crate::config::Config;
-
-    /// The Kafka TLS + SASL example of docs/security.md is accepted by the
-    /// librdkafka sluice is built with (it refuses `SASL_SSL` when built
-    /// without OpenSSL), and the reserved guarantees cannot be overridden.
-    #[test]
-    fn the_documented_sasl_ssl_passthrough_is_valid() {
-        let c = Config::from_toml(
-            r#"
-[kafka]
-brokers = "kafka-1.example.net:9093"
-[kafka.librdkafka]
-"security.protocol" = "SASL_SSL"
-"sasl.mechanism" = "SCRAM-SHA-512"
-"sasl.username" = "sluice"
-"sasl.password" = "from-a-secret-store"
-"ssl.ca.location" = "/etc/sluice/kafka-ca.pem"
-"ssl.endpoint.identification.algorithm" = "https"
-"#,
-        )
-        .unwrap();
-        c.validate().unwrap();
-        let mut bad = c.clone();
-        bad.kafka
-            .librdkafka
-            .insert("security.protocol".into(), "SASL_TLS".into());
-        let err = bad.validate().unwrap_err().to_string();
-        assert!(err.contains("security.protocol"), "{err}");
-        let mut reserved = c;
-        reserved.kafka.librdkafka.insert("acks".into(), "1".into());
-        assert!(reserved.validate().is_err());
     }
 }

@@ -152,7 +152,7 @@ impl OffsetStore {
         data_dir: &Path,
         wal_dir: &Path,
     ) -> Result<(Self, Option<Reset>), OffsetError> {
-        let dir = data_dir.join("offsets");
+        let dir = crate::datadir::offsets_dir(data_dir);
         let existed = dir.join("db").exists() || dir.join("conf").exists();
         let reason = if existed {
             match Self::open(&dir) {
@@ -179,7 +179,7 @@ impl OffsetStore {
             source,
         };
         let quarantined = if dir.exists() {
-            let qdir = data_dir.join("quarantine");
+            let qdir = crate::datadir::quarantine_dir(data_dir);
             std::fs::create_dir_all(&qdir).map_err(quarantine)?;
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -1,14 +1,17 @@
+//! The ingest route (`POST /v1/events` and its aliases): admit the request,
+//! read and decode its body, parse it into events, check rates, append to
+//! the WAL, answer. Each step is a function below, in that order.
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http_body_util::BodyExt;
-use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{AppError, SharedState};
@@ -50,7 +53,7 @@ pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Respo
 }
 
 /// The tenants the request's key may write, and the key, when auth is on.
-fn authorize(
+pub(super) fn authorize(
     st: &SharedState,
     headers: &axum::http::HeaderMap,
 ) -> Result<(TenantScope, Option<Arc<KeyEntry>>), AppError> {
@@ -127,14 +130,55 @@ fn rate_check(
     })
 }
 
+/// One ingest request, step by step. Each step either hands its result to
+/// the next or ends the request with its answer.
 async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<Response, AppError> {
+    let (parts, body) = req.into_parts();
+    let admitted = admit(st, &parts.headers)?;
+    let (bytes, permit) = read_and_decode(st, body, &admitted).await?;
+    let batch = parse(st, bytes, admitted.format, admitted.scope).await?;
+    let rejected = count_rejections(st, &batch);
+    if batch.accepted.is_empty() {
+        return Ok(nothing_accepted(batch, rejected));
+    }
+    let tenants = batch.tenant_counts();
+    let decision = st
+        .rates
+        .check_batch(admitted.key.as_ref().map(|k| k.name.as_str()), &tenants);
+    rate_check(st, decision, &tenants)?;
+    let accepted = batch.accepted.len();
+    let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
+    let range = append(st, payloads, handed).await?;
+    drop(permit);
+    Ok(respond(
+        st,
+        accepted,
+        &tenants,
+        rejected,
+        batch.rejected,
+        range,
+    ))
+}
+
+/// What admission learnt from the request head.
+struct Admitted {
+    scope: TenantScope,
+    key: Option<Arc<KeyEntry>>,
+    format: BodyFormat,
+    codings: Vec<Coding>,
+    /// `Content-Length`, when sent and numeric.
+    declared: Option<u64>,
+}
+
+/// Everything decided before a byte of the body is read: shutdown, who and
+/// how fast, a failed WAL, the body's type, codings and declared length.
+fn admit(st: &SharedState, headers: &axum::http::HeaderMap) -> Result<Admitted, AppError> {
     let retry_after = st.http.retry_after_secs;
     if st.shutting_down.load(Ordering::Relaxed) {
         return Err(AppError::ShuttingDown { retry_after });
     }
-    let (parts, body) = req.into_parts();
     // Who and how fast, before a byte of the body is read.
-    let (scope, key) = authorize(st, &parts.headers)?;
+    let (scope, key) = authorize(st, headers)?;
     if let Some(k) = &key {
         rate_check(st, st.rates.check_key_request(&k.name), &[])?;
     }
@@ -144,7 +188,7 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
             retry_after,
         });
     }
-    let content_type = match parts.headers.get(header::CONTENT_TYPE) {
+    let content_type = match headers.get(header::CONTENT_TYPE) {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -153,23 +197,47 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     };
     let format =
         BodyFormat::from_content_type(content_type).map_err(AppError::UnsupportedMediaType)?;
-    let codings = content_codings(&parts.headers)?;
+    let codings = content_codings(headers)?;
     // The sent body (compressed or not) also counts against the limit, so a
     // length over it is refused without reading.
-    let declared = parts
-        .headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > st.limits.max_body_bytes) {
         return Err(AppError::BodyTooLarge(st.limits.max_body_bytes));
     }
-    let (bytes, permit) = read_body(st, body, declared).await?;
-    let (bytes, permit) = if codings.is_empty() {
-        (bytes, permit)
-    } else {
-        decode(st, bytes, &codings, permit).await?
-    };
+    Ok(Admitted {
+        scope,
+        key,
+        format,
+        codings,
+        declared,
+    })
+}
 
+/// The body as sent, then with its codings undone; the permit charges its
+/// bytes to the in-flight budget until the response.
+async fn read_and_decode(
+    st: &SharedState,
+    body: Body,
+    admitted: &Admitted,
+) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), AppError> {
+    let (bytes, permit) = read_body(st, body, admitted.declared).await?;
+    if admitted.codings.is_empty() {
+        Ok((bytes, permit))
+    } else {
+        decode(st, bytes, &admitted.codings, permit).await
+    }
+}
+
+/// Parses and normalizes the body into events; a large body on the blocking
+/// pool.
+async fn parse(
+    st: &SharedState,
+    bytes: Vec<u8>,
+    format: BodyFormat,
+    scope: TenantScope,
+) -> Result<ingest::Batch, AppError> {
     // Millisecond precision, as Kafka timestamps have.
     let now = chrono::Utc::now();
     let received_at =
@@ -186,13 +254,17 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
             &scope,
         )
     };
-    let batch = if big {
+    Ok(if big {
         tokio::task::spawn_blocking(parse)
             .await
             .map_err(|e| AppError::BadRequest(format!("parse task failed: {e}")))??
     } else {
         parse()?
-    };
+    })
+}
+
+/// Counts the refused events by reason (and forbidden ones by tenant).
+fn count_rejections(st: &SharedState, batch: &ingest::Batch) -> usize {
     let rejected = batch.rejected.len();
     for r in &batch.rejected {
         st.metrics
@@ -209,38 +281,42 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     st.counters
         .events_rejected
         .fetch_add(rejected as u64, Ordering::Relaxed);
-    if batch.accepted.is_empty() {
-        let status = if batch.all_too_large() {
-            StatusCode::PAYLOAD_TOO_LARGE
-        } else if batch.all_forbidden() {
-            StatusCode::FORBIDDEN
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        let body = IngestResponse {
-            accepted: 0,
-            rejected,
-            errors: batch.rejected,
-            first_seq: None,
-            last_seq: None,
-        };
-        return Ok((status, Json(body)).into_response());
-    }
+    rejected
+}
 
-    let tenants = batch.tenant_counts();
-    let decision = st
-        .rates
-        .check_batch(key.as_ref().map(|k| k.name.as_str()), &tenants);
-    rate_check(st, decision, &tenants)?;
+/// 413 when every event was too large, 403 when every one was forbidden,
+/// else 400; with every event's error.
+fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
+    let status = if batch.all_too_large() {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else if batch.all_forbidden() {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let body = IngestResponse {
+        accepted: 0,
+        rejected,
+        errors: batch.rejected,
+        first_seq: None,
+        last_seq: None,
+    };
+    (status, Json(body)).into_response()
+}
 
-    let accepted = batch.accepted.len();
-    let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
+/// Hands the events to the WAL and waits for their fdatasync.
+async fn append(
+    st: &SharedState,
+    payloads: Vec<Vec<u8>>,
+    handed: &AtomicBool,
+) -> Result<crate::wal::SeqRange, AppError> {
+    let retry_after = st.http.retry_after_secs;
     handed.store(true, Ordering::Relaxed);
     // Cancellation: if the client goes away while we wait, the append still
     // completes in the writer; the events are then delivered without a 202
     // (at-least-once), never half-acknowledged.
-    let range = match st.wal.append(payloads).await {
-        Ok(range) => range,
+    match st.wal.append(payloads).await {
+        Ok(range) => Ok(range),
         Err(e) => {
             let err = AppError::from_wal(e, retry_after);
             match &err {
@@ -253,10 +329,20 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
                 _ => {}
             }
             st.counters.requests_refused.fetch_add(1, Ordering::Relaxed);
-            return Err(err);
+            Err(err)
         }
-    };
-    drop(permit);
+    }
+}
+
+/// The 202, after counting the accepted events (by tenant too).
+fn respond(
+    st: &SharedState,
+    accepted: usize,
+    tenants: &[(String, u32)],
+    rejected: usize,
+    errors: Vec<Rejection>,
+    range: crate::wal::SeqRange,
+) -> Response {
     if st.quota_refusing.swap(false, Ordering::Relaxed) {
         tracing::info!("WAL quota cleared: accepting again");
     }
@@ -278,11 +364,11 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     let body = IngestResponse {
         accepted,
         rejected,
-        errors: batch.rejected,
+        errors,
         first_seq: Some(range.first),
         last_seq: Some(range.last),
     };
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 /// Reads the (decompressed) body within the size limit, the in-flight byte
@@ -402,193 +488,4 @@ fn decode_error(e: DecodeError, limit: u64) -> AppError {
         DecodeError::TooLarge => AppError::BodyTooLarge(limit),
         DecodeError::Invalid(m) => AppError::BadRequest(m),
     }
-}
-
-/// Any path that is not an endpoint.
-pub async fn not_found() -> AppError {
-    AppError::NotFound
-}
-
-/// A known path with the wrong method.
-pub async fn method_not_allowed() -> AppError {
-    AppError::MethodNotAllowed
-}
-
-/// Enforces `http.max-header-bytes` on the request head as sent: the request
-/// line and every `name: value` line with their CRLFs. The HTTP parser's own
-/// buffer limit is only a coarse guard above this.
-pub async fn head_limit(
-    State(st): State<SharedState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let uri = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
-    let mut size = req.method().as_str().len() + 1 + uri + 1 + "HTTP/1.1\r\n".len() + 2;
-    for (k, v) in req.headers() {
-        size += k.as_str().len() + 2 + v.as_bytes().len() + 2;
-    }
-    if size > st.http.max_header_bytes {
-        return AppError::HeadTooLarge(st.http.max_header_bytes).into_response();
-    }
-    next.run(req).await
-}
-
-pub async fn receipt(
-    State(st): State<SharedState>,
-    Path(seq): Path<String>,
-    headers: axum::http::HeaderMap,
-) -> Result<Json<serde_json::Value>, AppError> {
-    // Any valid key may read receipts: they say only whether a sequence
-    // number is durable and delivered.
-    authorize(&st, &headers)?;
-    let seq: u64 = seq
-        .parse()
-        .ok()
-        .filter(|&s| s >= 1)
-        .ok_or_else(|| AppError::BadRequest("seq must be a positive integer".into()))?;
-    let storage = |e: crate::offsets::OffsetError| AppError::StorageFailed {
-        detail: e.to_string(),
-        retry_after: st.http.retry_after_secs,
-    };
-    let written = seq < st.wal.durable().borrow().next_seq;
-    let committed = st.offsets.committed().map_err(storage)?;
-    let fate = st.offsets.fate(seq).map_err(storage)?;
-    Ok(Json(crate::offsets::receipt(seq, written, committed, fate)))
-}
-
-/// Liveness: 503 once the WAL has failed, since only a restart recovers it.
-pub async fn health(State(st): State<SharedState>) -> Response {
-    match st.wal.failure() {
-        None => Json(json!({ "status": "ok" })).into_response(),
-        Some(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "failed", "reason": format!("WAL failed: {why}") })),
-        )
-            .into_response(),
-    }
-}
-
-/// Ready when the WAL can take writes: not failed, under quota, enough disk.
-pub async fn ready(State(st): State<SharedState>) -> Response {
-    let cfg = st.wal.config();
-    let mut reasons = Vec::new();
-    if st.shutting_down.load(Ordering::Relaxed) {
-        reasons.push("shutting down".to_string());
-    }
-    if let Some(why) = st.wal.failure() {
-        reasons.push(format!("WAL failed: {why}"));
-    }
-    // Ready means one maximum-size event still fits: stateless, so it clears
-    // by itself as GC frees space even if no client is sending.
-    let used = st.wal.disk_bytes();
-    let headroom = crate::wal::format::frame_len(st.limits.max_event_bytes) as u64;
-    if used.saturating_add(headroom) > cfg.max_bytes {
-        reasons.push(format!(
-            "WAL at quota: {used} of {} bytes; a maximum-size event would not fit",
-            cfg.max_bytes
-        ));
-    }
-    match st.wal.free_bytes() {
-        Ok(free) if free < cfg.min_free_bytes.saturating_add(headroom) => reasons.push(format!(
-            "disk low: {free} bytes free, {} required",
-            cfg.min_free_bytes
-        )),
-        Ok(_) => {}
-        Err(e) => reasons.push(format!("cannot read free disk space: {e}")),
-    }
-    let status = if reasons.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = json!({
-        "ready": reasons.is_empty(),
-        "reasons": reasons,
-        "wal": { "disk_bytes": used, "max_bytes": cfg.max_bytes },
-        "kafka": kafka_state(&st),
-    });
-    (status, Json(body)).into_response()
-}
-
-pub async fn stats(State(st): State<SharedState>) -> Json<serde_json::Value> {
-    let c = &st.counters;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    Json(json!({
-        "ingest": {
-            "requests": get(&c.requests),
-            "events_accepted": get(&c.events_accepted),
-            "events_rejected": get(&c.events_rejected),
-            "requests_refused": get(&c.requests_refused),
-        },
-        "wal": st.wal.stats(),
-        "replay": replay_state(&st),
-        "kafka": kafka_state(&st),
-    }))
-}
-
-fn kafka_state(st: &SharedState) -> serde_json::Value {
-    let r = &st.replay;
-    json!({
-        "connected": r.connected.load(Ordering::Relaxed),
-        "producer_recreations": r.producer_recreations.load(Ordering::Relaxed),
-    })
-}
-
-/// Replay progress. Lag in bytes is estimated from the WAL's average frame.
-fn replay_state(st: &SharedState) -> serde_json::Value {
-    let r = &st.replay;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let last_seq = st.wal.durable().borrow().next_seq.saturating_sub(1);
-    let delivered = get(&r.delivered_through);
-    let lag = last_seq.saturating_sub(delivered);
-    let c = st.wal.counters();
-    let (bytes, records) = (get(&c.bytes), get(&c.records).max(1));
-    json!({
-        "last_seq": last_seq,
-        "delivered_through": delivered,
-        "committed": get(&r.committed),
-        "lag_records": lag,
-        "lag_bytes_estimate": lag * (bytes / records),
-        "in_flight": get(&r.in_flight),
-        "produced": get(&r.produced),
-        "delivered": get(&r.delivered),
-        "retries": get(&r.retries),
-        "dead_lettered_topic": get(&r.dead_lettered_topic),
-        "dead_lettered_file": get(&r.dead_lettered_file),
-        "gap_records": get(&r.gap_records),
-    })
-}
-
-pub async fn metrics(State(st): State<SharedState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        st.metrics.render(),
-    )
-        .into_response()
-}
-
-/// Counts every routed request by route template (bounded cardinality) and
-/// status, and times it.
-pub async fn track(
-    State(st): State<SharedState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let started = std::time::Instant::now();
-    let resp = next.run(req).await;
-    let m = &st.metrics;
-    m.http_requests
-        .with_label_values(&[route.as_str(), resp.status().as_str()])
-        .inc();
-    m.http_duration
-        .with_label_values(&[route.as_str()])
-        .observe(started.elapsed().as_secs_f64());
-    resp
 }

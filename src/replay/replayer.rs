@@ -53,15 +53,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::watch;
 
 use super::dead_letter::DeadLetterFile;
+use super::offsets::{Fate, OffsetStore};
+use super::producer::{HEADER_ERROR, HEADER_ORIGINAL_TOPIC, HEADER_SEQ};
 use super::{classify, producer_config, Failure, KafkaHealth, ReplayStats};
-use crate::config::{KafkaConfig, ReplayConfig};
-use crate::offsets::{Fate, OffsetStore};
+use super::{KafkaConfig, ReplayConfig};
 use crate::wal::{ReadItem, Record, Wal};
-
-/// Header names added at produce time.
-pub const HEADER_SEQ: &str = "seq";
-pub const HEADER_ERROR: &str = "error";
-pub const HEADER_ORIGINAL_TOPIC: &str = "original_topic";
 
 type Producer_ = FutureProducer<KafkaHealth>;
 
@@ -203,7 +199,7 @@ impl Replayer {
                 }
                 End::Retry(why) => {
                     // Whatever ended the incarnation, a fatal error means this
-                    // producer can never recover by itself (lessons.md #5).
+                    // producer can never recover by itself: only a new one can.
                     if let Some((code, fatal)) = producer.client().fatal_error() {
                         self.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(?code, reason = %fatal, "fatal producer error: recreating the producer");
@@ -353,7 +349,7 @@ impl Replayer {
             fr = fr.key(k);
         }
         let started = std::time::Instant::now();
-        let latency = self.stats.delivery_latency.get().cloned();
+        let observer = self.stats.observer();
         loop {
             match producer.send_result(fr) {
                 Ok(delivery) => {
@@ -363,8 +359,8 @@ impl Replayer {
                     return Box::pin(async move {
                         let report = delivery.await;
                         window.settled();
-                        if let Some(h) = &latency {
-                            h.observe(started.elapsed().as_secs_f64());
+                        if let Some(o) = &observer {
+                            o.delivered(started.elapsed());
                         }
                         match report {
                             Ok(Ok(_)) => Settled::Done(seq),

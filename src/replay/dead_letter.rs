@@ -41,7 +41,7 @@ pub struct Appended {
 impl DeadLetterFile {
     pub fn new(data_dir: &Path) -> Self {
         DeadLetterFile {
-            path: data_dir.join("dead-letter").join("dead-letter.ndjson"),
+            path: crate::datadir::dead_letter_file(data_dir),
             check_tail: AtomicBool::new(true),
         }
     }

@@ -1,0 +1,110 @@
+//! The `[limits]` and `[events]` sections: what ingest accepts.
+
+use serde::{Deserialize, Serialize};
+
+const MIB: u64 = 1024 * 1024;
+/// `limits.max-event-bytes` unless set: 1 MiB, lowered to what the producer
+/// takes (see `Config::effective_max_event_bytes`).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = MIB as usize;
+
+/// Ingest limits. All sizes apply after decompression.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Limits {
+    /// Bytes of request body. Default 10 MiB.
+    pub max_body_bytes: u64,
+    /// Events in one request. Default 10000.
+    pub max_events_per_request: usize,
+    /// Bytes of one normalized event (its Kafka value). Its whole Kafka
+    /// record (key and headers included) must fit the producer's
+    /// `message.max.bytes`: at the default, the limit is lowered to what
+    /// fits (998,645 bytes with librdkafka's default of 1,000,000 and the
+    /// default key field); an explicit value that does not fit is refused.
+    /// Default 1 MiB, lowered as said.
+    pub max_event_bytes: usize,
+    /// Nesting depth of an event's JSON (the event object itself is depth 1).
+    /// Default 64.
+    pub max_depth: usize,
+    /// Characters in an `id`. Default 128.
+    pub max_id_chars: usize,
+    /// Characters in `source`. Default 256.
+    pub max_source_chars: usize,
+    /// Bytes of request bodies held in memory at once, across all requests.
+    /// Past it, requests get 503 at once rather than queueing. Default 256 MiB.
+    pub max_inflight_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Fields every event must carry. Default `["tenant_id", "source", "message"]`.
+    pub required: Vec<String>,
+    /// Top-level field used as the Kafka key. Default `tenant_id`.
+    pub key_field: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 10 * MIB,
+            max_events_per_request: 10_000,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            max_depth: 64,
+            max_id_chars: 128,
+            max_source_chars: 256,
+            max_inflight_bytes: 256 * MIB,
+        }
+    }
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            required: vec!["tenant_id".into(), "source".into(), "message".into()],
+            key_field: "tenant_id".into(),
+        }
+    }
+}
+
+impl Limits {
+    /// Rejects limits that cannot work together.
+    pub fn validate(&self) -> Result<(), String> {
+        let l = self;
+        if l.max_event_bytes == 0 || l.max_body_bytes == 0 || l.max_events_per_request == 0 {
+            return Err("limits must be positive".into());
+        }
+        if l.max_event_bytes as u64 > l.max_body_bytes {
+            return Err(format!(
+                "limits.max-event-bytes ({}) exceeds limits.max-body-bytes ({})",
+                l.max_event_bytes, l.max_body_bytes
+            ));
+        }
+        if l.max_inflight_bytes < l.max_body_bytes {
+            return Err(format!(
+                "limits.max-inflight-bytes ({}) is below limits.max-body-bytes ({}): no full-size request could ever be admitted",
+                l.max_inflight_bytes, l.max_body_bytes
+            ));
+        }
+        if l.max_depth == 0 || l.max_depth > 128 {
+            return Err(
+                "limits.max-depth must be 1..=128 (the JSON parser's own limit is 128)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The explicit `max-event-bytes`, or `None` when left at its default
+    /// (which is then lowered to what the producer takes, not refused).
+    pub fn explicit_max_event_bytes(&self) -> Option<usize> {
+        Some(self.max_event_bytes).filter(|&b| b != DEFAULT_MAX_EVENT_BYTES)
+    }
+}
+
+impl EventsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.key_field.is_empty() {
+            return Err("events.key-field must not be empty".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! Replay: streams the durable WAL into Kafka and moves the committed offset.
+//!
+//! - [`replayer`]: the loop (read the WAL, produce, settle in order, commit).
+//! - [`producer`]: producer config, error classification, connectivity and
+//!   every Kafka header name; the one place the `kafka` feature gates.
+//! - [`dead_letter`]: the last-resort file for records Kafka refuses.
+//! - [`offsets`]: the committed offset (sled) and lost ranges.
+//! - [`config`]: the `[kafka]` and `[replay]` sections.
+//!
+//! Replay reports through [`ReplayStats`] (atomics, read by `/stats` and
+//! `/metrics`) and a [`ReplayObserver`], so it holds no metrics type.
+
+pub mod config;
+pub mod dead_letter;
+pub mod offsets;
+pub mod producer;
+#[cfg(feature = "kafka")]
+pub mod replayer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::wal::Wal;
+
+pub use config::{KafkaConfig, ReplayConfig};
+#[cfg(feature = "kafka")]
+pub use producer::{classify, producer_config, Failure, KafkaHealth};
+pub use producer::{value_fit, ERROR_HEADER_MAX, LIBRDKAFKA_MESSAGE_MAX_BYTES};
+
+/// Hears about replay events that are observations rather than counts (the
+/// counts are atomics in [`ReplayStats`]), like `wal::WalObserver`.
+pub trait ReplayObserver: Send + Sync {
+    /// A delivery report arrived `latency` after its record was produced.
+    fn delivered(&self, latency: Duration);
+}
+
+/// How far replay is behind the durable WAL, computed in one place for
+/// `/stats` and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag {
+    /// Last durable sequence number.
+    pub last_seq: u64,
+    pub delivered_through: u64,
+    /// Durable records not yet confirmed by Kafka.
+    pub records: u64,
+    /// `records` times the WAL's average frame: an estimate.
+    pub bytes_estimate: u64,
+}
+
+impl Lag {
+    pub fn of(wal: &Wal, stats: &ReplayStats) -> Lag {
+        let last_seq = wal.durable().borrow().next_seq.saturating_sub(1);
+        let delivered_through = stats.delivered_through.load(Ordering::Relaxed);
+        let records = last_seq.saturating_sub(delivered_through);
+        let c = wal.counters();
+        let avg = c.bytes.load(Ordering::Relaxed) / c.records.load(Ordering::Relaxed).max(1);
+        Lag {
+            last_seq,
+            delivered_through,
+            records,
+            bytes_estimate: records * avg,
+        }
+    }
+}
+
+/// Replay state shared with `/stats`, `/ready` and receipts.
+#[derive(Debug, Default)]
+pub struct ReplayStats {
+    pub connected: AtomicBool,
+    /// Highest sequence number with every record at or below it confirmed
+    /// (in memory; `committed` is the flushed one).
+    pub delivered_through: AtomicU64,
+    pub committed: AtomicU64,
+    pub produced: AtomicU64,
+    pub delivered: AtomicU64,
+    pub retries: AtomicU64,
+    /// Records produced again alone after a permanent error on their batch.
+    pub isolated_retries: AtomicU64,
+    pub producer_recreations: AtomicU64,
+    /// librdkafka fatal errors seen (each recreates the producer).
+    pub fatal_errors: AtomicU64,
+    pub dead_lettered_topic: AtomicU64,
+    pub dead_lettered_file: AtomicU64,
+    pub gap_records: AtomicU64,
+    /// Offset stores moved to quarantine at start (unreadable or missing).
+    pub offset_store_resets: AtomicU64,
+    /// Partial dead-letter lines (ENOSPC, kill) truncated before an append.
+    pub dead_letter_partial_lines: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub peak_in_flight: AtomicU64,
+    /// Who hears about each delivery report (metrics), when set.
+    observer: ObserverSlot,
+}
+
+#[derive(Default)]
+struct ObserverSlot(OnceLock<Arc<dyn ReplayObserver>>);
+
+impl std::fmt::Debug for ObserverSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "observed"
+        } else {
+            "unobserved"
+        })
+    }
+}
+
+impl ReplayStats {
+    /// Sets the observer once; a second call is ignored.
+    pub fn set_observer(&self, observer: Arc<dyn ReplayObserver>) {
+        let _ = self.observer.0.set(observer);
+    }
+
+    pub fn observer(&self) -> Option<Arc<dyn ReplayObserver>> {
+        self.observer.0.get().cloned()
+    }
+
+    pub fn set_connected(&self, up: bool, why: &str) {
+        if self.connected.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("Kafka reachable: deliveries confirmed");
+            } else {
+                tracing::warn!(
+                    reason = why,
+                    "Kafka unreachable: replay backs off; ingest continues until the WAL quota"
+                );
+            }
+        }
+    }
+}
