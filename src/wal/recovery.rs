@@ -71,7 +71,7 @@ pub(super) fn open(
     // cache). A segment whose header is unreadable cannot be trusted at all;
     // it moves to quarantine whole.
     let mut sizes = BTreeMap::new();
-    let mut bad_header_last = None;
+    let mut bad_header_last: Option<(u64, u64)> = None;
     for (i, &first) in firsts.iter().enumerate() {
         let path = cfg.dir.join(format::segment_name(first));
         let file = fs.open_direct(&path).map_err(io)?;
@@ -89,22 +89,26 @@ pub(super) fn open(
             sizes.insert(first, file.len().map_err(io)?);
             continue;
         };
-        let qname = format!("{}.bad-header", format::segment_name(first));
+        let qname = super::unique_quarantine_name(
+            fs.as_ref(),
+            &cfg.quarantine_dir,
+            &format!("{}.bad-header", format::segment_name(first)),
+        );
         let moved = fs
             .create_dir_all(&cfg.quarantine_dir)
             .and_then(|()| fs.rename(&path, &cfg.quarantine_dir.join(&qname)))
             .and_then(|()| fs.sync_dir(&cfg.quarantine_dir))
             .and_then(|()| fs.sync_dir(&cfg.dir));
-        match moved {
+        match &moved {
             Ok(()) => {
                 counters.quarantined_files.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(file = %qname, %problem, "quarantined a segment with an unreadable header");
-                report.quarantined.push(qname);
+                report.quarantined.push(qname.clone());
             }
             Err(e) => {
                 counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(file = %format::segment_name(first), %problem, error = %e, "a segment has an unreadable header and could not be moved to quarantine; skipping it");
-                report.not_quarantined.push(qname);
+                report.not_quarantined.push(qname.clone());
             }
         }
         match firsts.get(i + 1) {
@@ -118,7 +122,23 @@ pub(super) fn open(
                 last: next - 1,
                 reason: GapReason::BadHeader,
             }),
-            None => bad_header_last = Some(first),
+            // The last segment: its frames are acknowledged and its header
+            // holds nothing the name does not; keep what is intact.
+            None => {
+                let moved_to = moved.is_ok().then(|| cfg.quarantine_dir.join(&qname));
+                let salvaged = salvage_bad_header_last(
+                    fs.as_ref(),
+                    &cfg,
+                    &mut report,
+                    first,
+                    committed,
+                    moved_to,
+                )?;
+                if let Some((copy_first, copy_len)) = salvaged.segment {
+                    sizes.insert(copy_first, copy_len);
+                }
+                bad_header_last = Some((first, salvaged.last_seq));
+            }
         }
     }
 
@@ -163,17 +183,9 @@ pub(super) fn open(
             }
         }
     }
-    if let Some(first) = bad_header_last {
-        tracing::error!(
-            first_seq = first,
-            "the last segment's header was unreadable: records from this sequence number on are lost, count unknown"
-        );
-        report.lost.push(Gap {
-            first,
-            last: first,
-            reason: GapReason::BadHeader,
-        });
-        last_seq = last_seq.max(first.saturating_sub(1));
+    if let Some((_, salvaged_last)) = bad_header_last {
+        // Past every number the damaged segment held: none is handed out again.
+        last_seq = last_seq.max(salvaged_last);
     }
     let next_seq = last_seq + 1;
     // New appends go to a fresh segment: never behind a tail that this
@@ -200,7 +212,8 @@ pub(super) fn open(
     };
 
     // Records between the committed offset and the first segment are gone.
-    if let Some(&first) = sizes.keys().next() {
+    let oldest = sizes.keys().next().copied();
+    if let Some(first) = oldest.into_iter().chain(bad_header_last.map(|b| b.0)).min() {
         if first > committed + 1 {
             report.lost.push(Gap {
                 first: committed + 1,
@@ -375,14 +388,9 @@ fn recover_last(
                 // The new active segment seals it, and a sealed segment's
                 // reader stops at the damage, so the intact frames after it
                 // are unreachable: count them with the damaged range, exactly.
-                let mut last = resumed;
-                cursor.next_frame().map_err(io)?;
-                while let Step::Frame { frame, .. } = cursor.next_frame().map_err(io)? {
-                    if frame.seq != last + 1 {
-                        break;
-                    }
-                    last = frame.seq;
-                }
+                // Up to the highest intact frame, past any further damage:
+                // all of it is unreachable, and none of it may be renumbered.
+                let last = walk_to_end(&mut cursor, resumed, file_len).map_err(io)?;
                 tracing::error!(segment = %name, error = %e, first_seq = gap.first, last_seq = last, "could not copy the intact frames after the damage to a new segment; they are counted as lost");
                 file.sync_data().map_err(io)?;
                 push_loss(
@@ -464,7 +472,7 @@ fn keep_evidence(
     qname: &str,
 ) {
     match quarantine_copy(fs, &cfg.quarantine_dir, counters, src, range, qname) {
-        Ok(()) => report.quarantined.push(qname.to_string()),
+        Ok(saved) => report.quarantined.push(saved),
         Err(e) => {
             counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -541,4 +549,171 @@ fn all_zero(file: &dyn WalFile, from: u64, to: u64) -> std::io::Result<bool> {
         off += n as u64;
     }
     Ok(true)
+}
+
+/// What was kept of a last segment whose header was unreadable.
+struct Salvaged {
+    /// The new segment (first sequence number, length) holding its frames
+    /// from the first intact one on, if they could be copied.
+    segment: Option<(u64, u64)>,
+    /// The highest sequence number it held (at least its first): the next
+    /// append goes past it.
+    last_seq: u64,
+}
+
+/// A last segment whose 24-byte header is damaged still holds acknowledged
+/// frames: the header only repeats the magic, the version and the first
+/// sequence number, which the name gives. Walks its frames from byte 24
+/// (resynchronising past damage), copies them from the first intact one into
+/// a fresh segment, as the split path does, and counts exactly what is lost.
+/// `moved_to` is where the file went in quarantine; if it could not go
+/// there, it is renamed aside inside `wal/` so that no new segment of the
+/// same name can replace it, and if even that fails it stays, and the
+/// numbers it held are never reused.
+fn salvage_bad_header_last(
+    fs: &dyn Filesystem,
+    cfg: &WalConfig,
+    report: &mut RecoveryReport,
+    first: u64,
+    committed: u64,
+    moved_to: Option<std::path::PathBuf>,
+) -> Result<Salvaged, WalError> {
+    let io = WalError::io;
+    let name = format::segment_name(first);
+    let in_wal = cfg.dir.join(&name);
+    let src_path = match moved_to {
+        Some(p) => p,
+        None => {
+            let aside = cfg.dir.join(super::unique_quarantine_name(
+                fs,
+                &cfg.dir,
+                &format!("{name}.bad-header"),
+            ));
+            match fs
+                .rename(&in_wal, &aside)
+                .and_then(|()| fs.sync_dir(&cfg.dir))
+            {
+                Ok(()) => {
+                    tracing::error!(file = %aside.display(), "kept the damaged last segment inside wal/ under a name recovery ignores");
+                    aside
+                }
+                Err(e) => {
+                    tracing::error!(segment = %name, error = %e, "could not rename the damaged last segment aside; it stays, and no new segment takes its name");
+                    in_wal.clone()
+                }
+            }
+        }
+    };
+    let src = fs.open_direct(&src_path).map_err(io)?;
+    let file_len = src.len().map_err(io)?;
+    let mut cursor = FrameCursor::headerless(src);
+    // Frames are at least 17 bytes, which bounds the numbers worth matching.
+    let bound = first.saturating_add(file_len.saturating_sub(HEADER_LEN as u64) / 17 + 1);
+    let Some(resumed) = cursor
+        .resync(HEADER_LEN as u64, first..=bound)
+        .map_err(io)?
+    else {
+        tracing::error!(
+            first_seq = first,
+            "the last segment's header was unreadable and no intact frame follows it: records from this sequence number on are lost, count unknown"
+        );
+        push_loss(
+            report,
+            Gap {
+                first,
+                last: first,
+                reason: GapReason::BadHeader,
+            },
+            committed,
+        );
+        return Ok(Salvaged {
+            segment: None,
+            last_seq: first,
+        });
+    };
+    let resume_at = cursor.position();
+    let copied = if src_path == in_wal && resumed == first {
+        Err(std::io::Error::other(
+            "the damaged segment could not be moved aside, and its frames would take its name",
+        ))
+    } else {
+        fs.open_direct(&src_path).and_then(|copy_src| {
+            copy_to_segment(
+                fs,
+                &cfg.dir,
+                resumed,
+                copy_src.as_ref(),
+                (resume_at, file_len),
+            )
+        })
+    };
+    match copied {
+        Ok(len) => {
+            tracing::error!(
+                segment = %name,
+                first_intact_seq = resumed,
+                offset = resume_at,
+                "the last segment's header was unreadable; its intact frames were copied to a new segment"
+            );
+            if resumed > first {
+                push_loss(
+                    report,
+                    Gap {
+                        first,
+                        last: resumed - 1,
+                        reason: GapReason::BadHeader,
+                    },
+                    committed,
+                );
+            }
+            Ok(Salvaged {
+                segment: Some((resumed, len)),
+                last_seq: resumed - 1,
+            })
+        }
+        Err(e) => {
+            let last = walk_to_end(&mut cursor, resumed, file_len).map_err(io)?;
+            tracing::error!(segment = %name, error = %e, first_seq = first, last_seq = last, "the last segment's header was unreadable and its intact frames could not be copied; they are counted as lost");
+            push_loss(
+                report,
+                Gap {
+                    first,
+                    last,
+                    reason: GapReason::BadHeader,
+                },
+                committed,
+            );
+            Ok(Salvaged {
+                segment: None,
+                last_seq: last,
+            })
+        }
+    }
+}
+
+/// From a cursor positioned at the intact frame `start`, walks to the end of
+/// the file, resynchronising past every damaged stretch, and returns the
+/// highest sequence number of an intact frame (at least `start`).
+fn walk_to_end(cursor: &mut FrameCursor, start: u64, file_len: u64) -> std::io::Result<u64> {
+    let mut expected = start;
+    loop {
+        let (search_from, at) = match cursor.next_frame()? {
+            Step::Frame { frame, .. } if frame.seq == expected => {
+                expected += 1;
+                continue;
+            }
+            Step::Frame { offset, .. } => (offset, offset),
+            Step::End { error: None, .. } => break,
+            Step::End {
+                offset,
+                error: Some(_),
+            } => (offset + 1, offset),
+        };
+        let bound = expected.saturating_add(file_len.saturating_sub(at) / 17 + 1);
+        match cursor.resync(search_from, expected..=bound)? {
+            Some(seq) => expected = seq,
+            None => break,
+        }
+    }
+    Ok(expected.saturating_sub(1).max(start))
 }

@@ -393,6 +393,61 @@ fn damage_in_the_last_segment_on_a_full_disk_is_counted_exactly() {
     assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 21);
 }
 
+/// Two damaged frames (10 and 20 of 30) on a full disk: nothing after the
+/// first damage is reachable, so every number up to the highest intact one
+/// is counted, and none of them is handed out again.
+#[test]
+fn a_second_damage_in_the_last_segment_on_a_full_disk_is_counted_to_the_end() {
+    let fs = SimFs::new();
+    let mut cfg = sim_cfg();
+    cfg.segment_bytes = 1 << 20;
+    let path = sim_log(&fs, &cfg, 30);
+    let mut bytes = fs.read_file(&path).unwrap();
+    let frame_len = format::frame_len(rec("t10").len());
+    bytes[format::HEADER_LEN + 9 * frame_len + 20] ^= 1;
+    bytes[format::HEADER_LEN + 19 * frame_len + 20] ^= 1;
+    fs.write_file(&path, &bytes);
+    fs.set_capacity(fs.used_bytes() + 10);
+    let (wal, report) =
+        Wal::open(cfg.clone(), Arc::new(fs.clone()) as Arc<dyn Filesystem>, 0).expect("starts");
+    let lost = sluice::wal::Gap {
+        first: 10,
+        last: 30,
+        reason: sluice::wal::GapReason::Corrupt,
+    };
+    assert_eq!(report.lost, vec![lost]);
+    assert_eq!(report.next_seq, 31);
+    let (recs, gaps) = read_all(&wal, 1);
+    assert_eq!(recs.len(), 9);
+    assert_eq!(gaps, vec![lost]);
+    assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 21);
+    fs.set_capacity(u64::MAX);
+    assert_eq!(wal.append_blocking(vec![rec("t31")]).unwrap().first, 31);
+}
+
+/// A damaged header in the last segment on a full disk: the intact frames
+/// cannot be copied to a segment of their own, so they are counted, all of
+/// them, and their numbers are not handed out again.
+#[test]
+fn a_bad_header_last_segment_on_a_full_disk_is_counted_to_its_last_intact_frame() {
+    let fs = SimFs::new();
+    let mut cfg = sim_cfg();
+    cfg.segment_bytes = 1 << 20;
+    let path = sim_log(&fs, &cfg, 30);
+    let mut bytes = fs.read_file(&path).unwrap();
+    bytes[3] ^= 1;
+    fs.write_file(&path, &bytes);
+    fs.set_capacity(fs.used_bytes() + 10);
+    let (wal, report) =
+        Wal::open(cfg.clone(), Arc::new(fs.clone()) as Arc<dyn Filesystem>, 0).expect("starts");
+    let got: Vec<_> = report.lost.iter().map(|g| (g.first, g.last)).collect();
+    assert_eq!(got, vec![(1, 30)], "{report:?}");
+    assert_eq!(report.next_seq, 31);
+    assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 30);
+    fs.set_capacity(u64::MAX);
+    assert_eq!(wal.append_blocking(vec![rec("t31")]).unwrap().first, 31);
+}
+
 #[test]
 fn gc_goes_on_when_a_consumed_segment_is_already_gone() {
     let dir = tempfile::tempdir().unwrap();
