@@ -2,6 +2,7 @@
 //! worker thread while it walks members that produce little or no output,
 //! or /health, /metrics and the watchdog stall behind it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::daemon::{gzip, Daemon};
@@ -20,47 +21,56 @@ fn members(data: &[u8], n: usize) -> Vec<u8> {
 #[test]
 fn health_answers_promptly_while_bodies_of_many_gzip_members_are_in_flight() {
     let d = Daemon::start("");
-    // ~10 MB each: 500,000 empty members, and 300,000 members of one tiny
-    // event line (more members than max-events-per-request).
+    // Just under max-body-bytes (10 MiB) each: 500,000 empty members, and
+    // 160,000 members of one small event line (more members than
+    // max-events-per-request, 10,000).
     let empty = members(b"", 500_000);
     let tiny = members(
         b"{\"tenant_id\":\"a\",\"source\":\"s\",\"message\":\"m\"}\n",
-        300_000,
+        160_000,
     );
-    assert!(empty.len() > 9_000_000 && tiny.len() > 9_000_000);
+    for body in [&empty, &tiny] {
+        assert!(
+            (9_000_000..10_485_760).contains(&body.len()),
+            "{} bytes",
+            body.len()
+        );
+    }
     let headers = [
         ("Content-Type", "application/x-ndjson"),
         ("Content-Encoding", "gzip"),
     ];
+    let done = AtomicUsize::new(0);
+    let bodies = [&empty, &empty, &empty, &empty, &tiny, &tiny];
     let (statuses, health) = std::thread::scope(|s| {
-        let posts: Vec<_> = [&empty, &tiny, &empty, &tiny]
-            .into_iter()
+        let posts: Vec<_> = bodies
+            .iter()
             .map(|body| {
-                s.spawn(|| {
-                    let r = d.post("/v1/events", &headers, body);
+                let (d, done, headers) = (&d, &done, &headers);
+                s.spawn(move || {
+                    let r = d.post("/v1/events", headers, body);
+                    done.fetch_add(1, Ordering::SeqCst);
                     (r.status, String::from_utf8_lossy(&r.body).into_owned())
                 })
             })
             .collect();
-        // Let the bodies arrive, then ask for /health while they decode.
-        std::thread::sleep(Duration::from_millis(300));
+        // Ask for /health until every body has been answered (at least a
+        // few times): more bodies than the daemon has worker threads.
         let mut health = Vec::new();
-        for _ in 0..3 {
+        while done.load(Ordering::SeqCst) < bodies.len() || health.len() < 3 {
             let t0 = Instant::now();
             let status = d.get("/health").status;
             health.push((status, t0.elapsed()));
+            std::thread::sleep(Duration::from_millis(50));
         }
         let statuses: Vec<_> = posts.into_iter().map(|h| h.join().unwrap()).collect();
         (statuses, health)
     });
-    eprintln!("POST answers {statuses:?}; /health {health:?}");
-    for (status, body) in &statuses {
-        assert!(
-            *status == 400 || *status == 413,
-            "{status} {body}: refused as a client error"
-        );
-        assert!(body.contains("gzip"), "names what was wrong: {body}");
-    }
+    let slowest = health.iter().map(|h| h.1).max().unwrap();
+    eprintln!(
+        "POST answers {statuses:?}; {} /health probes, slowest {slowest:?}",
+        health.len()
+    );
     for (status, took) in &health {
         assert_eq!(*status, 200);
         // Generous: a blocked worker held /health for 8 s on a debug build.
@@ -68,5 +78,12 @@ fn health_answers_promptly_while_bodies_of_many_gzip_members_are_in_flight() {
             *took < Duration::from_secs(2),
             "/health took {took:?} with gzip bodies in flight"
         );
+    }
+    for (status, body) in &statuses {
+        assert!(
+            *status == 400 || *status == 413,
+            "{status} {body}: refused as a client error"
+        );
+        assert!(body.contains("gzip"), "names what was wrong: {body}");
     }
 }
