@@ -71,7 +71,7 @@ pub(super) fn open(
     // cache). A segment whose header is unreadable cannot be trusted at all;
     // it moves to quarantine whole.
     let mut sizes = BTreeMap::new();
-    let mut bad_header_last: Option<(u64, u64)> = None;
+    let mut bad_header_last = None;
     for (i, &first) in firsts.iter().enumerate() {
         let path = cfg.dir.join(format::segment_name(first));
         let file = fs.open_direct(&path).map_err(io)?;
@@ -89,6 +89,22 @@ pub(super) fn open(
             sizes.insert(first, file.len().map_err(io)?);
             continue;
         };
+        if i + 1 == firsts.len() {
+            // The last segment holds acknowledged frames that no later
+            // segment bounds; its header repeats only what the name says.
+            if let Some(len) = repair_last_header(
+                fs.as_ref(),
+                &cfg,
+                &counters,
+                &mut report,
+                first,
+                &problem,
+                file.as_ref(),
+            )? {
+                sizes.insert(first, len);
+                continue;
+            }
+        }
         let qname = super::unique_quarantine_name(
             fs.as_ref(),
             &cfg.quarantine_dir,
@@ -99,16 +115,16 @@ pub(super) fn open(
             .and_then(|()| fs.rename(&path, &cfg.quarantine_dir.join(&qname)))
             .and_then(|()| fs.sync_dir(&cfg.quarantine_dir))
             .and_then(|()| fs.sync_dir(&cfg.dir));
-        match &moved {
+        match moved {
             Ok(()) => {
                 counters.quarantined_files.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(file = %qname, %problem, "quarantined a segment with an unreadable header");
-                report.quarantined.push(qname.clone());
+                report.quarantined.push(qname);
             }
             Err(e) => {
                 counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(file = %format::segment_name(first), %problem, error = %e, "a segment has an unreadable header and could not be moved to quarantine; skipping it");
-                report.not_quarantined.push(qname.clone());
+                report.not_quarantined.push(qname);
             }
         }
         match firsts.get(i + 1) {
@@ -122,23 +138,7 @@ pub(super) fn open(
                 last: next - 1,
                 reason: GapReason::BadHeader,
             }),
-            // The last segment: its frames are acknowledged and its header
-            // holds nothing the name does not; keep what is intact.
-            None => {
-                let moved_to = moved.is_ok().then(|| cfg.quarantine_dir.join(&qname));
-                let salvaged = salvage_bad_header_last(
-                    fs.as_ref(),
-                    &cfg,
-                    &mut report,
-                    first,
-                    committed,
-                    moved_to,
-                )?;
-                if let Some((copy_first, copy_len)) = salvaged.segment {
-                    sizes.insert(copy_first, copy_len);
-                }
-                bad_header_last = Some((first, salvaged.last_seq));
-            }
+            None => bad_header_last = Some(first),
         }
     }
 
@@ -183,9 +183,20 @@ pub(super) fn open(
             }
         }
     }
-    if let Some((_, salvaged_last)) = bad_header_last {
-        // Past every number the damaged segment held: none is handed out again.
-        last_seq = last_seq.max(salvaged_last);
+    if let Some(first) = bad_header_last {
+        tracing::error!(
+            first_seq = first,
+            "the last segment's header was unreadable and no intact frame follows it: records from this sequence number on are lost, count unknown"
+        );
+        report.lost.push(Gap {
+            first,
+            last: first,
+            reason: GapReason::BadHeader,
+        });
+        // Never hand this number out again: it may have been acknowledged,
+        // and the file (in quarantine, or still here if it could not be
+        // moved) must not be replaced by a new segment of the same name.
+        last_seq = last_seq.max(first);
     }
     let next_seq = last_seq + 1;
     // New appends go to a fresh segment: never behind a tail that this
@@ -213,7 +224,7 @@ pub(super) fn open(
 
     // Records between the committed offset and the first segment are gone.
     let oldest = sizes.keys().next().copied();
-    if let Some(first) = oldest.into_iter().chain(bad_header_last.map(|b| b.0)).min() {
+    if let Some(first) = oldest.into_iter().chain(bad_header_last).min() {
         if first > committed + 1 {
             report.lost.push(Gap {
                 first: committed + 1,
@@ -551,144 +562,71 @@ fn all_zero(file: &dyn WalFile, from: u64, to: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// What was kept of a last segment whose header was unreadable.
-struct Salvaged {
-    /// The new segment (first sequence number, length) holding its frames
-    /// from the first intact one on, if they could be copied.
-    segment: Option<(u64, u64)>,
-    /// The highest sequence number it held (at least its first): the next
-    /// append goes past it.
-    last_seq: u64,
-}
-
 /// A last segment whose 24-byte header is damaged still holds acknowledged
-/// frames: the header only repeats the magic, the version and the first
-/// sequence number, which the name gives. Walks its frames from byte 24
-/// (resynchronising past damage), copies them from the first intact one into
-/// a fresh segment, as the split path does, and counts exactly what is lost.
-/// `moved_to` is where the file went in quarantine; if it could not go
-/// there, it is renamed aside inside `wal/` so that no new segment of the
-/// same name can replace it, and if even that fails it stays, and the
-/// numbers it held are never reused.
-fn salvage_bad_header_last(
+/// frames, and the header only repeats the magic, the version and the first
+/// sequence number, which the name gives. If an intact frame of this
+/// segment follows the header (searched from byte 24, resynchronising past
+/// damage), the damaged header is copied to quarantine and rewritten in
+/// place; the segment then goes through the last-segment recovery like any
+/// other, which counts damaged frames exactly and keeps the intact ones.
+/// Rewriting in place (rather than moving the file aside and copying its
+/// frames back) leaves no moment at which the frames are outside `wal/`:
+/// dying before the rewrite's fdatasync leaves the old header, and the next
+/// open repeats this. Returns the segment's length, or `None` if no intact
+/// frame follows (the caller quarantines the whole file).
+fn repair_last_header(
     fs: &dyn Filesystem,
     cfg: &WalConfig,
+    counters: &WalCounters,
     report: &mut RecoveryReport,
     first: u64,
-    committed: u64,
-    moved_to: Option<std::path::PathBuf>,
-) -> Result<Salvaged, WalError> {
+    problem: &str,
+    direct: &dyn WalFile,
+) -> Result<Option<u64>, WalError> {
     let io = WalError::io;
     let name = format::segment_name(first);
-    let in_wal = cfg.dir.join(&name);
-    let src_path = match moved_to {
-        Some(p) => p,
-        None => {
-            let aside = cfg.dir.join(super::unique_quarantine_name(
-                fs,
-                &cfg.dir,
-                &format!("{name}.bad-header"),
-            ));
-            match fs
-                .rename(&in_wal, &aside)
-                .and_then(|()| fs.sync_dir(&cfg.dir))
-            {
-                Ok(()) => {
-                    tracing::error!(file = %aside.display(), "kept the damaged last segment inside wal/ under a name recovery ignores");
-                    aside
-                }
-                Err(e) => {
-                    tracing::error!(segment = %name, error = %e, "could not rename the damaged last segment aside; it stays, and no new segment takes its name");
-                    in_wal.clone()
-                }
-            }
-        }
-    };
-    let src = fs.open_direct(&src_path).map_err(io)?;
-    let file_len = src.len().map_err(io)?;
-    let mut cursor = FrameCursor::headerless(src);
+    let path = cfg.dir.join(&name);
+    let file_len = direct.len().map_err(io)?;
+    let mut cursor = FrameCursor::headerless(fs.open_direct(&path).map_err(io)?);
     // Frames are at least 17 bytes, which bounds the numbers worth matching.
     let bound = first.saturating_add(file_len.saturating_sub(HEADER_LEN as u64) / 17 + 1);
-    let Some(resumed) = cursor
+    let Some(found) = cursor
         .resync(HEADER_LEN as u64, first..=bound)
         .map_err(io)?
     else {
-        tracing::error!(
-            first_seq = first,
-            "the last segment's header was unreadable and no intact frame follows it: records from this sequence number on are lost, count unknown"
-        );
-        push_loss(
-            report,
-            Gap {
-                first,
-                last: first,
-                reason: GapReason::BadHeader,
-            },
-            committed,
-        );
-        return Ok(Salvaged {
-            segment: None,
-            last_seq: first,
-        });
+        return Ok(None);
     };
-    let resume_at = cursor.position();
-    let copied = if src_path == in_wal && resumed == first {
-        Err(std::io::Error::other(
-            "the damaged segment could not be moved aside, and its frames would take its name",
-        ))
-    } else {
-        fs.open_direct(&src_path).and_then(|copy_src| {
-            copy_to_segment(
-                fs,
-                &cfg.dir,
-                resumed,
-                copy_src.as_ref(),
-                (resume_at, file_len),
-            )
-        })
-    };
-    match copied {
-        Ok(len) => {
-            tracing::error!(
-                segment = %name,
-                first_intact_seq = resumed,
-                offset = resume_at,
-                "the last segment's header was unreadable; its intact frames were copied to a new segment"
-            );
-            if resumed > first {
-                push_loss(
-                    report,
-                    Gap {
-                        first,
-                        last: resumed - 1,
-                        reason: GapReason::BadHeader,
-                    },
-                    committed,
-                );
-            }
-            Ok(Salvaged {
-                segment: Some((resumed, len)),
-                last_seq: resumed - 1,
-            })
-        }
+    let mut head = [0u8; HEADER_LEN];
+    let n = read_full(direct, &mut head, 0).map_err(io)?;
+    let evidence = format!("{name}.bad-header");
+    match quarantine_copy(
+        fs,
+        &cfg.quarantine_dir,
+        counters,
+        direct,
+        (0, HEADER_LEN as u64),
+        &evidence,
+    ) {
+        Ok(saved) => report.quarantined.push(saved),
         Err(e) => {
-            let last = walk_to_end(&mut cursor, resumed, file_len).map_err(io)?;
-            tracing::error!(segment = %name, error = %e, first_seq = first, last_seq = last, "the last segment's header was unreadable and its intact frames could not be copied; they are counted as lost");
-            push_loss(
-                report,
-                Gap {
-                    first,
-                    last,
-                    reason: GapReason::BadHeader,
-                },
-                committed,
-            );
-            Ok(Salvaged {
-                segment: None,
-                last_seq: last,
-            })
+            // The 24 bytes are the whole evidence: the log keeps them.
+            counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
+            let hex: String = head[..n].iter().map(|b| format!("{b:02x}")).collect();
+            tracing::error!(file = %evidence, error = %e, header_hex = %hex, "could not copy the damaged header to quarantine; its bytes are in this log line");
+            report.not_quarantined.push(evidence);
         }
     }
+    let file = fs.open(&path).map_err(io)?;
+    file.write_all_at(&format::encode_header(first), 0)
+        .map_err(io)?;
+    file.sync_data().map_err(io)?;
+    tracing::error!(
+        segment = %name,
+        %problem,
+        first_intact_seq = found,
+        "the last WAL segment's header was damaged; rewritten from its name, its frames are kept"
+    );
+    Ok(Some(file_len))
 }
 
 /// From a cursor positioned at the intact frame `start`, walks to the end of

@@ -418,23 +418,24 @@ fn a_damaged_header_of_the_last_segment_keeps_every_intact_frame() {
             wal.counters().lost_records.load(Ordering::Relaxed),
             want.len() as u64
         );
-        // The damaged file itself is kept as evidence, byte for byte.
+        // The damaged header is kept as evidence, byte for byte (damaged
+        // frames have their own evidence file).
         let q = quarantine(dir.path());
         let evidence = q
             .iter()
-            .find(|n| n.starts_with(&format!("{}.bad-header", names[0])))
+            .find(|n| n.starts_with(&format!("{}.bad-header.", names[0])))
             .unwrap_or_else(|| panic!("{q:?}"));
         assert_eq!(
             std::fs::read(dir.path().join("quarantine").join(evidence)).unwrap(),
-            original
+            original[..format::HEADER_LEN]
         );
         assert_eq!(wal.append_blocking(vec![rec("new")]).unwrap().first, 101);
     }
 }
 
-/// If the damaged last segment cannot be moved to quarantine, it must not be
-/// replaced by the new segment of the same name: that destroys acknowledged
-/// frames and the evidence.
+/// If the damaged header of the last segment cannot be copied to quarantine,
+/// the segment must still not be replaced by a new segment of the same name
+/// (that destroyed the acknowledged frames): its frames stay, byte for byte.
 #[test]
 fn a_bad_header_last_segment_that_cannot_be_quarantined_is_not_renamed_over() {
     let dir = tempfile::tempdir().unwrap();
@@ -454,14 +455,16 @@ fn a_bad_header_last_segment_that_cannot_be_quarantined_is_not_renamed_over() {
     std::fs::write(dir.path().join("quarantine"), b"in the way").unwrap();
     let (wal, report) = open_std(&cfg, 0);
     assert_eq!(report.next_seq, 21, "{report:?}");
+    assert!(report.lost.is_empty(), "{report:?}");
+    assert_eq!(report.not_quarantined.len(), 1, "{report:?}");
     assert_eq!(wal.append_blocking(vec![rec("new")]).unwrap().first, 21);
     assert_eq!(read_all(&wal, 1).0.len(), 21);
-    let kept = std::fs::read_dir(dir.path().join("wal"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| std::fs::read(p).unwrap() == original)
-        .count();
-    assert_eq!(kept, 1, "the damaged segment is still there, byte for byte");
+    let now = std::fs::read(&path).unwrap();
+    assert_eq!(
+        now[format::HEADER_LEN..],
+        original[format::HEADER_LEN..],
+        "every frame is still there"
+    );
 }
 
 /// Evidence of an earlier incident with the same file name is not replaced.
@@ -485,4 +488,29 @@ fn quarantine_never_overwrites_earlier_evidence() {
     let q = quarantine(&f.data);
     assert_eq!(q.len(), 2, "{q:?}");
     assert!(q.iter().all(|n| n.starts_with(&old_name)), "{q:?}");
+}
+
+/// The last segment is garbage from its first byte: nothing intact to keep.
+/// It is quarantined whole, its first number is reported lost (count
+/// unknown) and is not handed out again: an acknowledged record had it.
+#[test]
+fn a_garbage_last_segment_is_quarantined_whole_and_its_first_number_not_reused() {
+    let f = fixture();
+    let (first, path) = f.segments.last().unwrap();
+    let garbage: Vec<u8> = (0..3000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(path, garbage).unwrap();
+    let (wal, report) = open_std(&f.cfg, 0);
+    let got: Vec<_> = report.lost.iter().map(|g| (g.first, g.last)).collect();
+    assert_eq!(got, vec![(*first, *first)]);
+    assert_eq!(report.next_seq, first + 1);
+    only_evidence(
+        &f.data,
+        &format!("{}.bad-header", format::segment_name(*first)),
+    );
+    assert_eq!(
+        wal.append_blocking(vec![rec("new")]).unwrap().first,
+        first + 1
+    );
 }
