@@ -459,8 +459,13 @@ async fn decode(
     for &coding in codings.iter().rev() {
         let mut out = Vec::new();
         {
-            let mut r =
-                decode::reader(coding, &bytes, limit).map_err(|e| decode_error(e, limit))?;
+            let mut r = decode::reader_capped(
+                coding,
+                &bytes,
+                limit,
+                st.limits.max_events_per_request as u64,
+            )
+            .map_err(|e| decode_error(e, limit))?;
             let mut charge = |n: usize| {
                 let ok = charge(st, &mut permit, n as u32).is_ok();
                 overloaded |= !ok;

@@ -54,10 +54,21 @@ pub fn reader<'a>(
     bytes: &'a [u8],
     limit: u64,
 ) -> Result<Box<dyn Read + Send + 'a>, DecodeError> {
+    reader_capped(coding, bytes, limit, u64::MAX)
+}
+
+/// [`reader`], refusing a gzip body of more than `max_members` members.
+pub fn reader_capped<'a>(
+    coding: Coding,
+    bytes: &'a [u8],
+    limit: u64,
+    max_members: u64,
+) -> Result<Box<dyn Read + Send + 'a>, DecodeError> {
     Ok(match coding {
-        // MultiGzDecoder reads member after member; bytes after the last
-        // one fail as a bad header instead of being ignored.
-        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(bytes)),
+        // Member after member, within a bounded amount of input per read;
+        // bytes after the last one fail as a bad header instead of being
+        // ignored.
+        Coding::Gzip => Box::new(GzMembers::new(bytes, max_members)),
         Coding::Zstd => {
             let bad = |e: std::io::Error| DecodeError::Invalid(format!("zstd: {e}"));
             let mut d = zstd::stream::read::Decoder::new(bytes).map_err(bad)?;
@@ -84,9 +95,11 @@ pub fn read_chunk(
         Coding::Gzip => "gzip",
         Coding::Zstd => "zstd",
     };
-    let n = reader
-        .read(chunk)
-        .map_err(|e| DecodeError::Invalid(format!("body is not valid {name} data: {e}")))?;
+    let n = match reader.read(chunk) {
+        // Input consumed, nothing decoded yet: the caller may yield.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+        r => r.map_err(|e| DecodeError::Invalid(format!("body is not valid {name} data: {e}")))?,
+    };
     if n == 0 {
         return Ok(false);
     }
@@ -126,3 +139,193 @@ pub fn decode_body(
 
 /// Decoded bytes read at a time.
 pub const CHUNK: usize = 64 * 1024;
+
+/// Compressed bytes one [`GzMembers::read`] consumes at most. flate2's
+/// decoders loop over input until they produce output, so without this a
+/// body of thousands of members that inflate to nothing would hold the
+/// thread (a Tokio worker) for seconds in a single `read`.
+const GZ_INPUT_PER_READ: usize = 64 * 1024;
+
+/// Every gzip member of a body, one [`flate2::bufread::GzDecoder`] per
+/// member over a slice we advance. A read returns `WouldBlock` once it has
+/// consumed [`GZ_INPUT_PER_READ`] bytes without output (flate2 keeps its
+/// state and resumes), so the caller can yield. An empty member, or more
+/// than `max_members`, is refused: neither can carry more events than that,
+/// and each costs a decoder.
+struct GzMembers<'a> {
+    decoder: Option<flate2::bufread::GzDecoder<Budget<'a>>>,
+    /// Decoded bytes of the current member.
+    member_out: u64,
+    /// Members started so far.
+    members: u64,
+    max_members: u64,
+}
+
+impl<'a> GzMembers<'a> {
+    fn new(bytes: &'a [u8], max_members: u64) -> Self {
+        GzMembers {
+            decoder: Some(flate2::bufread::GzDecoder::new(Budget {
+                rest: bytes,
+                left: GZ_INPUT_PER_READ,
+            })),
+            member_out: 0,
+            members: 1,
+            max_members,
+        }
+    }
+}
+
+impl Read for GzMembers<'_> {
+    fn read(&mut self, into: &mut [u8]) -> std::io::Result<usize> {
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        if let Some(d) = &mut self.decoder {
+            d.get_mut().left = GZ_INPUT_PER_READ;
+        }
+        loop {
+            let Some(d) = &mut self.decoder else {
+                return Ok(0);
+            };
+            let n = d.read(into)?;
+            if n > 0 || into.is_empty() {
+                self.member_out += n as u64;
+                return Ok(n);
+            }
+            // The member ended (its CRC and size checked).
+            if self.member_out == 0 {
+                return Err(invalid(format!(
+                    "gzip member {} decodes to nothing (empty members are refused)",
+                    self.members
+                )));
+            }
+            let Budget { rest, left } = self.decoder.take().expect("present").into_inner();
+            if rest.is_empty() {
+                return Ok(0);
+            }
+            if self.members >= self.max_members {
+                return Err(invalid(format!(
+                    "more than {} gzip members (at most one per event)",
+                    self.max_members
+                )));
+            }
+            self.members += 1;
+            self.member_out = 0;
+            self.decoder = Some(flate2::bufread::GzDecoder::new(Budget { rest, left }));
+        }
+    }
+}
+
+/// The compressed input: hands out at most `left` more bytes, then
+/// `WouldBlock` until [`GzMembers::read`] grants more.
+struct Budget<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl Read for Budget<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let src = std::io::BufRead::fill_buf(self)?;
+        let n = src.len().min(out.len());
+        out[..n].copy_from_slice(&src[..n]);
+        std::io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for Budget<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.rest.is_empty() {
+            return Ok(&[]);
+        }
+        if self.left == 0 {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(&self.rest[..self.rest.len().min(self.left)])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.rest = &self.rest[n..];
+        self.left -= n;
+    }
+}
+
+#[cfg(test)]
+mod member_tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn decode_all(bytes: &[u8], max_members: u64) -> Result<Vec<u8>, DecodeError> {
+        let mut r = reader_capped(Coding::Gzip, bytes, 1 << 30, max_members)?;
+        let (mut out, mut chunk) = (Vec::new(), vec![0u8; CHUNK]);
+        while read_chunk(
+            &mut r,
+            Coding::Gzip,
+            &mut out,
+            &mut chunk,
+            1 << 30,
+            &mut |_| true,
+        )? {}
+        Ok(out)
+    }
+
+    #[test]
+    fn members_are_decoded_in_order_and_counted() {
+        let mut body = gz(b"a\n");
+        body.extend(gz(b"b\n"));
+        body.extend(gz(b"c\n"));
+        assert_eq!(decode_all(&body, 3).unwrap(), b"a\nb\nc\n");
+        let err = decode_all(&body, 2).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::Invalid(m) if m.contains("more than 2 gzip members")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_member_and_trailing_garbage_are_refused() {
+        let mut body = gz(b"a\n");
+        body.extend(gz(b""));
+        body.extend(gz(b"b\n"));
+        let err = decode_all(&body, 100).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::Invalid(m) if m.contains("member 2 decodes to nothing")),
+            "{err:?}"
+        );
+        let mut body = gz(b"a\n");
+        body.extend(b"garbage");
+        assert!(matches!(
+            decode_all(&body, 100),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_large_member_is_decoded_across_many_bounded_reads() {
+        // Incompressible input: each read consumes at most 64 KiB of it.
+        let data: Vec<u8> = (0..1_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let body = gz(&data);
+        let mut r = reader_capped(Coding::Gzip, &body, 1 << 30, 1).unwrap();
+        let (mut out, mut chunk, mut calls) = (Vec::new(), vec![0u8; CHUNK], 0);
+        while read_chunk(
+            &mut r,
+            Coding::Gzip,
+            &mut out,
+            &mut chunk,
+            1 << 30,
+            &mut |_| true,
+        )
+        .unwrap()
+        {
+            calls += 1;
+        }
+        assert_eq!(out, data);
+        assert!(calls >= body.len() / GZ_INPUT_PER_READ, "{calls} reads");
+    }
+}

@@ -62,6 +62,7 @@ impl DeadLetterFile {
         {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                sync_dir_entry_if_present(&self.path)?;
                 self.check_tail.store(false, Ordering::Relaxed);
                 return Ok(0);
             }
@@ -205,4 +206,20 @@ fn truncate_partial_line(f: &mut std::fs::File) -> std::io::Result<u64> {
         );
     }
     Ok(len - keep)
+}
+
+/// With no file yet, `dead-letter/` may still exist: a process that died
+/// after creating it and before fsyncing the data dir leaves an entry that a
+/// power cut can drop, and with it every line written there later (appends
+/// then sync only `dead-letter/`). Sync both directories whenever it exists.
+fn sync_dir_entry_if_present(file: &Path) -> std::io::Result<()> {
+    let dir = file.parent().expect("has a parent");
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }

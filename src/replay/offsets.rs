@@ -156,7 +156,7 @@ impl OffsetStore {
         let existed = dir.join("db").exists() || dir.join("conf").exists();
         let reason = if existed {
             match Self::open(&dir) {
-                Ok(store) => return Ok((store, None)),
+                Ok(store) => return reset_if_rolled_back(store, wal_dir),
                 // Another process (an offline tool) holds sled's lock: the
                 // store is fine, so it must not be quarantined. Failing the
                 // start lets systemd retry once the tool is done.
@@ -340,6 +340,38 @@ fn oldest_segment(wal_dir: &Path) -> Option<u64> {
         .min()
 }
 
+/// A store that opens may still have lost writes (an emptied or truncated
+/// file that sled reads as an older state). GC deletes only segments at or
+/// below a committed offset that was durable first, so an offset below the
+/// oldest retained segment minus one cannot be what was last committed:
+/// treat it as a reset, and commit just below that segment before the WAL
+/// opens, so that recovery does not report delivered records as lost.
+fn reset_if_rolled_back(
+    store: OffsetStore,
+    wal_dir: &Path,
+) -> Result<(OffsetStore, Option<Reset>), OffsetError> {
+    let committed = store.committed()?;
+    let Some(oldest) = oldest_segment(wal_dir) else {
+        return Ok((store, None));
+    };
+    if committed.saturating_add(1) >= oldest {
+        return Ok((store, None));
+    }
+    let floor = oldest - 1;
+    store.commit(floor)?;
+    Ok((
+        store,
+        Some(Reset {
+            reason: format!(
+                "the committed offset {committed} is below the oldest retained WAL segment (first sequence {oldest}): the store lost writes; sequences {}..={floor} are taken as delivered",
+                committed + 1
+            ),
+            quarantined: None,
+            committed: floor,
+        }),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,5 +423,28 @@ mod tests {
         assert_eq!(s.fate(10).unwrap(), None);
         assert_eq!(s.fate(12).unwrap(), Some(Fate::DeadLetteredFile));
         assert_eq!(s.fate(13).unwrap(), None);
+    }
+
+    #[test]
+    fn a_store_rolled_back_below_the_oldest_segment_is_reset_to_just_below_it() {
+        let data = tempfile::tempdir().unwrap();
+        let wal = data.path().join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        std::fs::write(wal.join(crate::wal::format::segment_name(501)), b"").unwrap();
+        OffsetStore::open(&data.path().join("offsets"))
+            .unwrap()
+            .commit(120)
+            .unwrap();
+        let (store, reset) = OffsetStore::open_or_reset(data.path(), &wal).unwrap();
+        let reset = reset.expect("a reset");
+        assert_eq!(reset.committed, 500);
+        assert!(reset.quarantined.is_none());
+        assert!(reset.reason.contains("121..=500"), "{}", reset.reason);
+        assert_eq!(store.committed().unwrap(), 500);
+        drop(store);
+        // Consistent now: no second reset.
+        let (store, reset) = OffsetStore::open_or_reset(data.path(), &wal).unwrap();
+        assert!(reset.is_none());
+        assert_eq!(store.committed().unwrap(), 500);
     }
 }

@@ -497,8 +497,10 @@ fn quarantine_copy(
     src: &dyn self::io::WalFile,
     (from, to): (u64, u64),
     name: &str,
-) -> std::io::Result<()> {
+) -> std::io::Result<String> {
     fs.create_dir_all(quarantine_dir)?;
+    // Never over an earlier incident's evidence.
+    let name = &unique_quarantine_name(fs, quarantine_dir, name);
     let path = quarantine_dir.join(name);
     let copied = (|| {
         let dst = fs.create(&path)?;
@@ -528,5 +530,33 @@ fn quarantine_copy(
         bytes = to - from,
         "copied damaged WAL bytes to quarantine"
     );
-    Ok(())
+    Ok(name.clone())
+}
+
+/// `base` with a suffix that no file in `dir` has: the start time in
+/// milliseconds, and a counter if that is taken too. Evidence of an earlier
+/// incident with the same segment name and offset is never replaced.
+fn unique_quarantine_name(fs: &dyn Filesystem, dir: &Path, base: &str) -> String {
+    let taken: std::collections::HashSet<String> =
+        fs.list(dir).unwrap_or_default().into_iter().collect();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut name = format!("{base}.{stamp}");
+    let mut n = 1u32;
+    while taken.contains(&name) {
+        name = format!("{base}.{stamp}-{n}");
+        n += 1;
+    }
+    name
+}
+
+/// Whether `dir` holds evidence saved under `base` (by
+/// [`unique_quarantine_name`]).
+fn already_quarantined(fs: &dyn Filesystem, dir: &Path, base: &str) -> bool {
+    let prefix = format!("{base}.");
+    fs.list(dir)
+        .unwrap_or_default()
+        .iter()
+        .any(|n| n == base || n.starts_with(&prefix))
 }

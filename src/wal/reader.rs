@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::format;
 use super::record::Record;
 use super::segment::{FrameCursor, Step};
-use super::{lock, quarantine_copy, Durable, Shared, WalError};
+use super::{already_quarantined, lock, quarantine_copy, Durable, Shared, WalError};
 
 /// Why a range of sequence numbers cannot be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -225,8 +225,11 @@ impl WalReader {
     /// Keeps a copy of a damaged segment, once per process.
     fn quarantine_segment(&self, first: u64, bad_offset: u64) {
         let name = format!("{}.corrupt-{bad_offset}", format::segment_name(first));
-        let dst = self.shared.cfg.quarantine_dir.join(&name);
-        if self.shared.fs.open(&dst).is_ok() {
+        if already_quarantined(
+            self.shared.fs.as_ref(),
+            &self.shared.cfg.quarantine_dir,
+            &name,
+        ) {
             return;
         }
         let result = self

@@ -89,7 +89,27 @@ pub(super) fn open(
             sizes.insert(first, file.len().map_err(io)?);
             continue;
         };
-        let qname = format!("{}.bad-header", format::segment_name(first));
+        if i + 1 == firsts.len() {
+            // The last segment holds acknowledged frames that no later
+            // segment bounds; its header repeats only what the name says.
+            if let Some(len) = repair_last_header(
+                fs.as_ref(),
+                &cfg,
+                &counters,
+                &mut report,
+                first,
+                &problem,
+                file.as_ref(),
+            )? {
+                sizes.insert(first, len);
+                continue;
+            }
+        }
+        let qname = super::unique_quarantine_name(
+            fs.as_ref(),
+            &cfg.quarantine_dir,
+            &format!("{}.bad-header", format::segment_name(first)),
+        );
         let moved = fs
             .create_dir_all(&cfg.quarantine_dir)
             .and_then(|()| fs.rename(&path, &cfg.quarantine_dir.join(&qname)))
@@ -166,14 +186,17 @@ pub(super) fn open(
     if let Some(first) = bad_header_last {
         tracing::error!(
             first_seq = first,
-            "the last segment's header was unreadable: records from this sequence number on are lost, count unknown"
+            "the last segment's header was unreadable and no intact frame follows it: records from this sequence number on are lost, count unknown"
         );
         report.lost.push(Gap {
             first,
             last: first,
             reason: GapReason::BadHeader,
         });
-        last_seq = last_seq.max(first.saturating_sub(1));
+        // Never hand this number out again: it may have been acknowledged,
+        // and the file (in quarantine, or still here if it could not be
+        // moved) must not be replaced by a new segment of the same name.
+        last_seq = last_seq.max(first);
     }
     let next_seq = last_seq + 1;
     // New appends go to a fresh segment: never behind a tail that this
@@ -200,7 +223,8 @@ pub(super) fn open(
     };
 
     // Records between the committed offset and the first segment are gone.
-    if let Some(&first) = sizes.keys().next() {
+    let oldest = sizes.keys().next().copied();
+    if let Some(first) = oldest.into_iter().chain(bad_header_last).min() {
         if first > committed + 1 {
             report.lost.push(Gap {
                 first: committed + 1,
@@ -375,14 +399,9 @@ fn recover_last(
                 // The new active segment seals it, and a sealed segment's
                 // reader stops at the damage, so the intact frames after it
                 // are unreachable: count them with the damaged range, exactly.
-                let mut last = resumed;
-                cursor.next_frame().map_err(io)?;
-                while let Step::Frame { frame, .. } = cursor.next_frame().map_err(io)? {
-                    if frame.seq != last + 1 {
-                        break;
-                    }
-                    last = frame.seq;
-                }
+                // Up to the highest intact frame, past any further damage:
+                // all of it is unreachable, and none of it may be renumbered.
+                let last = walk_to_end(&mut cursor, resumed, file_len).map_err(io)?;
                 tracing::error!(segment = %name, error = %e, first_seq = gap.first, last_seq = last, "could not copy the intact frames after the damage to a new segment; they are counted as lost");
                 file.sync_data().map_err(io)?;
                 push_loss(
@@ -464,7 +483,7 @@ fn keep_evidence(
     qname: &str,
 ) {
     match quarantine_copy(fs, &cfg.quarantine_dir, counters, src, range, qname) {
-        Ok(()) => report.quarantined.push(qname.to_string()),
+        Ok(saved) => report.quarantined.push(saved),
         Err(e) => {
             counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -541,4 +560,98 @@ fn all_zero(file: &dyn WalFile, from: u64, to: u64) -> std::io::Result<bool> {
         off += n as u64;
     }
     Ok(true)
+}
+
+/// A last segment whose 24-byte header is damaged still holds acknowledged
+/// frames, and the header only repeats the magic, the version and the first
+/// sequence number, which the name gives. If an intact frame of this
+/// segment follows the header (searched from byte 24, resynchronising past
+/// damage), the damaged header is copied to quarantine and rewritten in
+/// place; the segment then goes through the last-segment recovery like any
+/// other, which counts damaged frames exactly and keeps the intact ones.
+/// Rewriting in place (rather than moving the file aside and copying its
+/// frames back) leaves no moment at which the frames are outside `wal/`:
+/// dying before the rewrite's fdatasync leaves the old header, and the next
+/// open repeats this. Returns the segment's length, or `None` if no intact
+/// frame follows (the caller quarantines the whole file).
+fn repair_last_header(
+    fs: &dyn Filesystem,
+    cfg: &WalConfig,
+    counters: &WalCounters,
+    report: &mut RecoveryReport,
+    first: u64,
+    problem: &str,
+    direct: &dyn WalFile,
+) -> Result<Option<u64>, WalError> {
+    let io = WalError::io;
+    let name = format::segment_name(first);
+    let path = cfg.dir.join(&name);
+    let file_len = direct.len().map_err(io)?;
+    let mut cursor = FrameCursor::headerless(fs.open_direct(&path).map_err(io)?);
+    // Frames are at least 17 bytes, which bounds the numbers worth matching.
+    let bound = first.saturating_add(file_len.saturating_sub(HEADER_LEN as u64) / 17 + 1);
+    let Some(found) = cursor
+        .resync(HEADER_LEN as u64, first..=bound)
+        .map_err(io)?
+    else {
+        return Ok(None);
+    };
+    let mut head = [0u8; HEADER_LEN];
+    let n = read_full(direct, &mut head, 0).map_err(io)?;
+    let evidence = format!("{name}.bad-header");
+    match quarantine_copy(
+        fs,
+        &cfg.quarantine_dir,
+        counters,
+        direct,
+        (0, HEADER_LEN as u64),
+        &evidence,
+    ) {
+        Ok(saved) => report.quarantined.push(saved),
+        Err(e) => {
+            // The 24 bytes are the whole evidence: the log keeps them.
+            counters.quarantine_failures.fetch_add(1, Ordering::Relaxed);
+            let hex: String = head[..n].iter().map(|b| format!("{b:02x}")).collect();
+            tracing::error!(file = %evidence, error = %e, header_hex = %hex, "could not copy the damaged header to quarantine; its bytes are in this log line");
+            report.not_quarantined.push(evidence);
+        }
+    }
+    let file = fs.open(&path).map_err(io)?;
+    file.write_all_at(&format::encode_header(first), 0)
+        .map_err(io)?;
+    file.sync_data().map_err(io)?;
+    tracing::error!(
+        segment = %name,
+        %problem,
+        first_intact_seq = found,
+        "the last WAL segment's header was damaged; rewritten from its name, its frames are kept"
+    );
+    Ok(Some(file_len))
+}
+
+/// From a cursor positioned at the intact frame `start`, walks to the end of
+/// the file, resynchronising past every damaged stretch, and returns the
+/// highest sequence number of an intact frame (at least `start`).
+fn walk_to_end(cursor: &mut FrameCursor, start: u64, file_len: u64) -> std::io::Result<u64> {
+    let mut expected = start;
+    loop {
+        let (search_from, at) = match cursor.next_frame()? {
+            Step::Frame { frame, .. } if frame.seq == expected => {
+                expected += 1;
+                continue;
+            }
+            Step::Frame { offset, .. } => (offset, offset),
+            Step::End { error: None, .. } => break,
+            Step::End {
+                offset,
+                error: Some(_),
+            } => (offset + 1, offset),
+        };
+        let bound = expected.saturating_add(file_len.saturating_sub(at) / 17 + 1);
+        match cursor.resync(search_from, expected..=bound)? {
+            Some(seq) => expected = seq,
+            None => break,
+        }
+    }
+    Ok(expected.saturating_sub(1).max(start))
 }

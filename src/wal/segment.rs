@@ -264,3 +264,16 @@ pub fn scan(file: Box<dyn WalFile>) -> io::Result<Result<SegmentScan, format::He
         stop,
     }))
 }
+
+impl FrameCursor {
+    /// A cursor at the first frame (byte 24) of a segment whose header is not
+    /// checked: recovery walks a last segment with a damaged header this way.
+    pub fn headerless(file: Box<dyn WalFile>) -> FrameCursor {
+        FrameCursor {
+            file,
+            buf: Vec::new(),
+            buf_start: HEADER_LEN as u64,
+            pos: HEADER_LEN as u64,
+        }
+    }
+}

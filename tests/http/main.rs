@@ -10,6 +10,7 @@ mod crash;
 mod daemon;
 mod disk_faults;
 mod docs_examples;
+mod gzip_members;
 mod hostile;
 mod lifecycle;
 mod memory;

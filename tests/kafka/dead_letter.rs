@@ -129,3 +129,51 @@ fn the_directory_is_synced_for_a_file_an_earlier_process_created() {
         "the directory must be fsynced after the line:\n{trace}"
     );
 }
+
+/// A process died after creating `dead-letter/` and before fsyncing the data
+/// dir: the directory's entry may not survive a power cut, and neither would
+/// any line later written into it. The next start must fsync the data dir
+/// (traced: `fsync(<data dir>)`), even though the file was never created.
+#[test]
+fn a_dead_letter_dir_left_by_a_killed_process_gets_its_entry_fsynced_at_start() {
+    if !super::offsets::strace_available() {
+        eprintln!("SKIPPED: strace is not available (or ptrace is not permitted)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = super::daemon::Broker::start(dir.path());
+    let d = super::daemon::Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    d.wait_committed(0);
+    assert!(d.stop().success());
+    std::fs::create_dir(data.join("dead-letter")).unwrap();
+    let trace = dir.path().join("trace");
+    let trace_arg = trace.to_str().unwrap().to_string();
+    let d = super::daemon::Daemon::start(
+        dir.path(),
+        &data,
+        &broker.addr,
+        &[],
+        &[
+            "strace",
+            "-f",
+            "-y",
+            "-qq",
+            "-e",
+            "trace=fsync",
+            "-o",
+            &trace_arg,
+        ],
+    );
+    d.wait_committed(0);
+    assert!(d.stop().success());
+    let data_real = data.canonicalize().unwrap();
+    let wanted = format!("<{}>)", data_real.display());
+    let text = std::fs::read_to_string(&trace).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("fsync(") && l.contains(&wanted) && l.contains("= 0")),
+        "no fsync of {} in the trace:\n{text}",
+        data_real.display()
+    );
+}

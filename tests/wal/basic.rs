@@ -393,6 +393,60 @@ fn damage_in_the_last_segment_on_a_full_disk_is_counted_exactly() {
     assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 21);
 }
 
+/// Two damaged frames (10 and 20 of 30) on a full disk: nothing after the
+/// first damage is reachable, so every number up to the highest intact one
+/// is counted, and none of them is handed out again.
+#[test]
+fn a_second_damage_in_the_last_segment_on_a_full_disk_is_counted_to_the_end() {
+    let fs = SimFs::new();
+    let mut cfg = sim_cfg();
+    cfg.segment_bytes = 1 << 20;
+    let path = sim_log(&fs, &cfg, 30);
+    let mut bytes = fs.read_file(&path).unwrap();
+    let frame_len = format::frame_len(rec("t10").len());
+    bytes[format::HEADER_LEN + 9 * frame_len + 20] ^= 1;
+    bytes[format::HEADER_LEN + 19 * frame_len + 20] ^= 1;
+    fs.write_file(&path, &bytes);
+    fs.set_capacity(fs.used_bytes() + 10);
+    let (wal, report) =
+        Wal::open(cfg.clone(), Arc::new(fs.clone()) as Arc<dyn Filesystem>, 0).expect("starts");
+    let lost = sluice::wal::Gap {
+        first: 10,
+        last: 30,
+        reason: sluice::wal::GapReason::Corrupt,
+    };
+    assert_eq!(report.lost, vec![lost]);
+    assert_eq!(report.next_seq, 31);
+    let (recs, gaps) = read_all(&wal, 1);
+    assert_eq!(recs.len(), 9);
+    assert_eq!(gaps, vec![lost]);
+    assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 21);
+    fs.set_capacity(u64::MAX);
+    assert_eq!(wal.append_blocking(vec![rec("t31")]).unwrap().first, 31);
+}
+
+/// A damaged header in the last segment on a full disk: the header is
+/// rewritten in place (no space needed), so every intact frame is kept, even
+/// though the evidence copy does not fit.
+#[test]
+fn a_bad_header_last_segment_on_a_full_disk_keeps_its_frames() {
+    let fs = SimFs::new();
+    let mut cfg = sim_cfg();
+    cfg.segment_bytes = 1 << 20;
+    let path = sim_log(&fs, &cfg, 30);
+    let mut bytes = fs.read_file(&path).unwrap();
+    bytes[3] ^= 1;
+    fs.write_file(&path, &bytes);
+    fs.set_capacity(fs.used_bytes() + 10);
+    let (wal, report) =
+        Wal::open(cfg.clone(), Arc::new(fs.clone()) as Arc<dyn Filesystem>, 0).expect("starts");
+    assert!(report.lost.is_empty(), "{report:?}");
+    assert_eq!(report.next_seq, 31);
+    assert_eq!(read_all(&wal, 1).0.len(), 30);
+    fs.set_capacity(u64::MAX);
+    assert_eq!(wal.append_blocking(vec![rec("t31")]).unwrap().first, 31);
+}
+
 #[test]
 fn gc_goes_on_when_a_consumed_segment_is_already_gone() {
     let dir = tempfile::tempdir().unwrap();

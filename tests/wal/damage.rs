@@ -83,6 +83,15 @@ fn quarantine(data: &Path) -> Vec<String> {
     v
 }
 
+/// The one file in quarantine, which must be evidence saved under `base`
+/// (with the suffix that keeps it from replacing earlier evidence).
+fn only_evidence(data: &Path, base: &str) -> String {
+    let q = quarantine(data);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert!(q[0].starts_with(&format!("{base}.")), "{q:?} vs {base}");
+    q[0].clone()
+}
+
 #[test]
 fn bit_flip_in_a_sealed_segment_loses_exactly_the_rest_of_that_segment() {
     let f = fixture();
@@ -110,15 +119,10 @@ fn bit_flip_in_a_sealed_segment_loses_exactly_the_rest_of_that_segment() {
     );
     let name = format::segment_name(*first);
     let bad = format::HEADER_LEN as u64 + 2 * f.frame_len;
-    assert_eq!(quarantine(&f.data), vec![format!("{name}.corrupt-{bad}")]);
+    let saved = only_evidence(&f.data, &format!("{name}.corrupt-{bad}"));
     // The quarantined copy is the damaged file, byte for byte.
     assert_eq!(
-        std::fs::read(
-            f.data
-                .join("quarantine")
-                .join(format!("{name}.corrupt-{bad}"))
-        )
-        .unwrap(),
+        std::fs::read(f.data.join("quarantine").join(saved)).unwrap(),
         std::fs::read(path).unwrap()
     );
 }
@@ -142,18 +146,11 @@ fn bit_flip_in_the_last_segment_loses_that_frame_and_recovers_the_frames_after_i
     assert_eq!(report.lost, vec![lost]);
     assert_eq!(std::fs::metadata(path).unwrap().len(), cut_at);
     let name = format::segment_name(*first);
+    let saved = only_evidence(&f.data, &format!("{name}.corrupt-{cut_at}"));
     assert_eq!(
-        quarantine(&f.data),
-        vec![format!("{name}.corrupt-{cut_at}")]
-    );
-    assert_eq!(
-        std::fs::metadata(
-            f.data
-                .join("quarantine")
-                .join(format!("{name}.corrupt-{cut_at}"))
-        )
-        .unwrap()
-        .len(),
+        std::fs::metadata(f.data.join("quarantine").join(saved))
+            .unwrap()
+            .len(),
         f.frame_len,
         "exactly the damaged frame is kept as evidence"
     );
@@ -209,10 +206,7 @@ fn a_damaged_length_in_the_last_segment_loses_exactly_that_frame() {
         assert_eq!(ranges, vec![(10, 10)]);
         assert_eq!(recs, without(&expected, 10, 10), "length {bad_len:#x}");
         assert_eq!(wal.counters().lost_records.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            quarantine(dir.path()),
-            vec![format!("{}.corrupt-{at}", names[0])]
-        );
+        only_evidence(dir.path(), &format!("{}.corrupt-{at}", names[0]));
         assert_eq!(wal.append_blocking(vec![rec("new")]).unwrap().first, 101);
     }
 }
@@ -277,9 +271,11 @@ fn assert_whole_segment_quarantined(f: &Fixture, index: usize) {
         reason: GapReason::BadHeader,
     };
     assert_eq!(report.lost, vec![lost]);
-    let qname = format!("{}.bad-header", format::segment_name(first));
-    assert_eq!(report.quarantined, vec![qname.clone()]);
-    assert_eq!(quarantine(&f.data), vec![qname]);
+    let qname = only_evidence(
+        &f.data,
+        &format!("{}.bad-header", format::segment_name(first)),
+    );
+    assert_eq!(report.quarantined, vec![qname]);
     let (recs, gaps) = read_all(&wal, 1);
     assert_eq!(recs, without(&f.expected, lost.first, lost.last));
     assert_eq!(gaps.len(), 1, "replay skips the range");
@@ -374,4 +370,147 @@ fn junk_after_the_last_frame_of_a_sealed_segment_loses_nothing() {
     let (recs, gaps) = read_all(&wal, 1);
     assert!(gaps.is_empty());
     assert_eq!(recs, f.expected);
+}
+
+/// 100 acknowledged records in one segment whose header then takes damage,
+/// alone or with one damaged frame. The header holds nothing the name does
+/// not (magic, version, first sequence number): every intact frame is kept,
+/// exactly the damaged one is counted, and no number is handed out again.
+#[test]
+fn a_damaged_header_of_the_last_segment_keeps_every_intact_frame() {
+    // (frame whose payload is damaged too, expected loss)
+    for (frame, lost) in [(None, None), (Some(1u64), Some(1u64)), (Some(50), Some(50))] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path());
+        cfg.min_free_bytes = 0;
+        let mut expected = Vec::new();
+        {
+            let wal = open_std(&cfg, 0).0;
+            for i in 1..=100u64 {
+                let r = wal.append_blocking(vec![rec(&tag(i))]).unwrap();
+                expected.push((r.first, tag(i)));
+            }
+        }
+        let names = segment_files(dir.path());
+        assert_eq!(names.len(), 1, "one segment");
+        let path = dir.path().join("wal").join(&names[0]);
+        let frame_len = format::frame_len(rec(&tag(1)).len()) as u64;
+        flip(&path, 3);
+        if let Some(n) = frame {
+            flip(&path, format::HEADER_LEN as u64 + (n - 1) * frame_len + 40);
+        }
+        let original = std::fs::read(&path).unwrap();
+
+        let (wal, report) = open_std(&cfg, 0);
+        let want: Vec<(u64, u64)> = lost.map(|n| (n, n)).into_iter().collect();
+        let got: Vec<(u64, u64)> = report.lost.iter().map(|g| (g.first, g.last)).collect();
+        assert_eq!(got, want, "damaged frame {frame:?}: {report:?}");
+        assert_eq!(report.next_seq, 101, "damaged frame {frame:?}");
+        let (recs, gaps) = read_all(&wal, 1);
+        let ranges: Vec<_> = gaps.iter().map(|g| (g.first, g.last)).collect();
+        assert_eq!(ranges, want, "damaged frame {frame:?}");
+        let kept = match lost {
+            Some(n) => without(&expected, n, n),
+            None => expected.clone(),
+        };
+        assert_eq!(recs, kept, "damaged frame {frame:?}");
+        assert_eq!(
+            wal.counters().lost_records.load(Ordering::Relaxed),
+            want.len() as u64
+        );
+        // The damaged header is kept as evidence, byte for byte (damaged
+        // frames have their own evidence file).
+        let q = quarantine(dir.path());
+        let evidence = q
+            .iter()
+            .find(|n| n.starts_with(&format!("{}.bad-header.", names[0])))
+            .unwrap_or_else(|| panic!("{q:?}"));
+        assert_eq!(
+            std::fs::read(dir.path().join("quarantine").join(evidence)).unwrap(),
+            original[..format::HEADER_LEN]
+        );
+        assert_eq!(wal.append_blocking(vec![rec("new")]).unwrap().first, 101);
+    }
+}
+
+/// If the damaged header of the last segment cannot be copied to quarantine,
+/// the segment must still not be replaced by a new segment of the same name
+/// (that destroyed the acknowledged frames): its frames stay, byte for byte.
+#[test]
+fn a_bad_header_last_segment_that_cannot_be_quarantined_is_not_renamed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = WalConfig::new(dir.path());
+    cfg.min_free_bytes = 0;
+    {
+        let wal = open_std(&cfg, 0).0;
+        for i in 1..=20u64 {
+            wal.append_blocking(vec![rec(&tag(i))]).unwrap();
+        }
+    }
+    let names = segment_files(dir.path());
+    let path = dir.path().join("wal").join(&names[0]);
+    flip(&path, 3);
+    let original = std::fs::read(&path).unwrap();
+    // A plain file where quarantine/ should be: the move fails.
+    std::fs::write(dir.path().join("quarantine"), b"in the way").unwrap();
+    let (wal, report) = open_std(&cfg, 0);
+    assert_eq!(report.next_seq, 21, "{report:?}");
+    assert!(report.lost.is_empty(), "{report:?}");
+    assert_eq!(report.not_quarantined.len(), 1, "{report:?}");
+    assert_eq!(wal.append_blocking(vec![rec("new")]).unwrap().first, 21);
+    assert_eq!(read_all(&wal, 1).0.len(), 21);
+    let now = std::fs::read(&path).unwrap();
+    assert_eq!(
+        now[format::HEADER_LEN..],
+        original[format::HEADER_LEN..],
+        "every frame is still there"
+    );
+}
+
+/// Evidence of an earlier incident with the same file name is not replaced.
+#[test]
+fn quarantine_never_overwrites_earlier_evidence() {
+    let f = fixture();
+    let (first, path) = f.segments.last().unwrap();
+    let name = format::segment_name(*first);
+    let cut_at = format::HEADER_LEN as u64 + f.frame_len;
+    let earlier = f.data.join("quarantine");
+    std::fs::create_dir_all(&earlier).unwrap();
+    let old_name = format!("{name}.corrupt-{cut_at}");
+    std::fs::write(earlier.join(&old_name), b"earlier incident").unwrap();
+    flip(path, format::HEADER_LEN as u64 + f.frame_len + 40);
+    let (_wal, report) = open_std(&f.cfg, 0);
+    assert_eq!(report.lost.len(), 1);
+    assert_eq!(
+        std::fs::read(earlier.join(&old_name)).unwrap(),
+        b"earlier incident"
+    );
+    let q = quarantine(&f.data);
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert!(q.iter().all(|n| n.starts_with(&old_name)), "{q:?}");
+}
+
+/// The last segment is garbage from its first byte: nothing intact to keep.
+/// It is quarantined whole, its first number is reported lost (count
+/// unknown) and is not handed out again: an acknowledged record had it.
+#[test]
+fn a_garbage_last_segment_is_quarantined_whole_and_its_first_number_not_reused() {
+    let f = fixture();
+    let (first, path) = f.segments.last().unwrap();
+    let garbage: Vec<u8> = (0..3000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(path, garbage).unwrap();
+    let (wal, report) = open_std(&f.cfg, 0);
+    let got: Vec<_> = report.lost.iter().map(|g| (g.first, g.last)).collect();
+    assert_eq!(got, vec![(*first, *first)]);
+    assert_eq!(report.next_seq, first + 1);
+    only_evidence(
+        &f.data,
+        &format!("{}.bad-header", format::segment_name(*first)),
+    );
+    assert_eq!(
+        wal.append_blocking(vec![rec("new")]).unwrap().first,
+        first + 1
+    );
 }
