@@ -21,7 +21,17 @@ fn start(data: &Path) -> (Child, SocketAddr) {
     let addr_file = data.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        // An unreachable broker: nothing is delivered, so GC never deletes
+        // a segment the final check reads from seq 1 (with the embedded dev
+        // broker, a busy machine let replay deliver and GC segment 1 first).
+        .args([
+            "serve",
+            "--brokers",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data)
         .arg("--addr-file")
         .arg(&addr_file)
