@@ -12,6 +12,8 @@ pub mod kafka;
 pub mod metrics;
 pub mod offsets;
 #[cfg(feature = "kafka")]
+pub mod redrive;
+#[cfg(feature = "kafka")]
 pub mod server;
 pub mod systemd;
 pub mod wal;
