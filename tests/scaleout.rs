@@ -1,8 +1,9 @@
 //! Scale-out: three sluice instances, each with its own data directory,
 //! behind HAProxy, which health-checks `/ready`; one `sluice dev-broker` for
-//! all. Under load, one instance is killed with SIGKILL. Clients must keep
-//! getting 202s from the others, and once the killed instance is back, every
-//! event that got a 202 must be in Kafka.
+//! all. Under load, with Kafka down so that it holds acknowledged events
+//! only in its WAL, one instance is killed with SIGKILL. Clients must keep
+//! getting 202s from the others, and once the killed instance and Kafka are
+//! back, every event that got a 202 must be in Kafka.
 //!
 //! Needs `haproxy` on PATH (Debian package `haproxy`). Without it the test
 //! says so and passes, unless SLUICE_REQUIRE_HAPROXY is set (CI sets it).
@@ -276,7 +277,13 @@ fn kill_one_instance_behind_haproxy_and_lose_no_acknowledged_event() {
             .all(|a| stats(a).is_some_and(|s| s["ingest"]["requests"].as_u64() > Some(0)))
     });
     let victim = 0;
-    let victim_accepted = stats(&addrs[victim]).unwrap()["ingest"]["events_accepted"]
+    // Kafka down (SIGUSR1 to the dev broker) so that the victim dies holding
+    // acknowledged events Kafka does not have yet: only its WAL has them.
+    signal(&broker, "-USR1");
+    wait_until("the victim holds undelivered acknowledged events", || {
+        stats(&addrs[victim]).is_some_and(|s| s["replay"]["lag_records"].as_u64() >= Some(50))
+    });
+    let victim_lag = stats(&addrs[victim]).unwrap()["replay"]["lag_records"]
         .as_u64()
         .unwrap();
     nodes[victim].0.kill().unwrap(); // SIGKILL
@@ -295,6 +302,7 @@ fn kill_one_instance_behind_haproxy_and_lose_no_acknowledged_event() {
     wait_until("the restarted instance gets traffic again", || {
         requests_after_restart() > 0
     });
+    signal(&broker, "-USR2"); // Kafka back
     load.wait_acks(100);
     let (acked, other) = load.finish();
 
@@ -334,7 +342,7 @@ fn kill_one_instance_behind_haproxy_and_lose_no_acknowledged_event() {
         .collect();
     let duplicates = in_kafka.values().filter(|&&n| n > 1).count();
     eprintln!(
-        "scale-out: {} events acknowledged ({} before the kill, victim had accepted {victim_accepted}), {} distinct in Kafka, {duplicates} ids more than once, non-202 answers {other:?}",
+        "scale-out: {} events acknowledged ({} before the kill, {victim_lag} of them undelivered on the killed instance), {} distinct in Kafka, {duplicates} ids more than once, non-202 answers {other:?}",
         acked.len(),
         acks_at_kill as usize * BATCH,
         in_kafka.len(),
@@ -360,6 +368,15 @@ fn kill_one_instance_behind_haproxy_and_lose_no_acknowledged_event() {
         "more failures than requests in flight at the kill: {other:?}"
     );
     drop(broker);
+}
+
+fn signal(p: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
 }
 
 fn which(name: &str) -> Result<PathBuf, ()> {
