@@ -86,6 +86,6 @@ TANSU ?= $(TOOLS)/bin/tansu
 E2E_PYTHON ?= $(TOOLS)/venv/bin/python
 e2e-independent:
 	@test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
-	@test -x $(E2E_PYTHON) || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
+	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) $(E2E_PYTHON) tests/independent/run.py

@@ -149,10 +149,13 @@ impl Progress {
                 Some(n) => indicatif::ProgressBar::new(n),
                 None => indicatif::ProgressBar::new_spinner(),
             };
-            let style = indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} sent {per_sec} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let template = if total.is_some() {
+                "[{elapsed_precise}] {wide_bar} {pos}/{len} sent {per_sec} {msg}"
+            } else {
+                "{spinner} [{elapsed_precise}] {pos} sent {per_sec} {msg}"
+            };
+            let style = indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
             bar
         });
@@ -181,8 +184,9 @@ impl Progress {
     }
 
     fn finish(&self) {
+        // The summary line that follows says the same, on a line of its own.
         if let Some(bar) = &self.bar {
-            bar.finish();
+            bar.finish_and_clear();
         }
     }
 }
@@ -233,7 +237,12 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             summary.unreadable_ranges.push(text);
         }
     };
-    let mut progress = Progress::new(None);
+    // The total is known only for a bounded WAL range.
+    let total = match (&args.data_dir, args.through) {
+        (Some(_), Some(t)) => Some(t - args.from + 1),
+        _ => None,
+    };
+    let mut progress = Progress::new(total);
     // Records handed to librdkafka; each gets exactly one delivery report.
     let mut queued = 0u64;
     // Records librdkafka refused to queue (counted as failed, no report).
