@@ -23,6 +23,7 @@ run; everything else that goes wrong fails it (exit 1).
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -372,6 +373,11 @@ def case_redrive(ctx):
 
 
 def case_exactly_once(ctx):
+    """Hook for the exactly-once chaos mode: a chaos run, then the reference
+    consumer reads the topic and must report every acknowledged id exactly
+    once. The interface assumed here (--brokers, --topic, the acknowledged
+    ids on stdin, exit 0 when each appears once after deduplication) is to be
+    matched to examples/dedupe_consumer.py when it lands."""
     script = ROOT / "examples" / "dedupe_consumer.py"
     if not script.exists():
         raise Skip("examples/dedupe_consumer.py is not in this tree (hook for the exactly-once chaos mode)")
@@ -425,6 +431,8 @@ def main():
         f"{sum(r[1] == 'SKIP' for r in results)} skipped, {len(failed)} failed")
     if failed:
         log(f"logs kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
 
 
