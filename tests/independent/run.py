@@ -403,6 +403,7 @@ def main():
     log(f"sluice {SLUICE}\ntansu {TANSU}\nwork dir {work}")
     tansu = Tansu(work)
     results = []
+    sluice = None
     try:
         tansu.start()
         sluice = Sluice(work, tansu.bootstrap)
@@ -422,8 +423,9 @@ def main():
             except Exception as e:  # a crash in a case fails that case, not the run
                 results.append((name, "FAIL", f"{type(e).__name__}: {e}"))
             log(f"{results[-1][1]} {name} ({time.monotonic() - t0:.1f} s): {results[-1][2]}")
-        sluice.stop()
     finally:
+        if sluice:
+            sluice.stop()
         tansu.stop()
     failed = [r for r in results if r[1] == "FAIL"]
     log(f"\nindependent broker (tansu) + client (kafka-python): "
