@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -75,3 +75,17 @@ deb:
 # Builds the package, lints it, installs, checks and purges it (CI; root).
 deb-check:
 	bash deploy/deb-check.sh
+
+# sluice against a broker and a client that share no code with librdkafka:
+# tansu (pinned, built from crates.io into .tools/; ~15-20 min the first
+# time) and kafka-python in a venv made here (.tools/venv). Both are skipped
+# when present; point TANSU / E2E_PYTHON at existing ones to reuse them.
+# tests/independent/run.py lists the cases.
+TOOLS ?= $(CURDIR)/.tools
+TANSU ?= $(TOOLS)/bin/tansu
+E2E_PYTHON ?= $(TOOLS)/venv/bin/python
+e2e-independent:
+	@test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
+	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
+	$(CARGO) build --locked --bin sluice
+	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) $(E2E_PYTHON) tests/independent/run.py

@@ -149,6 +149,11 @@ enum WalCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Send records again to a broker list and topic (a backup cluster, or
+    /// after a consumer-side loss) from the WAL, a quarantined segment copy
+    /// or the dead-letter file. Never touches the committed offset. Exits 1
+    /// unless every record was confirmed.
+    Redrive(crate::redrive::RedriveArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -469,6 +474,7 @@ fn run_wal(command: WalCommand) -> CliResult {
             limit,
         } => dump(&data_dir, from, limit),
         WalCommand::Stats { data_dir } => stats(&data_dir),
+        WalCommand::Redrive(args) => crate::redrive::run(args),
     }
 }
 

@@ -48,6 +48,8 @@ pub mod ingest;
 pub mod metrics;
 pub mod replay;
 #[cfg(feature = "kafka")]
+pub mod redrive;
+#[cfg(feature = "kafka")]
 pub mod server;
 pub mod systemd;
 pub mod tenant;

@@ -10,6 +10,7 @@ mod failures;
 mod limits;
 mod offsets;
 mod outage;
+mod redrive;
 
 use std::collections::BTreeMap;
 use std::path::Path;
