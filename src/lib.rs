@@ -46,9 +46,9 @@ pub mod fuzzing;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
-pub mod replay;
 #[cfg(feature = "kafka")]
 pub mod redrive;
+pub mod replay;
 #[cfg(feature = "kafka")]
 pub mod server;
 pub mod systemd;

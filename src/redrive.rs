@@ -33,8 +33,7 @@ use crate::wal::format;
 use crate::wal::io::StdFs;
 use crate::wal::{inspect, Gap, Record};
 
-/// The header replay adds with the WAL sequence number.
-const HEADER_SEQ: &str = "seq";
+use crate::replay::producer::HEADER_SEQ;
 /// The header naming the daemon instance a record came from.
 const HEADER_INSTANCE: &str = "instance";
 /// Delivery failures kept for the summary (all are counted).
@@ -210,7 +209,7 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     let mut kafka = match &args.config {
         Some(path) => crate::config::Config::from_file(path)?.kafka,
-        None => crate::config::KafkaConfig::default(),
+        None => crate::replay::KafkaConfig::default(),
     };
     kafka.message_timeout_ms = args.timeout_ms;
     let reports = std::sync::Arc::new(Reports {
@@ -218,7 +217,7 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         failed: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
     });
-    let producer: BaseProducer<Ctx> = crate::kafka::producer_config(&kafka, &args.brokers)
+    let producer: BaseProducer<Ctx> = crate::replay::producer_config(&kafka, &args.brokers)
         .create_with_context(Ctx(reports.clone()))
         .map_err(|e| format!("producer: {e}"))?;
 

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice::kafka::dead_letter::DeadLetterFile;
+use sluice::replay::dead_letter::DeadLetterFile;
 use sluice::wal::io::{Filesystem, StdFs};
 use sluice::wal::{format, Record, Wal, WalConfig};
 
