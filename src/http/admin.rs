@@ -73,9 +73,7 @@ pub fn spawn(listener: TcpListener, state: SharedState) -> Admin {
     let addr = listener
         .local_addr()
         .map_or_else(|_| "?".to_string(), |a: SocketAddr| a.to_string());
-    let exposed = listener
-        .local_addr()
-        .is_ok_and(|a| !a.ip().is_loopback());
+    let exposed = listener.local_addr().is_ok_and(|a| !a.ip().is_loopback());
     if exposed {
         tracing::warn!(%addr, profiling = state.http.profiling, "admin listener on a non-loopback address: /metrics, /stats and (if enabled) CPU profiles need no key (docs/security.md)");
     } else {
@@ -246,7 +244,10 @@ struct Profile {
 impl IntoResponse for Profile {
     fn into_response(self) -> Response {
         let (ct, disposition) = match self.format {
-            Format::Pprof => ("application/octet-stream", "attachment; filename=\"profile\""),
+            Format::Pprof => (
+                "application/octet-stream",
+                "attachment; filename=\"profile\"",
+            ),
             Format::Svg => ("image/svg+xml", "inline; filename=\"profile.svg\""),
         };
         (
@@ -284,9 +285,11 @@ fn take_profile(
         let left = length.saturating_sub(started.elapsed());
         std::thread::sleep(left.min(Duration::from_millis(100)));
     }
+    // Symbolizing holds the profiler's lock, so the handler drops the samples
+    // it would take meanwhile; then the guard stops the timer before encoding.
     let report = guard.report().build().map_err(fail)?;
-    // Stop sampling before encoding: the encoding is not what was asked about.
     drop(guard);
+    let samples: isize = report.data.values().sum();
     let body = match format {
         Format::Pprof => {
             use flate2::write::GzEncoder;
@@ -298,6 +301,9 @@ fn take_profile(
                 .and_then(|()| gz.finish())
                 .map_err(|e| ProfileError::Profiler(e.to_string()))?
         }
+        // The flame-graph writer writes nothing for no samples: say so in
+        // an SVG rather than answer 200 with an empty body.
+        Format::Svg if samples == 0 => no_samples_svg(length),
         Format::Svg => {
             let mut svg = Vec::new();
             report.flamegraph(&mut svg).map_err(fail)?;
@@ -306,11 +312,19 @@ fn take_profile(
     };
     tracing::info!(
         seconds = length.as_secs(),
-        samples = report.data.values().sum::<isize>(),
+        samples,
         bytes = body.len(),
         "CPU profile taken"
     );
     Ok(Profile { format, body })
+}
+
+fn no_samples_svg(length: Duration) -> Vec<u8> {
+    format!(
+        r#"<?xml version="1.0" standalone="no"?><svg version="1.1" width="1200" height="60" xmlns="http://www.w3.org/2000/svg"><text x="600" y="35" text-anchor="middle" font-family="Verdana" font-size="14">No CPU samples in {} s: sluice was idle.</text></svg>"#,
+        length.as_secs()
+    )
+    .into_bytes()
 }
 
 #[cfg(test)]

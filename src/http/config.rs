@@ -105,7 +105,9 @@ impl HttpConfig {
     fn validate_admin(&self) -> Result<(), String> {
         let Some(admin) = self.admin_addr()? else {
             if self.profiling {
-                return Err("http.profiling needs http.admin-listen: profiles are served only there".into());
+                return Err(
+                    "http.profiling needs http.admin-listen: profiles are served only there".into(),
+                );
             }
             if !self.metrics_on_ingest {
                 return Err("http.metrics-on-ingest = false with http.admin-listen off would serve /metrics nowhere".into());
@@ -114,8 +116,7 @@ impl HttpConfig {
         };
         // Port 0 is a fresh ephemeral port each time, so it cannot clash.
         let (a, l) = (admin, self.listen);
-        let overlap =
-            a.ip() == l.ip() || a.ip().is_unspecified() || l.ip().is_unspecified();
+        let overlap = a.ip() == l.ip() || a.ip().is_unspecified() || l.ip().is_unspecified();
         if a.port() != 0 && a.port() == l.port() && overlap {
             return Err(format!(
                 "http.admin-listen {a} is the same port as http.listen {l}: give the admin listener its own port, or \"\" to turn it off"
