@@ -96,6 +96,8 @@ def sluice(data, brokers, env=None, name="sluice"):
         "SLUICE_WAL_MAX_BYTES": str(64 << 30),
         "SLUICE_WAL_MIN_FREE_BYTES": str(1 << 30),
         "SLUICE_LOG_LEVEL": "warn",
+        # Several daemons at once: the admin listener's fixed port would clash.
+        "SLUICE_HTTP_ADMIN_LISTEN": "",
     }
     base.update(env or {})
     p = start(

@@ -123,6 +123,10 @@ struct ServeArgs {
     /// `--listen 127.0.0.1:0`).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Write the admin listener's bound address to this file (useful with
+    /// `SLUICE_HTTP_ADMIN_LISTEN=127.0.0.1:0`).
+    #[arg(long)]
+    admin_addr_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -359,10 +363,14 @@ fn serve(args: ServeArgs) -> CliResult {
         .build()?;
     let exit = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.http.listen).await?;
+        let admin = crate::http::admin::bind(&config.http).await?;
         if let Some(path) = &args.addr_file {
             std::fs::write(path, listener.local_addr()?.to_string())?;
         }
-        let exit = crate::server::run(config, listener, shutdown_signal()).await?;
+        if let (Some(path), Some(a)) = (&args.admin_addr_file, &admin) {
+            std::fs::write(path, a.local_addr()?.to_string())?;
+        }
+        let exit = crate::server::run(config, listener, admin, shutdown_signal()).await?;
         Ok::<_, Box<dyn std::error::Error>>(exit)
     })?;
     Ok(match exit {

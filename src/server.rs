@@ -53,10 +53,12 @@ pub enum Exit {
     WalFailed,
 }
 
-/// Runs the daemon on `listener` until `shutdown` resolves or the WAL fails.
+/// Runs the daemon on `listener` (and the admin listener, when bound) until
+/// `shutdown` resolves or the WAL fails.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Exit, ServeError> {
     config.validate()?;
@@ -132,6 +134,7 @@ pub async fn run(
         crate::systemd::stopping();
         st.shutting_down.store(true, Ordering::Relaxed);
     };
+    let admin = admin.map(|l| crate::http::admin::spawn(l, state.clone()));
     crate::systemd::ready(&format!("serving on {addr}"));
     crate::http::listener::serve(
         listener,
@@ -142,6 +145,10 @@ pub async fn run(
         stop,
     )
     .await;
+    // Before the drain, so nothing but the drain holds the WAL.
+    if let Some(a) = admin {
+        a.stop().await;
+    }
     shut_down(Running {
         reloads,
         replay_stop,

@@ -91,6 +91,8 @@ fn serve(data: &Path, brokers: &str) -> (Child, String) {
         .open(data.join("serve.log"))
         .unwrap();
     let child = Command::new(EXE)
+        // No admin listener: its fixed default port would clash between parallel daemons.
+        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
         .args([
             "serve",
             "--listen",

@@ -29,6 +29,8 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let addr_file = dir.path().join("addr");
         let mut cmd = Command::new(EXE);
+        // No admin listener: its fixed default port would clash between parallel daemons.
+        cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
         cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
             .arg("--addr-file")

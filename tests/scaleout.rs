@@ -88,6 +88,8 @@ fn serve(brokers: &str, data: &Path, listen: &str, addr_file: &Path) -> Proc {
             .arg("--addr-file")
             .arg(addr_file)
             .env("SLUICE_LOG_LEVEL", "warn")
+            // Several daemons on one host: no fixed-port admin listener.
+            .env("SLUICE_HTTP_ADMIN_LISTEN", "")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -39,6 +39,16 @@ pub struct HttpConfig {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls-cert-file`.
     /// Default empty.
     pub tls_key_file: PathBuf,
+    /// Address of the admin listener: `/metrics`, `/stats`, `/health`,
+    /// `/ready` and, with `profiling`, `/debug/pprof/profile`. Plain HTTP and
+    /// no keys, hence loopback by default. Empty turns it off. Must differ
+    /// from `listen`. Default `127.0.0.1:9181`.
+    pub admin_listen: String,
+    /// Serve CPU profiles on the admin listener. Default false.
+    pub profiling: bool,
+    /// Also serve `/metrics` and `/stats` on `listen`; false leaves them to
+    /// the admin listener. Default true.
+    pub metrics_on_ingest: bool,
 }
 
 impl Default for HttpConfig {
@@ -53,6 +63,9 @@ impl Default for HttpConfig {
             request_timeout_ms: 60_000,
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
+            admin_listen: "127.0.0.1:9181".into(),
+            profiling: false,
+            metrics_on_ingest: true,
         }
     }
 }
@@ -72,6 +85,42 @@ impl HttpConfig {
         }
         if h.tls_cert_file.as_os_str().is_empty() != h.tls_key_file.as_os_str().is_empty() {
             return Err("http.tls-cert-file and http.tls-key-file must be set together".into());
+        }
+        self.validate_admin()
+    }
+
+    /// The admin listener's address; `None` when it is off.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let raw = self.admin_listen.trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        raw.parse().map(Some).map_err(|_| {
+            format!(
+                "http.admin-listen {raw:?} is not an address such as 127.0.0.1:9181 (empty turns it off)"
+            )
+        })
+    }
+
+    fn validate_admin(&self) -> Result<(), String> {
+        let Some(admin) = self.admin_addr()? else {
+            if self.profiling {
+                return Err(
+                    "http.profiling needs http.admin-listen: profiles are served only there".into(),
+                );
+            }
+            if !self.metrics_on_ingest {
+                return Err("http.metrics-on-ingest = false with http.admin-listen off would serve /metrics nowhere".into());
+            }
+            return Ok(());
+        };
+        // Port 0 is a fresh ephemeral port each time, so it cannot clash.
+        let (a, l) = (admin, self.listen);
+        let overlap = a.ip() == l.ip() || a.ip().is_unspecified() || l.ip().is_unspecified();
+        if a.port() != 0 && a.port() == l.port() && overlap {
+            return Err(format!(
+                "http.admin-listen {a} is the same port as http.listen {l}: give the admin listener its own port, or \"\" to turn it off"
+            ));
         }
         Ok(())
     }

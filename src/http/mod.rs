@@ -1,6 +1,8 @@
 //! The HTTP API: `fn app(state) -> Router`, so tests drive it with `oneshot`
 //! and `server.rs` serves it.
 
+#[cfg(feature = "kafka")]
+pub mod admin;
 pub mod config;
 mod error;
 mod ingest;
@@ -134,12 +136,16 @@ pub fn app(state: SharedState) -> Router {
     for path in INGEST_PATHS {
         router = router.route(path, post(ingest::ingest));
     }
+    // Off: only the admin listener serves them (404 here).
+    if state.http.metrics_on_ingest {
+        router = router
+            .route("/stats", get(status::stats))
+            .route("/metrics", get(status::metrics));
+    }
     router
         .route("/v1/receipts/{seq}", get(status::receipt))
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
-        .route("/stats", get(status::stats))
-        .route("/metrics", get(status::metrics))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -24,6 +24,8 @@ fn start(data: &Path) -> (Child, SocketAddr) {
         // An unreachable broker: nothing is delivered, so GC never deletes
         // a segment the final check reads from seq 1 (with the embedded dev
         // broker, a busy machine let replay deliver and GC segment 1 first).
+        // No admin listener: its fixed default port would clash between parallel daemons.
+        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
         .args([
             "serve",
             "--brokers",

@@ -32,8 +32,13 @@ impl Daemon {
         let addr_file = dir.path().join("addr");
         let stderr = dir.path().join("stderr");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            // An ephemeral admin port: the fixed default would clash
+            // between parallel daemons.
+            .env("SLUICE_HTTP_ADMIN_LISTEN", "127.0.0.1:0")
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&cfg)
+            .arg("--admin-addr-file")
+            .arg(dir.path().join("admin-addr"))
             .arg("--data-dir")
             .arg(&data)
             .arg("--addr-file")
@@ -66,6 +71,13 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The admin listener's address (written before the ingest address, so
+    /// present once `start` returned); `None` when it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let a = std::fs::read_to_string(self.dir.path().join("admin-addr")).ok()?;
+        a.trim().parse().ok()
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -86,6 +86,8 @@ fn daemon(data: &Path, env: &[(&str, &str)]) -> (Child, String) {
     let addr_file = data.with_extension("addr");
     let _ = std::fs::remove_file(&addr_file);
     let mut cmd = Command::new(EXE);
+    // No admin listener: its fixed default port would clash between parallel daemons.
+    cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
     cmd.args([
         "serve",
         "--listen",

@@ -86,10 +86,12 @@ fn examples(file: &Path) -> Vec<Example> {
 }
 
 /// Runs one example in `dir` against `addr`; the HTTP status and body.
-fn run(e: &Example, addr: std::net::SocketAddr, key: &str, dir: &Path) -> (u16, String) {
+fn run(e: &Example, d: &Daemon, key: &str, dir: &Path) -> (u16, String) {
+    let admin = d.admin_addr().map(|a| a.to_string()).unwrap_or_default();
     let cmd = e
         .command
-        .replace("localhost:8080", &addr.to_string())
+        .replace("localhost:8080", &d.addr.to_string())
+        .replace("localhost:9181", &admin)
         .replace("sluice_5c1e...", key);
     let script = format!("set -o pipefail; {cmd} -w '\\n%{{http_code}}'");
     let out = Command::new("bash")
@@ -124,7 +126,8 @@ fn every_curl_example_in_the_docs_works() {
     let all: Vec<Example> = files.iter().flat_map(|f| examples(f)).collect();
     assert!(all.len() >= 7, "found only {all:?}");
 
-    let open = Daemon::start("");
+    // Profiling on: the profiling examples use the admin listener.
+    let open = Daemon::start("[http]\nprofiling = true\n");
     // The API-key examples run against a daemon with a keys file.
     let keys_dir = tempfile::tempdir().unwrap();
     let keys = keys_dir.path().join("keys.toml");
@@ -158,7 +161,7 @@ fn every_curl_example_in_the_docs_works() {
         } else {
             &open
         };
-        let (status, body) = run(e, d.addr, &key, work.path());
+        let (status, body) = run(e, d, &key, work.path());
         assert!(
             (200..300).contains(&status),
             "{}:{}: {} -> {status} {body}",

@@ -26,6 +26,8 @@ pub(super) fn daemon(env: &[(&str, &str)]) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let addr_file = dir.path().join("addr");
     let mut cmd = Command::new(EXE);
+    // No admin listener: its fixed default port would clash between parallel daemons.
+    cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
     cmd.args([
         "serve",
         "--listen",

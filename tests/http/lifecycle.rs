@@ -34,6 +34,8 @@ fn wait_file(path: &Path) -> String {
 fn serve(dir: &Path, brokers: &str, env: &[(&str, &str)]) -> (Child, String) {
     let _ = std::fs::remove_file(dir.join("addr"));
     let mut cmd = Command::new(EXE);
+    // No admin listener: its fixed default port would clash between parallel daemons.
+    cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
     cmd.args([
         "serve",
         "--listen",

@@ -2,6 +2,8 @@
 //! in a temp dir; `concurrency` and `crash` use real TCP, the latter against a
 //! real `sluice serve` child process.
 
+#[cfg(feature = "kafka")]
+mod admin;
 mod auth;
 mod bodies;
 mod concurrency;

@@ -147,7 +147,7 @@ class Sluice:
         listen = self.addr or "127.0.0.1:0"
         self.addr_file.unlink(missing_ok=True)
         self.log = open(self.dir / "sluice.log", "ab")
-        env = dict(os.environ, SLUICE_LOG_LEVEL="warn",
+        env = dict(os.environ, SLUICE_LOG_LEVEL="warn", SLUICE_HTTP_ADMIN_LISTEN="",
                    SLUICE_KAFKA_MESSAGE_TIMEOUT_MS="10000")
         self.proc = subprocess.Popen(
             [SLUICE, "serve", "--listen", listen, "--brokers", self.brokers,

@@ -34,6 +34,8 @@ fn dev_broker_serve_post_and_consume_as_processes() {
         .unwrap();
     let brokers = wait_for_file(&dir.path().join("broker"));
     let mut serve = Command::new(exe)
+        // No admin listener: its fixed default port would clash between parallel daemons.
+        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
         .args([
             "serve",
             "--listen",

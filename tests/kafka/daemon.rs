@@ -147,6 +147,8 @@ impl Daemon {
             .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
             .env("SLUICE_REPLAY_COMMIT_INTERVAL_MS", "20")
             .env("SLUICE_LOG_FORMAT", "json")
+            // No admin listener: its fixed default port would clash between parallel daemons.
+            .env("SLUICE_HTTP_ADMIN_LISTEN", "")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());

@@ -92,6 +92,8 @@ fn daemon_on_a_damaged_wal_reports_the_exact_loss_and_delivers_the_rest() {
     let brokers = wait_file(&dir.path().join("broker"));
     let log_path = dir.path().join("serve.log");
     let mut daemon = Command::new(EXE)
+        // No admin listener: its fixed default port would clash between parallel daemons.
+        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
         .args([
             "serve",
             "--listen",

@@ -74,6 +74,8 @@ fn outage_past_the_message_timeout_then_quota_then_full_recovery() {
         .unwrap();
     let brokers = wait_file(&dir.path().join("broker"));
     let mut daemon = Command::new(EXE)
+        // No admin listener: its fixed default port would clash between parallel daemons.
+        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
         .args([
             "serve",
             "--listen",

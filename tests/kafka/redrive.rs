@@ -161,6 +161,7 @@ fn a_wal_range_goes_to_another_topic_with_its_headers_and_the_offset_stays() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut serve = Command::new(EXE)
+        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
         .args([
             "serve",
             "--listen",
