@@ -31,11 +31,21 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub rates: RatesConfig,
+    pub idempotency: crate::idempotency::IdempotencyConfig,
 }
 
 /// The config file's sections, for environment names and error pointers.
-pub const SECTIONS: [&str; 9] = [
-    "http", "limits", "events", "wal", "kafka", "replay", "log", "auth", "rates",
+pub const SECTIONS: [&str; 10] = [
+    "http",
+    "limits",
+    "events",
+    "wal",
+    "kafka",
+    "replay",
+    "log",
+    "auth",
+    "rates",
+    "idempotency",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,7 +186,7 @@ pub struct Limits {
     /// Bytes of one normalized event (its Kafka value). Its whole Kafka
     /// record (key and headers included) must fit the producer's
     /// `message.max.bytes`: at the default, the limit is lowered to what
-    /// fits (998,645 bytes with librdkafka's default of 1,000,000 and the
+    /// fits (998,591 bytes with librdkafka's default of 1,000,000 and the
     /// default key field); an explicit value that does not fit is refused.
     /// Default 1 MiB, lowered as said.
     pub max_event_bytes: usize,
@@ -278,6 +288,7 @@ impl Default for Config {
             log: LogConfig::default(),
             auth: AuthConfig::default(),
             rates: RatesConfig::default(),
+            idempotency: Default::default(),
         }
     }
 }

@@ -134,6 +134,13 @@ pub async fn run(
     };
     let data_dir = config.data_dir.clone();
     let _lock = DataDirLock::acquire(&data_dir)?;
+    // Before replay can produce anything: every record carries this id.
+    let instance =
+        crate::instance::load_or_create(&data_dir).map_err(|source| ServeError::DataDir {
+            path: data_dir.join(crate::instance::FILE),
+            source,
+        })?;
+    tracing::info!(%instance, "data directory identity");
     let wal_config = config.wal_config();
     let data_dir_ = data_dir.clone();
     // sled and recovery do blocking I/O.
@@ -207,6 +214,7 @@ pub async fn run(
         tls.clone(),
         std::time::Duration::from_millis(config.auth.reload_interval_ms),
     ));
+    crate::server_idempotency::start(&state, &wal, &offsets).await?;
     if offsets_reset {
         state
             .replay

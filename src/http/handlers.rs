@@ -162,6 +162,15 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
         return Err(AppError::BodyTooLarge(st.limits.max_body_bytes));
     }
     let (bytes, permit) = read_body(st, body, declared).await?;
+    let keyed = match super::idempotent::gate(
+        st,
+        &parts.headers,
+        key.as_ref().map(|k| k.name.as_str()),
+        &bytes,
+    )? {
+        super::idempotent::Gate::Proceed(keyed) => keyed,
+        super::idempotent::Gate::Answer(resp) => return Ok(resp),
+    };
 
     // Millisecond precision, as Kafka timestamps have.
     let now = chrono::Utc::now();
@@ -231,8 +240,27 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     handed.store(true, Ordering::Relaxed);
     // Cancellation: if the client goes away while we wait, the append still
     // completes in the writer; the events are then delivered without a 202
-    // (at-least-once), never half-acknowledged.
-    let range = match st.wal.append(payloads).await {
+    // (at-least-once), never half-acknowledged. With a key, the key is
+    // stored when the batch is durable, so the client's retry gets this 202.
+    let appended = match keyed {
+        None => st.wal.append(payloads).await,
+        Some(keyed) => {
+            let template = |errors: &[crate::ingest::Rejection]| {
+                serde_json::to_vec(&IngestResponse {
+                    accepted,
+                    rejected,
+                    errors: errors.to_vec(),
+                    first_seq: None,
+                    last_seq: None,
+                })
+                .unwrap_or_default()
+            };
+            let response =
+                super::idempotent::stored_response(template(&batch.rejected), || template(&[]));
+            super::idempotent::append(st, payloads, keyed, response).await
+        }
+    };
+    let range = match appended {
         Ok(range) => range,
         Err(e) => {
             let err = AppError::from_wal(e, retry_after);
@@ -398,6 +426,8 @@ pub async fn stats(State(st): State<SharedState>) -> Json<serde_json::Value> {
     let c = &st.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     Json(json!({
+        "instance": crate::instance::current(),
+        "idempotency": { "keys_held": st.idempotency.held() },
         "ingest": {
             "requests": get(&c.requests),
             "events_accepted": get(&c.events_accepted),

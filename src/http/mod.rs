@@ -3,6 +3,7 @@
 
 mod error;
 mod handlers;
+mod idempotent;
 pub mod listener;
 pub mod tls;
 
@@ -47,6 +48,8 @@ pub struct AppState {
     /// API keys; `None` when auth is disabled.
     pub keys: Option<Arc<KeyStore>>,
     pub rates: Rates,
+    /// Idempotency keys (empty until `serve` rebuilds it at open).
+    pub idempotency: Arc<crate::idempotency::Index>,
 }
 
 /// Monotonic ingest counters.
@@ -93,6 +96,11 @@ impl AppState {
         if let Some(k) = &keys {
             metrics.auth_keys.set(k.len() as i64);
         }
+        let idempotency = crate::idempotency::Index::new(config.idempotency.clone());
+        // Registered once per state; a name clash is a bug, not an input.
+        let _ = metrics
+            .registry
+            .register(Box::new(crate::idempotency::Collector(idempotency.clone())));
         AppState {
             wal,
             offsets,
@@ -108,6 +116,7 @@ impl AppState {
             quota_refusing: AtomicBool::new(false),
             keys,
             rates: Rates::new(&config.rates),
+            idempotency,
         }
     }
 }

@@ -70,6 +70,7 @@ pub fn value_fit(
         + header("tenant", 64)
         + header("received_at", TIMESTAMP_MAX)
         + header("seq", SEQ_MAX)
+        + header(crate::instance::HEADER, crate::instance::ID_LEN)
         + header("error", ERROR_HEADER_MAX)
         + header("original_topic", k.topic.len());
     // The key is one of the event's fields. Known fields have a bound of

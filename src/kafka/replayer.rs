@@ -533,13 +533,19 @@ impl Replayer {
 /// raw-producer baseline in sluice-loadgen, which must send what replay sends.
 pub fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> OwnedHeaders {
     let seq_text = seq.to_string();
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1 + extra.len());
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 2 + extra.len());
     let ours = [(HEADER_SEQ, seq_text.as_bytes())];
+    // `seq` is unique per data directory; `instance` names the directory, so
+    // (instance, partition, seq) is what a consumer deduplicates on.
+    let instance = crate::instance::current().map(|id| (crate::instance::HEADER, id.as_bytes()));
     let all = record
         .headers
         .iter()
+        // Internal metadata (the idempotency entry) stays in the WAL.
+        .filter(|(k, _)| !crate::idempotency::is_internal_header(k))
         .map(|(k, v)| (k.as_str(), v.as_slice()))
         .chain(ours)
+        .chain(instance)
         .chain(extra.iter().copied());
     for (key, value) in all {
         headers = headers.insert(Header {
@@ -556,7 +562,7 @@ fn from_message(msg: &OwnedMessage) -> Record {
         .headers()
         .map(|h| {
             h.iter()
-                .filter(|h| h.key != HEADER_SEQ)
+                .filter(|h| h.key != HEADER_SEQ && h.key != crate::instance::HEADER)
                 .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
                 .collect()
         })
