@@ -7,6 +7,7 @@ mod damage;
 mod dead_letter;
 mod delivery;
 mod failures;
+mod idempotency;
 mod limits;
 mod offsets;
 mod outage;
