@@ -355,34 +355,35 @@ impl Index {
     /// before this call: the writer completes entries before it publishes, so
     /// every entry below it is in the index by then.
     pub fn checkpoint(&self, tree: &sled::Tree, durable_next: u64) -> sled::Result<()> {
-        let (rows, forgotten) = {
-            let mut inner = lock(&self.inner);
-            self.evict(&mut inner, now_ms());
-            let unsaved = std::mem::take(&mut inner.unsaved);
-            let mut rows = Vec::with_capacity(unsaved.len());
-            for (first_seq, mk) in unsaved {
-                if let Some(Slot::Done {
-                    entry,
-                    first_seq: f,
-                }) = inner.map.get(&mk)
-                {
-                    if *f == first_seq {
-                        rows.push((mk, stored_value(entry, first_seq)));
-                    }
-                }
-            }
-            (rows, std::mem::take(&mut inner.forgotten))
-        };
+        // The batch is applied under the lock: a concurrent checkpoint (the
+        // replayer's commit and the periodic one) then cannot flush its
+        // watermark while rows taken here are not yet in sled.
+        let mut inner = lock(&self.inner);
+        self.evict(&mut inner, now_ms());
         let mut batch = sled::Batch::default();
-        for mk in forgotten {
+        for mk in std::mem::take(&mut inner.forgotten) {
             batch.remove(mk);
         }
-        for (mk, v) in rows {
-            batch.insert(mk, v);
+        let unsaved = std::mem::take(&mut inner.unsaved);
+        for (first_seq, mk) in &unsaved {
+            if let Some(Slot::Done {
+                entry,
+                first_seq: f,
+            }) = inner.map.get(mk)
+            {
+                if f == first_seq {
+                    batch.insert(mk.clone(), stored_value(entry, *first_seq));
+                }
+            }
         }
         let through = durable_next.saturating_sub(1);
         batch.insert(WATERMARK_KEY, &through.to_be_bytes()[..]);
-        tree.apply_batch(batch)
+        if let Err(e) = tree.apply_batch(batch) {
+            // Not written: keep them for the next checkpoint.
+            inner.unsaved.extend(unsaved);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Rebuilds the index at open: sled's entries, then the WAL records above
@@ -476,6 +477,9 @@ impl Index {
     }
 }
 
+/// Name, help, and (label value, counter) rows of one counter family.
+type Family<'a> = (&'a str, &'a str, &'a [(&'a str, &'a AtomicU64)]);
+
 /// Exposes the index's counters on `/metrics`.
 pub struct Collector(pub Arc<Index>);
 
@@ -496,7 +500,7 @@ impl prometheus::core::Collector for Collector {
             g.set(get(&c.held) as i64);
             out.extend(prometheus::core::Collector::collect(&g));
         }
-        let families: [(&str, &str, &[(&str, &AtomicU64)]); 2] = [
+        let families: [Family; 2] = [
             (
                 "sluice_idempotency_keys_evicted_total",
                 "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys)",

@@ -5,6 +5,8 @@
 pub mod consume;
 pub mod dead_letter;
 #[cfg(feature = "kafka")]
+pub mod dedupe;
+#[cfg(feature = "kafka")]
 pub mod dev_broker;
 #[cfg(feature = "kafka")]
 pub mod replayer;
