@@ -242,8 +242,10 @@ pub struct KafkaConfig {
     pub linger_ms: u64,
     /// `batch.size` in bytes. Default 1000000.
     pub batch_size: u64,
-    /// `message.timeout.ms`: after this, librdkafka gives a record up and
-    /// sluice produces it again from the committed offset. Default 300000.
+    /// Stall limit: when records are in flight and no delivery report came
+    /// for this long, replay drops the producer and produces again from the
+    /// last confirmed record. librdkafka's own `message.timeout.ms` is
+    /// infinite (0 disables this check too). Default 300000.
     pub message_timeout_ms: u64,
     /// Partitions of each topic the dev broker creates. Default 3.
     pub dev_partitions: i32,

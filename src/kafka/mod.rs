@@ -25,7 +25,16 @@ use rdkafka::ClientConfig;
 use crate::config::{ConfigError, EventsConfig, KafkaConfig, Limits};
 
 /// Properties sluice sets itself because its guarantees depend on them.
-const RESERVED: [&str; 3] = ["acks", "enable.idempotence", "bootstrap.servers"];
+/// The timeout and the gapless guarantee are what keep first occurrences in
+/// `seq` order per partition (see replayer.rs).
+const RESERVED: [&str; 6] = [
+    "acks",
+    "enable.idempotence",
+    "bootstrap.servers",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "enable.gapless.guarantee",
+];
 
 /// librdkafka's default `message.max.bytes`, used when the config does not
 /// pass one through.
@@ -142,7 +151,15 @@ pub fn producer_config(k: &KafkaConfig, brokers: &str) -> ClientConfig {
         .set("compression.type", &k.compression)
         .set("linger.ms", k.linger_ms.to_string())
         .set("batch.size", k.batch_size.to_string())
-        .set("message.timeout.ms", k.message_timeout_ms.to_string())
+        // A record librdkafka gives up on by timeout lets later records of
+        // its partition through (its gapless guarantee excludes timeouts),
+        // and producing it again would put its first occurrence behind
+        // theirs. So librdkafka never times out; replay's own stall check
+        // (kafka.message-timeout-ms) drops the whole producer instead.
+        .set("message.timeout.ms", "0")
+        // A refused batch stops the producer (fatal) instead of letting the
+        // partition's later batches through with a new epoch.
+        .set("enable.gapless.guarantee", "true")
         // Room for the replayer's in-flight bound; the bound is ours.
         .set("queue.buffering.max.messages", "1000000");
     for (key, value) in &k.librdkafka {

@@ -10,6 +10,7 @@ mod failures;
 mod idempotency;
 mod limits;
 mod offsets;
+mod ordering;
 mod outage;
 
 use std::collections::BTreeMap;
