@@ -632,6 +632,9 @@ impl Replayer {
         }
         let (offsets, wal) = (self.offsets.clone(), self.wal.clone());
         let result = tokio::task::spawn_blocking(move || {
+            // Dying here leaves delivered records above the flushed offset:
+            // the next start produces them again (repeats, never firsts).
+            crate::debug::pause(crate::debug::Site::Flush);
             offsets.commit(delivered).map_err(|e| e.to_string())?;
             // Dying here leaves consumed segments that the next open removes.
             crate::debug::pause(crate::debug::Site::Gc);
