@@ -35,6 +35,17 @@ pub fn pauses() -> &'static str {
     }
 }
 
+/// The stall limit: in exactly-once mode shorter than the outages, so
+/// records in flight when the broker goes away hit the timeout path, where
+/// a later record could overtake an earlier one.
+pub fn message_timeout_ms() -> &'static str {
+    if enabled() {
+        "300"
+    } else {
+        "2000"
+    }
+}
+
 /// A request waiting for its definitive answer.
 pub struct Pending {
     key: String,
