@@ -261,11 +261,15 @@ pub struct KafkaConfig {
 pub struct ReplayConfig {
     /// Records produced but not yet confirmed, at most. This bounds replay
     /// memory (records plus librdkafka's per-message overhead) however large
-    /// the backlog. Default 10000.
+    /// the backlog. Records produced and not yet covered by the flushed
+    /// offset are bounded at twice this, which bounds what a kill makes
+    /// replay produce again. Default 10000.
     pub max_in_flight: usize,
-    /// How often the committed offset is flushed to disk (then GC runs), in
-    /// milliseconds. A longer interval means more duplicates after a crash,
-    /// never a loss. Default 200.
+    /// The longest time between flushes of the committed offset (then GC
+    /// runs), in milliseconds. Flushes come as often as every 10 ms while one
+    /// costs at most a tenth of the time between them, and at once when the
+    /// unflushed window is full. A longer interval means more duplicates
+    /// after a crash, never a loss. Default 200.
     pub commit_interval_ms: u64,
     /// First backoff after a failed delivery, in milliseconds; doubles up to
     /// `backoff-max-ms`. Default 100.

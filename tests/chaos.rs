@@ -111,7 +111,10 @@ fn serve(data: &Path, brokers: &str) -> (Child, String) {
         .env("SLUICE_WAL_MAX_BYTES", "1073741824")
         .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
         .env("SLUICE_REPLAY_COMMIT_INTERVAL_MS", "20")
-        .env("SLUICE_KAFKA_MESSAGE_TIMEOUT_MS", exactly_once::message_timeout_ms())
+        .env(
+            "SLUICE_KAFKA_MESSAGE_TIMEOUT_MS",
+            exactly_once::message_timeout_ms(),
+        )
         .env("SLUICE_REPLAY_BACKOFF_MAX_MS", "500")
         .env("SLUICE_DEBUG_PAUSE", exactly_once::pauses())
         .env("RUST_LOG", "warn")

@@ -164,6 +164,11 @@ impl Window {
 /// `max-in-flight` (they are a `u64` each unless they failed).
 const ORDER_WINDOW_FACTOR: usize = 8;
 
+/// Records produced and not yet covered by the flushed offset, at most, per
+/// unit of `max-in-flight`: a kill makes replay produce at most this many
+/// again.
+const UNFLUSHED_FACTOR: usize = 2;
+
 /// Records produced per wake-up of the replay loop at most, so that
 /// settling deliveries, commits and shutdown are still served in between.
 const PRODUCE_BURST: usize = 256;
@@ -303,7 +308,9 @@ impl Replayer {
         let mut reader = self.wal.reader(*delivered + 1);
         let durable = self.wal.durable();
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.commit_interval_ms));
+        // Ticks at the cadence floor; `Cadence` decides whether to flush.
+        let mut cadence = Cadence::new(Duration::from_millis(self.cfg.commit_interval_ms));
+        let mut tick = tokio::time::interval(cadence.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Set once shutdown is requested: keep delivering what is durable
         // (ingest has stopped, so the frontier no longer moves) until caught
@@ -337,8 +344,15 @@ impl Replayer {
             }
             // A suspect goes out only with nothing else in flight.
             let alone = |next: u64, queued: usize| next > isolate_through || queued == 0;
-            let room =
-                window.has_room(pending.len(), max) && alone(reader.next_seq(), pending.len());
+            // Produced but not flushed, at most: what a kill can make replay
+            // produce again.
+            let unflushed = |next: u64| {
+                next.saturating_sub(1 + stats.committed.load(Ordering::Relaxed))
+                    < (max * UNFLUSHED_FACTOR) as u64
+            };
+            let room = window.has_room(pending.len(), max)
+                && alone(reader.next_seq(), pending.len())
+                && unflushed(reader.next_seq());
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if deadline.is_none() => {
@@ -416,6 +430,7 @@ impl Replayer {
                         if burst < PRODUCE_BURST
                             && window.has_room(pending.len(), max)
                             && alone(reader.next_seq(), pending.len())
+                            && unflushed(reader.next_seq())
                         {
                             item = reader.try_next().transpose();
                         }
@@ -427,7 +442,12 @@ impl Replayer {
                 // A delivery behind the queue's head settled: re-check room.
                 _ = window.freed.notified(), if !room => {}
                 _ = tick.tick() => {
-                    self.commit(*delivered).await;
+                    let full = !unflushed(reader.next_seq());
+                    if cadence.due(full) {
+                        let t0 = std::time::Instant::now();
+                        self.commit(*delivered).await;
+                        cadence.committed(t0.elapsed());
+                    }
                     if window.stalled(stall) {
                         return match &broken {
                             Some(b) => b.end(reader.next_seq() - 1),
@@ -763,5 +783,41 @@ impl Broken {
             None if !self.failed() && self.gapless_stop => End::Renew,
             None => End::Retry(self.why.clone()),
         }
+    }
+}
+
+/// When to flush the offset: as often as every `FLOOR` while a flush is
+/// cheap (it costs at most a tenth of the time between flushes), never less
+/// often than `replay.commit-interval-ms`, and at once when the unflushed
+/// window is full. Every flush shortens what a kill makes replay repeat.
+struct Cadence {
+    max: Duration,
+    every: Duration,
+    last: std::time::Instant,
+}
+
+impl Cadence {
+    const FLOOR: Duration = Duration::from_millis(10);
+    const COST_SHARE: u32 = 10;
+
+    fn new(max: Duration) -> Cadence {
+        Cadence {
+            max,
+            every: Self::FLOOR.min(max),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn tick(&self) -> Duration {
+        Self::FLOOR.min(self.max).max(Duration::from_millis(1))
+    }
+
+    fn due(&self, full: bool) -> bool {
+        full || self.last.elapsed() >= self.every
+    }
+
+    fn committed(&mut self, cost: Duration) {
+        self.last = std::time::Instant::now();
+        self.every = (cost * Self::COST_SHARE).clamp(Self::FLOOR.min(self.max), self.max);
     }
 }
