@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent chaos-exactly-once
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -55,16 +55,22 @@ fuzz:
 fuzz-smoke:
 	$(MAKE) fuzz FUZZ_SECONDS=20
 
-ci: lint test
+ci: lint test chaos-exactly-once
 
 # sluice + Kafka (KRaft) + Prometheus for users with Docker (not run in CI).
 docker:
 	docker compose up --build
 
-# The kill -9 chaos harness (tests/chaos.rs). `make test` runs 10 cycles.
+# The kill -9 chaos harness (tests/chaos.rs). `make test` runs 10 cycles of
+# the at-least-once mode; MODE=exactly-once adds Idempotency-Key clients and
+# the consumer rule (CI runs 10 cycles of it: chaos-exactly-once).
 CYCLES ?= 200
+MODE ?= at-least-once
 chaos:
-	CHAOS_CYCLES=$(CYCLES) $(CARGO) test --locked --test chaos
+	CHAOS_MODE=$(MODE) CHAOS_CYCLES=$(CYCLES) $(CARGO) test --locked --test chaos
+
+chaos-exactly-once:
+	$(MAKE) chaos MODE=exactly-once CYCLES=10
 
 # The Debian package (cargo-deb; [package.metadata.deb] in Cargo.toml):
 # target/debian/sluice_<version>-1_<arch>.deb. A release build.

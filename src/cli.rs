@@ -64,6 +64,10 @@ enum Command {
         /// Stop after this many seconds without a new record.
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
+        /// Print each record once: drop any record whose `seq` is at or
+        /// below the highest seen for its (instance, partition).
+        #[arg(long)]
+        exactly_once: bool,
     },
     /// Inspect a WAL offline (read-only; safe on a stopped daemon's data dir).
     Wal {
@@ -181,7 +185,8 @@ pub fn main() -> ExitCode {
             from_beginning,
             max,
             timeout,
-        } => consume(&brokers, &topic, from_beginning, max, timeout),
+            exactly_once,
+        } => consume(&brokers, &topic, from_beginning, max, timeout, exactly_once),
     };
     match result {
         Ok(code) => code,
@@ -316,11 +321,16 @@ fn consume(
     from_beginning: bool,
     max: Option<usize>,
     timeout: f64,
+    exactly_once: bool,
 ) -> CliResult {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut write_err = None;
     let idle = std::time::Duration::from_secs_f64(timeout.max(0.0));
+    let mut dedupe = crate::dev::dedupe::Dedupe::default();
     crate::dev::consume::consume(brokers, topic, from_beginning, max, idle, |c| {
+        if exactly_once && !dedupe.admit(&c) {
+            return;
+        }
         if write_err.is_none() {
             let r = serde_json::to_writer(&mut out, &c)
                 .map_err(std::io::Error::from)
@@ -331,6 +341,12 @@ fn consume(
     })?;
     if let Some(e) = write_err {
         return Err(e.into());
+    }
+    if exactly_once {
+        eprintln!(
+            "exactly-once: {} repeated records dropped, {} records without instance/seq headers passed through",
+            dedupe.dropped, dedupe.unmarked
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -33,11 +33,21 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub rates: RatesConfig,
+    pub idempotency: crate::idempotency::IdempotencyConfig,
 }
 
 /// The config file's sections, for environment names and error pointers.
-pub const SECTIONS: [&str; 9] = [
-    "http", "limits", "events", "wal", "kafka", "replay", "log", "auth", "rates",
+pub const SECTIONS: [&str; 10] = [
+    "http",
+    "limits",
+    "events",
+    "wal",
+    "kafka",
+    "replay",
+    "log",
+    "auth",
+    "rates",
+    "idempotency",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +91,7 @@ impl Default for Config {
             log: LogConfig::default(),
             auth: AuthConfig::default(),
             rates: RatesConfig::default(),
+            idempotency: Default::default(),
         }
     }
 }
@@ -230,6 +241,7 @@ impl From<&Config> for crate::http::StateConfig {
             limits: c.limits.clone(),
             events: c.events.clone(),
             rates: c.rates.clone(),
+            idempotency: c.idempotency.clone(),
         }
     }
 }

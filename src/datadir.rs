@@ -20,6 +20,8 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 pub const DEAD_LETTER_DIR: &str = "dead-letter";
 pub const DEAD_LETTER_FILE: &str = "dead-letter.ndjson";
 pub const LOCK_FILE: &str = "LOCK";
+/// The data directory's stable identity (see the `instance` module).
+pub const INSTANCE_FILE: &str = "instance";
 
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(WAL_DIR)

@@ -1,6 +1,6 @@
 //! Debug-build-only pause hooks at the sites where a crash matters most, so
 //! that the chaos harness's random SIGKILLs land inside those windows more
-//! often. `SLUICE_DEBUG_PAUSE="commit=2,roll=20,gc=20,replay=1"` sleeps that
+//! often. `SLUICE_DEBUG_PAUSE="commit=2,roll=20,gc=20,replay=1,flush=20"` sleeps that
 //! many milliseconds at each named site. Release builds compile this to
 //! nothing.
 
@@ -15,14 +15,16 @@ pub enum Site {
     Gc = 2,
     /// Replay: a record produced, its delivery not yet settled.
     Replay = 3,
+    /// Replay: deliveries confirmed, the offset not yet flushed.
+    Flush = 4,
 }
 
 #[cfg(debug_assertions)]
 pub fn pause(site: Site) {
     use std::sync::OnceLock;
-    static PAUSES: OnceLock<[u64; 4]> = OnceLock::new();
+    static PAUSES: OnceLock<[u64; 5]> = OnceLock::new();
     let pauses = PAUSES.get_or_init(|| {
-        let mut p = [0u64; 4];
+        let mut p = [0u64; 5];
         if let Ok(spec) = std::env::var("SLUICE_DEBUG_PAUSE") {
             for part in spec.split(',') {
                 let Some((name, ms)) = part.split_once('=') else {
@@ -33,6 +35,7 @@ pub fn pause(site: Site) {
                     "roll" => 1,
                     "gc" => 2,
                     "replay" => 3,
+                    "flush" => 4,
                     _ => continue,
                 };
                 p[i] = ms.trim().parse().unwrap_or(0);

@@ -44,13 +44,17 @@ pub mod dev;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod idempotency;
 pub mod ingest;
+pub mod instance;
 pub mod metrics;
 #[cfg(feature = "kafka")]
 pub mod redrive;
 pub mod replay;
 #[cfg(feature = "kafka")]
 pub mod server;
+#[cfg(feature = "kafka")]
+mod server_idempotency;
 pub mod systemd;
 pub mod tenant;
 pub mod wal;

@@ -33,9 +33,7 @@ use crate::wal::format;
 use crate::wal::io::StdFs;
 use crate::wal::{inspect, Gap, Record};
 
-use crate::replay::producer::HEADER_SEQ;
-/// The header naming the daemon instance a record came from.
-const HEADER_INSTANCE: &str = "instance";
+use crate::replay::producer::{HEADER_INSTANCE, HEADER_SEQ};
 /// Delivery failures kept for the summary (all are counted).
 const FAILURES_KEPT: usize = 20;
 /// The longest dead-letter line read; longer lines are skipped as
@@ -217,7 +215,14 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         failed: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
     });
+    // Replay's producer never times a record out (it keeps order by dropping
+    // the whole producer on a stall instead); an offline re-send must end,
+    // so a record still unconfirmed after --timeout-ms is reported failed.
     let producer: BaseProducer<Ctx> = crate::replay::producer_config(&kafka, &args.brokers)
+        .set("message.timeout.ms", args.timeout_ms.to_string())
+        // A gap in a re-send is reported per record, not made fatal (and
+        // librdkafka warns about the experimental property whenever set).
+        .remove("enable.gapless.guarantee")
         .create_with_context(Ctx(reports.clone()))
         .map_err(|e| format!("producer: {e}"))?;
 
@@ -428,7 +433,7 @@ fn grandparent(p: &Path) -> Option<PathBuf> {
 
 /// DATA_DIR/instance, trimmed, if it exists and is a short single line.
 fn read_instance(data_dir: &Path) -> Option<String> {
-    let path = data_dir.join(HEADER_INSTANCE);
+    let path = data_dir.join(crate::instance::FILE);
     let mut text = String::new();
     std::fs::File::open(&path)
         .ok()?
@@ -600,12 +605,16 @@ pub fn scan_copy(
 
 /// The segment's first sequence number and the copy's offset in it, from a
 /// quarantine name: `<segment>.bad-header` (offset 0), `<segment>.corrupt-N`
-/// or `<segment>.tail-N`.
+/// or `<segment>.tail-N`, each followed by recovery's `.<unix ms>[-n]`.
 fn copy_origin(path: &Path) -> Option<(u64, u64)> {
     let name = path.file_name()?.to_str()?;
     let (segment, what) = name.split_at(name.find(".wal.")? + 4);
     let first = format::parse_segment_name(segment)?;
-    let offset = match what.strip_prefix('.')? {
+    // Recovery adds `.<unix ms>` (and `-n` if taken) so that evidence is
+    // never overwritten: the kind is what comes before it.
+    let kind = what.strip_prefix('.')?;
+    let kind = kind.split_once('.').map_or(kind, |(k, _)| k);
+    let offset = match kind {
         "bad-header" => 0,
         other => {
             let n = other
@@ -667,6 +676,14 @@ mod tests {
         assert_eq!(p("q/00000000000000004097.wal.bad-header"), Some((4097, 0)));
         assert_eq!(p("00000000000000000001.wal.corrupt-8192"), Some((1, 8192)));
         assert_eq!(p("00000000000000000001.wal.tail-24"), Some((1, 24)));
+        assert_eq!(
+            p("00000000000000000019.wal.bad-header.1795707643493"),
+            Some((19, 0))
+        );
+        assert_eq!(
+            p("00000000000000000001.wal.corrupt-8192.1795707643493-2"),
+            Some((1, 8192))
+        );
         assert_eq!(p("copy.bin"), None);
         assert_eq!(p("00000000000000000001.wal.other"), None);
     }

@@ -84,6 +84,13 @@ pub async fn run(
         source,
     })?;
     let _lock = DataDirLock::acquire(&data_dir)?;
+    // Before replay can produce anything: every record carries this id.
+    let instance =
+        crate::instance::load_or_create(&data_dir).map_err(|source| ServeError::DataDir {
+            path: data_dir.join(crate::instance::FILE),
+            source,
+        })?;
+    tracing::info!(%instance, "data directory identity");
     let (offsets, wal, offsets_reset) = open_storage(&config).await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
@@ -108,6 +115,9 @@ pub async fn run(
         tls.clone(),
         std::time::Duration::from_millis(config.auth.reload_interval_ms),
     ));
+    crate::server_idempotency::start(&state, &wal, &offsets)
+        .await
+        .map_err(|e| ServeError::Http(std::io::Error::other(e)))?;
     if offsets_reset {
         state
             .replay

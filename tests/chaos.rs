@@ -12,6 +12,11 @@
 //!
 //! Prints one summary line and exits 1 on any loss. `CHAOS_CYCLES` (default
 //! 10), `CHAOS_SEED`, `CHAOS_CLIENTS` (default 4). `make chaos CYCLES=200`.
+//! `CHAOS_MODE=exactly-once` (`make chaos MODE=exactly-once`): see
+//! `chaos/exactly_once.rs`.
+
+#[path = "chaos/exactly_once.rs"]
+mod exactly_once;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -108,9 +113,12 @@ fn serve(data: &Path, brokers: &str) -> (Child, String) {
         .env("SLUICE_WAL_MAX_BYTES", "1073741824")
         .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
         .env("SLUICE_REPLAY_COMMIT_INTERVAL_MS", "20")
-        .env("SLUICE_KAFKA_MESSAGE_TIMEOUT_MS", "2000")
+        .env(
+            "SLUICE_KAFKA_MESSAGE_TIMEOUT_MS",
+            exactly_once::message_timeout_ms(),
+        )
         .env("SLUICE_REPLAY_BACKOFF_MAX_MS", "500")
-        .env("SLUICE_DEBUG_PAUSE", "commit=1,roll=10,gc=10")
+        .env("SLUICE_DEBUG_PAUSE", exactly_once::pauses())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -181,6 +189,8 @@ fn client(
 struct Seen {
     ids: HashMap<String, u64>,
     offsets: HashMap<i32, (i64, i64, u64)>, // (min, max, count)
+    /// Every record in partition order, for the exactly-once verdict.
+    raw: Vec<exactly_once::Raw>,
 }
 
 /// Reads the topic from the beginning for the whole run, so that records are
@@ -215,7 +225,20 @@ fn consumer(brokers: String, seen: Arc<Mutex<Seen>>, stop: Arc<AtomicBool>) {
                 .and_then(|h| h.iter().find(|h| h.key == "id").and_then(|h| h.value))
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default();
+            let header = |name: &str| {
+                m.headers()
+                    .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            let raw = exactly_once::Raw {
+                partition: m.partition(),
+                instance: header("instance"),
+                seq: header("seq").parse().unwrap_or(0),
+                id: id.clone(),
+            };
             let mut s = seen.lock().unwrap();
+            s.raw.push(raw);
             *s.ids.entry(id).or_insert(0) += 1;
             let e = s.offsets.entry(m.partition()).or_insert((i64::MAX, -1, 0));
             e.0 = e.0.min(m.offset());
@@ -301,6 +324,12 @@ fn main() -> ExitCode {
     };
     let ledger_path = root.join("ledger.txt");
     let ledger = Arc::new(Mutex::new(std::fs::File::create(&ledger_path).unwrap()));
+    // Exactly-once clients keep their unanswered request across kills.
+    let eo: Option<Vec<_>> = exactly_once::enabled().then(|| {
+        (0..clients)
+            .map(|c| exactly_once::Client::new(c, rng.next()))
+            .collect()
+    });
 
     for cycle in 0..cycles {
         let (mut daemon, addr) = serve(&root, &brokers);
@@ -309,6 +338,12 @@ fn main() -> ExitCode {
             .map(|c| {
                 let (addr, ledger, stop) = (addr.clone(), ledger.clone(), stop.clone());
                 let s = rng.next();
+                if let Some(eo) = &eo {
+                    let state = eo[c as usize].clone();
+                    return std::thread::spawn(move || {
+                        exactly_once::run(&addr, &state, &ledger, &stop, false)
+                    });
+                }
                 std::thread::spawn(move || client(addr, format!("k{cycle}-c{c}"), s, ledger, stop))
             })
             .collect();
@@ -334,6 +369,14 @@ fn main() -> ExitCode {
 
     // Drain: a last daemon runs until replay has caught up, then stops cleanly.
     let (mut daemon, addr) = serve(&root, &brokers);
+    // Every request cut by a kill gets its definitive answer now.
+    let (mut retries, mut replayed) = (0, 0);
+    for state in eo.iter().flatten() {
+        exactly_once::run(&addr, state, &ledger, &AtomicBool::new(true), true);
+        let c = state.lock().unwrap();
+        retries += c.retries;
+        replayed += c.replayed;
+    }
     let t0 = Instant::now();
     while lag(&addr) != Some(0) {
         assert!(
@@ -361,6 +404,30 @@ fn main() -> ExitCode {
     broker.kill().unwrap();
     broker.wait().unwrap();
 
+    if eo.is_some() {
+        let v = exactly_once::verdict(&acked, &seen.raw);
+        println!(
+            "chaos: mode=exactly-once cycles={cycles} acknowledged={} lost={} duplicates={} delivered_unacknowledged={} order_violations={} raw_duplicates={} dropped_by_rule={} client_retries={retries} replayed_answers={replayed} consumed_records={n} clean_final_stop={clean} seed={seed} seconds={:.0}",
+            acked.len(),
+            v.lost,
+            v.duplicates,
+            v.unacknowledged,
+            v.order_violations,
+            v.raw_duplicates,
+            v.dropped_by_rule,
+            started.elapsed().as_secs_f64()
+        );
+        let bad = v.lost + v.unacknowledged + v.duplicates as usize + v.order_violations as usize;
+        if incomplete || bad > 0 || !clean || acked.is_empty() {
+            eprintln!(
+                "exactly-once run failed (incomplete read: {incomplete}, clean stop: {clean}); logs kept in {}",
+                root.display()
+            );
+            std::mem::forget(dir);
+            return ExitCode::from(1);
+        }
+        return ExitCode::SUCCESS;
+    }
     let lost: Vec<_> = acked
         .keys()
         .filter(|id| !consumed.contains_key(*id))

@@ -136,6 +136,17 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     let (parts, body) = req.into_parts();
     let admitted = admit(st, &parts.headers)?;
     let (bytes, permit) = read_and_decode(st, body, &admitted).await?;
+    // Idempotency-Key: a repeat is answered here, before parsing; a new key
+    // is held in flight until this request has its answer.
+    let keyed = match super::idempotent::gate(
+        st,
+        &parts.headers,
+        admitted.key.as_ref().map(|k| k.name.as_str()),
+        &bytes,
+    )? {
+        super::idempotent::Gate::Proceed(keyed) => keyed,
+        super::idempotent::Gate::Answer(resp) => return Ok(resp),
+    };
     let batch = parse(st, bytes, admitted.format, admitted.scope).await?;
     let rejected = count_rejections(st, &batch);
     if batch.accepted.is_empty() {
@@ -148,7 +159,8 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     rate_check(st, decision, &tenants)?;
     let accepted = batch.accepted.len();
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
-    let range = append(st, payloads, handed).await?;
+    let keyed = keyed.map(|k| (k, stored_response(accepted, rejected, &batch.rejected)));
+    let range = append(st, payloads, keyed, handed).await?;
     drop(permit);
     Ok(respond(
         st,
@@ -308,14 +320,20 @@ fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
 async fn append(
     st: &SharedState,
     payloads: Vec<Vec<u8>>,
+    keyed: Option<(super::idempotent::Keyed, Vec<u8>)>,
     handed: &AtomicBool,
 ) -> Result<crate::wal::SeqRange, AppError> {
     let retry_after = st.http.retry_after_secs;
     handed.store(true, Ordering::Relaxed);
     // Cancellation: if the client goes away while we wait, the append still
     // completes in the writer; the events are then delivered without a 202
-    // (at-least-once), never half-acknowledged.
-    match st.wal.append(payloads).await {
+    // (at-least-once), never half-acknowledged. With a key, the key is
+    // stored when the batch is durable, so the client's retry gets this 202.
+    let appended = match keyed {
+        None => st.wal.append(payloads).await,
+        Some((keyed, response)) => super::idempotent::append(st, payloads, keyed, response).await,
+    };
+    match appended {
         Ok(range) => Ok(range),
         Err(e) => {
             let err = AppError::from_wal(e, retry_after);
@@ -332,6 +350,23 @@ async fn append(
             Err(err)
         }
     }
+}
+
+/// The 202 body an Idempotency-Key replay answers with: sequence numbers
+/// null (the index fills them in once the batch is durable), cut to its
+/// counts when the error list is long.
+fn stored_response(accepted: usize, rejected: usize, errors: &[Rejection]) -> Vec<u8> {
+    let template = |errors: &[Rejection]| {
+        serde_json::to_vec(&IngestResponse {
+            accepted,
+            rejected,
+            errors: errors.to_vec(),
+            first_seq: None,
+            last_seq: None,
+        })
+        .unwrap_or_default()
+    };
+    super::idempotent::stored_response(template(errors), || template(&[]))
 }
 
 /// The 202, after counting the accepted events (by tenant too).

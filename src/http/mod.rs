@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 mod error;
+mod idempotent;
 mod ingest;
 pub mod listener;
 mod status;
@@ -42,6 +43,7 @@ pub struct StateConfig {
     pub limits: Limits,
     pub events: EventsConfig,
     pub rates: RatesConfig,
+    pub idempotency: crate::idempotency::IdempotencyConfig,
 }
 
 /// Everything the handlers share.
@@ -70,6 +72,8 @@ pub struct AppState {
     /// API keys; `None` when auth is disabled.
     pub keys: Option<Arc<KeyStore>>,
     pub rates: Rates,
+    /// Idempotency keys (empty until `serve` rebuilds it at open).
+    pub idempotency: Arc<crate::idempotency::Index>,
 }
 
 impl AppState {
@@ -105,6 +109,11 @@ impl AppState {
         if let Some(k) = &keys {
             metrics.auth_keys.set(k.len() as i64);
         }
+        let idempotency = crate::idempotency::Index::new(config.idempotency.clone());
+        // Registered once per state; a name clash is a bug, not an input.
+        let _ = metrics
+            .registry
+            .register(Box::new(crate::idempotency::Collector(idempotency.clone())));
         AppState {
             wal,
             offsets,
@@ -121,6 +130,7 @@ impl AppState {
             shedding: AtomicBool::new(false),
             keys,
             rates: Rates::new(&config.rates),
+            idempotency,
         }
     }
 }

@@ -95,6 +95,8 @@ pub async fn stats(State(st): State<SharedState>) -> Json<serde_json::Value> {
     let c = &st.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     Json(json!({
+        "instance": crate::instance::current(),
+        "idempotency": { "keys_held": st.idempotency.held() },
         "ingest": {
             "requests": get(&c.requests),
             "events_accepted": get(&c.events_accepted),

@@ -101,7 +101,13 @@ pub struct OffsetStore {
     db: sled::Db,
     fates: sled::Tree,
     dir: PathBuf,
+    /// Runs inside every commit, before the flush, so what it writes (the
+    /// idempotency checkpoint) is durable with the offset it precedes.
+    before_flush: std::sync::OnceLock<BeforeFlush>,
 }
+
+/// See [`OffsetStore::set_before_flush`].
+pub type BeforeFlush = Box<dyn Fn(&sled::Db) -> sled::Result<()> + Send + Sync>;
 
 impl OffsetStore {
     /// Opens the store at `dir`, creating it if needed; fails on a store sled
@@ -129,6 +135,7 @@ impl OffsetStore {
             db,
             fates,
             dir: dir.to_owned(),
+            before_flush: std::sync::OnceLock::new(),
         };
         store.committed()?;
         // A store we just created is durable only once its files, its
@@ -237,12 +244,27 @@ impl OffsetStore {
                 Err(_) => current = self.committed()?,
             }
         }
+        if let Some(hook) = self.before_flush.get() {
+            hook(&self.db)?;
+        }
         self.db.flush()?;
         // If we die here the offset may still be only in the page cache (or
         // the disk's cache): no segment has been deleted yet, so the worst
         // case is records produced again.
         self.sync()?;
         Ok(current)
+    }
+
+    /// Installs a write that every [`OffsetStore::commit`] makes before its
+    /// flush and fsync (only the first call takes effect). A commit at or
+    /// below the current offset still runs it and syncs.
+    pub fn set_before_flush(&self, hook: BeforeFlush) {
+        let _ = self.before_flush.set(hook);
+    }
+
+    /// The underlying database, for trees that share the offset's fsync.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// Records the fate of `first..=last`. Not durable by itself: the next

@@ -23,6 +23,9 @@ pub const HEADER_ID: &str = "id";
 pub const HEADER_TENANT: &str = "tenant";
 pub const HEADER_RECEIVED_AT: &str = "received_at";
 pub const HEADER_SEQ: &str = "seq";
+/// The data directory's stable id (`crate::instance`), next to `seq`: the
+/// consumer rule deduplicates per (instance, partition).
+pub const HEADER_INSTANCE: &str = "instance";
 pub const HEADER_ERROR: &str = "error";
 pub const HEADER_ORIGINAL_TOPIC: &str = "original_topic";
 
@@ -36,7 +39,16 @@ pub struct EventBounds<'a> {
 }
 
 /// Properties sluice sets itself because its guarantees depend on them.
-const RESERVED: [&str; 3] = ["acks", "enable.idempotence", "bootstrap.servers"];
+/// The timeout and the gapless guarantee are what keep first occurrences in
+/// `seq` order per partition (see replayer.rs).
+const RESERVED: [&str; 6] = [
+    "acks",
+    "enable.idempotence",
+    "bootstrap.servers",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "enable.gapless.guarantee",
+];
 
 /// librdkafka's default `message.max.bytes`, used when the config does not
 /// pass one through.
@@ -79,6 +91,7 @@ pub fn value_fit(k: &KafkaConfig, limits: &EventBounds) -> Result<usize, String>
         + header(HEADER_TENANT, 64)
         + header(HEADER_RECEIVED_AT, TIMESTAMP_MAX)
         + header(HEADER_SEQ, SEQ_MAX)
+        + header(HEADER_INSTANCE, crate::instance::ID_LEN)
         + header(HEADER_ERROR, ERROR_HEADER_MAX)
         + header(HEADER_ORIGINAL_TOPIC, k.topic.len());
     // The key is one of the event's fields. Known fields have a bound of
@@ -149,7 +162,15 @@ pub fn producer_config(k: &KafkaConfig, brokers: &str) -> ClientConfig {
         .set("compression.type", &k.compression)
         .set("linger.ms", k.linger_ms.to_string())
         .set("batch.size", k.batch_size.to_string())
-        .set("message.timeout.ms", k.message_timeout_ms.to_string())
+        // A record librdkafka gives up on by timeout lets later records of
+        // its partition through (its gapless guarantee excludes timeouts),
+        // and producing it again would put its first occurrence behind
+        // theirs. So librdkafka never times out; replay's own stall check
+        // (kafka.message-timeout-ms) drops the whole producer instead.
+        .set("message.timeout.ms", "0")
+        // A refused batch stops the producer (fatal) instead of letting the
+        // partition's later batches through with a new epoch.
+        .set("enable.gapless.guarantee", "true")
         // Room for the replayer's in-flight bound; the bound is ours.
         .set("queue.buffering.max.messages", "1000000");
     for (key, value) in &k.librdkafka {

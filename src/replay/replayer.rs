@@ -21,9 +21,13 @@
 //!                                 fails permanently alone ──> dead-letter
 //!                                 topic ──fails permanently──> dead-letter
 //!                                 file; then delivered = seq
-//!         retriable / timeout ──> drop producer (purges its queue), backoff,
+//!         retriable           ──> drop producer (purges its queue), backoff,
 //!                                 new incarnation from delivered + 1
 //!         fatal producer      ──> same: a new producer
+//!       any failure: produce nothing more; read the reports still pending
+//!         only for refusals (they widen the isolation range)
+//!       no report for kafka.message-timeout-ms with records in flight
+//!                             ──> like retriable (librdkafka never times out)
 //!       every commit-interval: flush delivered to sled, then WAL GC below it
 //!     shutdown: keep delivering what is durable (ingest has stopped) until
 //!               caught up or the drain deadline passes; flush the offset
@@ -33,6 +37,15 @@
 //! its partition, so each tenant's records reach their partition in order
 //! (idempotent producer, acks=all). After a retry, records already delivered
 //! may be produced again: at-least-once, with the event id in a header.
+//!
+//! First occurrences rise per partition. Each producer writes, per partition,
+//! a prefix of what it was given: the broker takes a producer's batches only
+//! in sequence, librdkafka never times a record out (`message.timeout.ms` 0),
+//! a refused batch stops the producer (`enable.gapless.guarantee`) instead of
+//! letting later batches through, and replay produces nothing after a failed
+//! or refused produce call. Every producer starts at the first unconfirmed
+//! record, so a record it writes below another's first occurrence was
+//! already written by an earlier producer (or process) and is a repeat.
 //!
 //! Isolation keeps that order: producing a refused record again while later
 //! records sit in librdkafka's queue would put it behind them (librdkafka
@@ -80,29 +93,77 @@ type Pending = Pin<Box<dyn Future<Output = Settled> + Send>>;
 /// unsettled one holds its payload inside librdkafka. Bounding the queue
 /// instead lets one slow partition stall all the others (head-of-line):
 /// measured at 10,000 in flight, a drain ran at 121k records/s that way.
-#[derive(Default)]
 struct Window {
     unsettled: std::sync::atomic::AtomicUsize,
     /// Signalled when a delivery settles, so the loop re-checks for room.
     freed: tokio::sync::Notify,
+    /// Set by the first failed delivery or refused produce call. Nothing is
+    /// produced after it in this incarnation: a later record of the same
+    /// partition could otherwise be written before the failed one is.
+    failed: std::sync::atomic::AtomicBool,
+    /// When a delivery last settled, or the window last became busy: the
+    /// stall check's clock, since librdkafka itself never times out.
+    progress: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            unsettled: Default::default(),
+            freed: Default::default(),
+            failed: Default::default(),
+            progress: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
 }
 
 impl Window {
-    fn settled(&self) {
+    fn settled(&self, ok: bool) {
+        if !ok {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        self.touch();
         self.unsettled.fetch_sub(1, Ordering::Relaxed);
         self.freed.notify_one();
     }
 
-    /// Whether replay may hand librdkafka another record: fewer than `max`
-    /// unsettled, and the ordered queue (`queued` entries) under its cap.
+    fn produced(&self) {
+        if self.unsettled.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.touch();
+        }
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.progress.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+
+    /// Records are in flight and none settled for `limit` (zero: never).
+    fn stalled(&self, limit: Duration) -> bool {
+        !limit.is_zero()
+            && self.unsettled.load(Ordering::Relaxed) > 0
+            && self.progress.lock().is_ok_and(|t| t.elapsed() >= limit)
+    }
+
+    /// Whether replay may hand librdkafka another record: no failure yet,
+    /// fewer than `max` unsettled, and the ordered queue (`queued` entries)
+    /// under its cap.
     fn has_room(&self, queued: usize, max: usize) -> bool {
-        self.unsettled.load(Ordering::Relaxed) < max && queued < max * ORDER_WINDOW_FACTOR
+        !self.failed.load(Ordering::Relaxed)
+            && self.unsettled.load(Ordering::Relaxed) < max
+            && queued < max * ORDER_WINDOW_FACTOR
     }
 }
 
 /// Settled entries waiting behind an unsettled one, at most, per unit of
 /// `max-in-flight` (they are a `u64` each unless they failed).
 const ORDER_WINDOW_FACTOR: usize = 8;
+
+/// Records produced and not yet covered by the flushed offset, at most, per
+/// unit of `max-in-flight`: a kill makes replay produce at most this many
+/// again.
+const UNFLUSHED_FACTOR: usize = 2;
 
 /// Records produced per wake-up of the replay loop at most, so that
 /// settling deliveries, commits and shutdown are still served in between.
@@ -111,6 +172,9 @@ const PRODUCE_BURST: usize = 256;
 enum End {
     Shutdown,
     Retry(String),
+    /// The producer stopped itself (the gapless guarantee) after a refused
+    /// record was dead-lettered: a new one at once, no backoff.
+    Renew,
     /// A permanent error at `from`: produce `from..=through` one at a time.
     Isolate {
         from: u64,
@@ -183,8 +247,17 @@ impl Replayer {
             if delivered > before {
                 backoff = initial;
             }
+            // Whatever ended the incarnation, a fatal error means this
+            // producer can never recover by itself.
+            if let Some((code, fatal)) = producer.client().fatal_error() {
+                self.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(?code, reason = %fatal, "fatal producer error: recreating the producer");
+            }
             match end {
                 End::Shutdown => break,
+                End::Renew => {
+                    let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+                }
                 End::Isolate { from, through } => {
                     tracing::warn!(
                         from_seq = from,
@@ -198,12 +271,6 @@ impl Replayer {
                     let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
                 }
                 End::Retry(why) => {
-                    // Whatever ended the incarnation, a fatal error means this
-                    // producer can never recover by itself: only a new one can.
-                    if let Some((code, fatal)) = producer.client().fatal_error() {
-                        self.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(?code, reason = %fatal, "fatal producer error: recreating the producer");
-                    }
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     self.stats.set_connected(false, &why);
                     tracing::warn!(
@@ -237,7 +304,9 @@ impl Replayer {
         let mut reader = self.wal.reader(*delivered + 1);
         let durable = self.wal.durable();
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.commit_interval_ms));
+        // Ticks at the cadence floor; `Cadence` decides whether to flush.
+        let mut cadence = Cadence::new(Duration::from_millis(self.cfg.commit_interval_ms));
+        let mut tick = tokio::time::interval(cadence.tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Set once shutdown is requested: keep delivering what is durable
         // (ingest has stopped, so the frontier no longer moves) until caught
@@ -246,9 +315,24 @@ impl Replayer {
         let stats = &self.stats;
         let window = Arc::new(Window::default());
         let max = self.cfg.max_in_flight;
+        // Set by the first failure: from then on nothing is produced and
+        // nothing more counts as delivered; what is still pending is only
+        // read for refusals, to learn which records to isolate.
+        let mut broken: Option<Broken> = None;
+        let stall = Duration::from_millis(self.kafka.message_timeout_ms);
         loop {
-            if let Some((code, why)) = producer.client().fatal_error() {
-                return End::Retry(format!("fatal producer error {code:?}: {why}"));
+            if broken.is_none() {
+                if let Some((code, why)) = producer.client().fatal_error() {
+                    window.failed.store(true, Ordering::Relaxed);
+                    let mut b = Broken::new(format!("fatal producer error {code:?}: {why}"));
+                    b.gapless_stop = code == RDKafkaErrorCode::GaplessGuarantee;
+                    broken = Some(b);
+                }
+            }
+            if let Some(b) = &broken {
+                if pending.is_empty() {
+                    return b.end(reader.next_seq() - 1);
+                }
             }
             let caught_up = reader.next_seq() >= durable.borrow().next_seq;
             if deadline.is_some() && caught_up && pending.is_empty() {
@@ -256,8 +340,15 @@ impl Replayer {
             }
             // A suspect goes out only with nothing else in flight.
             let alone = |next: u64, queued: usize| next > isolate_through || queued == 0;
-            let room =
-                window.has_room(pending.len(), max) && alone(reader.next_seq(), pending.len());
+            // Produced but not flushed, at most: what a kill can make replay
+            // produce again.
+            let unflushed = |next: u64| {
+                next.saturating_sub(1 + stats.committed.load(Ordering::Relaxed))
+                    < (max * UNFLUSHED_FACTOR) as u64
+            };
+            let room = window.has_room(pending.len(), max)
+                && alone(reader.next_seq(), pending.len())
+                && unflushed(reader.next_seq());
             tokio::select! {
                 biased;
                 _ = shutdown.changed(), if deadline.is_none() => {
@@ -269,17 +360,35 @@ impl Replayer {
                 }
                 Some(settled) = pending.next(), if !pending.is_empty() => {
                     stats.in_flight.store(window.unsettled.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
-                    match self.settle(producer, settled, isolate_through).await {
+                    // After a failed delivery, later reports only tell which
+                    // records were refused. After a fatal error alone, the
+                    // reports still settle in order as usual.
+                    if let Some(b) = broken.as_mut().filter(|b| b.failed()) {
+                        b.note(settled);
+                        continue;
+                    }
+                    let failed_seq = match &settled {
+                        Settled::Failed { seq, .. } => Some(*seq),
+                        Settled::Done(_) => None,
+                    };
+                    match self.settle(settled, isolate_through).await {
                         Ok(seq) => {
                             *delivered = seq;
                             stats.delivered_through.store(seq, Ordering::Relaxed);
                         }
                         Err(End::Isolate { from, .. }) => {
-                            let produced = reader.next_seq() - 1;
-                            return End::Isolate {
-                                from,
-                                through: produced.min(from + ISOLATE_MAX - 1),
-                            };
+                            // The rest of the window may hold more of the
+                            // refused request: read it before deciding.
+                            let mut b = Broken::new(format!("seq {from} refused"));
+                            b.refused(from);
+                            broken = Some(b);
+                        }
+                        Err(End::Retry(why)) => {
+                            let mut b = Broken::new(why);
+                            if let Some(seq) = failed_seq {
+                                b.first_failed(seq);
+                            }
+                            broken = Some(b);
                         }
                         Err(end) => return end,
                     }
@@ -317,6 +426,7 @@ impl Replayer {
                         if burst < PRODUCE_BURST
                             && window.has_room(pending.len(), max)
                             && alone(reader.next_seq(), pending.len())
+                            && unflushed(reader.next_seq())
                         {
                             item = reader.try_next().transpose();
                         }
@@ -327,7 +437,24 @@ impl Replayer {
                 }
                 // A delivery behind the queue's head settled: re-check room.
                 _ = window.freed.notified(), if !room => {}
-                _ = tick.tick() => self.commit(*delivered).await,
+                _ = tick.tick() => {
+                    let full = !unflushed(reader.next_seq());
+                    if cadence.due(full) {
+                        let t0 = std::time::Instant::now();
+                        self.commit(*delivered).await;
+                        cadence.committed(t0.elapsed());
+                    }
+                    if window.stalled(stall) {
+                        return match &broken {
+                            Some(b) => b.end(reader.next_seq() - 1),
+                            None => End::Retry(format!(
+                                "no delivery report for {} ms with {} records in flight",
+                                stall.as_millis(),
+                                window.unsettled.load(Ordering::Relaxed)
+                            )),
+                        };
+                    }
+                }
             }
         }
     }
@@ -354,11 +481,11 @@ impl Replayer {
             match producer.send_result(fr) {
                 Ok(delivery) => {
                     crate::debug::pause(crate::debug::Site::Replay);
-                    window.unsettled.fetch_add(1, Ordering::Relaxed);
+                    window.produced();
                     let window = window.clone();
                     return Box::pin(async move {
                         let report = delivery.await;
-                        window.settled();
+                        window.settled(matches!(report, Ok(Ok(_))));
                         if let Some(o) = &observer {
                             o.delivered(started.elapsed());
                         }
@@ -387,6 +514,8 @@ impl Replayer {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((error, _)) => {
+                    // Never enqueued: later records must not be either.
+                    window.failed.store(true, Ordering::Relaxed);
                     return Box::pin(std::future::ready(Settled::Failed { seq, error, record }));
                 }
             }
@@ -395,12 +524,7 @@ impl Replayer {
 
     /// Turns a settled entry into the new delivered-through sequence number,
     /// or the way this incarnation ends.
-    async fn settle(
-        &self,
-        producer: &Producer_,
-        settled: Settled,
-        isolate_through: u64,
-    ) -> Result<u64, End> {
+    async fn settle(&self, settled: Settled, isolate_through: u64) -> Result<u64, End> {
         let stats = &self.stats;
         match settled {
             Settled::Done(seq) => {
@@ -412,7 +536,7 @@ impl Replayer {
                 Failure::Retriable => Err(End::Retry(format!("seq {seq}: {error}"))),
                 // Produced alone and still refused: the record itself is bad.
                 Failure::Permanent if seq <= isolate_through => {
-                    self.dead_letter(producer, seq, &error, record)
+                    self.dead_letter(seq, &error, record)
                         .await
                         .map_err(End::Retry)?;
                     Ok(seq)
@@ -433,7 +557,6 @@ impl Replayer {
     /// record later (it is produced again from the committed offset).
     async fn dead_letter(
         &self,
-        producer: &Producer_,
         seq: u64,
         error: &KafkaError,
         record: Record,
@@ -462,6 +585,19 @@ impl Replayer {
         if let Some(k) = &record.key {
             fr = fr.key(k);
         }
+        // A producer of its own: the replay producer stopped itself when
+        // the broker refused this record (the gapless guarantee). Bounded by
+        // the stall limit, since ordering does not matter for one record.
+        let mut config = producer_config(&self.kafka, &self.brokers);
+        if self.kafka.message_timeout_ms > 0 {
+            config.set(
+                "message.timeout.ms",
+                self.kafka.message_timeout_ms.to_string(),
+            );
+        }
+        let producer: Producer_ = config
+            .create_with_context(KafkaHealth(self.stats.clone()))
+            .map_err(|e| format!("dead-letter producer: {e}"))?;
         let dlq_error = match producer.send_result(fr) {
             Ok(delivery) => match delivery.await {
                 Ok(Ok(_)) => None,
@@ -470,6 +606,7 @@ impl Replayer {
             },
             Err((e, _)) => Some(e),
         };
+        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
         match dlq_error {
             None => {
                 self.offsets
@@ -511,6 +648,9 @@ impl Replayer {
         }
         let (offsets, wal) = (self.offsets.clone(), self.wal.clone());
         let result = tokio::task::spawn_blocking(move || {
+            // Dying here leaves delivered records above the flushed offset:
+            // the next start produces them again (repeats, never firsts).
+            crate::debug::pause(crate::debug::Site::Flush);
             offsets.commit(delivered).map_err(|e| e.to_string())?;
             // Dying here leaves consumed segments that the next open removes.
             crate::debug::pause(crate::debug::Site::Gc);
@@ -529,13 +669,20 @@ impl Replayer {
 /// raw-producer baseline in sluice-loadgen, which must send what replay sends.
 pub fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> OwnedHeaders {
     let seq_text = seq.to_string();
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 1 + extra.len());
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 2 + extra.len());
     let ours = [(HEADER_SEQ, seq_text.as_bytes())];
+    // `seq` is unique per data directory; `instance` names the directory, so
+    // (instance, partition, seq) is what a consumer deduplicates on.
+    let instance = crate::instance::current()
+        .map(|id| (crate::replay::producer::HEADER_INSTANCE, id.as_bytes()));
     let all = record
         .headers
         .iter()
+        // Internal metadata (the idempotency entry) stays in the WAL.
+        .filter(|(k, _)| !crate::idempotency::is_internal_header(k))
         .map(|(k, v)| (k.as_str(), v.as_slice()))
         .chain(ours)
+        .chain(instance)
         .chain(extra.iter().copied());
     for (key, value) in all {
         headers = headers.insert(Header {
@@ -552,7 +699,9 @@ fn from_message(msg: &OwnedMessage) -> Record {
         .headers()
         .map(|h| {
             h.iter()
-                .filter(|h| h.key != HEADER_SEQ)
+                .filter(|h| {
+                    h.key != HEADER_SEQ && h.key != crate::replay::producer::HEADER_INSTANCE
+                })
                 .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
                 .collect()
         })
@@ -570,5 +719,104 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
     tokio::select! {
         _ = tokio::time::sleep(d) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
+    }
+}
+
+/// What an incarnation learns after its first failure, while the reports
+/// still pending come in: which records the broker refused for good.
+struct Broken {
+    why: String,
+    /// Lowest sequence number whose delivery failed.
+    first: Option<u64>,
+    /// Lowest and highest sequence numbers refused for good: under the
+    /// gapless guarantee every record of the refused batch reports it.
+    refused: Option<(u64, u64)>,
+    /// The producer stopped itself after a refusal (the gapless guarantee).
+    gapless_stop: bool,
+}
+
+impl Broken {
+    fn new(why: String) -> Broken {
+        Broken {
+            why,
+            first: None,
+            refused: None,
+            gapless_stop: false,
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.first.is_some() || self.refused.is_some()
+    }
+
+    fn first_failed(&mut self, seq: u64) {
+        self.first = Some(self.first.map_or(seq, |f| f.min(seq)));
+    }
+
+    fn refused(&mut self, seq: u64) {
+        self.first_failed(seq);
+        self.refused = Some(match self.refused {
+            None => (seq, seq),
+            Some((lo, hi)) => (lo.min(seq), hi.max(seq)),
+        });
+    }
+
+    fn note(&mut self, settled: Settled) {
+        if let Settled::Failed { seq, error, .. } = settled {
+            match classify(&error) {
+                Failure::Permanent => self.refused(seq),
+                Failure::Retriable => self.first_failed(seq),
+            }
+        }
+    }
+
+    /// How the incarnation ends once nothing is pending (or it stalled).
+    /// Isolation covers the refused records and everything produced between
+    /// them; the next incarnation starts at the first unconfirmed record.
+    fn end(&self, produced: u64) -> End {
+        match self.refused {
+            Some((from, through)) => End::Isolate {
+                from,
+                through: through.min(produced).min(from + ISOLATE_MAX - 1).max(from),
+            },
+            None if !self.failed() && self.gapless_stop => End::Renew,
+            None => End::Retry(self.why.clone()),
+        }
+    }
+}
+
+/// When to flush the offset: as often as every `FLOOR` while a flush is
+/// cheap (it costs at most a tenth of the time between flushes), never less
+/// often than `replay.commit-interval-ms`, and at once when the unflushed
+/// window is full. Every flush shortens what a kill makes replay repeat.
+struct Cadence {
+    max: Duration,
+    every: Duration,
+    last: std::time::Instant,
+}
+
+impl Cadence {
+    const FLOOR: Duration = Duration::from_millis(10);
+    const COST_SHARE: u32 = 10;
+
+    fn new(max: Duration) -> Cadence {
+        Cadence {
+            max,
+            every: Self::FLOOR.min(max),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn tick(&self) -> Duration {
+        Self::FLOOR.min(self.max).max(Duration::from_millis(1))
+    }
+
+    fn due(&self, full: bool) -> bool {
+        full || self.last.elapsed() >= self.every
+    }
+
+    fn committed(&mut self, cost: Duration) {
+        self.last = std::time::Instant::now();
+        self.every = (cost * Self::COST_SHARE).clamp(Self::FLOOR.min(self.max), self.max);
     }
 }

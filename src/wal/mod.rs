@@ -264,10 +264,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Run by the writer once an append is durable, before readers can see it.
+pub type OnDurable = Box<dyn FnOnce(SeqRange) + Send>;
+
 struct AppendRequest {
     payloads: Vec<Vec<u8>>,
     frame_bytes: u64,
     reply: oneshot::Sender<Result<SeqRange, WalError>>,
+    /// Dropped uncalled if the append is refused or fails.
+    on_durable: Option<OnDurable>,
 }
 
 /// The log. Share it behind an `Arc`; dropping the last handle stops the
@@ -332,6 +337,7 @@ impl Wal {
                 payloads,
                 frame_bytes,
                 reply,
+                on_durable: None,
             },
             rx,
         ))
@@ -342,6 +348,23 @@ impl Wal {
     /// records may still become durable (and be delivered) unacknowledged.
     pub async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<SeqRange, WalError> {
         let (req, rx) = self.request(payloads)?;
+        let tx = self.tx.as_ref().ok_or(WalError::Closed)?;
+        tx.send(req).await.map_err(|_| WalError::Closed)?;
+        rx.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// [`Wal::append`], and `on_durable` runs on the writer thread after the
+    /// fdatasync that makes the records durable and before they are published
+    /// to readers (so state it installs is there before replay can see the
+    /// records). Keep it cheap. If the append is refused or fails, it is
+    /// dropped without being called.
+    pub async fn append_with(
+        &self,
+        payloads: Vec<Vec<u8>>,
+        on_durable: OnDurable,
+    ) -> Result<SeqRange, WalError> {
+        let (mut req, rx) = self.request(payloads)?;
+        req.on_durable = Some(on_durable);
         let tx = self.tx.as_ref().ok_or(WalError::Closed)?;
         tx.send(req).await.map_err(|_| WalError::Closed)?;
         rx.await.map_err(|_| WalError::Closed)?

@@ -58,6 +58,9 @@ pub(super) struct Writer {
     next_seq: u64,
     /// Frames of the current group, reused across groups.
     buf: Vec<u8>,
+    /// Callbacks of the requests whose frames are in `buf`, run by `flush`
+    /// between the fdatasync and the publish.
+    hooks: Vec<(super::OnDurable, SeqRange)>,
     warned_statvfs: bool,
 }
 
@@ -69,6 +72,7 @@ impl Writer {
             active,
             next_seq,
             buf: Vec::new(),
+            hooks: Vec::new(),
             warned_statvfs: false,
         }
     }
@@ -100,11 +104,14 @@ impl Writer {
             }
             return;
         }
-        let accepted = self.admit(group);
+        let mut accepted = self.admit(group);
         if accepted.is_empty() {
             return;
         }
-        match self.write_group(&accepted) {
+        let written = self.write_group(&mut accepted);
+        // Hooks of frames that never became durable are dropped uncalled.
+        self.hooks.clear();
+        match written {
             Ok(ranges) => {
                 let c = &self.shared.counters;
                 c.append_requests
@@ -168,13 +175,13 @@ impl Writer {
         accepted
     }
 
-    fn write_group(&mut self, group: &[AppendRequest]) -> io::Result<Vec<SeqRange>> {
+    fn write_group(&mut self, group: &mut [AppendRequest]) -> io::Result<Vec<SeqRange>> {
         let seg_limit = self.shared.cfg.segment_bytes;
         let mut ranges = Vec::with_capacity(group.len());
         if self.active.is_none() {
             self.roll()?;
         }
-        for req in group {
+        for req in group.iter_mut() {
             // Roll before a request that would push a non-empty segment past
             // the limit. A single request larger than a segment gets one alone.
             let active_len = self.active.as_ref().map_or(HEADER_LEN as u64, |a| a.len);
@@ -188,10 +195,14 @@ impl Writer {
                 format::encode_frame(&mut self.buf, self.next_seq, payload);
                 self.next_seq += 1;
             }
-            ranges.push(SeqRange {
+            let range = SeqRange {
                 first,
                 last: self.next_seq - 1,
-            });
+            };
+            if let Some(hook) = req.on_durable.take() {
+                self.hooks.push((hook, range));
+            }
+            ranges.push(range);
         }
         self.flush()?;
         Ok(ranges)
@@ -232,6 +243,11 @@ impl Writer {
         }
         self.shared.disk_bytes.fetch_add(written, Ordering::Relaxed);
         lock(&self.shared.segments).insert(active_first, active_len);
+        // Durable, not yet visible: what a hook installs (an idempotency
+        // key) exists before replay can read the records.
+        for (hook, range) in self.hooks.drain(..) {
+            hook(range);
+        }
         self.publish();
         Ok(())
     }

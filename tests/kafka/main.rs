@@ -7,8 +7,10 @@ mod damage;
 mod dead_letter;
 mod delivery;
 mod failures;
+mod idempotency;
 mod limits;
 mod offsets;
+mod ordering;
 mod outage;
 mod redrive;
 

@@ -1,0 +1,721 @@
+//! `Idempotency-Key` on ingest (IETF httpapi draft "The Idempotency-Key HTTP
+//! Header Field"): a request that repeats a key gets the first request's
+//! outcome instead of appending its events again.
+//!
+//! Durability follows the batch. The entry (scope, key, SHA-256 of the body,
+//! the response) travels in the WAL inside the batch's first record, as an
+//! internal header that replay never produces, so it is fsynced by the same
+//! group commit as the records: a 202 implies the key survived. The writer
+//! calls [`Pending::complete`] after that fdatasync and before it publishes
+//! the records to readers, so every key whose records replay can see is in
+//! this index.
+//!
+//! The index in memory is bounded (`idempotency.max-keys`, oldest evicted
+//! first) and forgets keys older than `idempotency.window-secs`. It is
+//! checkpointed into the offsets store (sled) by every offset commit, with
+//! the sequence number it covers ("indexed through"), before that commit's
+//! flush and fsync; GC runs only after a commit, and only below the
+//! committed offset, which is never above the watermark, so a segment is
+//! never unlinked while its keys are only in memory. Open loads sled and
+//! rescans only the records above the watermark (and above the committed
+//! offset), so restart cost does not grow with the backlog.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::wal::{ReadItem, Record, SeqRange, Wal};
+
+/// Headers whose names start with this are sluice's own metadata: kept in
+/// the WAL, never produced to Kafka.
+pub const INTERNAL_PREFIX: &str = ":sluice.";
+/// The internal header that carries an [`Entry`] in a batch's first record.
+pub const ENTRY_HEADER: &str = ":sluice.idempotency";
+/// The request header.
+pub const REQUEST_HEADER: &str = "idempotency-key";
+/// The response header on a replayed outcome.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 255;
+/// Stored response bodies longer than this keep their counts but not the
+/// per-event error list.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024;
+/// Version byte in front of every encoded entry (WAL header and sled value).
+/// A later format bumps it; readers refuse versions they do not know.
+const ENTRY_VERSION: u8 = 1;
+/// sled tree of entries: key = scope ‖ idempotency key, value = version ‖
+/// first_seq (u64 BE) ‖ bincode(Entry). The empty key holds the watermark.
+const TREE: &str = "idempotency";
+const WATERMARK_KEY: &[u8] = b"";
+
+pub fn is_internal_header(name: &str) -> bool {
+    name.starts_with(INTERNAL_PREFIX)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a key is remembered after its request was accepted, in
+    /// seconds. Default 86400 (24 h).
+    pub window_secs: u64,
+    /// Keys remembered at most; the oldest is forgotten first. About 300
+    /// bytes each plus the response. Default 100000.
+    pub max_keys: usize,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig {
+            window_secs: 24 * 3600,
+            max_keys: 100_000,
+        }
+    }
+}
+
+/// One accepted keyed request, as stored in the WAL and in sled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// SHA-256 of the API key's name (all zero with auth off), cut to 16
+    /// bytes: keys of different API keys never meet.
+    pub scope: [u8; 16],
+    pub key: String,
+    /// SHA-256 of the (decompressed) request body.
+    pub body_sha256: [u8; 32],
+    pub status: u16,
+    /// The response body as JSON, with `first_seq`/`last_seq` left null:
+    /// the sequence numbers are assigned after this entry is encoded.
+    pub response: Vec<u8>,
+    pub accepted_ms: i64,
+    /// Records of the batch; the entry rides in the first.
+    pub records: u64,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<{ 1024 * 1024 }>()
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![ENTRY_VERSION];
+        out.extend(
+            bincode::serde::encode_to_vec(self, bincode_config())
+                .expect("encoding an Entry into a Vec cannot fail"),
+        );
+        out
+    }
+
+    /// Decodes bytes from disk: any input yields an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Entry, String> {
+        match bytes.split_first() {
+            Some((&ENTRY_VERSION, rest)) => {
+                let (e, used): (Entry, usize) =
+                    bincode::serde::decode_from_slice(rest, bincode_config())
+                        .map_err(|e| e.to_string())?;
+                if used != rest.len() {
+                    return Err("trailing bytes after idempotency entry".into());
+                }
+                Ok(e)
+            }
+            Some((v, _)) => Err(format!("unknown idempotency entry version {v}")),
+            None => Err("empty idempotency entry".into()),
+        }
+    }
+
+    /// The stored response with its sequence numbers filled in.
+    pub fn render(&self, first_seq: u64) -> Vec<u8> {
+        let last = first_seq + self.records.saturating_sub(1);
+        match serde_json::from_slice::<serde_json::Value>(&self.response) {
+            Ok(mut v) => {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("first_seq".into(), first_seq.into());
+                    o.insert("last_seq".into(), last.into());
+                }
+                serde_json::to_vec(&v).unwrap_or_else(|_| self.response.clone())
+            }
+            Err(_) => self.response.clone(),
+        }
+    }
+}
+
+/// The scope of a request: its API key's name, or one scope with auth off.
+pub fn scope_of(api_key_name: Option<&str>) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    if let Some(name) = api_key_name {
+        let h = Sha256::digest(format!("api-key:{name}").as_bytes());
+        s.copy_from_slice(&h[..16]);
+    }
+    s
+}
+
+pub fn body_hash(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
+}
+
+/// Parses the header: an sf-string (`"abc"`, as the draft specifies) or, for
+/// clients that send it bare, a token of visible ASCII. 1..=255 bytes.
+pub fn parse_key(raw: &[u8]) -> Result<String, &'static str> {
+    let text = std::str::from_utf8(raw).map_err(|_| "Idempotency-Key is not ASCII")?;
+    let text = text.trim();
+    let inner = match text.strip_prefix('"') {
+        Some(rest) => rest
+            .strip_suffix('"')
+            .ok_or("Idempotency-Key: unterminated quoted string")?,
+        None => text,
+    };
+    if inner.is_empty() || inner.len() > MAX_KEY_BYTES {
+        return Err("Idempotency-Key must be 1 to 255 characters");
+    }
+    if !inner
+        .bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return Err("Idempotency-Key must be visible ASCII without quotes or backslashes");
+    }
+    Ok(inner.to_string())
+}
+
+/// What to do with a keyed request.
+pub enum Begin {
+    /// First time seen: go ahead; the guard releases the key if the request
+    /// ends before its batch is durable.
+    New(Pending),
+    /// Seen and accepted: answer this, append nothing.
+    Replay { status: u16, body: Vec<u8> },
+    /// Same key, different body.
+    Mismatch,
+    /// The first request with this key has no outcome yet.
+    InFlight,
+}
+
+enum Slot {
+    InFlight { token: u64 },
+    Done { entry: Arc<Entry>, first_seq: u64 },
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<Vec<u8>, Slot>,
+    /// Done keys in acceptance order, for eviction (stale rows are skipped).
+    order: VecDeque<(i64, u64, Vec<u8>)>,
+    /// Done keys not yet written to sled, by first_seq.
+    unsaved: BTreeMap<u64, Vec<u8>>,
+    /// Keys evicted since the last checkpoint, to delete from sled.
+    forgotten: Vec<Vec<u8>>,
+    done: usize,
+}
+
+/// Counters for `/metrics` and `/stats`.
+#[derive(Debug, Default)]
+pub struct IdempotencyCounters {
+    pub held: AtomicU64,
+    pub evicted_age: AtomicU64,
+    pub evicted_cap: AtomicU64,
+    pub replayed: AtomicU64,
+    pub mismatched: AtomicU64,
+    pub in_flight_conflicts: AtomicU64,
+    /// Entries in the WAL or sled that did not decode (skipped, logged).
+    pub undecodable: AtomicU64,
+}
+
+pub struct Index {
+    cfg: IdempotencyConfig,
+    inner: Mutex<Inner>,
+    next_token: AtomicU64,
+    pub counters: IdempotencyCounters,
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    // Map updates are single inserts/removes: consistent across a panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn map_key(scope: &[u8; 16], key: &str) -> Vec<u8> {
+    let mut k = scope.to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Index {
+    pub fn new(cfg: IdempotencyConfig) -> Arc<Index> {
+        Arc::new(Index {
+            cfg: IdempotencyConfig {
+                window_secs: cfg.window_secs.max(1),
+                max_keys: cfg.max_keys.max(1),
+            },
+            inner: Mutex::new(Inner::default()),
+            next_token: AtomicU64::new(1),
+            counters: IdempotencyCounters::default(),
+        })
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.cfg.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    pub fn begin(self: &Arc<Self>, scope: [u8; 16], key: &str, body_sha256: [u8; 32]) -> Begin {
+        let mk = map_key(&scope, key);
+        let mut inner = lock(&self.inner);
+        self.evict(&mut inner, now_ms());
+        match inner.map.get(&mk) {
+            Some(Slot::Done { entry, first_seq }) => {
+                if entry.body_sha256 != body_sha256 {
+                    self.counters.mismatched.fetch_add(1, Ordering::Relaxed);
+                    return Begin::Mismatch;
+                }
+                self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+                return Begin::Replay {
+                    status: entry.status,
+                    body: entry.render(*first_seq),
+                };
+            }
+            Some(Slot::InFlight { .. }) => {
+                self.counters
+                    .in_flight_conflicts
+                    .fetch_add(1, Ordering::Relaxed);
+                return Begin::InFlight;
+            }
+            None => {}
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        inner.map.insert(mk.clone(), Slot::InFlight { token });
+        Begin::New(Pending {
+            index: self.clone(),
+            map_key: mk,
+            token,
+            done: false,
+        })
+    }
+
+    /// Records a durable outcome (from the writer, or from the WAL at open).
+    fn insert_done(
+        &self,
+        inner: &mut Inner,
+        mk: Vec<u8>,
+        entry: Arc<Entry>,
+        first_seq: u64,
+        saved: bool,
+    ) {
+        let fresh = !matches!(inner.map.get(&mk), Some(Slot::Done { .. }));
+        inner
+            .order
+            .push_back((entry.accepted_ms, first_seq, mk.clone()));
+        if !saved {
+            inner.unsaved.insert(first_seq, mk.clone());
+        }
+        inner.map.insert(mk, Slot::Done { entry, first_seq });
+        if fresh {
+            inner.done += 1;
+        }
+        self.evict(inner, now_ms());
+    }
+
+    /// Forgets keys past the window, then the oldest over the cap.
+    fn evict(&self, inner: &mut Inner, now: i64) {
+        let horizon = now.saturating_sub(self.window_ms());
+        while let Some((accepted, first_seq, mk)) = inner.order.front().cloned() {
+            let live = matches!(inner.map.get(&mk), Some(Slot::Done { first_seq: f, .. }) if *f == first_seq);
+            if !live {
+                inner.order.pop_front();
+                continue;
+            }
+            let expired = accepted < horizon;
+            if !expired && inner.done <= self.cfg.max_keys {
+                break;
+            }
+            inner.order.pop_front();
+            inner.map.remove(&mk);
+            inner.unsaved.remove(&first_seq);
+            inner.forgotten.push(mk);
+            inner.done -= 1;
+            let c = if expired {
+                &self.counters.evicted_age
+            } else {
+                &self.counters.evicted_cap
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counters
+            .held
+            .store(inner.done as u64, Ordering::Relaxed);
+    }
+
+    /// Writes every entry not yet in sled, drops evicted ones, and sets the
+    /// watermark to `durable_next - 1`. Not durable by itself: the caller's
+    /// flush and fsync (an offset commit) follows. `durable_next` must be read
+    /// before this call: the writer completes entries before it publishes, so
+    /// every entry below it is in the index by then.
+    pub fn checkpoint(&self, tree: &sled::Tree, durable_next: u64) -> sled::Result<()> {
+        // The batch is applied under the lock: a concurrent checkpoint (the
+        // replayer's commit and the periodic one) then cannot flush its
+        // watermark while rows taken here are not yet in sled.
+        let mut inner = lock(&self.inner);
+        self.evict(&mut inner, now_ms());
+        let mut batch = sled::Batch::default();
+        for mk in std::mem::take(&mut inner.forgotten) {
+            batch.remove(mk);
+        }
+        let unsaved = std::mem::take(&mut inner.unsaved);
+        for (first_seq, mk) in &unsaved {
+            if let Some(Slot::Done {
+                entry,
+                first_seq: f,
+            }) = inner.map.get(mk)
+            {
+                if f == first_seq {
+                    batch.insert(mk.clone(), stored_value(entry, *first_seq));
+                }
+            }
+        }
+        let through = durable_next.saturating_sub(1);
+        batch.insert(WATERMARK_KEY, &through.to_be_bytes()[..]);
+        if let Err(e) = tree.apply_batch(batch) {
+            // Not written: keep them for the next checkpoint.
+            inner.unsaved.extend(unsaved);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the index at open: sled's entries, then the WAL records above
+    /// both the watermark and the committed offset (everything above the
+    /// committed offset is still in the WAL; GC never passes it).
+    pub fn rebuild(
+        &self,
+        tree: &sled::Tree,
+        wal: &Wal,
+        committed: u64,
+    ) -> Result<RebuildReport, String> {
+        let now = now_ms();
+        let horizon = now.saturating_sub(self.window_ms());
+        let mut loaded: Vec<(Arc<Entry>, u64, Vec<u8>)> = Vec::new();
+        let mut watermark = 0;
+        let mut stale = Vec::new();
+        for row in tree.iter() {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            if k.as_ref() == WATERMARK_KEY {
+                watermark = v
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| "malformed idempotency watermark".to_string())?;
+                continue;
+            }
+            match decode_stored(&v) {
+                Ok((entry, first_seq)) if entry.accepted_ms >= horizon => {
+                    loaded.push((Arc::new(entry), first_seq, k.to_vec()))
+                }
+                Ok(_) => stale.push(k.to_vec()),
+                Err(why) => {
+                    self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %why, "idempotency entry in the offsets store does not decode; key forgotten");
+                    stale.push(k.to_vec());
+                }
+            }
+        }
+        loaded.sort_by_key(|(e, f, _)| (e.accepted_ms, *f));
+        let from_sled = loaded.len();
+        let mut inner = lock(&self.inner);
+        for (entry, first_seq, mk) in loaded {
+            self.insert_done(&mut inner, mk, entry, first_seq, true);
+        }
+        inner.forgotten.extend(stale);
+        drop(inner);
+        let start = watermark.max(committed) + 1;
+        let end = wal.durable().borrow().next_seq;
+        let mut reader = wal.reader(start);
+        let mut scanned = 0u64;
+        let mut from_wal = 0;
+        while reader.next_seq() < end {
+            match reader.try_next().map_err(|e| e.to_string())? {
+                None => break,
+                Some(ReadItem::Gap(_)) => {}
+                Some(ReadItem::Record { seq, record, .. }) => {
+                    scanned += 1;
+                    if let Some(entry) = self.entry_of(seq, &record) {
+                        if entry.accepted_ms >= horizon {
+                            let mk = map_key(&entry.scope, &entry.key);
+                            let mut inner = lock(&self.inner);
+                            self.insert_done(&mut inner, mk, Arc::new(entry), seq, false);
+                            from_wal += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(RebuildReport {
+            from_sled,
+            from_wal,
+            scanned_records: scanned,
+            scanned_from: start,
+        })
+    }
+
+    fn entry_of(&self, seq: u64, record: &Record) -> Option<Entry> {
+        let raw = record.header(ENTRY_HEADER)?;
+        match Entry::decode(raw) {
+            Ok(e) => Some(e),
+            Err(why) => {
+                self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(seq, error = %why, "idempotency entry in the WAL does not decode; its key is forgotten (a retry appends again)");
+                None
+            }
+        }
+    }
+
+    pub fn held(&self) -> u64 {
+        self.counters.held.load(Ordering::Relaxed)
+    }
+}
+
+/// Name, help, and (label value, counter) rows of one counter family.
+type Family<'a> = (&'a str, &'a str, &'a [(&'a str, &'a AtomicU64)]);
+
+/// Exposes the index's counters on `/metrics`.
+pub struct Collector(pub Arc<Index>);
+
+impl prometheus::core::Collector for Collector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        Vec::new()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let c = &self.0.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = Vec::new();
+        let gauge = prometheus::IntGauge::new(
+            "sluice_idempotency_keys_held",
+            "Idempotency keys remembered in memory",
+        );
+        if let Ok(g) = gauge {
+            g.set(get(&c.held) as i64);
+            out.extend(prometheus::core::Collector::collect(&g));
+        }
+        let families: [Family; 2] = [
+            (
+                "sluice_idempotency_keys_evicted_total",
+                "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys)",
+                &[("age", &c.evicted_age), ("cap", &c.evicted_cap)],
+            ),
+            (
+                "sluice_idempotency_requests_total",
+                "Keyed requests answered from the index, by outcome",
+                &[
+                    ("replayed", &c.replayed),
+                    ("mismatch", &c.mismatched),
+                    ("in_flight", &c.in_flight_conflicts),
+                    ("undecodable_entry", &c.undecodable),
+                ],
+            ),
+        ];
+        for (name, help, rows) in families {
+            let label = if name.ends_with("evicted_total") {
+                "reason"
+            } else {
+                "outcome"
+            };
+            let Ok(v) = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), &[label])
+            else {
+                continue;
+            };
+            for (l, a) in rows {
+                v.with_label_values(&[*l]).inc_by(get(a));
+            }
+            out.extend(prometheus::core::Collector::collect(&v));
+        }
+        out
+    }
+}
+
+/// What open found.
+#[derive(Debug, Clone, Copy)]
+pub struct RebuildReport {
+    pub from_sled: usize,
+    pub from_wal: usize,
+    pub scanned_records: u64,
+    pub scanned_from: u64,
+}
+
+fn stored_value(entry: &Entry, first_seq: u64) -> Vec<u8> {
+    let mut v = vec![ENTRY_VERSION];
+    v.extend_from_slice(&first_seq.to_be_bytes());
+    v.extend(entry.encode());
+    v
+}
+
+fn decode_stored(v: &[u8]) -> Result<(Entry, u64), String> {
+    match v.split_first() {
+        Some((&ENTRY_VERSION, rest)) if rest.len() > 8 => {
+            let first_seq = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+            Ok((Entry::decode(&rest[8..])?, first_seq))
+        }
+        _ => Err("malformed stored idempotency entry".into()),
+    }
+}
+
+/// The sled tree the index is checkpointed into.
+pub fn tree(db: &sled::Db) -> sled::Result<sled::Tree> {
+    db.open_tree(TREE)
+}
+
+/// A key whose request has no outcome yet. Dropped without
+/// [`Pending::complete`] (the request failed, was refused, or the WAL never
+/// wrote it), the key is released so that a retry is handled afresh.
+pub struct Pending {
+    index: Arc<Index>,
+    map_key: Vec<u8>,
+    token: u64,
+    done: bool,
+}
+
+impl Pending {
+    /// Puts the entry into the first payload of the batch, so it is durable
+    /// with the records.
+    pub fn stamp(first_payload: &[u8], entry: &Entry) -> Result<Vec<u8>, String> {
+        let mut record = Record::decode(first_payload).map_err(|e| e.to_string())?;
+        record
+            .headers
+            .push((ENTRY_HEADER.to_string(), entry.encode()));
+        Ok(record.encode())
+    }
+
+    /// Called by the WAL writer after the fdatasync that made the batch
+    /// durable and before the batch becomes visible to replay.
+    pub fn complete(mut self, entry: Entry, range: SeqRange) {
+        self.done = true;
+        let index = self.index.clone();
+        let mut inner = lock(&index.inner);
+        index.insert_done(
+            &mut inner,
+            std::mem::take(&mut self.map_key),
+            Arc::new(entry),
+            range.first,
+            false,
+        );
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut inner = lock(&self.index.inner);
+        if matches!(inner.map.get(&self.map_key), Some(Slot::InFlight { token }) if *token == self.token)
+        {
+            inner.map.remove(&self.map_key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, hash: u8, ms: i64) -> Entry {
+        Entry {
+            scope: [0; 16],
+            key: key.into(),
+            body_sha256: [hash; 32],
+            status: 202,
+            response: br#"{"accepted":2,"first_seq":null,"last_seq":null}"#.to_vec(),
+            accepted_ms: ms,
+            records: 2,
+        }
+    }
+
+    #[test]
+    fn outcomes_and_eviction() {
+        let idx = Index::new(IdempotencyConfig {
+            window_secs: 3600,
+            max_keys: 2,
+        });
+        let Begin::New(p) = idx.begin([0; 16], "a", [1; 32]) else {
+            panic!("new key")
+        };
+        assert!(matches!(idx.begin([0; 16], "a", [1; 32]), Begin::InFlight));
+        p.complete(entry("a", 1, now_ms()), SeqRange { first: 5, last: 6 });
+        match idx.begin([0; 16], "a", [1; 32]) {
+            Begin::Replay { status, body } => {
+                assert_eq!(status, 202);
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(
+                    (v["first_seq"].as_u64(), v["last_seq"].as_u64()),
+                    (Some(5), Some(6))
+                );
+            }
+            _ => panic!("replay"),
+        }
+        assert!(matches!(idx.begin([0; 16], "a", [2; 32]), Begin::Mismatch));
+        // Another scope never sees it.
+        assert!(matches!(idx.begin([9; 16], "a", [1; 32]), Begin::New(_)));
+        // A dropped guard releases the key.
+        drop(idx.begin([0; 16], "b", [1; 32]));
+        assert!(matches!(idx.begin([0; 16], "b", [1; 32]), Begin::New(_)));
+        // Cap 2: the third completed key evicts the oldest.
+        for (k, seq) in [("c", 10), ("d", 20)] {
+            let Begin::New(p) = idx.begin([0; 16], k, [1; 32]) else {
+                panic!()
+            };
+            p.complete(
+                entry(k, 1, now_ms()),
+                SeqRange {
+                    first: seq,
+                    last: seq + 1,
+                },
+            );
+        }
+        assert_eq!(idx.held(), 2);
+        assert_eq!(idx.counters.evicted_cap.load(Ordering::Relaxed), 1);
+        assert!(matches!(idx.begin([0; 16], "a", [1; 32]), Begin::New(_)));
+    }
+
+    #[test]
+    fn expired_keys_are_forgotten() {
+        let idx = Index::new(IdempotencyConfig {
+            window_secs: 60,
+            max_keys: 10,
+        });
+        let Begin::New(p) = idx.begin([0; 16], "old", [1; 32]) else {
+            panic!()
+        };
+        p.complete(
+            entry("old", 1, now_ms() - 61_000),
+            SeqRange { first: 1, last: 2 },
+        );
+        assert!(matches!(idx.begin([0; 16], "old", [1; 32]), Begin::New(_)));
+        assert_eq!(idx.counters.evicted_age.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn keys_parse_per_the_draft() {
+        assert_eq!(parse_key(br#""8e03978e-40d5""#).unwrap(), "8e03978e-40d5");
+        assert_eq!(parse_key(b"abc").unwrap(), "abc");
+        assert!(parse_key(b"").is_err());
+        assert!(parse_key(b"\"").is_err());
+        assert!(parse_key(b"a b").is_err());
+        assert!(parse_key(&[b'x'; 256]).is_err());
+    }
+
+    #[test]
+    fn entries_decode_only_known_versions() {
+        let e = entry("k", 3, 1);
+        assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
+        let mut v2 = e.encode();
+        v2[0] = 2;
+        assert!(Entry::decode(&v2).is_err());
+        assert!(Entry::decode(&[]).is_err());
+        assert!(Entry::decode(&[1, 0xff, 0xff]).is_err());
+        let s = stored_value(&e, 77);
+        assert_eq!(decode_stored(&s).unwrap(), (e, 77));
+    }
+}

@@ -1,0 +1,88 @@
+//! The data directory's stable identity: `DATA_DIR/instance`, created once.
+//!
+//! Sequence numbers are unique only within one data directory, so a consumer
+//! that deduplicates on `seq` needs to know which directory a record came
+//! from. Every Kafka record carries this id in the `instance` header next to
+//! `seq`; `/stats` shows it.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Name of the file inside the data directory.
+pub const FILE: &str = crate::datadir::INSTANCE_FILE;
+/// Length of an id: a UUID in its hyphenated form.
+pub const ID_LEN: usize = 36;
+
+static CURRENT: OnceLock<String> = OnceLock::new();
+
+/// The id of the data directory this process serves, once [`load_or_create`]
+/// has run (`None` in tools and tests that never open one).
+pub fn current() -> Option<&'static str> {
+    CURRENT.get().map(String::as_str)
+}
+
+/// Reads `DATA_DIR/instance`, or creates it durably, and makes it
+/// [`current`]. The first id a process installs stays for its life.
+///
+/// Creation: write `instance.tmp`, fsync it, rename, fsync the directory.
+/// Dying before the rename leaves a `.tmp` that the next start overwrites
+/// (no id was ever shown or sent); after the rename but before the directory
+/// fsync the name may vanish, and with it an id no record was produced with
+/// yet, because replay starts only after this returns.
+pub fn load_or_create(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join(FILE);
+    let id = match std::fs::read(&path) {
+        Ok(bytes) => parse(&bytes).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} does not hold an instance id (a UUID): refusing to start under another identity; restore it or remove it to start a new one",
+                    path.display()
+                ),
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::now_v7().hyphenated().to_string();
+            let tmp = data_dir.join(format!("{FILE}.tmp"));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(format!("{id}\n").as_bytes())?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(data_dir)?.sync_all()?;
+            tracing::info!(instance = %id, "new data directory identity created");
+            id
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(CURRENT.get_or_init(|| id).clone())
+}
+
+/// A valid file holds one UUID and an optional newline.
+fn parse(bytes: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(bytes).ok()?.trim_end_matches('\n');
+    let id = uuid::Uuid::parse_str(text).ok()?;
+    let id = id.hyphenated().to_string();
+    (id == text).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_then_stable_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create(dir.path()).unwrap();
+        assert_eq!(a.len(), ID_LEN);
+        let on_disk = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert_eq!(on_disk.trim_end(), a);
+        assert!(!dir.path().join("instance.tmp").exists());
+        // Read back, not recreated.
+        assert_eq!(parse(on_disk.as_bytes()).as_deref(), Some(a.as_str()));
+        std::fs::write(dir.path().join(FILE), "garbage").unwrap();
+        let err = load_or_create(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+}

@@ -1,0 +1,318 @@
+//! `Idempotency-Key` against a real `sluice serve` and `sluice dev-broker`:
+//! replay after kill -9, 422 on another body, 409 while the first request is
+//! in flight, scope per API key, eviction, and survival across GC and a
+//! restart. Also the `instance` header every record carries.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sluice::auth::keys::{append_entry, hash_key};
+
+use super::daemon::{get_json, Broker, Daemon};
+
+/// A POST with extra headers; returns status, lower-cased headers, body.
+fn post(
+    addr: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    (
+        status,
+        headers,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn events(prefix: &str, n: usize) -> String {
+    let v: Vec<_> = (0..n)
+        .map(|i| serde_json::json!({"id": format!("{prefix}-{i}"), "tenant_id": "t", "source": "test", "message": "m"}))
+        .collect();
+    serde_json::to_string(&v).unwrap()
+}
+
+fn seqs(v: &serde_json::Value) -> (u64, u64) {
+    (
+        v["first_seq"].as_u64().unwrap(),
+        v["last_seq"].as_u64().unwrap(),
+    )
+}
+
+fn kill9(d: Daemon) {
+    let pid = std::fs::read_to_string(d.data.join("LOCK")).unwrap();
+    Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .unwrap();
+    drop(d);
+}
+
+fn next_seq(d: &Daemon) -> u64 {
+    get_json(&d.addr, "/stats")["wal"]["next_seq"]
+        .as_u64()
+        .unwrap()
+}
+
+fn labeled_metric(addr: &str, sample: &str) -> f64 {
+    super::daemon::get(addr, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn setup() -> (tempfile::TempDir, Broker, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let data = dir.path().join("data");
+    (dir, broker, data)
+}
+
+#[test]
+fn a_retry_after_kill_9_gets_the_first_answer_and_nothing_is_appended() {
+    let (dir, broker, data) = setup();
+    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let body = events("a", 3);
+    let key = [("Idempotency-Key", "\"order-1\"")];
+    let (status, h, first) = post(&d.addr, &key, &body);
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(header(&h, "idempotent-replayed"), None);
+    let range = seqs(&first);
+    let instance = get_json(&d.addr, "/stats")["instance"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(instance.len(), 36);
+    kill9(d);
+
+    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    assert_eq!(
+        get_json(&d.addr, "/stats")["instance"],
+        instance.as_str(),
+        "stable across restarts"
+    );
+    let before = next_seq(&d);
+    let (status, h, again) = post(&d.addr, &key, &body);
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(header(&h, "idempotent-replayed"), Some("true"));
+    assert_eq!(again, first, "the same body, sequence numbers included");
+    assert_eq!(seqs(&again), range);
+    assert_eq!(next_seq(&d), before, "nothing appended");
+    d.wait_committed(range.1);
+    // Every record carries the instance next to seq, and the internal
+    // idempotency entry never reaches Kafka.
+    let mut seen = 0;
+    sluice::dev::consume::consume(
+        &broker.addr,
+        "events",
+        true,
+        None,
+        Duration::from_secs(3),
+        |c| {
+            assert_eq!(c.header("instance"), Some(instance.as_str()));
+            assert!(c.header(":sluice.idempotency").is_none());
+            seen += 1;
+        },
+    )
+    .unwrap();
+    assert!(seen >= 3);
+}
+
+#[test]
+fn another_body_gets_422_a_concurrent_request_409_and_a_rejected_batch_stores_nothing() {
+    let (dir, broker, data) = setup();
+    // Every group commit waits 1.5 s before its fdatasync, so the first
+    // request is still in flight when the second arrives.
+    let d = Daemon::start(
+        dir.path(),
+        &data,
+        &broker.addr,
+        &[("SLUICE_DEBUG_PAUSE", "commit=1500")],
+        &[],
+    );
+    let body = events("b", 2);
+    let addr = d.addr.clone();
+    let b2 = body.clone();
+    let first = std::thread::spawn(move || post(&addr, &[("Idempotency-Key", "k")], &b2));
+    // Whichever of the two reaches the index second meets the other in
+    // flight (its commit is held 1.5 s): exactly one 202 and one 409.
+    std::thread::sleep(Duration::from_millis(300));
+    let second = post(&d.addr, &[("Idempotency-Key", "k")], &body);
+    let first = first.join().unwrap();
+    let (original, (h, v)) = match (first, second) {
+        ((202, _, o), (409, h, v)) | ((409, h, v), (202, _, o)) => (o, (h, v)),
+        (a, b) => panic!("expected one 202 and one 409: {a:?} {b:?}"),
+    };
+    assert_eq!(header(&h, "retry-after"), Some("1"), "{v}");
+    let (status, h, replay) = post(&d.addr, &[("Idempotency-Key", "k")], &body);
+    assert_eq!(
+        (status, header(&h, "idempotent-replayed")),
+        (202, Some("true"))
+    );
+    assert_eq!(replay, original);
+
+    let (status, _, v) = post(&d.addr, &[("Idempotency-Key", "k")], &events("other", 2));
+    assert_eq!(status, 422, "{v}");
+
+    // All events rejected: 400, nothing stored, so the retry is validated
+    // again (400 again, not a replay).
+    let bad = r#"[{"tenant_id": "bad tenant", "source": "s", "message": "m"}]"#;
+    for _ in 0..2 {
+        let (status, h, _) = post(&d.addr, &[("Idempotency-Key", "bad")], bad);
+        assert_eq!((status, header(&h, "idempotent-replayed")), (400, None));
+    }
+    let (status, _, v) = post(
+        &d.addr,
+        &[("Idempotency-Key", "bad")],
+        &events("now-good", 1),
+    );
+    assert_eq!(status, 202, "{v}");
+    let (status, _, v) = post(&d.addr, &[("Idempotency-Key", "a b")], &body);
+    assert_eq!(status, 400, "{v}");
+}
+
+#[test]
+fn keys_are_scoped_to_the_api_key() {
+    let (dir, broker, data) = setup();
+    let keys = dir.path().join("keys.toml");
+    let mut t = append_entry("", "alice", &hash_key("sluice_alice"), &["t".into()]);
+    t = append_entry(&t, "bob", &hash_key("sluice_bob"), &["t".into()]);
+    std::fs::write(&keys, t).unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &data,
+        &broker.addr,
+        &[("SLUICE_AUTH_KEYS_FILE", keys.to_str().unwrap())],
+        &[],
+    );
+    let alice = [
+        ("Authorization", "Bearer sluice_alice"),
+        ("Idempotency-Key", "same"),
+    ];
+    let bob = [
+        ("Authorization", "Bearer sluice_bob"),
+        ("Idempotency-Key", "same"),
+    ];
+    let (status, _, a) = post(&d.addr, &alice, &events("alice", 1));
+    assert_eq!(status, 202, "{a}");
+    // Bob's request with Alice's key is his own: appended, not a 422 and
+    // not Alice's answer.
+    let (status, h, b) = post(&d.addr, &bob, &events("bob", 1));
+    assert_eq!(
+        (status, header(&h, "idempotent-replayed")),
+        (202, None),
+        "{b}"
+    );
+    assert_ne!(seqs(&a), seqs(&b));
+    let (status, h, _) = post(&d.addr, &alice, &events("alice", 1));
+    assert_eq!(
+        (status, header(&h, "idempotent-replayed")),
+        (202, Some("true"))
+    );
+}
+
+#[test]
+fn the_oldest_key_is_evicted_over_the_cap() {
+    let (dir, broker, data) = setup();
+    let d = Daemon::start(
+        dir.path(),
+        &data,
+        &broker.addr,
+        &[("SLUICE_IDEMPOTENCY_MAX_KEYS", "2")],
+        &[],
+    );
+    let mut ranges = Vec::new();
+    for k in ["k1", "k2", "k3"] {
+        let (status, _, v) = post(&d.addr, &[("Idempotency-Key", k)], &events(k, 1));
+        assert_eq!(status, 202);
+        ranges.push(seqs(&v));
+    }
+    assert_eq!(get_json(&d.addr, "/stats")["idempotency"]["keys_held"], 2);
+    assert_eq!(
+        labeled_metric(
+            &d.addr,
+            "sluice_idempotency_keys_evicted_total{reason=\"cap\"}"
+        ),
+        1.0
+    );
+    // k3 is remembered, k1 was forgotten: appended again, with new numbers.
+    let (_, h, v) = post(&d.addr, &[("Idempotency-Key", "k3")], &events("k3", 1));
+    assert_eq!(
+        (header(&h, "idempotent-replayed"), seqs(&v)),
+        (Some("true"), ranges[2])
+    );
+    let (status, h, v) = post(&d.addr, &[("Idempotency-Key", "k1")], &events("k1", 1));
+    assert_eq!((status, header(&h, "idempotent-replayed")), (202, None));
+    assert!(seqs(&v).0 > ranges[2].1);
+}
+
+#[test]
+fn a_key_outlives_the_gc_of_its_segment_and_a_restart() {
+    let (dir, broker, data) = setup();
+    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let body = events("gc", 5);
+    let (status, _, first) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
+    assert_eq!(status, 202);
+    let range = seqs(&first);
+    // Enough unkeyed traffic for several 4 KiB segments, then wait until
+    // the keyed batch's segment is gone.
+    let mut last = 0;
+    for i in 0..20 {
+        last = super::daemon::post_events(&d.addr, &format!("fill{i}"), 0..10);
+    }
+    d.wait_committed(last);
+    let t0 = Instant::now();
+    while get_json(&d.addr, "/stats")["wal"]["first_seq"]
+        .as_u64()
+        .unwrap_or(0)
+        <= range.1
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "segment never collected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(d);
+    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let (status, h, again) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
+    assert_eq!(
+        (status, header(&h, "idempotent-replayed")),
+        (202, Some("true")),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(again, first);
+    assert!(d.log_text().contains("idempotency keys rebuilt"));
+}
