@@ -10,6 +10,8 @@ mod failures;
 mod limits;
 mod offsets;
 mod outage;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
