@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::datadir::DataDirLock;
 use crate::dev::dev_broker::DevBroker;
 use crate::http::{app, AppState};
+use crate::metrics::{Metrics, Sources};
 use crate::replay::dead_letter::DeadLetterFile;
 use crate::replay::offsets::OffsetStore;
 use crate::replay::replayer::Replayer;
@@ -85,9 +86,19 @@ pub async fn run(
     let (offsets, wal, offsets_reset) = open_storage(&config).await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
-    let state = Arc::new(AppState::with_keys(
-        &config,
+    // The counters come first: the metrics registry reads them at scrape
+    // time, and the handlers and the replayer (through the state) update them.
+    let sources = Sources::new(
         wal.clone(),
+        config.limits.max_inflight_bytes,
+        config.rates.tenant_metrics_cap(),
+    );
+    let metrics =
+        Metrics::install(&sources).expect("metric names and labels are static and unique");
+    let state = Arc::new(AppState::assemble(
+        &config,
+        sources,
+        metrics,
         offsets.clone(),
         keys,
     ));
