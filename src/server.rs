@@ -54,6 +54,25 @@ pub enum Exit {
     WalFailed,
 }
 
+/// The handlers' state. The counters come first: the metrics registry reads
+/// them at scrape time, and the handlers and the replayer (through the
+/// state) update them.
+fn build_state(
+    config: &Config,
+    wal: Arc<Wal>,
+    offsets: Arc<OffsetStore>,
+    keys: Option<Arc<crate::auth::KeyStore>>,
+) -> Arc<AppState> {
+    let sources = Sources::new(
+        wal,
+        config.limits.max_inflight_bytes,
+        config.rates.tenant_metrics_cap(),
+    );
+    let metrics =
+        Metrics::install(&sources).expect("metric names and labels are static and unique");
+    Arc::new(AppState::assemble(config, sources, metrics, offsets, keys))
+}
+
 /// Runs the daemon on `listener` until `shutdown` resolves or the WAL fails.
 pub async fn run(
     config: Config,
@@ -86,22 +105,7 @@ pub async fn run(
     let (offsets, wal, offsets_reset) = open_storage(&config).await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
-    // The counters come first: the metrics registry reads them at scrape
-    // time, and the handlers and the replayer (through the state) update them.
-    let sources = Sources::new(
-        wal.clone(),
-        config.limits.max_inflight_bytes,
-        config.rates.tenant_metrics_cap(),
-    );
-    let metrics =
-        Metrics::install(&sources).expect("metric names and labels are static and unique");
-    let state = Arc::new(AppState::assemble(
-        &config,
-        sources,
-        metrics,
-        offsets.clone(),
-        keys,
-    ));
+    let state = build_state(&config, wal.clone(), offsets.clone(), keys);
     // Installed here, before READY, so a SIGHUP never meets the default
     // action (terminate).
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
