@@ -15,6 +15,7 @@ use prometheus::{
     Registry,
 };
 use tokio::sync::Semaphore;
+use MetricType::{COUNTER, GAUGE};
 
 use crate::ingest::IngestCounters;
 use crate::replay::{Lag, ReplayObserver, ReplayStats};
@@ -88,27 +89,78 @@ impl ReplayObserver for Metrics {
     }
 }
 
-/// Where the scrape-time values come from.
+/// Where the scrape-time values come from: the live counters the handlers,
+/// the WAL and the replayer update. Built before the `AppState` and the
+/// replayer, which share them.
+#[derive(Clone)]
 pub struct Sources {
     /// Distinct tenant label values (`rates.tenant-metrics-cap`).
     pub tenant_cap: usize,
     pub wal: Arc<Wal>,
     pub ingest: Arc<IngestCounters>,
     pub replay: Arc<ReplayStats>,
+    /// Bytes of request bodies in memory, across requests (one permit = one byte).
     pub inflight: Arc<Semaphore>,
     pub max_inflight_bytes: u64,
 }
 
+impl Sources {
+    /// Fresh counters over `wal`, with an in-flight budget of
+    /// `max_inflight_bytes` (capped at what a semaphore can count).
+    pub fn new(wal: Arc<Wal>, max_inflight_bytes: u64, tenant_cap: usize) -> Sources {
+        let permits = usize::try_from(max_inflight_bytes)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Sources {
+            tenant_cap,
+            wal,
+            ingest: Arc::default(),
+            replay: Arc::default(),
+            inflight: Arc::new(Semaphore::new(permits)),
+            max_inflight_bytes: permits as u64,
+        }
+    }
+}
+
+/// Registers `m` in `registry` and returns it.
+fn register<M: Collector + Clone + 'static>(registry: &Registry, m: M) -> prometheus::Result<M> {
+    registry.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+/// A histogram with `count` exponential buckets from `start`, doubling.
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    start: f64,
+    count: usize,
+) -> prometheus::Result<Histogram> {
+    let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(start, 2.0, count)?);
+    register(registry, Histogram::with_opts(opts)?)
+}
+
 impl Metrics {
-    pub fn new(src: Sources) -> prometheus::Result<Arc<Metrics>> {
-        let registry = Registry::new();
-        let http_requests = IntCounterVec::new(
-            Opts::new(
-                "sluice_http_requests_total",
-                "HTTP requests by route and status.",
-            ),
-            &["route", "status"],
-        )?;
+    /// The registry over `src`, installed as the WAL's and the replayer's
+    /// observer so fsync and delivery latencies reach it.
+    pub fn install(src: &Sources) -> prometheus::Result<Arc<Metrics>> {
+        let metrics = Metrics::new(src)?;
+        src.wal.set_observer(metrics.clone());
+        src.replay.set_observer(metrics.clone());
+        Ok(metrics)
+    }
+
+    pub fn new(src: &Sources) -> prometheus::Result<Arc<Metrics>> {
+        let r = Registry::new();
         let http_duration = HistogramVec::new(
             HistogramOpts::new(
                 "sluice_http_request_duration_seconds",
@@ -117,93 +169,74 @@ impl Metrics {
             .buckets(exponential_buckets(0.0001, 2.0, 18)?),
             &["route"],
         )?;
-        let events_rejected = IntCounterVec::new(
-            Opts::new(
+        let metrics = Metrics {
+            http_requests: counter_vec(
+                &r,
+                "sluice_http_requests_total",
+                "HTTP requests by route and status.",
+                &["route", "status"],
+            )?,
+            http_duration: register(&r, http_duration)?,
+            events_rejected: counter_vec(
+                &r,
                 "sluice_events_rejected_total",
                 "Events rejected at validation, by reason.",
-            ),
-            &["reason"],
-        )?;
-        let wal_fsync = Histogram::with_opts(
-            HistogramOpts::new(
+                &["reason"],
+            )?,
+            wal_fsync: histogram(
+                &r,
                 "sluice_wal_fsync_duration_seconds",
                 "Duration of each group-commit fdatasync.",
-            )
-            .buckets(exponential_buckets(0.00005, 2.0, 18)?),
-        )?;
-        let wal_group_records = Histogram::with_opts(
-            HistogramOpts::new(
+                0.00005,
+                18,
+            )?,
+            wal_group_records: histogram(
+                &r,
                 "sluice_wal_group_commit_records",
                 "Records made durable by one fdatasync.",
-            )
-            .buckets(exponential_buckets(1.0, 2.0, 16)?),
-        )?;
-        let delivery = Histogram::with_opts(
-            HistogramOpts::new(
+                1.0,
+                16,
+            )?,
+            kafka_delivery: histogram(
+                &r,
                 "sluice_kafka_delivery_duration_seconds",
                 "Time from produce to Kafka's delivery report.",
-            )
-            .buckets(exponential_buckets(0.0005, 2.0, 18)?),
-        )?;
-        let auth_failures = IntCounterVec::new(
-            Opts::new(
+                0.0005,
+                18,
+            )?,
+            auth_failures: counter_vec(
+                &r,
                 "sluice_auth_failures_total",
                 "Ingest requests refused with 401, by reason (missing, malformed, unknown).",
-            ),
-            &["reason"],
-        )?;
-        let auth_keys = IntGauge::new("sluice_auth_keys", "API keys loaded.")?;
-        let auth_reloads = IntCounterVec::new(
-            Opts::new(
+                &["reason"],
+            )?,
+            auth_keys: register(&r, IntGauge::new("sluice_auth_keys", "API keys loaded.")?)?,
+            auth_reloads: counter_vec(
+                &r,
                 "sluice_auth_reloads_total",
                 "Reloads of the keys file by result (ok, error); on error the previous keys stay.",
-            ),
-            &["result"],
-        )?;
-        let rate_limited = IntCounterVec::new(
-            Opts::new(
+                &["result"],
+            )?,
+            rate_limited: counter_vec(
+                &r,
                 "sluice_rate_limited_requests_total",
                 "Requests refused with 429 (or 413 when a batch exceeds a burst), by bucket scope (key, tenant) and unit (requests, events).",
-            ),
-            &["scope", "unit"],
-        )?;
-        let tenant_events = IntCounterVec::new(
-            Opts::new(
+                &["scope", "unit"],
+            )?,
+            tenant_events: counter_vec(
+                &r,
                 "sluice_tenant_events_total",
                 "Events by tenant (capped: the rest are `other`, untenanted ones `none`) and outcome (accepted, forbidden, rate_limited).",
-            ),
-            &["tenant", "outcome"],
-        )?;
-        for m in [&auth_failures, &auth_reloads, &rate_limited, &tenant_events] {
-            registry.register(Box::new(m.clone()))?;
-        }
-        registry.register(Box::new(auth_keys.clone()))?;
-        let tenants = TenantLabels::new(src.tenant_cap);
-        registry.register(Box::new(http_requests.clone()))?;
-        registry.register(Box::new(http_duration.clone()))?;
-        registry.register(Box::new(events_rejected.clone()))?;
-        registry.register(Box::new(wal_fsync.clone()))?;
-        registry.register(Box::new(wal_group_records.clone()))?;
-        registry.register(Box::new(delivery.clone()))?;
-        registry.register(Box::new(pulled(src)?))?;
-        registry.register(Box::new(
+                &["tenant", "outcome"],
+            )?,
+            tenants: TenantLabels::new(src.tenant_cap),
+            registry: r,
+        };
+        metrics.registry.register(Box::new(pulled(src)?))?;
+        metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        Ok(Arc::new(Metrics {
-            registry,
-            http_requests,
-            http_duration,
-            events_rejected,
-            wal_fsync,
-            wal_group_records,
-            kafka_delivery: delivery,
-            auth_failures,
-            auth_keys,
-            auth_reloads,
-            rate_limited,
-            tenant_events,
-            tenants,
-        }))
+        Ok(Arc::new(metrics))
     }
 
     /// The text exposition format.
@@ -277,330 +310,197 @@ fn get(a: &AtomicU64) -> f64 {
     a.load(Ordering::Relaxed) as f64
 }
 
-fn pulled(src: Sources) -> prometheus::Result<PulledCollector> {
-    let mut items = Vec::new();
-    let mut add = |name: &str, help: &str, kind: MetricType, labels: &[&str], read: Read| {
-        let desc = Desc::new(
-            format!("sluice_{name}"),
-            help.to_string(),
-            labels.iter().map(|s| s.to_string()).collect(),
-            Default::default(),
-        )?;
-        items.push(Pulled {
-            desc,
-            kind,
-            label_names: labels.iter().map(|s| s.to_string()).collect(),
-            read,
-        });
-        Ok::<_, prometheus::Error>(())
-    };
-    use MetricType::{COUNTER, GAUGE};
-    macro_rules! one {
-        ($src:expr, |$s:ident| $e:expr) => {{
-            let $s = $src.clone();
-            Box::new(move || vec![(Vec::new(), $e)]) as Read
-        }};
-    }
-    let (w, i, r) = (&src.wal, &src.ingest, &src.replay);
+fn flag(b: bool) -> f64 {
+    f64::from(u8::from(b))
+}
 
-    add(
+/// One scrape-time metric: name (after `sluice_`), help, kind, and how to
+/// read its value from its source `S`.
+type Row<S> = (&'static str, &'static str, MetricType, fn(&S) -> f64);
+
+/// A labelled one: its label name, and `(label value, sample)` pairs.
+type LabelledRow<S> = (
+    &'static str,
+    &'static str,
+    MetricType,
+    &'static str,
+    fn(&S) -> Vec<(&'static str, f64)>,
+);
+
+const INGEST: &[Row<IngestCounters>] = &[
+    (
         "events_accepted_total",
         "Events accepted (fsynced and answered 202).",
         COUNTER,
-        &[],
-        one!(i, |i| get(&i.events_accepted)),
-    )?;
-    add(
-        "http_connections",
-        "Open HTTP connections.",
-        GAUGE,
-        &[],
-        one!(i, |i| get(&i.connections_open)),
-    )?;
-    add(
+        |i| get(&i.events_accepted),
+    ),
+    ("http_connections", "Open HTTP connections.", GAUGE, |i| {
+        get(&i.connections_open)
+    }),
+    (
         "http_connections_refused_total",
         "Connections closed at once because http.max-connections were open.",
         COUNTER,
-        &[],
-        one!(i, |i| get(&i.connections_refused)),
-    )?;
-    add(
+        |i| get(&i.connections_refused),
+    ),
+    (
         "requests_shed_total",
         "Requests answered 503 because limits.max-inflight-bytes of bodies were in memory.",
         COUNTER,
-        &[],
-        one!(i, |i| get(&i.requests_shed)),
-    )?;
-    let (sem, max) = (src.inflight.clone(), src.max_inflight_bytes);
-    add(
+        |i| get(&i.requests_shed),
+    ),
+];
+
+const WAL: &[Row<Wal>] = &[
+    ("wal_appends_total", "Append requests made durable (one per accepted HTTP request).", COUNTER, |w| get(&w.counters().append_requests)),
+    ("wal_records_total", "Records made durable.", COUNTER, |w| get(&w.counters().records)),
+    ("wal_written_bytes_total", "Frame bytes written and fsynced.", COUNTER, |w| get(&w.counters().bytes)),
+    ("wal_fsyncs_total", "Group-commit fdatasyncs.", COUNTER, |w| get(&w.counters().fsyncs)),
+    ("wal_segments", "Segment files on disk.", GAUGE, |w| w.stats().segments as f64),
+    ("wal_segments_created_total", "Segments created (rolls).", COUNTER, |w| get(&w.counters().segments_created)),
+    ("wal_segments_removed_total", "Segments deleted by GC.", COUNTER, |w| get(&w.counters().segments_removed)),
+    ("wal_disk_bytes", "Bytes of segments on disk.", GAUGE, |w| w.disk_bytes() as f64),
+    ("wal_quota_bytes", "The WAL quota (wal.max-bytes).", GAUGE, |w| w.config().max_bytes as f64),
+    ("disk_free_bytes", "Free bytes on the WAL's filesystem.", GAUGE, |w| w.free_bytes().map_or(f64::NAN, |b| b as f64)),
+    ("disk_min_free_bytes", "Free space kept (wal.min-free-bytes).", GAUGE, |w| w.config().min_free_bytes as f64),
+    ("wal_truncated_bytes_total", "Bytes cut from a torn tail at recovery.", COUNTER, |w| get(&w.counters().truncated_bytes)),
+    ("wal_lost_records_total", "Records found unreadable (corrupt or missing), counted once per range.", COUNTER, |w| get(&w.counters().lost_records)),
+    ("wal_quarantined_files_total", "Damaged segments or tails copied to quarantine/.", COUNTER, |w| get(&w.counters().quarantined_files)),
+    ("wal_quarantine_failures_total", "Damaged bytes recovery could not copy to quarantine/ (disk full); it started without them.", COUNTER, |w| get(&w.counters().quarantine_failures)),
+    ("wal_failed", "1 once a write or fsync failed (sticky; the process exits to recover).", GAUGE, |w| flag(w.failure().is_some())),
+    ("replay_last_seq", "Last durable sequence number.", GAUGE, |w| w.durable().borrow().next_seq.saturating_sub(1) as f64),
+];
+
+const WAL_LABELLED: &[LabelledRow<Wal>] = &[(
+    "wal_refused_total",
+    "Appends refused before touching the disk, by reason.",
+    COUNTER,
+    "reason",
+    |w| {
+        let c = w.counters();
+        vec![
+            ("full", get(&c.refused_full)),
+            ("disk_low", get(&c.refused_disk_low)),
+        ]
+    },
+)];
+
+const REPLAY: &[Row<ReplayStats>] = &[
+    ("replay_delivered_seq", "Every record at or below this is confirmed by Kafka.", GAUGE, |r| get(&r.delivered_through)),
+    ("replay_committed_seq", "The committed offset flushed to disk.", GAUGE, |r| get(&r.committed)),
+    ("replay_in_flight", "Records produced and awaiting a delivery report.", GAUGE, |r| get(&r.in_flight)),
+    ("kafka_produced_total", "Records handed to the producer.", COUNTER, |r| get(&r.produced)),
+    ("kafka_delivered_total", "Records confirmed by Kafka.", COUNTER, |r| get(&r.delivered)),
+    ("replay_retries_total", "Failed deliveries that restarted replay from the last confirmed record.", COUNTER, |r| get(&r.retries)),
+    ("replay_isolated_retries_total", "Records produced again alone after a permanent error on their request.", COUNTER, |r| get(&r.isolated_retries)),
+    ("kafka_producer_recreations_total", "Producers rebuilt after a failure.", COUNTER, |r| get(&r.producer_recreations)),
+    ("kafka_fatal_errors_total", "librdkafka fatal errors.", COUNTER, |r| get(&r.fatal_errors)),
+    ("replay_gap_records_total", "Lost WAL records replay skipped (see wal_lost_records_total).", COUNTER, |r| get(&r.gap_records)),
+    ("offset_store_resets_total", "Offset stores found unreadable or missing at start and moved to quarantine/ (replay restarted from the oldest segment).", COUNTER, |r| get(&r.offset_store_resets)),
+    ("dead_letter_partial_lines_total", "Partial last lines of the dead-letter file (ENOSPC, kill) truncated before an append.", COUNTER, |r| get(&r.dead_letter_partial_lines)),
+    ("kafka_connected", "1 when the last delivery succeeded, 0 after all brokers went down or a delivery failed.", GAUGE, |r| flag(r.connected.load(Ordering::Relaxed))),
+];
+
+const REPLAY_LABELLED: &[LabelledRow<ReplayStats>] = &[(
+    "dead_letter_total",
+    "Records Kafka refused for good, by where they went.",
+    COUNTER,
+    "target",
+    |r| {
+        vec![
+            ("topic", get(&r.dead_lettered_topic)),
+            ("file", get(&r.dead_lettered_file)),
+        ]
+    },
+)];
+
+/// Metrics that read more than one source.
+const ACROSS: &[Row<Sources>] = &[
+    (
         "inflight_body_bytes",
         "Request body bytes held in memory now.",
         GAUGE,
-        &[],
-        Box::new(move || {
-            vec![(
-                Vec::new(),
-                max.saturating_sub(sem.available_permits() as u64) as f64,
-            )]
-        }),
-    )?;
-
-    add(
-        "wal_appends_total",
-        "Append requests made durable (one per accepted HTTP request).",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().append_requests)),
-    )?;
-    add(
-        "wal_records_total",
-        "Records made durable.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().records)),
-    )?;
-    add(
-        "wal_written_bytes_total",
-        "Frame bytes written and fsynced.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().bytes)),
-    )?;
-    add(
-        "wal_fsyncs_total",
-        "Group-commit fdatasyncs.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().fsyncs)),
-    )?;
-    add(
-        "wal_segments",
-        "Segment files on disk.",
-        GAUGE,
-        &[],
-        one!(w, |w| w.stats().segments as f64),
-    )?;
-    add(
-        "wal_segments_created_total",
-        "Segments created (rolls).",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().segments_created)),
-    )?;
-    add(
-        "wal_segments_removed_total",
-        "Segments deleted by GC.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().segments_removed)),
-    )?;
-    add(
-        "wal_disk_bytes",
-        "Bytes of segments on disk.",
-        GAUGE,
-        &[],
-        one!(w, |w| w.disk_bytes() as f64),
-    )?;
-    add(
-        "wal_quota_bytes",
-        "The WAL quota (wal.max-bytes).",
-        GAUGE,
-        &[],
-        one!(w, |w| w.config().max_bytes as f64),
-    )?;
-    add(
-        "disk_free_bytes",
-        "Free bytes on the WAL's filesystem.",
-        GAUGE,
-        &[],
-        one!(w, |w| w.free_bytes().map_or(f64::NAN, |b| b as f64)),
-    )?;
-    add(
-        "disk_min_free_bytes",
-        "Free space kept (wal.min-free-bytes).",
-        GAUGE,
-        &[],
-        one!(w, |w| w.config().min_free_bytes as f64),
-    )?;
-    let wr = w.clone();
-    add(
-        "wal_refused_total",
-        "Appends refused before touching the disk, by reason.",
-        COUNTER,
-        &["reason"],
-        Box::new(move || {
-            let c = wr.counters();
-            vec![
-                (vec!["full".into()], get(&c.refused_full)),
-                (vec!["disk_low".into()], get(&c.refused_disk_low)),
-            ]
-        }),
-    )?;
-    add(
-        "wal_truncated_bytes_total",
-        "Bytes cut from a torn tail at recovery.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().truncated_bytes)),
-    )?;
-    add(
-        "wal_lost_records_total",
-        "Records found unreadable (corrupt or missing), counted once per range.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().lost_records)),
-    )?;
-    add(
-        "wal_quarantined_files_total",
-        "Damaged segments or tails copied to quarantine/.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().quarantined_files)),
-    )?;
-    add(
-        "wal_quarantine_failures_total",
-        "Damaged bytes recovery could not copy to quarantine/ (disk full); it started without them.",
-        COUNTER,
-        &[],
-        one!(w, |w| get(&w.counters().quarantine_failures)),
-    )?;
-    add(
-        "wal_failed",
-        "1 once a write or fsync failed (sticky; the process exits to recover).",
-        GAUGE,
-        &[],
-        one!(w, |w| f64::from(u8::from(w.failure().is_some()))),
-    )?;
-
-    let (wl, rl) = (w.clone(), r.clone());
-    add(
+        |s| {
+            s.max_inflight_bytes
+                .saturating_sub(s.inflight.available_permits() as u64) as f64
+        },
+    ),
+    (
         "replay_lag_records",
         "Durable records not yet confirmed by Kafka.",
         GAUGE,
-        &[],
-        Box::new(move || vec![(Vec::new(), Lag::of(&wl, &rl).records as f64)]),
-    )?;
-    let (wl, rl) = (w.clone(), r.clone());
-    add(
+        |s| Lag::of(&s.wal, &s.replay).records as f64,
+    ),
+    (
         "replay_lag_bytes",
         "Estimated bytes of durable records not yet confirmed (lag x average frame).",
         GAUGE,
-        &[],
-        Box::new(move || vec![(Vec::new(), Lag::of(&wl, &rl).bytes_estimate as f64)]),
+        |s| Lag::of(&s.wal, &s.replay).bytes_estimate as f64,
+    ),
+];
+
+fn pulled_item(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    label: Option<&str>,
+    read: Read,
+) -> prometheus::Result<Pulled> {
+    let label_names: Vec<String> = label.into_iter().map(str::to_string).collect();
+    let desc = Desc::new(
+        format!("sluice_{name}"),
+        help.to_string(),
+        label_names.clone(),
+        Default::default(),
     )?;
-    add(
-        "replay_last_seq",
-        "Last durable sequence number.",
-        GAUGE,
-        &[],
-        one!(w, |w| w.durable().borrow().next_seq.saturating_sub(1)
-            as f64),
-    )?;
-    add(
-        "replay_delivered_seq",
-        "Every record at or below this is confirmed by Kafka.",
-        GAUGE,
-        &[],
-        one!(r, |r| get(&r.delivered_through)),
-    )?;
-    add(
-        "replay_committed_seq",
-        "The committed offset flushed to disk.",
-        GAUGE,
-        &[],
-        one!(r, |r| get(&r.committed)),
-    )?;
-    add(
-        "replay_in_flight",
-        "Records produced and awaiting a delivery report.",
-        GAUGE,
-        &[],
-        one!(r, |r| get(&r.in_flight)),
-    )?;
-    add(
-        "kafka_produced_total",
-        "Records handed to the producer.",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.produced)),
-    )?;
-    add(
-        "kafka_delivered_total",
-        "Records confirmed by Kafka.",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.delivered)),
-    )?;
-    add(
-        "replay_retries_total",
-        "Failed deliveries that restarted replay from the last confirmed record.",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.retries)),
-    )?;
-    add(
-        "replay_isolated_retries_total",
-        "Records produced again alone after a permanent error on their request.",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.isolated_retries)),
-    )?;
-    add(
-        "kafka_producer_recreations_total",
-        "Producers rebuilt after a failure.",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.producer_recreations)),
-    )?;
-    add(
-        "kafka_fatal_errors_total",
-        "librdkafka fatal errors.",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.fatal_errors)),
-    )?;
-    let rd = r.clone();
-    add(
-        "dead_letter_total",
-        "Records Kafka refused for good, by where they went.",
-        COUNTER,
-        &["target"],
-        Box::new(move || {
-            vec![
-                (vec!["topic".into()], get(&rd.dead_lettered_topic)),
-                (vec!["file".into()], get(&rd.dead_lettered_file)),
-            ]
-        }),
-    )?;
-    add(
-        "replay_gap_records_total",
-        "Lost WAL records replay skipped (see wal_lost_records_total).",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.gap_records)),
-    )?;
-    add(
-        "offset_store_resets_total",
-        "Offset stores found unreadable or missing at start and moved to quarantine/ (replay restarted from the oldest segment).",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.offset_store_resets)),
-    )?;
-    add(
-        "dead_letter_partial_lines_total",
-        "Partial last lines of the dead-letter file (ENOSPC, kill) truncated before an append.",
-        COUNTER,
-        &[],
-        one!(r, |r| get(&r.dead_letter_partial_lines)),
-    )?;
-    add(
-        "kafka_connected",
-        "1 when the last delivery succeeded, 0 after all brokers went down or a delivery failed.",
-        GAUGE,
-        &[],
-        one!(r, |r| f64::from(u8::from(
-            r.connected.load(Ordering::Relaxed)
-        ))),
-    )?;
+    Ok(Pulled {
+        desc,
+        kind,
+        label_names,
+        read,
+    })
+}
+
+/// The rows of one source, each reading it through a clone of `src`.
+fn rows<S: Send + Sync + 'static>(
+    src: &Arc<S>,
+    rows: &'static [Row<S>],
+    labelled: &'static [LabelledRow<S>],
+) -> prometheus::Result<Vec<Pulled>> {
+    let mut out = Vec::new();
+    for &(name, help, kind, read) in rows {
+        let s = src.clone();
+        out.push(pulled_item(
+            name,
+            help,
+            kind,
+            None,
+            Box::new(move || vec![(Vec::new(), read(&s))]),
+        )?);
+    }
+    for &(name, help, kind, label, read) in labelled {
+        let s = src.clone();
+        let samples = move || {
+            read(&s)
+                .into_iter()
+                .map(|(v, x)| (vec![v.to_string()], x))
+                .collect()
+        };
+        out.push(pulled_item(
+            name,
+            help,
+            kind,
+            Some(label),
+            Box::new(samples),
+        )?);
+    }
+    Ok(out)
+}
+
+fn pulled(src: &Sources) -> prometheus::Result<PulledCollector> {
+    let mut items = rows(&src.ingest, INGEST, &[])?;
+    items.extend(rows(&src.wal, WAL, WAL_LABELLED)?);
+    items.extend(rows(&src.replay, REPLAY, REPLAY_LABELLED)?);
+    items.extend(rows(&Arc::new(src.clone()), ACROSS, &[])?);
     Ok(PulledCollector { items })
 }

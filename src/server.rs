@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::datadir::DataDirLock;
 use crate::dev::dev_broker::DevBroker;
 use crate::http::{app, AppState};
+use crate::metrics::{Metrics, Sources};
 use crate::replay::dead_letter::DeadLetterFile;
 use crate::replay::offsets::OffsetStore;
 use crate::replay::replayer::Replayer;
@@ -51,6 +52,25 @@ pub enum Exit {
     /// The WAL failed (sticky); exit non-zero so systemd restarts into
     /// recovery.
     WalFailed,
+}
+
+/// The handlers' state. The counters come first: the metrics registry reads
+/// them at scrape time, and the handlers and the replayer (through the
+/// state) update them.
+fn build_state(
+    config: &Config,
+    wal: Arc<Wal>,
+    offsets: Arc<OffsetStore>,
+    keys: Option<Arc<crate::auth::KeyStore>>,
+) -> Arc<AppState> {
+    let sources = Sources::new(
+        wal,
+        config.limits.max_inflight_bytes,
+        config.rates.tenant_metrics_cap(),
+    );
+    let metrics =
+        Metrics::install(&sources).expect("metric names and labels are static and unique");
+    Arc::new(AppState::assemble(config, sources, metrics, offsets, keys))
 }
 
 /// Runs the daemon on `listener` (and the admin listener, when bound) until
@@ -94,12 +114,7 @@ pub async fn run(
     let (offsets, wal, offsets_reset) = open_storage(&config).await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
-    let state = Arc::new(AppState::with_keys(
-        &config,
-        wal.clone(),
-        offsets.clone(),
-        keys,
-    ));
+    let state = build_state(&config, wal.clone(), offsets.clone(), keys);
     // Installed here, before READY, so a SIGHUP never meets the default
     // action (terminate).
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {

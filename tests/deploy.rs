@@ -8,10 +8,14 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_sluice");
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Serve, EXE};
+
 const DASHBOARD: &str = include_str!("../deploy/grafana/sluice.json");
 const ALERTS: &str = include_str!("../deploy/prometheus/alerts.yml");
 const README: &str = include_str!("../README.md");
@@ -19,41 +23,21 @@ const README: &str = include_str!("../README.md");
 /// A daemon with the embedded dev broker on a free loopback port; killed on
 /// drop so a failed assertion leaves no process behind.
 struct Daemon {
-    child: Child,
     addr: String,
-    _dir: tempfile::TempDir,
+    _serve: support::Daemon,
 }
 
 impl Daemon {
     fn start(env: &[(&str, &str)]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let addr_file = dir.path().join("addr");
-        let mut cmd = Command::new(EXE);
-        // No admin listener: its fixed default port would clash between parallel daemons.
-        cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
-        cmd.args(["serve", "--dev", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
+        let serve = Serve::temp()
+            .arg("--dev")
+            .envs(&[("SLUICE_WAL_MIN_FREE_BYTES", "0")])
+            .envs(env)
+            .start();
+        Daemon {
+            addr: serve.addr.clone(),
+            _serve: serve,
         }
-        let child = cmd.spawn().unwrap();
-        let mut d = Daemon {
-            child,
-            addr: String::new(),
-            _dir: dir,
-        };
-        d.addr = wait_for(Duration::from_secs(60), "the daemon's address file", || {
-            std::fs::read_to_string(&addr_file)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        });
-        d
     }
 
     /// One HTTP/1.1 request on a fresh connection: (status, body).
@@ -76,13 +60,6 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no status line in {out:?}"));
         let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
         (status, body.to_string())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

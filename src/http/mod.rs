@@ -30,6 +30,7 @@ use crate::auth::config::RatesConfig;
 use crate::auth::{KeyStore, Rates};
 use crate::ingest::config::{EventsConfig, Limits};
 use crate::ingest::Normalizer;
+use crate::metrics::{Metrics, Sources};
 use crate::replay::offsets::OffsetStore;
 use crate::replay::ReplayStats;
 use crate::wal::Wal;
@@ -61,7 +62,7 @@ pub struct AppState {
     /// and systemd restarts it into recovery.
     pub fatal: Notify,
     pub counters: Arc<IngestCounters>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<Metrics>,
     /// Replay and Kafka state, shared with the replayer.
     pub replay: Arc<ReplayStats>,
     /// Whether the last append was refused for quota, to log the change once.
@@ -82,6 +83,9 @@ impl AppState {
         Self::with_keys(config, wal, offsets, None)
     }
 
+    /// State with fresh counters and its own metrics registry, for callers
+    /// (tests, benches) that do not share them; `server` builds both itself
+    /// and calls [`AppState::assemble`].
     pub fn with_keys(
         config: impl Into<StateConfig>,
         wal: Arc<Wal>,
@@ -89,23 +93,25 @@ impl AppState {
         keys: Option<Arc<KeyStore>>,
     ) -> Self {
         let config: StateConfig = config.into();
-        let permits = usize::try_from(config.limits.max_inflight_bytes)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
-        let counters = Arc::new(IngestCounters::default());
-        let replay = Arc::new(ReplayStats::default());
-        let inflight = Arc::new(Semaphore::new(permits));
-        let metrics = crate::metrics::Metrics::new(crate::metrics::Sources {
-            tenant_cap: config.rates.tenant_metrics_cap(),
-            wal: wal.clone(),
-            ingest: counters.clone(),
-            replay: replay.clone(),
-            inflight: inflight.clone(),
-            max_inflight_bytes: permits as u64,
-        })
-        .expect("metric names and labels are static and unique");
-        wal.set_observer(metrics.clone());
-        replay.set_observer(metrics.clone());
+        let sources = Sources::new(
+            wal,
+            config.limits.max_inflight_bytes,
+            config.rates.tenant_metrics_cap(),
+        );
+        let metrics =
+            Metrics::install(&sources).expect("metric names and labels are static and unique");
+        Self::assemble(config, sources, metrics, offsets, keys)
+    }
+
+    /// State over counters (`sources`) already shared with `metrics`.
+    pub fn assemble(
+        config: impl Into<StateConfig>,
+        sources: Sources,
+        metrics: Arc<Metrics>,
+        offsets: Arc<OffsetStore>,
+        keys: Option<Arc<KeyStore>>,
+    ) -> Self {
+        let config: StateConfig = config.into();
         if let Some(k) = &keys {
             metrics.auth_keys.set(k.len() as i64);
         }
@@ -115,17 +121,17 @@ impl AppState {
             .registry
             .register(Box::new(crate::idempotency::Collector(idempotency.clone())));
         AppState {
-            wal,
+            wal: sources.wal,
             offsets,
             normalizer: Normalizer::new(config.limits.clone(), config.events),
             limits: config.limits,
             http: config.http,
-            inflight,
+            inflight: sources.inflight,
             shutting_down: AtomicBool::new(false),
             fatal: Notify::new(),
-            counters,
+            counters: sources.ingest,
             metrics,
-            replay,
+            replay: sources.replay,
             quota_refusing: AtomicBool::new(false),
             shedding: AtomicBool::new(false),
             keys,

@@ -110,228 +110,28 @@ impl Normalizer {
     ///
     /// Only the top-level fields are split out; nested values stay text, so
     /// an event costs little more than its own bytes at any shape or depth.
+    /// Stages: list the fields, extract and check the known ones, choose the
+    /// Kafka key, encode the value, build the record.
     pub fn normalize_raw(
         &self,
         raw: &RawValue,
         received_at: DateTime<Utc>,
         scope: &TenantScope,
     ) -> Result<NormalizedEvent, (EventError, Option<String>)> {
-        let l = &self.limits;
-        let text = raw.get();
-        if !text.starts_with('{') {
-            return Err((EventError::NotObject, None));
-        }
-        // Every distinct field adds at least `"k":0,` (or `"":0,`) to the
-        // output, so an event with more fields than this cannot fit: stop
-        // collecting them rather than hold millions of entries.
-        let max_fields = l.max_event_bytes / 4 + 1;
-        let listed = raw::fields(text, max_fields)
-            .map_err(|e| (EventError::Malformed(e.to_string()), None))?;
-        let listed = match listed {
-            raw::Fields::Object(f) => f,
-            raw::Fields::TooMany => {
-                let size = raw::compact(text, None).0;
-                return Err((
-                    EventError::TooLarge {
-                        size,
-                        limit: l.max_event_bytes,
-                    },
-                    None,
-                ));
-            }
-        };
-        // A repeated key keeps its first position and its last value, as a
-        // JSON object read into a map would.
-        let mut fields: Vec<(std::borrow::Cow<'_, str>, &RawValue)> =
-            Vec::with_capacity(listed.len());
-        let mut index = std::collections::HashMap::with_capacity(listed.len());
-        for (k, v) in listed {
-            match index.get(&k) {
-                Some(&i) => fields[i] = (k, v),
-                None => {
-                    index.insert(k.clone(), fields.len());
-                    fields.push((k, v));
-                }
-            }
-        }
-        drop(index);
+        let mut fields = self.list_fields(raw.get()).map_err(|e| (e, None))?;
         let claimed = fields
             .iter()
             .find(|(k, _)| k == "id")
             .and_then(|(_, v)| raw::string(v).ok().flatten())
             .map(|s| s.chars().take(128).collect::<String>());
         let fail = |e: EventError| (e, claimed.clone());
-        if fields
-            .iter()
-            .any(|(_, v)| 1 + raw::compact(v.get(), None).1 > l.max_depth)
-        {
-            return Err(fail(EventError::TooDeep(l.max_depth)));
-        }
-        let mut take = |name: &str| -> Option<&RawValue> {
-            let i = fields.iter().position(|(k, _)| k == name)?;
-            Some(fields.remove(i).1)
-        };
-        let string_field =
-            |v: Option<&RawValue>, msg: &str| -> Result<Option<String>, EventError> {
-                match v {
-                    None => Ok(None),
-                    Some(v) => raw::string(v).map_err(|()| invalid(msg)),
-                }
-            };
-        let id = take("id");
-        let tenant = take("tenant_id");
-        let timestamp = take("timestamp");
-        let severity = take("severity");
-        let source = take("source");
-        let message = take("message");
-        let metadata = take("metadata");
-        let known = [
-            ("id", id),
-            ("tenant_id", tenant),
-            ("timestamp", timestamp),
-            ("severity", severity),
-            ("source", source),
-            ("message", message),
-            ("metadata", metadata),
-        ];
-        let implied = scope.implied();
-        for field in &self.events.required {
-            let v = match known.iter().find(|(k, _)| k == field) {
-                Some((_, v)) => *v,
-                None => fields.iter().find(|(k, _)| k == field).map(|(_, v)| *v),
-            };
-            if field == "tenant_id" && implied.is_some() && v.is_none_or(|v| v.get() == "null") {
-                continue;
-            }
-            match v.map(|v| (v.get(), raw::string(v))) {
-                None | Some(("null", _)) => return Err(fail(EventError::Missing(field.clone()))),
-                Some((_, Ok(Some(s)))) if s.trim().is_empty() => {
-                    return Err(fail(invalid(format!("{field} is empty"))))
-                }
-                _ => {}
-            }
-        }
-
-        let id = match string_field(id, "id must be a string").map_err(fail)? {
-            None => uuid::Uuid::now_v7().to_string(),
-            Some(s) => {
-                let n = s.chars().count();
-                if n == 0 || n > l.max_id_chars {
-                    return Err(fail(invalid(format!(
-                        "id must be 1 to {} characters",
-                        l.max_id_chars
-                    ))));
-                }
-                s
-            }
-        };
-        let tenant_msg = "tenant_id must match [A-Za-z0-9._-]{1,64}";
-        let tenant = match string_field(tenant, tenant_msg).map_err(fail)? {
-            None => implied.map(str::to_string),
-            Some(s) if TenantId::is_valid(&s) => Some(s),
-            Some(_) => return Err(fail(invalid(tenant_msg))),
-        };
-        scope
-            .check(tenant.as_deref())
-            .map_err(|e| fail(EventError::Forbidden(e)))?;
-        let timestamp = match timestamp {
-            None => received_at,
-            Some(v) if v.get() == "null" => received_at,
-            Some(v) => parse_timestamp(v).map_err(fail)?,
-        };
-        let severity_msg =
-            "severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL";
-        let severity = match string_field(severity, "severity must be a string").map_err(fail)? {
-            None => "INFO",
-            Some(s) => normalize_severity(&s).ok_or_else(|| fail(invalid(severity_msg)))?,
-        };
-        let source = match string_field(source, "source must be a string").map_err(fail)? {
-            None => None,
-            Some(s) => {
-                // The limit is on the characters sent: lower-casing can
-                // lengthen a string (`İ` becomes two characters).
-                let s = s.trim();
-                if s.chars().count() > l.max_source_chars {
-                    return Err(fail(invalid(format!(
-                        "source is longer than {} characters",
-                        l.max_source_chars
-                    ))));
-                }
-                Some(s.to_lowercase())
-            }
-        };
-        let message = string_field(message, "message must be a string")
-            .map_err(fail)?
-            .map(|s| s.trim().to_string());
-        let metadata = match metadata {
-            None => None,
-            Some(v) if v.get() == "null" => None,
-            Some(v) if v.get().starts_with('{') => Some(compact_text(v)),
-            Some(_) => return Err(fail(invalid("metadata must be an object"))),
-        };
-
-        // Known fields first in a fixed order, then unknown ones verbatim
-        // (compact, numbers and escapes as sent) in the order the client sent
-        // them, written straight to bytes.
-        let ts = timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true);
-        let key = match self.events.key_field.as_str() {
-            "id" => Some(id.as_bytes().to_vec()),
-            "tenant_id" => tenant.as_ref().map(|t| t.as_bytes().to_vec()),
-            "timestamp" => Some(ts.as_bytes().to_vec()),
-            "severity" => Some(severity.as_bytes().to_vec()),
-            "source" => source.as_ref().map(|s| s.as_bytes().to_vec()),
-            "message" => message.as_ref().map(|m| m.as_bytes().to_vec()),
-            "metadata" => metadata.clone(),
-            other => match fields.iter().find(|(k, _)| k == other) {
-                None => None,
-                Some((_, v)) => match raw::string(v) {
-                    Ok(None) => None,
-                    Ok(Some(s)) => Some(s.into_bytes()),
-                    Err(()) => Some(compact_text(v)),
-                },
-            },
-        };
-        let mut out = JsonObject::with_capacity(256);
-        out.field("id", &id).map_err(fail)?;
-        if let Some(t) = &tenant {
-            out.field("tenant_id", t).map_err(fail)?;
-        }
-        out.field("timestamp", &ts).map_err(fail)?;
-        out.field("severity", severity).map_err(fail)?;
-        if let Some(s) = &source {
-            out.field("source", s).map_err(fail)?;
-        }
-        if let Some(m) = &message {
-            out.field("message", m).map_err(fail)?;
-        }
-        if let Some(m) = &metadata {
-            out.raw_field("metadata", m).map_err(fail)?;
-        }
-        // The size is known before a byte of an unknown field is copied, so
-        // an oversized event never costs more than the limit to refuse.
-        let mut size = out.buf.len() + 1;
-        for (k, v) in &fields {
-            size += k.len() + 4 + raw::compact(v.get(), None).0;
-        }
-        if size > l.max_event_bytes {
-            return Err(fail(EventError::TooLarge {
-                size,
-                limit: l.max_event_bytes,
-            }));
-        }
-        for (k, v) in &fields {
-            out.key(k).map_err(fail)?;
-            raw::compact(v.get(), Some(&mut out.buf));
-        }
-        let value = out.finish();
-        if value.len() > l.max_event_bytes {
-            return Err(fail(EventError::TooLarge {
-                size: value.len(),
-                limit: l.max_event_bytes,
-            }));
-        }
-        let mut headers = vec![(HEADER_ID.to_string(), id.clone().into_bytes())];
-        if let Some(t) = &tenant {
+        let known = self
+            .extract(&mut fields, received_at, scope)
+            .map_err(fail)?;
+        let key = self.kafka_key(&known, &fields);
+        let value = self.encode_value(&known, &fields).map_err(fail)?;
+        let mut headers = vec![(HEADER_ID.to_string(), known.id.clone().into_bytes())];
+        if let Some(t) = &known.tenant {
             headers.push((HEADER_TENANT.to_string(), t.clone().into_bytes()));
         }
         headers.push((
@@ -344,13 +144,269 @@ impl Normalizer {
             key,
             value,
             headers,
-            timestamp_ms: timestamp.timestamp_millis(),
+            timestamp_ms: known.timestamp.timestamp_millis(),
         };
         Ok(NormalizedEvent {
-            id,
-            tenant,
+            id: known.id,
+            tenant: known.tenant,
             payload: record.encode(),
         })
+    }
+
+    /// The top-level fields of an object, in the order sent. A repeated key
+    /// keeps its first position and its last value, as a JSON object read
+    /// into a map would.
+    fn list_fields<'a>(&self, text: &'a str) -> Result<Fields<'a>, EventError> {
+        let l = &self.limits;
+        if !text.starts_with('{') {
+            return Err(EventError::NotObject);
+        }
+        // Every distinct field adds at least `"k":0,` (or `"":0,`) to the
+        // output, so an event with more fields than this cannot fit: stop
+        // collecting them rather than hold millions of entries.
+        let max_fields = l.max_event_bytes / 4 + 1;
+        let listed = match raw::fields(text, max_fields)
+            .map_err(|e| EventError::Malformed(e.to_string()))?
+        {
+            raw::Fields::Object(f) => f,
+            raw::Fields::TooMany => {
+                return Err(EventError::TooLarge {
+                    size: raw::compact(text, None).0,
+                    limit: l.max_event_bytes,
+                })
+            }
+        };
+        let mut fields: Fields<'a> = Vec::with_capacity(listed.len());
+        let mut index = std::collections::HashMap::with_capacity(listed.len());
+        for (k, v) in listed {
+            match index.get(&k) {
+                Some(&i) => fields[i] = (k, v),
+                None => {
+                    index.insert(k.clone(), fields.len());
+                    fields.push((k, v));
+                }
+            }
+        }
+        Ok(fields)
+    }
+
+    /// Takes the known fields out of `fields` (what is left is unknown) and
+    /// checks them: depth, required fields, each known field's form, and
+    /// the tenant against `scope`.
+    fn extract(
+        &self,
+        fields: &mut Fields<'_>,
+        received_at: DateTime<Utc>,
+        scope: &TenantScope,
+    ) -> Result<Known, EventError> {
+        let l = &self.limits;
+        if fields
+            .iter()
+            .any(|(_, v)| 1 + raw::compact(v.get(), None).1 > l.max_depth)
+        {
+            return Err(EventError::TooDeep(l.max_depth));
+        }
+        let mut take = |name: &str| -> Option<&RawValue> {
+            let i = fields.iter().position(|(k, _)| k == name)?;
+            Some(fields.remove(i).1)
+        };
+        let sent = [
+            ("id", take("id")),
+            ("tenant_id", take("tenant_id")),
+            ("timestamp", take("timestamp")),
+            ("severity", take("severity")),
+            ("source", take("source")),
+            ("message", take("message")),
+            ("metadata", take("metadata")),
+        ];
+        let implied = scope.implied();
+        self.check_required(&sent, fields, implied)?;
+        let [(_, id), (_, tenant), (_, timestamp), (_, severity), (_, source), (_, message), (_, metadata)] =
+            sent;
+
+        let id = match string_field(id, "id must be a string")? {
+            None => uuid::Uuid::now_v7().to_string(),
+            Some(s) => {
+                let n = s.chars().count();
+                if n == 0 || n > l.max_id_chars {
+                    return Err(invalid(format!(
+                        "id must be 1 to {} characters",
+                        l.max_id_chars
+                    )));
+                }
+                s
+            }
+        };
+        let tenant_msg = "tenant_id must match [A-Za-z0-9._-]{1,64}";
+        let tenant = match string_field(tenant, tenant_msg)? {
+            None => implied.map(str::to_string),
+            Some(s) if TenantId::is_valid(&s) => Some(s),
+            Some(_) => return Err(invalid(tenant_msg)),
+        };
+        scope
+            .check(tenant.as_deref())
+            .map_err(EventError::Forbidden)?;
+        let timestamp = match timestamp {
+            None => received_at,
+            Some(v) if v.get() == "null" => received_at,
+            Some(v) => parse_timestamp(v)?,
+        };
+        let severity_msg =
+            "severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL";
+        let severity = match string_field(severity, "severity must be a string")? {
+            None => "INFO",
+            Some(s) => normalize_severity(&s).ok_or_else(|| invalid(severity_msg))?,
+        };
+        let source = match string_field(source, "source must be a string")? {
+            None => None,
+            Some(s) => {
+                // The limit is on the characters sent: lower-casing can
+                // lengthen a string (`İ` becomes two characters).
+                let s = s.trim();
+                if s.chars().count() > l.max_source_chars {
+                    return Err(invalid(format!(
+                        "source is longer than {} characters",
+                        l.max_source_chars
+                    )));
+                }
+                Some(s.to_lowercase())
+            }
+        };
+        let message =
+            string_field(message, "message must be a string")?.map(|s| s.trim().to_string());
+        let metadata = match metadata {
+            None => None,
+            Some(v) if v.get() == "null" => None,
+            Some(v) if v.get().starts_with('{') => Some(compact_text(v)),
+            Some(_) => return Err(invalid("metadata must be an object")),
+        };
+        Ok(Known {
+            ts: timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            id,
+            tenant,
+            timestamp,
+            severity,
+            source,
+            message,
+            metadata,
+        })
+    }
+
+    /// Every `events.required` field is present, not null and, if a string,
+    /// not blank; a key bound to one tenant supplies a missing `tenant_id`.
+    fn check_required(
+        &self,
+        sent: &[(&str, Option<&RawValue>)],
+        unknown: &Fields<'_>,
+        implied: Option<&str>,
+    ) -> Result<(), EventError> {
+        for field in &self.events.required {
+            let v = match sent.iter().find(|(k, _)| k == field) {
+                Some((_, v)) => *v,
+                None => unknown.iter().find(|(k, _)| k == field).map(|(_, v)| *v),
+            };
+            if field == "tenant_id" && implied.is_some() && v.is_none_or(|v| v.get() == "null") {
+                continue;
+            }
+            match v.map(|v| (v.get(), raw::string(v))) {
+                None | Some(("null", _)) => return Err(EventError::Missing(field.clone())),
+                Some((_, Ok(Some(s)))) if s.trim().is_empty() => {
+                    return Err(invalid(format!("{field} is empty")))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The Kafka key: the normalized value of `events.key-field` (a known
+    /// field), or an unknown field's string (its compact JSON if not a string).
+    fn kafka_key(&self, known: &Known, unknown: &Fields<'_>) -> Option<Vec<u8>> {
+        match self.events.key_field.as_str() {
+            "id" => Some(known.id.as_bytes().to_vec()),
+            "tenant_id" => known.tenant.as_ref().map(|t| t.as_bytes().to_vec()),
+            "timestamp" => Some(known.ts.as_bytes().to_vec()),
+            "severity" => Some(known.severity.as_bytes().to_vec()),
+            "source" => known.source.as_ref().map(|s| s.as_bytes().to_vec()),
+            "message" => known.message.as_ref().map(|m| m.as_bytes().to_vec()),
+            "metadata" => known.metadata.clone(),
+            other => match unknown.iter().find(|(k, _)| k == other) {
+                None => None,
+                Some((_, v)) => match raw::string(v) {
+                    Ok(None) => None,
+                    Ok(Some(s)) => Some(s.into_bytes()),
+                    Err(()) => Some(compact_text(v)),
+                },
+            },
+        }
+    }
+
+    /// The record value: known fields first in a fixed order, then unknown
+    /// ones verbatim (compact, numbers and escapes as sent) in the order the
+    /// client sent them, written straight to bytes.
+    fn encode_value(&self, known: &Known, unknown: &Fields<'_>) -> Result<Vec<u8>, EventError> {
+        let limit = self.limits.max_event_bytes;
+        let mut out = JsonObject::with_capacity(256);
+        out.field("id", &known.id)?;
+        if let Some(t) = &known.tenant {
+            out.field("tenant_id", t)?;
+        }
+        out.field("timestamp", &known.ts)?;
+        out.field("severity", known.severity)?;
+        if let Some(s) = &known.source {
+            out.field("source", s)?;
+        }
+        if let Some(m) = &known.message {
+            out.field("message", m)?;
+        }
+        if let Some(m) = &known.metadata {
+            out.raw_field("metadata", m)?;
+        }
+        // The size is known before a byte of an unknown field is copied, so
+        // an oversized event never costs more than the limit to refuse.
+        let mut size = out.buf.len() + 1;
+        for (k, v) in unknown {
+            size += k.len() + 4 + raw::compact(v.get(), None).0;
+        }
+        if size > limit {
+            return Err(EventError::TooLarge { size, limit });
+        }
+        for (k, v) in unknown {
+            out.key(k)?;
+            raw::compact(v.get(), Some(&mut out.buf));
+        }
+        let value = out.finish();
+        if value.len() > limit {
+            return Err(EventError::TooLarge {
+                size: value.len(),
+                limit,
+            });
+        }
+        Ok(value)
+    }
+}
+
+/// An event's top-level fields as sent: name and raw value.
+type Fields<'a> = Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>;
+
+/// The known fields, checked and normalized.
+struct Known {
+    id: String,
+    tenant: Option<String>,
+    timestamp: DateTime<Utc>,
+    /// `timestamp` as RFC 3339, as written in the value (and the key).
+    ts: String,
+    severity: &'static str,
+    source: Option<String>,
+    message: Option<String>,
+    metadata: Option<Vec<u8>>,
+}
+
+/// A known field that must be a string when present.
+fn string_field(v: Option<&RawValue>, msg: &str) -> Result<Option<String>, EventError> {
+    match v {
+        None => Ok(None),
+        Some(v) => raw::string(v).map_err(|()| invalid(msg)),
     }
 }
 

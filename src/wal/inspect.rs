@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::format;
 use super::io::Filesystem;
 use super::record::Record;
-use super::segment::{self, FrameCursor, Step};
+use super::segment::{self, FrameCursor, SegmentScan, Step};
 use super::{Gap, GapReason};
 
 /// One segment as found on disk.
@@ -65,37 +65,58 @@ fn segment_firsts(fs: &dyn Filesystem, dir: &Path) -> io::Result<Vec<u64>> {
 /// Walks every segment in `dir`, checking every frame.
 pub fn verify(fs: &dyn Filesystem, dir: &Path, committed: u64) -> io::Result<VerifyReport> {
     let firsts = segment_firsts(fs, dir)?;
-    let mut report = VerifyReport {
-        segments: Vec::new(),
-        committed,
-        first_seq: None,
-        last_seq: None,
-        records: 0,
-        bytes: 0,
-        lost: Vec::new(),
-        torn_tail_bytes: 0,
+    let mut walk = Walk {
+        fs,
+        dir,
+        report: VerifyReport {
+            segments: Vec::new(),
+            committed,
+            first_seq: None,
+            last_seq: None,
+            records: 0,
+            bytes: 0,
+            lost: Vec::new(),
+            torn_tail_bytes: 0,
+        },
+        expect: committed + 1,
     };
-    // Next sequence number expected if nothing is missing.
-    let mut expect = committed + 1;
-    let lose = |report: &mut VerifyReport, first: u64, last: u64, reason| {
-        let first = first.max(committed + 1);
+    for (i, &first) in firsts.iter().enumerate() {
+        walk.segment(first, firsts.get(i + 1).copied())?;
+    }
+    Ok(walk.report)
+}
+
+/// The state of `verify` between segments.
+struct Walk<'a> {
+    fs: &'a dyn Filesystem,
+    dir: &'a Path,
+    report: VerifyReport,
+    /// Next sequence number expected if nothing is missing.
+    expect: u64,
+}
+
+impl Walk<'_> {
+    /// Records `first..=last` as lost, except what is already committed.
+    fn lose(&mut self, first: u64, last: u64, reason: GapReason) {
+        let first = first.max(self.report.committed + 1);
         if first <= last {
-            report.lost.push(Gap {
+            self.report.lost.push(Gap {
                 first,
                 last,
                 reason,
             });
         }
-    };
-    for (i, &first) in firsts.iter().enumerate() {
+    }
+
+    /// Checks the segment starting at `first`; `next_first` is the next
+    /// segment's, `None` for the last one.
+    fn segment(&mut self, first: u64, next_first: Option<u64>) -> io::Result<()> {
         let name = format::segment_name(first);
-        let file = fs.open(&dir.join(&name))?;
+        let file = self.fs.open(&self.dir.join(&name))?;
         let bytes = file.len()?;
-        report.bytes += bytes;
-        let next_first = firsts.get(i + 1).copied();
-        let is_last = next_first.is_none();
-        if first > expect {
-            lose(&mut report, expect, first - 1, GapReason::Missing);
+        self.report.bytes += bytes;
+        if first > self.expect {
+            self.lose(self.expect, first - 1, GapReason::Missing);
         }
         let mut seg = SegmentReport {
             name,
@@ -109,62 +130,74 @@ pub fn verify(fs: &dyn Filesystem, dir: &Path, committed: u64) -> io::Result<Ver
         match segment::scan(file)? {
             Err(e) => {
                 seg.problem = Some(format!("header: {e}"));
-                if let Some(n) = next_first {
-                    lose(&mut report, first, n - 1, GapReason::BadHeader);
-                } else {
-                    lose(&mut report, first, first, GapReason::BadHeader);
-                }
-                expect = next_first.unwrap_or(first + 1);
+                // Without a header nothing in the file can be trusted: the
+                // whole range up to the next segment is lost.
+                self.lose(
+                    first,
+                    next_first.map_or(first, |n| n - 1),
+                    GapReason::BadHeader,
+                );
+                self.expect = next_first.unwrap_or(first + 1);
             }
             Ok(scan) => {
-                seg.records = scan.records;
-                seg.last_seq = scan.last_seq();
-                seg.trailing_bytes = scan.file_len - scan.valid_len;
-                seg.problem = scan.stop.as_ref().map(|s| s.to_string());
-                report.records += scan.records;
-                if scan.records > 0 {
-                    report.first_seq.get_or_insert(first);
-                    report.last_seq = scan.last_seq();
+                let end = self.scanned(&mut seg, &scan, next_first)?;
+                if next_first.is_none() {
+                    self.report.torn_tail_bytes = seg.trailing_bytes;
                 }
-                let mut end = first + scan.records;
-                if is_last && scan.stop.is_some() {
-                    // As recovery does: damage followed by intact frames is a
-                    // loss of exactly the damaged range, not a torn tail.
-                    let file = fs.open(&dir.join(&seg.name))?;
-                    let after = past_damage(file, scan.valid_len, end)?;
-                    for g in &after.gaps {
-                        lose(&mut report, g.first, g.last, GapReason::Corrupt);
-                    }
-                    seg.records += after.records;
-                    report.records += after.records;
-                    if after.records > 0 {
-                        report.first_seq.get_or_insert(first);
-                        seg.last_seq = Some(after.next - 1);
-                        report.last_seq = seg.last_seq;
-                    }
-                    seg.trailing_bytes = scan.file_len - after.valid_end.max(scan.valid_len);
-                    end = after.next;
-                }
-                match next_first {
-                    Some(n) if end < n => {
-                        let reason = if scan.stop.is_some() {
-                            GapReason::Corrupt
-                        } else {
-                            GapReason::Missing
-                        };
-                        lose(&mut report, end, n - 1, reason);
-                    }
-                    _ => {}
-                }
-                if is_last {
-                    report.torn_tail_bytes = seg.trailing_bytes;
-                }
-                expect = next_first.unwrap_or(end);
+                self.expect = next_first.unwrap_or(end);
             }
         }
-        report.segments.push(seg);
+        self.report.segments.push(seg);
+        Ok(())
     }
-    Ok(report)
+
+    /// Accounts a segment with a valid header; returns the sequence number
+    /// after its last readable record.
+    fn scanned(
+        &mut self,
+        seg: &mut SegmentReport,
+        scan: &SegmentScan,
+        next_first: Option<u64>,
+    ) -> io::Result<u64> {
+        let first = seg.first_seq;
+        seg.records = scan.records;
+        seg.last_seq = scan.last_seq();
+        seg.trailing_bytes = scan.file_len - scan.valid_len;
+        seg.problem = scan.stop.as_ref().map(|s| s.to_string());
+        self.report.records += scan.records;
+        if scan.records > 0 {
+            self.report.first_seq.get_or_insert(first);
+            self.report.last_seq = scan.last_seq();
+        }
+        let mut end = first + scan.records;
+        if next_first.is_none() && scan.stop.is_some() {
+            // As recovery does: damage followed by intact frames is a loss
+            // of exactly the damaged range, not a torn tail.
+            let file = self.fs.open(&self.dir.join(&seg.name))?;
+            let after = past_damage(file, scan.valid_len, end)?;
+            for g in &after.gaps {
+                self.lose(g.first, g.last, GapReason::Corrupt);
+            }
+            seg.records += after.records;
+            self.report.records += after.records;
+            if after.records > 0 {
+                self.report.first_seq.get_or_insert(first);
+                seg.last_seq = Some(after.next - 1);
+                self.report.last_seq = seg.last_seq;
+            }
+            seg.trailing_bytes = scan.file_len - after.valid_end.max(scan.valid_len);
+            end = after.next;
+        }
+        if let Some(n) = next_first.filter(|&n| end < n) {
+            let reason = if scan.stop.is_some() {
+                GapReason::Corrupt
+            } else {
+                GapReason::Missing
+            };
+            self.lose(end, n - 1, reason);
+        }
+        Ok(end)
+    }
 }
 
 /// What lies past the first damage of a last segment.

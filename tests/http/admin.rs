@@ -197,7 +197,7 @@ fn shutdown_ends_a_profile_in_progress() {
     let a = admin(&d);
     let profile = std::thread::spawn(move || get(a, "/debug/pprof/profile?seconds=60"));
     wait_log(&d, "CPU profile started");
-    let pid = d.child.id().to_string();
+    let pid = d.serve.pid();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -206,7 +206,7 @@ fn shutdown_ends_a_profile_in_progress() {
     // Well before the profile's 60 s: the deadline here only stops a hung test.
     let r = profile.join().unwrap();
     assert_eq!(r.status, 503, "{r:?}");
-    let status = d.child.wait().unwrap();
+    let status = d.serve.child.wait().unwrap();
     assert!(status.success(), "{status}: {}", d.log());
 }
 

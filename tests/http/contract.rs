@@ -20,8 +20,8 @@ const JS: (&str, &str) = ("Content-Type", "application/json");
 fn stored(d: Daemon) -> Vec<Record> {
     let data = d.data_dir();
     let mut d = d;
-    let _ = d.child.kill();
-    let _ = d.child.wait();
+    let _ = d.serve.child.kill();
+    let _ = d.serve.child.wait();
     let wal = Wal::open(
         WalConfig::new(&data),
         Arc::new(StdFs) as Arc<dyn Filesystem>,

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,46 +13,17 @@ use sluice::wal::io::{Filesystem, StdFs};
 use sluice::wal::{Wal, WalConfig};
 
 use super::{batch, http_client, post_tcp, wal_records};
+use crate::support::{Daemon, Serve};
 
-/// Every caller kills and waits for the child it gets.
-#[allow(clippy::zombie_processes)]
-fn start(data: &Path) -> (Child, SocketAddr) {
-    let addr_file = data.join("addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+fn start(data: &Path) -> (Daemon, SocketAddr) {
+    let d = Serve::new(data)
         // An unreachable broker: nothing is delivered, so GC never deletes
-        // a segment the final check reads from seq 1 (with the embedded dev
-        // broker, a busy machine let replay deliver and GC segment 1 first).
-        // No admin listener: its fixed default port would clash between parallel daemons.
-        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
-        .args([
-            "serve",
-            "--brokers",
-            "127.0.0.1:1",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            if let Ok(addr) = a.trim().parse() {
-                return (child, addr);
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        // a segment the final check reads from seq 1.
+        .brokers("127.0.0.1:1")
+        .log(Path::new("/dev/null"))
+        .start();
+    let addr = d.socket_addr();
+    (d, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +31,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let acked: Arc<Mutex<BTreeMap<u64, String>>> = Arc::default();
     for cycle in 0..3 {
-        let (mut child, addr) = start(dir.path());
+        let (mut daemon, addr) = start(dir.path());
         let clients: Vec<_> = (0..6)
             .map(|c| {
                 let acked = acked.clone();
@@ -92,20 +62,20 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tokio::time::sleep(Duration::from_millis(15 * cycle)).await;
-        child.kill().unwrap(); // SIGKILL, mid-load
-        child.wait().unwrap();
+        daemon.child.kill().unwrap(); // SIGKILL, mid-load
+        daemon.child.wait().unwrap();
         for c in clients {
             c.await.unwrap();
         }
     }
     // A last restart proves the daemon recovers and serves; then inspect.
-    let (mut child, addr) = start(dir.path());
+    let (mut daemon, addr) = start(dir.path());
     let (status, _) = post_tcp(&http_client(), addr, batch("final", 1, 0).0)
         .await
         .unwrap();
     assert_eq!(status, StatusCode::ACCEPTED);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
 
     let wal = Wal::open(
         WalConfig::new(dir.path()),

@@ -4,17 +4,17 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::support::{self, Serve};
+
 /// A daemon on a temp data dir, killed (SIGKILL) and reaped on drop.
 pub struct Daemon {
-    pub child: Child,
+    pub serve: support::Daemon,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
-    pub stderr: PathBuf,
 }
 
 impl Daemon {
@@ -29,47 +29,21 @@ impl Daemon {
         std::fs::create_dir(&data).unwrap();
         let cfg = dir.path().join("sluice.toml");
         std::fs::write(&cfg, format!("[wal]\nmin-free-bytes = 0\n{config}")).unwrap();
-        let addr_file = dir.path().join("addr");
-        let stderr = dir.path().join("stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            // An ephemeral admin port: the fixed default would clash
-            // between parallel daemons.
-            .env("SLUICE_HTTP_ADMIN_LISTEN", "127.0.0.1:0")
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        let serve = Serve::new(&data)
+            .arg("--config")
             .arg(&cfg)
+            // An ephemeral admin port (the fixed default would clash
+            // between parallel daemons), written where admin_addr() reads it.
+            .envs(&[("SLUICE_HTTP_ADMIN_LISTEN", "127.0.0.1:0")])
             .arg("--admin-addr-file")
             .arg(dir.path().join("admin-addr"))
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            child,
-            addr: "127.0.0.1:1".parse().unwrap(),
+            .envs(env)
+            .log(&dir.path().join("stderr"))
+            .start();
+        Daemon {
+            addr: serve.socket_addr(),
+            serve,
             dir,
-            stderr,
-        };
-        let t0 = Instant::now();
-        loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                if let Ok(addr) = a.trim().parse() {
-                    d.addr = addr;
-                    return d;
-                }
-            }
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("daemon exited with {status}: {}", d.log());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -85,12 +59,12 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.serve.log_text()
     }
 
     /// A line of /proc/PID/status, in kB (e.g. `VmHWM`).
     pub fn proc_status_kb(&self, field: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.serve.child.id())).unwrap();
         s.lines()
             .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
@@ -133,13 +107,6 @@ impl Daemon {
                     .ok()
             })
             .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

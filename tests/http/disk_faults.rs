@@ -6,17 +6,16 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use sluice::wal::io::{Fault, FaultKind, Filesystem, SimFs};
 use sluice::wal::Wal;
 
 use super::{ev, harness_with, wal_records, JSON};
-
-const EXE: &str = env!("CARGO_BIN_EXE_sluice");
+use crate::support::{Daemon, Serve, EXE};
 
 #[tokio::test]
 async fn enospc_mid_write_keeps_every_202_and_resumes_after_restart() {
@@ -63,51 +62,20 @@ async fn enospc_mid_write_keeps_every_202_and_resumes_after_restart() {
     );
 }
 
-fn wait_file(path: &Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A daemon whose Kafka is unreachable (replay is irrelevant here).
-#[allow(clippy::zombie_processes)] // callers wait
-fn daemon(data: &Path, env: &[(&str, &str)]) -> (Child, String) {
-    let addr_file = data.with_extension("addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let mut cmd = Command::new(EXE);
-    // No admin listener: its fixed default port would clash between parallel daemons.
-    cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--brokers",
-        "127.0.0.1:1",
-        "--data-dir",
-    ])
-    .arg(data)
-    .arg("--addr-file")
-    .arg(&addr_file)
-    .env("SLUICE_REPLAY_DRAIN_TIMEOUT_MS", "300")
-    .env("SLUICE_WAL_SEGMENT_BYTES", "262144")
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    (child, wait_file(&addr_file))
+/// A daemon whose Kafka is unreachable (replay is irrelevant here). Its log
+/// goes nowhere: it must take no space on a filesystem being filled.
+fn daemon(data: &Path, env: &[(&str, &str)]) -> (Daemon, String) {
+    let d = Serve::new(data)
+        .brokers("127.0.0.1:1")
+        .envs(&[
+            ("SLUICE_REPLAY_DRAIN_TIMEOUT_MS", "300"),
+            ("SLUICE_WAL_SEGMENT_BYTES", "262144"),
+        ])
+        .envs(env)
+        .log(Path::new("/dev/null"))
+        .start();
+    let addr = d.addr.clone();
+    (d, addr)
 }
 
 /// Posts `n` events tagged `tag`; returns the status and the ids if 202.
@@ -139,18 +107,9 @@ fn post(addr: &str, tag: &str, n: usize) -> (u16, Vec<String>, String) {
     (status, if status == 202 { ids } else { Vec::new() }, resp)
 }
 
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "daemon did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_exit(d: &mut Daemon) -> std::process::ExitStatus {
+    d.wait_exit(Duration::from_secs(30))
+        .expect("daemon did not exit")
 }
 
 /// Ids in the WAL, read by the offline tool (which checks every CRC).
@@ -213,15 +172,15 @@ fn a_real_full_filesystem_sheds_load_before_enospc_and_survives_enospc() {
     }
     assert_eq!(last.0, 503, "{}", last.2);
     assert!(last.2.contains("disk space low"), "{}", last.2);
-    assert!(d.try_wait().unwrap().is_none(), "disk low is not a failure");
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "disk low is not a failure"
+    );
     std::fs::remove_file(&filler).unwrap();
     let again = post(&addr, "space-back", 5);
     assert_eq!(again.0, 202, "{}", again.2);
     acked.extend(again.1);
-    Command::new("kill")
-        .arg(d.id().to_string())
-        .status()
-        .unwrap();
+    d.signal("TERM");
     assert!(wait_exit(&mut d).success());
 
     // 2. With no headroom, the disk really fills: ENOSPC mid-write is a
@@ -255,10 +214,7 @@ fn a_real_full_filesystem_sheds_load_before_enospc_and_survives_enospc() {
     let (status, ids, body) = post(&addr, "recovered", 5);
     assert_eq!(status, 202, "{body}");
     acked.extend(ids);
-    Command::new("kill")
-        .arg(d.id().to_string())
-        .status()
-        .unwrap();
+    d.signal("TERM");
     assert!(wait_exit(&mut d).success());
     let on_disk = wal_ids(&data);
     let missing: Vec<_> = acked.iter().filter(|id| !on_disk.contains(*id)).collect();
@@ -297,10 +253,7 @@ fn eio_on_fsync_is_sticky_exits_non_zero_and_recovers_cleanly() {
     let (status, ids, body) = post(&addr, "after", 2);
     assert_eq!(status, 202, "{body}");
     acked.extend(ids);
-    Command::new("kill")
-        .arg(d.id().to_string())
-        .status()
-        .unwrap();
+    d.signal("TERM");
     assert!(wait_exit(&mut d).success());
     let on_disk = wal_ids(&data);
     assert!(

@@ -4,66 +4,22 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_sluice");
+use crate::support::{Daemon, Serve};
 
-pub(super) struct Daemon {
-    pub(super) child: Child,
-    pub(super) addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A daemon whose Kafka is unreachable, with short HTTP timeouts.
 pub(super) fn daemon(env: &[(&str, &str)]) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let addr_file = dir.path().join("addr");
-    let mut cmd = Command::new(EXE);
-    // No admin listener: its fixed default port would clash between parallel daemons.
-    cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--brokers",
-        "127.0.0.1:1",
-        "--data-dir",
-    ])
-    .arg(dir.path().join("data"))
-    .arg("--addr-file")
-    .arg(&addr_file)
-    .env("SLUICE_HTTP_HEADER_TIMEOUT_MS", "500")
-    .env("SLUICE_HTTP_BODY_TIMEOUT_MS", "1000")
-    .env("SLUICE_HTTP_MAX_HEADER_BYTES", "16384")
-    .env("SLUICE_REPLAY_DRAIN_TIMEOUT_MS", "100")
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    let t0 = Instant::now();
-    let addr = loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            if !a.is_empty() {
-                break a;
-            }
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Daemon {
-        child,
-        addr,
-        _dir: dir,
-    }
+    Serve::temp()
+        .brokers("127.0.0.1:1")
+        .envs(&[
+            ("SLUICE_HTTP_HEADER_TIMEOUT_MS", "500"),
+            ("SLUICE_HTTP_BODY_TIMEOUT_MS", "1000"),
+            ("SLUICE_HTTP_MAX_HEADER_BYTES", "16384"),
+            ("SLUICE_REPLAY_DRAIN_TIMEOUT_MS", "100"),
+        ])
+        .envs(env)
+        .start()
 }
 
 const EVENT: &str = r#"{"tenant_id":"good","source":"s","message":"m"}"#;

@@ -7,72 +7,20 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-const EXE: &str = env!("CARGO_BIN_EXE_sluice");
+use crate::support::{Broker, Daemon, EXE};
 
-fn wait_file(path: &Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+fn serve(dir: &Path, brokers: &str, env: &[(&str, &str)]) -> (Daemon, String) {
+    let d = Daemon::spawn(&dir.join("data"), Some(brokers), env);
+    let addr = d.addr.clone();
+    (d, addr)
 }
 
-/// Every caller waits for the child.
-#[allow(clippy::zombie_processes)]
-fn serve(dir: &Path, brokers: &str, env: &[(&str, &str)]) -> (Child, String) {
-    let _ = std::fs::remove_file(dir.join("addr"));
-    let mut cmd = Command::new(EXE);
-    // No admin listener: its fixed default port would clash between parallel daemons.
-    cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--brokers",
-        brokers,
-        "--data-dir",
-    ])
-    .arg(dir.join("data"))
-    .arg("--addr-file")
-    .arg(dir.join("addr"))
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    (child, wait_file(&dir.join("addr")))
-}
-
-fn signal(child: &Child, sig: &str) {
-    assert!(Command::new("kill")
-        .args(["-s", sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(t0.elapsed() < within, "did not exit within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_exit(d: &mut Daemon, within: Duration) -> std::process::ExitStatus {
+    d.wait_exit(within)
+        .unwrap_or_else(|| panic!("did not exit within {within:?}"))
 }
 
 #[test]
@@ -82,7 +30,7 @@ fn systemd_sees_ready_watchdog_pings_and_stopping() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let (mut child, _) = serve(
+    let (mut daemon, _) = serve(
         dir.path(),
         "",
         &[
@@ -102,7 +50,7 @@ fn systemd_sees_ready_watchdog_pings_and_stopping() {
         .filter(|m| m.trim() == "WATCHDOG=1")
         .count();
     assert_eq!(pings, 3, "the watchdog pings while everything is alive");
-    signal(&child, "TERM");
+    daemon.signal("TERM");
     let mut stopping = false;
     for _ in 0..20 {
         if recv().contains("STOPPING=1") {
@@ -111,21 +59,15 @@ fn systemd_sees_ready_watchdog_pings_and_stopping() {
         }
     }
     assert!(stopping, "STOPPING=1 is sent when shutdown starts");
-    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    assert!(wait_exit(&mut daemon, Duration::from_secs(30)).success());
 }
 
 #[test]
 fn sigterm_finishes_in_flight_requests_drains_and_flushes_the_offset() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Command::new(EXE)
-        .args(["dev-broker", "--addr-file"])
-        .arg(dir.path().join("broker"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let brokers = wait_file(&dir.path().join("broker"));
-    let (mut child, addr) = serve(dir.path(), &brokers, &[]);
+    let broker = Broker::start(dir.path(), None);
+    let brokers = broker.addr.clone();
+    let (mut daemon, addr) = serve(dir.path(), &brokers, &[]);
 
     // A request whose body is still arriving when SIGTERM comes.
     let body = r#"[{"id":"late-1","tenant_id":"a","source":"s","message":"m"},{"id":"late-2","tenant_id":"a","source":"s","message":"m"}]"#;
@@ -138,7 +80,7 @@ fn sigterm_finishes_in_flight_requests_drains_and_flushes_the_offset() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, "TERM");
+    daemon.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
     stream.write_all(tail.as_bytes()).unwrap();
     let mut resp = String::new();
@@ -149,7 +91,7 @@ fn sigterm_finishes_in_flight_requests_drains_and_flushes_the_offset() {
     );
     assert!(resp.contains(r#""last_seq":2"#), "{resp}");
     assert!(
-        wait_exit(&mut child, Duration::from_secs(30)).success(),
+        wait_exit(&mut daemon, Duration::from_secs(30)).success(),
         "exit 0"
     );
 
@@ -162,15 +104,14 @@ fn sigterm_finishes_in_flight_requests_drains_and_flushes_the_offset() {
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["committed"], 2, "{stats}");
     assert_eq!(stats["backlog_records"], 0);
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    drop(broker);
 }
 
 #[test]
 fn a_second_signal_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     // Kafka unreachable and a long drain: the first SIGTERM would wait.
-    let (mut child, addr) = serve(
+    let (mut daemon, addr) = serve(
         dir.path(),
         "127.0.0.1:1",
         &[("SLUICE_REPLAY_DRAIN_TIMEOUT_MS", "120000")],
@@ -187,14 +128,14 @@ fn a_second_signal_exits_at_once() {
     stream.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
     std::thread::sleep(Duration::from_millis(300));
-    signal(&child, "TERM");
+    daemon.signal("TERM");
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        child.try_wait().unwrap().is_none(),
+        daemon.child.try_wait().unwrap().is_none(),
         "still draining after the first signal"
     );
-    signal(&child, "TERM");
-    let status = wait_exit(&mut child, Duration::from_secs(3));
+    daemon.signal("TERM");
+    let status = wait_exit(&mut daemon, Duration::from_secs(3));
     assert_eq!(status.code(), Some(130));
     // Nothing acknowledged is lost: the record is still in the WAL.
     let out = Command::new(EXE)

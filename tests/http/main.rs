@@ -19,6 +19,8 @@ mod memory;
 mod metrics;
 mod security;
 mod statuses;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -3,28 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub const EXE: &str = env!("CARGO_BIN_EXE_sluice");
-
-pub fn wait_file(path: &Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use crate::support::Serve;
+pub use crate::support::{Broker, Daemon, EXE};
 
 /// One HTTP/1.1 request; returns the status and the body.
 pub fn http(
@@ -83,137 +66,32 @@ pub fn post_events(addr: &str, prefix: &str, range: std::ops::Range<usize>) -> u
     v["last_seq"].as_u64().unwrap()
 }
 
-pub struct Broker {
-    child: Child,
-    pub addr: String,
+/// `sluice serve` on `data` with 4 KiB segments and a 20 ms commit interval
+/// (so GC runs constantly), prefixed by `wrapper` if not empty.
+pub fn serve(data: &Path, brokers: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+    Serve::new(data)
+        .brokers(brokers)
+        .envs(&[
+            ("SLUICE_WAL_SEGMENT_BYTES", "4096"),
+            ("SLUICE_WAL_MIN_FREE_BYTES", "0"),
+            ("SLUICE_REPLAY_COMMIT_INTERVAL_MS", "20"),
+            ("SLUICE_LOG_FORMAT", "json"),
+        ])
+        .envs(env)
+        .wrapper(wrapper)
+        .start()
 }
 
-impl Broker {
-    pub fn start(dir: &Path) -> Broker {
-        let file = dir.join("broker-addr");
-        let child = Command::new(EXE)
-            .args(["dev-broker", "--partitions", "1", "--addr-file"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr = wait_file(&file);
-        Broker { child, addr }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub struct Daemon {
-    child: Child,
-    pub addr: String,
-    pub data: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Daemon {
-    /// `sluice serve` on `data` with 4 KiB segments and a 20 ms commit
-    /// interval (so GC runs constantly), prefixed by `wrapper` if not empty.
-    pub fn start(
-        dir: &Path,
-        data: &Path,
-        brokers: &str,
-        env: &[(&str, &str)],
-        wrapper: &[&str],
-    ) -> Daemon {
-        let n = std::fs::read_dir(dir).unwrap().count();
-        let addr_file = dir.join(format!("addr-{n}"));
-        let log = dir.join(format!("serve-{n}.log"));
-        let mut cmd = match wrapper.split_first() {
-            None => Command::new(EXE),
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(EXE);
-                c
-            }
-        };
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--brokers", brokers])
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env("SLUICE_WAL_SEGMENT_BYTES", "4096")
-            .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
-            .env("SLUICE_REPLAY_COMMIT_INTERVAL_MS", "20")
-            .env("SLUICE_LOG_FORMAT", "json")
-            // No admin listener: its fixed default port would clash between parallel daemons.
-            .env("SLUICE_HTTP_ADMIN_LISTEN", "")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let mut child = cmd.spawn().unwrap();
-        let t0 = Instant::now();
-        let addr = loop {
-            if let Ok(s) = std::fs::read_to_string(&addr_file) {
-                if !s.trim().is_empty() {
-                    break s.trim().to_string();
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "sluice serve exited with {status} before serving:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "no address");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Daemon {
-            child,
-            addr,
-            data: data.to_owned(),
-            log,
+/// Waits until every record up to `seq` is committed.
+pub fn wait_committed(daemon: &Daemon, seq: u64) {
+    let t0 = Instant::now();
+    loop {
+        let stats = get_json(&daemon.addr, "/stats");
+        if stats["replay"]["committed"].as_u64() >= Some(seq) {
+            return;
         }
-    }
-
-    /// Waits until every record up to `seq` is committed.
-    pub fn wait_committed(&self, seq: u64) {
-        let t0 = Instant::now();
-        loop {
-            let stats = get_json(&self.addr, "/stats");
-            if stats["replay"]["committed"].as_u64() >= Some(seq) {
-                return;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "{stats}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM to sluice itself (its pid is in `DATA_DIR/LOCK`, which works
-    /// under a wrapper too), then waits for the child.
-    pub fn stop(mut self) -> ExitStatus {
-        let pid = std::fs::read_to_string(self.data.join("LOCK")).unwrap();
-        Command::new("kill").arg(pid.trim()).status().unwrap();
-        self.child.wait().unwrap()
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// A test that fails before `stop` must not leave a daemon behind.
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // sluice itself, which is not our child under a wrapper.
-            if let Ok(pid) = std::fs::read_to_string(self.data.join("LOCK")) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{stats}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,9 +12,9 @@ use sluice::dev::consume::consume;
 use sluice::wal::io::{Filesystem, StdFs};
 use sluice::wal::{format, Wal};
 
+use super::daemon::serve;
 use super::{event, wal_cfg};
-
-const EXE: &str = env!("CARGO_BIN_EXE_sluice");
+use crate::support::{Broker, Serve};
 
 fn get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -27,19 +26,6 @@ fn get(addr: &str, path: &str) -> String {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     resp.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
-fn wait_file(path: &std::path::Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -82,37 +68,19 @@ fn daemon_on_a_damaged_wal_reports_the_exact_loss_and_delivers_the_rest() {
         .set_len(len - 7)
         .unwrap();
 
-    let mut broker = Command::new(EXE)
-        .args(["dev-broker", "--addr-file"])
-        .arg(dir.path().join("broker"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let brokers = wait_file(&dir.path().join("broker"));
+    let broker = Broker::start(dir.path(), None);
+    let brokers = broker.addr.clone();
     let log_path = dir.path().join("serve.log");
-    let mut daemon = Command::new(EXE)
-        // No admin listener: its fixed default port would clash between parallel daemons.
-        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--brokers",
-            &brokers,
-            "--data-dir",
+    let daemon = Serve::new(&data)
+        .brokers(&brokers)
+        .envs(&[
+            ("SLUICE_WAL_SEGMENT_BYTES", "4096"),
+            ("SLUICE_WAL_MIN_FREE_BYTES", "0"),
+            ("SLUICE_LOG_FORMAT", "json"),
         ])
-        .arg(&data)
-        .arg("--addr-file")
-        .arg(dir.path().join("addr"))
-        .env("SLUICE_WAL_SEGMENT_BYTES", "4096")
-        .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
-        .env("SLUICE_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let addr = wait_file(&dir.path().join("addr"));
+        .log(&log_path)
+        .start();
+    let addr = daemon.addr.clone();
     let t0 = Instant::now();
     loop {
         let stats: serde_json::Value = serde_json::from_str(&get(&addr, "/stats")).unwrap();
@@ -156,14 +124,10 @@ fn daemon_on_a_damaged_wal_reports_the_exact_loss_and_delivers_the_rest() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    assert!(daemon.wait().unwrap().success());
+    assert!(daemon.stop().success());
     // Across a restart (GC may have removed the damaged segment's copy by
     // now; the offset store remembers).
-    let again = super::daemon::Daemon::start(dir.path(), &data, &brokers, &[], &[]);
+    let again = serve(&data, &brokers, &[], &[]);
     for seq in [first + 2, next - 1] {
         let r = receipt(&again.addr, seq);
         assert_eq!(r["status"], "lost", "{r}");
@@ -197,8 +161,7 @@ fn daemon_on_a_damaged_wal_reports_the_exact_loss_and_delivers_the_rest() {
         },
     )
     .unwrap();
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    drop(broker);
     // Every intact record (all but the lost range and the torn last one).
     for seq in 1..300u64 {
         assert_eq!(delivered.contains(&seq), !lost.contains(&seq), "seq {seq}");

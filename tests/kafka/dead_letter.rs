@@ -142,15 +142,14 @@ fn a_dead_letter_dir_left_by_a_killed_process_gets_its_entry_fsynced_at_start() 
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let broker = super::daemon::Broker::start(dir.path());
-    let d = super::daemon::Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
-    d.wait_committed(0);
+    let broker = super::daemon::Broker::start(dir.path(), Some(1));
+    let d = super::daemon::serve(&data, &broker.addr, &[], &[]);
+    super::daemon::wait_committed(&d, 0);
     assert!(d.stop().success());
     std::fs::create_dir(data.join("dead-letter")).unwrap();
     let trace = dir.path().join("trace");
     let trace_arg = trace.to_str().unwrap().to_string();
-    let d = super::daemon::Daemon::start(
-        dir.path(),
+    let d = super::daemon::serve(
         &data,
         &broker.addr,
         &[],
@@ -165,7 +164,7 @@ fn a_dead_letter_dir_left_by_a_killed_process_gets_its_entry_fsynced_at_start() 
             &trace_arg,
         ],
     );
-    d.wait_committed(0);
+    super::daemon::wait_committed(&d, 0);
     assert!(d.stop().success());
     let data_real = data.canonicalize().unwrap();
     let wanted = format!("<{}>)", data_real.display());

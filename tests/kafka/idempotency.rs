@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sluice::auth::keys::{append_entry, hash_key};
 
-use super::daemon::{get_json, Broker, Daemon};
+use super::daemon::{get_json, serve, wait_committed, Broker, Daemon};
 
 /// A POST with extra headers; returns status, lower-cased headers, body.
 fn post(
@@ -94,15 +94,15 @@ fn labeled_metric(addr: &str, sample: &str) -> f64 {
 
 fn setup() -> (tempfile::TempDir, Broker, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = Broker::start(dir.path(), Some(1));
     let data = dir.path().join("data");
     (dir, broker, data)
 }
 
 #[test]
 fn a_retry_after_kill_9_gets_the_first_answer_and_nothing_is_appended() {
-    let (dir, broker, data) = setup();
-    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let (_dir, broker, data) = setup();
+    let d = serve(&data, &broker.addr, &[], &[]);
     let body = events("a", 3);
     let key = [("Idempotency-Key", "\"order-1\"")];
     let (status, h, first) = post(&d.addr, &key, &body);
@@ -116,7 +116,7 @@ fn a_retry_after_kill_9_gets_the_first_answer_and_nothing_is_appended() {
     assert_eq!(instance.len(), 36);
     kill9(d);
 
-    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let d = serve(&data, &broker.addr, &[], &[]);
     assert_eq!(
         get_json(&d.addr, "/stats")["instance"],
         instance.as_str(),
@@ -129,7 +129,7 @@ fn a_retry_after_kill_9_gets_the_first_answer_and_nothing_is_appended() {
     assert_eq!(again, first, "the same body, sequence numbers included");
     assert_eq!(seqs(&again), range);
     assert_eq!(next_seq(&d), before, "nothing appended");
-    d.wait_committed(range.1);
+    wait_committed(&d, range.1);
     // Every record carries the instance next to seq, and the internal
     // idempotency entry never reaches Kafka.
     let mut seen = 0;
@@ -151,11 +151,10 @@ fn a_retry_after_kill_9_gets_the_first_answer_and_nothing_is_appended() {
 
 #[test]
 fn another_body_gets_422_a_concurrent_request_409_and_a_rejected_batch_stores_nothing() {
-    let (dir, broker, data) = setup();
+    let (_dir, broker, data) = setup();
     // Every group commit waits 1.5 s before its fdatasync, so the first
     // request is still in flight when the second arrives.
-    let d = Daemon::start(
-        dir.path(),
+    let d = serve(
         &data,
         &broker.addr,
         &[("SLUICE_DEBUG_PAUSE", "commit=1500")],
@@ -209,8 +208,7 @@ fn keys_are_scoped_to_the_api_key() {
     let mut t = append_entry("", "alice", &hash_key("sluice_alice"), &["t".into()]);
     t = append_entry(&t, "bob", &hash_key("sluice_bob"), &["t".into()]);
     std::fs::write(&keys, t).unwrap();
-    let d = Daemon::start(
-        dir.path(),
+    let d = serve(
         &data,
         &broker.addr,
         &[("SLUICE_AUTH_KEYS_FILE", keys.to_str().unwrap())],
@@ -244,9 +242,8 @@ fn keys_are_scoped_to_the_api_key() {
 
 #[test]
 fn the_oldest_key_is_evicted_over_the_cap() {
-    let (dir, broker, data) = setup();
-    let d = Daemon::start(
-        dir.path(),
+    let (_dir, broker, data) = setup();
+    let d = serve(
         &data,
         &broker.addr,
         &[("SLUICE_IDEMPOTENCY_MAX_KEYS", "2")],
@@ -279,8 +276,8 @@ fn the_oldest_key_is_evicted_over_the_cap() {
 
 #[test]
 fn a_key_outlives_the_gc_of_its_segment_and_a_restart() {
-    let (dir, broker, data) = setup();
-    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let (_dir, broker, data) = setup();
+    let d = serve(&data, &broker.addr, &[], &[]);
     let body = events("gc", 5);
     let (status, _, first) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
     assert_eq!(status, 202);
@@ -291,7 +288,7 @@ fn a_key_outlives_the_gc_of_its_segment_and_a_restart() {
     for i in 0..20 {
         last = super::daemon::post_events(&d.addr, &format!("fill{i}"), 0..10);
     }
-    d.wait_committed(last);
+    wait_committed(&d, last);
     let t0 = Instant::now();
     while get_json(&d.addr, "/stats")["wal"]["first_seq"]
         .as_u64()
@@ -305,7 +302,7 @@ fn a_key_outlives_the_gc_of_its_segment_and_a_restart() {
         std::thread::sleep(Duration::from_millis(20));
     }
     kill9(d);
-    let d = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let d = serve(&data, &broker.addr, &[], &[]);
     let (status, h, again) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
     assert_eq!(
         (status, header(&h, "idempotent-replayed")),

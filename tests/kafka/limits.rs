@@ -6,7 +6,7 @@ use std::process::Command;
 
 use sluice::config::Config;
 
-use super::daemon::{consume_all, get_json, http, Broker, Daemon, EXE};
+use super::daemon::{consume_all, get_json, http, serve, wait_committed, Broker, EXE};
 
 fn check_config(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -69,8 +69,8 @@ fn event_of(id: &str, len: usize) -> Vec<u8> {
 fn an_event_the_producer_would_refuse_gets_413_and_one_that_fits_is_delivered() {
     let fit = Config::default().effective_max_event_bytes().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
-    let daemon = Daemon::start(dir.path(), &dir.path().join("data"), &broker.addr, &[], &[]);
+    let broker = Broker::start(dir.path(), Some(1));
+    let daemon = serve(&dir.path().join("data"), &broker.addr, &[], &[]);
     let post = |body: &[u8]| http(&daemon.addr, "POST", "/v1/events", "application/json", body);
     let (status, body) = post(&event_of("big-101", 1_010_000));
     assert_eq!(status, 413, "a 1.01 MB event: {body}");
@@ -81,7 +81,7 @@ fn an_event_the_producer_would_refuse_gets_413_and_one_that_fits_is_delivered() 
     let seq = serde_json::from_str::<serde_json::Value>(&body).unwrap()["last_seq"]
         .as_u64()
         .unwrap();
-    daemon.wait_committed(seq);
+    wait_committed(&daemon, seq);
     let stats = get_json(&daemon.addr, "/stats");
     assert_eq!(stats["replay"]["dead_lettered_topic"], 0, "{stats}");
     assert_eq!(stats["replay"]["dead_lettered_file"], 0, "{stats}");

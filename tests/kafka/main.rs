@@ -13,6 +13,8 @@ mod offsets;
 mod ordering;
 mod outage;
 mod redrive;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

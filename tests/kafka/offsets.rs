@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::process::Command;
 
-use super::daemon::{consume_all, get_json, metric, post_events, Broker, Daemon};
+use super::daemon::{consume_all, get_json, metric, post_events, serve, wait_committed, Broker};
 
 pub fn strace_available() -> bool {
     Command::new("strace")
@@ -91,12 +91,10 @@ fn the_committed_offset_is_fsynced_between_each_commit_and_the_following_unlink(
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = Broker::start(dir.path(), Some(1));
     let trace_path = dir.path().join("trace");
     let trace_arg = trace_path.to_str().unwrap().to_string();
-    let daemon = Daemon::start(
-        dir.path(),
-        &dir.path().join("data"),
+    let daemon = serve(&dir.path().join("data"),
         &broker.addr,
         &[],
         &[
@@ -114,7 +112,7 @@ fn the_committed_offset_is_fsynced_between_each_commit_and_the_following_unlink(
     for batch in 0..20 {
         last = post_events(&daemon.addr, "gc", batch * 40..(batch + 1) * 40);
     }
-    daemon.wait_committed(last);
+    wait_committed(&daemon, last);
     let removed = get_json(&daemon.addr, "/stats")["wal"]["segments_removed"]
         .as_u64()
         .unwrap_or(0);
@@ -163,14 +161,14 @@ fn the_committed_offset_is_fsynced_between_each_commit_and_the_following_unlink(
 /// everything (old records again, as duplicates) plus 100 new events.
 fn restart_after(damage: impl FnOnce(&Path), quarantined: Option<bool>) {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path());
+    let broker = Broker::start(dir.path(), Some(1));
     let data = dir.path().join("data");
-    let daemon = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let daemon = serve(&data, &broker.addr, &[], &[]);
     let mut last = 0;
     for batch in 0..6 {
         last = post_events(&daemon.addr, "before", batch * 50..(batch + 1) * 50);
     }
-    daemon.wait_committed(last);
+    wait_committed(&daemon, last);
     assert!(daemon.stop().success());
     let oldest = std::fs::read_dir(data.join("wal"))
         .unwrap()
@@ -180,9 +178,9 @@ fn restart_after(damage: impl FnOnce(&Path), quarantined: Option<bool>) {
     assert!(oldest > 1, "GC removed the oldest segments");
 
     damage(&data.join("offsets"));
-    let daemon = Daemon::start(dir.path(), &data, &broker.addr, &[], &[]);
+    let daemon = serve(&data, &broker.addr, &[], &[]);
     let after = post_events(&daemon.addr, "after", 0..100);
-    daemon.wait_committed(after);
+    wait_committed(&daemon, after);
     assert_eq!(metric(&daemon.addr, "sluice_wal_lost_records_total"), 0.0);
     assert_eq!(metric(&daemon.addr, "sluice_replay_gap_records_total"), 0.0);
     let resets = metric(&daemon.addr, "sluice_offset_store_resets_total");

@@ -7,25 +7,12 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sluice::dev::consume::consume;
 
-const EXE: &str = env!("CARGO_BIN_EXE_sluice");
-
-fn wait_file(path: &std::path::Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use crate::support::{Broker, Daemon};
 
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -65,38 +52,20 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn outage_past_the_message_timeout_then_quota_then_full_recovery() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Command::new(EXE)
-        .args(["dev-broker", "--addr-file"])
-        .arg(dir.path().join("broker"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let brokers = wait_file(&dir.path().join("broker"));
-    let mut daemon = Command::new(EXE)
-        // No admin listener: its fixed default port would clash between parallel daemons.
-        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--brokers",
-            &brokers,
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--addr-file")
-        .arg(dir.path().join("addr"))
-        .env("SLUICE_WAL_SEGMENT_BYTES", "1048576")
-        .env("SLUICE_WAL_MAX_BYTES", "16777216")
-        .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
-        .env("SLUICE_KAFKA_MESSAGE_TIMEOUT_MS", "1000")
-        .env("SLUICE_REPLAY_BACKOFF_MAX_MS", "300")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = wait_file(&dir.path().join("addr"));
+    let broker = Broker::start(dir.path(), None);
+    let brokers = broker.addr.clone();
+    let mut daemon = Daemon::spawn(
+        &dir.path().join("data"),
+        Some(&brokers),
+        &[
+            ("SLUICE_WAL_SEGMENT_BYTES", "1048576"),
+            ("SLUICE_WAL_MAX_BYTES", "16777216"),
+            ("SLUICE_WAL_MIN_FREE_BYTES", "0"),
+            ("SLUICE_KAFKA_MESSAGE_TIMEOUT_MS", "1000"),
+            ("SLUICE_REPLAY_BACKOFF_MAX_MS", "300"),
+        ],
+    );
+    let addr = daemon.addr.clone();
     let mut acked = HashSet::new();
     let mut post = |tag: &str, n: usize| {
         let ids: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
@@ -124,9 +93,9 @@ fn outage_past_the_message_timeout_then_quota_then_full_recovery() {
     for i in 0..20 {
         assert_eq!(post(&format!("warm{i}"), 200).0, 202);
     }
-    let rss_before = rss_kib(daemon.id());
+    let rss_before = rss_kib(daemon.child.id());
 
-    signal(broker.id(), "USR1"); // Kafka goes away
+    signal(broker.child.id(), "USR1"); // Kafka goes away
     let outage = Instant::now();
     let mut during = 0;
     let mut refused = None;
@@ -169,9 +138,9 @@ fn outage_past_the_message_timeout_then_quota_then_full_recovery() {
         "timed-out deliveries were retried: {stats}"
     );
     assert_eq!(stats["kafka"]["connected"], false);
-    let rss_full = rss_kib(daemon.id());
+    let rss_full = rss_kib(daemon.child.id());
 
-    signal(broker.id(), "USR2"); // Kafka is back
+    signal(broker.child.id(), "USR2"); // Kafka is back
     let t0 = Instant::now();
     loop {
         let s: serde_json::Value =
@@ -189,9 +158,9 @@ fn outage_past_the_message_timeout_then_quota_then_full_recovery() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(post("after", 10).0, 202);
-    let rss_after = rss_kib(daemon.id());
-    signal(daemon.id(), "TERM");
-    assert!(daemon.wait().unwrap().success());
+    let rss_after = rss_kib(daemon.child.id());
+    signal(daemon.child.id(), "TERM");
+    assert!(daemon.child.wait().unwrap().success());
 
     let mut consumed = HashSet::new();
     consume(
@@ -205,8 +174,7 @@ fn outage_past_the_message_timeout_then_quota_then_full_recovery() {
         },
     )
     .unwrap();
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    drop(broker);
     let lost = acked.difference(&consumed).count();
     eprintln!(
         "outage: 202s for {outage_202_secs:.1}s of outage ({during} batches), then 503 at quota; acknowledged {} events, lost {lost}; daemon RSS {} MiB before, {} MiB at quota, {} MiB after recovery",

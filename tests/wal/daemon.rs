@@ -9,9 +9,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sluice::config::Config;
 use sluice::http::{app, AppState};
@@ -21,53 +21,21 @@ use sluice::wal::io::{Fault, FaultKind, Filesystem, SimFs};
 use sluice::wal::Wal;
 use tower::ServiceExt;
 
-const EXE: &str = env!("CARGO_BIN_EXE_sluice");
+use crate::support::{Daemon, Serve, EXE};
 
-fn wait_file(path: &Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-#[allow(clippy::zombie_processes)] // callers wait
-fn daemon(data: &Path, env: &[(&str, &str)], log: &Path) -> (Child, String) {
-    let addr_file = data.with_extension("addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let mut cmd = Command::new(EXE);
-    // No admin listener: its fixed default port would clash between parallel daemons.
-    cmd.env("SLUICE_HTTP_ADMIN_LISTEN", "");
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--brokers",
-        "127.0.0.1:1",
-        "--data-dir",
-    ])
-    .arg(data)
-    .arg("--addr-file")
-    .arg(&addr_file)
-    .env("SLUICE_REPLAY_DRAIN_TIMEOUT_MS", "300")
-    .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
-    .env("SLUICE_LOG_FORMAT", "json")
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(log).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    (child, wait_file(&addr_file))
+fn daemon(data: &Path, env: &[(&str, &str)], log: &Path) -> (Daemon, String) {
+    let d = Serve::new(data)
+        .brokers("127.0.0.1:1")
+        .envs(&[
+            ("SLUICE_REPLAY_DRAIN_TIMEOUT_MS", "300"),
+            ("SLUICE_WAL_MIN_FREE_BYTES", "0"),
+            ("SLUICE_LOG_FORMAT", "json"),
+        ])
+        .envs(env)
+        .log(log)
+        .start();
+    let addr = d.addr.clone();
+    (d, addr)
 }
 
 /// One HTTP/1.1 exchange; (status, body). Status 0 when the connection failed.
@@ -91,19 +59,6 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 
 fn event(id: &str) -> String {
     format!(r#"{{"id":"{id}","tenant_id":"t","source":"s","message":"m-{id}"}}"#)
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        if t0.elapsed() > within {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Reads `$NOTIFY_SOCKET` datagrams as systemd does, continuously: a full
@@ -151,10 +106,10 @@ fn a_wal_failure_that_no_request_waits_for_ends_the_process() {
     assert_eq!(http(&addr, "GET", "/health", "").0, 200);
     let (status, body) = http(&addr, "POST", "/v1/events", &event("a"));
     assert_eq!(status, 503, "the deadline passed before the fsync: {body}");
-    let exit = wait_exit(&mut d, Duration::from_secs(60));
+    let exit = d.wait_exit(Duration::from_secs(60));
     if exit.is_none() {
-        let _ = d.kill();
-        let _ = d.wait();
+        let _ = d.child.kill();
+        let _ = d.child.wait();
     }
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -183,8 +138,8 @@ fn a_wal_failure_that_no_request_waits_for_ends_the_process() {
     let (mut d, addr) = daemon(&data, &[], &dir.path().join("log2"));
     assert_eq!(http(&addr, "POST", "/v1/events", &event("b")).0, 202);
     assert_eq!(http(&addr, "GET", "/health", "").0, 200);
-    d.kill().unwrap();
-    d.wait().unwrap();
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
 }
 
 /// In process: once the WAL fails, /health answers 503 and the failure
@@ -284,8 +239,8 @@ fn a_damaged_frame_length_after_kill_9_is_counted_exactly_by_a_restarted_daemon(
         let (status, body) = http(&addr, "POST", "/v1/events", &event(id));
         assert_eq!(status, 202, "{body}");
     }
-    d.kill().unwrap(); // SIGKILL
-    d.wait().unwrap();
+    d.child.kill().unwrap(); // SIGKILL
+    d.child.wait().unwrap();
 
     let wal_dir = data.join("wal");
     let names: Vec<String> = std::fs::read_dir(&wal_dir)
@@ -312,17 +267,13 @@ fn a_damaged_frame_length_after_kill_9_is_counted_exactly_by_a_restarted_daemon(
     assert!(out.contains("10..=10"), "{out}");
 
     let log = dir.path().join("log2");
-    let (mut d, addr) = daemon(&data, &[], &log);
+    let (d, addr) = daemon(&data, &[], &log);
     let (_, metrics) = http(&addr, "GET", "/metrics", "");
     let lost = metric(&metrics, "sluice_wal_lost_records_total");
     eprintln!("lost_records after restart: {lost}");
     assert_eq!(lost, 1.0);
     assert_eq!(metric(&metrics, "sluice_wal_quarantined_files_total"), 1.0);
-    Command::new("kill")
-        .arg(d.id().to_string())
-        .status()
-        .unwrap();
-    assert!(d.wait().unwrap().success());
+    assert!(d.stop().success());
     let logged = std::fs::read_to_string(&log).unwrap();
     let line = logged
         .lines()
@@ -360,19 +311,18 @@ fn a_damaged_frame_length_after_kill_9_is_counted_exactly_by_a_restarted_daemon(
 fn a_damaged_header_byte_after_kill_9_loses_nothing_and_reuses_no_number() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut d, addr) = daemon(&data, &[], &dir.path().join("log1"));
+    let (d, addr) = daemon(&data, &[], &dir.path().join("log1"));
     for i in 1..=100 {
         let (status, body) = http(&addr, "POST", "/v1/events", &event(&format!("e{i}")));
         assert_eq!(status, 202, "{body}");
     }
-    d.kill().unwrap(); // SIGKILL
-    d.wait().unwrap();
+    d.kill_9();
     let path = data.join("wal").join(format::segment_name(1));
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[3] = 0;
     std::fs::write(&path, &bytes).unwrap();
 
-    let (mut d, addr) = daemon(&data, &[], &dir.path().join("log2"));
+    let (d, addr) = daemon(&data, &[], &dir.path().join("log2"));
     let (_, metrics) = http(&addr, "GET", "/metrics", "");
     assert_eq!(metric(&metrics, "sluice_wal_lost_records_total"), 0.0);
     let (_, receipt) = http(&addr, "GET", "/v1/receipts/50", "");
@@ -383,11 +333,7 @@ fn a_damaged_header_byte_after_kill_9_loses_nothing_and_reuses_no_number() {
     assert_eq!(status, 202, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["first_seq"], 101, "{body}");
-    Command::new("kill")
-        .arg(d.id().to_string())
-        .status()
-        .unwrap();
-    assert!(d.wait().unwrap().success());
+    assert!(d.stop().success());
     let ids = dump_ids(&data);
     assert_eq!(ids.len(), 101);
 }

@@ -8,6 +8,8 @@ mod daemon;
 mod damage;
 mod fuzz_seeds;
 mod model;
+#[path = "../support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::sync::Arc;
