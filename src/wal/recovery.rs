@@ -412,6 +412,8 @@ enum Last {
 /// Makes the last segment durable and trustworthy: syncs it, walks it as the
 /// device (not the page cache) holds it, treats frames that are not really
 /// on disk as never written, counts damage exactly, and cuts a torn tail.
+/// The walk stops at the first damage: `split_at_damage` handles damage with
+/// intact frames after it, `cut_torn_tail` a tail with none.
 fn recover_last(
     fs: &dyn Filesystem,
     cfg: &WalConfig,
@@ -439,6 +441,13 @@ fn recover_last(
         // The header was read from the device a moment ago; only a concurrent
         // writer could change that, and the data-dir lock rules that out.
         Err(e) => return Err(WalError::io(std::io::Error::other(e))),
+    };
+    let seg = LastSegment {
+        name: &name,
+        path: &path,
+        file: file.as_ref(),
+        first,
+        file_len,
     };
     let mut expected = first;
     let (tail_at, stop) = loop {
@@ -475,106 +484,23 @@ fn recover_last(
         else {
             break (bad_at, Some(stop));
         };
-        let resume_at = cursor.position();
-        let gap = Gap {
-            first: expected,
-            last: resumed - 1,
-            reason: GapReason::Corrupt,
+        let damage = Damage {
+            bad_at,
+            resume_at: cursor.position(),
+            resumed,
+            stop,
+            gap: Gap {
+                first: expected,
+                last: resumed - 1,
+                reason: GapReason::Corrupt,
+            },
         };
-        tracing::error!(
-            segment = %name,
-            offset = bad_at,
-            resumes_at = resume_at,
-            first_seq = gap.first,
-            last_seq = gap.last,
-            reason = %stop,
-            "damage inside the last WAL segment with intact frames after it"
-        );
-        let src = fs.open_direct(&path).map_err(io)?;
-        if resume_at > bad_at {
-            keep_evidence(
-                fs,
-                cfg,
-                counters,
-                report,
-                src.as_ref(),
-                (bad_at, resume_at),
-                &format!("{name}.corrupt-{bad_at}"),
-            );
-        }
-        // The frames after the damage move to their own segment, named by
-        // their first sequence number, so that this one can be cut at the
-        // damage and every segment stays contiguous. The copy (file, name and
-        // directory) is durable before the cut: dying in between leaves this
-        // segment whole and sealed by the copy, and the reader reports the
-        // same range.
-        match copy_to_segment(fs, &cfg.dir, resumed, src.as_ref(), (resume_at, file_len)) {
-            Ok(resumed_len) => {
-                file.set_len(bad_at).map_err(io)?;
-                file.sync_data().map_err(io)?;
-                let cut = file_len - bad_at;
-                report.truncated_bytes += cut;
-                counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
-                push_loss(report, gap, committed);
-                return Ok(Last::Split {
-                    len: bad_at,
-                    resumed_first: resumed,
-                    resumed_len,
-                });
-            }
-            Err(e) => {
-                // No room for the copy (a full disk): leave the segment whole.
-                // The new active segment seals it, and a sealed segment's
-                // reader stops at the damage, so the intact frames after it
-                // are unreachable: count them with the damaged range, exactly.
-                // Up to the highest intact frame, past any further damage:
-                // all of it is unreachable, and none of it may be renumbered.
-                let last = walk_to_end(&mut cursor, resumed, file_len).map_err(io)?;
-                tracing::error!(segment = %name, error = %e, first_seq = gap.first, last_seq = last, "could not copy the intact frames after the damage to a new segment; they are counted as lost");
-                file.sync_data().map_err(io)?;
-                push_loss(
-                    report,
-                    Gap {
-                        first: gap.first,
-                        last,
-                        reason: GapReason::Corrupt,
-                    },
-                    committed,
-                );
-                return Ok(Last::Done {
-                    len: file_len,
-                    records: last + 1 - first,
-                });
-            }
-        }
+        let (last, lost) = split_at_damage(fs, cfg, counters, report, &seg, &mut cursor, damage)?;
+        push_loss(report, lost, committed);
+        return Ok(last);
     };
     if tail_at < file_len {
-        let cut = file_len - tail_at;
-        let why = stop
-            .as_ref()
-            .map_or_else(|| "trailing bytes".to_string(), |s| s.to_string());
-        let src = fs.open_direct(&path).map_err(io)?;
-        if !all_zero(src.as_ref(), tail_at, file_len).map_err(io)? {
-            keep_evidence(
-                fs,
-                cfg,
-                counters,
-                report,
-                src.as_ref(),
-                (tail_at, file_len),
-                &format!("{name}.tail-{tail_at}"),
-            );
-        }
-        file.set_len(tail_at).map_err(io)?;
-        report.truncated_bytes += cut;
-        counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
-        tracing::warn!(
-            segment = %name,
-            offset = tail_at,
-            bytes = cut,
-            reason = %why,
-            "cut the torn tail of the last WAL segment"
-        );
+        cut_torn_tail(fs, cfg, counters, report, &seg, tail_at, stop.as_ref())?;
     }
     // Makes the cut durable, and the frames we keep: they were read from the
     // device, but a predecessor may have died before its fdatasync flushed
@@ -584,6 +510,161 @@ fn recover_last(
         len: tail_at,
         records: expected - first,
     })
+}
+
+/// The last segment as `recover_last` opened it.
+struct LastSegment<'a> {
+    name: &'a str,
+    path: &'a std::path::Path,
+    /// Opened through the page cache: for the sync and the cut.
+    file: &'a dyn WalFile,
+    first: u64,
+    /// Its length as the device reported it before the walk.
+    file_len: u64,
+}
+
+/// Damage inside the last segment with an intact frame after it.
+struct Damage {
+    /// Where the damage starts.
+    bad_at: u64,
+    /// Where the intact frame `resumed` starts.
+    resume_at: u64,
+    resumed: u64,
+    stop: ScanStop,
+    /// The records the damage holds: from the expected one up to `resumed`.
+    gap: Gap,
+}
+
+/// Damage followed by intact frames: a damaged frame (a flipped length, a
+/// bad sector) in front of acknowledged frames. Crash states handled: the
+/// intact frames are copied to their own segment and this one is cut at the
+/// damage (`Split`); if the copy fails (a full disk), the segment stays whole
+/// and everything up to its highest intact frame is counted lost (`Done`).
+/// Returns the outcome and the range lost, for the caller to report.
+fn split_at_damage(
+    fs: &dyn Filesystem,
+    cfg: &WalConfig,
+    counters: &WalCounters,
+    report: &mut RecoveryReport,
+    seg: &LastSegment,
+    cursor: &mut FrameCursor,
+    damage: Damage,
+) -> Result<(Last, Gap), WalError> {
+    let io = WalError::io;
+    let Damage {
+        bad_at,
+        resume_at,
+        resumed,
+        stop,
+        gap,
+    } = damage;
+    let (name, file, file_len) = (seg.name, seg.file, seg.file_len);
+    tracing::error!(
+        segment = %name,
+        offset = bad_at,
+        resumes_at = resume_at,
+        first_seq = gap.first,
+        last_seq = gap.last,
+        reason = %stop,
+        "damage inside the last WAL segment with intact frames after it"
+    );
+    let src = fs.open_direct(seg.path).map_err(io)?;
+    if resume_at > bad_at {
+        keep_evidence(
+            fs,
+            cfg,
+            counters,
+            report,
+            src.as_ref(),
+            (bad_at, resume_at),
+            &format!("{name}.corrupt-{bad_at}"),
+        );
+    }
+    // The frames after the damage move to their own segment, named by
+    // their first sequence number, so that this one can be cut at the
+    // damage and every segment stays contiguous. The copy (file, name and
+    // directory) is durable before the cut: dying in between leaves this
+    // segment whole and sealed by the copy, and the reader reports the
+    // same range.
+    match copy_to_segment(fs, &cfg.dir, resumed, src.as_ref(), (resume_at, file_len)) {
+        Ok(resumed_len) => {
+            file.set_len(bad_at).map_err(io)?;
+            file.sync_data().map_err(io)?;
+            let cut = file_len - bad_at;
+            report.truncated_bytes += cut;
+            counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
+            let last = Last::Split {
+                len: bad_at,
+                resumed_first: resumed,
+                resumed_len,
+            };
+            Ok((last, gap))
+        }
+        Err(e) => {
+            // No room for the copy (a full disk): leave the segment whole.
+            // The new active segment seals it, and a sealed segment's
+            // reader stops at the damage, so the intact frames after it
+            // are unreachable: count them with the damaged range, exactly.
+            // Up to the highest intact frame, past any further damage:
+            // all of it is unreachable, and none of it may be renumbered.
+            let last = walk_to_end(cursor, resumed, file_len).map_err(io)?;
+            tracing::error!(segment = %name, error = %e, first_seq = gap.first, last_seq = last, "could not copy the intact frames after the damage to a new segment; they are counted as lost");
+            file.sync_data().map_err(io)?;
+            let lost = Gap {
+                first: gap.first,
+                last,
+                reason: GapReason::Corrupt,
+            };
+            let done = Last::Done {
+                len: file_len,
+                records: last + 1 - seg.first,
+            };
+            Ok((done, lost))
+        }
+    }
+}
+
+/// A tail with no intact frame after it: a write torn by a kill or power
+/// loss, or bytes a predecessor wrote but the device never held. Crash state
+/// handled: the tail is cut at `tail_at` (kept in quarantine first unless it
+/// is all zeros, the usual preallocated or unwritten tail). The caller's
+/// fdatasync makes the cut durable.
+fn cut_torn_tail(
+    fs: &dyn Filesystem,
+    cfg: &WalConfig,
+    counters: &WalCounters,
+    report: &mut RecoveryReport,
+    seg: &LastSegment,
+    tail_at: u64,
+    stop: Option<&ScanStop>,
+) -> Result<(), WalError> {
+    let io = WalError::io;
+    let (name, file_len) = (seg.name, seg.file_len);
+    let cut = file_len - tail_at;
+    let why = stop.map_or_else(|| "trailing bytes".to_string(), |s| s.to_string());
+    let src = fs.open_direct(seg.path).map_err(io)?;
+    if !all_zero(src.as_ref(), tail_at, file_len).map_err(io)? {
+        keep_evidence(
+            fs,
+            cfg,
+            counters,
+            report,
+            src.as_ref(),
+            (tail_at, file_len),
+            &format!("{name}.tail-{tail_at}"),
+        );
+    }
+    seg.file.set_len(tail_at).map_err(io)?;
+    report.truncated_bytes += cut;
+    counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
+    tracing::warn!(
+        segment = %name,
+        offset = tail_at,
+        bytes = cut,
+        reason = %why,
+        "cut the torn tail of the last WAL segment"
+    );
+    Ok(())
 }
 
 /// Records a lost range, minus any part at or below the committed offset
