@@ -294,6 +294,21 @@ impl Replayer {
         tracing::info!(committed = delivered, "replay stopped");
     }
 
+    /// One producer's life: reads the WAL from `delivered + 1`, produces in
+    /// order inside the window, settles delivery reports in sequence, commits
+    /// the offset on the cadence, and ends on shutdown, a stall, a refusal or
+    /// a failure.
+    ///
+    /// It stays one function (about 160 lines) because it is one `select!`
+    /// loop whose arms share and mutate the same state: `pending` (the
+    /// ordered delivery futures), `broken` (set by the loop head and the
+    /// settle arm, read by the loop head, the settle arm and the tick arm),
+    /// `deadline`, `reader` and `*delivered`. The arms' order (`biased`) is
+    /// the priority of shutdown over settling over reading, and each arm's
+    /// guard reads the state the others leave. Moving an arm out means
+    /// passing that state as a bundle of `&mut` borrows into a struct used
+    /// only here, which hides the coupling rather than removing it; each arm
+    /// is commented where it decides an ordering.
     async fn incarnation(
         &self,
         producer: &Producer_,
