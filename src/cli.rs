@@ -257,7 +257,21 @@ fn read_committed(data_dir: &Path) -> u64 {
     if !dir.exists() {
         return 0;
     }
-    match OffsetStore::open(&dir).and_then(|s| s.committed()) {
+    // A store just closed by its last user (a daemon that is exiting, a
+    // test) can hold its file lock a moment longer: retry that briefly.
+    let t0 = std::time::Instant::now();
+    let opened = loop {
+        match OffsetStore::open(&dir).and_then(|s| s.committed()) {
+            Err(e)
+                if e.to_string().contains("lock")
+                    && t0.elapsed() < std::time::Duration::from_secs(2) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => break other,
+        }
+    };
+    match opened {
         Ok(c) => c,
         Err(e) => {
             eprintln!(

@@ -424,7 +424,18 @@ mod tests {
         );
         assert!(!data.path().join("quarantine").exists());
         drop(held);
-        let (store, reset) = OffsetStore::open_or_reset(data.path(), &wal).unwrap();
+        // sled releases its file lock when its last internal handle goes,
+        // which can be a moment after the drop: retry while it is held.
+        let t0 = std::time::Instant::now();
+        let (store, reset) = loop {
+            match OffsetStore::open_or_reset(data.path(), &wal) {
+                Ok(opened) => break opened,
+                Err(e) if e.to_string().contains("lock") && t0.elapsed().as_secs() < 10 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert!(reset.is_none());
         assert_eq!(store.committed().unwrap(), 7);
     }
