@@ -189,6 +189,10 @@ impl Progress {
 }
 
 /// `sluice wal redrive`.
+// Longer than 100 lines on purpose: `send` is a closure over the producer,
+// the report counters and the progress bar, shared by the three sources
+// (`from_wal`, `from_copy`, `from_dead_letters`) and then awaited below; a
+// struct holding those borrows would only move the same lines elsewhere.
 pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let started = Instant::now();
     let through = args.through.unwrap_or(u64::MAX);
@@ -290,93 +294,13 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Ok(())
     };
 
+    // One source per run; each hands its records to `send` in seq order.
     if let Some(dir) = &args.data_dir {
-        let wal = dir.join("wal");
-        if !wal.is_dir() {
-            return Err(format!("{} has no wal/ directory", dir.display()).into());
-        }
-        let mut gaps = Vec::new();
-        inspect::for_each_record(
-            &StdFs,
-            &wal,
-            args.from,
-            |seq, r| {
-                if seq > through {
-                    return Ok(ControlFlow::Break(()));
-                }
-                send(&mut summary, seq, r)?;
-                Ok(ControlFlow::Continue(()))
-            },
-            |g: Gap| gaps.push(g),
-        )?;
-        for g in gaps {
-            unreadable(&mut summary, g.first, g.last, &g.reason.to_string());
-        }
-        // Numbers asked for but not in the WAL: below its first retained
-        // record (delivered, then deleted by GC) or past its last one.
-        match summary.first_seq {
-            Some(first) if first > args.from => {
-                unreadable(&mut summary, args.from, first - 1, "not retained")
-            }
-            None if args.through.is_some() => {
-                unreadable(&mut summary, args.from, through, "not in the WAL")
-            }
-            _ => {}
-        }
-        if let (Some(last), Some(t)) = (summary.last_seq, args.through) {
-            if last < t {
-                unreadable(&mut summary, last + 1, t, "not in the WAL");
-            }
-        }
+        from_wal(dir, &args, through, &mut summary, &mut send, &unreadable)?;
     } else if let Some(path) = &args.segment {
-        let mut n = 0u64;
-        scan_copy(path, |seq, payload| {
-            if seq < args.from || seq > through {
-                return Ok(());
-            }
-            match Record::decode(payload) {
-                Ok(r) => send(&mut summary, seq, r),
-                Err(e) => {
-                    unreadable(&mut summary, seq, seq, &format!("undecodable record: {e}"));
-                    Ok(())
-                }
-            }
-            .map(|()| n += 1)
-        })?;
-        if n == 0 {
-            eprintln!(
-                "no intact frame in {} within {}..={through}",
-                path.display(),
-                args.from
-            );
-        }
+        from_copy(path, &args, through, &mut summary, &mut send, &unreadable)?;
     } else if let Some(path) = &args.dead_letter {
-        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut reader = std::io::BufReader::new(file);
-        let mut line = Vec::new();
-        let mut line_no = 0u64;
-        loop {
-            line.clear();
-            let n = (&mut reader)
-                .take(MAX_LINE_BYTES + 1)
-                .read_until(b'\n', &mut line)?;
-            if n == 0 {
-                break;
-            }
-            line_no += 1;
-            if n as u64 > MAX_LINE_BYTES {
-                // Skip the rest of an over-long line.
-                let mut rest = Vec::new();
-                reader.read_until(b'\n', &mut rest)?;
-                report_bad_line(&mut summary, path, line_no, "longer than the limit");
-                continue;
-            }
-            match dead_letter_record(&line) {
-                Ok((seq, r)) if seq >= args.from && seq <= through => send(&mut summary, seq, r)?,
-                Ok(_) => {}
-                Err(why) => report_bad_line(&mut summary, path, line_no, &why),
-            }
-        }
+        from_dead_letters(path, &args, through, &mut summary, &mut send)?;
     }
 
     // Every record queued gets a report: success, or failure once
@@ -395,28 +319,7 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     summary.failures =
         std::mem::take(&mut *reports.failures.lock().unwrap_or_else(|p| p.into_inner()));
     summary.seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
-    let ok = summary.failed == 0 && summary.unreadable == 0 && summary.delivered == summary.read;
-    eprintln!(
-        "redrive {}: {} read, {} confirmed by Kafka, {} failed, {} unreadable, seq {}..{} to {} in {:.1} s",
-        if ok { "OK" } else { "INCOMPLETE" },
-        summary.read,
-        summary.delivered,
-        summary.failed,
-        summary.unreadable,
-        summary.first_seq.map_or("-".into(), |s| s.to_string()),
-        summary.last_seq.map_or("-".into(), |s| s.to_string()),
-        summary.topic,
-        summary.seconds,
-    );
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, &summary)?;
-    out.write_all(b"\n")?;
-    out.flush()?;
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    report(&summary)
 }
 
 fn report_bad_line(summary: &mut Summary, path: &Path, line_no: u64, why: &str) {
@@ -624,6 +527,159 @@ fn copy_origin(path: &Path) -> Option<(u64, u64)> {
         }
     };
     Some((first, offset))
+}
+
+/// One line for the operator on stderr, the JSON summary on stdout, and the
+/// exit status: 0 only if every record read was confirmed and nothing in the
+/// range was unreadable.
+fn report(summary: &Summary) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let ok = summary.failed == 0 && summary.unreadable == 0 && summary.delivered == summary.read;
+    eprintln!(
+        "redrive {}: {} read, {} confirmed by Kafka, {} failed, {} unreadable, seq {}..{} to {} in {:.1} s",
+        if ok { "OK" } else { "INCOMPLETE" },
+        summary.read,
+        summary.delivered,
+        summary.failed,
+        summary.unreadable,
+        summary.first_seq.map_or("-".into(), |s| s.to_string()),
+        summary.last_seq.map_or("-".into(), |s| s.to_string()),
+        summary.topic,
+        summary.seconds,
+    );
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, summary)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Hands one record (with its seq) to the producer.
+type SendFn<'a> = dyn FnMut(&mut Summary, u64, Record) -> std::io::Result<()> + 'a;
+/// Records a range of the source that could not be read.
+type UnreadableFn<'a> = dyn Fn(&mut Summary, u64, u64, &str) + 'a;
+type Result2 = Result<(), Box<dyn std::error::Error>>;
+
+/// A seq range of the retained WAL; numbers asked for but not retained
+/// (delivered and deleted by GC, or past the end) are reported unreadable.
+fn from_wal(
+    dir: &Path,
+    args: &RedriveArgs,
+    through: u64,
+    summary: &mut Summary,
+    send: &mut SendFn,
+    unreadable: &UnreadableFn,
+) -> Result2 {
+    let wal = dir.join("wal");
+    if !wal.is_dir() {
+        return Err(format!("{} has no wal/ directory", dir.display()).into());
+    }
+    let mut gaps = Vec::new();
+    inspect::for_each_record(
+        &StdFs,
+        &wal,
+        args.from,
+        |seq, r| {
+            if seq > through {
+                return Ok(ControlFlow::Break(()));
+            }
+            send(summary, seq, r)?;
+            Ok(ControlFlow::Continue(()))
+        },
+        |g: Gap| gaps.push(g),
+    )?;
+    for g in gaps {
+        unreadable(summary, g.first, g.last, &g.reason.to_string());
+    }
+    // Numbers asked for but not in the WAL: below its first retained
+    // record (delivered, then deleted by GC) or past its last one.
+    match summary.first_seq {
+        Some(first) if first > args.from => {
+            unreadable(summary, args.from, first - 1, "not retained")
+        }
+        None if args.through.is_some() => unreadable(summary, args.from, through, "not in the WAL"),
+        _ => {}
+    }
+    if let (Some(last), Some(t)) = (summary.last_seq, args.through) {
+        if last < t {
+            unreadable(summary, last + 1, t, "not in the WAL");
+        }
+    }
+    Ok(())
+}
+
+/// A quarantined segment copy: every intact frame in the range.
+fn from_copy(
+    path: &Path,
+    args: &RedriveArgs,
+    through: u64,
+    summary: &mut Summary,
+    send: &mut SendFn,
+    unreadable: &UnreadableFn,
+) -> Result2 {
+    let mut n = 0u64;
+    scan_copy(path, |seq, payload| {
+        if seq < args.from || seq > through {
+            return Ok(());
+        }
+        match Record::decode(payload) {
+            Ok(r) => send(summary, seq, r),
+            Err(e) => {
+                unreadable(summary, seq, seq, &format!("undecodable record: {e}"));
+                Ok(())
+            }
+        }
+        .map(|()| n += 1)
+    })?;
+    if n == 0 {
+        eprintln!(
+            "no intact frame in {} within {}..={through}",
+            path.display(),
+            args.from
+        );
+    }
+    Ok(())
+}
+
+/// The dead-letter file: one JSON record per line; a bad or over-long line
+/// is reported by its number and skipped.
+fn from_dead_letters(
+    path: &Path,
+    args: &RedriveArgs,
+    through: u64,
+    summary: &mut Summary,
+    send: &mut SendFn,
+) -> Result2 {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        if n as u64 > MAX_LINE_BYTES {
+            // Skip the rest of an over-long line.
+            let mut rest = Vec::new();
+            reader.read_until(b'\n', &mut rest)?;
+            report_bad_line(summary, path, line_no, "longer than the limit");
+            continue;
+        }
+        match dead_letter_record(&line) {
+            Ok((seq, r)) if seq >= args.from && seq <= through => send(summary, seq, r)?,
+            Ok(_) => {}
+            Err(why) => report_bad_line(summary, path, line_no, &why),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

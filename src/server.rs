@@ -75,6 +75,9 @@ fn build_state(
 
 /// Runs the daemon on `listener` (and the admin listener, when bound) until
 /// `shutdown` resolves or the WAL fails.
+// About 110 lines: the start-up order (credentials, storage, Kafka,
+// replayer, listeners, watchdog) is the crash-ordering argument of the
+// daemon, so it reads top to bottom in one place; each step is a function.
 pub async fn run(
     config: Config,
     listener: TcpListener,
