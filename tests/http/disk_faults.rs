@@ -15,7 +15,7 @@ use sluice::wal::io::{Fault, FaultKind, Filesystem, SimFs};
 use sluice::wal::Wal;
 
 use super::{ev, harness_with, wal_records, JSON};
-use crate::support::{Daemon, Serve, EXE};
+use crate::support::{Daemon, Serve};
 
 #[tokio::test]
 async fn enospc_mid_write_keeps_every_202_and_resumes_after_restart() {
@@ -114,21 +114,7 @@ fn wait_exit(d: &mut Daemon) -> std::process::ExitStatus {
 
 /// Ids in the WAL, read by the offline tool (which checks every CRC).
 fn wal_ids(data: &Path) -> HashSet<String> {
-    let out = Command::new(EXE)
-        .args(["wal", "dump", "--data-dir"])
-        .arg(data)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["headers"]["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
+    crate::support::wal_dump_ids(data).into_iter().collect()
 }
 
 struct Tmpfs(PathBuf);

@@ -16,21 +16,7 @@ use sluice::wal::{format, Record, Wal, WalConfig};
 
 const EXE: &str = env!("CARGO_BIN_EXE_sluice");
 
-fn wait_file(path: &Path) -> String {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if !s.trim().is_empty() {
-                return s.trim().to_string();
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{path:?} never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use crate::support::wait_file;
 
 /// A `sluice dev-broker` process, killed on drop.
 struct Broker {

@@ -37,6 +37,27 @@ pub fn wait_file(path: &Path) -> String {
     }
 }
 
+/// The `id` header of every record in the WAL, in order, read by the offline
+/// `sluice wal dump` (which checks every CRC).
+#[allow(dead_code)] // not every test crate reads the WAL this way
+pub fn wal_dump_ids(data: &Path) -> Vec<String> {
+    let out = Command::new(EXE)
+        .args(["wal", "dump", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["headers"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// A `sluice dev-broker` child, killed and reaped on drop.
 pub struct Broker {
     pub child: Child,

@@ -202,21 +202,7 @@ fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
 }
 
 fn dump_ids(data: &Path) -> Vec<String> {
-    let out = Command::new(EXE)
-        .args(["wal", "dump", "--data-dir"])
-        .arg(data)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["headers"]["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
+    crate::support::wal_dump_ids(data)
 }
 
 fn metric(metrics: &str, name: &str) -> f64 {
