@@ -34,10 +34,11 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rates: RatesConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
+    pub otlp: crate::ingest::otlp::OtlpConfig,
 }
 
 /// The config file's sections, for environment names and error pointers.
-pub const SECTIONS: [&str; 10] = [
+pub const SECTIONS: [&str; 11] = [
     "http",
     "limits",
     "events",
@@ -48,6 +49,7 @@ pub const SECTIONS: [&str; 10] = [
     "auth",
     "rates",
     "idempotency",
+    "otlp",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +94,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rates: RatesConfig::default(),
             idempotency: Default::default(),
+            otlp: Default::default(),
         }
     }
 }
@@ -160,6 +163,7 @@ impl Config {
             self.auth.validate()?;
             self.rates.validate(self.limits.max_events_per_request)?;
             self.log.validate()?;
+            self.otlp.validate()?;
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
             self.replay.validate()
@@ -242,6 +246,7 @@ impl From<&Config> for crate::http::StateConfig {
             events: c.events.clone(),
             rates: c.rates.clone(),
             idempotency: c.idempotency.clone(),
+            otlp: c.otlp.clone(),
         }
     }
 }

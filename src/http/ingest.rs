@@ -22,7 +22,7 @@ use crate::ingest::{self, BodyFormat, Rejection};
 
 /// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
 /// not stall the async workers.
-const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
+pub(super) const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
 
 /// The ingest response, for 202 and for the 400/413 of "nothing accepted".
 #[derive(serde::Serialize)]
@@ -80,7 +80,7 @@ pub(super) fn authorize(
 }
 
 /// Turns a rate decision into `Ok` or its answer, counting refusals.
-fn rate_check(
+pub(super) fn rate_check(
     st: &SharedState,
     decision: RateDecision,
     tenants: &[(String, u32)],
@@ -134,7 +134,7 @@ fn rate_check(
 /// the next or ends the request with its answer.
 async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<Response, AppError> {
     let (parts, body) = req.into_parts();
-    let admitted = admit(st, &parts.headers)?;
+    let admitted = admit(st, &parts.headers, BodyFormat::from_content_type)?;
     let (bytes, permit) = read_and_decode(st, body, &admitted).await?;
     // Idempotency-Key: a repeat is answered here, before parsing; a new key
     // is held in flight until this request has its answer.
@@ -172,19 +172,25 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     ))
 }
 
-/// What admission learnt from the request head.
-struct Admitted {
-    scope: TenantScope,
-    key: Option<Arc<KeyEntry>>,
-    format: BodyFormat,
+/// What admission learnt from the request head; `F` is the body format
+/// the route reads from `Content-Type`.
+pub(super) struct Admitted<F = BodyFormat> {
+    pub(super) scope: TenantScope,
+    pub(super) key: Option<Arc<KeyEntry>>,
+    pub(super) format: F,
     codings: Vec<Coding>,
     /// `Content-Length`, when sent and numeric.
     declared: Option<u64>,
 }
 
 /// Everything decided before a byte of the body is read: shutdown, who and
-/// how fast, a failed WAL, the body's type, codings and declared length.
-fn admit(st: &SharedState, headers: &axum::http::HeaderMap) -> Result<Admitted, AppError> {
+/// how fast, a failed WAL, the body's type (read by `media`), codings and
+/// declared length.
+pub(super) fn admit<F>(
+    st: &SharedState,
+    headers: &axum::http::HeaderMap,
+    media: impl FnOnce(Option<&str>) -> Result<F, String>,
+) -> Result<Admitted<F>, AppError> {
     let retry_after = st.http.retry_after_secs;
     if st.shutting_down.load(Ordering::Relaxed) {
         return Err(AppError::ShuttingDown { retry_after });
@@ -207,8 +213,7 @@ fn admit(st: &SharedState, headers: &axum::http::HeaderMap) -> Result<Admitted, 
                 .map_err(|_| AppError::UnsupportedMediaType("Content-Type is not ASCII".into()))?,
         ),
     };
-    let format =
-        BodyFormat::from_content_type(content_type).map_err(AppError::UnsupportedMediaType)?;
+    let format = media(content_type).map_err(AppError::UnsupportedMediaType)?;
     let codings = content_codings(headers)?;
     // The sent body (compressed or not) also counts against the limit, so a
     // length over it is refused without reading.
@@ -229,10 +234,10 @@ fn admit(st: &SharedState, headers: &axum::http::HeaderMap) -> Result<Admitted, 
 
 /// The body as sent, then with its codings undone; the permit charges its
 /// bytes to the in-flight budget until the response.
-async fn read_and_decode(
+pub(super) async fn read_and_decode<F>(
     st: &SharedState,
     body: Body,
-    admitted: &Admitted,
+    admitted: &Admitted<F>,
 ) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), AppError> {
     let (bytes, permit) = read_body(st, body, admitted.declared).await?;
     if admitted.codings.is_empty() {
@@ -276,7 +281,7 @@ async fn parse(
 }
 
 /// Counts the refused events by reason (and forbidden ones by tenant).
-fn count_rejections(st: &SharedState, batch: &ingest::Batch) -> usize {
+pub(super) fn count_rejections(st: &SharedState, batch: &ingest::Batch) -> usize {
     let rejected = batch.rejected.len();
     for r in &batch.rejected {
         st.metrics
@@ -317,7 +322,7 @@ fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
 }
 
 /// Hands the events to the WAL and waits for their fdatasync.
-async fn append(
+pub(super) async fn append(
     st: &SharedState,
     payloads: Vec<Vec<u8>>,
     keyed: Option<(super::idempotent::Keyed, Vec<u8>)>,
@@ -378,6 +383,20 @@ fn respond(
     errors: Vec<Rejection>,
     range: crate::wal::SeqRange,
 ) -> Response {
+    count_accepted(st, accepted, tenants);
+    let body = IngestResponse {
+        accepted,
+        rejected,
+        errors,
+        first_seq: Some(range.first),
+        last_seq: Some(range.last),
+    };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// Counts a durable batch's events (by tenant too), and notes the end of a
+/// quota refusal.
+pub(super) fn count_accepted(st: &SharedState, accepted: usize, tenants: &[(String, u32)]) {
     if st.quota_refusing.swap(false, Ordering::Relaxed) {
         tracing::info!("WAL quota cleared: accepting again");
     }
@@ -396,14 +415,6 @@ fn respond(
             .with_label_values(&[st.metrics.tenants.label(label), "accepted"])
             .inc_by(n);
     }
-    let body = IngestResponse {
-        accepted,
-        rejected,
-        errors,
-        first_seq: Some(range.first),
-        last_seq: Some(range.last),
-    };
-    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 /// Reads the (decompressed) body within the size limit, the in-flight byte

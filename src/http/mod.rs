@@ -8,6 +8,7 @@ mod error;
 mod idempotent;
 mod ingest;
 pub mod listener;
+mod otlp;
 mod status;
 pub mod tls;
 
@@ -45,6 +46,7 @@ pub struct StateConfig {
     pub events: EventsConfig,
     pub rates: RatesConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
+    pub otlp: crate::ingest::otlp::OtlpConfig,
 }
 
 /// Everything the handlers share.
@@ -75,6 +77,8 @@ pub struct AppState {
     pub rates: Rates,
     /// Idempotency keys (empty until `serve` rebuilds it at open).
     pub idempotency: Arc<crate::idempotency::Index>,
+    /// The `[otlp]` section: how OTLP log records find their tenant.
+    pub otlp: crate::ingest::otlp::OtlpConfig,
 }
 
 impl AppState {
@@ -137,6 +141,7 @@ impl AppState {
             keys,
             rates: Rates::new(&config.rates),
             idempotency,
+            otlp: config.otlp,
         }
     }
 }
@@ -147,11 +152,16 @@ pub type SharedState = Arc<AppState>;
 /// gateways.
 pub const INGEST_PATHS: [&str; 4] = ["/v1/events", "/ingest", "/events", "/logs"];
 
+/// OTLP/HTTP logs (`ExportLogsServiceRequest`), for OpenTelemetry SDKs and
+/// Collectors; the OTLP default path. Its events go where `/v1/events`'s go.
+pub const OTLP_LOGS_PATH: &str = "/v1/logs";
+
 pub fn app(state: SharedState) -> Router {
     let mut router = Router::new();
     for path in INGEST_PATHS {
         router = router.route(path, post(ingest::ingest));
     }
+    router = router.route(OTLP_LOGS_PATH, post(otlp::logs));
     // Off: only the admin listener serves them (404 here).
     if state.http.metrics_on_ingest {
         router = router

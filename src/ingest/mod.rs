@@ -5,6 +5,7 @@
 pub mod config;
 pub mod decode;
 pub mod event;
+pub mod otlp;
 pub mod parse;
 mod raw;
 

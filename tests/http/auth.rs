@@ -22,7 +22,7 @@ use sluice::wal::Wal;
 
 use super::{config, ev, Harness, Reply};
 
-const ACME: &str = "sluice_acme-key";
+pub(super) const ACME: &str = "sluice_acme-key";
 const MULTI: &str = "sluice_multi-key";
 const ADMIN: &str = "sluice_admin-key";
 
@@ -32,7 +32,7 @@ fn keys_text() -> String {
     append_entry(&t, "admin", &hash_key(ADMIN), &["*".into()])
 }
 
-fn harness_keys(tweak: impl FnOnce(&mut Config)) -> Harness {
+pub(super) fn harness_keys(tweak: impl FnOnce(&mut Config)) -> Harness {
     harness_keys_fs(tweak, Arc::new(StdFs))
 }
 

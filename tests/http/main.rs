@@ -17,6 +17,7 @@ mod hostile;
 mod lifecycle;
 mod memory;
 mod metrics;
+mod otlp;
 mod security;
 mod statuses;
 #[path = "../support/mod.rs"]

@@ -1,0 +1,716 @@
+//! OTLP logs (`ExportLogsServiceRequest`, protobuf or OTLP/JSON) into
+//! sluice events. Each `LogRecord` becomes one event object, which then goes
+//! through the same [`Normalizer`] as a `/v1/events` event, so validation,
+//! limits and the tenant rule are the same for both. No HTTP here: the fuzz
+//! target drives exactly this.
+//!
+//! The mapping (README, "Sending from OpenTelemetry", has the table):
+//! - `body` → `message`: a string as is, any other kind as its JSON text;
+//!   no body → `event_name`, if set.
+//! - `severity_number` ranges 1-4, 5-8, 9-12, 13-16, 17-20, 21-24 →
+//!   TRACE, DEBUG, INFO, WARN, ERROR, FATAL; unset (0) or out of range → the
+//!   `severity_text` if it names a sluice severity, else the default (INFO).
+//! - `time_unix_nano` → `timestamp`; 0 → `observed_time_unix_nano`; both 0
+//!   → the receive time.
+//! - resource `service.name` → `source`; the resource attribute named by
+//!   `otlp.tenant-attribute` → `tenant_id` (else the API key's one tenant).
+//! - `metadata`: `trace_id`/`span_id` (hex), `trace_flags`, the original
+//!   `severity_number`/`severity_text`, `event_name`, `observed_timestamp`,
+//!   and the log record's, resource's and scope's attributes.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::config::Limits;
+use super::{Batch, BodyError, EventError, Normalizer, Rejection};
+use crate::auth::{TenantDenied, TenantScope};
+
+/// The `[otlp]` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The resource attribute whose string value is an event's `tenant_id`.
+    /// When a resource lacks it, a key bound to one tenant supplies it.
+    /// Default `tenant.id`.
+    pub tenant_attribute: String,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig {
+            tenant_attribute: "tenant.id".into(),
+        }
+    }
+}
+
+impl OtlpConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tenant_attribute.trim().is_empty() {
+            return Err("otlp.tenant-attribute must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// The two OTLP/HTTP encodings, chosen by `Content-Type`; a response uses
+/// the request's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    /// `application/x-protobuf` or `application/json` (parameters ignored,
+    /// names case-insensitive). Anything else is a 415.
+    pub fn from_content_type(ct: Option<&str>) -> Result<Encoding, String> {
+        let mime = ct
+            .and_then(|c| c.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase());
+        match mime.as_deref() {
+            Some("application/x-protobuf") | Some("application/protobuf") => {
+                Ok(Encoding::Protobuf)
+            }
+            Some("application/json") => Ok(Encoding::Json),
+            other => Err(format!(
+                "unsupported media type {:?} for OTLP logs: use application/x-protobuf or application/json",
+                other.unwrap_or("")
+            )),
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// Why a whole OTLP body is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OtlpError {
+    /// Not a valid `ExportLogsServiceRequest` in its encoding (400).
+    #[error("{0}")]
+    Malformed(String),
+    /// More log records than `limits.max-events-per-request` (413).
+    #[error("too many log records: more than {0} in one request")]
+    TooManyRecords(usize),
+    /// The body would decode into more messages than its budget (413).
+    #[error("body holds more than {0} protobuf/JSON messages; send smaller batches")]
+    TooManyMessages(usize),
+    /// The events together would exceed the expansion budget: every record
+    /// carries a copy of its resource's attributes (413).
+    #[error("log records expand to more than {0} bytes of events (each carries its resource's attributes); send smaller batches")]
+    Expanded(u64),
+}
+
+impl From<OtlpError> for BodyError {
+    fn from(e: OtlpError) -> BodyError {
+        match e {
+            OtlpError::TooManyRecords(n) => BodyError::TooManyEvents(n),
+            other => BodyError::Malformed(other.to_string()),
+        }
+    }
+}
+
+/// Messages one request may decode into, all levels together: 64 per
+/// allowed event (a record with ~30 attributes is ~60 messages). Each costs
+/// at most a few hundred bytes once decoded, so the decoded tree stays in
+/// the tens of MiB whatever the body's shape.
+pub fn message_budget(limits: &Limits) -> usize {
+    limits.max_events_per_request.saturating_mul(64)
+}
+
+/// The events of one request may total this many bytes: four times the
+/// body limit.
+pub fn expansion_budget(limits: &Limits) -> u64 {
+    limits.max_body_bytes.saturating_mul(4)
+}
+
+/// Nesting at which the protobuf pre-scan stops: prost's own recursion
+/// limit, so anything deeper fails to decode anyway.
+const MAX_PROTO_DEPTH: usize = 100;
+
+/// Decodes the body, after checking that its decoded form stays within the
+/// message budget, and that its record count is within the limit.
+pub fn decode(
+    encoding: Encoding,
+    body: &[u8],
+    limits: &Limits,
+) -> Result<ExportLogsServiceRequest, OtlpError> {
+    let budget = message_budget(limits);
+    let request = match encoding {
+        Encoding::Protobuf => {
+            let mut left = budget;
+            match count_messages(body, 0, &mut left) {
+                Ok(()) | Err(Scan::NotMessage) => {}
+                Err(Scan::TooMany) => return Err(OtlpError::TooManyMessages(budget)),
+                Err(Scan::TooDeep) => {
+                    return Err(OtlpError::Malformed(format!(
+                        "protobuf nesting deeper than {MAX_PROTO_DEPTH}"
+                    )))
+                }
+            }
+            <ExportLogsServiceRequest as prost::Message>::decode(body)
+                .map_err(|e| OtlpError::Malformed(format!("invalid OTLP protobuf: {e}")))?
+        }
+        Encoding::Json => {
+            if json_objects(body) > budget {
+                return Err(OtlpError::TooManyMessages(budget));
+            }
+            let body = quote_nanos(body);
+            let top: JsonRequest = serde_json::from_slice(&body)
+                .map_err(|e| OtlpError::Malformed(format!("invalid OTLP/JSON: {e}")))?;
+            ExportLogsServiceRequest {
+                resource_logs: top.resource_logs,
+            }
+        }
+    };
+    let records: usize = request
+        .resource_logs
+        .iter()
+        .flat_map(|r| &r.scope_logs)
+        .map(|s| s.log_records.len())
+        .sum();
+    if records > limits.max_events_per_request {
+        return Err(OtlpError::TooManyRecords(limits.max_events_per_request));
+    }
+    Ok(request)
+}
+
+/// The request's one field, defaulted: the generated type requires
+/// `resourceLogs`, but proto3 JSON may omit a field at its default, and an
+/// empty request (`{}`) is a success.
+#[derive(Deserialize)]
+struct JsonRequest {
+    #[serde(default, rename = "resourceLogs")]
+    resource_logs: Vec<ResourceLogs>,
+}
+
+enum Scan {
+    /// The bytes are not a protobuf message (so a string or bytes field).
+    NotMessage,
+    TooMany,
+    TooDeep,
+}
+
+/// Counts, into `left`, every length-delimited field that parses as a
+/// message, at every depth: an upper bound of the messages prost allocates
+/// for `buf`. Schema-free, so a string that happens to parse is counted too
+/// (the bound only gets safer). Each message costs at least its two wire
+/// bytes, but up to ~200 bytes decoded: this is what keeps a 10 MiB body of
+/// empty records or attributes from becoming gigabytes.
+fn count_messages(mut buf: &[u8], depth: usize, left: &mut usize) -> Result<(), Scan> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    while !buf.is_empty() {
+        let (_, wire) = decode_key(&mut buf).map_err(|_| Scan::NotMessage)?;
+        match wire {
+            WireType::Varint => {
+                decode_varint(&mut buf).map_err(|_| Scan::NotMessage)?;
+            }
+            WireType::SixtyFourBit | WireType::ThirtyTwoBit => {
+                let n = if wire == WireType::SixtyFourBit { 8 } else { 4 };
+                buf = buf.get(n..).ok_or(Scan::NotMessage)?;
+            }
+            WireType::LengthDelimited => {
+                let len = decode_varint(&mut buf).map_err(|_| Scan::NotMessage)?;
+                let len = usize::try_from(len).map_err(|_| Scan::NotMessage)?;
+                let inner = buf.get(..len).ok_or(Scan::NotMessage)?;
+                buf = &buf[len..];
+                // A speculative parse: on NotMessage the field is bytes and
+                // whatever it counted is given back.
+                let before = *left;
+                let parsed = if depth + 1 >= MAX_PROTO_DEPTH {
+                    // Deeper than prost decodes: a message here is refused,
+                    // bytes are fine (one level, no recursion).
+                    if !inner.is_empty() && is_flat_message(inner) {
+                        return Err(Scan::TooDeep);
+                    }
+                    Err(Scan::NotMessage)
+                } else {
+                    count_messages(inner, depth + 1, left)
+                };
+                match parsed {
+                    Ok(()) => {
+                        *left = left.checked_sub(1).ok_or(Scan::TooMany)?;
+                    }
+                    Err(Scan::NotMessage) => *left = before,
+                    Err(e) => return Err(e),
+                }
+            }
+            WireType::StartGroup | WireType::EndGroup => return Err(Scan::NotMessage),
+        }
+    }
+    Ok(())
+}
+
+/// The OTLP/JSON fields the generated serde mapping reads only as strings
+/// while proto3 JSON (and so the OTLP spec) also allows numbers.
+const NANOS_FIELDS: [&[u8]; 2] = [b"timeUnixNano", b"observedTimeUnixNano"];
+
+/// `"timeUnixNano": 123` rewritten as `"timeUnixNano": "123"` (likewise
+/// `observedTimeUnixNano`), in one pass over the text; the body is borrowed
+/// as is when no such number occurs. Numbers anywhere else are left alone.
+fn quote_nanos(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0; // body[..copied] is already in `out`
+    let (mut i, mut key_start) = (0, 0);
+    let (mut in_string, mut escaped) = (false, false);
+    while i < body.len() {
+        let b = body[i];
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => {
+                    in_string = false;
+                    let key = &body[key_start..i];
+                    if NANOS_FIELDS.contains(&key) {
+                        let mut j = i + 1;
+                        while body.get(j).is_some_and(u8::is_ascii_whitespace) {
+                            j += 1;
+                        }
+                        if body.get(j) == Some(&b':') {
+                            j += 1;
+                            while body.get(j).is_some_and(u8::is_ascii_whitespace) {
+                                j += 1;
+                            }
+                            let start = j;
+                            while body
+                                .get(j)
+                                .is_some_and(|c| c.is_ascii_digit() || b"+-.eE".contains(c))
+                            {
+                                j += 1;
+                            }
+                            if j > start {
+                                let o =
+                                    out.get_or_insert_with(|| Vec::with_capacity(body.len() + 64));
+                                o.extend_from_slice(&body[copied..start]);
+                                o.push(b'"');
+                                o.extend_from_slice(&body[start..j]);
+                                o.push(b'"');
+                                copied = j;
+                                i = j;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+            key_start = i + 1;
+        }
+        i += 1;
+    }
+    match out {
+        None => std::borrow::Cow::Borrowed(body),
+        Some(mut o) => {
+            o.extend_from_slice(&body[copied..]);
+            std::borrow::Cow::Owned(o)
+        }
+    }
+}
+
+/// Whether `buf` parses as one level of protobuf fields.
+fn is_flat_message(mut buf: &[u8]) -> bool {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    while !buf.is_empty() {
+        let Ok((_, wire)) = decode_key(&mut buf) else {
+            return false;
+        };
+        let skip = match wire {
+            WireType::Varint => decode_varint(&mut buf).map(|_| 0).ok(),
+            WireType::SixtyFourBit => Some(8),
+            WireType::ThirtyTwoBit => Some(4),
+            WireType::LengthDelimited => decode_varint(&mut buf)
+                .ok()
+                .and_then(|n| usize::try_from(n).ok()),
+            WireType::StartGroup | WireType::EndGroup => None,
+        };
+        match skip.and_then(|n| buf.get(n..)) {
+            Some(rest) => buf = rest,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// JSON objects in the body (`{` outside strings): each OTLP/JSON message is
+/// one, so this bounds the decoded tree the same way.
+fn json_objects(body: &[u8]) -> usize {
+    let (mut n, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b'{' {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Decodes an OTLP logs body and normalizes each record, in request order
+/// (resource, then scope, then record): `index` in a rejection is that
+/// order's position. An empty request is an empty batch (OTLP: success).
+pub fn prepare(
+    encoding: Encoding,
+    body: &[u8],
+    limits: &Limits,
+    normalizer: &Normalizer,
+    config: &OtlpConfig,
+    received_at: DateTime<Utc>,
+    scope: &TenantScope,
+) -> Result<Batch, OtlpError> {
+    let request = decode(encoding, body, limits)?;
+    let mut batch = Batch {
+        accepted: Vec::new(),
+        rejected: Vec::new(),
+    };
+    let budget = expansion_budget(limits);
+    let mut total: u64 = 0;
+    let mut index = 0usize;
+    for resource_logs in &request.resource_logs {
+        let resource = ResourcePart::new(resource_logs, config);
+        for scope_logs in &resource_logs.scope_logs {
+            let scope_meta = scope_value(scope_logs);
+            // What every record of this scope carries whatever its own
+            // fields: when that alone is over the event limit, each record
+            // is refused without building it.
+            let shared = resource.size + scope_meta.as_ref().map_or(0, json_len);
+            for record in &scope_logs.log_records {
+                let i = index;
+                index += 1;
+                if shared > limits.max_event_bytes {
+                    batch.rejected.push(rejection(
+                        i,
+                        EventError::TooLarge {
+                            size: shared,
+                            limit: limits.max_event_bytes,
+                        },
+                    ));
+                    continue;
+                }
+                match record_event(record, &resource, scope_meta.as_ref()) {
+                    Err(e) => batch.rejected.push(rejection(i, e)),
+                    Ok(text) => match serde_json::value::RawValue::from_string(text) {
+                        Err(e) => batch
+                            .rejected
+                            .push(rejection(i, EventError::Malformed(e.to_string()))),
+                        Ok(raw) => match normalizer.normalize_raw(&raw, received_at, scope) {
+                            Ok(e) => {
+                                total += e.payload.len() as u64;
+                                if total > budget {
+                                    return Err(OtlpError::Expanded(budget));
+                                }
+                                batch.accepted.push(e);
+                            }
+                            Err((e, _)) => batch.rejected.push(rejection(i, e)),
+                        },
+                    },
+                }
+            }
+        }
+    }
+    Ok(batch)
+}
+
+fn rejection(index: usize, e: EventError) -> Rejection {
+    Rejection {
+        index,
+        line: None,
+        id: None,
+        error: e.to_string(),
+        kind: e.kind(),
+        tenant: match &e {
+            EventError::Forbidden(TenantDenied::NotAllowed(t)) => Some(t.clone()),
+            _ => None,
+        },
+    }
+}
+
+/// What a resource gives each of its records, computed once.
+struct ResourcePart {
+    source: Option<Value>,
+    tenant: Option<Value>,
+    attributes: Option<Value>,
+    /// Compact JSON bytes of the above.
+    size: usize,
+}
+
+impl ResourcePart {
+    fn new(r: &ResourceLogs, config: &OtlpConfig) -> Self {
+        let attrs: &[KeyValue] = r.resource.as_ref().map_or(&[], |r| &r.attributes);
+        let find = |name: &str| {
+            attrs
+                .iter()
+                .rev()
+                .find(|kv| kv.key == name)
+                .map(|kv| any_value(kv.value.as_ref()))
+        };
+        let source = find("service.name");
+        let tenant = find(&config.tenant_attribute);
+        let attributes = (!attrs.is_empty()).then(|| Value::Object(attributes(attrs)));
+        let size = [&source, &tenant, &attributes]
+            .iter()
+            .map(|v| v.as_ref().map_or(0, json_len))
+            .sum();
+        ResourcePart {
+            source,
+            tenant,
+            attributes,
+            size,
+        }
+    }
+}
+
+/// The scope's name, version and attributes, when any is set.
+fn scope_value(s: &ScopeLogs) -> Option<Value> {
+    let scope = s.scope.as_ref()?;
+    let mut m = Map::new();
+    if !scope.name.is_empty() {
+        m.insert("name".into(), scope.name.clone().into());
+    }
+    if !scope.version.is_empty() {
+        m.insert("version".into(), scope.version.clone().into());
+    }
+    if !scope.attributes.is_empty() {
+        m.insert(
+            "attributes".into(),
+            Value::Object(attributes(&scope.attributes)),
+        );
+    }
+    (!m.is_empty()).then_some(Value::Object(m))
+}
+
+fn json_len(v: &Value) -> usize {
+    serde_json::to_vec(v).map_or(0, |b| b.len())
+}
+
+/// One record as a sluice event object (JSON text), before normalization.
+fn record_event(
+    r: &LogRecord,
+    resource: &ResourcePart,
+    scope: Option<&Value>,
+) -> Result<String, EventError> {
+    let mut ev = Map::new();
+    if let Some(t) = &resource.tenant {
+        ev.insert("tenant_id".into(), t.clone());
+    }
+    let time = [r.time_unix_nano, r.observed_time_unix_nano]
+        .into_iter()
+        .find(|&t| t != 0);
+    if let Some(t) = time {
+        ev.insert("timestamp".into(), rfc3339_nanos(t)?.into());
+    }
+    if let Some(s) = severity(r.severity_number, &r.severity_text) {
+        ev.insert("severity".into(), s.into());
+    }
+    if let Some(s) = &resource.source {
+        ev.insert("source".into(), s.clone());
+    }
+    if let Some(m) = message(r) {
+        ev.insert("message".into(), m.into());
+    }
+    ev.insert(
+        "metadata".into(),
+        Value::Object(metadata(r, resource, scope)?),
+    );
+    serde_json::to_string(&Value::Object(ev)).map_err(|e| EventError::Malformed(e.to_string()))
+}
+
+/// A string body as is; any other body as its JSON text; no body: the
+/// event name, if any.
+fn message(r: &LogRecord) -> Option<String> {
+    match r.body.as_ref().and_then(|b| b.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+        Some(_) => Some(any_value(r.body.as_ref()).to_string()),
+        None => (!r.event_name.is_empty()).then(|| r.event_name.clone()),
+    }
+}
+
+fn metadata(
+    r: &LogRecord,
+    resource: &ResourcePart,
+    scope: Option<&Value>,
+) -> Result<Map<String, Value>, EventError> {
+    let mut m = Map::new();
+    let id = |name: &str, bytes: &[u8], len: usize| -> Result<Option<String>, EventError> {
+        match bytes.len() {
+            0 => Ok(None),
+            n if n == len && bytes.iter().any(|&b| b != 0) => Ok(Some(hex::encode(bytes))),
+            n if n == len => Ok(None),
+            n => Err(EventError::Invalid(format!(
+                "{name} must be {len} bytes ({} hex digits), not {n}",
+                2 * len
+            ))),
+        }
+    };
+    if let Some(t) = id("trace_id", &r.trace_id, 16)? {
+        m.insert("trace_id".into(), t.into());
+    }
+    if let Some(s) = id("span_id", &r.span_id, 8)? {
+        m.insert("span_id".into(), s.into());
+    }
+    if r.flags != 0 {
+        // The low byte is the W3C trace flags; the rest is reserved.
+        m.insert("trace_flags".into(), (r.flags & 0xff).into());
+    }
+    if r.severity_number != 0 {
+        m.insert("severity_number".into(), r.severity_number.into());
+    }
+    if !r.severity_text.is_empty() {
+        m.insert("severity_text".into(), r.severity_text.clone().into());
+    }
+    if !r.event_name.is_empty() {
+        m.insert("event_name".into(), r.event_name.clone().into());
+    }
+    if r.observed_time_unix_nano != 0 {
+        m.insert(
+            "observed_timestamp".into(),
+            rfc3339_nanos(r.observed_time_unix_nano)?.into(),
+        );
+    }
+    if !r.attributes.is_empty() {
+        m.insert(
+            "attributes".into(),
+            Value::Object(attributes(&r.attributes)),
+        );
+    }
+    if let Some(a) = &resource.attributes {
+        m.insert("resource".into(), a.clone());
+    }
+    if let Some(s) = scope {
+        m.insert("scope".into(), s.clone());
+    }
+    Ok(m)
+}
+
+/// Nanoseconds since the epoch as RFC 3339 UTC (nanosecond digits only when
+/// set). Every u64 is a valid instant (up to 2554).
+fn rfc3339_nanos(n: u64) -> Result<String, EventError> {
+    let secs = (n / 1_000_000_000) as i64;
+    let nanos = (n % 1_000_000_000) as u32;
+    DateTime::from_timestamp(secs, nanos)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+        .ok_or_else(|| EventError::Invalid(format!("time {n} ns is out of range")))
+}
+
+/// The sluice severity of a record: the number's range, else its text.
+pub fn severity(number: i32, text: &str) -> Option<&'static str> {
+    Some(match number {
+        1..=4 => "TRACE",
+        5..=8 => "DEBUG",
+        9..=12 => "INFO",
+        13..=16 => "WARN",
+        17..=20 => "ERROR",
+        21..=24 => "FATAL",
+        _ => match text.trim().to_ascii_uppercase().as_str() {
+            "TRACE" => "TRACE",
+            "DEBUG" => "DEBUG",
+            "INFO" => "INFO",
+            "WARN" | "WARNING" => "WARN",
+            "ERROR" => "ERROR",
+            "FATAL" => "FATAL",
+            _ => return None,
+        },
+    })
+}
+
+/// Attributes as a JSON object; a repeated key keeps its last value.
+fn attributes(kvs: &[KeyValue]) -> Map<String, Value> {
+    let mut m = Map::with_capacity(kvs.len());
+    for kv in kvs {
+        m.insert(kv.key.clone(), any_value(kv.value.as_ref()));
+    }
+    m
+}
+
+/// An AnyValue as plain JSON: strings, booleans, numbers, arrays and
+/// objects as themselves; bytes as base64; a non-finite double as its name
+/// (JSON has no NaN); an empty value as null. The nesting is bounded by the
+/// decoders (prost 100, serde_json 128).
+pub fn any_value(v: Option<&AnyValue>) -> Value {
+    use any_value::Value as V;
+    use base64::Engine as _;
+    match v.and_then(|v| v.value.as_ref()) {
+        None => Value::Null,
+        Some(V::StringValue(s)) => s.clone().into(),
+        Some(V::BoolValue(b)) => (*b).into(),
+        Some(V::IntValue(i)) => (*i).into(),
+        Some(V::DoubleValue(d)) => match serde_json::Number::from_f64(*d) {
+            Some(n) => Value::Number(n),
+            None => d.to_string().into(),
+        },
+        Some(V::ArrayValue(a)) => a.values.iter().map(|x| any_value(Some(x))).collect(),
+        Some(V::KvlistValue(kv)) => Value::Object(attributes(&kv.values)),
+        Some(V::BytesValue(b)) => base64::engine::general_purpose::STANDARD.encode(b).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn severity_ranges_and_text() {
+        for (n, want) in [
+            (1, "TRACE"),
+            (4, "TRACE"),
+            (5, "DEBUG"),
+            (9, "INFO"),
+            (12, "INFO"),
+            (13, "WARN"),
+            (17, "ERROR"),
+            (21, "FATAL"),
+            (24, "FATAL"),
+        ] {
+            assert_eq!(severity(n, "info"), Some(want), "{n}");
+        }
+        assert_eq!(severity(0, "Warning"), Some("WARN"));
+        assert_eq!(severity(99, "error"), Some("ERROR"));
+        assert_eq!(severity(0, "notice"), None);
+        assert_eq!(severity(-3, ""), None);
+    }
+
+    #[test]
+    fn nanos_numbers_become_strings_and_nothing_else_changes() {
+        let body = br#"{"timeUnixNano" : 17, "x":"timeUnixNano", "observedTimeUnixNano":"5", "n": 3, "k":{"timeUnixNano":1e3}}"#;
+        assert_eq!(
+            std::str::from_utf8(&quote_nanos(body)).unwrap(),
+            r#"{"timeUnixNano" : "17", "x":"timeUnixNano", "observedTimeUnixNano":"5", "n": 3, "k":{"timeUnixNano":"1e3"}}"#
+        );
+        let plain = br#"{"a":"\"timeUnixNano\":1"}"#;
+        assert!(matches!(quote_nanos(plain), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn json_object_count_skips_strings() {
+        assert_eq!(json_objects(br#"{"a":"{{{\"{","b":{}}"#), 2);
+    }
+
+    #[test]
+    fn nanos_render_as_rfc3339() {
+        assert_eq!(
+            rfc3339_nanos(1_714_564_800_123_456_789).unwrap(),
+            "2024-05-01T12:00:00.123456789Z"
+        );
+        assert_eq!(
+            rfc3339_nanos(u64::MAX).unwrap(),
+            "2554-07-21T23:34:33.709551615Z"
+        );
+    }
+}
