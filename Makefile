@@ -4,9 +4,9 @@
 
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml
+FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent chaos-exactly-once
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -95,3 +95,14 @@ e2e-independent:
 	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) $(E2E_PYTHON) tests/independent/run.py
+
+# OpenTelemetry logs from a real OTel client: the Python SDK's LoggerProvider
+# and OTLP/HTTP protobuf exporter (PyPI, pinned, in a venv made here:
+# .tools/otel-venv) send to `sluice serve --dev`; `sluice consume` reads the
+# topic and tests/otel/run.py checks every mapped field.
+OTEL_SDK_VERSION ?= 1.45.2
+OTEL_PYTHON ?= $(TOOLS)/otel-venv/bin/python
+e2e-otel:
+	@$(OTEL_PYTHON) -c 'import importlib.metadata as m, sys; sys.exit(any(m.version(p) != "$(OTEL_SDK_VERSION)" for p in ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http")))' 2>/dev/null || { python3 -m venv $(TOOLS)/otel-venv && $(TOOLS)/otel-venv/bin/pip install --quiet opentelemetry-sdk==$(OTEL_SDK_VERSION) opentelemetry-exporter-otlp-proto-http==$(OTEL_SDK_VERSION); }
+	$(CARGO) build --locked --bin sluice
+	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice $(OTEL_PYTHON) tests/otel/run.py
