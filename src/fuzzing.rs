@@ -154,6 +154,71 @@ pub fn ingest_body(data: &[u8]) {
     }
 }
 
+/// Arbitrary bytes as an OTLP logs body through the whole conversion. The
+/// first byte picks the encoding (even: protobuf, odd: OTLP/JSON) and
+/// whether the rest is gzipped (bit 1), as the handler decodes it. Within
+/// the limits: no panic, no more records than allowed, every accepted event
+/// a record whose value fits the event limit and carries its metadata.
+pub fn otlp_logs(data: &[u8]) {
+    use crate::ingest::config::{EventsConfig, Limits};
+    use crate::ingest::otlp::{prepare, Encoding, OtlpConfig};
+    use crate::ingest::Normalizer;
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
+    let encoding = if mode & 1 == 0 {
+        Encoding::Protobuf
+    } else {
+        Encoding::Json
+    };
+    const MAX_BODY: usize = 10 << 20;
+    let decoded;
+    let body = if mode & 2 == 0 {
+        body
+    } else {
+        let gzip = crate::ingest::decode::Coding::Gzip;
+        match crate::ingest::decode::decode_body(body.to_vec(), &[gzip], MAX_BODY as u64, |_| true)
+        {
+            Ok(b) => {
+                decoded = b;
+                &decoded[..]
+            }
+            Err(_) => return,
+        }
+    };
+    let limits = Limits {
+        max_events_per_request: 100,
+        max_event_bytes: 4096,
+        max_depth: 16,
+        ..Limits::default()
+    };
+    // Tenant and source optional, so records reach the metadata mapping.
+    let events = EventsConfig {
+        required: vec!["message".into()],
+        ..EventsConfig::default()
+    };
+    let normalizer = Normalizer::new(limits.clone(), events);
+    let now = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("valid");
+    let Ok(batch) = prepare(
+        encoding,
+        body,
+        &limits,
+        &normalizer,
+        &OtlpConfig::default(),
+        now,
+        &crate::auth::TenantScope::Any,
+    ) else {
+        return;
+    };
+    assert!(batch.accepted.len() + batch.rejected.len() <= limits.max_events_per_request);
+    for e in &batch.accepted {
+        let r = Record::decode(&e.payload).expect("accepted events decode");
+        assert!(r.value.len() <= limits.max_event_bytes);
+        let v: serde_json::Value = serde_json::from_slice(&r.value).expect("values are JSON");
+        assert!(v["metadata"].is_object(), "{v}");
+    }
+}
+
 /// Arbitrary bytes as a config file: parsing, validation and the error
 /// locator must not panic.
 pub fn config_toml(data: &[u8]) {

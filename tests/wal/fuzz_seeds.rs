@@ -47,6 +47,11 @@ fn ingest_body_corpus() {
 }
 
 #[test]
+fn otlp_logs_corpus() {
+    replay("otlp_logs", sluice::fuzzing::otlp_logs);
+}
+
+#[test]
 fn config_toml_corpus() {
     replay("config_toml", sluice::fuzzing::config_toml);
 }
