@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::config::Limits;
-use super::{Batch, BodyError, EventError, Normalizer, Rejection};
+use super::{Batch, EventError, Normalizer, Rejection};
 use crate::auth::{TenantDenied, TenantScope};
 
 /// The `[otlp]` section.
@@ -107,15 +107,6 @@ pub enum OtlpError {
     /// carries a copy of its resource's attributes (413).
     #[error("log records expand to more than {0} bytes of events (each carries its resource's attributes); send smaller batches")]
     Expanded(u64),
-}
-
-impl From<OtlpError> for BodyError {
-    fn from(e: OtlpError) -> BodyError {
-        match e {
-            OtlpError::TooManyRecords(n) => BodyError::TooManyEvents(n),
-            other => BodyError::Malformed(other.to_string()),
-        }
-    }
 }
 
 /// Messages one request may decode into, all levels together: 64 per
