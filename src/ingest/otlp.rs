@@ -127,6 +127,12 @@ pub fn expansion_budget(limits: &Limits) -> u64 {
 /// limit, so anything deeper fails to decode anyway.
 const MAX_PROTO_DEPTH: usize = 100;
 
+/// The pre-scan reads a byte once per message that encloses it, so its cost
+/// is the body's size times its nesting. Past this many reads per body byte
+/// (an OTLP log body nests about ten deep) the body is refused, so 100
+/// wrappers around 10 MiB cannot cost a billion steps.
+const SCAN_WORK_PER_BYTE: usize = 32;
+
 /// Decodes the body, after checking that its decoded form stays within the
 /// message budget, and that its record count is within the limit.
 pub fn decode(
@@ -138,12 +144,15 @@ pub fn decode(
     let request = match encoding {
         Encoding::Protobuf => {
             let mut left = budget;
-            match count_messages(body, 0, &mut left) {
+            let mut work = SCAN_WORK_PER_BYTE
+                .saturating_mul(body.len())
+                .saturating_add(4096);
+            match count_messages(body, 0, &mut left, &mut work) {
                 Ok(()) | Err(Scan::NotMessage) => {}
                 Err(Scan::TooMany) => return Err(OtlpError::TooManyMessages(budget)),
                 Err(Scan::TooDeep) => {
                     return Err(OtlpError::Malformed(format!(
-                        "protobuf nesting deeper than {MAX_PROTO_DEPTH}"
+                        "protobuf messages nest too deeply: more than {MAX_PROTO_DEPTH} levels, or more than {SCAN_WORK_PER_BYTE} on average over the body"
                     )))
                 }
             }
@@ -196,7 +205,12 @@ enum Scan {
 /// (the bound only gets safer). Each message costs at least its two wire
 /// bytes, but up to ~200 bytes decoded: this is what keeps a 10 MiB body of
 /// empty records or attributes from becoming gigabytes.
-fn count_messages(mut buf: &[u8], depth: usize, left: &mut usize) -> Result<(), Scan> {
+fn count_messages(
+    mut buf: &[u8],
+    depth: usize,
+    left: &mut usize,
+    work: &mut usize,
+) -> Result<(), Scan> {
     use prost::encoding::{decode_key, decode_varint, WireType};
     while !buf.is_empty() {
         let (_, wire) = decode_key(&mut buf).map_err(|_| Scan::NotMessage)?;
@@ -213,6 +227,7 @@ fn count_messages(mut buf: &[u8], depth: usize, left: &mut usize) -> Result<(), 
                 let len = usize::try_from(len).map_err(|_| Scan::NotMessage)?;
                 let inner = buf.get(..len).ok_or(Scan::NotMessage)?;
                 buf = &buf[len..];
+                *work = work.checked_sub(inner.len()).ok_or(Scan::TooDeep)?;
                 // A speculative parse: on NotMessage the field is bytes and
                 // whatever it counted is given back.
                 let before = *left;
@@ -224,7 +239,7 @@ fn count_messages(mut buf: &[u8], depth: usize, left: &mut usize) -> Result<(), 
                     }
                     Err(Scan::NotMessage)
                 } else {
-                    count_messages(inner, depth + 1, left)
+                    count_messages(inner, depth + 1, left, work)
                 };
                 match parsed {
                     Ok(()) => {

@@ -593,6 +593,22 @@ async fn hostile_shapes_are_refused_before_they_cost_memory() {
     let r = post_proto(&h, &deep).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.status_message());
 
+    // 60 length-delimited wrappers around 1 MB of varint fields: the scan
+    // would read every byte 60 times; it stops at its work budget.
+    let mut body = [0x08u8, 0x01].repeat(500_000);
+    for _ in 0..60 {
+        let mut len = Vec::new();
+        prost::encoding::encode_varint(body.len() as u64, &mut len);
+        body = [&[0x0a][..], &len, &body].concat();
+    }
+    let r = send(&h, &[("content-type", PROTOBUF)], body).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.status_message().contains("nest too deeply"),
+        "{}",
+        r.status_message()
+    );
+
     // More records than max-events-per-request: 413, like /v1/events.
     let many = ExportLogsServiceRequest {
         resource_logs: vec![resource(
