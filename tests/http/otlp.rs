@@ -609,6 +609,27 @@ async fn hostile_shapes_are_refused_before_they_cost_memory() {
         r.status_message()
     );
 
+    // The same in OTLP/JSON: 30 levels (90 JSON levels) decode, and a body
+    // becomes `message` text, so it is stored; 300 levels are refused by
+    // the JSON parser's own depth limit (128), not by the stack.
+    for (levels, status) in [(30, StatusCode::OK), (300, StatusCode::BAD_REQUEST)] {
+        let mut v = json!({"intValue": "1"});
+        for _ in 0..levels {
+            v = json!({"arrayValue": {"values": [v]}});
+        }
+        let body = json!({"resourceLogs": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "api"}},
+            {"key": "tenant.id", "value": {"stringValue": "acme"}}]},
+            "scopeLogs": [{"logRecords": [{"body": v}]}]}]});
+        let r = send(&h, &[("content-type", JSON)], body.to_string().into_bytes()).await;
+        assert_eq!(r.status, status, "{levels}: {}", r.json());
+    }
+    assert_eq!(events(&h).len(), 1);
+    assert!(events(&h)[0]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]"));
+
     // More records than max-events-per-request: 413, like /v1/events.
     let many = ExportLogsServiceRequest {
         resource_logs: vec![resource(
@@ -638,7 +659,7 @@ async fn hostile_shapes_are_refused_before_they_cost_memory() {
         "{}",
         r.status_message()
     );
-    assert!(events(&h).is_empty());
+    assert_eq!(events(&h).len(), 1, "only the 30-level JSON body");
 }
 
 /// A 10 MB protobuf body of 5 million empty attributes gzips to ~10 KB; 16
