@@ -34,6 +34,11 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rates: RatesConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
+    /// Named streams besides the default one (file only; see
+    /// [`crate::streams`]). Default: none, so the default stream serves
+    /// every ingest path.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<crate::streams::StreamConfig>,
 }
 
 /// The config file's sections, for environment names and error pointers.
@@ -92,6 +97,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rates: RatesConfig::default(),
             idempotency: Default::default(),
+            streams: Vec::new(),
         }
     }
 }
@@ -136,9 +142,25 @@ impl Config {
     }
 
     /// The largest event value the producer takes, key and headers included
-    /// (see [`crate::replay::value_fit`]).
+    /// (see [`crate::replay::value_fit`]), for the stream that takes least.
     pub fn producer_event_fit(&self) -> Result<usize, ConfigError> {
-        crate::replay::value_fit(&self.kafka, &self.event_bounds()).map_err(ConfigError::Invalid)
+        let mut fit = crate::replay::value_fit(&self.kafka, &self.event_bounds())
+            .map_err(ConfigError::Invalid)?;
+        for s in &self.streams {
+            let mut kafka = self.kafka.clone();
+            kafka.topic = s.topic.clone();
+            let bounds = EventBounds {
+                key_field: &s.key_field,
+                ..self.event_bounds()
+            };
+            fit = fit.min(crate::replay::value_fit(&kafka, &bounds).map_err(ConfigError::Invalid)?);
+        }
+        Ok(fit)
+    }
+
+    /// Every stream, resolved (the default one first).
+    pub fn streams(&self) -> crate::streams::Streams {
+        crate::streams::Streams::resolve(&self.limits, &self.events, &self.kafka, &self.streams)
     }
 
     /// The event size limit ingest enforces: `limits.max-event-bytes`, or,
@@ -162,7 +184,8 @@ impl Config {
             self.log.validate()?;
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
-            self.replay.validate()
+            self.replay.validate()?;
+            crate::streams::validate(&self.kafka, &self.streams)
         };
         checks().map_err(ConfigError::Invalid)
     }
@@ -242,6 +265,8 @@ impl From<&Config> for crate::http::StateConfig {
             events: c.events.clone(),
             rates: c.rates.clone(),
             idempotency: c.idempotency.clone(),
+            kafka: c.kafka.clone(),
+            streams: c.streams.clone(),
         }
     }
 }

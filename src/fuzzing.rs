@@ -67,6 +67,7 @@ pub fn wal_segment(data: &[u8]) {
         "recovery and replay disagree on the end"
     );
     let record = Record {
+        stream: crate::wal::DEFAULT_STREAM.to_string(),
         key: None,
         value: b"{}".to_vec(),
         headers: Vec::new(),

@@ -42,6 +42,8 @@ pub enum ServeError {
     Keys(#[from] crate::auth::KeysError),
     #[error(transparent)]
     Tls(#[from] crate::http::tls::TlsError),
+    #[error("{0}")]
+    UnknownStreams(String),
 }
 
 /// How the daemon ended.
@@ -115,6 +117,7 @@ pub async fn run(
         })?;
     tracing::info!(%instance, "data directory identity");
     let (offsets, wal, offsets_reset) = open_storage(&config).await?;
+    check_wal_streams(&config, &wal, &offsets).await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
     let state = build_state(&config, wal.clone(), offsets.clone(), keys);
@@ -256,14 +259,60 @@ async fn open_storage(config: &Config) -> Result<(Arc<OffsetStore>, Arc<Wal>, bo
     .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
 }
 
+/// Refuses to start while the WAL holds records of a stream this
+/// configuration does not define: acknowledged events must not be dropped
+/// or produced to a topic their stream never named. Reads every record not
+/// yet delivered, once, before anything is served (nothing new is appended
+/// meanwhile); the operator puts the stream back, lets replay drain it, then
+/// removes it.
+async fn check_wal_streams(
+    config: &Config,
+    wal: &Arc<Wal>,
+    offsets: &Arc<OffsetStore>,
+) -> Result<(), ServeError> {
+    let topics = config.streams().topics();
+    let from = offsets.committed()? + 1;
+    let wal = wal.clone();
+    let unknown = tokio::task::spawn_blocking(move || {
+        let end = wal.durable().borrow().next_seq;
+        let mut reader = wal.reader(from);
+        // Stream name -> (first seq, last seq, records).
+        let mut unknown = std::collections::BTreeMap::<String, (u64, u64, u64)>::new();
+        while reader.next_seq() < end {
+            match reader.try_next()? {
+                None => break,
+                Some(crate::wal::ReadItem::Gap(_)) => {}
+                Some(crate::wal::ReadItem::Record { seq, record, .. }) => {
+                    if !topics.contains(&record.stream) {
+                        let e = unknown.entry(record.stream).or_insert((seq, seq, 0));
+                        e.1 = seq;
+                        e.2 += 1;
+                    }
+                }
+            }
+        }
+        Ok::<_, crate::wal::WalError>(unknown)
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = unknown
+        .iter()
+        .map(|(name, (first, last, n))| format!("{name:?} ({n} records, seqs {first}..={last})"))
+        .collect();
+    Err(ServeError::UnknownStreams(format!(
+        "the WAL holds undelivered records of streams this configuration does not define: {}. Refusing to start rather than drop or misroute them: add the stream(s) back to [[streams]] until replay has delivered them",
+        list.join(", ")
+    )))
+}
+
 /// Kafka: the configured brokers, or the embedded dev broker (returned, so
 /// it lives until shutdown), and the bootstrap servers to use.
 fn start_kafka(config: &Config) -> Result<(Option<DevBroker>, String), ServeError> {
     let dev_broker = if config.kafka.brokers.is_empty() {
-        let topics = [
-            config.kafka.topic.clone(),
-            config.kafka.dead_letter_topic.clone(),
-        ];
+        let topics = config.streams().topics().all_topics();
         let broker =
             DevBroker::start(&topics, config.kafka.dev_partitions).map_err(ServeError::Kafka)?;
         tracing::warn!(
@@ -329,6 +378,7 @@ async fn spawn_replayer(
         stats: state.replay.clone(),
         dead_letter,
         drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
+        streams: config.streams().topics(),
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();
     let replay_task = tokio::spawn(async move {

@@ -19,6 +19,7 @@ use crate::auth::keys::presented_key;
 use crate::auth::{KeyEntry, RateDecision, TenantScope};
 use crate::ingest::decode::{self, Coding, DecodeError};
 use crate::ingest::{self, BodyFormat, Rejection};
+use crate::streams::Stream;
 
 /// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
 /// not stall the async workers.
@@ -34,15 +35,25 @@ struct IngestResponse {
     last_seq: Option<u64>,
 }
 
-/// The ingest route, under the request deadline (`http.request-timeout-ms`).
-pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Response, AppError> {
+/// The ingest route of `stream`, under the request deadline
+/// (`http.request-timeout-ms`).
+pub async fn ingest(
+    State(st): State<SharedState>,
+    stream: Arc<Stream>,
+    req: Request,
+) -> Result<Response, AppError> {
     st.counters.requests.fetch_add(1, Ordering::Relaxed);
     let ms = st.http.request_timeout_ms;
     // Set just before the batch is handed to the WAL writer. From then on the
     // append runs to completion in the writer whatever happens to this
     // future, so a deadline can only decide what the client is told.
     let handed = AtomicBool::new(false);
-    match tokio::time::timeout(Duration::from_millis(ms), accept(&st, req, &handed)).await {
+    match tokio::time::timeout(
+        Duration::from_millis(ms),
+        accept(&st, &stream, req, &handed),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) if handed.load(Ordering::Relaxed) => Err(AppError::DeadlineAfterAppend {
             ms,
@@ -132,7 +143,12 @@ fn rate_check(
 
 /// One ingest request, step by step. Each step either hands its result to
 /// the next or ends the request with its answer.
-async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<Response, AppError> {
+async fn accept(
+    st: &SharedState,
+    stream: &Arc<Stream>,
+    req: Request,
+    handed: &AtomicBool,
+) -> Result<Response, AppError> {
     let (parts, body) = req.into_parts();
     let admitted = admit(st, &parts.headers)?;
     let (bytes, permit) = read_and_decode(st, body, &admitted).await?;
@@ -142,13 +158,16 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
         st,
         &parts.headers,
         admitted.key.as_ref().map(|k| k.name.as_str()),
+        &stream.name,
         &bytes,
     )? {
         super::idempotent::Gate::Proceed(keyed) => keyed,
         super::idempotent::Gate::Answer(resp) => return Ok(resp),
     };
-    let batch = parse(st, bytes, admitted.format, admitted.scope).await?;
+    let batch = parse(st, stream, bytes, admitted.format, admitted.scope).await?;
     let rejected = count_rejections(st, &batch);
+    st.metrics
+        .stream_events(stream, "rejected", rejected as u64);
     if batch.accepted.is_empty() {
         return Ok(nothing_accepted(batch, rejected));
     }
@@ -162,6 +181,8 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
     let keyed = keyed.map(|k| (k, stored_response(accepted, rejected, &batch.rejected)));
     let range = append(st, payloads, keyed, handed).await?;
     drop(permit);
+    st.metrics
+        .stream_events(stream, "accepted", accepted as u64);
     Ok(respond(
         st,
         accepted,
@@ -246,6 +267,7 @@ async fn read_and_decode(
 /// pool.
 async fn parse(
     st: &SharedState,
+    stream: &Arc<Stream>,
     bytes: Vec<u8>,
     format: BodyFormat,
     scope: TenantScope,
@@ -256,12 +278,13 @@ async fn parse(
         chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
     let big = bytes.len() > BLOCKING_PARSE_BYTES;
     let state = st.clone();
+    let stream = stream.clone();
     let parse = move || {
         ingest::prepare(
             format,
             &bytes,
             &state.limits,
-            &state.normalizer,
+            &stream.normalizer,
             received_at,
             &scope,
         )

@@ -36,6 +36,12 @@ pub enum EventError {
     /// The request's key may not write the event's tenant.
     #[error("{0}")]
     Forbidden(crate::auth::TenantDenied),
+    /// The stream takes only its `allowed-tenants`; the tenant (or none).
+    #[error("stream {stream:?} does not take {}", .tenant.as_deref().map_or("events without a tenant_id".to_string(), |t| format!("tenant_id {t:?}")))]
+    StreamForbidden {
+        stream: String,
+        tenant: Option<String>,
+    },
 }
 
 impl EventError {
@@ -47,7 +53,7 @@ impl EventError {
             EventError::Invalid(_) => "invalid_field",
             EventError::TooLarge { .. } => "too_large",
             EventError::TooDeep(_) => "too_deep",
-            EventError::Forbidden(_) => "forbidden",
+            EventError::Forbidden(_) | EventError::StreamForbidden { .. } => "forbidden",
         }
     }
 }
@@ -61,14 +67,33 @@ pub struct NormalizedEvent {
     pub payload: Vec<u8>,
 }
 
+#[derive(Debug)]
 pub struct Normalizer {
     limits: Limits,
     events: EventsConfig,
+    /// The stream written into every record.
+    stream: String,
+    /// Tenants the stream takes; empty: any, or none.
+    allowed_tenants: Vec<String>,
 }
 
 impl Normalizer {
+    /// A normalizer for the default stream.
     pub fn new(limits: Limits, events: EventsConfig) -> Self {
-        Normalizer { limits, events }
+        Normalizer {
+            limits,
+            events,
+            stream: crate::wal::DEFAULT_STREAM.to_string(),
+            allowed_tenants: Vec::new(),
+        }
+    }
+
+    /// The same schema for the stream `name`, taking only `allowed_tenants`
+    /// (any tenant when empty).
+    pub fn for_stream(mut self, name: &str, allowed_tenants: &[String]) -> Self {
+        self.stream = name.to_string();
+        self.allowed_tenants = allowed_tenants.to_vec();
+        self
     }
 
     /// The id an event carries, for error reports, if it is a string.
@@ -141,6 +166,7 @@ impl Normalizer {
                 .into_bytes(),
         ));
         let record = Record {
+            stream: self.stream.clone(),
             key,
             value,
             headers,
@@ -246,6 +272,16 @@ impl Normalizer {
         scope
             .check(tenant.as_deref())
             .map_err(EventError::Forbidden)?;
+        if !self.allowed_tenants.is_empty()
+            && !tenant
+                .as_deref()
+                .is_some_and(|t| self.allowed_tenants.iter().any(|a| a == t))
+        {
+            return Err(EventError::StreamForbidden {
+                stream: self.stream.clone(),
+                tenant,
+            });
+        }
         let timestamp = match timestamp {
             None => received_at,
             Some(v) if v.get() == "null" => received_at,

@@ -16,8 +16,12 @@
 
 /// First 8 bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"SLUICEWL";
-/// Format version written in the header. Bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+/// Format version written in the header. Bumped on any incompatible change:
+/// 2 added the stream to every record payload (see `record.rs`).
+pub const VERSION: u32 = 2;
+/// The oldest version this build still reads: version-1 segments hold
+/// records of the default stream.
+pub const MIN_READ_VERSION: u32 = 1;
 /// Size of the segment header in bytes.
 pub const HEADER_LEN: usize = 24;
 /// Size of the fixed part of a frame (crc, len, seq).
@@ -49,7 +53,7 @@ pub enum HeaderError {
     BadMagic([u8; 8]),
     #[error("header checksum mismatch")]
     BadCrc,
-    #[error("unsupported format version {0} (this build reads {VERSION})")]
+    #[error("unsupported format version {0} (this build reads {MIN_READ_VERSION} to {VERSION})")]
     Version(u32),
 }
 
@@ -88,7 +92,7 @@ pub fn decode_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
         return Err(HeaderError::BadCrc);
     }
     let version = le_u32(&h[8..12]);
-    if version != VERSION {
+    if !(MIN_READ_VERSION..=VERSION).contains(&version) {
         return Err(HeaderError::Version(version));
     }
     Ok(SegmentHeader {
@@ -210,12 +214,29 @@ mod tests {
     }
 
     #[test]
-    fn other_version_is_named_in_the_error() {
-        let mut h = encode_header(1);
-        h[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32fast::hash(&h[0..20]);
-        h[20..24].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(decode_header(&h), Err(HeaderError::Version(2)));
+    fn other_version_is_named_in_the_error_and_version_1_still_reads() {
+        let with_version = |v: u32| {
+            let mut h = encode_header(1);
+            h[8..12].copy_from_slice(&v.to_le_bytes());
+            let crc = crc32fast::hash(&h[0..20]);
+            h[20..24].copy_from_slice(&crc.to_le_bytes());
+            h
+        };
+        assert_eq!(
+            decode_header(&with_version(3)),
+            Err(HeaderError::Version(3))
+        );
+        assert_eq!(
+            decode_header(&with_version(0)),
+            Err(HeaderError::Version(0))
+        );
+        assert_eq!(
+            decode_header(&with_version(1)),
+            Ok(SegmentHeader {
+                version: 1,
+                first_seq: 1
+            })
+        );
     }
 
     #[test]
