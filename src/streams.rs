@@ -61,6 +61,15 @@ pub struct StreamConfig {
     /// is refused (403 when all are). Empty: any tenant, or none.
     #[serde(default)]
     pub allowed_tenants: Vec<String>,
+    /// Adds `"success": true|false` (true when nothing was rejected) to the
+    /// ingest response, for clients of gateways that answered with it.
+    /// Default false.
+    #[serde(default)]
+    pub response_success_field: bool,
+    /// Extra severity names this stream's clients send, each mapped to a
+    /// built-in level, e.g. `{ CRITICAL = "FATAL" }`. Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub severity_aliases: BTreeMap<String, String>,
 }
 
 fn default_key_field() -> String {
@@ -78,6 +87,8 @@ pub struct Stream {
     pub normalizer: Normalizer,
     /// Index in [`Streams::all`], for per-stream counters.
     pub index: usize,
+    /// Whether responses carry `success` (see [`StreamConfig`]).
+    pub response_success_field: bool,
 }
 
 /// Every stream, in configuration order (the default one first).
@@ -112,14 +123,17 @@ impl Streams {
             key_field: events.key_field.clone(),
             normalizer: Normalizer::new(limits.clone(), events.clone()),
             index: 0,
+            response_success_field: false,
         })];
         for (i, s) in streams.iter().enumerate() {
             let events = EventsConfig {
                 required: s.required.clone(),
                 key_field: s.key_field.clone(),
             };
-            let normalizer =
-                Normalizer::new(limits.clone(), events).for_stream(&s.name, &s.allowed_tenants);
+            let normalizer = Normalizer::new(limits.clone(), events)
+                .for_stream(&s.name, &s.allowed_tenants)
+                .with_severity_aliases(&s.severity_aliases)
+                .expect("validate checked the aliases");
             all.push(Arc::new(Stream {
                 name: s.name.clone(),
                 routes: s.routes.clone(),
@@ -128,6 +142,7 @@ impl Streams {
                 key_field: s.key_field.clone(),
                 normalizer,
                 index: i + 1,
+                response_success_field: s.response_success_field,
             }));
         }
         Streams { all }
@@ -257,6 +272,9 @@ pub fn validate(kafka: &KafkaConfig, streams: &[StreamConfig]) -> Result<(), Str
                 ));
             }
         }
+        Normalizer::new(Limits::default(), EventsConfig::default())
+            .with_severity_aliases(&s.severity_aliases)
+            .map_err(|e| format!("streams.{n}: {e}"))?;
         topics.push((s.topic.as_str(), s.dead_letter_topic.as_str()));
     }
     // A record dead-lettered by one stream must not read as an event of
@@ -286,6 +304,8 @@ mod tests {
             required: Vec::new(),
             key_field: "tenant_id".into(),
             allowed_tenants: Vec::new(),
+            response_success_field: false,
+            severity_aliases: BTreeMap::new(),
         }
     }
 
@@ -326,6 +346,12 @@ mod tests {
         assert!(e.contains("name"), "{e}");
         let e = err(&[stream("a", &[], "t")]);
         assert!(e.contains("at least one"), "{e}");
+        let mut alias = stream("a", &["/x"], "t");
+        alias
+            .severity_aliases
+            .insert("CRITICAL".into(), "SEVERE".into());
+        let e = err(&[alias]);
+        assert!(e.contains("streams.a") && e.contains("SEVERE"), "{e}");
         let mut dlq_clash = stream("a", &["/x"], "t");
         dlq_clash.dead_letter_topic = "events".into();
         let e = err(&[dlq_clash]);

@@ -28,6 +28,9 @@ const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
 /// The ingest response, for 202 and for the 400/413 of "nothing accepted".
 #[derive(serde::Serialize)]
 struct IngestResponse {
+    /// Only on streams with `response-success-field`: no event rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    success: Option<bool>,
     accepted: usize,
     rejected: usize,
     errors: Vec<Rejection>,
@@ -168,8 +171,9 @@ async fn accept(
     let rejected = count_rejections(st, &batch);
     st.metrics
         .stream_events(stream, "rejected", rejected as u64);
+    let success = stream.response_success_field.then_some(rejected == 0);
     if batch.accepted.is_empty() {
-        return Ok(nothing_accepted(batch, rejected));
+        return Ok(nothing_accepted(batch, rejected, success));
     }
     let tenants = batch.tenant_counts();
     let decision = st
@@ -178,7 +182,12 @@ async fn accept(
     rate_check(st, decision, &tenants)?;
     let accepted = batch.accepted.len();
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
-    let keyed = keyed.map(|k| (k, stored_response(accepted, rejected, &batch.rejected)));
+    let keyed = keyed.map(|k| {
+        (
+            k,
+            stored_response(accepted, rejected, &batch.rejected, success),
+        )
+    });
     let range = append(st, payloads, keyed, handed).await?;
     drop(permit);
     st.metrics
@@ -190,6 +199,7 @@ async fn accept(
         rejected,
         batch.rejected,
         range,
+        success,
     ))
 }
 
@@ -321,7 +331,7 @@ fn count_rejections(st: &SharedState, batch: &ingest::Batch) -> usize {
 
 /// 413 when every event was too large, 403 when every one was forbidden,
 /// else 400; with every event's error.
-fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
+fn nothing_accepted(batch: ingest::Batch, rejected: usize, success: Option<bool>) -> Response {
     let status = if batch.all_too_large() {
         StatusCode::PAYLOAD_TOO_LARGE
     } else if batch.all_forbidden() {
@@ -330,6 +340,7 @@ fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
         StatusCode::BAD_REQUEST
     };
     let body = IngestResponse {
+        success,
         accepted: 0,
         rejected,
         errors: batch.rejected,
@@ -378,9 +389,15 @@ async fn append(
 /// The 202 body an Idempotency-Key replay answers with: sequence numbers
 /// null (the index fills them in once the batch is durable), cut to its
 /// counts when the error list is long.
-fn stored_response(accepted: usize, rejected: usize, errors: &[Rejection]) -> Vec<u8> {
+fn stored_response(
+    accepted: usize,
+    rejected: usize,
+    errors: &[Rejection],
+    success: Option<bool>,
+) -> Vec<u8> {
     let template = |errors: &[Rejection]| {
         serde_json::to_vec(&IngestResponse {
+            success,
             accepted,
             rejected,
             errors: errors.to_vec(),
@@ -400,6 +417,7 @@ fn respond(
     rejected: usize,
     errors: Vec<Rejection>,
     range: crate::wal::SeqRange,
+    success: Option<bool>,
 ) -> Response {
     if st.quota_refusing.swap(false, Ordering::Relaxed) {
         tracing::info!("WAL quota cleared: accepting again");
@@ -420,6 +438,7 @@ fn respond(
             .inc_by(n);
     }
     let body = IngestResponse {
+        success,
         accepted,
         rejected,
         errors,

@@ -75,6 +75,8 @@ pub struct Normalizer {
     stream: String,
     /// Tenants the stream takes; empty: any, or none.
     allowed_tenants: Vec<String>,
+    /// Extra severity names (upper case) and the level each stands for.
+    severity_aliases: Vec<(String, &'static str)>,
 }
 
 impl Normalizer {
@@ -85,7 +87,34 @@ impl Normalizer {
             events,
             stream: crate::wal::DEFAULT_STREAM.to_string(),
             allowed_tenants: Vec::new(),
+            severity_aliases: Vec::new(),
         }
+    }
+
+    /// Also takes each `(name, level)` severity, `level` being one of the
+    /// built-in names; an error when one is not.
+    pub fn with_severity_aliases(
+        mut self,
+        aliases: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        for (name, level) in aliases {
+            let level = normalize_severity(level).ok_or_else(|| {
+                format!("severity alias {name:?} maps to {level:?}, which is not one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL")
+            })?;
+            self.severity_aliases
+                .push((name.trim().to_ascii_uppercase(), level));
+        }
+        Ok(self)
+    }
+
+    fn severity(&self, s: &str) -> Option<&'static str> {
+        normalize_severity(s).or_else(|| {
+            let up = s.trim().to_ascii_uppercase();
+            self.severity_aliases
+                .iter()
+                .find(|(name, _)| *name == up)
+                .map(|(_, level)| *level)
+        })
     }
 
     /// The same schema for the stream `name`, taking only `allowed_tenants`
@@ -291,7 +320,18 @@ impl Normalizer {
             "severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL";
         let severity = match string_field(severity, "severity must be a string")? {
             None => "INFO",
-            Some(s) => normalize_severity(&s).ok_or_else(|| invalid(severity_msg))?,
+            Some(s) => match self.severity(&s) {
+                Some(level) => level,
+                None if self.severity_aliases.is_empty() => return Err(invalid(severity_msg)),
+                None => {
+                    let extra: Vec<&str> = self
+                        .severity_aliases
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect();
+                    return Err(invalid(format!("{severity_msg}, {}", extra.join(", "))));
+                }
+            },
         };
         let source = match string_field(source, "source must be a string")? {
             None => None,

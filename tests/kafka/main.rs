@@ -13,6 +13,7 @@ mod offsets;
 mod ordering;
 mod outage;
 mod redrive;
+mod streams;
 #[path = "../support/mod.rs"]
 mod support;
 
