@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::rates::StreamRates;
 use crate::ingest::config::{EventsConfig, Limits};
 use crate::ingest::Normalizer;
 use crate::replay::{KafkaConfig, StreamTopics};
@@ -70,6 +71,20 @@ pub struct StreamConfig {
     /// built-in level, e.g. `{ CRITICAL = "FATAL" }`. Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub severity_aliases: BTreeMap<String, String>,
+    /// Requests per second on this stream, across keys and tenants; past it,
+    /// 429 with Retry-After. Default 0 (no limit).
+    #[serde(default)]
+    pub requests_per_sec: u32,
+    /// Bucket size for `requests-per-sec`. Default 0 (= the rate).
+    #[serde(default)]
+    pub requests_burst: u32,
+    /// Events per second on this stream. Default 0 (no limit).
+    #[serde(default)]
+    pub events_per_sec: u32,
+    /// Bucket size for `events-per-sec`; a batch above it gets 413. Default
+    /// 0 (= the rate).
+    #[serde(default)]
+    pub events_burst: u32,
 }
 
 fn default_key_field() -> String {
@@ -89,6 +104,9 @@ pub struct Stream {
     pub index: usize,
     /// Whether responses carry `success` (see [`StreamConfig`]).
     pub response_success_field: bool,
+    /// The stream's own rate limits (none for the default stream, which
+    /// `[rates]` covers).
+    pub rates: StreamRates,
 }
 
 /// Every stream, in configuration order (the default one first).
@@ -124,6 +142,7 @@ impl Streams {
             normalizer: Normalizer::new(limits.clone(), events.clone()),
             index: 0,
             response_success_field: false,
+            rates: StreamRates::new((0, 0), (0, 0)),
         })];
         for (i, s) in streams.iter().enumerate() {
             let events = EventsConfig {
@@ -143,6 +162,10 @@ impl Streams {
                 normalizer,
                 index: i + 1,
                 response_success_field: s.response_success_field,
+                rates: StreamRates::new(
+                    (s.requests_per_sec, s.requests_burst),
+                    (s.events_per_sec, s.events_burst),
+                ),
             }));
         }
         Streams { all }
@@ -306,6 +329,10 @@ mod tests {
             allowed_tenants: Vec::new(),
             response_success_field: false,
             severity_aliases: BTreeMap::new(),
+            requests_per_sec: 0,
+            requests_burst: 0,
+            events_per_sec: 0,
+            events_burst: 0,
         }
     }
 

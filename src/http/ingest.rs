@@ -154,6 +154,7 @@ async fn accept(
 ) -> Result<Response, AppError> {
     let (parts, body) = req.into_parts();
     let admitted = admit(st, &parts.headers)?;
+    rate_check(st, stream.rates.check_request(&stream.name), &[])?;
     let (bytes, permit) = read_and_decode(st, body, &admitted).await?;
     // Idempotency-Key: a repeat is answered here, before parsing; a new key
     // is held in flight until this request has its answer.
@@ -181,6 +182,13 @@ async fn accept(
         .check_batch(admitted.key.as_ref().map(|k| k.name.as_str()), &tenants);
     rate_check(st, decision, &tenants)?;
     let accepted = batch.accepted.len();
+    rate_check(
+        st,
+        stream
+            .rates
+            .check_events(&stream.name, u32::try_from(accepted).unwrap_or(u32::MAX)),
+        &tenants,
+    )?;
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
     let keyed = keyed.map(|k| {
         (

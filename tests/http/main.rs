@@ -19,6 +19,7 @@ mod memory;
 mod metrics;
 mod security;
 mod statuses;
+mod streams;
 #[path = "../support/mod.rs"]
 mod support;
 
