@@ -4,11 +4,18 @@
 //! ```text
 //! segment file  = header frame*
 //! header (24 B) = magic "SLUICEWL" (8) | version u32 LE (4) | first_seq u64 LE (8)
+//!                 -- version 2 (this build writes); version 1 still read
 //!                 | header_crc u32 LE (4)   -- CRC-32/IEEE over the 20 bytes before it
 //! frame         = crc u32 LE (4) | len u32 LE (4) | seq u64 LE (8) | payload (len)
 //!                 crc = CRC-32/IEEE (crc32fast, reflected poly 0xEDB88320, init and
 //!                 xorout 0xFFFFFFFF) over len ‖ seq ‖ payload, i.e. bytes [4, 16 + len)
 //! ```
+//!
+//! The payload is a record (`record.rs`): in a version-2 segment it starts
+//! with the tag 0x02 and names its stream; a version-1 segment holds
+//! stream-less records of the default stream. A segment is only ever
+//! written by the build that created it (every open starts a new one), so a
+//! version-1 segment never holds a version-2 record.
 //!
 //! All integers are little-endian. `len` is never 0 (an all-zero frame header is
 //! how a preallocated or zero-filled tail looks, and it must never parse) and never
@@ -71,9 +78,15 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 }
 
 pub fn encode_header(first_seq: u64) -> [u8; HEADER_LEN] {
+    encode_header_version(first_seq, VERSION)
+}
+
+/// A header of another `version`: for tests and the fuzzer, which must
+/// reach the version-1 read path; the writer only writes [`VERSION`].
+pub fn encode_header_version(first_seq: u64, version: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..20].copy_from_slice(&first_seq.to_le_bytes());
     let crc = crc32fast::hash(&h[0..20]);
     h[20..24].copy_from_slice(&crc.to_le_bytes());

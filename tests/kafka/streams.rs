@@ -413,6 +413,10 @@ fn upgrade_over_a_version_1_data_dir_delivers_every_event_to_the_default_topic()
     );
     assert_eq!(status, 202, "{resp}");
     assert_eq!(resp["first_seq"], 7);
+    // In a segment of its own, of version 2: a version-1 segment is never
+    // appended to.
+    let seg = std::fs::read(data.join("wal/00000000000000000007.wal")).unwrap();
+    assert_eq!(&seg[8..12], &2u32.to_le_bytes());
     wait_committed(&d.addr, 7);
     let got = records(&broker.addr, "other", 1);
     assert_eq!(got.len(), 1);
