@@ -224,7 +224,7 @@ impl Metrics {
             rate_limited: counter_vec(
                 &r,
                 "sluice_rate_limited_requests_total",
-                "Requests refused with 429 (or 413 when a batch exceeds a burst), by bucket scope (key, tenant) and unit (requests, events).",
+                "Requests refused with 429 (or 413 when a batch exceeds a burst), by bucket scope (key, tenant, stream) and unit (requests, events).",
                 &["scope", "unit"],
             )?,
             tenant_events: counter_vec(
