@@ -185,7 +185,20 @@ impl Config {
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
             self.replay.validate()?;
-            crate::streams::validate(&self.kafka, &self.streams)
+            crate::streams::validate(&self.kafka, &self.streams)?;
+            // Each stream's key field and topic bound the value too.
+            for st in &self.streams {
+                let mut kafka = self.kafka.clone();
+                kafka.topic = st.topic.clone();
+                let bounds = EventBounds {
+                    key_field: &st.key_field,
+                    ..self.event_bounds()
+                };
+                kafka
+                    .validate(&bounds, self.limits.explicit_max_event_bytes())
+                    .map_err(|e| format!("streams.{}: {e}", st.name))?;
+            }
+            Ok(())
         };
         checks().map_err(ConfigError::Invalid)
     }
@@ -425,6 +438,32 @@ mod tests {
         assert_eq!(key, "limits.max-event-bytes");
         assert_eq!(locate(text, key), Some(4));
         assert_eq!(locate(text, "data-dir"), Some(1));
+    }
+
+    #[test]
+    fn streams_parse_survive_the_environment_and_bound_the_event_size() {
+        let text = "[limits]\nmax-event-bytes = 900000\n[[streams]]\nname = \"clicks\"\nroutes = [\"/clicks\"]\ntopic = \"clicks\"\ndead-letter-topic = \"clicks-dlq\"\nkey-field = \"type\"\n";
+        let mut c = Config::from_toml(text).unwrap();
+        // A key field without its own bound halves the room: 900000 no
+        // longer fits that stream's records.
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("streams.clicks") && err.contains("max-event-bytes"),
+            "{err}"
+        );
+        c.limits.max_event_bytes = 400_000;
+        c.validate().unwrap();
+        c.apply_env([("SLUICE_TOPIC".to_string(), "main".to_string())])
+            .unwrap();
+        assert_eq!(c.kafka.topic, "main", "env addresses the default stream");
+        assert_eq!(c.streams.len(), 1, "and keeps [[streams]]");
+        assert_eq!(c.streams[0].key_field, "type");
+        assert!(c
+            .apply_env([("SLUICE_STREAMS_TOPIC".to_string(), "x".to_string())])
+            .is_err());
+        let s = c.streams();
+        let names: Vec<&str> = s.all().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default", "clicks"]);
     }
 
     #[test]
