@@ -259,23 +259,83 @@ async fn open_storage(config: &Config) -> Result<(Arc<OffsetStore>, Arc<Wal>, bo
     .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
 }
 
+/// Key of the offset store holding the names of every stream that may have
+/// records in the WAL (newline-separated): each start stores its configured
+/// streams there, durably, before serving.
+const WAL_STREAMS_KEY: &[u8] = b"wal-streams";
+
 /// Refuses to start while the WAL holds records of a stream this
 /// configuration does not define: acknowledged events must not be dropped
-/// or produced to a topic their stream never named. Reads every record not
-/// yet delivered, once, before anything is served (nothing new is appended
-/// meanwhile); the operator puts the stream back, lets replay drain it, then
-/// removes it.
+/// or produced to a topic their stream never named. The operator puts the
+/// stream back, lets replay drain it, then removes it.
+///
+/// Invariant: every stream with records above the committed offset is in
+/// the stored set, since a stream only gets records while configured and
+/// the configured set is stored (flushed and fsynced) before serving. So
+/// when the stored set is within this configuration nothing is read; else
+/// (a stream removed, or no set: a data dir from before streams, or a reset
+/// store) the undelivered records are read once before anything is served.
 async fn check_wal_streams(
     config: &Config,
     wal: &Arc<Wal>,
     offsets: &Arc<OffsetStore>,
 ) -> Result<(), ServeError> {
     let topics = config.streams().topics();
+    let configured: Vec<String> = config
+        .streams()
+        .all()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let stored = offsets
+        .db()
+        .get(WAL_STREAMS_KEY)
+        .map_err(crate::replay::offsets::OffsetError::from)?
+        .map(|v| {
+            String::from_utf8_lossy(&v)
+                .split('\n')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        });
+    let needs_scan = match &stored {
+        None => true,
+        Some(names) => names.iter().any(|n| !topics.contains(n)),
+    };
+    if needs_scan {
+        scan_wal_streams(&topics, wal, offsets).await?;
+    }
+    // Dying before this is durable leaves the old set: the next start scans
+    // again if that set names a stream it lacks, which is only slower.
+    let offsets = offsets.clone();
+    tokio::task::spawn_blocking(move || {
+        offsets
+            .db()
+            .insert(WAL_STREAMS_KEY, configured.join("\n").into_bytes())?;
+        // A commit at or below the offset flushes and fsyncs the store.
+        let committed = offsets.committed()?;
+        offsets.commit(committed).map(|_| ())
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    Ok(())
+}
+
+/// Reads every record above the committed offset and refuses to start if
+/// one belongs to a stream `topics` lacks, naming each with its range.
+async fn scan_wal_streams(
+    topics: &crate::replay::StreamTopics,
+    wal: &Arc<Wal>,
+    offsets: &Arc<OffsetStore>,
+) -> Result<(), ServeError> {
+    let topics = topics.clone();
     let from = offsets.committed()? + 1;
     let wal = wal.clone();
-    let unknown = tokio::task::spawn_blocking(move || {
+    let started = std::time::Instant::now();
+    let (unknown, scanned) = tokio::task::spawn_blocking(move || {
         let end = wal.durable().borrow().next_seq;
         let mut reader = wal.reader(from);
+        let mut scanned = 0u64;
         // Stream name -> (first seq, last seq, records).
         let mut unknown = std::collections::BTreeMap::<String, (u64, u64, u64)>::new();
         while reader.next_seq() < end {
@@ -283,6 +343,7 @@ async fn check_wal_streams(
                 None => break,
                 Some(crate::wal::ReadItem::Gap(_)) => {}
                 Some(crate::wal::ReadItem::Record { seq, record, .. }) => {
+                    scanned += 1;
                     if !topics.contains(&record.stream) {
                         let e = unknown.entry(record.stream).or_insert((seq, seq, 0));
                         e.1 = seq;
@@ -291,10 +352,16 @@ async fn check_wal_streams(
                 }
             }
         }
-        Ok::<_, crate::wal::WalError>(unknown)
+        Ok::<_, crate::wal::WalError>((unknown, scanned))
     })
     .await
     .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    tracing::info!(
+        from_seq = from,
+        scanned_records = scanned,
+        ms = started.elapsed().as_millis() as u64,
+        "undelivered WAL records checked for their streams"
+    );
     if unknown.is_empty() {
         return Ok(());
     }

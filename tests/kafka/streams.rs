@@ -431,7 +431,8 @@ fn upgrade_over_a_version_1_data_dir_delivers_every_event_to_the_default_topic()
 /// Records of a stream that the configuration no longer defines: serve
 /// refuses to start and names the stream and its sequence range, so the
 /// events are neither dropped nor produced to another stream's topic; with
-/// the stream back, they are delivered to its topic.
+/// the stream back, they are delivered to its topic, and once delivered the
+/// stream can be removed.
 #[test]
 fn serve_refuses_a_wal_holding_an_unconfigured_stream_then_delivers_it_when_restored() {
     let dir = tempfile::tempdir().unwrap();
@@ -496,4 +497,17 @@ fn serve_refuses_a_wal_holding_an_unconfigured_stream_then_delivers_it_when_rest
     assert_eq!(ids.len(), 2);
     assert!(ids.contains(&"au-1".to_string()) && ids.contains(&"au-2".to_string()));
     assert!(records(&broker.addr, "events", 0).is_empty());
+    // Delivered: now the stream can go.
+    drop(d);
+    let d = Serve::new(&data)
+        .brokers(&broker.addr)
+        .envs(&[("SLUICE_WAL_MIN_FREE_BYTES", "0")])
+        .start();
+    let (status, _) = post(
+        &d.addr,
+        "/v1/events",
+        &[("Content-Type", "application/json")],
+        br#"{"tenant_id":"a","source":"s","message":"m"}"#,
+    );
+    assert_eq!(status, 202);
 }
