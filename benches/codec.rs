@@ -11,6 +11,7 @@ use sluice::wal::Record;
 
 fn record() -> Record {
     Record {
+        stream: sluice::wal::DEFAULT_STREAM.to_string(),
         key: Some(b"acme".to_vec()),
         value: br#"{"id":"0190c0de-0000-7000-8000-000000000000","tenant_id":"acme","timestamp":"2026-11-24T10:00:00.000Z","severity":"INFO","source":"web","message":"GET /index.html 200 1532 bytes in 3 ms from 10.1.2.3 user-agent curl/8.0"}"#.to_vec(),
         headers: vec![

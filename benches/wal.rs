@@ -18,6 +18,7 @@ use sluice::wal::{Record, Wal, WalConfig};
 /// A record whose encoded payload is 256 bytes.
 fn payload_256() -> Vec<u8> {
     let mut r = Record {
+        stream: sluice::wal::DEFAULT_STREAM.to_string(),
         key: Some(b"tenant-a".to_vec()),
         value: Vec::new(),
         headers: vec![(

@@ -604,6 +604,7 @@ fn dump(data_dir: &Path, from: u64, limit: Option<u64>) -> CliResult {
                 .collect();
             let line = serde_json::json!({
                 "seq": seq,
+                "stream": r.stream,
                 "key": r.key.as_deref().map(String::from_utf8_lossy),
                 "timestamp_ms": r.timestamp_ms,
                 "headers": headers,

@@ -35,6 +35,11 @@ pub struct Config {
     pub rates: RatesConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
     pub otlp: crate::ingest::otlp::OtlpConfig,
+    /// Named streams besides the default one (file only; see
+    /// [`crate::streams`]). Default: none, so the default stream serves
+    /// every ingest path.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<crate::streams::StreamConfig>,
 }
 
 /// The config file's sections, for environment names and error pointers.
@@ -95,6 +100,7 @@ impl Default for Config {
             rates: RatesConfig::default(),
             idempotency: Default::default(),
             otlp: Default::default(),
+            streams: Vec::new(),
         }
     }
 }
@@ -139,9 +145,25 @@ impl Config {
     }
 
     /// The largest event value the producer takes, key and headers included
-    /// (see [`crate::replay::value_fit`]).
+    /// (see [`crate::replay::value_fit`]), for the stream that takes least.
     pub fn producer_event_fit(&self) -> Result<usize, ConfigError> {
-        crate::replay::value_fit(&self.kafka, &self.event_bounds()).map_err(ConfigError::Invalid)
+        let mut fit = crate::replay::value_fit(&self.kafka, &self.event_bounds())
+            .map_err(ConfigError::Invalid)?;
+        for s in &self.streams {
+            let mut kafka = self.kafka.clone();
+            kafka.topic = s.topic.clone();
+            let bounds = EventBounds {
+                key_field: &s.key_field,
+                ..self.event_bounds()
+            };
+            fit = fit.min(crate::replay::value_fit(&kafka, &bounds).map_err(ConfigError::Invalid)?);
+        }
+        Ok(fit)
+    }
+
+    /// Every stream, resolved (the default one first).
+    pub fn streams(&self) -> crate::streams::Streams {
+        crate::streams::Streams::resolve(&self.limits, &self.events, &self.kafka, &self.streams)
     }
 
     /// The event size limit ingest enforces: `limits.max-event-bytes`, or,
@@ -166,7 +188,21 @@ impl Config {
             self.otlp.validate()?;
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
-            self.replay.validate()
+            self.replay.validate()?;
+            crate::streams::validate(&self.kafka, &self.streams)?;
+            // Each stream's key field and topic bound the value too.
+            for st in &self.streams {
+                let mut kafka = self.kafka.clone();
+                kafka.topic = st.topic.clone();
+                let bounds = EventBounds {
+                    key_field: &st.key_field,
+                    ..self.event_bounds()
+                };
+                kafka
+                    .validate(&bounds, self.limits.explicit_max_event_bytes())
+                    .map_err(|e| format!("streams.{}: {e}", st.name))?;
+            }
+            Ok(())
         };
         checks().map_err(ConfigError::Invalid)
     }
@@ -247,6 +283,8 @@ impl From<&Config> for crate::http::StateConfig {
             rates: c.rates.clone(),
             idempotency: c.idempotency.clone(),
             otlp: c.otlp.clone(),
+            kafka: c.kafka.clone(),
+            streams: c.streams.clone(),
         }
     }
 }
@@ -405,6 +443,32 @@ mod tests {
         assert_eq!(key, "limits.max-event-bytes");
         assert_eq!(locate(text, key), Some(4));
         assert_eq!(locate(text, "data-dir"), Some(1));
+    }
+
+    #[test]
+    fn streams_parse_survive_the_environment_and_bound_the_event_size() {
+        let text = "[limits]\nmax-event-bytes = 900000\n[[streams]]\nname = \"clicks\"\nroutes = [\"/clicks\"]\ntopic = \"clicks\"\ndead-letter-topic = \"clicks-dlq\"\nkey-field = \"type\"\n";
+        let mut c = Config::from_toml(text).unwrap();
+        // A key field without its own bound halves the room: 900000 no
+        // longer fits that stream's records.
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("streams.clicks") && err.contains("max-event-bytes"),
+            "{err}"
+        );
+        c.limits.max_event_bytes = 400_000;
+        c.validate().unwrap();
+        c.apply_env([("SLUICE_TOPIC".to_string(), "main".to_string())])
+            .unwrap();
+        assert_eq!(c.kafka.topic, "main", "env addresses the default stream");
+        assert_eq!(c.streams.len(), 1, "and keeps [[streams]]");
+        assert_eq!(c.streams[0].key_field, "type");
+        assert!(c
+            .apply_env([("SLUICE_STREAMS_TOPIC".to_string(), "x".to_string())])
+            .is_err());
+        let s = c.streams();
+        let names: Vec<&str> = s.all().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default", "clicks"]);
     }
 
     #[test]

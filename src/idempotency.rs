@@ -153,6 +153,22 @@ pub fn scope_of(api_key_name: Option<&str>) -> [u8; 16] {
     s
 }
 
+/// The scope of a key on `stream`: an Idempotency-Key is scoped per API key
+/// and per stream, so the same key sent to two streams names two requests.
+/// The default stream keeps the scope of [`scope_of`] alone, so keys stored
+/// before streams existed still match after an upgrade.
+pub fn scope_for(api_key_name: Option<&str>, stream: &str) -> [u8; 16] {
+    if stream == crate::wal::DEFAULT_STREAM {
+        return scope_of(api_key_name);
+    }
+    let mut s = [0u8; 16];
+    let h = Sha256::digest(
+        format!("api-key:{}\nstream:{stream}", api_key_name.unwrap_or("")).as_bytes(),
+    );
+    s.copy_from_slice(&h[..16]);
+    s
+}
+
 pub fn body_hash(body: &[u8]) -> [u8; 32] {
     Sha256::digest(body).into()
 }

@@ -22,6 +22,8 @@
 //! - [`datadir`]: the data directory's layout and its lock.
 //! - [`metrics`]: Prometheus; observes the stages, none depends on it but
 //!   `http`, which serves it.
+//! - [`streams`]: named streams (routes, schema, topics), resolved from
+//!   `[[streams]]`, `[events]` and `[kafka]`.
 //! - [`config`]: composes each stage's own config section.
 //! - `server` (wiring and shutdown order) and `cli` (subcommands) sit on
 //!   top; [`dev`] holds the development broker and consumer.
@@ -55,6 +57,7 @@ pub mod replay;
 pub mod server;
 #[cfg(feature = "kafka")]
 mod server_idempotency;
+pub mod streams;
 pub mod systemd;
 pub mod tenant;
 pub mod wal;

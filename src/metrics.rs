@@ -36,6 +36,10 @@ pub struct Metrics {
     /// Events by tenant and outcome; label values capped by `tenants`.
     pub tenant_events: IntCounterVec,
     pub tenants: TenantLabels,
+    /// Events by stream and outcome. Stream names come from the
+    /// configuration (at most `streams::MAX_STREAMS`), never from clients,
+    /// so the label is bounded.
+    pub stream_events_total: IntCounterVec,
 }
 
 /// Bounds the cardinality of the `tenant` label: the first `cap` tenants
@@ -220,7 +224,7 @@ impl Metrics {
             rate_limited: counter_vec(
                 &r,
                 "sluice_rate_limited_requests_total",
-                "Requests refused with 429 (or 413 when a batch exceeds a burst), by bucket scope (key, tenant) and unit (requests, events).",
+                "Requests refused with 429 (or 413 when a batch exceeds a burst), by bucket scope (key, tenant, stream) and unit (requests, events).",
                 &["scope", "unit"],
             )?,
             tenant_events: counter_vec(
@@ -230,6 +234,12 @@ impl Metrics {
                 &["tenant", "outcome"],
             )?,
             tenants: TenantLabels::new(src.tenant_cap),
+            stream_events_total: counter_vec(
+                &r,
+                "sluice_stream_events_total",
+                "Events by stream (as configured) and outcome (accepted, rejected).",
+                &["stream", "outcome"],
+            )?,
             registry: r,
         };
         metrics.registry.register(Box::new(pulled(src)?))?;
@@ -237,6 +247,15 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Arc::new(metrics))
+    }
+
+    /// Counts `n` events of `stream` with `outcome` (accepted, rejected).
+    pub fn stream_events(&self, stream: &crate::streams::Stream, outcome: &str, n: u64) {
+        if n > 0 {
+            self.stream_events_total
+                .with_label_values(&[stream.name.as_str(), outcome])
+                .inc_by(n);
+        }
     }
 
     /// The text exposition format.

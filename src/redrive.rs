@@ -411,6 +411,7 @@ pub fn dead_letter_record(line: &[u8]) -> Result<(u64, Record), String> {
     Ok((
         l.seq,
         Record {
+            stream: crate::wal::DEFAULT_STREAM.to_string(),
             key: l.key.map(String::into_bytes),
             value,
             headers,
@@ -690,6 +691,7 @@ mod tests {
         let mut out = Vec::new();
         for seq in seqs {
             let r = Record {
+                stream: crate::wal::DEFAULT_STREAM.to_string(),
                 key: Some(b"k".to_vec()),
                 value: format!("{{\"n\":{seq}}}").into_bytes(),
                 headers: vec![("id".into(), format!("e{seq}").into_bytes())],

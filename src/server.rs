@@ -42,6 +42,8 @@ pub enum ServeError {
     Keys(#[from] crate::auth::KeysError),
     #[error(transparent)]
     Tls(#[from] crate::http::tls::TlsError),
+    #[error("{0}")]
+    UnknownStreams(String),
 }
 
 /// How the daemon ended.
@@ -115,6 +117,7 @@ pub async fn run(
         })?;
     tracing::info!(%instance, "data directory identity");
     let (offsets, wal, offsets_reset) = open_storage(&config).await?;
+    check_wal_streams(&config, &wal, &offsets).await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
     let state = build_state(&config, wal.clone(), offsets.clone(), keys);
@@ -256,14 +259,127 @@ async fn open_storage(config: &Config) -> Result<(Arc<OffsetStore>, Arc<Wal>, bo
     .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
 }
 
+/// Key of the offset store holding the names of every stream that may have
+/// records in the WAL (newline-separated): each start stores its configured
+/// streams there, durably, before serving.
+const WAL_STREAMS_KEY: &[u8] = b"wal-streams";
+
+/// Refuses to start while the WAL holds records of a stream this
+/// configuration does not define: acknowledged events must not be dropped
+/// or produced to a topic their stream never named. The operator puts the
+/// stream back, lets replay drain it, then removes it.
+///
+/// Invariant: every stream with records above the committed offset is in
+/// the stored set, since a stream only gets records while configured and
+/// the configured set is stored (flushed and fsynced) before serving. So
+/// when the stored set is within this configuration nothing is read; else
+/// (a stream removed, or no set: a data dir from before streams, or a reset
+/// store) the undelivered records are read once before anything is served.
+async fn check_wal_streams(
+    config: &Config,
+    wal: &Arc<Wal>,
+    offsets: &Arc<OffsetStore>,
+) -> Result<(), ServeError> {
+    let topics = config.streams().topics();
+    let configured: Vec<String> = config
+        .streams()
+        .all()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let stored = offsets
+        .db()
+        .get(WAL_STREAMS_KEY)
+        .map_err(crate::replay::offsets::OffsetError::from)?
+        .map(|v| {
+            String::from_utf8_lossy(&v)
+                .split('\n')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        });
+    let needs_scan = match &stored {
+        None => true,
+        Some(names) => names.iter().any(|n| !topics.contains(n)),
+    };
+    if needs_scan {
+        scan_wal_streams(&topics, wal, offsets).await?;
+    }
+    // Dying before this is durable leaves the old set: the next start scans
+    // again if that set names a stream it lacks, which is only slower.
+    let offsets = offsets.clone();
+    tokio::task::spawn_blocking(move || {
+        offsets
+            .db()
+            .insert(WAL_STREAMS_KEY, configured.join("\n").into_bytes())?;
+        // A commit at or below the offset flushes and fsyncs the store.
+        let committed = offsets.committed()?;
+        offsets.commit(committed).map(|_| ())
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    Ok(())
+}
+
+/// Reads every record above the committed offset and refuses to start if
+/// one belongs to a stream `topics` lacks, naming each with its range.
+async fn scan_wal_streams(
+    topics: &crate::replay::StreamTopics,
+    wal: &Arc<Wal>,
+    offsets: &Arc<OffsetStore>,
+) -> Result<(), ServeError> {
+    let topics = topics.clone();
+    let from = offsets.committed()? + 1;
+    let wal = wal.clone();
+    let started = std::time::Instant::now();
+    let (unknown, scanned) = tokio::task::spawn_blocking(move || {
+        let end = wal.durable().borrow().next_seq;
+        let mut reader = wal.reader(from);
+        let mut scanned = 0u64;
+        // Stream name -> (first seq, last seq, records).
+        let mut unknown = std::collections::BTreeMap::<String, (u64, u64, u64)>::new();
+        while reader.next_seq() < end {
+            match reader.try_next()? {
+                None => break,
+                Some(crate::wal::ReadItem::Gap(_)) => {}
+                Some(crate::wal::ReadItem::Record { seq, record, .. }) => {
+                    scanned += 1;
+                    if !topics.contains(&record.stream) {
+                        let e = unknown.entry(record.stream).or_insert((seq, seq, 0));
+                        e.1 = seq;
+                        e.2 += 1;
+                    }
+                }
+            }
+        }
+        Ok::<_, crate::wal::WalError>((unknown, scanned))
+    })
+    .await
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    tracing::info!(
+        from_seq = from,
+        scanned_records = scanned,
+        ms = started.elapsed().as_millis() as u64,
+        "undelivered WAL records checked for their streams"
+    );
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = unknown
+        .iter()
+        .map(|(name, (first, last, n))| format!("{name:?} ({n} records, seqs {first}..={last})"))
+        .collect();
+    Err(ServeError::UnknownStreams(format!(
+        "the WAL holds undelivered records of streams this configuration does not define: {}. Refusing to start rather than drop or misroute them: add the stream(s) back to [[streams]] until replay has delivered them",
+        list.join(", ")
+    )))
+}
+
 /// Kafka: the configured brokers, or the embedded dev broker (returned, so
 /// it lives until shutdown), and the bootstrap servers to use.
 fn start_kafka(config: &Config) -> Result<(Option<DevBroker>, String), ServeError> {
     let dev_broker = if config.kafka.brokers.is_empty() {
-        let topics = [
-            config.kafka.topic.clone(),
-            config.kafka.dead_letter_topic.clone(),
-        ];
+        let topics = config.streams().topics().all_topics();
         let broker =
             DevBroker::start(&topics, config.kafka.dev_partitions).map_err(ServeError::Kafka)?;
         tracing::warn!(
@@ -329,6 +445,7 @@ async fn spawn_replayer(
         stats: state.replay.clone(),
         dead_letter,
         drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
+        streams: config.streams().topics(),
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();
     let replay_task = tokio::spawn(async move {

@@ -118,6 +118,40 @@ impl Buckets {
     }
 }
 
+/// A stream's own buckets (`[[streams]]` rate settings): requests and
+/// events on the stream, across keys and tenants.
+pub struct StreamRates {
+    requests: Buckets,
+    events: Buckets,
+}
+
+impl std::fmt::Debug for StreamRates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamRates")
+    }
+}
+
+impl StreamRates {
+    /// `(per second, burst)` for requests and for events; a rate of 0 is no
+    /// limit, a burst of 0 is the rate.
+    pub fn new(requests: (u32, u32), events: (u32, u32)) -> StreamRates {
+        StreamRates {
+            requests: Buckets::new("stream", "requests", requests, HashMap::new()),
+            events: Buckets::new("stream", "events", events, HashMap::new()),
+        }
+    }
+
+    /// Before the body is read: one request on `stream`.
+    pub fn check_request(&self, stream: &str) -> RateDecision {
+        self.requests.check(stream, 1)
+    }
+
+    /// After parsing: `n` accepted events on `stream`.
+    pub fn check_events(&self, stream: &str, n: u32) -> RateDecision {
+        self.events.check(stream, n)
+    }
+}
+
 pub struct Rates {
     key_requests: Buckets,
     key_events: Buckets,

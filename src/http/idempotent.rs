@@ -37,6 +37,7 @@ pub(super) fn gate(
     st: &SharedState,
     headers: &HeaderMap,
     api_key_name: Option<&str>,
+    stream: &str,
     body: &[u8],
 ) -> Result<Gate, AppError> {
     let Some(raw) = headers.get(idempotency::REQUEST_HEADER) else {
@@ -44,7 +45,7 @@ pub(super) fn gate(
     };
     let key = idempotency::parse_key(raw.as_bytes())
         .map_err(|why| AppError::BadRequest(why.to_string()))?;
-    let scope = idempotency::scope_of(api_key_name);
+    let scope = idempotency::scope_for(api_key_name, stream);
     let body_sha256 = idempotency::body_hash(body);
     Ok(match st.idempotency.begin(scope, &key, body_sha256) {
         Begin::New(pending) => Gate::Proceed(Some(Keyed {

@@ -19,6 +19,7 @@ use crate::auth::keys::presented_key;
 use crate::auth::{KeyEntry, RateDecision, TenantScope};
 use crate::ingest::decode::{self, Coding, DecodeError};
 use crate::ingest::{self, BodyFormat, Rejection};
+use crate::streams::Stream;
 
 /// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
 /// not stall the async workers.
@@ -27,6 +28,9 @@ pub(super) const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
 /// The ingest response, for 202 and for the 400/413 of "nothing accepted".
 #[derive(serde::Serialize)]
 struct IngestResponse {
+    /// Only on streams with `response-success-field`: no event rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    success: Option<bool>,
     accepted: usize,
     rejected: usize,
     errors: Vec<Rejection>,
@@ -34,15 +38,25 @@ struct IngestResponse {
     last_seq: Option<u64>,
 }
 
-/// The ingest route, under the request deadline (`http.request-timeout-ms`).
-pub async fn ingest(State(st): State<SharedState>, req: Request) -> Result<Response, AppError> {
+/// The ingest route of `stream`, under the request deadline
+/// (`http.request-timeout-ms`).
+pub async fn ingest(
+    State(st): State<SharedState>,
+    stream: Arc<Stream>,
+    req: Request,
+) -> Result<Response, AppError> {
     st.counters.requests.fetch_add(1, Ordering::Relaxed);
     let ms = st.http.request_timeout_ms;
     // Set just before the batch is handed to the WAL writer. From then on the
     // append runs to completion in the writer whatever happens to this
     // future, so a deadline can only decide what the client is told.
     let handed = AtomicBool::new(false);
-    match tokio::time::timeout(Duration::from_millis(ms), accept(&st, req, &handed)).await {
+    match tokio::time::timeout(
+        Duration::from_millis(ms),
+        accept(&st, &stream, req, &handed),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) if handed.load(Ordering::Relaxed) => Err(AppError::DeadlineAfterAppend {
             ms,
@@ -132,9 +146,15 @@ pub(super) fn rate_check(
 
 /// One ingest request, step by step. Each step either hands its result to
 /// the next or ends the request with its answer.
-async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<Response, AppError> {
+async fn accept(
+    st: &SharedState,
+    stream: &Arc<Stream>,
+    req: Request,
+    handed: &AtomicBool,
+) -> Result<Response, AppError> {
     let (parts, body) = req.into_parts();
     let admitted = admit(st, &parts.headers, BodyFormat::from_content_type)?;
+    rate_check(st, stream.rates.check_request(&stream.name), &[])?;
     let (bytes, permit) = read_and_decode(st, body, &admitted).await?;
     // Idempotency-Key: a repeat is answered here, before parsing; a new key
     // is held in flight until this request has its answer.
@@ -142,15 +162,19 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
         st,
         &parts.headers,
         admitted.key.as_ref().map(|k| k.name.as_str()),
+        &stream.name,
         &bytes,
     )? {
         super::idempotent::Gate::Proceed(keyed) => keyed,
         super::idempotent::Gate::Answer(resp) => return Ok(resp),
     };
-    let batch = parse(st, bytes, admitted.format, admitted.scope).await?;
+    let batch = parse(st, stream, bytes, admitted.format, admitted.scope).await?;
     let rejected = count_rejections(st, &batch);
+    st.metrics
+        .stream_events(stream, "rejected", rejected as u64);
+    let success = stream.response_success_field.then_some(rejected == 0);
     if batch.accepted.is_empty() {
-        return Ok(nothing_accepted(batch, rejected));
+        return Ok(nothing_accepted(batch, rejected, success));
     }
     let tenants = batch.tenant_counts();
     let decision = st
@@ -158,10 +182,24 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
         .check_batch(admitted.key.as_ref().map(|k| k.name.as_str()), &tenants);
     rate_check(st, decision, &tenants)?;
     let accepted = batch.accepted.len();
+    rate_check(
+        st,
+        stream
+            .rates
+            .check_events(&stream.name, u32::try_from(accepted).unwrap_or(u32::MAX)),
+        &tenants,
+    )?;
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
-    let keyed = keyed.map(|k| (k, stored_response(accepted, rejected, &batch.rejected)));
+    let keyed = keyed.map(|k| {
+        (
+            k,
+            stored_response(accepted, rejected, &batch.rejected, success),
+        )
+    });
     let range = append(st, payloads, keyed, handed).await?;
     drop(permit);
+    st.metrics
+        .stream_events(stream, "accepted", accepted as u64);
     Ok(respond(
         st,
         accepted,
@@ -169,6 +207,7 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
         rejected,
         batch.rejected,
         range,
+        success,
     ))
 }
 
@@ -251,6 +290,7 @@ pub(super) async fn read_and_decode<F>(
 /// pool.
 async fn parse(
     st: &SharedState,
+    stream: &Arc<Stream>,
     bytes: Vec<u8>,
     format: BodyFormat,
     scope: TenantScope,
@@ -261,12 +301,13 @@ async fn parse(
         chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
     let big = bytes.len() > BLOCKING_PARSE_BYTES;
     let state = st.clone();
+    let stream = stream.clone();
     let parse = move || {
         ingest::prepare(
             format,
             &bytes,
             &state.limits,
-            &state.normalizer,
+            &stream.normalizer,
             received_at,
             &scope,
         )
@@ -303,7 +344,7 @@ pub(super) fn count_rejections(st: &SharedState, batch: &ingest::Batch) -> usize
 
 /// 413 when every event was too large, 403 when every one was forbidden,
 /// else 400; with every event's error.
-fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
+fn nothing_accepted(batch: ingest::Batch, rejected: usize, success: Option<bool>) -> Response {
     let status = if batch.all_too_large() {
         StatusCode::PAYLOAD_TOO_LARGE
     } else if batch.all_forbidden() {
@@ -312,6 +353,7 @@ fn nothing_accepted(batch: ingest::Batch, rejected: usize) -> Response {
         StatusCode::BAD_REQUEST
     };
     let body = IngestResponse {
+        success,
         accepted: 0,
         rejected,
         errors: batch.rejected,
@@ -360,9 +402,15 @@ pub(super) async fn append(
 /// The 202 body an Idempotency-Key replay answers with: sequence numbers
 /// null (the index fills them in once the batch is durable), cut to its
 /// counts when the error list is long.
-fn stored_response(accepted: usize, rejected: usize, errors: &[Rejection]) -> Vec<u8> {
+fn stored_response(
+    accepted: usize,
+    rejected: usize,
+    errors: &[Rejection],
+    success: Option<bool>,
+) -> Vec<u8> {
     let template = |errors: &[Rejection]| {
         serde_json::to_vec(&IngestResponse {
+            success,
             accepted,
             rejected,
             errors: errors.to_vec(),
@@ -382,9 +430,11 @@ fn respond(
     rejected: usize,
     errors: Vec<Rejection>,
     range: crate::wal::SeqRange,
+    success: Option<bool>,
 ) -> Response {
     count_accepted(st, accepted, tenants);
     let body = IngestResponse {
+        success,
         accepted,
         rejected,
         errors,

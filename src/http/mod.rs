@@ -30,10 +30,10 @@ pub use crate::ingest::IngestCounters;
 use crate::auth::config::RatesConfig;
 use crate::auth::{KeyStore, Rates};
 use crate::ingest::config::{EventsConfig, Limits};
-use crate::ingest::Normalizer;
 use crate::metrics::{Metrics, Sources};
 use crate::replay::offsets::OffsetStore;
 use crate::replay::ReplayStats;
+use crate::streams::Streams;
 use crate::wal::Wal;
 use config::HttpConfig;
 
@@ -47,13 +47,17 @@ pub struct StateConfig {
     pub rates: RatesConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
     pub otlp: crate::ingest::otlp::OtlpConfig,
+    /// For the default stream's topics.
+    pub kafka: crate::replay::KafkaConfig,
+    pub streams: Vec<crate::streams::StreamConfig>,
 }
 
 /// Everything the handlers share.
 pub struct AppState {
     pub wal: Arc<Wal>,
     pub offsets: Arc<OffsetStore>,
-    pub normalizer: Normalizer,
+    /// Every stream; each route's handler holds its own.
+    pub streams: Streams,
     pub limits: Limits,
     pub http: HttpConfig,
     /// Bytes of request bodies in memory, across requests (one permit = one byte).
@@ -127,7 +131,12 @@ impl AppState {
         AppState {
             wal: sources.wal,
             offsets,
-            normalizer: Normalizer::new(config.limits.clone(), config.events),
+            streams: Streams::resolve(
+                &config.limits,
+                &config.events,
+                &config.kafka,
+                &config.streams,
+            ),
             limits: config.limits,
             http: config.http,
             inflight: sources.inflight,
@@ -150,18 +159,29 @@ pub type SharedState = Arc<AppState>;
 
 /// Ingest paths: the canonical one and the aliases for clients of older
 /// gateways.
-pub const INGEST_PATHS: [&str; 4] = ["/v1/events", "/ingest", "/events", "/logs"];
+pub use crate::streams::INGEST_PATHS;
 
-/// OTLP/HTTP logs (`ExportLogsServiceRequest`), for OpenTelemetry SDKs and
-/// Collectors; the OTLP default path. Its events go where `/v1/events`'s go.
-pub const OTLP_LOGS_PATH: &str = "/v1/logs";
+pub use crate::streams::OTLP_LOGS_PATH;
 
 pub fn app(state: SharedState) -> Router {
     let mut router = Router::new();
-    for path in INGEST_PATHS {
-        router = router.route(path, post(ingest::ingest));
+    // Each route's handler holds its stream, resolved once here: a request
+    // never looks its stream up. (An OTLP route can take its stream the same
+    // way.)
+    for (path, stream) in state.streams.routes() {
+        let stream = stream.clone();
+        router = if path == OTLP_LOGS_PATH {
+            router.route(
+                path,
+                post(move |st: State<SharedState>, req: Request| otlp::logs(st, stream, req)),
+            )
+        } else {
+            router.route(
+                path,
+                post(move |st: State<SharedState>, req: Request| ingest::ingest(st, stream, req)),
+            )
+        };
     }
-    router = router.route(OTLP_LOGS_PATH, post(otlp::logs));
     // Off: only the admin listener serves them (404 here).
     if state.http.metrics_on_ingest {
         router = router

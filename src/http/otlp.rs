@@ -27,14 +27,19 @@ use super::ingest::{self as stages, BLOCKING_PARSE_BYTES};
 use super::{AppError, SharedState};
 use crate::ingest::otlp::{self, Encoding, OtlpError};
 use crate::ingest::{self, Rejection};
+use crate::streams::Stream;
 use crate::wal::SeqRange;
+use std::sync::Arc;
 
 /// Rejections quoted in `partial_success.error_message`; the rest are
 /// counted.
 const QUOTED_REJECTIONS: usize = 5;
 
 /// The OTLP logs route, under the request deadline.
-pub async fn logs(State(st): State<SharedState>, req: Request) -> Response {
+/// The route belongs to a stream (the default one unless a `[[streams]]`
+/// entry claims `/v1/logs`): its schema, tenants, rates, Idempotency-Key
+/// scope and topics apply.
+pub async fn logs(State(st): State<SharedState>, stream: Arc<Stream>, req: Request) -> Response {
     st.counters.requests.fetch_add(1, Ordering::Relaxed);
     // The encoding of every answer, errors included; unknown types get
     // protobuf, OTLP's default.
@@ -47,16 +52,20 @@ pub async fn logs(State(st): State<SharedState>, req: Request) -> Response {
         .unwrap_or(Encoding::Protobuf);
     let ms = st.http.request_timeout_ms;
     let handed = AtomicBool::new(false);
-    let result =
-        match tokio::time::timeout(Duration::from_millis(ms), accept(&st, req, &handed)).await {
-            Ok(result) => result,
-            Err(_) if handed.load(Ordering::Relaxed) => Err(AppError::DeadlineAfterAppend {
-                ms,
-                retry_after: st.http.retry_after_secs,
-            }
-            .into()),
-            Err(_) => Err(AppError::DeadlineBeforeAppend(ms).into()),
-        };
+    let result = match tokio::time::timeout(
+        Duration::from_millis(ms),
+        accept(&st, &stream, req, &handed),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) if handed.load(Ordering::Relaxed) => Err(AppError::DeadlineAfterAppend {
+            ms,
+            retry_after: st.http.retry_after_secs,
+        }
+        .into()),
+        Err(_) => Err(AppError::DeadlineBeforeAppend(ms).into()),
+    };
     match result {
         Ok(resp) => resp,
         Err(f) => f.into_response(encoding),
@@ -144,22 +153,31 @@ fn grpc_code(status: StatusCode) -> i32 {
 }
 
 /// One OTLP request, stage by stage; the stages are `/v1/events`'s.
-async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<Response, Failure> {
+async fn accept(
+    st: &SharedState,
+    stream: &Arc<Stream>,
+    req: Request,
+    handed: &AtomicBool,
+) -> Result<Response, Failure> {
     let (parts, body) = req.into_parts();
     let admitted = stages::admit(st, &parts.headers, Encoding::from_content_type)?;
+    stages::rate_check(st, stream.rates.check_request(&stream.name), &[])?;
     let encoding = admitted.format;
     let (bytes, permit) = stages::read_and_decode(st, body, &admitted).await?;
     let keyed = match super::idempotent::gate(
         st,
         &parts.headers,
         admitted.key.as_ref().map(|k| k.name.as_str()),
+        &stream.name,
         &bytes,
     )? {
         super::idempotent::Gate::Proceed(keyed) => keyed,
         super::idempotent::Gate::Answer(resp) => return replayed(resp, encoding).await,
     };
-    let batch = parse(st, bytes, encoding, admitted.scope).await?;
+    let batch = parse(st, stream, bytes, encoding, admitted.scope).await?;
     let rejected = stages::count_rejections(st, &batch);
+    st.metrics
+        .stream_events(stream, "rejected", rejected as u64);
     if batch.accepted.is_empty() {
         if rejected == 0 {
             // An empty request: success, nothing to store.
@@ -173,11 +191,20 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
         .check_batch(admitted.key.as_ref().map(|k| k.name.as_str()), &tenants);
     stages::rate_check(st, decision, &tenants)?;
     let accepted = batch.accepted.len();
+    stages::rate_check(
+        st,
+        stream
+            .rates
+            .check_events(&stream.name, u32::try_from(accepted).unwrap_or(u32::MAX)),
+        &tenants,
+    )?;
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
     // The stored answer for a keyed retry: the same response body.
     let keyed = keyed.map(|k| (k, response_body(encoding, rejected, &batch.rejected)));
     let _range: SeqRange = stages::append(st, payloads, keyed, handed).await?;
     drop(permit);
+    st.metrics
+        .stream_events(stream, "accepted", accepted as u64);
     stages::count_accepted(st, accepted, &tenants);
     Ok(success(encoding, rejected, &batch.rejected))
 }
@@ -185,6 +212,7 @@ async fn accept(st: &SharedState, req: Request, handed: &AtomicBool) -> Result<R
 /// Decodes and normalizes the records; a large body on the blocking pool.
 async fn parse(
     st: &SharedState,
+    stream: &Arc<Stream>,
     bytes: Vec<u8>,
     encoding: Encoding,
     scope: crate::auth::TenantScope,
@@ -194,12 +222,13 @@ async fn parse(
         chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
     let big = bytes.len() > BLOCKING_PARSE_BYTES;
     let state = st.clone();
+    let stream = stream.clone();
     let parse = move || {
         otlp::prepare(
             encoding,
             &bytes,
             &state.limits,
-            &state.normalizer,
+            &stream.normalizer,
             &state.otlp,
             received_at,
             &scope,

@@ -106,7 +106,32 @@ pub async fn stats(State(st): State<SharedState>) -> Json<serde_json::Value> {
         "wal": st.wal.stats(),
         "replay": replay_state(&st),
         "kafka": kafka_state(&st),
+        "streams": streams_state(&st),
     }))
+}
+
+/// Each stream's routes, topics and event counts, by name.
+fn streams_state(st: &SharedState) -> serde_json::Value {
+    let count = |name: &str, outcome: &str| {
+        st.metrics
+            .stream_events_total
+            .with_label_values(&[name, outcome])
+            .get()
+    };
+    let mut out = serde_json::Map::new();
+    for s in st.streams.all() {
+        out.insert(
+            s.name.clone(),
+            json!({
+                "routes": s.routes,
+                "topic": s.topic,
+                "dead_letter_topic": s.dead_letter_topic,
+                "events_accepted": count(&s.name, "accepted"),
+                "events_rejected": count(&s.name, "rejected"),
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
 }
 
 fn kafka_state(st: &SharedState) -> serde_json::Value {

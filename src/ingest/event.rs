@@ -36,6 +36,12 @@ pub enum EventError {
     /// The request's key may not write the event's tenant.
     #[error("{0}")]
     Forbidden(crate::auth::TenantDenied),
+    /// The stream takes only its `allowed-tenants`; the tenant (or none).
+    #[error("stream {stream:?} does not take {}", .tenant.as_deref().map_or("events without a tenant_id".to_string(), |t| format!("tenant_id {t:?}")))]
+    StreamForbidden {
+        stream: String,
+        tenant: Option<String>,
+    },
 }
 
 impl EventError {
@@ -47,7 +53,7 @@ impl EventError {
             EventError::Invalid(_) => "invalid_field",
             EventError::TooLarge { .. } => "too_large",
             EventError::TooDeep(_) => "too_deep",
-            EventError::Forbidden(_) => "forbidden",
+            EventError::Forbidden(_) | EventError::StreamForbidden { .. } => "forbidden",
         }
     }
 }
@@ -61,14 +67,62 @@ pub struct NormalizedEvent {
     pub payload: Vec<u8>,
 }
 
+#[derive(Debug)]
 pub struct Normalizer {
     limits: Limits,
     events: EventsConfig,
+    /// The stream written into every record.
+    stream: String,
+    /// Tenants the stream takes; empty: any, or none.
+    allowed_tenants: Vec<String>,
+    /// Extra severity names (upper case) and the level each stands for.
+    severity_aliases: Vec<(String, &'static str)>,
 }
 
 impl Normalizer {
+    /// A normalizer for the default stream.
     pub fn new(limits: Limits, events: EventsConfig) -> Self {
-        Normalizer { limits, events }
+        Normalizer {
+            limits,
+            events,
+            stream: crate::wal::DEFAULT_STREAM.to_string(),
+            allowed_tenants: Vec::new(),
+            severity_aliases: Vec::new(),
+        }
+    }
+
+    /// Also takes each `(name, level)` severity, `level` being one of the
+    /// built-in names; an error when one is not.
+    pub fn with_severity_aliases(
+        mut self,
+        aliases: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        for (name, level) in aliases {
+            let level = normalize_severity(level).ok_or_else(|| {
+                format!("severity alias {name:?} maps to {level:?}, which is not one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL")
+            })?;
+            self.severity_aliases
+                .push((name.trim().to_ascii_uppercase(), level));
+        }
+        Ok(self)
+    }
+
+    fn severity(&self, s: &str) -> Option<&'static str> {
+        normalize_severity(s).or_else(|| {
+            let up = s.trim().to_ascii_uppercase();
+            self.severity_aliases
+                .iter()
+                .find(|(name, _)| *name == up)
+                .map(|(_, level)| *level)
+        })
+    }
+
+    /// The same schema for the stream `name`, taking only `allowed_tenants`
+    /// (any tenant when empty).
+    pub fn for_stream(mut self, name: &str, allowed_tenants: &[String]) -> Self {
+        self.stream = name.to_string();
+        self.allowed_tenants = allowed_tenants.to_vec();
+        self
     }
 
     /// The id an event carries, for error reports, if it is a string.
@@ -141,6 +195,7 @@ impl Normalizer {
                 .into_bytes(),
         ));
         let record = Record {
+            stream: self.stream.clone(),
             key,
             value,
             headers,
@@ -246,6 +301,16 @@ impl Normalizer {
         scope
             .check(tenant.as_deref())
             .map_err(EventError::Forbidden)?;
+        if !self.allowed_tenants.is_empty()
+            && !tenant
+                .as_deref()
+                .is_some_and(|t| self.allowed_tenants.iter().any(|a| a == t))
+        {
+            return Err(EventError::StreamForbidden {
+                stream: self.stream.clone(),
+                tenant,
+            });
+        }
         let timestamp = match timestamp {
             None => received_at,
             Some(v) if v.get() == "null" => received_at,
@@ -255,7 +320,18 @@ impl Normalizer {
             "severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL";
         let severity = match string_field(severity, "severity must be a string")? {
             None => "INFO",
-            Some(s) => normalize_severity(&s).ok_or_else(|| invalid(severity_msg))?,
+            Some(s) => match self.severity(&s) {
+                Some(level) => level,
+                None if self.severity_aliases.is_empty() => return Err(invalid(severity_msg)),
+                None => {
+                    let extra: Vec<&str> = self
+                        .severity_aliases
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect();
+                    return Err(invalid(format!("{severity_msg}, {}", extra.join(", "))));
+                }
+            },
         };
         let source = match string_field(source, "source must be a string")? {
             None => None,

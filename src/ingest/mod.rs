@@ -118,6 +118,7 @@ pub fn prepare(
                 kind: e.kind(),
                 tenant: match &e {
                     EventError::Forbidden(TenantDenied::NotAllowed(t)) => Some(t.clone()),
+                    EventError::StreamForbidden { tenant, .. } => tenant.clone(),
                     _ => None,
                 },
             }),

@@ -28,6 +28,61 @@ pub use config::{KafkaConfig, ReplayConfig};
 pub use producer::{classify, producer_config, Failure, KafkaHealth};
 pub use producer::{value_fit, ERROR_HEADER_MAX, LIBRDKAFKA_MESSAGE_MAX_BYTES};
 
+/// Where a stream's records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub topic: String,
+    pub dead_letter_topic: String,
+}
+
+/// Every configured stream's topics, by stream name: replay produces each
+/// record to the topics of the stream it was accepted on.
+#[derive(Debug, Clone, Default)]
+pub struct StreamTopics(std::collections::HashMap<String, Topics>);
+
+impl StreamTopics {
+    /// Only the default stream, on `[kafka]`'s topics.
+    pub fn default_only(kafka: &KafkaConfig) -> StreamTopics {
+        let mut t = StreamTopics::default();
+        t.insert(
+            crate::wal::DEFAULT_STREAM,
+            &kafka.topic,
+            &kafka.dead_letter_topic,
+        );
+        t
+    }
+
+    pub fn insert(&mut self, stream: &str, topic: &str, dead_letter_topic: &str) {
+        self.0.insert(
+            stream.to_string(),
+            Topics {
+                topic: topic.to_string(),
+                dead_letter_topic: dead_letter_topic.to_string(),
+            },
+        );
+    }
+
+    pub fn of(&self, stream: &str) -> Option<&Topics> {
+        self.0.get(stream)
+    }
+
+    pub fn contains(&self, stream: &str) -> bool {
+        self.0.contains_key(stream)
+    }
+
+    /// Every topic and dead-letter topic, for the dev broker.
+    pub fn all_topics(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .0
+            .values()
+            .flat_map(|t| [t.topic.clone(), t.dead_letter_topic.clone()])
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
 /// Hears about replay events that are observations rather than counts (the
 /// counts are atomics in [`ReplayStats`]), like `wal::WalObserver`.
 pub trait ReplayObserver: Send + Sync {

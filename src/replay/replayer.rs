@@ -198,6 +198,8 @@ pub struct Replayer {
     pub dead_letter: DeadLetterFile,
     /// How long shutdown waits for in-flight deliveries.
     pub drain: Duration,
+    /// Each stream's topics; a record goes to those of its stream.
+    pub streams: super::StreamTopics,
 }
 
 impl Replayer {
@@ -482,8 +484,21 @@ impl Replayer {
         seq: u64,
         record: Record,
     ) -> Pending {
+        let Some(topics) = self.streams.of(&record.stream) else {
+            // `serve` refuses to start while the WAL holds a stream it does
+            // not configure, so this is a bug; the record stays in the WAL
+            // (retried, never skipped) rather than going to a wrong topic.
+            tracing::error!(seq, stream = %record.stream, "record of an unconfigured stream: not produced; replay retries");
+            window.failed.store(true, Ordering::Relaxed);
+            return Box::pin(std::future::ready(Settled::Failed {
+                seq,
+                error: KafkaError::Canceled,
+                record,
+            }));
+        };
         let headers = kafka_headers(&record, seq, &[]);
-        let mut fr = FutureRecord::to(&self.kafka.topic)
+        let stream = record.stream.clone();
+        let mut fr = FutureRecord::to(&topics.topic)
             .payload(&record.value)
             .headers(headers)
             .timestamp(record.timestamp_ms);
@@ -509,12 +524,13 @@ impl Replayer {
                             Ok(Err((error, msg))) => Settled::Failed {
                                 seq,
                                 error,
-                                record: from_message(&msg),
+                                record: from_message(&msg, stream),
                             },
                             Err(_canceled) => Settled::Failed {
                                 seq,
                                 error: KafkaError::Canceled,
                                 record: Record {
+                                    stream,
                                     key: None,
                                     value: Vec::new(),
                                     headers: Vec::new(),
@@ -576,6 +592,12 @@ impl Replayer {
         error: &KafkaError,
         record: Record,
     ) -> Result<(), String> {
+        let Some(topics) = self.streams.of(&record.stream).cloned() else {
+            return Err(format!(
+                "seq {seq}: stream {:?} is not configured",
+                record.stream
+            ));
+        };
         let mut why = error.to_string();
         // Bounded so a record that fits its topic fits the dead-letter topic.
         if why.len() > super::ERROR_HEADER_MAX {
@@ -590,10 +612,10 @@ impl Replayer {
             seq,
             &[
                 (HEADER_ERROR, why.as_bytes()),
-                (HEADER_ORIGINAL_TOPIC, self.kafka.topic.as_bytes()),
+                (HEADER_ORIGINAL_TOPIC, topics.topic.as_bytes()),
             ],
         );
-        let mut fr = FutureRecord::to(&self.kafka.dead_letter_topic)
+        let mut fr = FutureRecord::to(&topics.dead_letter_topic)
             .payload(&record.value)
             .headers(headers)
             .timestamp(record.timestamp_ms);
@@ -630,13 +652,13 @@ impl Replayer {
                 self.stats
                     .dead_lettered_topic
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(seq, error = %why, topic = %self.kafka.dead_letter_topic, "record refused by Kafka: sent to the dead-letter topic");
+                tracing::warn!(seq, error = %why, topic = %topics.dead_letter_topic, "record refused by Kafka: sent to the dead-letter topic");
                 Ok(())
             }
             Some(e) if classify(&e) == Failure::Permanent => {
                 let file = &self.dead_letter;
                 let appended = file
-                    .append(seq, &self.kafka.topic, &why, &record)
+                    .append(seq, &topics.topic, &why, &record)
                     .map_err(|io| format!("dead-letter file {}: {io}", file.path().display()))?;
                 if appended.truncated_partial > 0 {
                     self.stats
@@ -709,7 +731,7 @@ pub fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> Owne
 }
 
 /// Rebuilds the record from what librdkafka hands back with a failure.
-fn from_message(msg: &OwnedMessage) -> Record {
+fn from_message(msg: &OwnedMessage, stream: String) -> Record {
     let headers = msg
         .headers()
         .map(|h| {
@@ -722,6 +744,7 @@ fn from_message(msg: &OwnedMessage) -> Record {
         })
         .unwrap_or_default();
     Record {
+        stream,
         key: msg.key().map(<[u8]>::to_vec),
         value: msg.payload().unwrap_or_default().to_vec(),
         headers,

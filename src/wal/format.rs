@@ -4,11 +4,18 @@
 //! ```text
 //! segment file  = header frame*
 //! header (24 B) = magic "SLUICEWL" (8) | version u32 LE (4) | first_seq u64 LE (8)
+//!                 -- version 2 (this build writes); version 1 still read
 //!                 | header_crc u32 LE (4)   -- CRC-32/IEEE over the 20 bytes before it
 //! frame         = crc u32 LE (4) | len u32 LE (4) | seq u64 LE (8) | payload (len)
 //!                 crc = CRC-32/IEEE (crc32fast, reflected poly 0xEDB88320, init and
 //!                 xorout 0xFFFFFFFF) over len ‖ seq ‖ payload, i.e. bytes [4, 16 + len)
 //! ```
+//!
+//! The payload is a record (`record.rs`): in a version-2 segment it starts
+//! with the tag 0x02 and names its stream; a version-1 segment holds
+//! stream-less records of the default stream. A segment is only ever
+//! written by the build that created it (every open starts a new one), so a
+//! version-1 segment never holds a version-2 record.
 //!
 //! All integers are little-endian. `len` is never 0 (an all-zero frame header is
 //! how a preallocated or zero-filled tail looks, and it must never parse) and never
@@ -16,8 +23,12 @@
 
 /// First 8 bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"SLUICEWL";
-/// Format version written in the header. Bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+/// Format version written in the header. Bumped on any incompatible change:
+/// 2 added the stream to every record payload (see `record.rs`).
+pub const VERSION: u32 = 2;
+/// The oldest version this build still reads: version-1 segments hold
+/// records of the default stream.
+pub const MIN_READ_VERSION: u32 = 1;
 /// Size of the segment header in bytes.
 pub const HEADER_LEN: usize = 24;
 /// Size of the fixed part of a frame (crc, len, seq).
@@ -49,7 +60,7 @@ pub enum HeaderError {
     BadMagic([u8; 8]),
     #[error("header checksum mismatch")]
     BadCrc,
-    #[error("unsupported format version {0} (this build reads {VERSION})")]
+    #[error("unsupported format version {0} (this build reads {MIN_READ_VERSION} to {VERSION})")]
     Version(u32),
 }
 
@@ -67,9 +78,15 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 }
 
 pub fn encode_header(first_seq: u64) -> [u8; HEADER_LEN] {
+    encode_header_version(first_seq, VERSION)
+}
+
+/// A header of another `version`: for tests and the fuzzer, which must
+/// reach the version-1 read path; the writer only writes [`VERSION`].
+pub fn encode_header_version(first_seq: u64, version: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..20].copy_from_slice(&first_seq.to_le_bytes());
     let crc = crc32fast::hash(&h[0..20]);
     h[20..24].copy_from_slice(&crc.to_le_bytes());
@@ -88,7 +105,7 @@ pub fn decode_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
         return Err(HeaderError::BadCrc);
     }
     let version = le_u32(&h[8..12]);
-    if version != VERSION {
+    if !(MIN_READ_VERSION..=VERSION).contains(&version) {
         return Err(HeaderError::Version(version));
     }
     Ok(SegmentHeader {
@@ -210,12 +227,29 @@ mod tests {
     }
 
     #[test]
-    fn other_version_is_named_in_the_error() {
-        let mut h = encode_header(1);
-        h[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32fast::hash(&h[0..20]);
-        h[20..24].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(decode_header(&h), Err(HeaderError::Version(2)));
+    fn other_version_is_named_in_the_error_and_version_1_still_reads() {
+        let with_version = |v: u32| {
+            let mut h = encode_header(1);
+            h[8..12].copy_from_slice(&v.to_le_bytes());
+            let crc = crc32fast::hash(&h[0..20]);
+            h[20..24].copy_from_slice(&crc.to_le_bytes());
+            h
+        };
+        assert_eq!(
+            decode_header(&with_version(3)),
+            Err(HeaderError::Version(3))
+        );
+        assert_eq!(
+            decode_header(&with_version(0)),
+            Err(HeaderError::Version(0))
+        );
+        assert_eq!(
+            decode_header(&with_version(1)),
+            Ok(SegmentHeader {
+                version: 1,
+                first_seq: 1
+            })
+        );
     }
 
     #[test]

@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use reader::{Gap, GapReason, ReadItem, WalReader};
-pub use record::Record;
+pub use record::{Record, DEFAULT_STREAM};
 pub use recovery::RecoveryReport;
 
 use self::io::Filesystem;

@@ -1,12 +1,32 @@
-//! The record stored in a frame payload: exactly what will be produced to Kafka.
-//! Encoding it once at ingest means the replayer never re-serializes events.
+//! The record stored in a frame payload: exactly what will be produced to Kafka,
+//! and the stream (so the topic) it goes to. Encoding it once at ingest means
+//! the replayer never re-serializes events.
+//!
+//! ```text
+//! payload v2 = 0x02 | bincode(stream, key, value, headers, timestamp_ms)
+//! payload v1 =        bincode(key, value, headers, timestamp_ms)
+//! ```
+//!
+//! A v1 payload (segment format 1) starts with the `Option` tag of its key,
+//! 0x00 or 0x01, so the leading byte tells the two apart; a v1 record belongs
+//! to the default stream, which is where that build produced everything.
 
 use serde::{Deserialize, Serialize};
+
+/// The stream of every record written before streams existed, and of a
+/// configuration that names none.
+pub const DEFAULT_STREAM: &str = "default";
+
+/// First byte of a v2 payload.
+const V2_TAG: u8 = 2;
 
 /// A Kafka record as accepted at ingest. The WAL sequence number is not part of
 /// it; it lives in the frame and is added as a header when producing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    /// The stream the record was accepted on: replay produces it to that
+    /// stream's topic.
+    pub stream: String,
     /// Partition key (the tenant id by default).
     #[serde(with = "serde_bytes")]
     pub key: Option<Vec<u8>>,
@@ -52,23 +72,50 @@ fn bincode_config() -> impl bincode::config::Config {
         .with_limit::<{ super::format::MAX_PAYLOAD_BYTES as usize }>()
 }
 
+/// The layout of a v1 payload, which carried no stream.
+#[derive(Deserialize)]
+struct RecordV1 {
+    #[serde(with = "serde_bytes")]
+    key: Option<Vec<u8>>,
+    #[serde(with = "serde_bytes")]
+    value: Vec<u8>,
+    #[serde(with = "header_bytes")]
+    headers: Vec<(String, Vec<u8>)>,
+    timestamp_ms: i64,
+}
+
 impl Record {
+    /// The v2 payload (the only one this build writes).
     pub fn encode(&self) -> Vec<u8> {
-        bincode::serde::encode_to_vec(self, bincode_config())
-            .expect("encoding a Record into a Vec cannot fail")
+        let mut out = vec![V2_TAG];
+        bincode::serde::encode_into_std_write(self, &mut out, bincode_config())
+            .expect("encoding a Record into a Vec cannot fail");
+        out
     }
 
-    /// Decodes a payload. Payloads come from disk, so any bytes must yield an
-    /// error rather than a panic or an unbounded allocation.
+    /// Decodes a v2 payload, or a v1 one as a record of the default stream.
+    /// Payloads come from disk, so any bytes must yield an error rather than
+    /// a panic or an unbounded allocation.
     pub fn decode(payload: &[u8]) -> Result<Record, bincode::error::DecodeError> {
-        let (record, used) = bincode::serde::decode_from_slice(payload, bincode_config())?;
-        if used != payload.len() {
-            return Err(bincode::error::DecodeError::OtherString(format!(
-                "{} trailing bytes after record",
-                payload.len() - used
-            )));
+        match payload.first() {
+            Some(&V2_TAG) => exact(&payload[1..]),
+            Some(0 | 1) => {
+                let v1: RecordV1 = exact(payload)?;
+                Ok(Record {
+                    stream: DEFAULT_STREAM.to_string(),
+                    key: v1.key,
+                    value: v1.value,
+                    headers: v1.headers,
+                    timestamp_ms: v1.timestamp_ms,
+                })
+            }
+            Some(&other) => Err(bincode::error::DecodeError::OtherString(format!(
+                "unknown record tag {other}"
+            ))),
+            None => Err(bincode::error::DecodeError::OtherString(
+                "empty payload".into(),
+            )),
         }
-        Ok(record)
     }
 
     /// The value of the first header named `name`.
@@ -80,11 +127,24 @@ impl Record {
     }
 }
 
+/// Decodes `bytes` as one `T` with nothing left over.
+fn exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())?;
+    if used != bytes.len() {
+        return Err(bincode::error::DecodeError::OtherString(format!(
+            "{} trailing bytes after record",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The layout before the `serde_bytes` fast path: plain `Vec<u8>`s.
+    /// The v1 layout (segment format 1), as that build wrote it: plain
+    /// `Vec<u8>`s and no stream.
     #[derive(Serialize, Deserialize, PartialEq, Debug)]
     struct PlainRecord {
         key: Option<Vec<u8>>,
@@ -94,29 +154,51 @@ mod tests {
     }
 
     #[test]
-    fn layout_is_unchanged_by_the_bytes_fast_path() {
+    fn v1_payloads_decode_as_the_default_stream() {
         for key in [None, Some(b"acme".to_vec()), Some(Vec::new())] {
-            let r = Record {
+            let plain = PlainRecord {
                 key: key.clone(),
                 value: "{\"m\":\"é\"}".as_bytes().to_vec(),
                 headers: vec![("id".into(), b"x".to_vec()), ("e".into(), Vec::new())],
                 timestamp_ms: -5,
             };
-            let plain = PlainRecord {
-                key,
-                value: r.value.clone(),
-                headers: r.headers.clone(),
-                timestamp_ms: r.timestamp_ms,
-            };
             let old = bincode::serde::encode_to_vec(&plain, bincode_config()).unwrap();
-            assert_eq!(r.encode(), old, "same bytes on disk");
-            assert_eq!(Record::decode(&old).unwrap(), r, "old frames still decode");
+            let r = Record::decode(&old).unwrap();
+            assert_eq!(r.stream, DEFAULT_STREAM);
+            assert_eq!(
+                (r.key, r.value, r.headers, r.timestamp_ms),
+                (plain.key, plain.value, plain.headers, plain.timestamp_ms)
+            );
+            let mut longer = old.clone();
+            longer.push(0);
+            assert!(Record::decode(&longer).is_err(), "trailing bytes in v1");
         }
+    }
+
+    #[test]
+    fn v2_carries_the_stream_and_unknown_tags_are_refused() {
+        let r = Record {
+            stream: "logs".into(),
+            key: None,
+            value: b"{}".to_vec(),
+            headers: Vec::new(),
+            timestamp_ms: 1,
+        };
+        let bytes = r.encode();
+        assert_eq!(bytes[0], V2_TAG);
+        assert_eq!(Record::decode(&bytes).unwrap(), r);
+        for tag in [3u8, 0xff] {
+            let mut b = bytes.clone();
+            b[0] = tag;
+            assert!(Record::decode(&b).is_err());
+        }
+        assert!(Record::decode(&[]).is_err());
     }
 
     #[test]
     fn round_trip_and_trailing_bytes_rejected() {
         let r = Record {
+            stream: DEFAULT_STREAM.into(),
             key: Some(b"tenant-a".to_vec()),
             value: br#"{"message":"hi"}"#.to_vec(),
             headers: vec![("id".into(), b"0190".to_vec())],
@@ -132,8 +214,12 @@ mod tests {
 
     #[test]
     fn huge_length_prefix_is_refused_without_allocating() {
-        // key = Some, then a u64 length of 2^60.
+        // v1: key = Some, then a u64 length of 2^60.
         let mut evil = vec![1u8];
+        evil.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(Record::decode(&evil).is_err());
+        // v2: a stream name of 2^60 bytes.
+        let mut evil = vec![V2_TAG];
         evil.extend_from_slice(&(1u64 << 60).to_le_bytes());
         assert!(Record::decode(&evil).is_err());
     }

@@ -20,6 +20,7 @@ mod metrics;
 mod otlp;
 mod security;
 mod statuses;
+mod streams;
 #[path = "../support/mod.rs"]
 mod support;
 

@@ -706,3 +706,45 @@ fn sixteen_parallel_protobuf_bombs_stay_under_512_mib() {
     assert!(statuses.contains(&413), "{statuses:?}");
     assert!(peak < 512 * 1024, "peak RSS {peak} kB");
 }
+
+#[tokio::test]
+async fn a_stream_that_claims_v1_logs_gets_the_otlp_records_under_its_rules() {
+    let h = harness_with(
+        |c| {
+            c.streams = vec![sluice::streams::StreamConfig {
+                name: "otel".into(),
+                routes: vec!["/v1/logs".into()],
+                topic: "otel-logs".into(),
+                dead_letter_topic: "otel-logs-dlq".into(),
+                required: Vec::new(),
+                key_field: "tenant_id".into(),
+                allowed_tenants: vec!["acme".into()],
+                response_success_field: false,
+                severity_aliases: Default::default(),
+                requests_per_sec: 0,
+                requests_burst: 0,
+                events_per_sec: 0,
+                events_burst: 0,
+            }];
+        },
+        std::sync::Arc::new(sluice::wal::io::StdFs),
+    );
+    // The three records carry tenant acme: stored on the claiming stream.
+    assert_eq!(
+        post_proto(&h, &three_records()).await.status,
+        StatusCode::OK
+    );
+    let recs = h.wal_records();
+    assert_eq!(recs.len(), 3);
+    assert!(recs.iter().all(|(_, r)| r.stream == "otel"), "{recs:?}");
+    // The stream's allowed tenants apply to OTLP records too: globex is
+    // refused, and nothing more is stored.
+    let mut other = three_records();
+    other.resource_logs[0].resource = Some(Resource {
+        attributes: service("globex"),
+        ..Default::default()
+    });
+    let r = post_proto(&h, &other).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.status_message());
+    assert_eq!(h.wal_records().len(), 3);
+}

@@ -13,6 +13,7 @@ mod offsets;
 mod ordering;
 mod outage;
 mod redrive;
+mod streams;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -113,7 +114,9 @@ impl Node {
             ..ReplayConfig::default()
         };
         tweak(&mut kafka, &mut cfg);
+        let streams = sluice::replay::StreamTopics::default_only(&kafka);
         let replayer = Replayer {
+            streams,
             wal: self.wal.clone(),
             offsets: self.offsets.clone(),
             kafka,
@@ -165,6 +168,7 @@ pub fn event(prefix: &str, tenant: &str, n: usize, pad: usize) -> Record {
     let id = format!("{prefix}-{n}");
     let value = serde_json::json!({"id": id, "tenant_id": tenant, "n": n, "pad": "x".repeat(pad)});
     Record {
+        stream: sluice::wal::DEFAULT_STREAM.to_string(),
         key: Some(tenant.as_bytes().to_vec()),
         value: serde_json::to_vec(&value).unwrap(),
         headers: vec![

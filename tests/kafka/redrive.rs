@@ -265,6 +265,7 @@ fn a_wal_range_goes_to_another_topic_with_its_headers_and_the_offset_stays() {
 fn record(n: usize) -> Record {
     let id = format!("q-{n}");
     Record {
+        stream: sluice::wal::DEFAULT_STREAM.to_string(),
         key: Some(format!("t{}", n % 2).into_bytes()),
         value: serde_json::to_vec(&serde_json::json!({"id": id, "n": n, "pad": "x".repeat(100)}))
             .unwrap(),

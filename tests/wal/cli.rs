@@ -134,3 +134,108 @@ fn check_config_reports_file_and_line_and_exits_non_zero() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("segment-bytes = 67108864"), "{out}");
 }
+
+/// Copies a directory tree (so a fixture is never opened in place: the
+/// offset store writes on open).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// `wal verify`, `stats` and `dump` read a data dir written by the
+/// version-1 build: its six records, as records of the default stream.
+#[test]
+fn wal_tools_read_a_version_1_data_dir_as_the_default_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    copy_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wal-v1/data"),
+        &data,
+    );
+    let d = data.to_str().unwrap();
+    let (code, out, err) = sluice(&["wal", "verify", "--data-dir", d]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("6 records") && out.contains("0 records lost"),
+        "{out}"
+    );
+    let (code, out, _) = sluice(&["wal", "stats", "--data-dir", d]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["records"].as_u64(), v["lost_records"].as_u64()),
+        (Some(6), Some(0))
+    );
+    let (code, out, _) = sluice(&["wal", "dump", "--data-dir", d]);
+    assert_eq!(code, 0);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["value"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["fx-1", "fx-2", "fx-3", "fx-4", "fx-5", "fx-6"]);
+    assert!(lines.iter().all(|l| l["stream"] == "default"));
+}
+
+/// `check-config` refuses two streams claiming one route, two streams of
+/// one name and a topic name Kafka would refuse, naming what is wrong, and
+/// accepts examples/migrate.toml.
+#[test]
+fn check_config_refuses_stream_conflicts_and_bad_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = |name: &str, route: &str, topic: &str| {
+        format!("[[streams]]\nname = \"{name}\"\nroutes = [\"{route}\"]\ntopic = \"{topic}\"\ndead-letter-topic = \"{topic}-dlq\"\n")
+    };
+    for (file, text, want) in [
+        (
+            "route.toml",
+            stream("a", "/x", "ta") + &stream("b", "/x", "tb"),
+            "route \"/x\" is claimed by both \"a\" and \"b\"",
+        ),
+        (
+            "name.toml",
+            stream("a", "/x", "ta") + &stream("a", "/y", "tb"),
+            "two streams are named \"a\"",
+        ),
+        (
+            "topic.toml",
+            stream("a", "/x", "bad/topic"),
+            "streams.a.topic \"bad/topic\"",
+        ),
+        (
+            "dots.toml",
+            stream("a", "/x", ".."),
+            "streams.a.topic \"..\"",
+        ),
+        (
+            "long.toml",
+            stream("a", "/x", &"t".repeat(250)),
+            "1 to 249 characters",
+        ),
+        (
+            "kafka.toml",
+            "[kafka]\ntopic = \"has space\"\n".to_string(),
+            "kafka.topic \"has space\"",
+        ),
+    ] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let (code, _, err) = sluice(&["check-config", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 1, "{file}: {err}");
+        assert!(err.contains(want), "{file}: {err}");
+    }
+    let migrate = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migrate.toml");
+    let (code, _, err) = sluice(&["check-config", "--config", migrate]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -39,6 +39,14 @@ fn a_valid_seed_really_decodes() {
     .unwrap();
     let r = sluice::wal::Record::decode(&seed).expect("seed matches the record encoding");
     assert_eq!(r.key.as_deref(), Some(&b"tenant-a"[..]));
+    assert_eq!(r.stream, "default", "a version-1 record");
+    let seed = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/wal_record/seed-v2-record-1"),
+    )
+    .unwrap();
+    let r = sluice::wal::Record::decode(&seed).expect("seed matches the v2 record encoding");
+    assert_eq!(r.stream, "logs");
+    assert_eq!(r.encode(), seed);
 }
 
 #[test]

@@ -20,6 +20,7 @@ use sluice::wal::{ReadItem, Record, Wal, WalConfig};
 /// A record whose value names it, so tests can check content, not counts.
 pub fn rec(tag: &str) -> Vec<u8> {
     Record {
+        stream: sluice::wal::DEFAULT_STREAM.to_string(),
         key: Some(b"tenant".to_vec()),
         value: tag.as_bytes().to_vec(),
         headers: vec![("id".into(), tag.as_bytes().to_vec())],

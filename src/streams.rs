@@ -1,0 +1,414 @@
+//! Named streams: which routes feed which topic, under which schema.
+//!
+//! A stream is a name, the ingest paths it serves, its topic and dead-letter
+//! topic, the fields its events must carry, its key field and, optionally,
+//! the tenants it takes. The `default` stream always exists: it is built from
+//! `[events]` and `[kafka]` (so `SLUICE_TOPIC`, `SLUICE_EVENTS_REQUIRED` and
+//! the flags keep addressing it) and serves every built-in ingest path that
+//! no `[[streams]]` entry claims. `[[streams]]` entries are file-only.
+//!
+//! Each WAL record carries its stream's name, so replay produces it to that
+//! stream's topic whatever the configuration order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::rates::StreamRates;
+use crate::ingest::config::{EventsConfig, Limits};
+use crate::ingest::Normalizer;
+use crate::replay::{KafkaConfig, StreamTopics};
+use crate::wal::DEFAULT_STREAM;
+
+/// The built-in ingest paths: the canonical one and the aliases for clients
+/// of older gateways. The default stream serves those no stream claims.
+pub const INGEST_PATHS: [&str; 4] = ["/v1/events", "/ingest", "/events", "/logs"];
+
+/// OTLP/HTTP logs (`ExportLogsServiceRequest`), OTLP's default path. Like
+/// the ingest paths it belongs to the stream that claims it, else to the
+/// default stream; its body is OTLP rather than JSON/NDJSON/CSV.
+pub const OTLP_LOGS_PATH: &str = "/v1/logs";
+
+/// Paths a stream may not claim: the status endpoints.
+const RESERVED_PATHS: [&str; 5] = ["/stats", "/metrics", "/health", "/ready", "/v1/receipts"];
+
+/// Streams at most: each is a label value of the `stream` metrics.
+pub const MAX_STREAMS: usize = 64;
+
+/// One `[[streams]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StreamConfig {
+    /// `[a-z0-9_-]{1,64}`; written into every WAL record of the stream.
+    /// `default` is the built-in stream and cannot be redefined.
+    pub name: String,
+    /// Ingest paths (`/events`) this stream serves. At least one.
+    pub routes: Vec<String>,
+    /// Kafka topic of its events.
+    pub topic: String,
+    /// Kafka topic of the records its topic refuses.
+    pub dead_letter_topic: String,
+    /// Fields every event must carry. Default: none.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Top-level field used as the Kafka key. Default `tenant_id` (no key
+    /// when an event has none).
+    #[serde(default = "default_key_field")]
+    pub key_field: String,
+    /// Tenants this stream takes; an event naming another tenant, or none,
+    /// is refused (403 when all are). Empty: any tenant, or none.
+    #[serde(default)]
+    pub allowed_tenants: Vec<String>,
+    /// Adds `"success": true|false` (true when nothing was rejected) to the
+    /// ingest response, for clients of gateways that answered with it.
+    /// Default false.
+    #[serde(default)]
+    pub response_success_field: bool,
+    /// Extra severity names this stream's clients send, each mapped to a
+    /// built-in level, e.g. `{ CRITICAL = "FATAL" }`. Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub severity_aliases: BTreeMap<String, String>,
+    /// Requests per second on this stream, across keys and tenants; past it,
+    /// 429 with Retry-After. Default 0 (no limit).
+    #[serde(default)]
+    pub requests_per_sec: u32,
+    /// Bucket size for `requests-per-sec`. Default 0 (= the rate).
+    #[serde(default)]
+    pub requests_burst: u32,
+    /// Events per second on this stream. Default 0 (no limit).
+    #[serde(default)]
+    pub events_per_sec: u32,
+    /// Bucket size for `events-per-sec`; a batch above it gets 413. Default
+    /// 0 (= the rate).
+    #[serde(default)]
+    pub events_burst: u32,
+}
+
+fn default_key_field() -> String {
+    "tenant_id".into()
+}
+
+/// A stream resolved for serving: its schema (a normalizer) and topics.
+#[derive(Debug)]
+pub struct Stream {
+    pub name: String,
+    pub routes: Vec<String>,
+    pub topic: String,
+    pub dead_letter_topic: String,
+    pub key_field: String,
+    pub normalizer: Normalizer,
+    /// Index in [`Streams::all`], for per-stream counters.
+    pub index: usize,
+    /// Whether responses carry `success` (see [`StreamConfig`]).
+    pub response_success_field: bool,
+    /// The stream's own rate limits (none for the default stream, which
+    /// `[rates]` covers).
+    pub rates: StreamRates,
+}
+
+/// Every stream, in configuration order (the default one first).
+#[derive(Debug, Clone)]
+pub struct Streams {
+    all: Vec<Arc<Stream>>,
+}
+
+impl Streams {
+    /// Resolves the configured streams (the default one first). Call after
+    /// [`validate`] succeeded.
+    pub fn resolve(
+        limits: &Limits,
+        events: &EventsConfig,
+        kafka: &KafkaConfig,
+        streams: &[StreamConfig],
+    ) -> Streams {
+        let claimed: BTreeSet<&str> = streams
+            .iter()
+            .flat_map(|s| s.routes.iter().map(String::as_str))
+            .collect();
+        let default_routes: Vec<String> = INGEST_PATHS
+            .iter()
+            .chain(std::iter::once(&OTLP_LOGS_PATH))
+            .filter(|p| !claimed.contains(**p))
+            .map(|p| p.to_string())
+            .collect();
+        let mut all = vec![Arc::new(Stream {
+            name: DEFAULT_STREAM.to_string(),
+            routes: default_routes,
+            topic: kafka.topic.clone(),
+            dead_letter_topic: kafka.dead_letter_topic.clone(),
+            key_field: events.key_field.clone(),
+            normalizer: Normalizer::new(limits.clone(), events.clone()),
+            index: 0,
+            response_success_field: false,
+            rates: StreamRates::new((0, 0), (0, 0)),
+        })];
+        for (i, s) in streams.iter().enumerate() {
+            let events = EventsConfig {
+                required: s.required.clone(),
+                key_field: s.key_field.clone(),
+            };
+            let normalizer = Normalizer::new(limits.clone(), events)
+                .for_stream(&s.name, &s.allowed_tenants)
+                .with_severity_aliases(&s.severity_aliases)
+                .expect("validate checked the aliases");
+            all.push(Arc::new(Stream {
+                name: s.name.clone(),
+                routes: s.routes.clone(),
+                topic: s.topic.clone(),
+                dead_letter_topic: s.dead_letter_topic.clone(),
+                key_field: s.key_field.clone(),
+                normalizer,
+                index: i + 1,
+                response_success_field: s.response_success_field,
+                rates: StreamRates::new(
+                    (s.requests_per_sec, s.requests_burst),
+                    (s.events_per_sec, s.events_burst),
+                ),
+            }));
+        }
+        Streams { all }
+    }
+
+    /// Only the default stream: `[events]` and `[kafka]` as they are.
+    pub fn default_only(limits: &Limits, events: &EventsConfig, kafka: &KafkaConfig) -> Streams {
+        Streams::resolve(limits, events, kafka, &[])
+    }
+
+    pub fn all(&self) -> &[Arc<Stream>] {
+        &self.all
+    }
+
+    /// Every route with its stream, for the router.
+    pub fn routes(&self) -> impl Iterator<Item = (&str, &Arc<Stream>)> {
+        self.all
+            .iter()
+            .flat_map(|s| s.routes.iter().map(move |r| (r.as_str(), s)))
+    }
+
+    /// The topics replay needs, by stream name.
+    pub fn topics(&self) -> StreamTopics {
+        let mut t = StreamTopics::default();
+        for s in &self.all {
+            t.insert(&s.name, &s.topic, &s.dead_letter_topic);
+        }
+        t
+    }
+}
+
+/// The name rule: short, and safe as a metric label and a log field.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A topic name Kafka accepts: `[a-zA-Z0-9._-]{1,249}`, not `.` or `..`.
+pub fn check_topic(what: &str, topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > 249 {
+        return Err(format!(
+            "{what} {topic:?}: a Kafka topic name has 1 to 249 characters"
+        ));
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("{what} {topic:?}: Kafka refuses \".\" and \"..\""));
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} {topic:?}: Kafka refuses the character {c:?} (allowed: a-z A-Z 0-9 . _ -)"
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses streams that cannot work: a bad or duplicate name, a route
+/// claimed twice or reserved, a topic Kafka would refuse, a stream whose
+/// topic is another stream's dead-letter topic.
+pub fn validate(kafka: &KafkaConfig, streams: &[StreamConfig]) -> Result<(), String> {
+    check_topic("kafka.topic", &kafka.topic)?;
+    check_topic("kafka.dead-letter-topic", &kafka.dead_letter_topic)?;
+    if streams.len() + 1 > MAX_STREAMS {
+        return Err(format!(
+            "streams: at most {} besides the default one",
+            MAX_STREAMS - 1
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let mut routes = BTreeMap::<&str, &str>::new();
+    let mut topics = vec![(kafka.topic.as_str(), kafka.dead_letter_topic.as_str())];
+    for s in streams {
+        let n = &s.name;
+        if !valid_name(n) {
+            return Err(format!("streams: name {n:?} must match [a-z0-9_-]{{1,64}}"));
+        }
+        if n == DEFAULT_STREAM {
+            return Err(format!(
+                "streams: {n:?} is the built-in stream; set it with [events] and [kafka]"
+            ));
+        }
+        if !names.insert(n.as_str()) {
+            return Err(format!("streams: two streams are named {n:?}"));
+        }
+        if s.routes.is_empty() {
+            return Err(format!("streams.{n}: routes must name at least one path"));
+        }
+        for r in &s.routes {
+            if !r.starts_with('/') || r.len() > 256 || r.contains(['{', '}', '*', '?', '#', ' ']) {
+                return Err(format!(
+                    "streams.{n}: route {r:?} must be a plain path starting with /"
+                ));
+            }
+            if RESERVED_PATHS
+                .iter()
+                .any(|p| r == p || r.starts_with(&format!("{p}/")))
+            {
+                return Err(format!("streams.{n}: route {r:?} is reserved"));
+            }
+            if let Some(other) = routes.insert(r, n) {
+                return Err(format!(
+                    "streams: route {r:?} is claimed by both {other:?} and {n:?}"
+                ));
+            }
+        }
+        check_topic(&format!("streams.{n}.topic"), &s.topic)?;
+        check_topic(
+            &format!("streams.{n}.dead-letter-topic"),
+            &s.dead_letter_topic,
+        )?;
+        if s.topic == s.dead_letter_topic {
+            return Err(format!(
+                "streams.{n}: dead-letter-topic must differ from topic"
+            ));
+        }
+        if s.key_field.is_empty() {
+            return Err(format!("streams.{n}: key-field must not be empty"));
+        }
+        for t in &s.allowed_tenants {
+            if !crate::tenant::TenantId::is_valid(t) {
+                return Err(format!(
+                    "streams.{n}: allowed tenant {t:?} must match [A-Za-z0-9._-]{{1,64}}"
+                ));
+            }
+        }
+        Normalizer::new(Limits::default(), EventsConfig::default())
+            .with_severity_aliases(&s.severity_aliases)
+            .map_err(|e| format!("streams.{n}: {e}"))?;
+        topics.push((s.topic.as_str(), s.dead_letter_topic.as_str()));
+    }
+    // A record dead-lettered by one stream must not read as an event of
+    // another.
+    for (i, (_, dlq)) in topics.iter().enumerate() {
+        for (j, (topic, _)) in topics.iter().enumerate() {
+            if i != j && dlq == topic {
+                return Err(format!(
+                    "streams: topic {topic:?} is both a stream's topic and another's dead-letter topic"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
+        StreamConfig {
+            name: name.into(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            topic: topic.into(),
+            dead_letter_topic: format!("{topic}-dlq"),
+            required: Vec::new(),
+            key_field: "tenant_id".into(),
+            allowed_tenants: Vec::new(),
+            response_success_field: false,
+            severity_aliases: BTreeMap::new(),
+            requests_per_sec: 0,
+            requests_burst: 0,
+            events_per_sec: 0,
+            events_burst: 0,
+        }
+    }
+
+    #[test]
+    fn kafka_topic_rules() {
+        for ok in ["events", "a.b_c-D9", &"x".repeat(249)] {
+            check_topic("t", ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a b", "a/b", "é", &"x".repeat(250), "a:b"] {
+            assert!(check_topic("t", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn conflicts_are_refused_with_what_conflicts() {
+        let k = KafkaConfig::default();
+        validate(
+            &k,
+            &[stream("a", &["/a"], "ta"), stream("b", &["/b"], "tb")],
+        )
+        .unwrap();
+        let err = |s: &[StreamConfig]| validate(&k, s).unwrap_err();
+        let e = err(&[stream("a", &["/x"], "ta"), stream("b", &["/x"], "tb")]);
+        assert!(e.contains("\"/x\"") && e.contains("claimed by both"), "{e}");
+        let e = err(&[stream("a", &["/x"], "ta"), stream("a", &["/y"], "tb")]);
+        assert!(e.contains("two streams are named \"a\""), "{e}");
+        let e = err(&[stream("a", &["/x"], "bad topic")]);
+        assert!(e.contains("streams.a.topic"), "{e}");
+        let e = err(&[stream("a", &["/x"], "..")]);
+        assert!(e.contains("streams.a.topic"), "{e}");
+        let e = err(&[stream("default", &["/x"], "t")]);
+        assert!(e.contains("built-in"), "{e}");
+        let e = err(&[stream("a", &["/metrics"], "t")]);
+        assert!(e.contains("reserved"), "{e}");
+        let e = err(&[stream("a", &["/v1/logs"], "t")]);
+        assert!(e.contains("reserved"), "{e}");
+        let e = err(&[stream("A b", &["/x"], "t")]);
+        assert!(e.contains("name"), "{e}");
+        let e = err(&[stream("a", &[], "t")]);
+        assert!(e.contains("at least one"), "{e}");
+        let mut alias = stream("a", &["/x"], "t");
+        alias
+            .severity_aliases
+            .insert("CRITICAL".into(), "SEVERE".into());
+        let e = err(&[alias]);
+        assert!(e.contains("streams.a") && e.contains("SEVERE"), "{e}");
+        let mut dlq_clash = stream("a", &["/x"], "t");
+        dlq_clash.dead_letter_topic = "events".into();
+        let e = err(&[dlq_clash]);
+        assert!(e.contains("dead-letter"), "{e}");
+        let mut k2 = k.clone();
+        k2.topic = "a b".into();
+        assert!(validate(&k2, &[]).unwrap_err().contains("kafka.topic"));
+    }
+
+    #[test]
+    fn the_default_stream_serves_the_unclaimed_builtin_paths() {
+        let k = KafkaConfig::default();
+        let s = Streams::resolve(
+            &Limits::default(),
+            &EventsConfig::default(),
+            &k,
+            &[stream("logs", &["/logs", "/x"], "logs")],
+        );
+        let routes: Vec<(&str, &str)> = s.routes().map(|(r, s)| (r, s.name.as_str())).collect();
+        assert_eq!(
+            routes,
+            [
+                ("/v1/events", "default"),
+                ("/ingest", "default"),
+                ("/events", "default"),
+                ("/logs", "logs"),
+                ("/x", "logs")
+            ]
+        );
+        let t = s.topics();
+        assert_eq!(t.of("default").unwrap().topic, k.topic);
+        assert_eq!(t.of("logs").unwrap().dead_letter_topic, "logs-dlq");
+    }
+}
