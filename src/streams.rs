@@ -366,8 +366,8 @@ mod tests {
         assert!(e.contains("built-in"), "{e}");
         let e = err(&[stream("a", &["/metrics"], "t")]);
         assert!(e.contains("reserved"), "{e}");
-        let e = err(&[stream("a", &["/v1/logs"], "t")]);
-        assert!(e.contains("reserved"), "{e}");
+        // OTLP's path is a route like the others: a stream may claim it.
+        validate(&k, &[stream("a", &["/v1/logs"], "t")]).unwrap();
         let e = err(&[stream("A b", &["/x"], "t")]);
         assert!(e.contains("name"), "{e}");
         let e = err(&[stream("a", &[], "t")]);
@@ -403,6 +403,7 @@ mod tests {
                 ("/v1/events", "default"),
                 ("/ingest", "default"),
                 ("/events", "default"),
+                ("/v1/logs", "default"),
                 ("/logs", "logs"),
                 ("/x", "logs")
             ]
