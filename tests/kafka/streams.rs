@@ -307,7 +307,7 @@ fn three_gateways_example_requests_unchanged_against_one_daemon() {
     );
     assert_eq!(
         stats["streams"]["default"]["routes"],
-        serde_json::json!(["/v1/events"])
+        serde_json::json!(["/v1/events", "/v1/logs"])
     );
     let metrics = http(&d.addr, "GET", "/metrics", "text/plain", b"").1;
     assert!(
