@@ -185,7 +185,12 @@ pub fn string(raw: &RawValue) -> Result<Option<String>, ()> {
     if t == "null" {
         Ok(None)
     } else if t.starts_with('"') {
-        serde_json::from_str::<String>(t).map(Some).map_err(|_| ())
+        // Valid JSON (serde_json produced the raw value): a string without
+        // a backslash is its own text between the quotes.
+        match t.get(1..t.len() - 1) {
+            Some(inner) if t.len() >= 2 && !inner.contains('\\') => Ok(Some(inner.to_string())),
+            _ => serde_json::from_str::<String>(t).map(Some).map_err(|_| ()),
+        }
     } else {
         Err(())
     }
