@@ -164,7 +164,9 @@ impl Normalizer {
             .extract(&mut fields, received_at, scope)
             .map_err(fail)?;
         let key = self.kafka_key(&known, &fields);
-        let value = self.encode_value(&known, &fields).map_err(fail)?;
+        let value = self
+            .encode_value(&known, &fields, raw.get().len())
+            .map_err(fail)?;
         let mut headers = Vec::with_capacity(3);
         headers.push((HEADER_ID.to_string(), known.id.clone().into_bytes()));
         if let Some(t) = &known.tenant {
@@ -399,9 +401,16 @@ impl Normalizer {
     /// The record value: known fields first in a fixed order, then unknown
     /// ones verbatim (compact, numbers and escapes as sent) in the order the
     /// client sent them, written straight to bytes.
-    fn encode_value(&self, known: &Known, unknown: &Fields<'_>) -> Result<Vec<u8>, EventError> {
+    fn encode_value(
+        &self,
+        known: &Known,
+        unknown: &Fields<'_>,
+        sent: usize,
+    ) -> Result<Vec<u8>, EventError> {
         let limit = self.limits.max_event_bytes;
-        let mut out = JsonObject::with_capacity(256);
+        // The value is about the size sent plus what normalization adds (an
+        // id, a timestamp): one allocation, not a doubling series.
+        let mut out = JsonObject::with_capacity(sent.min(limit) + 96);
         out.field("id", &known.id)?;
         if let Some(t) = &known.tenant {
             out.field("tenant_id", t)?;
