@@ -167,25 +167,23 @@ impl Normalizer {
         let value = self
             .encode_value(&known, &fields, raw.get().len())
             .map_err(fail)?;
-        let mut headers = Vec::with_capacity(3);
-        headers.push((HEADER_ID.to_string(), known.id.clone().into_bytes()));
-        if let Some(t) = &known.tenant {
-            headers.push((HEADER_TENANT.to_string(), t.clone().into_bytes()));
-        }
-        headers.push((
-            HEADER_RECEIVED_AT.to_string(),
-            received_at.header.clone().into_bytes(),
-        ));
-        let record = Record {
-            key,
-            value,
-            headers,
-            timestamp_ms: known.timestamp.timestamp_millis(),
+        // The Kafka headers, straight into the encoded record.
+        let id = (HEADER_ID, known.id.as_bytes());
+        let received = (HEADER_RECEIVED_AT, received_at.header.as_bytes());
+        let ts = known.timestamp.timestamp_millis();
+        let payload = match &known.tenant {
+            Some(t) => Record::encode_parts(
+                key.as_deref(),
+                &value,
+                &[id, (HEADER_TENANT, t.as_bytes()), received],
+                ts,
+            ),
+            None => Record::encode_parts(key.as_deref(), &value, &[id, received], ts),
         };
         Ok(NormalizedEvent {
             id: known.id,
             tenant: known.tenant,
-            payload: record.encode(),
+            payload,
         })
     }
 
