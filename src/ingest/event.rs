@@ -58,6 +58,28 @@ impl EventError {
     }
 }
 
+/// The time a request was received, with the two texts every event of the
+/// request writes from it, formatted once per request rather than per event.
+#[derive(Debug, Clone)]
+pub struct ReceivedAt {
+    time: DateTime<Utc>,
+    /// RFC 3339 with milliseconds: the `received_at` header.
+    header: String,
+    /// RFC 3339 as an event's own timestamp is written: the value's
+    /// `timestamp` when the event has none.
+    ts: String,
+}
+
+impl ReceivedAt {
+    pub fn new(time: DateTime<Utc>) -> Self {
+        ReceivedAt {
+            time,
+            header: time.to_rfc3339_opts(SecondsFormat::Millis, true),
+            ts: time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        }
+    }
+}
+
 /// An event ready for the WAL.
 #[derive(Debug, Clone)]
 pub struct NormalizedEvent {
@@ -172,39 +194,51 @@ impl Normalizer {
         received_at: DateTime<Utc>,
         scope: &TenantScope,
     ) -> Result<NormalizedEvent, (EventError, Option<String>)> {
+        self.normalize_at(raw, &ReceivedAt::new(received_at), scope)
+    }
+
+    /// [`Normalizer::normalize_raw`] with the request's time already
+    /// formatted: what a request of many events calls for each.
+    pub fn normalize_at(
+        &self,
+        raw: &RawValue,
+        received_at: &ReceivedAt,
+        scope: &TenantScope,
+    ) -> Result<NormalizedEvent, (EventError, Option<String>)> {
         let mut fields = self.list_fields(raw.get()).map_err(|e| (e, None))?;
-        let claimed = fields
-            .iter()
-            .find(|(k, _)| k == "id")
-            .and_then(|(_, v)| raw::string(v).ok().flatten())
-            .map(|s| s.chars().take(128).collect::<String>());
-        let fail = |e: EventError| (e, claimed.clone());
+        // Decoded only for an error report: most events pass.
+        let claimed_raw = fields.iter().find(|(k, _)| k == "id").map(|(_, v)| *v);
+        let fail = |e: EventError| {
+            let claimed = claimed_raw
+                .and_then(|v| raw::string(v).ok().flatten())
+                .map(|s| s.chars().take(128).collect::<String>());
+            (e, claimed)
+        };
         let known = self
             .extract(&mut fields, received_at, scope)
             .map_err(fail)?;
         let key = self.kafka_key(&known, &fields);
-        let value = self.encode_value(&known, &fields).map_err(fail)?;
-        let mut headers = vec![(HEADER_ID.to_string(), known.id.clone().into_bytes())];
-        if let Some(t) = &known.tenant {
-            headers.push((HEADER_TENANT.to_string(), t.clone().into_bytes()));
-        }
-        headers.push((
-            HEADER_RECEIVED_AT.to_string(),
-            received_at
-                .to_rfc3339_opts(SecondsFormat::Millis, true)
-                .into_bytes(),
-        ));
-        let record = Record {
-            stream: self.stream.clone(),
-            key,
-            value,
-            headers,
-            timestamp_ms: known.timestamp.timestamp_millis(),
+        let value = self
+            .encode_value(&known, &fields, raw.get().len())
+            .map_err(fail)?;
+        // The Kafka headers, straight into the encoded record.
+        let id = (HEADER_ID, known.id.as_bytes());
+        let received = (HEADER_RECEIVED_AT, received_at.header.as_bytes());
+        let ts = known.timestamp.timestamp_millis();
+        let payload = match &known.tenant {
+            Some(t) => Record::encode_parts(
+                &self.stream,
+                key.as_deref(),
+                &value,
+                &[id, (HEADER_TENANT, t.as_bytes()), received],
+                ts,
+            ),
+            None => Record::encode_parts(&self.stream, key.as_deref(), &value, &[id, received], ts),
         };
         Ok(NormalizedEvent {
             id: known.id,
             tenant: known.tenant,
-            payload: record.encode(),
+            payload,
         })
     }
 
@@ -232,6 +266,16 @@ impl Normalizer {
             }
         };
         let mut fields: Fields<'a> = Vec::with_capacity(listed.len());
+        // A scan finds a repeat faster than hashing up to this many keys.
+        if listed.len() <= 16 {
+            for (k, v) in listed {
+                match fields.iter().position(|(f, _)| *f == k) {
+                    Some(i) => fields[i] = (k, v),
+                    None => fields.push((k, v)),
+                }
+            }
+            return Ok(fields);
+        }
         let mut index = std::collections::HashMap::with_capacity(listed.len());
         for (k, v) in listed {
             match index.get(&k) {
@@ -251,13 +295,14 @@ impl Normalizer {
     fn extract(
         &self,
         fields: &mut Fields<'_>,
-        received_at: DateTime<Utc>,
+        received_at: &ReceivedAt,
         scope: &TenantScope,
     ) -> Result<Known, EventError> {
         let l = &self.limits;
+        // A scalar adds no depth: only containers need the scan.
         if fields
             .iter()
-            .any(|(_, v)| 1 + raw::compact(v.get(), None).1 > l.max_depth)
+            .any(|(_, v)| is_container(v) && 1 + raw::compact(v.get(), None).1 > l.max_depth)
         {
             return Err(EventError::TooDeep(l.max_depth));
         }
@@ -280,7 +325,13 @@ impl Normalizer {
             sent;
 
         let id = match string_field(id, "id must be a string")? {
-            None => uuid::Uuid::now_v7().to_string(),
+            None => {
+                let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                uuid::Uuid::now_v7()
+                    .hyphenated()
+                    .encode_lower(&mut buf)
+                    .to_string()
+            }
             Some(s) => {
                 let n = s.chars().count();
                 if n == 0 || n > l.max_id_chars {
@@ -312,9 +363,9 @@ impl Normalizer {
             });
         }
         let timestamp = match timestamp {
-            None => received_at,
-            Some(v) if v.get() == "null" => received_at,
-            Some(v) => parse_timestamp(v)?,
+            None => None,
+            Some(v) if v.get() == "null" => None,
+            Some(v) => Some(parse_timestamp(v)?),
         };
         let severity_msg =
             "severity must be one of TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL";
@@ -356,8 +407,12 @@ impl Normalizer {
             Some(v) if v.get().starts_with('{') => Some(compact_text(v)),
             Some(_) => return Err(invalid("metadata must be an object")),
         };
+        let (ts, timestamp) = match timestamp {
+            None => (received_at.ts.clone(), received_at.time),
+            Some(t) => (t.to_rfc3339_opts(SecondsFormat::AutoSi, true), t),
+        };
         Ok(Known {
-            ts: timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            ts,
             id,
             tenant,
             timestamp,
@@ -420,9 +475,16 @@ impl Normalizer {
     /// The record value: known fields first in a fixed order, then unknown
     /// ones verbatim (compact, numbers and escapes as sent) in the order the
     /// client sent them, written straight to bytes.
-    fn encode_value(&self, known: &Known, unknown: &Fields<'_>) -> Result<Vec<u8>, EventError> {
+    fn encode_value(
+        &self,
+        known: &Known,
+        unknown: &Fields<'_>,
+        sent: usize,
+    ) -> Result<Vec<u8>, EventError> {
         let limit = self.limits.max_event_bytes;
-        let mut out = JsonObject::with_capacity(256);
+        // The value is about the size sent plus what normalization adds (an
+        // id, a timestamp): one allocation, not a doubling series.
+        let mut out = JsonObject::with_capacity(sent.min(limit) + 96);
         out.field("id", &known.id)?;
         if let Some(t) = &known.tenant {
             out.field("tenant_id", t)?;
@@ -442,7 +504,7 @@ impl Normalizer {
         // an oversized event never costs more than the limit to refuse.
         let mut size = out.buf.len() + 1;
         for (k, v) in unknown {
-            size += k.len() + 4 + raw::compact(v.get(), None).0;
+            size += k.len() + 4 + compact_len(v);
         }
         if size > limit {
             return Err(EventError::TooLarge { size, limit });
@@ -486,6 +548,21 @@ fn string_field(v: Option<&RawValue>, msg: &str) -> Result<Option<String>, Event
     }
 }
 
+/// Whether a raw value is an object or an array (else a scalar, whose text
+/// has no whitespace outside its string and so is already compact).
+fn is_container(v: &RawValue) -> bool {
+    v.get().starts_with(['{', '['])
+}
+
+/// The length of a raw value's compact text.
+fn compact_len(v: &RawValue) -> usize {
+    if is_container(v) {
+        raw::compact(v.get(), None).0
+    } else {
+        v.get().len()
+    }
+}
+
 /// The compact text of a raw value.
 fn compact_text(v: &RawValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.get().len());
@@ -505,26 +582,17 @@ impl JsonObject {
         JsonObject { buf }
     }
 
-    fn field<V: serde::Serialize + ?Sized>(
-        &mut self,
-        key: &str,
-        value: &V,
-    ) -> Result<(), EventError> {
-        if self.buf.len() > 1 {
-            self.buf.push(b',');
-        }
-        let malformed = |e: serde_json::Error| EventError::Malformed(e.to_string());
-        serde_json::to_writer(&mut self.buf, key).map_err(malformed)?;
-        self.buf.push(b':');
-        serde_json::to_writer(&mut self.buf, value).map_err(malformed)
+    /// A string field.
+    fn field(&mut self, key: &str, value: &str) -> Result<(), EventError> {
+        self.key(key)?;
+        write_json_str(&mut self.buf, value)
     }
 
     fn key(&mut self, key: &str) -> Result<(), EventError> {
         if self.buf.len() > 1 {
             self.buf.push(b',');
         }
-        serde_json::to_writer(&mut self.buf, key)
-            .map_err(|e| EventError::Malformed(e.to_string()))?;
+        write_json_str(&mut self.buf, key)?;
         self.buf.push(b':');
         Ok(())
     }
@@ -542,20 +610,67 @@ impl JsonObject {
     }
 }
 
+/// Writes `s` as a JSON string. Most strings need no escape: those are
+/// copied whole after a word-at-a-time check; any other goes through
+/// serde_json's escaper, so the output is the same byte for byte.
+fn write_json_str(out: &mut Vec<u8>, s: &str) -> Result<(), EventError> {
+    if needs_escape(s.as_bytes()) {
+        return serde_json::to_writer(&mut *out, s)
+            .map_err(|e| EventError::Malformed(e.to_string()));
+    }
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+    Ok(())
+}
+
+/// Whether a string has a byte JSON must escape: a control character
+/// (below 0x20), a quote or a backslash. Eight bytes at a time with the
+/// classic word tests ("has a byte less than n", "has a zero byte"): a borrow
+/// can flag a byte above a real hit but never flags a word without one, so
+/// the answer is exact.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(c);
+        let w = u64::from_le_bytes(a);
+        let hit = (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
+            | has_zero(w ^ (ONES * u64::from(b'"')))
+            | has_zero(w ^ (ONES * u64::from(b'\\')));
+        if hit != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 fn invalid(msg: impl Into<String>) -> EventError {
     EventError::Invalid(msg.into())
 }
 
 fn normalize_severity(s: &str) -> Option<&'static str> {
-    Some(match s.trim().to_ascii_uppercase().as_str() {
-        "TRACE" => "TRACE",
-        "DEBUG" => "DEBUG",
-        "INFO" => "INFO",
-        "WARN" | "WARNING" => "WARN",
-        "ERROR" => "ERROR",
-        "FATAL" => "FATAL",
-        _ => return None,
-    })
+    const LEVELS: [(&str, &str); 7] = [
+        ("INFO", "INFO"),
+        ("WARN", "WARN"),
+        ("ERROR", "ERROR"),
+        ("DEBUG", "DEBUG"),
+        ("WARNING", "WARN"),
+        ("TRACE", "TRACE"),
+        ("FATAL", "FATAL"),
+    ];
+    let s = s.trim();
+    LEVELS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(s))
+        .map(|&(_, level)| level)
 }
 
 /// The first and last millisecond a Kafka record time can carry through
@@ -603,10 +718,19 @@ fn parse_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, EventError> {
     if t.starts_with(['{', '[']) {
         return Err(bad());
     }
-    let v: Value = serde_json::from_str(t).map_err(|_| bad())?;
-    match &v {
-        Value::Number(n) => epoch(n.as_f64().ok_or_else(bad)?),
-        Value::String(s) => {
+    // The text is valid JSON: a string, or a number when it starts like one
+    // (a JSON number is also Rust's f64 syntax; one beyond f64 reads as
+    // infinite, which `epoch` refuses).
+    let text = if t.starts_with('"') {
+        raw::string(raw).ok().flatten()
+    } else {
+        None
+    };
+    match text {
+        None if t.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+            epoch(t.parse::<f64>().map_err(|_| bad())?)
+        }
+        Some(s) => {
             let s = s.trim();
             if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
                 return in_range(dt.with_timezone(&Utc));
@@ -623,7 +747,7 @@ fn parse_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, EventError> {
                 _ => Err(bad()),
             }
         }
-        _ => Err(bad()),
+        None => Err(bad()),
     }
 }
 
@@ -770,6 +894,41 @@ mod tests {
             n.normalize(json!([1]), now()).unwrap_err(),
             EventError::NotObject
         );
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        // Every byte that needs an escape, at every offset of a word and in
+        // the tail, among plain and multi-byte text.
+        let mut cases = vec![String::new(), "plain ascii text, long enough".into()];
+        for special in ['"', '\\', '\n', '\u{0}', '\u{1f}', '\u{7f}', 'é', '€', '😀'] {
+            for at in 0..20 {
+                let mut s: String = "x".repeat(at);
+                s.push(special);
+                s.push_str("tail");
+                cases.push(s);
+            }
+        }
+        for s in cases {
+            let mut out = Vec::new();
+            write_json_str(&mut out, &s).unwrap();
+            assert_eq!(out, serde_json::to_vec(&s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn severity_is_matched_without_regard_to_case() {
+        for (sent, level) in [
+            ("warning", Some("WARN")),
+            (" Warn ", Some("WARN")),
+            ("fatal", Some("FATAL")),
+            ("TRACE", Some("TRACE")),
+            ("inf", None),
+            ("WARNINGS", None),
+            ("ınfo", None),
+        ] {
+            assert_eq!(normalize_severity(sent), level, "{sent}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-pub use event::{EventError, NormalizedEvent, Normalizer};
+pub use event::{EventError, NormalizedEvent, Normalizer, ReceivedAt};
 pub use parse::{BodyError, BodyFormat};
 
 use crate::auth::{TenantDenied, TenantScope};
@@ -93,6 +93,7 @@ pub fn prepare(
         accepted: Vec::with_capacity(candidates.len()),
         rejected: Vec::new(),
     };
+    let received_at = event::ReceivedAt::new(received_at);
     for (index, c) in candidates.into_iter().enumerate() {
         let value = match c.value {
             Ok(v) => v,
@@ -108,7 +109,7 @@ pub fn prepare(
                 continue;
             }
         };
-        match normalizer.normalize_raw(value.get(), received_at, scope) {
+        match normalizer.normalize_at(value.get(), &received_at, scope) {
             Ok(e) => batch.accepted.push(e),
             Err((e, id)) => batch.rejected.push(Rejection {
                 index,

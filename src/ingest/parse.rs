@@ -138,17 +138,23 @@ fn parse_json<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>,
     let items: Vec<&RawValue> = if text.starts_with('[') {
         split(text)?
     } else if text.starts_with('{') {
-        // Two fields are enough to tell a wrapper from an event.
-        let wrapped = match raw::fields(text, 2) {
-            Ok(raw::Fields::Object(f)) if f.len() == 1 => {
-                let (k, v) = &f[0];
-                match k.as_ref() {
-                    "events" => Some(Ok(*v)),
-                    "event" => Some(Err(*v)),
-                    _ => None,
+        // Two fields are enough to tell a wrapper from an event; an object
+        // whose first key is plainly something else is an event, without
+        // another pass over it.
+        let wrapped = if !raw::first_key_may_be(text, &["event", "events"]) {
+            None
+        } else {
+            match raw::fields(text, 2) {
+                Ok(raw::Fields::Object(f)) if f.len() == 1 => {
+                    let (k, v) = &f[0];
+                    match k.as_ref() {
+                        "events" => Some(Ok(*v)),
+                        "event" => Some(Err(*v)),
+                        _ => None,
+                    }
                 }
+                _ => None,
             }
-            _ => None,
         };
         match wrapped {
             Some(Ok(list)) if list.get().starts_with('[') => split(list.get())?,

@@ -129,6 +129,21 @@ impl<'de> Visitor<'de> for KeyVisitor {
     }
 }
 
+/// Whether the first key of a JSON object's text (valid JSON, starting with
+/// `{`) could be one of `names`: false only when it is plainly another key
+/// (or there is none). A key with an escape may spell anything, so it answers
+/// true and the caller reads the object properly.
+pub fn first_key_may_be(text: &str, names: &[&str]) -> bool {
+    let rest = text[1..].trim_start_matches([' ', '\t', '\n', '\r']);
+    let Some(rest) = rest.strip_prefix('"') else {
+        return false;
+    };
+    match rest.find(['"', '\\']) {
+        Some(end) if rest.as_bytes()[end] == b'"' => names.contains(&&rest[..end]),
+        _ => true,
+    }
+}
+
 /// Why a JSON array of events was not split.
 pub enum SplitError {
     TooMany,
@@ -185,7 +200,12 @@ pub fn string(raw: &RawValue) -> Result<Option<String>, ()> {
     if t == "null" {
         Ok(None)
     } else if t.starts_with('"') {
-        serde_json::from_str::<String>(t).map(Some).map_err(|_| ())
+        // Valid JSON (serde_json produced the raw value): a string without
+        // a backslash is its own text between the quotes.
+        match t.get(1..t.len() - 1) {
+            Some(inner) if t.len() >= 2 && !inner.contains('\\') => Ok(Some(inner.to_string())),
+            _ => serde_json::from_str::<String>(t).map(Some).map_err(|_| ()),
+        }
     } else {
         Err(())
     }
@@ -202,6 +222,21 @@ mod tests {
         assert_eq!(out, br#"{"a b":[1e5,"x \" ]",{}]}"#);
         assert_eq!((len, depth), (out.len(), 3));
         assert_eq!(compact("7", None), (1, 0));
+    }
+
+    #[test]
+    fn first_key_is_read_only_when_plain() {
+        let names = ["event", "events"];
+        for (text, may) in [
+            (r#"{"event":{}}"#, true),
+            (" {\n \"events\" :[]}".trim_start(), true),
+            (r#"{"tenant_id":"a","event":1}"#, false),
+            (r#"{"ev\u0065nt":{}}"#, true),
+            (r#"{"eventually":1}"#, false),
+            ("{ }", false),
+        ] {
+            assert_eq!(first_key_may_be(text, &names), may, "{text}");
+        }
     }
 
     #[test]
