@@ -34,10 +34,12 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rates: RatesConfig,
     pub idempotency: crate::idempotency::IdempotencyConfig,
+    /// `sluice archive` (Kafka to hourly files).
+    pub archive: crate::archive::ArchiveConfig,
 }
 
 /// The config file's sections, for environment names and error pointers.
-pub const SECTIONS: [&str; 10] = [
+pub const SECTIONS: [&str; 11] = [
     "http",
     "limits",
     "events",
@@ -48,6 +50,7 @@ pub const SECTIONS: [&str; 10] = [
     "auth",
     "rates",
     "idempotency",
+    "archive",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +95,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rates: RatesConfig::default(),
             idempotency: Default::default(),
+            archive: Default::default(),
         }
     }
 }
@@ -162,7 +166,8 @@ impl Config {
             self.log.validate()?;
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
-            self.replay.validate()
+            self.replay.validate()?;
+            self.archive.validate()
         };
         checks().map_err(ConfigError::Invalid)
     }

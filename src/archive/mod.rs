@@ -47,10 +47,15 @@
 
 pub mod analytics;
 pub mod checkpoint;
+pub mod config;
+pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod layout;
 pub mod writer;
 
 pub use analytics::{AnalyticsSpec, HourStats, Summary};
 pub use checkpoint::CheckpointError;
+pub use config::ArchiveConfig;
 pub use layout::{Hour, Layout};
 pub use writer::{AnalyticsView, ArchiveError, Placed, Writer, WriterMetrics, WriterOptions};
