@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent chaos-exactly-once
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent chaos-exactly-once chaos-archive
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -95,3 +95,9 @@ e2e-independent:
 	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) $(E2E_PYTHON) tests/independent/run.py
+
+# kill -9 chaos of `sluice archive` against a `sluice dev-broker` process:
+# every produced record in exactly one line, summaries equal a recount.
+# `make test` runs 4 cycles; `make chaos-archive CYCLES=100` for the note.
+chaos-archive:
+	ARCHIVE_CHAOS_CYCLES=$(or $(CYCLES),100) $(CARGO) test --locked --all-features --test archive kill_9 -- --nocapture

@@ -59,3 +59,26 @@ pub use checkpoint::CheckpointError;
 pub use config::ArchiveConfig;
 pub use layout::{Hour, Layout};
 pub use writer::{AnalyticsView, ArchiveError, Placed, Writer, WriterMetrics, WriterOptions};
+
+/// Debug builds: sleeps at a named ordering point so that the chaos test's
+/// SIGKILLs land inside the window more often.
+/// `SLUICE_DEBUG_ARCHIVE_PAUSE="checkpoint=30,kafka=30"`: `checkpoint` is
+/// after the files' fdatasync and before the checkpoint's rename, `kafka`
+/// after the checkpoint and before the Kafka offset commit.
+pub(crate) fn debug_pause(site: &str) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Ok(spec) = std::env::var("SLUICE_DEBUG_ARCHIVE_PAUSE") else {
+        return;
+    };
+    let ms = spec
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim() == site)
+        .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}

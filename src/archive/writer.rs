@@ -680,6 +680,9 @@ impl Writer {
                 cp.hours.insert(h.key(), s.clone());
             }
         }
+        // Dying here: the lines are durable but not committed; the next
+        // open truncates them and the source resends them.
+        super::debug_pause("checkpoint");
         checkpoint::write(&self.opts.dir, &cp).map_err(io(&self.opts.dir))?;
         self.metrics.fsyncs.fetch_add(2, Relaxed);
         // Committed. Summaries of open hours follow the checkpoint (a crash

@@ -49,6 +49,7 @@ impl Archiver {
             .arg("--addr-file")
             .arg(&addr_file)
             .env("RUST_LOG", "sluice=info")
+            .env("SLUICE_DEBUG_ARCHIVE_PAUSE", "checkpoint=20,kafka=20")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -74,6 +75,21 @@ impl Archiver {
 
     fn get(&self, path: &str) -> (u16, String) {
         http_get(&self.addr, path)
+    }
+
+    /// Until the group assigned partitions (the consumer is reading).
+    fn wait_ready(&mut self) {
+        let t0 = Instant::now();
+        while self.get("/ready").0 != 200 {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "archive exited {st}:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(t0.elapsed() < WITHIN, "archive never became ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill_9(mut self) {
@@ -383,25 +399,35 @@ fn kill_9_chaos_exactly_once_with_duplicates_late_and_unparsed_records() {
     let mut kills = 0;
     let t_start = Instant::now();
     for cycle in 0..cycles {
-        let a = Archiver::start(&dir, &broker.addr, "chaos", &cfg);
+        let mut a = Archiver::start(&dir, &broker.addr, "chaos", &cfg);
+        a.wait_ready();
+        // Produce in small bursts while the archiver runs, and kill it at a
+        // random burst: mid-write, mid-fsync, mid-checkpoint.
         let n = 200 + rand_u64() % 400;
+        let kill_at = rand_u64() % n;
+        let mut a = Some(a);
         for i in 0..n {
             let seq = src.next();
             ledger.push(ledger_id("i1", seq));
             if i % 97 == 0 {
                 src.duplicate_tail(20);
             }
+            if i % 20 == 19 {
+                src.flush();
+                std::thread::sleep(Duration::from_millis(15));
+            }
+            if i == kill_at {
+                let a = a.take().unwrap();
+                if cycle % 5 == 4 {
+                    // Sometimes a clean stop, which seals every hour.
+                    assert!(a.stop().success());
+                } else {
+                    a.kill_9();
+                    kills += 1;
+                }
+            }
         }
         src.flush();
-        // Kill at a random moment of the archiving.
-        std::thread::sleep(Duration::from_millis(rand_u64() % 1200));
-        if cycle % 5 == 4 {
-            // Sometimes a clean stop, which seals every hour.
-            assert!(a.stop().success());
-        } else {
-            a.kill_9();
-            kills += 1;
-        }
         // sluice's own restart re-sends what it had not committed.
         src.duplicate_tail(50);
     }
