@@ -538,6 +538,8 @@ fn archive(args: ArchiveArgs) -> CliResult {
         properties: props,
         commit_interval: std::time::Duration::from_millis(a.commit_interval_ms),
         commit_records: a.commit_records,
+        retention: (a.retention_days > 0)
+            .then(|| std::time::Duration::from_secs(a.retention_days * 86_400)),
     };
     let result = crate::archive::kafka::run(writer, progress, source, status, stop);
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -241,6 +241,8 @@ pub struct Source {
     pub properties: BTreeMap<String, String>,
     pub commit_interval: Duration,
     pub commit_records: u64,
+    /// Delete hourly files older than this (summaries stay); None keeps all.
+    pub retention: Option<Duration>,
 }
 
 /// Consumes until `stop` is set (then commits and seals) or a failure.
@@ -285,6 +287,7 @@ pub fn run(
     tracing::info!(topic = %src.topic, group = %src.group_id, "archive: consuming");
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now() - Duration::from_secs(60);
+    let mut last_retention = None;
     while !stop.load(Relaxed) {
         let msg = consumer.poll(Duration::from_millis(100));
         let mut g = inner.lock().map_err(|_| "archive state poisoned")?;
@@ -354,6 +357,16 @@ pub fn run(
             let ids = g.assigned.clone();
             g.commit(&consumer, &status, &ids, CommitMode::Sync)?;
             last_commit = Instant::now();
+        }
+        if let Some(keep) = src.retention {
+            let now = super::Hour::now();
+            if last_retention != Some(now) {
+                last_retention = Some(now);
+                let cutoff = super::Hour(now.0 - (keep.as_secs() / 3600) as i64);
+                g.writer
+                    .remove_hours_before(cutoff)
+                    .map_err(|e| format!("archive retention: {e}"))?;
+            }
         }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();

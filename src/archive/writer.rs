@@ -750,6 +750,34 @@ impl Writer {
         }
     }
 
+    /// Retention: deletes the hourly files (plain or compressed) and the
+    /// unparsed files of hours before `cutoff`, keeping their summaries.
+    /// Hours still open are never touched. Returns the files deleted.
+    pub fn remove_hours_before(&mut self, cutoff: Hour) -> Result<usize, ArchiveError> {
+        let dir = self.opts.dir.clone();
+        let mut removed = 0;
+        let mut dirs = BTreeSet::new();
+        for rel in walk(&dir).map_err(io(&dir))? {
+            let Some((kind, h)) = self.opts.layout.classify(&rel) else {
+                continue;
+            };
+            if kind == Kind::Summary || h >= cutoff || self.files.contains_key(Path::new(&rel)) {
+                continue;
+            }
+            let path = dir.join(&rel);
+            std::fs::remove_file(&path).map_err(io(&path))?;
+            tracing::info!(file = %path.display(), "archive: retention removed an hourly file");
+            removed += 1;
+            if let Some(p) = path.parent() {
+                dirs.insert(p.to_path_buf());
+            }
+        }
+        for d in dirs {
+            checkpoint::sync_dir(&d).map_err(io(&d))?;
+        }
+        Ok(removed)
+    }
+
     /// Files currently open.
     pub fn open_files(&self) -> usize {
         self.open
@@ -979,6 +1007,27 @@ mod tests {
             assert_eq!(s.total, n, "hour {h}");
             assert_eq!(n, if h == 3 { 4 } else { 3 });
         }
+    }
+
+    #[test]
+    fn retention_removes_old_files_and_keeps_their_analytics() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        o.idle_close = Duration::ZERO;
+        let (mut w, _) = Writer::open(o).unwrap();
+        w.append(&ev("2026-11-20T08:00:00Z", "/old"), &pos(0))
+            .unwrap();
+        w.append(&ev("2026-11-26T12:00:00Z", "/new"), &pos(1))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        let removed = w
+            .remove_hours_before(Hour::parse("2026-11-25T00").unwrap())
+            .unwrap();
+        assert_eq!(removed, 1);
+        assert!(!d.path().join("logs/2026-11-20/08.log.json").exists());
+        assert!(d.path().join("logs/2026-11-26/12.log.json").exists());
+        let old = Hour::parse("2026-11-20T08").unwrap();
+        assert_eq!(w.analytics().hour(old).unwrap().unwrap().total, 1);
     }
 
     #[test]
