@@ -48,6 +48,10 @@ pub struct ArchiveConfig {
     /// Delete hourly files older than this many days (summaries stay); 0
     /// keeps everything. Default 0.
     pub retention_days: u64,
+    /// zstd-compress an hour's file (`HH.log.json.zst`) once it is sealed
+    /// (idle `idle-close-secs`); summaries and analytics are unaffected, and
+    /// a late event decompresses the hour first. Default false.
+    pub compress: bool,
     /// librdkafka consumer properties on top of the archiver's own (e.g.
     /// `session.timeout.ms`); `security.*`, `sasl.*` and `ssl.*` from
     /// `[kafka.librdkafka]` are used too. `enable.auto.commit`,
@@ -75,6 +79,7 @@ impl Default for ArchiveConfig {
             top_n: spec.top_n,
             max_tracked: spec.max_tracked,
             retention_days: 0,
+            compress: false,
             librdkafka: Default::default(),
         }
     }
@@ -114,6 +119,7 @@ impl ArchiveConfig {
         o.max_open_files = self.max_open_files;
         o.buffer_bytes = self.buffer_bytes;
         o.idle_close = Duration::from_secs(self.idle_close_secs);
+        o.compress_sealed = self.compress;
         Ok(o)
     }
 }

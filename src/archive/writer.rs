@@ -35,6 +35,9 @@ pub struct WriterOptions {
     /// its hour sealed (summary written durably, dropped from memory and
     /// from the checkpoint). 5 minutes.
     pub idle_close: Duration,
+    /// zstd-compress a sealed hour's file into `<file>.zst` (the summary
+    /// keeps its counts; a late event decompresses it first). Off.
+    pub compress_sealed: bool,
 }
 
 impl WriterOptions {
@@ -47,6 +50,7 @@ impl WriterOptions {
             max_open_files: 64,
             buffer_bytes: 256 << 10,
             idle_close: Duration::from_secs(300),
+            compress_sealed: false,
         }
     }
 }
@@ -108,7 +112,9 @@ pub struct AnalyticsView {
     dir: PathBuf,
     layout: Layout,
     top_n: usize,
-    committed: Arc<Mutex<HashMap<Hour, HourStats>>>,
+    /// The open hours' committed counts, published by a running writer at
+    /// each commit; `None` offline, where the checkpoint file has them.
+    committed: Option<Arc<Mutex<HashMap<Hour, HourStats>>>>,
 }
 
 impl AnalyticsView {
@@ -118,21 +124,46 @@ impl AnalyticsView {
             dir: dir.into(),
             layout,
             top_n,
-            committed: Default::default(),
+            committed: None,
         }
+    }
+
+    /// The open hours' committed counts: from the writer, or read once
+    /// from the checkpoint.
+    fn open_hours(&self) -> Result<HashMap<Hour, HourStats>, String> {
+        if let Some(m) = &self.committed {
+            return m
+                .lock()
+                .map(|m| m.clone())
+                .map_err(|_| "poisoned".to_string());
+        }
+        let cp = checkpoint::read(&self.dir).map_err(|e| e.to_string())?;
+        Ok(cp
+            .map(|cp| {
+                cp.hours
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((Hour::parse(&k)?, v)))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn lookup(
+        &self,
+        open: &HashMap<Hour, HourStats>,
+        h: Hour,
+    ) -> Result<Option<HourStats>, String> {
+        if let Some(s) = open.get(&h) {
+            return Ok(Some(s.clone()));
+        }
+        // Sealed hours: the summary was made durable before the checkpoint
+        // stopped naming the hour.
+        read_summary(&self.dir, &self.layout, h).map(|s| s.map(|s| s.stats))
     }
 
     /// The committed analytics of hour `h`, if it has any line.
     pub fn hour(&self, h: Hour) -> Result<Option<HourStats>, String> {
-        if let Some(s) = self.committed.lock().ok().and_then(|m| m.get(&h).cloned()) {
-            return Ok(Some(s));
-        }
-        if let Some(cp) = checkpoint::read(&self.dir).map_err(|e| e.to_string())? {
-            if let Some(s) = cp.hours.get(&h.key()) {
-                return Ok(Some(s.clone()));
-            }
-        }
-        read_summary(&self.dir, &self.layout, h).map(|s| s.map(|s| s.stats))
+        self.lookup(&self.open_hours()?, h)
     }
 
     /// The summary document of hour `h`.
@@ -148,8 +179,9 @@ impl AnalyticsView {
             return Err("range must have from <= to and span at most 31 days".into());
         }
         let mut total = HourStats::default();
+        let open = self.open_hours()?;
         for h in from.0..=to.0 {
-            if let Some(s) = self.hour(Hour(h))? {
+            if let Some(s) = self.lookup(&open, Hour(h))? {
                 total.merge(&s);
             }
         }
@@ -219,7 +251,8 @@ impl Writer {
             }
         };
         let metrics = Arc::new(WriterMetrics::default());
-        let view = AnalyticsView::offline(&dir, opts.layout.clone(), opts.analytics.top_n);
+        let mut view = AnalyticsView::offline(&dir, opts.layout.clone(), opts.analytics.top_n);
+        view.committed = Some(Default::default());
         let mut w = Writer {
             opts,
             files: HashMap::new(),
@@ -256,7 +289,19 @@ impl Writer {
                 continue;
             };
             let keep = match kind {
-                Kind::Summary | Kind::Compressed => continue,
+                Kind::Summary => continue,
+                // Both forms: a compression (or decompression) was cut
+                // short. The plain file is complete in either case (each
+                // form appears only by rename after its fsync): keep it.
+                Kind::Compressed => {
+                    if dir.join(self.opts.layout.log(h)).exists() {
+                        std::fs::remove_file(&path).map_err(io(&path))?;
+                        if let Some(p) = path.parent() {
+                            self.dirs_to_sync.insert(p.to_path_buf());
+                        }
+                    }
+                    continue;
+                }
                 _ if cp.files.contains_key(&rel) => continue, // below
                 Kind::Log => read_summary(&dir, &self.opts.layout, h)
                     .map_err(ArchiveError::Inconsistent)?
@@ -415,7 +460,7 @@ impl Writer {
         if self.files.contains_key(rel) {
             return Ok(());
         }
-        let (stats, len) = match read_summary(&self.opts.dir, &self.opts.layout, h)
+        let (mut stats, mut len) = match read_summary(&self.opts.dir, &self.opts.layout, h)
             .map_err(ArchiveError::Inconsistent)?
         {
             Some(s) => {
@@ -424,6 +469,27 @@ impl Writer {
             }
             None => (HourStats::default(), 0),
         };
+        let plain = self.opts.dir.join(rel);
+        let zst = zst_path(&plain);
+        if len > 0 && !plain.exists() && !zst.exists() {
+            // Retention (or an operator) removed the hour's file: a late
+            // event starts a new one. The counts keep the removed lines,
+            // as retention promises; `bytes` is the new file's length.
+            tracing::warn!(hour = %h.key(), "archive: late event for an hour whose file was removed; starting a new file");
+            stats.bytes = 0;
+            len = 0;
+        }
+        if !plain.exists() && zst.exists() {
+            // A late event for a compressed hour: back to plain first.
+            let bytes = std::fs::read(&zst).map_err(io(&zst))?;
+            let data = zstd::stream::decode_all(&bytes[..]).map_err(io(&zst))?;
+            replace_durably(&plain, &data).map_err(io(&plain))?;
+            std::fs::remove_file(&zst).map_err(io(&zst))?;
+            if let Some(p) = plain.parent() {
+                checkpoint::sync_dir(p).map_err(io(p))?;
+            }
+            self.metrics.fsyncs.fetch_add(3, Relaxed);
+        }
         self.hours.insert(h, stats);
         self.files.insert(
             rel.to_path_buf(),
@@ -689,7 +755,10 @@ impl Writer {
         // before they are written is repaired by the next open).
         self.unparsed_sealed_through = sealed_unparsed;
         for rel in &sealed {
-            self.files.remove(rel);
+            let kind = self.files.remove(rel).map(|f| f.kind);
+            if self.opts.compress_sealed && kind == Some(Kind::Log) {
+                self.compress(rel)?;
+            }
         }
         for h in std::mem::take(&mut self.dirty_hours) {
             if !sealed_hours.contains(&h) {
@@ -704,6 +773,23 @@ impl Writer {
         self.metrics
             .last_commit_micros
             .store(started.elapsed().as_micros() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Replaces a sealed hour's file by `<file>.zst`: the compressed copy
+    /// is durable under its name before the plain file goes, so a death
+    /// leaves one complete form or both (the next open keeps the plain).
+    fn compress(&mut self, rel: &Path) -> Result<(), ArchiveError> {
+        let plain = self.opts.dir.join(rel);
+        let data = std::fs::read(&plain).map_err(io(&plain))?;
+        let packed = zstd::stream::encode_all(&data[..], 3).map_err(io(&plain))?;
+        let zst = zst_path(&plain);
+        replace_durably(&zst, &packed).map_err(io(&zst))?;
+        std::fs::remove_file(&plain).map_err(io(&plain))?;
+        if let Some(p) = plain.parent() {
+            checkpoint::sync_dir(p).map_err(io(p))?;
+        }
+        self.metrics.fsyncs.fetch_add(3, Relaxed);
         Ok(())
     }
 
@@ -745,7 +831,7 @@ impl Writer {
 
     /// Hands the committed counts of the open hours to the view.
     fn publish(&self) {
-        if let Ok(mut m) = self.view.committed.lock() {
+        if let Some(Ok(mut m)) = self.view.committed.as_ref().map(|m| m.lock()) {
             *m = self.hours.clone();
         }
     }
@@ -792,6 +878,25 @@ impl Writer {
         self.opts.idle_close = idle;
         r
     }
+}
+
+fn zst_path(plain: &Path) -> PathBuf {
+    let mut s = plain.as_os_str().to_owned();
+    s.push(".zst");
+    PathBuf::from(s)
+}
+
+/// `path` with `data`: tmp, fsync, rename, directory fsync.
+fn replace_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    checkpoint::sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// The event time in milliseconds: an RFC 3339 string, or a number of
@@ -1028,6 +1133,64 @@ mod tests {
         assert!(d.path().join("logs/2026-11-26/12.log.json").exists());
         let old = Hour::parse("2026-11-20T08").unwrap();
         assert_eq!(w.analytics().hour(old).unwrap().unwrap().total, 1);
+        // A late event for the removed hour starts a new file; the counts
+        // keep the removed line, the length is the new file's.
+        w.append(&ev("2026-11-20T08:30:00Z", "/later"), &pos(2))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        drop(w);
+        let (w, _) = Writer::open(opts(d.path())).unwrap();
+        let file = d.path().join("logs/2026-11-20/08.log.json");
+        assert_eq!(lines(&file).len(), 1);
+        let s = w.analytics().hour(old).unwrap().unwrap();
+        assert_eq!(
+            (s.total, s.bytes),
+            (2, std::fs::metadata(&file).unwrap().len())
+        );
+    }
+
+    #[test]
+    fn sealed_hours_compress_and_a_late_event_decompresses_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        o.idle_close = Duration::ZERO;
+        o.compress_sealed = true;
+        let (mut w, _) = Writer::open(o.clone()).unwrap();
+        w.append(&ev("2026-11-26T12:00:00Z", "/a"), &pos(0))
+            .unwrap();
+        w.append(&ev("2026-11-26T12:10:00Z", "/b"), &pos(1))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        let plain = d.path().join("logs/2026-11-26/12.log.json");
+        let zst = d.path().join("logs/2026-11-26/12.log.json.zst");
+        assert!(!plain.exists() && zst.exists());
+        let text = zstd::stream::decode_all(&std::fs::read(&zst).unwrap()[..]).unwrap();
+        assert_eq!(
+            text.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count(),
+            2
+        );
+        // Reopening keeps the compressed file (it is not the layout's plain file).
+        drop(w);
+        let (mut w, _) = Writer::open(o.clone()).unwrap();
+        assert!(zst.exists());
+        // A late event: decompressed, appended, counted, compressed again.
+        o.compress_sealed = false;
+        w.opts.compress_sealed = false;
+        w.append(&ev("2026-11-26T12:20:00Z", "/c"), &pos(2))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        assert!(!zst.exists());
+        assert_eq!(lines(&plain).len(), 3);
+        let h = Hour::parse("2026-11-26T12").unwrap();
+        assert_eq!(w.analytics().hour(h).unwrap().unwrap().total, 3);
+        // Both forms after a cut-short compression: the plain one stays.
+        std::fs::write(&zst, b"partial").unwrap();
+        drop(w);
+        let (_w, _) = Writer::open(o).unwrap();
+        assert!(!zst.exists());
+        assert_eq!(lines(&plain).len(), 3);
     }
 
     #[test]
