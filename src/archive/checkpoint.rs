@@ -88,9 +88,10 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint, String> {
 pub fn write(dir: &Path, cp: &Checkpoint) -> std::io::Result<()> {
     let body = serde_json::to_vec(cp).map_err(std::io::Error::other)?;
     let tmp = dir.join(TMP);
+    let mut bytes = format!("{MAGIC} {:08x}\n", crc32fast::hash(&body)).into_bytes();
+    bytes.extend_from_slice(&body);
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{MAGIC} {:08x}", crc32fast::hash(&body))?;
-    f.write_all(&body)?;
+    f.write_all(&bytes)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, dir.join(FILE))?;

@@ -809,9 +809,23 @@ impl Writer {
             .map_err(|e| ArchiveError::Inconsistent(e.to_string()))?;
         let parent = path.parent().unwrap_or(&self.opts.dir).to_path_buf();
         if !parent.exists() {
+            // Every new directory's entry must be durable in its parent
+            // before a sealed summary counts as the hour's record.
+            let mut new_dirs = Vec::new();
+            let mut d = parent.as_path();
+            while !d.exists() {
+                new_dirs.push(d.to_path_buf());
+                match d.parent() {
+                    Some(up) => d = up,
+                    None => break,
+                }
+            }
             std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-            if let Some(up) = parent.parent() {
-                checkpoint::sync_dir(up).map_err(io(up))?;
+            for nd in new_dirs {
+                if let Some(up) = nd.parent() {
+                    checkpoint::sync_dir(up).map_err(io(up))?;
+                    self.metrics.fsyncs.fetch_add(1, Relaxed);
+                }
             }
         }
         let tmp = path.with_extension("json.tmp");
