@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -106,3 +106,9 @@ e2e-otel:
 	@$(OTEL_PYTHON) -c 'import importlib.metadata as m, sys; sys.exit(any(m.version(p) != "$(OTEL_SDK_VERSION)" for p in ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http")))' 2>/dev/null || { python3 -m venv $(TOOLS)/otel-venv && $(TOOLS)/otel-venv/bin/pip install --quiet opentelemetry-sdk==$(OTEL_SDK_VERSION) opentelemetry-exporter-otlp-proto-http==$(OTEL_SDK_VERSION); }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice $(OTEL_PYTHON) tests/otel/run.py
+
+# kill -9 chaos of `sluice archive` against a `sluice dev-broker` process:
+# every produced record in exactly one line, summaries equal a recount.
+# `make test` runs 4 cycles; `make chaos-archive CYCLES=100` for the note.
+chaos-archive:
+	ARCHIVE_CHAOS_CYCLES=$(or $(CYCLES),100) $(CARGO) test --locked --all-features --test archive kill_9 -- --nocapture

@@ -74,6 +74,27 @@ enum Command {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// Archive a topic into hourly NDJSON files with hourly analytics,
+    /// exactly once (`[archive]` in the config; brokers and topic from
+    /// `[kafka]`). Serves /v1/analytics, /health, /ready, /metrics.
+    Archive(ArchiveArgs),
+    /// Print an archive's analytics for an hour (or a range) as JSON, the
+    /// same document as the archiver's `GET /v1/analytics`.
+    Analytics {
+        /// The archive directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// An hour like 2026-11-26T12.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        hour: Option<String>,
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+        /// For a non-default layout (`archive.summaries-pattern`).
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Manage API keys (the file `auth.keys-file` names).
     Keys {
         #[command(subcommand)]
@@ -133,6 +154,29 @@ struct ServeArgs {
     admin_addr_file: Option<PathBuf>,
 }
 
+/// Precedence as for `serve`: defaults < file < environment < flags.
+#[derive(clap::Args)]
+struct ArchiveArgs {
+    #[arg(long, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The archive directory (`archive.dir`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Consumer group (`archive.group-id`).
+    #[arg(long)]
+    group: Option<String>,
+    #[arg(long)]
+    brokers: Option<String>,
+    #[arg(long)]
+    topic: Option<String>,
+    /// HTTP listener (`archive.listen`).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Write the listener's bound address here once listening.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum WalCommand {
     /// Check every frame of every segment. Exits 1 if acknowledged records
@@ -174,6 +218,14 @@ pub fn main() -> ExitCode {
         Command::CheckConfig { config, print } => check_config(&config, print),
         Command::Wal { command } => run_wal(command),
         Command::Keys { command } => run_keys(command),
+        Command::Archive(args) => archive(args),
+        Command::Analytics {
+            dir,
+            hour,
+            from,
+            to,
+            config,
+        } => analytics(&dir, hour, from, to, config),
         Command::DevBroker {
             topics,
             partitions,
@@ -407,6 +459,122 @@ fn serve(args: ServeArgs) -> CliResult {
         crate::server::Exit::Clean => ExitCode::SUCCESS,
         crate::server::Exit::WalFailed => ExitCode::from(1),
     })
+}
+
+fn archive(args: ArchiveArgs) -> CliResult {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut config = match &args.config {
+        Some(path) => crate::config::Config::from_file(path)?,
+        None => crate::config::Config::default(),
+    };
+    config.apply_env(std::env::vars())?;
+    let a = &mut config.archive;
+    if let Some(d) = args.dir {
+        a.dir = d;
+    }
+    if let Some(g) = args.group {
+        a.group_id = g;
+    }
+    if let Some(l) = args.listen {
+        a.listen = l;
+    }
+    if let Some(b) = args.brokers {
+        config.kafka.brokers = b;
+    }
+    if let Some(t) = args.topic {
+        config.kafka.topic = t;
+    }
+    config.validate()?;
+    if config.kafka.brokers.is_empty() {
+        return Err("sluice archive needs kafka.brokers (--brokers)".into());
+    }
+    init_logging(&config.log.level, &config.log.format);
+    let a = config.archive.clone();
+    let (writer, progress) = match crate::archive::Writer::open(a.writer_options()?) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, dir = %a.dir.display(), "archive: cannot open");
+            return Err(e.into());
+        }
+    };
+    let status = crate::archive::http::ArchiveStatus::new(writer.analytics(), writer.metrics());
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(a.listen))?;
+    if let Some(path) = &args.addr_file {
+        std::fs::write(path, listener.local_addr()?.to_string())?;
+    }
+    let router = crate::archive::http::router(status.clone());
+    runtime.spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "archive: HTTP listener failed");
+        }
+    });
+    let flag = stop.clone();
+    runtime.spawn(async move {
+        shutdown_signal().await;
+        flag.store(true, Ordering::Relaxed);
+    });
+    let mut props: std::collections::BTreeMap<String, String> = config
+        .kafka
+        .librdkafka
+        .iter()
+        .filter(|(k, _)| {
+            ["security.", "sasl.", "ssl."]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    props.extend(a.librdkafka.clone());
+    let source = crate::archive::kafka::Source {
+        brokers: config.kafka.brokers.clone(),
+        topic: config.kafka.topic.clone(),
+        group_id: a.group_id.clone(),
+        properties: props,
+        commit_interval: std::time::Duration::from_millis(a.commit_interval_ms),
+        commit_records: a.commit_records,
+        retention: (a.retention_days > 0)
+            .then(|| std::time::Duration::from_secs(a.retention_days * 86_400)),
+    };
+    let result = crate::archive::kafka::run(writer, progress, source, status, stop);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(error = %e, "archive: stopping");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn analytics(
+    dir: &Path,
+    hour: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    config: Option<PathBuf>,
+) -> CliResult {
+    let a = match &config {
+        Some(path) => crate::config::Config::from_file(path)?.archive,
+        None => crate::archive::ArchiveConfig::default(),
+    };
+    let layout = crate::archive::Layout::new(&a.logs_pattern, &a.summaries_pattern)?;
+    let view = crate::archive::AnalyticsView::offline(dir, layout, a.top_n);
+    match crate::archive::http::query(&view, hour.as_deref(), from.as_deref(), to.as_deref())? {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT. A second one exits at once, which

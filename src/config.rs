@@ -40,10 +40,12 @@ pub struct Config {
     /// every ingest path.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub streams: Vec<crate::streams::StreamConfig>,
+    /// `sluice archive` (Kafka to hourly files).
+    pub archive: crate::archive::ArchiveConfig,
 }
 
 /// The config file's sections, for environment names and error pointers.
-pub const SECTIONS: [&str; 11] = [
+pub const SECTIONS: [&str; 12] = [
     "http",
     "limits",
     "events",
@@ -55,6 +57,7 @@ pub const SECTIONS: [&str; 11] = [
     "rates",
     "idempotency",
     "otlp",
+    "archive",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +104,7 @@ impl Default for Config {
             idempotency: Default::default(),
             otlp: Default::default(),
             streams: Vec::new(),
+            archive: Default::default(),
         }
     }
 }
@@ -189,6 +193,7 @@ impl Config {
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
             self.replay.validate()?;
+            self.archive.validate()?;
             crate::streams::validate(&self.kafka, &self.streams)?;
             // Each stream's key field and topic bound the value too.
             for st in &self.streams {

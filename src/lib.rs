@@ -19,6 +19,8 @@
 //! - [`ingest`]: body decoding, parsing, normalization into WAL records.
 //! - [`wal`]: the write-ahead log (format, writer, reader, recovery).
 //! - [`replay`]: WAL to Kafka, the committed offset, dead letters.
+//! - [`archive`]: records into hourly NDJSON files and hourly analytics,
+//!   exactly once (`sluice archive` from Kafka, the `files` sink from the WAL).
 //! - [`datadir`]: the data directory's layout and its lock.
 //! - [`metrics`]: Prometheus; observes the stages, none depends on it but
 //!   `http`, which serves it.
@@ -34,6 +36,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod auth;
 #[cfg(feature = "kafka")]
 pub mod cli;

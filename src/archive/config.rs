@@ -1,0 +1,125 @@
+//! `[archive]`: settings of `sluice archive` (brokers and topic come from
+//! `[kafka]`). Every field's doc ends with its default.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::analytics::AnalyticsSpec;
+use super::layout::{Layout, DEFAULT_LOGS, DEFAULT_SUMMARIES};
+use super::writer::WriterOptions;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// The archive directory (one per archiver). Default `./sluice-archive`.
+    pub dir: PathBuf,
+    /// Kafka consumer group. Default `sluice-archive`.
+    pub group_id: String,
+    /// HTTP listener: analytics, health, readiness, metrics. Default `127.0.0.1:9191`.
+    pub listen: std::net::SocketAddr,
+    /// Commit (fsync, checkpoint, Kafka offsets) at least this often while
+    /// records arrive, in ms. Default 1000.
+    pub commit_interval_ms: u64,
+    /// ... or after this many records, whichever comes first. Default 50000.
+    pub commit_records: u64,
+    /// Files open at once. Default 64.
+    pub max_open_files: usize,
+    /// Per-file write buffer. Default 262144.
+    pub buffer_bytes: usize,
+    /// Close a file and seal its hour after this many seconds without a
+    /// line. Default 300.
+    pub idle_close_secs: u64,
+    /// Path pattern of the hourly files (strftime, UTC). Default `logs/%Y-%m-%d/%H.log.json`.
+    pub logs_pattern: String,
+    /// Path pattern of the summaries. Default `analytics/%Y-%m-%d/summary_%H.json`.
+    pub summaries_pattern: String,
+    /// Event-time field (RFC 3339, or epoch seconds/milliseconds). Default `timestamp`.
+    pub timestamp_field: String,
+    /// Fields counted with top-N besides tenant, source and severity.
+    /// Default `["path", "userAgent"]`.
+    pub fields: Vec<String>,
+    /// Values listed per field in a summary. Default 10.
+    pub top_n: usize,
+    /// Distinct values tracked per field per hour (the rest count as
+    /// `other`). Default 1000.
+    pub max_tracked: usize,
+    /// Delete hourly files older than this many days (summaries stay); 0
+    /// keeps everything. Default 0.
+    pub retention_days: u64,
+    /// zstd-compress an hour's file (`HH.log.json.zst`) once it is sealed
+    /// (idle `idle-close-secs`); summaries and analytics are unaffected, and
+    /// a late event decompresses the hour first. Default false.
+    pub compress: bool,
+    /// librdkafka consumer properties on top of the archiver's own (e.g.
+    /// `session.timeout.ms`); `security.*`, `sasl.*` and `ssl.*` from
+    /// `[kafka.librdkafka]` are used too. `enable.auto.commit`,
+    /// `enable.auto.offset.store` and `group.id` are the archiver's and
+    /// cannot be set here. Default empty.
+    pub librdkafka: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        let spec = AnalyticsSpec::default();
+        ArchiveConfig {
+            dir: PathBuf::from("sluice-archive"),
+            group_id: "sluice-archive".into(),
+            listen: ([127, 0, 0, 1], 9191).into(),
+            commit_interval_ms: 1000,
+            commit_records: 50_000,
+            max_open_files: 64,
+            buffer_bytes: 256 << 10,
+            idle_close_secs: 300,
+            logs_pattern: DEFAULT_LOGS.into(),
+            summaries_pattern: DEFAULT_SUMMARIES.into(),
+            timestamp_field: "timestamp".into(),
+            fields: spec.fields,
+            top_n: spec.top_n,
+            max_tracked: spec.max_tracked,
+            retention_days: 0,
+            compress: false,
+            librdkafka: Default::default(),
+        }
+    }
+}
+
+impl ArchiveConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        Layout::new(&self.logs_pattern, &self.summaries_pattern)?;
+        if self.group_id.is_empty() {
+            return Err("archive.group-id must not be empty".into());
+        }
+        if self.commit_interval_ms == 0 || self.commit_records == 0 {
+            return Err("archive.commit-interval-ms and archive.commit-records must be > 0".into());
+        }
+        if self.max_open_files == 0 || self.max_tracked == 0 {
+            return Err("archive.max-open-files and archive.max-tracked must be > 0".into());
+        }
+        for k in ["enable.auto.commit", "enable.auto.offset.store", "group.id"] {
+            if self.librdkafka.contains_key(k) {
+                return Err(format!("archive.librdkafka cannot set {k}: offsets move only after the files are durable"));
+            }
+        }
+        if self.timestamp_field.is_empty() {
+            return Err("archive.timestamp-field must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The writer's options (after [`ArchiveConfig::validate`]).
+    pub fn writer_options(&self) -> Result<WriterOptions, String> {
+        let mut o = WriterOptions::new(&self.dir);
+        o.layout = Layout::new(&self.logs_pattern, &self.summaries_pattern)?;
+        o.analytics.fields = self.fields.clone();
+        o.analytics.top_n = self.top_n;
+        o.analytics.max_tracked = self.max_tracked;
+        o.timestamp_field = self.timestamp_field.clone();
+        o.max_open_files = self.max_open_files;
+        o.buffer_bytes = self.buffer_bytes;
+        o.idle_close = Duration::from_secs(self.idle_close_secs);
+        o.compress_sealed = self.compress;
+        Ok(o)
+    }
+}

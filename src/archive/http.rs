@@ -1,0 +1,234 @@
+//! The archiver's HTTP listener: `GET /v1/analytics?hour=2026-11-26T12`
+//! (or `?from=..&to=..`, inclusive), `/health`, `/ready`, `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::analytics::HourStats;
+use super::layout::Hour;
+use super::writer::{AnalyticsView, WriterMetrics};
+
+/// What the listener reports; the consumer loop updates it.
+pub struct ArchiveStatus {
+    pub view: AnalyticsView,
+    pub writer: Arc<WriterMetrics>,
+    /// Set once the writer is open and the consumer subscribed; cleared on
+    /// shutdown.
+    pub ready: AtomicBool,
+    /// Per partition: high watermark minus the next offset to archive.
+    pub lag: Mutex<BTreeMap<i32, i64>>,
+    /// Records dropped by the exactly-once rule (seq at or below the high mark).
+    pub duplicates: AtomicU64,
+    /// Records without `instance`/`seq` headers, archived as they are.
+    pub unmarked: AtomicU64,
+    /// Sum of commit durations, µs.
+    pub commit_micros_total: AtomicU64,
+    /// Kafka offset commits that failed (retried by the next commit).
+    pub kafka_commit_errors: AtomicU64,
+}
+
+impl ArchiveStatus {
+    pub fn new(view: AnalyticsView, writer: Arc<WriterMetrics>) -> Arc<Self> {
+        Arc::new(ArchiveStatus {
+            view,
+            writer,
+            ready: AtomicBool::new(false),
+            lag: Mutex::new(BTreeMap::new()),
+            duplicates: AtomicU64::new(0),
+            unmarked: AtomicU64::new(0),
+            commit_micros_total: AtomicU64::new(0),
+            kafka_commit_errors: AtomicU64::new(0),
+        })
+    }
+}
+
+pub fn router(status: Arc<ArchiveStatus>) -> Router {
+    Router::new()
+        .route("/v1/analytics", get(analytics))
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(status)
+}
+
+#[derive(Deserialize)]
+struct AnalyticsQuery {
+    hour: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn bad(msg: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({"error": msg.into()})),
+    )
+        .into_response()
+}
+
+/// The response of `/v1/analytics` and `sluice analytics`.
+pub fn query(
+    view: &AnalyticsView,
+    hour: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<Result<serde_json::Value, String>, String> {
+    let parse = |name: &str, v: &str| {
+        Hour::parse(v).ok_or_else(|| format!("{name}={v:?}: expected an hour like 2026-11-26T12"))
+    };
+    let summary = match (hour, from, to) {
+        (Some(h), None, None) => {
+            let h = match parse("hour", h) {
+                Ok(h) => h,
+                Err(e) => return Ok(Err(e)),
+            };
+            match view.hour(h)? {
+                Some(_) => view.summary(h)?,
+                None => Some(HourStats::default().summary(&h.key(), "", 0)),
+            }
+        }
+        (None, Some(f), Some(t)) => {
+            let (f, t) = match (parse("from", f), parse("to", t)) {
+                (Ok(f), Ok(t)) => (f, t),
+                (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+            };
+            match view.range(f, t) {
+                Ok(s) => Some(s),
+                Err(e) if e.starts_with("range") => return Ok(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        _ => return Ok(Err("give either hour=, or both from= and to=".into())),
+    };
+    Ok(Ok(serde_json::to_value(summary).map_err(|e| e.to_string())?))
+}
+
+async fn analytics(
+    State(s): State<Arc<ArchiveStatus>>,
+    q: Result<Query<AnalyticsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return bad("bad query string");
+    };
+    let view = s.view.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        query(&view, q.hour.as_deref(), q.from.as_deref(), q.to.as_deref())
+    })
+    .await;
+    match r {
+        Ok(Ok(Ok(v))) => Json(v).into_response(),
+        Ok(Ok(Err(e))) => bad(e),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "archive: reading analytics");
+            (StatusCode::INTERNAL_SERVER_ERROR, e).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn ready(State(s): State<Arc<ArchiveStatus>>) -> Response {
+    if s.ready.load(Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
+    let mut out = String::new();
+    let w = &s.writer;
+    let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    };
+    one(
+        "sluice_archive_lines_total",
+        "counter",
+        "Lines appended to hourly and unparsed files.",
+        w.lines.load(Relaxed),
+    );
+    one(
+        "sluice_archive_bytes_total",
+        "counter",
+        "Bytes appended.",
+        w.bytes.load(Relaxed),
+    );
+    one(
+        "sluice_archive_fsyncs_total",
+        "counter",
+        "fsync/fdatasync calls (files, directories, checkpoint).",
+        w.fsyncs.load(Relaxed),
+    );
+    one(
+        "sluice_archive_unparsed_total",
+        "counter",
+        "Records written to logs/unparsed (not JSON or no usable timestamp).",
+        w.unparsed.load(Relaxed),
+    );
+    one(
+        "sluice_archive_files_open",
+        "gauge",
+        "Files held open by the writer.",
+        w.files_open.load(Relaxed),
+    );
+    one(
+        "sluice_archive_commits_total",
+        "counter",
+        "Checkpoints written.",
+        w.commits.load(Relaxed),
+    );
+    one(
+        "sluice_archive_recovered_files_total",
+        "counter",
+        "Files truncated or removed at start (lines after the last checkpoint).",
+        w.recovered_files.load(Relaxed),
+    );
+    one(
+        "sluice_archive_duplicates_dropped_total",
+        "counter",
+        "Records dropped by the exactly-once rule.",
+        s.duplicates.load(Relaxed),
+    );
+    one(
+        "sluice_archive_unmarked_total",
+        "counter",
+        "Records without instance/seq headers (not deduplicated).",
+        s.unmarked.load(Relaxed),
+    );
+    one(
+        "sluice_archive_kafka_commit_errors_total",
+        "counter",
+        "Failed Kafka offset commits.",
+        s.kafka_commit_errors.load(Relaxed),
+    );
+    let last = w.last_commit_micros.load(Relaxed) as f64 / 1e6;
+    let total = s.commit_micros_total.load(Relaxed) as f64 / 1e6;
+    let _ = writeln!(
+        out,
+        "# HELP sluice_archive_checkpoint_seconds Duration of the last commit (write, fdatasync, checkpoint).\n\
+         # TYPE sluice_archive_checkpoint_seconds gauge\nsluice_archive_checkpoint_seconds {last}\n\
+         # HELP sluice_archive_checkpoint_seconds_total Time spent in commits.\n\
+         # TYPE sluice_archive_checkpoint_seconds_total counter\nsluice_archive_checkpoint_seconds_total {total}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sluice_archive_lag Records behind the partition's high watermark.\n# TYPE sluice_archive_lag gauge"
+    );
+    if let Ok(lag) = s.lag.lock() {
+        for (p, l) in lag.iter() {
+            let _ = writeln!(out, "sluice_archive_lag{{partition=\"{p}\"}} {l}");
+        }
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,1245 @@
+//! The archive writer: lines into hourly files, analytics alongside, and
+//! one `commit` that makes both durable together with the source's
+//! position. See the module documentation of [`crate::archive`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::analytics::{AnalyticsSpec, HourStats, Summary};
+use super::checkpoint::{self, Checkpoint, CheckpointError};
+use super::layout::{Hour, Kind, Layout};
+
+/// How the writer behaves. `Default` is the Log Pipeline's layout.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub dir: PathBuf,
+    pub layout: Layout,
+    pub analytics: AnalyticsSpec,
+    /// Field holding the event time (RFC 3339 string, or epoch seconds or
+    /// milliseconds as a number). `timestamp`.
+    pub timestamp_field: String,
+    /// Files kept open at once; the least recently written is flushed,
+    /// fdatasynced and closed to make room. 64.
+    pub max_open_files: usize,
+    /// A file's buffer is written to the OS when it reaches this size
+    /// (and at every commit). 256 KiB.
+    pub buffer_bytes: usize,
+    /// A file not written for this long is closed at the next commit and
+    /// its hour sealed (summary written durably, dropped from memory and
+    /// from the checkpoint). 5 minutes.
+    pub idle_close: Duration,
+    /// zstd-compress a sealed hour's file into `<file>.zst` (the summary
+    /// keeps its counts; a late event decompresses it first). Off.
+    pub compress_sealed: bool,
+}
+
+impl WriterOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        WriterOptions {
+            dir: dir.into(),
+            layout: Layout::default(),
+            analytics: AnalyticsSpec::default(),
+            timestamp_field: "timestamp".into(),
+            max_open_files: 64,
+            buffer_bytes: 256 << 10,
+            idle_close: Duration::from_secs(300),
+            compress_sealed: false,
+        }
+    }
+}
+
+/// Counters for metrics, readable from other threads.
+#[derive(Debug, Default)]
+pub struct WriterMetrics {
+    pub lines: AtomicU64,
+    pub bytes: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub unparsed: AtomicU64,
+    pub files_open: AtomicU64,
+    pub commits: AtomicU64,
+    /// Duration of the last commit (write, fdatasync, checkpoint), µs.
+    pub last_commit_micros: AtomicU64,
+    /// Files truncated or removed on open (uncommitted tails).
+    pub recovered_files: AtomicU64,
+}
+
+/// Where `append` put a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placed {
+    Hour(Hour),
+    /// Not valid JSON, or no usable timestamp (the reason).
+    Unparsed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
+    move |e| ArchiveError::Io(path.display().to_string(), e)
+}
+
+struct OpenFile {
+    kind: Kind,
+    hour: Hour,
+    handle: Option<File>,
+    buf: Vec<u8>,
+    /// Bytes handed to the OS (not counting `buf`).
+    written: u64,
+    /// Written since the last fdatasync.
+    unsynced: bool,
+    last_write: Instant,
+    tick: u64,
+}
+
+/// Read access to the analytics for the HTTP listener and `sluice
+/// analytics`: committed counts of open hours, summaries for the rest.
+#[derive(Clone)]
+pub struct AnalyticsView {
+    dir: PathBuf,
+    layout: Layout,
+    top_n: usize,
+    /// The open hours' committed counts, published by a running writer at
+    /// each commit; `None` offline, where the checkpoint file has them.
+    committed: Option<Arc<Mutex<HashMap<Hour, HourStats>>>>,
+}
+
+impl AnalyticsView {
+    /// An offline view of a directory (no writer running).
+    pub fn offline(dir: impl Into<PathBuf>, layout: Layout, top_n: usize) -> Self {
+        AnalyticsView {
+            dir: dir.into(),
+            layout,
+            top_n,
+            committed: None,
+        }
+    }
+
+    /// The open hours' committed counts: from the writer, or read once
+    /// from the checkpoint.
+    fn open_hours(&self) -> Result<HashMap<Hour, HourStats>, String> {
+        if let Some(m) = &self.committed {
+            return m
+                .lock()
+                .map(|m| m.clone())
+                .map_err(|_| "poisoned".to_string());
+        }
+        let cp = checkpoint::read(&self.dir).map_err(|e| e.to_string())?;
+        Ok(cp
+            .map(|cp| {
+                cp.hours
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((Hour::parse(&k)?, v)))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn lookup(
+        &self,
+        open: &HashMap<Hour, HourStats>,
+        h: Hour,
+    ) -> Result<Option<HourStats>, String> {
+        if let Some(s) = open.get(&h) {
+            return Ok(Some(s.clone()));
+        }
+        // Sealed hours: the summary was made durable before the checkpoint
+        // stopped naming the hour.
+        read_summary(&self.dir, &self.layout, h).map(|s| s.map(|s| s.stats))
+    }
+
+    /// The committed analytics of hour `h`, if it has any line.
+    pub fn hour(&self, h: Hour) -> Result<Option<HourStats>, String> {
+        self.lookup(&self.open_hours()?, h)
+    }
+
+    /// The summary document of hour `h`.
+    pub fn summary(&self, h: Hour) -> Result<Option<Summary>, String> {
+        Ok(self
+            .hour(h)?
+            .map(|s| s.summary(&h.key(), &self.layout.log(h).to_string_lossy(), self.top_n)))
+    }
+
+    /// Hours `from..=to` merged into one summary (at most 31 days).
+    pub fn range(&self, from: Hour, to: Hour) -> Result<Summary, String> {
+        if to < from || to.0 - from.0 > 24 * 31 {
+            return Err("range must have from <= to and span at most 31 days".into());
+        }
+        let mut total = HourStats::default();
+        let open = self.open_hours()?;
+        for h in from.0..=to.0 {
+            if let Some(s) = self.lookup(&open, Hour(h))? {
+                total.merge(&s);
+            }
+        }
+        Ok(total.summary(&format!("{}/{}", from.key(), to.key()), "", self.top_n))
+    }
+}
+
+fn read_summary(dir: &Path, layout: &Layout, h: Hour) -> Result<Option<Summary>, String> {
+    let path = dir.join(layout.summary(h));
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// See [`crate::archive`].
+pub struct Writer {
+    opts: WriterOptions,
+    files: HashMap<PathBuf, OpenFile>,
+    hours: HashMap<Hour, HourStats>,
+    /// Hours changed since the last commit.
+    dirty_hours: BTreeSet<Hour>,
+    /// Directories whose entries changed since the last commit.
+    dirs_to_sync: BTreeSet<PathBuf>,
+    unparsed_sealed_through: Option<i64>,
+    open: usize,
+    tick: u64,
+    metrics: Arc<WriterMetrics>,
+    view: AnalyticsView,
+    /// Set after an I/O error: what is on disk is unknown until reopened.
+    broken: bool,
+}
+
+impl Writer {
+    /// Opens (or creates) the directory: reads the checkpoint, truncates
+    /// every file to its committed length, removes files created after it,
+    /// and returns the writer with the `progress` the last commit saved
+    /// (`Value::Null` for a fresh directory).
+    pub fn open(opts: WriterOptions) -> Result<(Writer, Value), ArchiveError> {
+        let dir = opts.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let cp = match checkpoint::read(&dir)? {
+            Some(cp) => cp,
+            None => {
+                // No checkpoint: only a directory without archive files is
+                // fresh. Files without a checkpoint mean it was lost, and
+                // their committed lengths with it: refuse.
+                let found = walk(&dir)
+                    .map_err(io(&dir))?
+                    .into_iter()
+                    .find(|rel| opts.layout.classify(rel).is_some());
+                if let Some(rel) = found {
+                    return Err(CheckpointError::Corrupt(
+                        dir.join(checkpoint::FILE).display().to_string(),
+                        format!("missing, but {rel} exists"),
+                    )
+                    .into());
+                }
+                // Written before any archive file exists, so a crash
+                // before the first commit still finds a checkpoint.
+                let cp = Checkpoint::default();
+                checkpoint::write(&dir, &cp).map_err(io(&dir))?;
+                cp
+            }
+        };
+        let metrics = Arc::new(WriterMetrics::default());
+        let mut view = AnalyticsView::offline(&dir, opts.layout.clone(), opts.analytics.top_n);
+        view.committed = Some(Default::default());
+        let mut w = Writer {
+            opts,
+            files: HashMap::new(),
+            hours: HashMap::new(),
+            dirty_hours: BTreeSet::new(),
+            dirs_to_sync: BTreeSet::new(),
+            unparsed_sealed_through: cp.unparsed_sealed_through,
+            open: 0,
+            tick: 0,
+            metrics,
+            view,
+            broken: false,
+        };
+        w.recover(&cp)?;
+        Ok((w, cp.progress))
+    }
+
+    /// Brings the files back to the checkpoint.
+    fn recover(&mut self, cp: &Checkpoint) -> Result<(), ArchiveError> {
+        let dir = self.opts.dir.clone();
+        for (key, stats) in &cp.hours {
+            let h = Hour::parse(key)
+                .ok_or_else(|| ArchiveError::Inconsistent(format!("checkpoint hour {key:?}")))?;
+            self.hours.insert(h, stats.clone());
+            self.dirty_hours.insert(h);
+        }
+        for rel in walk(&dir).map_err(io(&dir))? {
+            let path = dir.join(&rel);
+            if rel.ends_with(".tmp") {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                continue;
+            }
+            let Some((kind, h)) = self.opts.layout.classify(&rel) else {
+                continue;
+            };
+            let keep = match kind {
+                Kind::Summary => continue,
+                // Both forms: a compression (or decompression) was cut
+                // short. The plain file is complete in either case (each
+                // form appears only by rename after its fsync): keep it.
+                Kind::Compressed => {
+                    if dir.join(self.opts.layout.log(h)).exists() {
+                        std::fs::remove_file(&path).map_err(io(&path))?;
+                        if let Some(p) = path.parent() {
+                            self.dirs_to_sync.insert(p.to_path_buf());
+                        }
+                    }
+                    continue;
+                }
+                _ if cp.files.contains_key(&rel) => continue, // below
+                Kind::Log => read_summary(&dir, &self.opts.layout, h)
+                    .map_err(ArchiveError::Inconsistent)?
+                    .map(|s| s.stats.bytes),
+                Kind::Unparsed => (Some(h.0) <= cp.unparsed_sealed_through)
+                    .then(|| std::fs::metadata(&path).map_or(0, |m| m.len())),
+            };
+            match keep {
+                Some(len) => self.truncate(&path, len)?,
+                None => {
+                    // Created after the last commit: nothing in it counts.
+                    tracing::warn!(file = %path.display(), "archive: removing a file created after the last checkpoint");
+                    std::fs::remove_file(&path).map_err(io(&path))?;
+                    self.metrics.recovered_files.fetch_add(1, Relaxed);
+                    if let Some(p) = path.parent() {
+                        self.dirs_to_sync.insert(p.to_path_buf());
+                    }
+                }
+            }
+        }
+        for (rel, &len) in &cp.files {
+            let path = dir.join(rel);
+            let (kind, hour) = self.opts.layout.classify(rel).ok_or_else(|| {
+                ArchiveError::Inconsistent(format!("checkpoint names {rel:?}, not in the layout"))
+            })?;
+            self.truncate(&path, len)?;
+            self.files.insert(
+                PathBuf::from(rel),
+                OpenFile {
+                    kind,
+                    hour,
+                    handle: None,
+                    buf: Vec::new(),
+                    written: len,
+                    unsynced: false,
+                    last_write: Instant::now(),
+                    tick: 0,
+                },
+            );
+        }
+        for d in std::mem::take(&mut self.dirs_to_sync) {
+            checkpoint::sync_dir(&d).map_err(io(&d))?;
+        }
+        // Summaries of open hours may be ahead of the checkpoint (written
+        // after it, from lines that were then truncated) or behind it.
+        for h in self.hours.keys().copied().collect::<Vec<_>>() {
+            self.write_summary(h, false)?;
+        }
+        self.dirty_hours.clear();
+        self.publish();
+        Ok(())
+    }
+
+    /// Cuts `path` back to `len` bytes, durably. A file shorter than its
+    /// committed length lost committed lines: refuse.
+    fn truncate(&self, path: &Path, len: u64) -> Result<(), ArchiveError> {
+        let f = match OpenOptions::new().write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && len == 0 => return Ok(()),
+            Err(e) => return Err(io(path)(e)),
+        };
+        let actual = f.metadata().map_err(io(path))?.len();
+        if actual < len {
+            return Err(ArchiveError::Inconsistent(format!(
+                "{} has {actual} bytes but {len} were committed: committed lines are missing",
+                path.display()
+            )));
+        }
+        if actual > len {
+            tracing::warn!(file = %path.display(), committed = len, found = actual,
+                "archive: truncating lines written after the last checkpoint");
+            f.set_len(len).map_err(io(path))?;
+            f.sync_data().map_err(io(path))?;
+            self.metrics.recovered_files.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> Arc<WriterMetrics> {
+        self.metrics.clone()
+    }
+
+    pub fn analytics(&self) -> AnalyticsView {
+        self.view.clone()
+    }
+
+    pub fn options(&self) -> &WriterOptions {
+        &self.opts
+    }
+
+    /// Appends one record. `position` says where it came from (for Kafka
+    /// `{"topic","partition","offset"}`); it is written with unparsed
+    /// records only. Nothing is durable until [`Writer::commit`].
+    pub fn append(&mut self, value: &[u8], position: &Value) -> Result<Placed, ArchiveError> {
+        if self.broken {
+            return Err(ArchiveError::Inconsistent(
+                "an earlier write failed; reopen the archive".into(),
+            ));
+        }
+        let parsed = serde_json::from_slice::<Value>(value);
+        let (event, ts) = match parsed {
+            Err(e) => return self.unparsed(value, position, format!("not JSON: {e}")),
+            Ok(v) => match event_time(&v, &self.opts.timestamp_field) {
+                Some(ts) => (v, ts),
+                None => {
+                    let reason = format!("no usable {:?}", self.opts.timestamp_field);
+                    return self.unparsed(value, position, reason);
+                }
+            },
+        };
+        let hour = Hour::of_millis(ts);
+        let trimmed = value.trim_ascii();
+        let mut line = if trimmed.contains(&b'\n') || trimmed.contains(&b'\r') || !event.is_object()
+        {
+            serde_json::to_vec(&event).map_err(|e| ArchiveError::Inconsistent(e.to_string()))?
+        } else {
+            trimmed.to_vec()
+        };
+        line.push(b'\n');
+        let rel = self.opts.layout.log(hour);
+        self.activate(hour, &rel)?;
+        let stats = self.hours.entry(hour).or_default();
+        stats.add(&self.opts.analytics, &event, ts, line.len() as u64);
+        self.dirty_hours.insert(hour);
+        self.push(&rel, Kind::Log, hour, &line)?;
+        Ok(Placed::Hour(hour))
+    }
+
+    fn unparsed(
+        &mut self,
+        value: &[u8],
+        position: &Value,
+        reason: String,
+    ) -> Result<Placed, ArchiveError> {
+        let now = Hour::now();
+        let hour = match self.unparsed_sealed_through {
+            Some(s) if now.0 <= s => Hour(s + 1),
+            _ => now,
+        };
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "position": position,
+            "reason": reason,
+            "value": String::from_utf8_lossy(value),
+        }))
+        .map_err(|e| ArchiveError::Inconsistent(e.to_string()))?;
+        line.push(b'\n');
+        let rel = self.opts.layout.unparsed(hour);
+        self.push(&rel, Kind::Unparsed, hour, &line)?;
+        self.metrics.unparsed.fetch_add(1, Relaxed);
+        Ok(Placed::Unparsed(reason))
+    }
+
+    /// Makes hour `h` an open hour: a sealed hour (a late event) gets its
+    /// counts back from its summary and its file's length from there too.
+    fn activate(&mut self, h: Hour, rel: &Path) -> Result<(), ArchiveError> {
+        if self.files.contains_key(rel) {
+            return Ok(());
+        }
+        let (mut stats, mut len) = match read_summary(&self.opts.dir, &self.opts.layout, h)
+            .map_err(ArchiveError::Inconsistent)?
+        {
+            Some(s) => {
+                let len = s.stats.bytes;
+                (s.stats, len)
+            }
+            None => (HourStats::default(), 0),
+        };
+        let plain = self.opts.dir.join(rel);
+        let zst = zst_path(&plain);
+        if len > 0 && !plain.exists() && !zst.exists() {
+            // Retention (or an operator) removed the hour's file: a late
+            // event starts a new one. The counts keep the removed lines,
+            // as retention promises; `bytes` is the new file's length.
+            tracing::warn!(hour = %h.key(), "archive: late event for an hour whose file was removed; starting a new file");
+            stats.bytes = 0;
+            len = 0;
+        }
+        if !plain.exists() && zst.exists() {
+            // A late event for a compressed hour: back to plain first.
+            let bytes = std::fs::read(&zst).map_err(io(&zst))?;
+            let data = zstd::stream::decode_all(&bytes[..]).map_err(io(&zst))?;
+            replace_durably(&plain, &data).map_err(io(&plain))?;
+            std::fs::remove_file(&zst).map_err(io(&zst))?;
+            if let Some(p) = plain.parent() {
+                checkpoint::sync_dir(p).map_err(io(p))?;
+            }
+            self.metrics.fsyncs.fetch_add(3, Relaxed);
+        }
+        self.hours.insert(h, stats);
+        self.files.insert(
+            rel.to_path_buf(),
+            OpenFile {
+                kind: Kind::Log,
+                hour: h,
+                handle: None,
+                buf: Vec::new(),
+                written: len,
+                unsynced: false,
+                last_write: Instant::now(),
+                tick: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        rel: &Path,
+        kind: Kind,
+        hour: Hour,
+        line: &[u8],
+    ) -> Result<(), ArchiveError> {
+        self.tick += 1;
+        let tick = self.tick;
+        let f = self
+            .files
+            .entry(rel.to_path_buf())
+            .or_insert_with(|| OpenFile {
+                kind,
+                hour,
+                handle: None,
+                buf: Vec::new(),
+                written: 0,
+                unsynced: false,
+                last_write: Instant::now(),
+                tick,
+            });
+        f.buf.extend_from_slice(line);
+        f.tick = tick;
+        f.last_write = Instant::now();
+        self.metrics.lines.fetch_add(1, Relaxed);
+        self.metrics.bytes.fetch_add(line.len() as u64, Relaxed);
+        if f.buf.len() >= self.opts.buffer_bytes {
+            let r = self.flush(rel);
+            return self.guard(r);
+        }
+        Ok(())
+    }
+
+    /// After an I/O error the files' state is unknown: refuse further use.
+    fn guard<T>(&mut self, r: Result<T, ArchiveError>) -> Result<T, ArchiveError> {
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Writes `rel`'s buffer to the OS, opening the file if needed.
+    fn flush(&mut self, rel: &Path) -> Result<(), ArchiveError> {
+        let needs_open = self
+            .files
+            .get(rel)
+            .is_some_and(|f| f.handle.is_none() && !f.buf.is_empty());
+        if needs_open {
+            while self.open >= self.opts.max_open_files.max(1) {
+                self.evict()?;
+            }
+            let path = self.opts.dir.join(rel);
+            let expected = self.files.get(rel).map_or(0, |f| f.written);
+            let handle = self.open_file(&path, expected)?;
+            if let Some(f) = self.files.get_mut(rel) {
+                f.handle = Some(handle);
+            }
+            self.open += 1;
+            self.metrics.files_open.store(self.open as u64, Relaxed);
+        }
+        let Some(f) = self.files.get_mut(rel) else {
+            return Ok(());
+        };
+        if let (Some(h), false) = (f.handle.as_mut(), f.buf.is_empty()) {
+            let path = self.opts.dir.join(rel);
+            h.write_all(&f.buf).map_err(io(&path))?;
+            f.written += f.buf.len() as u64;
+            f.buf.clear();
+            f.unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Opens a file for appending; a new file (and new directories) will
+    /// have their directory entries fsynced at the next commit.
+    fn open_file(&mut self, path: &Path, expected: u64) -> Result<File, ArchiveError> {
+        if let Some(parent) = path.parent() {
+            if !parent.exists() {
+                let mut missing = parent;
+                while let Some(up) = missing.parent() {
+                    self.dirs_to_sync.insert(up.to_path_buf());
+                    if up.exists() {
+                        break;
+                    }
+                    missing = up;
+                }
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+        }
+        let existed = path.exists();
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        if !existed {
+            if let Some(p) = path.parent() {
+                self.dirs_to_sync.insert(p.to_path_buf());
+            }
+        }
+        let len = f.metadata().map_err(io(path))?.len();
+        if len != expected {
+            return Err(ArchiveError::Inconsistent(format!(
+                "{} has {len} bytes, the archive expected {expected}: another process writes it",
+                path.display()
+            )));
+        }
+        Ok(f)
+    }
+
+    /// Flushes, fdatasyncs and closes the least recently written open file.
+    fn evict(&mut self) -> Result<(), ArchiveError> {
+        let victim = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.handle.is_some())
+            .min_by_key(|(_, f)| f.tick)
+            .map(|(p, _)| p.clone());
+        let Some(rel) = victim else {
+            return Err(ArchiveError::Inconsistent("no file to close".into()));
+        };
+        self.flush(&rel)?;
+        self.close(&rel)
+    }
+
+    fn close(&mut self, rel: &Path) -> Result<(), ArchiveError> {
+        let path = self.opts.dir.join(rel);
+        if let Some(f) = self.files.get_mut(rel) {
+            if let Some(h) = f.handle.take() {
+                if f.unsynced {
+                    h.sync_data().map_err(io(&path))?;
+                    self.metrics.fsyncs.fetch_add(1, Relaxed);
+                    f.unsynced = false;
+                }
+                self.open -= 1;
+                self.metrics.files_open.store(self.open as u64, Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable, with `progress`, in this
+    /// order: write every buffer; fdatasync every file written since the
+    /// last commit, and the directory of every new file or directory; seal
+    /// idle hours (summary written durably first); replace the checkpoint
+    /// (lengths, analytics, progress); refresh the open hours' summaries.
+    /// If the process dies before the checkpoint's rename, the next open
+    /// truncates to the previous checkpoint and returns the previous
+    /// progress, so the source resends exactly what was cut off.
+    pub fn commit(&mut self, progress: &Value) -> Result<(), ArchiveError> {
+        if self.broken {
+            return Err(ArchiveError::Inconsistent(
+                "an earlier write failed; reopen the archive".into(),
+            ));
+        }
+        let r = self.commit_inner(progress);
+        self.guard(r)
+    }
+
+    fn commit_inner(&mut self, progress: &Value) -> Result<(), ArchiveError> {
+        let started = Instant::now();
+        let rels: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for rel in &rels {
+            self.flush(rel)?;
+        }
+        for rel in &rels {
+            let path = self.opts.dir.join(rel);
+            if let Some(f) = self.files.get_mut(rel) {
+                if let (Some(h), true) = (f.handle.as_ref(), f.unsynced) {
+                    h.sync_data().map_err(io(&path))?;
+                    self.metrics.fsyncs.fetch_add(1, Relaxed);
+                    f.unsynced = false;
+                }
+            }
+        }
+        for d in std::mem::take(&mut self.dirs_to_sync) {
+            checkpoint::sync_dir(&d).map_err(io(&d))?;
+            self.metrics.fsyncs.fetch_add(1, Relaxed);
+        }
+        // Everything is durable now; idle files close and their hours seal.
+        let idle: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.last_write.elapsed() >= self.opts.idle_close)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut sealed = Vec::new();
+        for rel in idle {
+            self.close(&rel)?;
+            sealed.push(rel);
+        }
+        let current_unparsed = Hour::now();
+        let mut sealed_unparsed = self.unparsed_sealed_through;
+        for rel in &sealed {
+            let Some(f) = self.files.get(rel) else {
+                continue;
+            };
+            match f.kind {
+                // The summary, with the file's length, becomes the hour's
+                // record of what is committed: durable before the
+                // checkpoint stops naming the file.
+                Kind::Log => self.write_summary(f.hour, true)?,
+                _ if f.hour < current_unparsed => {
+                    sealed_unparsed = sealed_unparsed.max(Some(f.hour.0));
+                }
+                _ => {}
+            }
+        }
+        let sealed: Vec<PathBuf> = sealed
+            .into_iter()
+            .filter(|rel| {
+                self.files
+                    .get(rel)
+                    .is_some_and(|f| f.kind == Kind::Log || Some(f.hour.0) <= sealed_unparsed)
+            })
+            .collect();
+        let mut cp = Checkpoint {
+            progress: progress.clone(),
+            unparsed_sealed_through: sealed_unparsed,
+            ..Default::default()
+        };
+        for (rel, f) in &self.files {
+            if !sealed.contains(rel) {
+                cp.files
+                    .insert(rel.to_string_lossy().into_owned(), f.written);
+            }
+        }
+        let sealed_hours: BTreeSet<Hour> = sealed
+            .iter()
+            .filter_map(|r| self.files.get(r))
+            .filter(|f| f.kind == Kind::Log)
+            .map(|f| f.hour)
+            .collect();
+        for (h, s) in &self.hours {
+            if !sealed_hours.contains(h) {
+                cp.hours.insert(h.key(), s.clone());
+            }
+        }
+        // Dying here: the lines are durable but not committed; the next
+        // open truncates them and the source resends them.
+        super::debug_pause("checkpoint");
+        checkpoint::write(&self.opts.dir, &cp).map_err(io(&self.opts.dir))?;
+        self.metrics.fsyncs.fetch_add(2, Relaxed);
+        // Committed. Summaries of open hours follow the checkpoint (a crash
+        // before they are written is repaired by the next open).
+        self.unparsed_sealed_through = sealed_unparsed;
+        for rel in &sealed {
+            let kind = self.files.remove(rel).map(|f| f.kind);
+            if self.opts.compress_sealed && kind == Some(Kind::Log) {
+                self.compress(rel)?;
+            }
+        }
+        for h in std::mem::take(&mut self.dirty_hours) {
+            if !sealed_hours.contains(&h) {
+                self.write_summary(h, false)?;
+            }
+        }
+        self.publish();
+        for h in &sealed_hours {
+            self.hours.remove(h);
+        }
+        self.metrics.commits.fetch_add(1, Relaxed);
+        self.metrics
+            .last_commit_micros
+            .store(started.elapsed().as_micros() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Replaces a sealed hour's file by `<file>.zst`: the compressed copy
+    /// is durable under its name before the plain file goes, so a death
+    /// leaves one complete form or both (the next open keeps the plain).
+    fn compress(&mut self, rel: &Path) -> Result<(), ArchiveError> {
+        let plain = self.opts.dir.join(rel);
+        let data = std::fs::read(&plain).map_err(io(&plain))?;
+        let packed = zstd::stream::encode_all(&data[..], 3).map_err(io(&plain))?;
+        let zst = zst_path(&plain);
+        replace_durably(&zst, &packed).map_err(io(&zst))?;
+        std::fs::remove_file(&plain).map_err(io(&plain))?;
+        if let Some(p) = plain.parent() {
+            checkpoint::sync_dir(p).map_err(io(p))?;
+        }
+        self.metrics.fsyncs.fetch_add(3, Relaxed);
+        Ok(())
+    }
+
+    /// Writes hour `h`'s summary (tmp, rename; with fsyncs when `durable`).
+    fn write_summary(&mut self, h: Hour, durable: bool) -> Result<(), ArchiveError> {
+        let Some(stats) = self.hours.get(&h) else {
+            return Ok(());
+        };
+        let rel = self.opts.layout.summary(h);
+        let path = self.opts.dir.join(&rel);
+        let summary = stats.summary(
+            &h.key(),
+            &self.opts.layout.log(h).to_string_lossy(),
+            self.opts.analytics.top_n,
+        );
+        let body = serde_json::to_vec_pretty(&summary)
+            .map_err(|e| ArchiveError::Inconsistent(e.to_string()))?;
+        let parent = path.parent().unwrap_or(&self.opts.dir).to_path_buf();
+        if !parent.exists() {
+            // Every new directory's entry must be durable in its parent
+            // before a sealed summary counts as the hour's record.
+            let mut new_dirs = Vec::new();
+            let mut d = parent.as_path();
+            while !d.exists() {
+                new_dirs.push(d.to_path_buf());
+                match d.parent() {
+                    Some(up) => d = up,
+                    None => break,
+                }
+            }
+            std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+            for nd in new_dirs {
+                if let Some(up) = nd.parent() {
+                    checkpoint::sync_dir(up).map_err(io(up))?;
+                    self.metrics.fsyncs.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        let tmp = path.with_extension("json.tmp");
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&body).map_err(io(&tmp))?;
+        if durable {
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        if durable {
+            checkpoint::sync_dir(&parent).map_err(io(&parent))?;
+            self.metrics.fsyncs.fetch_add(2, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Hands the committed counts of the open hours to the view.
+    fn publish(&self) {
+        if let Some(Ok(mut m)) = self.view.committed.as_ref().map(|m| m.lock()) {
+            *m = self.hours.clone();
+        }
+    }
+
+    /// Retention: deletes the hourly files (plain or compressed) and the
+    /// unparsed files of hours before `cutoff`, keeping their summaries.
+    /// Hours still open are never touched. Returns the files deleted.
+    pub fn remove_hours_before(&mut self, cutoff: Hour) -> Result<usize, ArchiveError> {
+        let dir = self.opts.dir.clone();
+        let mut removed = 0;
+        let mut dirs = BTreeSet::new();
+        for rel in walk(&dir).map_err(io(&dir))? {
+            let Some((kind, h)) = self.opts.layout.classify(&rel) else {
+                continue;
+            };
+            if kind == Kind::Summary || h >= cutoff || self.files.contains_key(Path::new(&rel)) {
+                continue;
+            }
+            let path = dir.join(&rel);
+            std::fs::remove_file(&path).map_err(io(&path))?;
+            tracing::info!(file = %path.display(), "archive: retention removed an hourly file");
+            removed += 1;
+            if let Some(p) = path.parent() {
+                dirs.insert(p.to_path_buf());
+            }
+        }
+        for d in dirs {
+            checkpoint::sync_dir(&d).map_err(io(&d))?;
+        }
+        Ok(removed)
+    }
+
+    /// Files currently open.
+    pub fn open_files(&self) -> usize {
+        self.open
+    }
+
+    /// Closes every file and seals every hour (for a clean shutdown),
+    /// committing `progress`.
+    pub fn close_all(&mut self, progress: &Value) -> Result<(), ArchiveError> {
+        let idle = self.opts.idle_close;
+        self.opts.idle_close = Duration::ZERO;
+        let r = self.commit(progress);
+        self.opts.idle_close = idle;
+        r
+    }
+}
+
+fn zst_path(plain: &Path) -> PathBuf {
+    let mut s = plain.as_os_str().to_owned();
+    s.push(".zst");
+    PathBuf::from(s)
+}
+
+/// `path` with `data`: tmp, fsync, rename, directory fsync.
+fn replace_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    checkpoint::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The event time in milliseconds: an RFC 3339 string, or a number of
+/// epoch seconds (below 10^11) or milliseconds.
+pub fn event_time(event: &Value, field: &str) -> Option<i64> {
+    match event.get(field)? {
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
+            .ok()
+            .map(|t| t.timestamp_millis()),
+        Value::Number(n) => {
+            let f = n.as_f64()?;
+            if !f.is_finite() {
+                return None;
+            }
+            let ms = if f.abs() < 1e11 { f * 1000.0 } else { f };
+            // Years 0..=9999 only: anything else is not an event time.
+            (-62_167_219_200_000.0..=253_402_300_799_000.0)
+                .contains(&ms)
+                .then_some(ms as i64)
+        }
+        _ => None,
+    }
+}
+
+/// Every regular file under `dir`, relative, `/`-separated (the
+/// checkpoint's own files excluded).
+fn walk(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel))? {
+            let entry = entry?;
+            let name = rel.join(entry.file_name());
+            let ty = entry.file_type()?;
+            if ty.is_dir() {
+                stack.push(name);
+            } else if ty.is_file() && rel.as_os_str().is_empty() {
+                // Top-level files are the checkpoint's and the operator's.
+                continue;
+            } else if ty.is_file() {
+                out.push(name.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(ts: &str, path: &str) -> Vec<u8> {
+        serde_json::to_vec(
+            &json!({"tenant_id": "acme", "source": "web", "severity": "INFO",
+                                   "timestamp": ts, "path": path}),
+        )
+        .unwrap()
+    }
+
+    fn opts(dir: &Path) -> WriterOptions {
+        WriterOptions::new(dir)
+    }
+
+    fn lines(path: &Path) -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn pos(n: u64) -> Value {
+        json!({"partition": 0, "offset": n})
+    }
+
+    #[test]
+    fn events_go_to_their_own_hour_including_late_ones_and_boundaries() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, p) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(p, Value::Null);
+        w.append(&ev("2026-11-26T12:59:59.999Z", "/a"), &pos(0))
+            .unwrap();
+        w.append(&ev("2026-11-26T13:00:00Z", "/b"), &pos(1))
+            .unwrap();
+        // Late, and in another zone: 11:30 UTC.
+        w.append(&ev("2026-11-26T12:30:00+01:00", "/a"), &pos(2))
+            .unwrap();
+        w.append(&ev("2026-11-26T14:00:00+01:00", "/c"), &pos(3))
+            .unwrap();
+        w.commit(&json!({"next": 4})).unwrap();
+        let logs = d.path().join("logs/2026-11-26");
+        assert_eq!(lines(&logs.join("12.log.json")).len(), 1);
+        assert_eq!(lines(&logs.join("11.log.json")).len(), 1);
+        assert_eq!(lines(&logs.join("13.log.json")).len(), 2);
+        assert_eq!(lines(&logs.join("13.log.json"))[0]["path"], "/b");
+        let view = w.analytics();
+        let h12 = view
+            .hour(Hour::parse("2026-11-26T12").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(h12.total, 1);
+        assert_eq!(h12.fields["path"].counts["/a"], 1);
+        let s: Summary = serde_json::from_slice(
+            &std::fs::read(d.path().join("analytics/2026-11-26/summary_12.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s.stats.total, 1);
+        assert_eq!(s.first_event.as_deref(), Some("2026-11-26T12:59:59.999Z"));
+        assert_eq!(
+            s.stats.bytes,
+            std::fs::metadata(logs.join("12.log.json")).unwrap().len()
+        );
+        let range = view
+            .range(
+                Hour::parse("2026-11-26T11").unwrap(),
+                Hour::parse("2026-11-26T13").unwrap(),
+            )
+            .unwrap();
+        assert_eq!(range.stats.total, 4);
+    }
+
+    #[test]
+    fn open_truncates_to_the_checkpoint_and_returns_its_progress() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("logs/2026-11-26/12.log.json");
+        {
+            let (mut w, _) = Writer::open(opts(d.path())).unwrap();
+            w.append(&ev("2026-11-26T12:00:00Z", "/a"), &pos(0))
+                .unwrap();
+            w.commit(&json!({"next": 1})).unwrap();
+            w.append(&ev("2026-11-26T12:01:00Z", "/b"), &pos(1))
+                .unwrap();
+            // A new hour's file, never committed.
+            w.append(&ev("2026-11-26T15:00:00Z", "/x"), &pos(2))
+                .unwrap();
+            // Written to the OS, as if the process died right before the
+            // checkpoint: the tail must go.
+            for rel in w.files.keys().cloned().collect::<Vec<_>>() {
+                w.flush(&rel).unwrap();
+            }
+            assert_eq!(lines(&file).len(), 2);
+        }
+        // A summary written after the lost tail would be ahead, too.
+        let (w, progress) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(progress, json!({"next": 1}));
+        assert_eq!(lines(&file).len(), 1);
+        assert!(!d.path().join("logs/2026-11-26/15.log.json").exists());
+        let h = Hour::parse("2026-11-26T12").unwrap();
+        assert_eq!(w.analytics().hour(h).unwrap().unwrap().total, 1);
+        assert_eq!(w.metrics().recovered_files.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn unparsed_records_keep_their_position_and_are_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, _) = Writer::open(opts(d.path())).unwrap();
+        let bad: [&[u8]; 4] = [
+            b"not json",
+            br#"{"no":"time"}"#,
+            br#"{"timestamp":"yesterday"}"#,
+            b"\xff\xfe",
+        ];
+        for (i, b) in bad.iter().enumerate() {
+            let placed = w.append(b, &pos(i as u64)).unwrap();
+            assert!(matches!(placed, Placed::Unparsed(_)), "{placed:?}");
+        }
+        w.append(&ev("2026-11-26T12:00:00Z", "/a"), &pos(9))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        assert_eq!(w.metrics().unparsed.load(Relaxed), 4);
+        let file = d.path().join(w.options().layout.unparsed(Hour::now()));
+        let got = lines(&file);
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[1]["position"], pos(1));
+        assert_eq!(got[0]["value"], "not json");
+        assert!(got[2]["reason"].as_str().unwrap().contains("timestamp"));
+        drop(w);
+        let (_w, _) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(lines(&file).len(), 4);
+    }
+
+    #[test]
+    fn files_stay_open_within_a_bound_and_sealed_hours_reopen_for_late_events() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        o.max_open_files = 2;
+        let (mut w, _) = Writer::open(o.clone()).unwrap();
+        for round in 0..3 {
+            for h in 0..5 {
+                let ts = format!("2026-11-26T{h:02}:00:0{round}Z");
+                w.append(&ev(&ts, "/p"), &pos(0)).unwrap();
+            }
+            w.commit(&json!({"round": round})).unwrap();
+            assert!(w.open_files() <= 2);
+        }
+        // Seal everything, as an idle archive does.
+        w.close_all(&json!({"round": 3})).unwrap();
+        assert_eq!(w.open_files(), 0);
+        let cp = checkpoint::read(d.path()).unwrap().unwrap();
+        assert!(cp.files.is_empty() && cp.hours.is_empty(), "{cp:?}");
+        // A late event for a sealed hour continues its counts.
+        w.append(&ev("2026-11-26T03:30:00Z", "/late"), &pos(0))
+            .unwrap();
+        w.commit(&json!({"round": 4})).unwrap();
+        drop(w);
+        let (w, _) = Writer::open(o).unwrap();
+        for h in 0..5 {
+            let hour = Hour::parse(&format!("2026-11-26T{h:02}")).unwrap();
+            let n = lines(&d.path().join(w.options().layout.log(hour))).len() as u64;
+            let s = w.analytics().hour(hour).unwrap().unwrap();
+            assert_eq!(s.total, n, "hour {h}");
+            assert_eq!(n, if h == 3 { 4 } else { 3 });
+        }
+    }
+
+    #[test]
+    fn retention_removes_old_files_and_keeps_their_analytics() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        o.idle_close = Duration::ZERO;
+        let (mut w, _) = Writer::open(o).unwrap();
+        w.append(&ev("2026-11-20T08:00:00Z", "/old"), &pos(0))
+            .unwrap();
+        w.append(&ev("2026-11-26T12:00:00Z", "/new"), &pos(1))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        let removed = w
+            .remove_hours_before(Hour::parse("2026-11-25T00").unwrap())
+            .unwrap();
+        assert_eq!(removed, 1);
+        assert!(!d.path().join("logs/2026-11-20/08.log.json").exists());
+        assert!(d.path().join("logs/2026-11-26/12.log.json").exists());
+        let old = Hour::parse("2026-11-20T08").unwrap();
+        assert_eq!(w.analytics().hour(old).unwrap().unwrap().total, 1);
+        // A late event for the removed hour starts a new file; the counts
+        // keep the removed line, the length is the new file's.
+        w.append(&ev("2026-11-20T08:30:00Z", "/later"), &pos(2))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        drop(w);
+        let (w, _) = Writer::open(opts(d.path())).unwrap();
+        let file = d.path().join("logs/2026-11-20/08.log.json");
+        assert_eq!(lines(&file).len(), 1);
+        let s = w.analytics().hour(old).unwrap().unwrap();
+        assert_eq!(
+            (s.total, s.bytes),
+            (2, std::fs::metadata(&file).unwrap().len())
+        );
+    }
+
+    #[test]
+    fn sealed_hours_compress_and_a_late_event_decompresses_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        o.idle_close = Duration::ZERO;
+        o.compress_sealed = true;
+        let (mut w, _) = Writer::open(o.clone()).unwrap();
+        w.append(&ev("2026-11-26T12:00:00Z", "/a"), &pos(0))
+            .unwrap();
+        w.append(&ev("2026-11-26T12:10:00Z", "/b"), &pos(1))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        let plain = d.path().join("logs/2026-11-26/12.log.json");
+        let zst = d.path().join("logs/2026-11-26/12.log.json.zst");
+        assert!(!plain.exists() && zst.exists());
+        let text = zstd::stream::decode_all(&std::fs::read(&zst).unwrap()[..]).unwrap();
+        assert_eq!(
+            text.split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count(),
+            2
+        );
+        // Reopening keeps the compressed file (it is not the layout's plain file).
+        drop(w);
+        let (mut w, _) = Writer::open(o.clone()).unwrap();
+        assert!(zst.exists());
+        // A late event: decompressed, appended, counted, compressed again.
+        o.compress_sealed = false;
+        w.opts.compress_sealed = false;
+        w.append(&ev("2026-11-26T12:20:00Z", "/c"), &pos(2))
+            .unwrap();
+        w.commit(&json!({})).unwrap();
+        assert!(!zst.exists());
+        assert_eq!(lines(&plain).len(), 3);
+        let h = Hour::parse("2026-11-26T12").unwrap();
+        assert_eq!(w.analytics().hour(h).unwrap().unwrap().total, 3);
+        // Both forms after a cut-short compression: the plain one stays.
+        std::fs::write(&zst, b"partial").unwrap();
+        drop(w);
+        let (_w, _) = Writer::open(o).unwrap();
+        assert!(!zst.exists());
+        assert_eq!(lines(&plain).len(), 3);
+    }
+
+    #[test]
+    fn a_lost_or_damaged_checkpoint_refuses_to_start() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut w, _) = Writer::open(opts(d.path())).unwrap();
+            w.append(&ev("2026-11-26T12:00:00Z", "/a"), &pos(0))
+                .unwrap();
+            w.commit(&json!({})).unwrap();
+        }
+        std::fs::remove_file(d.path().join(checkpoint::FILE)).unwrap();
+        let err = Writer::open(opts(d.path())).err().unwrap().to_string();
+        assert!(err.contains("refusing to start"), "{err}");
+        // Fresh directories with unrelated files are fine.
+        let e = tempfile::tempdir().unwrap();
+        std::fs::write(e.path().join("README"), "x").unwrap();
+        Writer::open(opts(e.path())).unwrap();
+    }
+
+    #[test]
+    fn event_times_in_seconds_millis_and_strings() {
+        assert_eq!(
+            event_time(&json!({"t": 1_700_000_000}), "t"),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(
+            event_time(&json!({"t": 1_700_000_000_123_i64}), "t"),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(
+            event_time(&json!({"t": "1970-01-01T00:00:01Z"}), "t"),
+            Some(1000)
+        );
+        assert_eq!(event_time(&json!({"t": 1e300}), "t"), None);
+        assert_eq!(event_time(&json!({"t": null}), "t"), None);
+    }
+}
