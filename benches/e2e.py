@@ -416,7 +416,8 @@ def backlog(results):
         room = held + shutil.disk_usage(data).free - MIN_FREE_GB * (1 << 30)
         target = min(gb * (1 << 30), room)
         if target <= held:
-            log(f"backlog {gb} GiB skipped: only {room / (1 << 30):.1f} GiB fit the disk")
+            log(f"backlog {gb} GiB skipped: {held / (1 << 30):.2f} GiB already held, "
+                f"{room / (1 << 30):.1f} GiB fit the disk")
             continue
         size, fill_rss, fill_run = fill(d, saddr, target, chunk)
         records = get_json(saddr, "/stats")["replay"]["lag_records"]
@@ -425,7 +426,7 @@ def backlog(results):
         d, saddr, ready, listening = restart(data, "127.0.0.1:1", f"backlog-{gb}")
         rss_restart = rss_mib(d.pid)
         # RSS while holding this backlog and ingesting at full speed.
-        _, held_rss, held_run = fill(d, saddr, 0, chunk * 2)
+        _, held_rss, held_run = fill(d, saddr, 0, chunk)
         stages.append({"target_gib": gb, "capped": target < gb * (1 << 30),
                        "backlog_bytes": size, "backlog_records": records,
                        "fill_rss_max_mib": max(fill_rss), "fill_events_per_sec": fill_run["events_per_sec"],
