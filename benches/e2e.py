@@ -882,7 +882,8 @@ def main():
         for p in PROCS:
             if p.poll() is None:
                 p.kill()
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+        # Kept even when a step failed, so BENCH_ONLY can redo just that one.
+        (OUT / "results.json").write_text(json.dumps(results, indent=1))
     images = plots(results)
     text = report(results, images)
     print(text)

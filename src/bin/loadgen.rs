@@ -426,6 +426,9 @@ async fn null_server(listen: SocketAddr, addr_file: Option<PathBuf>) -> Res<()> 
     for p in sluice::http::INGEST_PATHS {
         app = app.route(p, post(accept));
     }
+    // axum refuses bodies over 2 MB by default; sluice takes up to
+    // limits.max-body-bytes (10 MiB), and 10,000-event batches are 2.5 MB.
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(64 << 20));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     if let Some(f) = addr_file {
