@@ -51,8 +51,10 @@ TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 BIN = TARGET / "release"
 SLUICE = str(BIN / "sluice")
 LOADGEN = str(BIN / "sluice-loadgen")
-OUT = TARGET / "bench-e2e"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+# The smoke run keeps its results apart, so that a BENCH_ONLY re-run never
+# reports the smoke run's figures as the last full run's.
+OUT = TARGET / ("bench-e2e-quick" if QUICK else "bench-e2e")
 # The smoke run draws its plots too, but away from the committed ones.
 IMG = OUT / "img" if QUICK else ROOT / "docs" / "img"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3" if QUICK else "10"))
@@ -682,7 +684,7 @@ def targets(results):
                      f"null {fmt(best['null']['events_per_sec'])} events/s", ">= 600,000 events/s",
                      best["sluice"]["events_per_sec"] >= 600_000))
     cr = results.get("criterion", {})
-    arr = cr.get("json_array/1000")
+    arr = cr.get("json/1000")
     if arr is not None:
         single = cr.get("json_single")
         rows.append(("parse + normalize, one core (criterion, JSON array of 1,000)", f"{arr:.2f} µs/event",
