@@ -25,15 +25,18 @@ fmt:
 
 # Criterion micro-benchmarks, then the end-to-end report against baselines
 # measured in the same run (benches/e2e.py rewrites its section of
-# docs/benchmarks.md and the plots in docs/img/). BENCH_SECONDS per load run,
-# BENCH_BACKLOG_GB for the drain and RSS test.
+# docs/benchmarks.md, with the issue's targets table, and the plots in
+# docs/img/; about 25 minutes). BENCH_SECONDS per load run, BENCH_BACKLOGS_GB
+# for the memory and restart curve (default 0.1,1,10, capped to leave
+# BENCH_MIN_FREE_GB of the disk free; the backlog is deleted afterwards).
 bench:
 	$(CARGO) bench --locked --bench wal --bench codec
 	$(CARGO) build --release --locked --bins
 	@python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet matplotlib
 	python3 benches/e2e.py
 
-# A 1-minute end-to-end smoke of the bench harness (does not touch docs).
+# A short end-to-end smoke of every step of the bench harness (tiny backlogs,
+# 1-3 s runs; plots go to the target dir; docs are not touched).
 bench-quick:
 	$(CARGO) build --release --locked --bins
 	BENCH_QUICK=1 python3 benches/e2e.py

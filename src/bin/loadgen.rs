@@ -100,6 +100,11 @@ struct HttpArgs {
     /// API key, sent as `Authorization: Bearer`.
     #[arg(long, env = "SLUICE_LOADGEN_KEY")]
     key: Option<String>,
+    /// Send a unique `Idempotency-Key` with every request (prefixed with the
+    /// process id and start time, so that runs against one daemon never
+    /// reuse a key and every request is handled as new).
+    #[arg(long)]
+    idempotency_key: bool,
     /// A label for the report.
     #[arg(long, default_value = "")]
     label: String,
@@ -234,6 +239,7 @@ async fn connection(
     deadline: Instant,
     interval: Option<Duration>,
     bodies: Arc<Vec<Bytes>>,
+    key_prefix: Arc<str>,
 ) -> Res<Tally> {
     let uri: hyper::Uri = args.url.parse()?;
     let authority = uri.authority().ok_or("url has no host")?.clone();
@@ -269,6 +275,9 @@ async fn connection(
             .header("x-loadgen-events", args.batch);
         if let Some(k) = &args.key {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        if args.idempotency_key {
+            req = req.header("idempotency-key", format!("{key_prefix}-{id}-{n}"));
         }
         let req = req.body(Full::new(body))?;
         if sender.ready().await.is_err() {
@@ -315,6 +324,14 @@ async fn http(args: HttpArgs) -> Res<()> {
     let interval = args
         .rate
         .map(|r| Duration::from_secs_f64(args.connections as f64 / r.max(1e-9)));
+    let key_prefix: Arc<str> = format!(
+        "lg{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    )
+    .into();
     let args = Arc::new(args);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration);
@@ -326,6 +343,7 @@ async fn http(args: HttpArgs) -> Res<()> {
             deadline,
             interval,
             bodies.clone(),
+            key_prefix.clone(),
         )));
     }
     let mut total = Tally::new();
@@ -348,6 +366,7 @@ async fn http(args: HttpArgs) -> Res<()> {
         "connections": args.connections,
         "batch": args.batch,
         "event_bytes": args.event_bytes,
+        "idempotency_key": args.idempotency_key,
         "target_rate": args.rate,
         "seconds": secs,
         "requests": requests,
@@ -407,6 +426,9 @@ async fn null_server(listen: SocketAddr, addr_file: Option<PathBuf>) -> Res<()> 
     for p in sluice::http::INGEST_PATHS {
         app = app.route(p, post(accept));
     }
+    // axum refuses bodies over 2 MB by default; sluice takes up to
+    // limits.max-body-bytes (10 MiB), and 10,000-event batches are 2.5 MB.
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(64 << 20));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     if let Some(f) = addr_file {

@@ -32,6 +32,11 @@ pub struct Limits {
     /// Bytes of request bodies held in memory at once, across all requests.
     /// Past it, requests get 503 at once rather than queueing. Default 256 MiB.
     pub max_inflight_bytes: u64,
+    /// Declared bytes (`Content-Length`) of large bodies (over 64 KiB) being
+    /// read, parsed and appended at once; more wait, unread, for their turn.
+    /// A body without `Content-Length` counts as 1 MiB; one larger than this
+    /// budget waits for all of it. Default 4 MiB.
+    pub max_parsing_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +58,7 @@ impl Default for Limits {
             max_id_chars: 128,
             max_source_chars: 256,
             max_inflight_bytes: 256 * MIB,
+            max_parsing_bytes: 4 * MIB,
         }
     }
 }
@@ -84,6 +90,9 @@ impl Limits {
                 "limits.max-inflight-bytes ({}) is below limits.max-body-bytes ({}): no full-size request could ever be admitted",
                 l.max_inflight_bytes, l.max_body_bytes
             ));
+        }
+        if l.max_parsing_bytes == 0 {
+            return Err("limits.max-parsing-bytes must be positive".into());
         }
         if l.max_depth == 0 || l.max_depth > 128 {
             return Err(

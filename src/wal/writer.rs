@@ -64,6 +64,9 @@ pub(super) struct Writer {
     warned_statvfs: bool,
 }
 
+/// Capacity of the group buffer kept between groups.
+const RETAINED_BUF_BYTES: usize = 1024 * 1024;
+
 impl Writer {
     pub fn new(shared: Arc<Shared>, active: Option<Active>) -> Self {
         let next_seq = shared.durable.borrow().next_seq;
@@ -228,6 +231,11 @@ impl Writer {
         }
         let written = self.buf.len() as u64;
         self.buf.clear();
+        // A burst of large batches grows the buffer to a whole group (up to
+        // max-group-bytes); keeping that capacity would hold it in RSS for
+        // good. Reallocating a large group's buffer costs one allocation per
+        // fdatasync.
+        self.buf.shrink_to(RETAINED_BUF_BYTES);
         active.len += written;
         let (active_first, active_len) = (active.first_seq, active.len);
         let c = &self.shared.counters;

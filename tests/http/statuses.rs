@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
@@ -294,6 +295,60 @@ async fn inflight_byte_budget_refuses_fast_instead_of_queueing() {
     assert_eq!(
         h.state.inflight.available_permits(),
         64 * 1024,
+        "permits returned"
+    );
+}
+
+#[tokio::test]
+async fn large_bodies_wait_for_the_parsing_budget_small_ones_do_not() {
+    let h = harness_with(|c| c.limits.max_parsing_bytes = 256 * 1024, Arc::new(StdFs));
+    // Other large requests hold the whole parsing budget.
+    let held = h
+        .state
+        .parsing
+        .clone()
+        .try_acquire_many_owned(256 * 1024)
+        .unwrap();
+    let events: Vec<_> = (0..100)
+        .map(|i| ev("a", &format!("{i} {}", "x".repeat(1000))))
+        .collect();
+    let large = json!(events).to_string();
+    assert!(large.len() > 64 * 1024);
+    let waiting = h.send(
+        Request::post("/v1/events")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, large.len())
+            .body(Body::from(large))
+            .unwrap(),
+    );
+    tokio::pin!(waiting);
+    // It cannot finish while the budget is taken: it waits, it is not refused.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "a large body must wait for the parsing budget"
+    );
+    assert!(h.wal_records().is_empty());
+    // A single event with its length declared is not held back by large
+    // ones (one without Content-Length counts as 1 MiB and would wait).
+    let small = ev("b", "small").to_string();
+    let r = h
+        .send(
+            Request::post("/v1/events")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_LENGTH, small.len())
+                .body(Body::from(small))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    drop(held);
+    assert_eq!(waiting.await.status, StatusCode::ACCEPTED);
+    assert_eq!(h.wal_records().len(), 101);
+    assert_eq!(
+        h.state.parsing.available_permits(),
+        256 * 1024,
         "permits returned"
     );
 }
