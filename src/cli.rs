@@ -454,11 +454,13 @@ fn serve(args: ServeArgs) -> CliResult {
     let exit = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.http.listen).await?;
         let admin = crate::http::admin::bind(&config.http).await?;
-        if let Some(path) = &args.addr_file {
-            std::fs::write(path, listener.local_addr()?.to_string())?;
-        }
+        // The admin address first: whoever waits for the ingest address
+        // (tests, scripts) may then read the admin one without waiting.
         if let (Some(path), Some(a)) = (&args.admin_addr_file, &admin) {
             std::fs::write(path, a.local_addr()?.to_string())?;
+        }
+        if let Some(path) = &args.addr_file {
+            std::fs::write(path, listener.local_addr()?.to_string())?;
         }
         let exit = crate::server::run(config, listener, admin, shutdown_signal()).await?;
         Ok::<_, Box<dyn std::error::Error>>(exit)
