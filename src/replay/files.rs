@@ -44,6 +44,11 @@ pub struct FilesSink {
     pub max_batch: u64,
 }
 
+/// Record bytes per commit, at most: the batch is held in memory until the
+/// writer has taken it, and `archive.commit-records` alone does not bound
+/// that (events can be up to `limits.max-event-bytes` each).
+const MAX_BATCH_BYTES: usize = 32 << 20;
+
 enum End {
     Shutdown,
     Retry(String),
@@ -152,6 +157,22 @@ impl Replayer {
                             Ok(item) => item,
                             Err(e) => return End::Retry(format!("WAL read: {e}")),
                         },
+                        // Quiet: an empty commit seals the hours idle for
+                        // `idle-close-secs` (their summaries become final).
+                        _ = tokio::time::sleep(sink.writer.idle_close.max(Duration::from_secs(1))) => {
+                            let at = *delivered;
+                            let sealed = tokio::task::spawn_blocking(move || {
+                                writer.commit(&progress(at)).map(|()| writer)
+                            })
+                            .await;
+                            writer = match sealed {
+                                Ok(Ok(w)) => w,
+                                Ok(Err(e)) => return End::Retry(format!("archive commit: {e}")),
+                                Err(e) => return End::Retry(format!("archive commit task: {e}")),
+                            };
+                            base.publish(self, &metrics);
+                            continue;
+                        }
                     }
                 }
                 Err(e) => return End::Retry(format!("WAL read: {e}")),
@@ -168,11 +189,13 @@ impl Replayer {
             // Everything durable now, up to a batch: one fdatasync round
             // and one checkpoint for all of it (group commit).
             let mut batch = Vec::new();
+            let mut batch_bytes = 0;
             let mut last = *delivered;
             let mut item = Some(first);
             while let Some(next) = item.take() {
                 match next {
                     ReadItem::Record { seq, record, .. } => {
+                        batch_bytes += record.value.len();
                         batch.push((seq, record.value));
                         last = seq;
                     }
@@ -186,7 +209,7 @@ impl Replayer {
                         last = g.last;
                     }
                 }
-                if (batch.len() as u64) < sink.max_batch {
+                if (batch.len() as u64) < sink.max_batch && batch_bytes < MAX_BATCH_BYTES {
                     item = match reader.try_next() {
                         Ok(i) => i,
                         Err(e) => return End::Retry(format!("WAL read: {e}")),
@@ -241,7 +264,7 @@ impl Replayer {
         };
         let ours = crate::instance::current();
         let theirs = checkpointed.get("instance").and_then(Value::as_str);
-        if theirs != ours.as_deref() {
+        if theirs != ours {
             return Err(format!(
                 "the archive's checkpoint was written from data directory instance {theirs:?}, this is {ours:?}: its sequence numbers are not ours; give each data directory its own archive.dir"
             ));
