@@ -42,10 +42,12 @@ pub struct Config {
     pub streams: Vec<crate::streams::StreamConfig>,
     /// `sluice archive` (Kafka to hourly files).
     pub archive: crate::archive::ArchiveConfig,
+    /// Where `sluice serve` replays the WAL: Kafka, or `[archive]`'s files.
+    pub sink: crate::replay::SinkConfig,
 }
 
 /// The config file's sections, for environment names and error pointers.
-pub const SECTIONS: [&str; 12] = [
+pub const SECTIONS: [&str; 13] = [
     "http",
     "limits",
     "events",
@@ -58,6 +60,7 @@ pub const SECTIONS: [&str; 12] = [
     "idempotency",
     "otlp",
     "archive",
+    "sink",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +108,7 @@ impl Default for Config {
             otlp: Default::default(),
             streams: Vec::new(),
             archive: Default::default(),
+            sink: Default::default(),
         }
     }
 }

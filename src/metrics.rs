@@ -417,6 +417,14 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("replay_gap_records_total", "Lost WAL records replay skipped (see wal_lost_records_total).", COUNTER, |r| get(&r.gap_records)),
     ("offset_store_resets_total", "Offset stores found unreadable or missing at start and moved to quarantine/ (replay restarted from the oldest segment).", COUNTER, |r| get(&r.offset_store_resets)),
     ("dead_letter_partial_lines_total", "Partial last lines of the dead-letter file (ENOSPC, kill) truncated before an append.", COUNTER, |r| get(&r.dead_letter_partial_lines)),
+    ("sink_down", "Files sink: 1 while the archive writer is down (replay retries), else 0.", GAUGE, |r| flag(r.sink_down.load(Ordering::Relaxed))),
+    ("sink_checkpointed_skipped_total", "Files sink: records found already in the archive checkpoint at start (killed before the offset flush) and not written again.", COUNTER, |r| get(&r.sink_checkpointed_skipped)),
+    ("sink_lines_total", "Files sink: lines written to the hourly files.", COUNTER, |r| get(&r.sink_lines)),
+    ("sink_bytes_total", "Files sink: bytes written to the hourly files.", COUNTER, |r| get(&r.sink_bytes)),
+    ("sink_fsyncs_total", "Files sink: fdatasyncs and fsyncs of files and directories.", COUNTER, |r| get(&r.sink_fsyncs)),
+    ("sink_unparsed_total", "Files sink: records that were not JSON or had no usable timestamp (written to logs/unparsed/).", COUNTER, |r| get(&r.sink_unparsed)),
+    ("sink_files_open", "Files sink: hourly files open now.", GAUGE, |r| get(&r.sink_files_open)),
+    ("sink_checkpoint_seconds", "Files sink: duration of the last commit (write, fdatasync, checkpoint).", GAUGE, |r| r.sink_commit_micros.load(Ordering::Relaxed) as f64 / 1e6),
     ("kafka_connected", "1 when the last delivery succeeded, 0 after all brokers went down or a delivery failed.", GAUGE, |r| flag(r.connected.load(Ordering::Relaxed))),
 ];
 

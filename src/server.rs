@@ -378,6 +378,11 @@ async fn scan_wal_streams(
 /// Kafka: the configured brokers, or the embedded dev broker (returned, so
 /// it lives until shutdown), and the bootstrap servers to use.
 fn start_kafka(config: &Config) -> Result<(Option<DevBroker>, String), ServeError> {
+    if config.sink.kind == crate::replay::SinkKind::Files {
+        // Replay writes the archive files: no broker, not even the dev one.
+        tracing::info!(dir = %config.archive.dir.display(), "sink: archive files (no Kafka)");
+        return Ok((None, String::new()));
+    }
     let dev_broker = if config.kafka.brokers.is_empty() {
         let topics = config.streams().topics().all_topics();
         let broker =
@@ -446,6 +451,16 @@ async fn spawn_replayer(
         dead_letter,
         drain: std::time::Duration::from_millis(config.replay.drain_timeout_ms),
         streams: config.streams().topics(),
+        files: match config.sink.kind {
+            crate::replay::SinkKind::Kafka => None,
+            crate::replay::SinkKind::Files => Some(crate::replay::files::FilesSink {
+                writer: config
+                    .archive
+                    .writer_options()
+                    .map_err(|e| ServeError::Config(crate::config::ConfigError::Invalid(e)))?,
+                max_batch: config.archive.commit_records,
+            }),
+        },
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();
     let replay_task = tokio::spawn(async move {

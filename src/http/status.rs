@@ -59,6 +59,9 @@ pub async fn ready(State(st): State<SharedState>) -> Response {
     if let Some(why) = st.wal.failure() {
         reasons.push(format!("WAL failed: {why}"));
     }
+    if st.replay.sink_down.load(Ordering::Relaxed) {
+        reasons.push("archive files sink down: replay is retrying".to_string());
+    }
     // Ready means one maximum-size event still fits: stateless, so it clears
     // by itself as GC frees space even if no client is sending.
     let used = st.wal.disk_bytes();

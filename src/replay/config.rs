@@ -114,3 +114,23 @@ impl ReplayConfig {
         Ok(())
     }
 }
+
+/// Where replay delivers the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkKind {
+    /// Kafka (`[kafka]`).
+    #[default]
+    Kafka,
+    /// The hourly NDJSON files and summaries of `[archive]` (its `dir`,
+    /// layout and analytics settings); no broker is used.
+    Files,
+}
+
+/// The `[sink]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `kafka` or `files`. Default `kafka`.
+    pub kind: SinkKind,
+}

@@ -12,6 +12,8 @@
 
 pub mod config;
 pub mod dead_letter;
+#[cfg(feature = "kafka")]
+pub mod files;
 pub mod offsets;
 pub mod producer;
 #[cfg(feature = "kafka")]
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use crate::wal::Wal;
 
-pub use config::{KafkaConfig, ReplayConfig};
+pub use config::{KafkaConfig, ReplayConfig, SinkConfig, SinkKind};
 #[cfg(feature = "kafka")]
 pub use producer::{classify, producer_config, Failure, KafkaHealth};
 pub use producer::{value_fit, ERROR_HEADER_MAX, LIBRDKAFKA_MESSAGE_MAX_BYTES};
@@ -144,6 +146,22 @@ pub struct ReplayStats {
     pub dead_letter_partial_lines: AtomicU64,
     pub in_flight: AtomicU64,
     pub peak_in_flight: AtomicU64,
+    /// Files sink: set while the archive writer is down (a failed append,
+    /// fsync or checkpoint; replay retries with back-off). `/ready` says so.
+    pub sink_down: AtomicBool,
+    /// Files sink: records already in the files' checkpoint when replay
+    /// started above the committed offset (killed between the checkpoint
+    /// and the offset flush): skipped, not lost.
+    pub sink_checkpointed_skipped: AtomicU64,
+    /// Files sink: lines, bytes, fdatasyncs and unparsed records written,
+    /// over every writer this process opened.
+    pub sink_lines: AtomicU64,
+    pub sink_bytes: AtomicU64,
+    pub sink_fsyncs: AtomicU64,
+    pub sink_unparsed: AtomicU64,
+    /// Files sink: files open now, and the last commit's duration (µs).
+    pub sink_files_open: AtomicU64,
+    pub sink_commit_micros: AtomicU64,
     /// Who hears about each delivery report (metrics), when set.
     observer: ObserverSlot,
 }

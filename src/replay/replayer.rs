@@ -200,6 +200,8 @@ pub struct Replayer {
     pub drain: Duration,
     /// Each stream's topics; a record goes to those of its stream.
     pub streams: super::StreamTopics,
+    /// `[sink] kind = "files"`: the archive files instead of Kafka.
+    pub files: Option<super::files::FilesSink>,
 }
 
 impl Replayer {
@@ -216,6 +218,14 @@ impl Replayer {
         self.stats
             .delivered_through
             .store(delivered, Ordering::Relaxed);
+        // The sink decides how records become delivered; the offset flush,
+        // WAL GC and shutdown below are the same for both.
+        if let Some(sink) = &self.files {
+            let delivered = self.run_files(sink, delivered, shutdown).await;
+            self.commit(delivered).await;
+            tracing::info!(committed = delivered, "replay stopped");
+            return;
+        }
         let initial = Duration::from_millis(self.cfg.backoff_initial_ms);
         let max = Duration::from_millis(self.cfg.backoff_max_ms);
         let mut backoff = initial;
@@ -679,7 +689,7 @@ impl Replayer {
     }
 
     /// Flushes the offset, then (only then) lets GC delete segments below it.
-    async fn commit(&self, delivered: u64) {
+    pub(super) async fn commit(&self, delivered: u64) {
         if delivered <= self.stats.committed.load(Ordering::Relaxed) {
             return;
         }

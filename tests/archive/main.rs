@@ -577,3 +577,238 @@ fn post(addr: &str, ct: &str, body: &str) -> u16 {
     s.read_to_string(&mut out).unwrap();
     out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
+
+/// `sluice serve` with `[sink] kind = "files"` on `data`, archiving into
+/// `archive`: no broker at all.
+fn files_sink_serve(tmp: &Path, data: &Path, archive: &Path) -> support::Daemon {
+    let cfg = tmp.join("files-sink.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[events]\nrequired = []\n[sink]\nkind = \"files\"\n\
+             [archive]\ndir = {:?}\nidle-close-secs = 1\nmax-open-files = 3\n",
+            archive.display().to_string()
+        ),
+    )
+    .unwrap();
+    support::Serve::new(data)
+        .arg("--config")
+        .arg(&cfg)
+        .envs(&[
+            ("RUST_LOG", "sluice=info"),
+            // Widen the windows before the checkpoint's rename and between
+            // the checkpoint and the offset flush.
+            ("SLUICE_DEBUG_ARCHIVE_PAUSE", "checkpoint=20"),
+            ("SLUICE_DEBUG_PAUSE", "flush=20"),
+        ])
+        .start()
+}
+
+/// POST /logs; 0 when the connection fails or is cut (the daemon died):
+/// then the batch is not acknowledged.
+fn try_post(addr: &str, ct: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    if write!(
+        s,
+        "POST /logs HTTP/1.1\r\nHost: x\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .is_err()
+    {
+        return 0;
+    }
+    let mut out = String::new();
+    if s.read_to_string(&mut out).is_err() {
+        return 0;
+    }
+    out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn files_sink_under_kill_9_keeps_every_acknowledged_event_exactly_once() {
+    let cycles: u64 = std::env::var("ARCHIVE_CHAOS_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
+    // Acknowledged (202) and attempted-but-unacknowledged event ids.
+    let mut acked: Vec<String> = Vec::new();
+    let mut unacked: Vec<String> = Vec::new();
+    let mut next = 0u64;
+    let mut kills = 0;
+    let t_start = Instant::now();
+    for _ in 0..cycles {
+        let daemon = files_sink_serve(tmp.path(), &data, &dir);
+        // SIGKILL from another thread at a random moment: mid-request,
+        // mid-append, mid-fsync, mid-checkpoint, mid-offset-flush.
+        let pid = daemon.pid();
+        let delay = Duration::from_millis(150 + rand_u64() % 900);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        });
+        loop {
+            let ids: Vec<String> = (0..10)
+                .map(|_| {
+                    next += 1;
+                    format!("w-{next}")
+                })
+                .collect();
+            let events: Vec<Value> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    // Mostly hour 12, some late (hour 11) and some of 13.
+                    let hour = [12, 12, 12, 11, 13][(next as usize + i) % 5];
+                    json!({"id": id, "timestamp": format!("2026-11-26T{hour}:{:02}:00Z", i * 5),
+                           "tenant_id": format!("t{}", i % 3), "source": "web",
+                           "severity": "INFO", "message": "m", "path": "/p"})
+                })
+                .collect();
+            let code = try_post(&daemon.addr, "application/json", &json!(events).to_string());
+            if code == 202 {
+                acked.extend(ids);
+            } else {
+                assert_eq!(code, 0, "refused while up: {}", daemon.log_text());
+                unacked.extend(ids);
+                break;
+            }
+        }
+        killer.join().unwrap();
+        let mut daemon = daemon;
+        assert!(daemon.wait_exit(WITHIN).is_some());
+        kills += 1;
+    }
+    // Restart and let replay drain the WAL into the files.
+    let daemon = files_sink_serve(tmp.path(), &data, &dir);
+    let t0 = Instant::now();
+    let all = loop {
+        let all = recount(&dir).0;
+        if acked.iter().all(|id| all.contains_key(id)) {
+            break all;
+        }
+        assert!(
+            t0.elapsed() < WITHIN,
+            "not drained: {} of {} acknowledged in the files\n{}",
+            acked.iter().filter(|id| all.contains_key(*id)).count(),
+            acked.len(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    settle(&dir);
+    let dup: Vec<_> = all.iter().filter(|(_, &n)| n > 1).collect();
+    let unknown: Vec<_> = all
+        .keys()
+        .filter(|k| !acked.contains(k) && !unacked.contains(k))
+        .collect();
+    assert!(dup.is_empty(), "duplicated: {dup:?}");
+    assert!(unknown.is_empty(), "never sent: {unknown:?}");
+    // The operator's view of this mode.
+    assert_eq!(http_get(&daemon.addr, "/health").0, 200);
+    let (code, body) = http_get(&daemon.addr, "/ready");
+    assert_eq!(code, 200, "{body}");
+    let (code, metrics) = http_get(&daemon.addr, "/metrics");
+    assert_eq!(code, 200);
+    for m in [
+        "sluice_sink_down 0",
+        "sluice_sink_lines_total",
+        "sluice_sink_fsyncs_total",
+        "sluice_sink_checkpointed_skipped_total",
+    ] {
+        assert!(metrics.contains(m), "{m} missing:\n{metrics}");
+    }
+    let skipped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_sink_checkpointed_skipped_total "))
+        .unwrap_or("?")
+        .to_string();
+    // A clean stop seals every hour; the files still match the ledger.
+    assert!(daemon.stop().success());
+    settle(&dir);
+    let after = recount(&dir).0;
+    assert_eq!(after, all, "a clean stop changed the files");
+    let extra = all.len() - acked.len();
+    eprintln!(
+        "files sink chaos: {kills} kill -9 cycles, {} acknowledged, 0 lost, 0 duplicated, \
+         {extra} unacknowledged that landed once, {skipped} already checkpointed at the last start, \
+         summaries = recount, {:.0} s",
+        acked.len(),
+        t_start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn files_sink_takes_log_pipeline_json_and_csv_batches_without_kafka() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
+    let daemon = files_sink_serve(tmp.path(), &data, &dir);
+    let json_batch = json!([
+        {"id": "j1", "timestamp": "2026-11-26T12:01:00Z", "tenant_id": "shop", "source": "nginx",
+         "severity": "INFO", "message": "GET /", "path": "/", "userAgent": "Mozilla"},
+        {"id": "j2", "timestamp": "2026-11-26T12:02:00Z", "tenant_id": "shop", "source": "nginx",
+         "severity": "ERROR", "message": "GET /cart", "path": "/cart", "userAgent": "Mozilla"},
+        {"id": "j3", "timestamp": "2026-11-26T11:59:59Z", "tenant_id": "blog", "source": "nginx",
+         "severity": "INFO", "message": "late", "path": "/", "userAgent": "curl"}
+    ]);
+    let csv = "id,timestamp,tenant_id,source,severity,message,path,userAgent\n\
+               c1,2026-11-26T12:30:00Z,shop,nginx,INFO,GET /,/,Mozilla\n\
+               c2,2026-11-26T13:00:00Z,shop,nginx,WARN,GET /slow,/slow,curl\n";
+    assert_eq!(
+        post(&daemon.addr, "application/json", &json_batch.to_string()),
+        202
+    );
+    assert_eq!(post(&daemon.addr, "text/csv", csv), 202);
+    let t0 = Instant::now();
+    while recount(&dir).0.len() < 5 {
+        assert!(t0.elapsed() < WITHIN, "{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Restart mid-hour: the next start neither repeats nor loses a line.
+    daemon.kill_9();
+    let daemon = files_sink_serve(tmp.path(), &data, &dir);
+    assert_eq!(
+        post(
+            &daemon.addr,
+            "application/json",
+            &json!([{"id": "j4", "timestamp": "2026-11-26T12:45:00Z", "tenant_id": "shop",
+                     "source": "nginx", "severity": "INFO", "message": "again", "path": "/",
+                     "userAgent": "Mozilla"}])
+            .to_string()
+        ),
+        202
+    );
+    let t0 = Instant::now();
+    while recount(&dir).0.len() < 6 {
+        assert!(t0.elapsed() < WITHIN, "{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon.stop().success());
+    settle(&dir);
+    let (ids, _) = recount(&dir);
+    let mut ids: Vec<_> = ids.into_iter().collect();
+    ids.sort();
+    let want: Vec<(String, u64)> = ["c1", "c2", "j1", "j2", "j3", "j4"]
+        .iter()
+        .map(|s| (s.to_string(), 1))
+        .collect();
+    assert_eq!(ids, want);
+    let summary = |hh: &str| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(dir.join(format!("analytics/2026-11-26/summary_{hh}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let h12 = summary("12");
+    assert_eq!(h12["total"], json!(4), "{h12}");
+    assert_eq!(h12["by_tenant"]["counts"], json!({"shop": 4}));
+    assert_eq!(h12["by_severity"]["counts"], json!({"INFO": 3, "ERROR": 1}));
+    assert_eq!(summary("11")["total"], json!(1));
+    assert_eq!(summary("13")["total"], json!(1));
+    let lines = std::fs::read_to_string(dir.join("logs/2026-11-26/12.log.json")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+}

@@ -125,6 +125,7 @@ impl Node {
             stats: self.stats.clone(),
             dead_letter: DeadLetterFile::new(self.dir.path()),
             drain: Duration::from_secs(5),
+            files: None,
         };
         let (stop, rx) = watch::channel(false);
         Running {
