@@ -23,7 +23,7 @@ use crate::streams::Stream;
 
 /// Bodies above this are parsed on the blocking pool, so a 10 MiB batch does
 /// not stall the async workers.
-pub(super) const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
+const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
 
 /// The ingest response, for 202 and for the 400/413 of "nothing accepted".
 #[derive(serde::Serialize)]
@@ -295,11 +295,8 @@ async fn parse(
     format: BodyFormat,
     scope: TenantScope,
 ) -> Result<ingest::Batch, AppError> {
-    // Millisecond precision, as Kafka timestamps have.
-    let now = chrono::Utc::now();
-    let received_at =
-        chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
-    let big = bytes.len() > BLOCKING_PARSE_BYTES;
+    let received_at = received_now();
+    let len = bytes.len();
     let state = st.clone();
     let stream = stream.clone();
     let parse = move || {
@@ -312,13 +309,32 @@ async fn parse(
             &scope,
         )
     };
-    Ok(if big {
+    Ok(run_parse(len, parse)
+        .await
+        .map_err(AppError::BadRequest)??)
+}
+
+/// The request's receive time, at millisecond precision as Kafka
+/// timestamps have.
+pub(super) fn received_now() -> chrono::DateTime<chrono::Utc> {
+    let now = chrono::Utc::now();
+    chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+/// Runs a body's parse: one larger than [`BLOCKING_PARSE_BYTES`] on the
+/// blocking pool, so it does not stall the async workers. `Err` only when
+/// the blocking task itself failed.
+pub(super) async fn run_parse<T: Send + 'static>(
+    len: usize,
+    parse: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if len > BLOCKING_PARSE_BYTES {
         tokio::task::spawn_blocking(parse)
             .await
-            .map_err(|e| AppError::BadRequest(format!("parse task failed: {e}")))??
+            .map_err(|e| format!("parse task failed: {e}"))
     } else {
-        parse()?
-    })
+        Ok(parse())
+    }
 }
 
 /// Counts the refused events by reason (and forbidden ones by tenant).

@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::collector::logs::v1::{
 };
 use prost::Message as _;
 
-use super::ingest::{self as stages, BLOCKING_PARSE_BYTES};
+use super::ingest as stages;
 use super::{AppError, SharedState};
 use crate::ingest::otlp::{self, Encoding, OtlpError};
 use crate::ingest::{self, Rejection};
@@ -217,10 +217,8 @@ async fn parse(
     encoding: Encoding,
     scope: crate::auth::TenantScope,
 ) -> Result<ingest::Batch, Failure> {
-    let now = chrono::Utc::now();
-    let received_at =
-        chrono::DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
-    let big = bytes.len() > BLOCKING_PARSE_BYTES;
+    let received_at = stages::received_now();
+    let len = bytes.len();
     let state = st.clone();
     let stream = stream.clone();
     let parse = move || {
@@ -234,13 +232,9 @@ async fn parse(
             &scope,
         )
     };
-    let result = if big {
-        tokio::task::spawn_blocking(parse)
-            .await
-            .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format!("parse task failed: {e}")))?
-    } else {
-        parse()
-    };
+    let result = stages::run_parse(len, parse)
+        .await
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, e))?;
     result.map_err(|e| {
         let status = match e {
             OtlpError::Malformed(_) => StatusCode::BAD_REQUEST,
