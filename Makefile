@@ -112,6 +112,7 @@ e2e-otel:
 
 # kill -9 chaos of `sluice archive` against a `sluice dev-broker` process:
 # every produced record in exactly one line, summaries equal a recount.
-# `make test` runs 4 cycles; `make chaos-archive CYCLES=100` for the note.
+# `make test` runs 4 cycles; `make chaos-archive` runs CYCLES (default 200,
+# as `make chaos`), e.g. `make chaos-archive CYCLES=100`.
 chaos-archive:
-	ARCHIVE_CHAOS_CYCLES=$(or $(CYCLES),100) $(CARGO) test --locked --all-features --test archive kill_9 -- --nocapture
+	ARCHIVE_CHAOS_CYCLES=$(CYCLES) $(CARGO) test --locked --all-features --test archive kill_9 -- --nocapture
