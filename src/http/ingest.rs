@@ -46,23 +46,28 @@ pub async fn ingest(
     req: Request,
 ) -> Result<Response, AppError> {
     st.counters.requests.fetch_add(1, Ordering::Relaxed);
-    let ms = st.http.request_timeout_ms;
-    // Set just before the batch is handed to the WAL writer. From then on the
-    // append runs to completion in the writer whatever happens to this
-    // future, so a deadline can only decide what the client is told.
     let handed = AtomicBool::new(false);
-    match tokio::time::timeout(
-        Duration::from_millis(ms),
-        accept(&st, &stream, req, &handed),
-    )
-    .await
-    {
+    under_deadline(&st, &handed, accept(&st, &stream, req, &handed)).await
+}
+
+/// Runs a request's stages under the request deadline. `handed` is set just
+/// before the batch is handed to the WAL writer: from then on the append
+/// runs to completion in the writer whatever happens to this future, so a
+/// deadline can only decide what the client is told.
+pub(super) async fn under_deadline<T, E: From<AppError>>(
+    st: &SharedState,
+    handed: &AtomicBool,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let ms = st.http.request_timeout_ms;
+    match tokio::time::timeout(Duration::from_millis(ms), work).await {
         Ok(result) => result,
         Err(_) if handed.load(Ordering::Relaxed) => Err(AppError::DeadlineAfterAppend {
             ms,
             retry_after: st.http.retry_after_secs,
-        }),
-        Err(_) => Err(AppError::DeadlineBeforeAppend(ms)),
+        }
+        .into()),
+        Err(_) => Err(AppError::DeadlineBeforeAppend(ms).into()),
     }
 }
 

@@ -12,7 +12,6 @@
 //! - an empty request (no records) is a success, as the spec asks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -50,23 +49,8 @@ pub async fn logs(State(st): State<SharedState>, stream: Arc<Stream>, req: Reque
         .map(|ct| Encoding::from_content_type(Some(ct)))
         .and_then(Result::ok)
         .unwrap_or(Encoding::Protobuf);
-    let ms = st.http.request_timeout_ms;
     let handed = AtomicBool::new(false);
-    let result = match tokio::time::timeout(
-        Duration::from_millis(ms),
-        accept(&st, &stream, req, &handed),
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(_) if handed.load(Ordering::Relaxed) => Err(AppError::DeadlineAfterAppend {
-            ms,
-            retry_after: st.http.retry_after_secs,
-        }
-        .into()),
-        Err(_) => Err(AppError::DeadlineBeforeAppend(ms).into()),
-    };
-    match result {
+    match stages::under_deadline(&st, &handed, accept(&st, &stream, req, &handed)).await {
         Ok(resp) => resp,
         Err(f) => f.into_response(encoding),
     }
