@@ -463,11 +463,63 @@ async fn spawn_replayer(
         },
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();
+    let nice = config.replay.nice;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    // Replay runs on its own thread and runtime, not on the HTTP workers: a
+    // burst of produces (decode, headers, librdkafka's enqueue) then never
+    // holds a worker that a request waiting for its 202 needs, and the
+    // kernel, not tokio's cooperative scheduling, arbitrates between them.
+    // Replay only moves the committed offset over confirmed records, so
+    // running it later (niced, or starved under full load) delays delivery
+    // and never loses or duplicates anything beyond what a kill can.
+    std::thread::Builder::new()
+        .name("sluice-replay".into())
+        .spawn(move || {
+            // Dropped when this thread ends, panics included: the watchdog
+            // then sees the replayer gone.
+            let _guard = guard;
+            lower_priority(nice);
+            // Threads started from here (librdkafka's, the blocking pool's)
+            // inherit this thread's nice value.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name("sluice-replay-io")
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the replay runtime; replay not started");
+                    return;
+                }
+            };
+            runtime.block_on(replayer.run(replay_stop_rx));
+            let _ = done_tx.send(());
+        })
+        .map_err(ServeError::Http)?;
     let replay_task = tokio::spawn(async move {
-        let _guard = guard;
-        replayer.run(replay_stop_rx).await;
+        if done_rx.await.is_err() {
+            // The thread ended without finishing `run`: it panicked (the
+            // panic was logged) or could not start its runtime.
+            panic!("the replay thread ended abnormally");
+        }
     });
     Ok((replay_stop, replayer_alive, replay_task))
+}
+
+/// Lowers the calling thread's priority to `nice` (Linux: the nice value is
+/// per thread). Raising a nice value needs no privilege; failing to is
+/// logged and replay runs at ingest's priority.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    let tid = rustix::thread::gettid();
+    match rustix::process::setpriority_process(Some(tid), nice) {
+        Ok(()) => tracing::debug!(nice, "replay thread priority lowered"),
+        Err(e) => {
+            tracing::warn!(nice, error = %e, "cannot lower the replay thread's priority; replay runs at ingest's")
+        }
+    }
 }
 
 /// Pings systemd's watchdog while the WAL writer and the replayer live and

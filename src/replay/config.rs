@@ -51,6 +51,15 @@ pub struct ReplayConfig {
     /// On shutdown, how long to wait for in-flight deliveries before exiting;
     /// what does not drain stays in the WAL. Default 10000.
     pub drain_timeout_ms: u64,
+    /// Nice value (0-19) of the replay thread and of the threads it starts
+    /// (librdkafka's, and its blocking pool). Replay runs on its own thread,
+    /// off the HTTP workers; above 0 the kernel gives ingest the cores first
+    /// when both want them, and replay takes what is left, so a 202's
+    /// latency does not queue behind produce work. A sustained load that
+    /// leaves no idle CPU then grows the backlog (bounded by the WAL's disk
+    /// limits, drained when load falls) instead of slowing ingest. 0 keeps
+    /// replay at ingest's priority. Default 10.
+    pub nice: i32,
 }
 
 impl Default for KafkaConfig {
@@ -77,6 +86,7 @@ impl Default for ReplayConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 30_000,
             drain_timeout_ms: 10_000,
+            nice: 10,
         }
     }
 }
@@ -110,6 +120,12 @@ impl ReplayConfig {
         }
         if r.backoff_max_ms < r.backoff_initial_ms {
             return Err("replay.backoff-max-ms is below replay.backoff-initial-ms".into());
+        }
+        if !(0..=19).contains(&r.nice) {
+            return Err(format!(
+                "replay.nice = {} is outside 0-19 (a lower priority than ingest's, never a higher one)",
+                r.nice
+            ));
         }
         Ok(())
     }

@@ -114,22 +114,40 @@ impl OffsetStore {
     /// cannot read. The daemon uses [`OffsetStore::open_or_reset`].
     pub fn open(dir: &Path) -> Result<Self, OffsetError> {
         let created = !dir.exists();
-        // sled panics on some damaged files instead of returning an error.
-        let db = std::panic::catch_unwind(|| {
-            sled::Config::new()
-                .path(dir)
-                // Every write happens in `commit`, which fsyncs itself.
-                .flush_every_ms(None)
-                .open()
-        })
-        .map_err(|p| {
-            let why = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            sled::Error::Unsupported(format!("sled panicked opening the store: {why}"))
-        })??;
+        let open_once = || {
+            // sled panics on some damaged files instead of returning an error.
+            std::panic::catch_unwind(|| {
+                sled::Config::new()
+                    .path(dir)
+                    // Every write happens in `commit`, which fsyncs itself.
+                    .flush_every_ms(None)
+                    .open()
+            })
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                sled::Error::Unsupported(format!("sled panicked opening the store: {why}"))
+            })
+        };
+        // sled releases its file lock from background threads after the
+        // last handle is dropped, so an open right after a close in this
+        // process can find it still held for a moment. Another process
+        // holding it (an offline tool) still fails the open after this wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match open_once()? {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let fates = db.open_tree(FATES)?;
         let store = OffsetStore {
             db,
