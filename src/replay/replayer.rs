@@ -60,6 +60,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -168,6 +169,10 @@ const UNFLUSHED_FACTOR: usize = 2;
 /// Records produced per wake-up of the replay loop at most, so that
 /// settling deliveries, commits and shutdown are still served in between.
 const PRODUCE_BURST: usize = 256;
+
+/// Delivery reports settled per wake-up of the replay loop at most, for the
+/// same reason.
+const SETTLE_BURST: usize = 1024;
 
 enum End {
     Shutdown,
@@ -385,51 +390,68 @@ impl Replayer {
                     tracing::warn!(in_flight = pending.len(), next_seq = reader.next_seq(), "drain deadline passed; the rest stays in the WAL");
                     return End::Shutdown;
                 }
-                Some(settled) = pending.next(), if !pending.is_empty() => {
-                    stats.in_flight.store(window.unsettled.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
-                    // After a failed delivery, later reports only tell which
-                    // records were refused. After a fatal error alone, the
-                    // reports still settle in order as usual.
-                    if let Some(b) = broken.as_mut().filter(|b| b.failed()) {
-                        b.note(settled);
-                        continue;
-                    }
-                    let failed_seq = match &settled {
-                        Settled::Failed { seq, .. } => Some(*seq),
-                        Settled::Done(_) => None,
-                    };
-                    match self.settle(settled, isolate_through).await {
-                        Ok(seq) => {
-                            *delivered = seq;
-                            stats.delivered_through.store(seq, Ordering::Relaxed);
+                Some(first) = pending.next(), if !pending.is_empty() => {
+                    // Reports that are already in settle in this one wake-up,
+                    // in order, not one per trip through this select! (whose
+                    // arms' futures are built and dropped on every trip). A
+                    // failure ends the run so the loop head sees it first.
+                    let mut next = Some(first);
+                    let mut settled_now = 0;
+                    while let Some(settled) = next.take() {
+                        settled_now += 1;
+                        // After a failed delivery, later reports only tell which
+                        // records were refused. After a fatal error alone, the
+                        // reports still settle in order as usual.
+                        if let Some(b) = broken.as_mut().filter(|b| b.failed()) {
+                            b.note(settled);
+                            break;
                         }
-                        Err(End::Isolate { from, .. }) => {
-                            // The rest of the window may hold more of the
-                            // refused request: read it before deciding.
-                            let mut b = Broken::new(format!("seq {from} refused"));
-                            b.refused(from);
-                            broken = Some(b);
-                        }
-                        Err(End::Retry(why)) => {
-                            let mut b = Broken::new(why);
-                            if let Some(seq) = failed_seq {
-                                b.first_failed(seq);
+                        let failed_seq = match &settled {
+                            Settled::Failed { seq, .. } => Some(*seq),
+                            Settled::Done(_) => None,
+                        };
+                        match self.settle(settled, isolate_through).await {
+                            Ok(seq) => {
+                                *delivered = seq;
+                                stats.delivered_through.store(seq, Ordering::Relaxed);
                             }
-                            broken = Some(b);
+                            Err(End::Isolate { from, .. }) => {
+                                // The rest of the window may hold more of the
+                                // refused request: read it before deciding.
+                                let mut b = Broken::new(format!("seq {from} refused"));
+                                b.refused(from);
+                                broken = Some(b);
+                                break;
+                            }
+                            Err(End::Retry(why)) => {
+                                let mut b = Broken::new(why);
+                                if let Some(seq) = failed_seq {
+                                    b.first_failed(seq);
+                                }
+                                broken = Some(b);
+                                break;
+                            }
+                            Err(end) => return end,
                         }
-                        Err(end) => return end,
+                        if settled_now < SETTLE_BURST && broken.is_none() {
+                            next = pending.next().now_or_never().flatten();
+                        }
                     }
+                    stats.in_flight.store(window.unsettled.load(Ordering::Relaxed) as u64, Ordering::Relaxed);
                 }
                 item = reader.next(), if room && !(deadline.is_some() && caught_up) => {
                     let mut item = Some(item);
                     let mut burst = 0;
+                    // One clock read per burst: its records are handed to
+                    // librdkafka within microseconds of each other.
+                    let burst_started = std::time::Instant::now();
                     while let Some(next) = item.take() {
                         match next {
                             Ok(ReadItem::Record { seq, record, .. }) => {
                                 if seq <= isolate_through {
                                     stats.isolated_retries.fetch_add(1, Ordering::Relaxed);
                                 }
-                                pending.push_back(self.produce(producer, &window, seq, record).await);
+                                pending.push_back(self.produce(producer, &window, seq, record, burst_started).await);
                                 stats.produced.fetch_add(1, Ordering::Relaxed);
                             }
                             Ok(ReadItem::Gap(g)) => {
@@ -493,6 +515,7 @@ impl Replayer {
         window: &Arc<Window>,
         seq: u64,
         record: Record,
+        started: std::time::Instant,
     ) -> Pending {
         let Some(topics) = self.streams.of(&record.stream) else {
             // `serve` refuses to start while the WAL holds a stream it does
@@ -515,7 +538,6 @@ impl Replayer {
         if let Some(k) = &record.key {
             fr = fr.key(k);
         }
-        let started = std::time::Instant::now();
         let observer = self.stats.observer();
         loop {
             match producer.send_result(fr) {
