@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Archive throughput against sluice's own drain rate, in the same run.
 
-1. A `sluice dev-broker` (3 partitions) is taken down (SIGUSR1) while
+1. A `sluice dev-broker` (3 partitions, one more per 15,000 events past
+   45,000: it keeps only the last 5 MiB of each) is taken down (SIGUSR1) while
    `sluice serve` acknowledges N events (NDJSON batches of 1,000), so they
    wait in the WAL.
 2. The broker comes back up: the drain rate is N / (time until replay
@@ -52,7 +53,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="sluice-archive-bench-")
     procs = []
     try:
-        broker = subprocess.Popen([SLUICE, "dev-broker", "--partitions", "3", "--addr-file", f"{tmp}/broker"],
+        # The dev broker (librdkafka's mock cluster) keeps the last 5 MiB or
+        # 100,000 batches per partition: at most ~15,000 of these events
+        # (~250 bytes in Kafka with key and headers) per partition, spread
+        # by 1,000 tenant keys, keep every event readable by the archiver.
+        partitions = max(3, -(-N // 15_000))
+        broker = subprocess.Popen([SLUICE, "dev-broker", "--partitions", str(partitions), "--addr-file", f"{tmp}/broker"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(broker)
         baddr = wait_file(f"{tmp}/broker")
@@ -65,7 +71,7 @@ def main():
         broker.send_signal(signal.SIGUSR1)
         for b in range(0, N, 1000):
             body = "".join(json.dumps({
-                "timestamp": f"2026-11-26T{10 + (i % 4):02}:{i % 60:02}:00Z", "tenant_id": f"t{i % 5}",
+                "timestamp": f"2026-11-26T{10 + (i % 4):02}:{i % 60:02}:00Z", "tenant_id": f"t{i % 1000}",
                 "source": "web", "message": "GET", "path": f"/p{i % 50}", "userAgent": "bench"}) + "\n"
                 for i in range(b, min(b + 1000, N)))
             req = urllib.request.Request(f"http://{saddr}/v1/events", data=body.encode(),

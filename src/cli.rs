@@ -38,7 +38,9 @@ enum Command {
     /// Run a standalone mock Kafka cluster (librdkafka's, real protocol over
     /// TCP, data in memory) that outlives daemon restarts. Prints the
     /// bootstrap address on stdout. SIGUSR1 takes the broker down (an outage,
-    /// data kept), SIGUSR2 brings it back; SIGTERM stops it.
+    /// data kept), SIGUSR2 brings it back; SIGTERM stops it. Each partition
+    /// keeps only its last 5 MiB or 100,000 produce batches (older records
+    /// disappear as if by retention): use more partitions for larger tests.
     DevBroker {
         /// Topics to create (repeatable).
         #[arg(long = "topic", default_values_t = ["events".to_string(), "events-dlq".to_string()])]

@@ -506,14 +506,17 @@ async fn spawn_replayer(
     Ok((replay_stop, replayer_alive, replay_task))
 }
 
-/// Lowers the calling thread's priority to `nice` (Linux: the nice value is
-/// per thread). Raising a nice value needs no privilege; failing to is
-/// logged and replay runs at ingest's priority.
+/// Lowers the calling thread's priority by `nice` steps below the one it
+/// inherited (ingest's; Linux keeps the nice value per thread), at most to
+/// 19. Raising a nice value needs no privilege; failing to is logged and
+/// replay runs at ingest's priority.
 fn lower_priority(nice: i32) {
     if nice == 0 {
         return;
     }
     let tid = rustix::thread::gettid();
+    let inherited = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    let nice = (inherited + nice).min(19);
     match rustix::process::setpriority_process(Some(tid), nice) {
         Ok(()) => tracing::debug!(nice, "replay thread priority lowered"),
         Err(e) => {

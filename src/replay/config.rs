@@ -51,8 +51,9 @@ pub struct ReplayConfig {
     /// On shutdown, how long to wait for in-flight deliveries before exiting;
     /// what does not drain stays in the WAL. Default 10000.
     pub drain_timeout_ms: u64,
-    /// Nice value (0-19) of the replay thread and of the threads it starts
-    /// (librdkafka's, and its blocking pool). Replay runs on its own thread,
+    /// Steps of nice value (0-19) that the replay thread and the threads it
+    /// starts (librdkafka's, and its blocking pool) run below ingest's
+    /// priority (capped at nice 19). Replay runs on its own thread,
     /// off the HTTP workers; above 0 the kernel gives ingest the cores first
     /// when both want them, and replay takes what is left, so a 202's
     /// latency does not queue behind produce work. A sustained load that

@@ -50,3 +50,111 @@ fn dev_broker_serve_post_and_consume_as_processes() {
     assert!(serve.stop().success());
     drop(broker);
 }
+
+/// Threads of `pid` by name, with their nice values (`ps -L -o comm,ni`).
+fn thread_nice(pid: &str) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // After "(comm) ": state is field 3, nice is field 19.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i64 = rest.split(' ').nth(16).unwrap().parse().unwrap();
+        out.push((comm.trim().to_string(), nice));
+    }
+    out
+}
+
+#[test]
+fn replay_and_librdkafka_threads_run_below_ingest_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), Some(1));
+    for (nice, env) in [
+        (10, vec![]),
+        (0, vec![("SLUICE_REPLAY_NICE", "0")]),
+        (15, vec![("SLUICE_REPLAY_NICE", "15")]),
+    ] {
+        let data = dir.path().join(format!("data-{nice}"));
+        let serve = Daemon::spawn(&data, Some(&broker.addr), &env);
+        // One delivered event: the producer and its threads exist.
+        let body = r#"{"tenant_id":"acme","source":"web","message":"hello"}"#;
+        let resp = ureq_post(&serve.addr, body);
+        assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let threads = loop {
+            let t = thread_nice(&serve.pid());
+            if t.iter().any(|(c, _)| c.starts_with("rdk:broker"))
+                || std::time::Instant::now() > deadline
+            {
+                break t;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let of = |prefix: &str| -> Vec<i64> {
+            threads
+                .iter()
+                .filter(|(c, _)| c.starts_with(prefix))
+                .map(|(_, n)| *n)
+                .collect()
+        };
+        // Relative to the priority sluice started with (this test may run
+        // under `nice`).
+        let base = of("sluice-wal-writ")[0];
+        let want = (base + nice).min(19);
+        // (A thread librdkafka is starting carries its creator's name
+        // until it names itself.)
+        assert!(
+            !of("sluice-replay").is_empty() && of("sluice-replay").iter().all(|&n| n == want),
+            "{threads:?}"
+        );
+        assert!(
+            !of("rdk:").is_empty() && of("rdk:").iter().all(|&n| n == want),
+            "{threads:?}"
+        );
+        assert!(
+            of("producer pollin").iter().all(|&n| n == want),
+            "{threads:?}"
+        );
+        // Ingest keeps the priority sluice started with.
+        assert!(!of("tokio-rt-worker").is_empty(), "{threads:?}");
+        assert!(
+            of("tokio-rt-worker").iter().all(|&n| n == base),
+            "{threads:?}"
+        );
+        assert!(serve.stop().success());
+    }
+    // Only lower, never higher, than ingest's priority.
+    let config = dir.path().join("empty.toml");
+    std::fs::write(&config, "").unwrap();
+    let out = Command::new(EXE)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config)
+        .env("SLUICE_REPLAY_NICE", "20")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replay.nice"),
+        "{out:?}"
+    );
+}
+
+fn ureq_post(addr: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).unwrap();
+    resp
+}
