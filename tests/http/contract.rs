@@ -319,6 +319,23 @@ fn max_header_bytes_means_what_it_says() {
     let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let r = d.post("/v1/events", &many, e.as_bytes());
     assert_error_body(&r, 431);
+    // Every path, an unknown one or a known one with the wrong method too.
+    let r = d.post("/no/such/path", &[("X-Pad", &"p".repeat(66_000))], b"{}");
+    assert_error_body(&r, 431);
+    let r = d.post("/health", &[("X-Pad", &"p".repeat(66_000))], b"{}");
+    assert_error_body(&r, 431);
+    let r = d.post("/no/such/path", &[], b"{}");
+    assert_eq!(r.status, 404, "{r:?}");
+    // Heads sluice refused on a route are counted under it (the 100,000-byte
+    // one and the 101 headers are refused by the HTTP parser before routing).
+    assert_eq!(
+        d.metric(r#"sluice_http_requests_total{route="/v1/events",status="431"}"#),
+        2.0
+    );
+    assert_eq!(
+        d.metric(r#"sluice_http_requests_total{route="/v1/events",status="202"}"#),
+        1.0
+    );
 }
 
 #[test]
