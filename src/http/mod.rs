@@ -210,18 +210,27 @@ pub fn app(state: SharedState) -> Router {
     // (each layer costs a boxed future and a service clone per request;
     // three layers here were 7 % of a single-event request's CPU). The
     // fallbacks check the head themselves.
-    router
+    let router = router
         .route("/v1/receipts/{seq}", get(status::receipt))
         .route("/health", get(status::health))
         .route("/ready", get(status::ready))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(CatchPanicLayer::custom(error::panic_response))
-        // 5xx are logged by the code that decides them, once per state
-        // change (quota, shedding, WAL failure), not once per response.
-        .layer(TraceLayer::new_for_http().on_failure(()))
-        .with_state(state)
+        .layer(CatchPanicLayer::custom(error::panic_response));
+    // Per-request spans and debug events only when the log filter shows them
+    // (`[log] level = "info,tower_http=debug"`; the filter is fixed at
+    // start): the layer costs ~2 us per request even when filtered out (span,
+    // response classifier, body wrapper), 6 % of a single-event request.
+    // 5xx are logged by the code that decides them, once per state change
+    // (quota, shedding, WAL failure), not once per response.
+    let router = if tracing::enabled!(target: "tower_http::trace::on_response", tracing::Level::DEBUG)
+    {
+        router.layer(TraceLayer::new_for_http().on_failure(()))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 /// Routes the ingest listener serves besides the stream routes.
