@@ -187,18 +187,22 @@ pub fn app(state: SharedState) -> Router {
     // the parsing budget before its body is read.
     for (path, stream) in state.streams.routes() {
         let stream = stream.clone();
+        // The handler itself waits for the budget (a middleware layer costs
+        // a boxed future and a service clone per request).
         let handler = if path == OTLP_LOGS_PATH {
-            post(move |st: State<SharedState>, req: Request| otlp::logs(st, stream, req))
+            post(move |st: State<SharedState>, req: Request| async move {
+                let want = parsing_want(&st, &req);
+                let _permit = parsing_budget(&st, want).await;
+                otlp::logs(st, stream, req).await
+            })
         } else {
-            post(move |st: State<SharedState>, req: Request| ingest::ingest(st, stream, req))
+            post(move |st: State<SharedState>, req: Request| async move {
+                let want = parsing_want(&st, &req);
+                let _permit = parsing_budget(&st, want).await;
+                ingest::ingest(st, stream, req).await
+            })
         };
-        router = router.route(
-            path,
-            handler.route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                parsing_budget,
-            )),
-        );
+        router = router.route(path, handler);
     }
     // Off: only the admin listener serves them (404 here).
     if state.http.metrics_on_ingest {
@@ -347,8 +351,9 @@ fn parsing_permits(bytes: u64) -> usize {
         .min(Semaphore::MAX_PERMITS as u64) as usize
 }
 
-/// Holds a large request, body unread, until `limits.max-parsing-bytes` has
-/// room for its declared length, and keeps that room until the response.
+/// Waits until `limits.max-parsing-bytes` has room for a large request's
+/// declared length, body unread; the caller holds the permit until the
+/// response.
 /// Memory under load grows with the bodies being worked on, not with the
 /// connections: each one in progress holds its body, its parsed events and
 /// their encoded records (about 7x the body with 1,000-event batches), and on
@@ -357,11 +362,17 @@ fn parsing_permits(bytes: u64) -> usize {
 /// first few KiB); its body timeout starts once it runs. Unlike the
 /// in-flight budget, which answers 503 at once, this one queues (fairly, in
 /// arrival order).
-pub async fn parsing_budget(
-    State(st): State<SharedState>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
+pub async fn parsing_budget(st: &AppState, want: u32) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if want == 0 {
+        return None;
+    }
+    // The semaphore is never closed, so acquiring only waits.
+    st.parsing.clone().acquire_many_owned(want).await.ok()
+}
+
+/// What a request takes from the parsing budget: nothing for a small body,
+/// its declared length (at most the whole budget) for a large one.
+pub fn parsing_want(st: &AppState, req: &Request) -> u32 {
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -372,14 +383,7 @@ pub async fn parsing_budget(
         None => UNKNOWN_BODY_BYTES,
     };
     // At most the whole budget: a body larger than it runs alone.
-    let want = parsing_permits(want.min(st.limits.max_parsing_bytes)) as u32;
-    let _permit = if want == 0 {
-        None
-    } else {
-        // The semaphore is never closed, so acquiring only waits.
-        st.parsing.clone().acquire_many_owned(want).await.ok()
-    };
-    next.run(req).await
+    parsing_permits(want.min(st.limits.max_parsing_bytes)) as u32
 }
 
 /// Refuses a head over `http.max-header-bytes` (431), then counts every
