@@ -214,15 +214,27 @@ enum Slot {
     Done { entry: Arc<Entry>, first_seq: u64 },
 }
 
+/// scope ‖ idempotency key. Shared by the map, the eviction order and the
+/// checkpoint rows, so a keyed request copies its key once.
+type MapKey = Arc<[u8]>;
+
+/// A done key not yet in sled: its map key and its encoded entry (the bytes
+/// of the WAL header), so the checkpoint neither looks it up nor encodes it.
+struct Unsaved {
+    map_key: MapKey,
+    encoded: Vec<u8>,
+}
+
 #[derive(Default)]
 struct Inner {
-    map: HashMap<Vec<u8>, Slot>,
+    map: HashMap<MapKey, Slot>,
     /// Done keys in acceptance order, for eviction (stale rows are skipped).
-    order: VecDeque<(i64, u64, Vec<u8>)>,
-    /// Done keys not yet written to sled, by first_seq.
-    unsaved: BTreeMap<u64, Vec<u8>>,
+    order: VecDeque<(i64, u64, MapKey)>,
+    /// Done keys not yet written to sled, by first_seq. Only live ones: an
+    /// evicted or replaced key's row is removed with it.
+    unsaved: BTreeMap<u64, Unsaved>,
     /// Keys evicted since the last checkpoint, to delete from sled.
-    forgotten: Vec<Vec<u8>>,
+    forgotten: Vec<MapKey>,
     done: usize,
 }
 
@@ -241,18 +253,25 @@ pub struct IdempotencyCounters {
 
 pub struct Index {
     cfg: IdempotencyConfig,
+    /// Taken by every keyed request (`begin`), by the WAL writer after each
+    /// fdatasync (`complete`) and briefly by a checkpoint: never held across
+    /// sled or any I/O, or ingest stalls behind it.
     inner: Mutex<Inner>,
+    /// Serializes checkpoints and holds the last watermark written. See
+    /// [`Index::checkpoint`].
+    checkpoint: Mutex<u64>,
     next_token: AtomicU64,
     pub counters: IdempotencyCounters,
 }
 
-fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Map updates are single inserts/removes: consistent across a panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn map_key(scope: &[u8; 16], key: &str) -> Vec<u8> {
-    let mut k = scope.to_vec();
+    let mut k = Vec::with_capacity(scope.len() + key.len());
+    k.extend_from_slice(scope);
     k.extend_from_slice(key.as_bytes());
     k
 }
@@ -269,6 +288,7 @@ impl Index {
                 max_keys: cfg.max_keys.max(1),
             },
             inner: Mutex::new(Inner::default()),
+            checkpoint: Mutex::new(0),
             next_token: AtomicU64::new(1),
             counters: IdempotencyCounters::default(),
         })
@@ -282,7 +302,7 @@ impl Index {
         let mk = map_key(&scope, key);
         let mut inner = lock(&self.inner);
         self.evict(&mut inner, now_ms());
-        match inner.map.get(&mk) {
+        match inner.map.get(&mk[..]) {
             Some(Slot::Done { entry, first_seq }) => {
                 if entry.body_sha256 != body_sha256 {
                     self.counters.mismatched.fetch_add(1, Ordering::Relaxed);
@@ -303,6 +323,7 @@ impl Index {
             None => {}
         }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let mk: MapKey = mk.into();
         inner.map.insert(mk.clone(), Slot::InFlight { token });
         Begin::New(Pending {
             index: self.clone(),
@@ -313,24 +334,36 @@ impl Index {
     }
 
     /// Records a durable outcome (from the writer, or from the WAL at open).
+    /// `unsaved` holds the encoded entry when sled does not have it yet.
     fn insert_done(
         &self,
         inner: &mut Inner,
-        mk: Vec<u8>,
+        mk: MapKey,
         entry: Arc<Entry>,
         first_seq: u64,
-        saved: bool,
+        unsaved: Option<Vec<u8>>,
     ) {
-        let fresh = !matches!(inner.map.get(&mk), Some(Slot::Done { .. }));
         inner
             .order
             .push_back((entry.accepted_ms, first_seq, mk.clone()));
-        if !saved {
-            inner.unsaved.insert(first_seq, mk.clone());
+        if let Some(encoded) = unsaved {
+            inner.unsaved.insert(
+                first_seq,
+                Unsaved {
+                    map_key: mk.clone(),
+                    encoded,
+                },
+            );
         }
-        inner.map.insert(mk, Slot::Done { entry, first_seq });
-        if fresh {
-            inner.done += 1;
+        match inner.map.insert(mk, Slot::Done { entry, first_seq }) {
+            Some(Slot::Done { first_seq: old, .. }) => {
+                // Replaced (the rebuild meets a key in sled and again in
+                // the WAL): the newer row is the one to write.
+                if old != first_seq {
+                    inner.unsaved.remove(&old);
+                }
+            }
+            _ => inner.done += 1,
         }
         self.evict(inner, now_ms());
     }
@@ -370,35 +403,81 @@ impl Index {
     /// flush and fsync (an offset commit) follows. `durable_next` must be read
     /// before this call: the writer completes entries before it publishes, so
     /// every entry below it is in the index by then.
+    ///
+    /// The index lock is held only to take the rows (two `mem::take`s), never
+    /// while sled applies them: every keyed request and the WAL writer's
+    /// completion hook take that lock, and a second of keyed ingest is tens
+    /// of thousands of rows (sled applying them under the lock stalled every
+    /// request for ~100 ms once a second).
+    ///
+    /// Invariant: a watermark is never written past rows that are not
+    /// written. The rows and the watermark go into sled in one atomic batch;
+    /// checkpoints run one at a time (the replayer's commit and the periodic
+    /// one race), so a later checkpoint cannot apply, and its commit flush,
+    /// a watermark while rows an earlier one took are still on their way;
+    /// and rows a failed apply did not write are put back before the next
+    /// checkpoint may run.
+    ///
+    /// If the process dies:
+    /// - after the rows are taken, before the apply: sled holds the previous
+    ///   checkpoint; the rows are in the WAL above its watermark (GC never
+    ///   passes the committed offset, and this commit has not happened), so
+    ///   the rebuild rescans them;
+    /// - after the apply, before the caller's flush and fsync: sled may or
+    ///   may not have the batch, all of it or none (sled batches are
+    ///   atomic); either way the WAL still holds the rows;
+    /// - after the flush and fsync: sled holds rows and watermark.
     pub fn checkpoint(&self, tree: &sled::Tree, durable_next: u64) -> sled::Result<()> {
-        // The batch is applied under the lock: a concurrent checkpoint (the
-        // replayer's commit and the periodic one) then cannot flush its
-        // watermark while rows taken here are not yet in sled.
-        let mut inner = lock(&self.inner);
-        self.evict(&mut inner, now_ms());
+        self.checkpoint_with(|batch| tree.apply_batch(batch), durable_next)
+    }
+
+    /// [`Index::checkpoint`] with the apply step given: tests stall it or
+    /// make it fail, as a full disk or an I/O error in sled would.
+    fn checkpoint_with(
+        &self,
+        apply: impl FnOnce(sled::Batch) -> sled::Result<()>,
+        durable_next: u64,
+    ) -> sled::Result<()> {
+        let mut last_watermark = lock(&self.checkpoint);
+        let (forgotten, unsaved) = {
+            let mut inner = lock(&self.inner);
+            self.evict(&mut inner, now_ms());
+            (
+                std::mem::take(&mut inner.forgotten),
+                std::mem::take(&mut inner.unsaved),
+            )
+        };
+        // Deletions first: a key forgotten and accepted again since the last
+        // checkpoint is in both lists, and a batch keeps the last write of a
+        // key.
         let mut batch = sled::Batch::default();
-        for mk in std::mem::take(&mut inner.forgotten) {
-            batch.remove(mk);
+        for mk in &forgotten {
+            batch.remove(&mk[..]);
         }
-        let unsaved = std::mem::take(&mut inner.unsaved);
-        for (first_seq, mk) in &unsaved {
-            if let Some(Slot::Done {
-                entry,
-                first_seq: f,
-            }) = inner.map.get(mk)
-            {
-                if f == first_seq {
-                    batch.insert(mk.clone(), stored_value(entry, *first_seq));
+        for (first_seq, row) in &unsaved {
+            batch.insert(&row.map_key[..], stored_value(&row.encoded, *first_seq));
+        }
+        // A checkpoint that read the frontier earlier but got the lock later
+        // must not move the watermark back (it would only cost a longer
+        // rescan, but it is never needed: this batch holds every row below
+        // the higher one too).
+        let through = durable_next.saturating_sub(1).max(*last_watermark);
+        batch.insert(WATERMARK_KEY, &through.to_be_bytes()[..]);
+        if let Err(e) = apply(batch) {
+            // Nothing was written: put the rows back for the next checkpoint
+            // (which cannot start before this returns). A row whose key was
+            // forgotten meanwhile stays out; its deletion is queued.
+            let mut inner = lock(&self.inner);
+            inner.forgotten.extend(forgotten);
+            for (first_seq, row) in unsaved {
+                let live = matches!(inner.map.get(&row.map_key), Some(Slot::Done { first_seq: f, .. }) if *f == first_seq);
+                if live {
+                    inner.unsaved.insert(first_seq, row);
                 }
             }
-        }
-        let through = durable_next.saturating_sub(1);
-        batch.insert(WATERMARK_KEY, &through.to_be_bytes()[..]);
-        if let Err(e) = tree.apply_batch(batch) {
-            // Not written: keep them for the next checkpoint.
-            inner.unsaved.extend(unsaved);
             return Err(e);
         }
+        *last_watermark = through;
         Ok(())
     }
 
@@ -413,7 +492,7 @@ impl Index {
     ) -> Result<RebuildReport, String> {
         let now = now_ms();
         let horizon = now.saturating_sub(self.window_ms());
-        let mut loaded: Vec<(Arc<Entry>, u64, Vec<u8>)> = Vec::new();
+        let mut loaded: Vec<(Arc<Entry>, u64, MapKey)> = Vec::new();
         let mut watermark = 0;
         let mut stale = Vec::new();
         for row in tree.iter() {
@@ -428,13 +507,13 @@ impl Index {
             }
             match decode_stored(&v) {
                 Ok((entry, first_seq)) if entry.accepted_ms >= horizon => {
-                    loaded.push((Arc::new(entry), first_seq, k.to_vec()))
+                    loaded.push((Arc::new(entry), first_seq, k.as_ref().into()))
                 }
-                Ok(_) => stale.push(k.to_vec()),
+                Ok(_) => stale.push(MapKey::from(k.as_ref())),
                 Err(why) => {
                     self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %why, "idempotency entry in the offsets store does not decode; key forgotten");
-                    stale.push(k.to_vec());
+                    stale.push(MapKey::from(k.as_ref()));
                 }
             }
         }
@@ -442,7 +521,7 @@ impl Index {
         let from_sled = loaded.len();
         let mut inner = lock(&self.inner);
         for (entry, first_seq, mk) in loaded {
-            self.insert_done(&mut inner, mk, entry, first_seq, true);
+            self.insert_done(&mut inner, mk, entry, first_seq, None);
         }
         inner.forgotten.extend(stale);
         drop(inner);
@@ -457,11 +536,11 @@ impl Index {
                 Some(ReadItem::Gap(_)) => {}
                 Some(ReadItem::Record { seq, record, .. }) => {
                     scanned += 1;
-                    if let Some(entry) = self.entry_of(seq, &record) {
+                    if let Some((entry, encoded)) = self.entry_of(seq, &record) {
                         if entry.accepted_ms >= horizon {
-                            let mk = map_key(&entry.scope, &entry.key);
+                            let mk = map_key(&entry.scope, &entry.key).into();
                             let mut inner = lock(&self.inner);
-                            self.insert_done(&mut inner, mk, Arc::new(entry), seq, false);
+                            self.insert_done(&mut inner, mk, Arc::new(entry), seq, Some(encoded));
                             from_wal += 1;
                         }
                     }
@@ -476,10 +555,10 @@ impl Index {
         })
     }
 
-    fn entry_of(&self, seq: u64, record: &Record) -> Option<Entry> {
+    fn entry_of(&self, seq: u64, record: &Record) -> Option<(Entry, Vec<u8>)> {
         let raw = record.header(ENTRY_HEADER)?;
         match Entry::decode(raw) {
-            Ok(e) => Some(e),
+            Ok(e) => Some((e, raw.to_vec())),
             Err(why) => {
                 self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(seq, error = %why, "idempotency entry in the WAL does not decode; its key is forgotten (a retry appends again)");
@@ -561,10 +640,12 @@ pub struct RebuildReport {
     pub scanned_from: u64,
 }
 
-fn stored_value(entry: &Entry, first_seq: u64) -> Vec<u8> {
-    let mut v = vec![ENTRY_VERSION];
+/// The sled value of an entry: `encoded` is [`Entry::encode`]'s output.
+fn stored_value(encoded: &[u8], first_seq: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(1 + 8 + encoded.len());
+    v.push(ENTRY_VERSION);
     v.extend_from_slice(&first_seq.to_be_bytes());
-    v.extend(entry.encode());
+    v.extend_from_slice(encoded);
     v
 }
 
@@ -588,34 +669,33 @@ pub fn tree(db: &sled::Db) -> sled::Result<sled::Tree> {
 /// wrote it), the key is released so that a retry is handled afresh.
 pub struct Pending {
     index: Arc<Index>,
-    map_key: Vec<u8>,
+    map_key: MapKey,
     token: u64,
     done: bool,
 }
 
 impl Pending {
-    /// Puts the entry into the first payload of the batch, so it is durable
-    /// with the records.
-    pub fn stamp(first_payload: &[u8], entry: &Entry) -> Result<Vec<u8>, String> {
-        let mut record = Record::decode(first_payload).map_err(|e| e.to_string())?;
-        record
-            .headers
-            .push((ENTRY_HEADER.to_string(), entry.encode()));
-        Ok(record.encode())
+    /// Puts the encoded entry ([`Entry::encode`]) into the first payload of
+    /// the batch, so it is durable with the records: the payload's header
+    /// list grows in place, without decoding and re-encoding the record.
+    pub fn stamp(first_payload: &mut Vec<u8>, encoded_entry: &[u8]) -> Result<(), String> {
+        crate::wal::record::push_header(first_payload, ENTRY_HEADER, encoded_entry)
+            .map_err(|e| e.to_string())
     }
 
     /// Called by the WAL writer after the fdatasync that made the batch
-    /// durable and before the batch becomes visible to replay.
-    pub fn complete(mut self, entry: Entry, range: SeqRange) {
+    /// durable and before the batch becomes visible to replay. `encoded` is
+    /// the entry as stamped, kept for the next checkpoint.
+    pub fn complete(mut self, entry: Entry, encoded: Vec<u8>, range: SeqRange) {
         self.done = true;
         let index = self.index.clone();
         let mut inner = lock(&index.inner);
         index.insert_done(
             &mut inner,
-            std::mem::take(&mut self.map_key),
+            self.map_key.clone(),
             Arc::new(entry),
             range.first,
-            false,
+            Some(encoded),
         );
     }
 }
@@ -659,7 +739,11 @@ mod tests {
             panic!("new key")
         };
         assert!(matches!(idx.begin([0; 16], "a", [1; 32]), Begin::InFlight));
-        p.complete(entry("a", 1, now_ms()), SeqRange { first: 5, last: 6 });
+        p.complete(
+            entry("a", 1, now_ms()),
+            Vec::new(),
+            SeqRange { first: 5, last: 6 },
+        );
         match idx.begin([0; 16], "a", [1; 32]) {
             Begin::Replay { status, body } => {
                 assert_eq!(status, 202);
@@ -684,6 +768,7 @@ mod tests {
             };
             p.complete(
                 entry(k, 1, now_ms()),
+                Vec::new(),
                 SeqRange {
                     first: seq,
                     last: seq + 1,
@@ -706,10 +791,197 @@ mod tests {
         };
         p.complete(
             entry("old", 1, now_ms() - 61_000),
+            Vec::new(),
             SeqRange { first: 1, last: 2 },
         );
         assert!(matches!(idx.begin([0; 16], "old", [1; 32]), Begin::New(_)));
         assert_eq!(idx.counters.evicted_age.load(Ordering::Relaxed), 1);
+    }
+
+    fn temp_tree() -> sled::Tree {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        tree(&db).unwrap()
+    }
+
+    /// Completes a new key at `first_seq` (one record).
+    fn accept(idx: &Arc<Index>, key: &str, first_seq: u64) {
+        let Begin::New(p) = idx.begin([0; 16], key, [1; 32]) else {
+            panic!("{key} is not new")
+        };
+        let e = entry(key, 1, now_ms());
+        let encoded = e.encode();
+        p.complete(
+            e,
+            encoded,
+            SeqRange {
+                first: first_seq,
+                last: first_seq,
+            },
+        );
+    }
+
+    fn sled_keys(t: &sled::Tree) -> Vec<String> {
+        t.iter()
+            .keys()
+            .map(|k| k.unwrap())
+            // The watermark's key is empty; entries are scope (16) ‖ key.
+            .filter(|k| k.len() > 16)
+            .map(|k| String::from_utf8_lossy(&k[16..]).into_owned())
+            .collect()
+    }
+
+    fn watermark(t: &sled::Tree) -> Option<u64> {
+        t.get(WATERMARK_KEY)
+            .unwrap()
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+    }
+
+    /// Generous: a request answered only after this is a stall, not a slow
+    /// machine.
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+    #[test]
+    fn requests_and_the_writer_never_wait_for_sled_during_a_checkpoint() {
+        let idx = Index::new(IdempotencyConfig::default());
+        let t = temp_tree();
+        accept(&idx, "a", 1);
+        let (in_apply, applying) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let checkpoint = {
+            let (idx, t) = (idx.clone(), t.clone());
+            std::thread::spawn(move || {
+                idx.checkpoint_with(
+                    |batch| {
+                        in_apply.send(()).unwrap();
+                        released.recv().unwrap();
+                        t.apply_batch(batch)
+                    },
+                    2,
+                )
+            })
+        };
+        applying.recv_timeout(PATIENCE).unwrap();
+        // sled is "busy": a keyed request's begin and the writer's
+        // completion hook must still go through.
+        let (done, answered) = std::sync::mpsc::channel();
+        let request = {
+            let idx = idx.clone();
+            std::thread::spawn(move || {
+                accept(&idx, "b", 2);
+                done.send(()).unwrap();
+            })
+        };
+        let outcome = answered.recv_timeout(PATIENCE);
+        release.send(()).unwrap();
+        request.join().unwrap();
+        checkpoint.join().unwrap().unwrap();
+        assert!(
+            outcome.is_ok(),
+            "a keyed request waited for the checkpoint's sled apply"
+        );
+        // "b" came after the rows were taken: the next checkpoint has it.
+        assert_eq!(sled_keys(&t), ["a"]);
+        idx.checkpoint(&t, 3).unwrap();
+        assert_eq!(sled_keys(&t), ["a", "b"]);
+        assert_eq!(watermark(&t), Some(2));
+    }
+
+    #[test]
+    fn a_failed_apply_keeps_rows_and_deletions_for_the_next_checkpoint() {
+        let idx = Index::new(IdempotencyConfig {
+            window_secs: 3600,
+            max_keys: 2,
+        });
+        let t = temp_tree();
+        accept(&idx, "a", 1);
+        accept(&idx, "b", 2);
+        idx.checkpoint(&t, 3).unwrap();
+        assert_eq!(sled_keys(&t), ["a", "b"]);
+        // "c" evicts "a" (cap 2).
+        accept(&idx, "c", 3);
+        let failed =
+            idx.checkpoint_with(|_| Err(sled::Error::Unsupported("disk on fire".into())), 4);
+        assert!(failed.is_err());
+        assert_eq!(sled_keys(&t), ["a", "b"], "nothing written");
+        assert_eq!(watermark(&t), Some(2));
+        // The next one writes "c" and deletes "a".
+        idx.checkpoint(&t, 4).unwrap();
+        assert_eq!(sled_keys(&t), ["b", "c"]);
+        assert_eq!(watermark(&t), Some(3));
+        // And a restart finds what the index holds.
+        let again = Index::new(IdempotencyConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = crate::wal::Wal::open(
+            crate::wal::WalConfig::new(dir.path()),
+            Arc::new(crate::wal::io::StdFs),
+            0,
+        )
+        .unwrap();
+        let report = again.rebuild(&t, &wal, 0).unwrap();
+        assert_eq!((report.from_sled, report.from_wal), (2, 0));
+        assert!(matches!(again.begin([0; 16], "a", [1; 32]), Begin::New(_)));
+        assert!(matches!(
+            again.begin([0; 16], "c", [1; 32]),
+            Begin::Replay { .. }
+        ));
+    }
+
+    #[test]
+    fn a_checkpoint_never_writes_its_watermark_before_rows_an_earlier_one_took() {
+        let idx = Index::new(IdempotencyConfig::default());
+        let t = temp_tree();
+        accept(&idx, "a", 10);
+        accept(&idx, "b", 20);
+        // The first checkpoint takes both and stalls inside sled.
+        let (in_apply, applying) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let (idx, t) = (idx.clone(), t.clone());
+            std::thread::spawn(move || {
+                idx.checkpoint_with(
+                    |batch| {
+                        in_apply.send(()).unwrap();
+                        released.recv().unwrap();
+                        t.apply_batch(batch)
+                    },
+                    11,
+                )
+            })
+        };
+        applying.recv_timeout(PATIENCE).unwrap();
+        // The second (the other committer) covers both: when it writes its
+        // watermark, "a" must already be in sled.
+        let (entered, second_applying) = std::sync::mpsc::channel();
+        let second = {
+            let (idx, t) = (idx.clone(), t.clone());
+            std::thread::spawn(move || {
+                idx.checkpoint_with(
+                    |batch| {
+                        let _ = entered.send(());
+                        let a_written = sled_keys(&t).contains(&"a".to_string());
+                        t.apply_batch(batch)?;
+                        assert!(a_written, "watermark 20 written while a (seq 10) was not");
+                        Ok(())
+                    },
+                    21,
+                )
+            })
+        };
+        // Give the second one every chance to overtake; it must wait.
+        assert!(
+            second_applying
+                .recv_timeout(std::time::Duration::from_millis(500))
+                .is_err(),
+            "a second checkpoint applied while the first was applying"
+        );
+        release.send(()).unwrap();
+        first.join().unwrap().unwrap();
+        second.join().unwrap().unwrap();
+        assert_eq!(sled_keys(&t), ["a", "b"]);
+        assert_eq!(watermark(&t), Some(20));
+        // A checkpoint that read an older frontier does not move it back.
+        idx.checkpoint(&t, 5).unwrap();
+        assert_eq!(watermark(&t), Some(20));
     }
 
     #[test]
@@ -731,7 +1003,7 @@ mod tests {
         assert!(Entry::decode(&v2).is_err());
         assert!(Entry::decode(&[]).is_err());
         assert!(Entry::decode(&[1, 0xff, 0xff]).is_err());
-        let s = stored_value(&e, 77);
+        let s = stored_value(&e.encode(), 77);
         assert_eq!(decode_stored(&s).unwrap(), (e, 77));
     }
 }

@@ -106,22 +106,21 @@ pub(super) async fn append(
         accepted_ms: chrono::Utc::now().timestamp_millis(),
         records: payloads.len() as u64,
     };
+    let encoded = entry.encode();
     if let Some(first) = payloads.first_mut() {
-        // The payload was encoded by us a moment ago; failing to decode it
-        // is a bug, and the request then goes without its key.
-        match Pending::stamp(first, &entry) {
-            Ok(stamped) => *first = stamped,
-            Err(why) => {
-                tracing::error!(error = %why, "cannot attach the idempotency entry");
-                return st.wal.append(payloads).await;
-            }
+        // The payload was encoded by us a moment ago; failing to walk it is
+        // a bug, and the request then goes without its key (the payload is
+        // untouched: `stamp` checks it whole before changing a byte).
+        if let Err(why) = Pending::stamp(first, &encoded) {
+            tracing::error!(error = %why, "cannot attach the idempotency entry");
+            return st.wal.append(payloads).await;
         }
     }
     let pending = keyed.pending;
     st.wal
         .append_with(
             payloads,
-            Box::new(move |range| pending.complete(entry, range)),
+            Box::new(move |range| pending.complete(entry, encoded, range)),
         )
         .await
 }

@@ -166,6 +166,108 @@ impl Record {
     }
 }
 
+/// Appends the header `name: value` to an encoded payload without decoding
+/// it: the bytes that [`Record::decode`], a push onto `headers` and
+/// [`Record::encode`] give (a v1 payload comes out as v2, as that round trip
+/// makes it), for a fraction of the work: the headers are the last field
+/// before the 8-byte timestamp, so the header count is bumped and the new
+/// header spliced in front of the timestamp. The payload is walked with
+/// every length checked, so bytes `Record::decode` refuses are refused here
+/// too (an error, never a panic).
+pub fn push_header(
+    payload: &mut Vec<u8>,
+    name: &str,
+    value: &[u8],
+) -> Result<(), bincode::error::DecodeError> {
+    let (v1, count_at) = match payload.first() {
+        Some(&V2_TAG) => {
+            let mut at = 1;
+            let stream = take_bytes(payload, &mut at)?;
+            std::str::from_utf8(stream).map_err(|e| bad(format!("stream name: {e}")))?;
+            (false, skip_key_value(payload, at)?)
+        }
+        Some(0 | 1) => (true, skip_key_value(payload, 0)?),
+        Some(&other) => return Err(bad(format!("unknown record tag {other}"))),
+        None => return Err(bad("empty payload".into())),
+    };
+    let count = read_u64(payload, count_at)?;
+    let mut at = count_at + 8;
+    for _ in 0..count {
+        let name = take_bytes(payload, &mut at)?;
+        std::str::from_utf8(name).map_err(|e| bad(format!("header name: {e}")))?;
+        take_bytes(payload, &mut at)?;
+    }
+    match payload.len().checked_sub(at) {
+        Some(8) => {}
+        Some(n) if n > 8 => return Err(bad(format!("{} trailing bytes after record", n - 8))),
+        _ => return Err(bad("payload ends inside the timestamp".into())),
+    }
+    let count = count
+        .checked_add(1)
+        .ok_or_else(|| bad("header count overflows".into()))?;
+    payload[count_at..count_at + 8].copy_from_slice(&count.to_le_bytes());
+    let ts: [u8; 8] = payload[at..].try_into().expect("8 bytes, checked above");
+    payload.truncate(at);
+    payload.reserve(16 + name.len() + value.len() + 8);
+    payload.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    payload.extend_from_slice(name.as_bytes());
+    payload.extend_from_slice(&(value.len() as u64).to_le_bytes());
+    payload.extend_from_slice(value);
+    payload.extend_from_slice(&ts);
+    if v1 {
+        // v1 records belong to the default stream; v2 writes it in front.
+        let mut prefix = Vec::with_capacity(1 + 8 + DEFAULT_STREAM.len());
+        prefix.push(V2_TAG);
+        prefix.extend_from_slice(&(DEFAULT_STREAM.len() as u64).to_le_bytes());
+        prefix.extend_from_slice(DEFAULT_STREAM.as_bytes());
+        payload.splice(0..0, prefix);
+    }
+    Ok(())
+}
+
+fn bad(why: String) -> bincode::error::DecodeError {
+    bincode::error::DecodeError::OtherString(why)
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> Result<u64, bincode::error::DecodeError> {
+    bytes
+        .get(at..at.saturating_add(8))
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .ok_or_else(|| bad("payload ends inside a length".into()))
+}
+
+/// A u64 length and that many bytes at `*at`; moves `*at` past them.
+fn take_bytes<'a>(
+    bytes: &'a [u8],
+    at: &mut usize,
+) -> Result<&'a [u8], bincode::error::DecodeError> {
+    let len = read_u64(bytes, *at)?;
+    let start = *at + 8;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|l| start.checked_add(l))
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| bad(format!("length {len} runs past the payload")))?;
+    *at = end;
+    Ok(&bytes[start..end])
+}
+
+/// Skips the key (an `Option` tag, then bytes if 1) and the value starting
+/// at `at`; returns where the header count starts.
+fn skip_key_value(bytes: &[u8], mut at: usize) -> Result<usize, bincode::error::DecodeError> {
+    match bytes.get(at) {
+        Some(0) => at += 1,
+        Some(1) => {
+            at += 1;
+            take_bytes(bytes, &mut at)?;
+        }
+        Some(t) => return Err(bad(format!("invalid key tag {t}"))),
+        None => return Err(bad("payload ends before the key".into())),
+    }
+    take_bytes(bytes, &mut at)?;
+    Ok(at)
+}
+
 /// Decodes `bytes` as one `T` with nothing left over.
 fn exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
     let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())?;
@@ -250,6 +352,86 @@ mod tests {
                 };
                 let parts = Record::encode_parts("logs", key.as_deref(), &r.value, &headers, -5);
                 assert_eq!(parts, r.encode());
+            }
+        }
+    }
+
+    /// What `push_header` must equal: the decode, push, encode round trip.
+    fn pushed_by_round_trip(payload: &[u8], name: &str, value: &[u8]) -> Vec<u8> {
+        let mut r = Record::decode(payload).unwrap();
+        r.headers.push((name.to_string(), value.to_vec()));
+        r.encode()
+    }
+
+    #[test]
+    fn push_header_writes_what_decode_push_encode_writes() {
+        let value = [7u8; 300];
+        for key in [None, Some(b"acme".to_vec()), Some(Vec::new())] {
+            for headers in [
+                vec![],
+                vec![("id".to_string(), b"x".to_vec()), ("e".into(), Vec::new())],
+            ] {
+                for (name, extra) in [(":sluice.idempotency", &value[..]), ("", &[][..])] {
+                    let v2 = Record {
+                        stream: "logs".into(),
+                        key: key.clone(),
+                        value: "{\"m\":\"é\"}".as_bytes().to_vec(),
+                        headers: headers.clone(),
+                        timestamp_ms: -5,
+                    }
+                    .encode();
+                    let v1 = bincode::serde::encode_to_vec(
+                        &PlainRecord {
+                            key: key.clone(),
+                            value: b"{}".to_vec(),
+                            headers: headers.clone(),
+                            timestamp_ms: 1_700_000_000_000,
+                        },
+                        bincode_config(),
+                    )
+                    .unwrap();
+                    for payload in [v2, v1] {
+                        let mut stamped = payload.clone();
+                        push_header(&mut stamped, name, extra).unwrap();
+                        assert_eq!(stamped, pushed_by_round_trip(&payload, name, extra));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn push_header_refuses_what_decode_refuses() {
+        let good = Record {
+            stream: "s".into(),
+            key: Some(b"k".to_vec()),
+            value: b"{}".to_vec(),
+            headers: vec![("id".into(), b"x".to_vec())],
+            timestamp_ms: 3,
+        }
+        .encode();
+        // Every truncation, every extension, and every single-byte change
+        // that decode refuses.
+        let mut cases: Vec<Vec<u8>> = (0..good.len()).map(|n| good[..n].to_vec()).collect();
+        cases.push([good.clone(), vec![0]].concat());
+        for i in 0..good.len() {
+            for b in [0u8, 1, 2, 0x80, 0xff] {
+                let mut c = good.clone();
+                c[i] = b;
+                cases.push(c);
+            }
+        }
+        let mut evil = vec![V2_TAG];
+        evil.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        cases.push(evil);
+        for c in cases {
+            let mut stamped = c.clone();
+            match Record::decode(&c) {
+                Ok(_) => {
+                    push_header(&mut stamped, "h", b"v").unwrap();
+                    assert_eq!(stamped, pushed_by_round_trip(&c, "h", b"v"));
+                }
+                Err(_) => assert!(push_header(&mut stamped, "h", b"v").is_err(), "{c:?}"),
             }
         }
     }
