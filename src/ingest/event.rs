@@ -1,6 +1,8 @@
 //! Validating and normalizing one event, and building the Kafka record it
 //! becomes. Each event is judged alone.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -9,6 +11,8 @@ use super::config::{EventsConfig, Limits};
 use super::raw;
 use crate::auth::TenantScope;
 use crate::tenant::TenantId;
+use crate::wal::record;
+#[cfg(test)]
 use crate::wal::Record;
 
 /// Kafka header names set at ingest. The replayer adds `seq`.
@@ -85,7 +89,7 @@ impl ReceivedAt {
 pub struct NormalizedEvent {
     pub id: String,
     pub tenant: Option<String>,
-    /// The encoded [`Record`]: the WAL payload and the Kafka record.
+    /// The encoded [`crate::wal::Record`]: the WAL payload and the Kafka record.
     pub payload: Vec<u8>,
 }
 
@@ -218,23 +222,34 @@ impl Normalizer {
             .extract(&mut fields, received_at, scope)
             .map_err(fail)?;
         let key = self.kafka_key(&known, &fields);
-        let value = self
-            .encode_value(&known, &fields, raw.get().len())
-            .map_err(fail)?;
-        // The Kafka headers, straight into the encoded record.
+        // The Kafka headers, and the value written straight into the WAL
+        // payload: one allocation per event for all of it.
         let id = (HEADER_ID, known.id.as_bytes());
         let received = (HEADER_RECEIVED_AT, received_at.header.as_bytes());
-        let ts = known.timestamp.timestamp_millis();
-        let payload = match &known.tenant {
-            Some(t) => Record::encode_parts(
-                &self.stream,
-                key.as_deref(),
-                &value,
-                &[id, (HEADER_TENANT, t.as_bytes()), received],
-                ts,
-            ),
-            None => Record::encode_parts(&self.stream, key.as_deref(), &value, &[id, received], ts),
+        let with_tenant;
+        let without_tenant;
+        let headers: &[(&str, &[u8])] = match &known.tenant {
+            Some(t) => {
+                with_tenant = [id, (HEADER_TENANT, t.as_bytes()), received];
+                &with_tenant
+            }
+            None => {
+                without_tenant = [id, received];
+                &without_tenant
+            }
         };
+        // The value is about the size sent plus what normalization adds (an
+        // id, a timestamp).
+        let hint = raw.get().len().min(self.limits.max_event_bytes) + 96;
+        let payload = record::encode_with(
+            &self.stream,
+            key.as_deref(),
+            headers,
+            known.timestamp.timestamp_millis(),
+            hint,
+            |out| self.encode_value(&known, &fields, out),
+        )
+        .map_err(fail)?;
         Ok(NormalizedEvent {
             id: known.id,
             tenant: known.tenant,
@@ -265,17 +280,24 @@ impl Normalizer {
                 })
             }
         };
-        let mut fields: Fields<'a> = Vec::with_capacity(listed.len());
-        // A scan finds a repeat faster than hashing up to this many keys.
+        // A scan finds a repeat faster than hashing up to this many keys;
+        // the list is deduplicated in place, so no second list.
         if listed.len() <= 16 {
-            for (k, v) in listed {
-                match fields.iter().position(|(f, _)| *f == k) {
-                    Some(i) => fields[i] = (k, v),
-                    None => fields.push((k, v)),
+            let mut listed = listed;
+            let mut n = 0;
+            for i in 0..listed.len() {
+                match listed[..n].iter().position(|(f, _)| *f == listed[i].0) {
+                    Some(j) => listed[j].1 = listed[i].1,
+                    None => {
+                        listed.swap(n, i);
+                        n += 1;
+                    }
                 }
             }
-            return Ok(fields);
+            listed.truncate(n);
+            return Ok(listed);
         }
+        let mut fields: Fields<'a> = Vec::with_capacity(listed.len());
         let mut index = std::collections::HashMap::with_capacity(listed.len());
         for (k, v) in listed {
             match index.get(&k) {
@@ -292,12 +314,12 @@ impl Normalizer {
     /// Takes the known fields out of `fields` (what is left is unknown) and
     /// checks them: depth, required fields, each known field's form, and
     /// the tenant against `scope`.
-    fn extract(
+    fn extract<'a>(
         &self,
-        fields: &mut Fields<'_>,
-        received_at: &ReceivedAt,
+        fields: &mut Fields<'a>,
+        received_at: &'a ReceivedAt,
         scope: &TenantScope,
-    ) -> Result<Known, EventError> {
+    ) -> Result<Known<'a>, EventError> {
         let l = &self.limits;
         // A scalar adds no depth: only containers need the scan.
         if fields
@@ -306,7 +328,7 @@ impl Normalizer {
         {
             return Err(EventError::TooDeep(l.max_depth));
         }
-        let mut take = |name: &str| -> Option<&RawValue> {
+        let mut take = |name: &str| -> Option<&'a RawValue> {
             let i = fields.iter().position(|(k, _)| k == name)?;
             Some(fields.remove(i).1)
         };
@@ -340,13 +362,13 @@ impl Normalizer {
                         l.max_id_chars
                     )));
                 }
-                s
+                s.into_owned()
             }
         };
         let tenant_msg = "tenant_id must match [A-Za-z0-9._-]{1,64}";
         let tenant = match string_field(tenant, tenant_msg)? {
             None => implied.map(str::to_string),
-            Some(s) if TenantId::is_valid(&s) => Some(s),
+            Some(s) if TenantId::is_valid(&s) => Some(s.into_owned()),
             Some(_) => return Err(invalid(tenant_msg)),
         };
         scope
@@ -389,27 +411,34 @@ impl Normalizer {
             Some(s) => {
                 // The limit is on the characters sent: lower-casing can
                 // lengthen a string (`İ` becomes two characters).
-                let s = s.trim();
+                let s = trimmed(s);
                 if s.chars().count() > l.max_source_chars {
                     return Err(invalid(format!(
                         "source is longer than {} characters",
                         l.max_source_chars
                     )));
                 }
-                Some(s.to_lowercase())
+                // Most sources are already lower-case ASCII: kept as sent.
+                if s.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()) {
+                    Some(Cow::Owned(s.to_lowercase()))
+                } else {
+                    Some(s)
+                }
             }
         };
-        let message =
-            string_field(message, "message must be a string")?.map(|s| s.trim().to_string());
+        let message = string_field(message, "message must be a string")?.map(trimmed);
         let metadata = match metadata {
             None => None,
             Some(v) if v.get() == "null" => None,
-            Some(v) if v.get().starts_with('{') => Some(compact_text(v)),
+            Some(v) if v.get().starts_with('{') => Some(v),
             Some(_) => return Err(invalid("metadata must be an object")),
         };
         let (ts, timestamp) = match timestamp {
-            None => (received_at.ts.clone(), received_at.time),
-            Some(t) => (t.to_rfc3339_opts(SecondsFormat::AutoSi, true), t),
+            None => (Cow::Borrowed(received_at.ts.as_str()), received_at.time),
+            Some(t) => (
+                Cow::Owned(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+                t,
+            ),
         };
         Ok(Known {
             ts,
@@ -452,21 +481,27 @@ impl Normalizer {
 
     /// The Kafka key: the normalized value of `events.key-field` (a known
     /// field), or an unknown field's string (its compact JSON if not a string).
-    fn kafka_key(&self, known: &Known, unknown: &Fields<'_>) -> Option<Vec<u8>> {
+    fn kafka_key<'b>(
+        &self,
+        known: &'b Known<'_>,
+        unknown: &'b Fields<'_>,
+    ) -> Option<Cow<'b, [u8]>> {
+        let text = |s: &'b str| Cow::Borrowed(s.as_bytes());
         match self.events.key_field.as_str() {
-            "id" => Some(known.id.as_bytes().to_vec()),
-            "tenant_id" => known.tenant.as_ref().map(|t| t.as_bytes().to_vec()),
-            "timestamp" => Some(known.ts.as_bytes().to_vec()),
-            "severity" => Some(known.severity.as_bytes().to_vec()),
-            "source" => known.source.as_ref().map(|s| s.as_bytes().to_vec()),
-            "message" => known.message.as_ref().map(|m| m.as_bytes().to_vec()),
-            "metadata" => known.metadata.clone(),
+            "id" => Some(text(&known.id)),
+            "tenant_id" => known.tenant.as_deref().map(text),
+            "timestamp" => Some(text(&known.ts)),
+            "severity" => Some(text(known.severity)),
+            "source" => known.source.as_deref().map(text),
+            "message" => known.message.as_deref().map(text),
+            "metadata" => known.metadata.map(|m| Cow::Owned(compact_text(m))),
             other => match unknown.iter().find(|(k, _)| k == other) {
                 None => None,
                 Some((_, v)) => match raw::string(v) {
                     Ok(None) => None,
-                    Ok(Some(s)) => Some(s.into_bytes()),
-                    Err(()) => Some(compact_text(v)),
+                    Ok(Some(Cow::Borrowed(s))) => Some(text(s)),
+                    Ok(Some(Cow::Owned(s))) => Some(Cow::Owned(s.into_bytes())),
+                    Err(()) => Some(Cow::Owned(compact_text(v))),
                 },
             },
         }
@@ -477,14 +512,12 @@ impl Normalizer {
     /// client sent them, written straight to bytes.
     fn encode_value(
         &self,
-        known: &Known,
+        known: &Known<'_>,
         unknown: &Fields<'_>,
-        sent: usize,
-    ) -> Result<Vec<u8>, EventError> {
+        buf: &mut Vec<u8>,
+    ) -> Result<(), EventError> {
         let limit = self.limits.max_event_bytes;
-        // The value is about the size sent plus what normalization adds (an
-        // id, a timestamp): one allocation, not a doubling series.
-        let mut out = JsonObject::with_capacity(sent.min(limit) + 96);
+        let mut out = JsonObject::start(buf);
         out.field("id", &known.id)?;
         if let Some(t) = &known.tenant {
             out.field("tenant_id", t)?;
@@ -497,12 +530,13 @@ impl Normalizer {
         if let Some(m) = &known.message {
             out.field("message", m)?;
         }
-        if let Some(m) = &known.metadata {
-            out.raw_field("metadata", m)?;
+        if let Some(m) = known.metadata {
+            out.key("metadata")?;
+            raw::compact(m.get(), Some(out.buf));
         }
         // The size is known before a byte of an unknown field is copied, so
         // an oversized event never costs more than the limit to refuse.
-        let mut size = out.buf.len() + 1;
+        let mut size = out.len() + 1;
         for (k, v) in unknown {
             size += k.len() + 4 + compact_len(v);
         }
@@ -511,37 +545,48 @@ impl Normalizer {
         }
         for (k, v) in unknown {
             out.key(k)?;
-            raw::compact(v.get(), Some(&mut out.buf));
+            raw::compact(v.get(), Some(out.buf));
         }
-        let value = out.finish();
-        if value.len() > limit {
-            return Err(EventError::TooLarge {
-                size: value.len(),
-                limit,
-            });
+        let size = out.finish();
+        if size > limit {
+            return Err(EventError::TooLarge { size, limit });
         }
-        Ok(value)
+        Ok(())
     }
 }
 
 /// An event's top-level fields as sent: name and raw value.
 type Fields<'a> = Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>;
 
-/// The known fields, checked and normalized.
-struct Known {
+/// The known fields, checked and normalized; borrowed from the body (or the
+/// request's time) where normalization left them as sent.
+struct Known<'a> {
     id: String,
     tenant: Option<String>,
     timestamp: DateTime<Utc>,
     /// `timestamp` as RFC 3339, as written in the value (and the key).
-    ts: String,
+    ts: Cow<'a, str>,
     severity: &'static str,
-    source: Option<String>,
-    message: Option<String>,
-    metadata: Option<Vec<u8>>,
+    source: Option<Cow<'a, str>>,
+    message: Option<Cow<'a, str>>,
+    /// Checked to be an object; written compact.
+    metadata: Option<&'a RawValue>,
+}
+
+/// `s` without leading and trailing whitespace, borrowed when it was.
+fn trimmed(s: Cow<'_, str>) -> Cow<'_, str> {
+    match s {
+        Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+        Cow::Owned(o) if o.trim().len() == o.len() => Cow::Owned(o),
+        Cow::Owned(o) => Cow::Owned(o.trim().to_string()),
+    }
 }
 
 /// A known field that must be a string when present.
-fn string_field(v: Option<&RawValue>, msg: &str) -> Result<Option<String>, EventError> {
+fn string_field<'a>(
+    v: Option<&'a RawValue>,
+    msg: &str,
+) -> Result<Option<Cow<'a, str>>, EventError> {
     match v {
         None => Ok(None),
         Some(v) => raw::string(v).map_err(|()| invalid(msg)),
@@ -570,43 +615,44 @@ fn compact_text(v: &RawValue) -> Vec<u8> {
     out
 }
 
-/// A JSON object written field by field into one buffer.
-struct JsonObject {
-    buf: Vec<u8>,
+/// A JSON object written field by field at the end of a buffer.
+struct JsonObject<'b> {
+    buf: &'b mut Vec<u8>,
+    /// Where the object starts in `buf`.
+    at: usize,
 }
 
-impl JsonObject {
-    fn with_capacity(n: usize) -> Self {
-        let mut buf = Vec::with_capacity(n);
+impl<'b> JsonObject<'b> {
+    fn start(buf: &'b mut Vec<u8>) -> Self {
+        let at = buf.len();
         buf.push(b'{');
-        JsonObject { buf }
+        JsonObject { buf, at }
+    }
+
+    /// Bytes written so far.
+    fn len(&self) -> usize {
+        self.buf.len() - self.at
     }
 
     /// A string field.
     fn field(&mut self, key: &str, value: &str) -> Result<(), EventError> {
         self.key(key)?;
-        write_json_str(&mut self.buf, value)
+        write_json_str(self.buf, value)
     }
 
     fn key(&mut self, key: &str) -> Result<(), EventError> {
-        if self.buf.len() > 1 {
+        if self.len() > 1 {
             self.buf.push(b',');
         }
-        write_json_str(&mut self.buf, key)?;
+        write_json_str(self.buf, key)?;
         self.buf.push(b':');
         Ok(())
     }
 
-    /// A field whose value is already compact JSON text.
-    fn raw_field(&mut self, key: &str, value: &[u8]) -> Result<(), EventError> {
-        self.key(key)?;
-        self.buf.extend_from_slice(value);
-        Ok(())
-    }
-
-    fn finish(mut self) -> Vec<u8> {
+    /// Closes the object; its length.
+    fn finish(self) -> usize {
         self.buf.push(b'}');
-        self.buf
+        self.len()
     }
 }
 

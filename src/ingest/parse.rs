@@ -123,8 +123,32 @@ fn parse_json<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>,
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(BodyError::Empty);
     }
-    let whole: &RawValue = serde_json::from_slice(body)
-        .map_err(|e| BodyError::Malformed(format!("body is not valid JSON: {e}")))?;
+    let check_whole = || -> Result<&'a RawValue, BodyError> {
+        serde_json::from_slice(body)
+            .map_err(|e| BodyError::Malformed(format!("body is not valid JSON: {e}")))
+    };
+    // An array, the batch form, is checked and split in one pass: the split
+    // reads every byte an up-front check would. Its errors are reported as
+    // that check words them (position in the body, and a syntax error
+    // anywhere before too many events), so it runs again on the error path.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        if let Ok(text) = std::str::from_utf8(body) {
+            let items = match raw::elements(text, limits.max_events_per_request) {
+                Ok(items) => items,
+                Err(raw::SplitError::TooMany) => {
+                    check_whole()?;
+                    return Err(BodyError::TooManyEvents(limits.max_events_per_request));
+                }
+                Err(raw::SplitError::Json(e)) => {
+                    check_whole()?;
+                    return Err(BodyError::Malformed(format!("body is not valid JSON: {e}")));
+                }
+            };
+            return borrowed(items, limits);
+        }
+    }
+    let whole = check_whole()?;
     let split = |text: &'a str| match raw::elements(text, limits.max_events_per_request) {
         Ok(items) => Ok(items),
         Err(raw::SplitError::TooMany) => {
@@ -171,6 +195,13 @@ fn parse_json<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<Candidate<'a>>,
             "body must be a JSON object or an array of objects".into(),
         ));
     };
+    borrowed(items, limits)
+}
+
+fn borrowed<'a>(
+    items: Vec<&'a RawValue>,
+    limits: &Limits,
+) -> Result<Vec<Candidate<'a>>, BodyError> {
     too_many(items.len(), limits)?;
     Ok(items
         .into_iter()

@@ -195,7 +195,9 @@ impl<'de> Visitor<'de> for ElementsVisitor<'_> {
 }
 
 /// A JSON string's value, `None` for `null`, `Err(())` for any other type.
-pub fn string(raw: &RawValue) -> Result<Option<String>, ()> {
+/// Borrowed from the text when the string has no escape, as most do: an
+/// event's known fields then cost no allocation to read.
+pub fn string(raw: &RawValue) -> Result<Option<Cow<'_, str>>, ()> {
     let t = raw.get();
     if t == "null" {
         Ok(None)
@@ -203,8 +205,10 @@ pub fn string(raw: &RawValue) -> Result<Option<String>, ()> {
         // Valid JSON (serde_json produced the raw value): a string without
         // a backslash is its own text between the quotes.
         match t.get(1..t.len() - 1) {
-            Some(inner) if t.len() >= 2 && !inner.contains('\\') => Ok(Some(inner.to_string())),
-            _ => serde_json::from_str::<String>(t).map(Some).map_err(|_| ()),
+            Some(inner) if t.len() >= 2 && !inner.contains('\\') => Ok(Some(Cow::Borrowed(inner))),
+            _ => serde_json::from_str::<String>(t)
+                .map(|s| Some(Cow::Owned(s)))
+                .map_err(|_| ()),
         }
     } else {
         Err(())

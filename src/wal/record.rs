@@ -268,6 +268,62 @@ fn skip_key_value(bytes: &[u8], mut at: usize) -> Result<usize, bincode::error::
     Ok(at)
 }
 
+/// The payload [`Record::encode_parts`] writes, built in one allocation with
+/// the value written in place by `write_value` (which appends it to the
+/// buffer it is given): ingest writes an event's normalized JSON straight
+/// into its WAL payload instead of into a buffer it then copies. The layout
+/// is bincode's with fixed-width integers, which `encode_with_writes_what_encode_writes`
+/// checks against [`Record::encode`]: tag, then each length as a u64 before
+/// its bytes, the key's `Option` tag as one byte, the header count as a u64,
+/// the timestamp as an i64, all little-endian. `value_hint` sizes the buffer.
+pub fn encode_with<E>(
+    stream: &str,
+    key: Option<&[u8]>,
+    headers: &[(&str, &[u8])],
+    timestamp_ms: i64,
+    value_hint: usize,
+    write_value: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<Vec<u8>, E> {
+    let fixed = 1
+        + 8
+        + stream.len()
+        + 1
+        + key.map_or(0, |k| 8 + k.len())
+        + 8
+        + 8
+        + headers
+            .iter()
+            .map(|(k, v)| 16 + k.len() + v.len())
+            .sum::<usize>()
+        + 8;
+    let mut out = Vec::with_capacity(fixed + value_hint);
+    let put = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+    };
+    out.push(V2_TAG);
+    put(&mut out, stream.as_bytes());
+    match key {
+        None => out.push(0),
+        Some(k) => {
+            out.push(1);
+            put(&mut out, k);
+        }
+    }
+    let len_at = out.len();
+    out.extend_from_slice(&[0; 8]);
+    write_value(&mut out)?;
+    let value_len = (out.len() - len_at - 8) as u64;
+    out[len_at..len_at + 8].copy_from_slice(&value_len.to_le_bytes());
+    out.extend_from_slice(&(headers.len() as u64).to_le_bytes());
+    for (k, v) in headers {
+        put(&mut out, k.as_bytes());
+        put(&mut out, v);
+    }
+    out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    Ok(out)
+}
+
 /// Decodes `bytes` as one `T` with nothing left over.
 fn exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
     let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())?;
@@ -432,6 +488,31 @@ mod tests {
                     assert_eq!(stamped, pushed_by_round_trip(&c, "h", b"v"));
                 }
                 Err(_) => assert!(push_header(&mut stamped, "h", b"v").is_err(), "{c:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn encode_with_writes_what_encode_writes() {
+        for key in [None, Some(b"acme".to_vec()), Some(Vec::new())] {
+            for headers in [vec![], vec![("id", &b"x"[..]), ("e", &b""[..])]] {
+                for value in [&b""[..], "{\"m\":\"é\"}".as_bytes(), &[7u8; 300][..]] {
+                    let r = Record {
+                        stream: "logs".into(),
+                        key: key.clone(),
+                        value: value.to_vec(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_vec()))
+                            .collect(),
+                        timestamp_ms: -5,
+                    };
+                    let with = encode_with::<()>("logs", key.as_deref(), &headers, -5, 0, |out| {
+                        out.extend_from_slice(value);
+                        Ok(())
+                    });
+                    assert_eq!(with, Ok(r.encode()));
+                }
             }
         }
     }
