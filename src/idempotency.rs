@@ -840,27 +840,39 @@ mod tests {
     /// machine.
     const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
+    /// A checkpoint on its own thread, stalled inside sled's apply (which it
+    /// has entered when this returns) until the sender is used.
+    fn stalled_checkpoint(
+        idx: &Arc<Index>,
+        t: &sled::Tree,
+        durable_next: u64,
+    ) -> (
+        std::thread::JoinHandle<sled::Result<()>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (in_apply, applying) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (idx, t) = (idx.clone(), t.clone());
+        let handle = std::thread::spawn(move || {
+            idx.checkpoint_with(
+                |batch| {
+                    in_apply.send(()).unwrap();
+                    released.recv().unwrap();
+                    t.apply_batch(batch)
+                },
+                durable_next,
+            )
+        });
+        applying.recv_timeout(PATIENCE).unwrap();
+        (handle, release)
+    }
+
     #[test]
     fn requests_and_the_writer_never_wait_for_sled_during_a_checkpoint() {
         let idx = Index::new(IdempotencyConfig::default());
         let t = temp_tree();
         accept(&idx, "a", 1);
-        let (in_apply, applying) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let checkpoint = {
-            let (idx, t) = (idx.clone(), t.clone());
-            std::thread::spawn(move || {
-                idx.checkpoint_with(
-                    |batch| {
-                        in_apply.send(()).unwrap();
-                        released.recv().unwrap();
-                        t.apply_batch(batch)
-                    },
-                    2,
-                )
-            })
-        };
-        applying.recv_timeout(PATIENCE).unwrap();
+        let (checkpoint, release) = stalled_checkpoint(&idx, &t, 2);
         // sled is "busy": a keyed request's begin and the writer's
         // completion hook must still go through.
         let (done, answered) = std::sync::mpsc::channel();
@@ -933,22 +945,7 @@ mod tests {
         accept(&idx, "a", 10);
         accept(&idx, "b", 20);
         // The first checkpoint takes both and stalls inside sled.
-        let (in_apply, applying) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let first = {
-            let (idx, t) = (idx.clone(), t.clone());
-            std::thread::spawn(move || {
-                idx.checkpoint_with(
-                    |batch| {
-                        in_apply.send(()).unwrap();
-                        released.recv().unwrap();
-                        t.apply_batch(batch)
-                    },
-                    11,
-                )
-            })
-        };
-        applying.recv_timeout(PATIENCE).unwrap();
+        let (first, release) = stalled_checkpoint(&idx, &t, 11);
         // The second (the other committer) covers both: when it writes its
         // watermark, "a" must already be in sled.
         let (entered, second_applying) = std::sync::mpsc::channel();

@@ -14,16 +14,7 @@ fn dev_broker_serve_post_and_consume_as_processes() {
     let serve = Daemon::spawn(&dir.path().join("data"), Some(&brokers), &[]);
     let addr = serve.addr.clone();
     let body = r#"{"id":"readme-1","tenant_id":"acme","source":"web","message":"hello"}"#;
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    use std::io::{Read, Write};
-    write!(
-        stream,
-        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    stream.read_to_string(&mut resp).unwrap();
+    let resp = post_json(&addr, body);
     assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
 
     let out = Command::new(exe)
@@ -83,7 +74,7 @@ fn replay_and_librdkafka_threads_run_below_ingest_priority() {
         let serve = Daemon::spawn(&data, Some(&broker.addr), &env);
         // One delivered event: the producer and its threads exist.
         let body = r#"{"tenant_id":"acme","source":"web","message":"hello"}"#;
-        let resp = ureq_post(&serve.addr, body);
+        let resp = post_json(&serve.addr, body);
         assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let threads = loop {
@@ -145,7 +136,8 @@ fn replay_and_librdkafka_threads_run_below_ingest_priority() {
     );
 }
 
-fn ureq_post(addr: &str, body: &str) -> String {
+/// One JSON body to /v1/events on a fresh connection; the raw response.
+fn post_json(addr: &str, body: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     write!(
