@@ -191,14 +191,12 @@ pub fn app(state: SharedState) -> Router {
         // a boxed future and a service clone per request).
         let handler = if path == OTLP_LOGS_PATH {
             post(move |st: State<SharedState>, req: Request| async move {
-                let want = parsing_want(&st, &req);
-                let _permit = parsing_budget(&st, want).await;
+                let _permit = parsing_budget(&st, req.headers()).await;
                 otlp::logs(st, stream, req).await
             })
         } else {
             post(move |st: State<SharedState>, req: Request| async move {
-                let want = parsing_want(&st, &req);
-                let _permit = parsing_budget(&st, want).await;
+                let _permit = parsing_budget(&st, req.headers()).await;
                 ingest::ingest(st, stream, req).await
             })
         };
@@ -309,30 +307,17 @@ impl RouteMetrics {
         took: std::time::Duration,
     ) {
         let secs = took.as_secs_f64();
+        let handles = self.routes.get(route);
         let slot = TRACKED_STATUSES.iter().position(|&s| s == status.as_u16());
-        match (self.routes.get(route), slot) {
-            (Some(h), Some(i)) => {
-                h.statuses[i]
-                    .get_or_init(|| m.http_requests.with_label_values(&[route, status.as_str()]))
-                    .inc();
-                h.duration
-                    .get_or_init(|| m.http_duration.with_label_values(&[route]))
-                    .observe(secs);
-            }
-            (Some(h), None) => {
-                m.http_requests
-                    .with_label_values(&[route, status.as_str()])
-                    .inc();
-                h.duration
-                    .get_or_init(|| m.http_duration.with_label_values(&[route]))
-                    .observe(secs);
-            }
-            (None, _) => {
-                m.http_requests
-                    .with_label_values(&[route, status.as_str()])
-                    .inc();
-                m.http_duration.with_label_values(&[route]).observe(secs);
-            }
+        let count = || m.http_requests.with_label_values(&[route, status.as_str()]);
+        match (handles, slot) {
+            (Some(h), Some(i)) => h.statuses[i].get_or_init(count).inc(),
+            _ => count().inc(),
+        }
+        let duration = || m.http_duration.with_label_values(&[route]);
+        match handles {
+            Some(h) => h.duration.get_or_init(duration).observe(secs),
+            None => duration().observe(secs),
         }
     }
 }
@@ -362,28 +347,22 @@ fn parsing_permits(bytes: u64) -> usize {
 /// first few KiB); its body timeout starts once it runs. Unlike the
 /// in-flight budget, which answers 503 at once, this one queues (fairly, in
 /// arrival order).
-pub async fn parsing_budget(st: &AppState, want: u32) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    if want == 0 {
-        return None;
-    }
-    // The semaphore is never closed, so acquiring only waits.
-    st.parsing.clone().acquire_many_owned(want).await.ok()
-}
-
-/// What a request takes from the parsing budget: nothing for a small body,
-/// its declared length (at most the whole budget) for a large one.
-pub fn parsing_want(st: &AppState, req: &Request) -> u32 {
-    let declared = req
-        .headers()
+pub async fn parsing_budget(
+    st: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let want = match declared {
-        Some(n) if n <= SMALL_BODY_BYTES => 0,
+        Some(n) if n <= SMALL_BODY_BYTES => return None,
         Some(n) => n,
         None => UNKNOWN_BODY_BYTES,
     };
     // At most the whole budget: a body larger than it runs alone.
-    parsing_permits(want.min(st.limits.max_parsing_bytes)) as u32
+    let want = parsing_permits(want.min(st.limits.max_parsing_bytes)) as u32;
+    // The semaphore is never closed, so acquiring only waits.
+    st.parsing.clone().acquire_many_owned(want).await.ok()
 }
 
 /// Refuses a head over `http.max-header-bytes` (431), then counts every
