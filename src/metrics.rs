@@ -412,6 +412,8 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("kafka_delivered_total", "Records confirmed by Kafka.", COUNTER, |r| get(&r.delivered)),
     ("replay_retries_total", "Failed deliveries that restarted replay from the last confirmed record.", COUNTER, |r| get(&r.retries)),
     ("replay_isolated_retries_total", "Records produced again alone after a permanent error on their request.", COUNTER, |r| get(&r.isolated_retries)),
+    ("replay_partition_changes_total", "Times a topic's partition count changed and a new count was pinned from a sequence boundary.", COUNTER, |r| get(&r.partition_changes)),
+    ("replay_partition_folds_total", "Records whose pinned partition no longer exists (the topic shrank) and went to another one.", COUNTER, |r| get(&r.partition_folds)),
     ("kafka_producer_recreations_total", "Producers rebuilt after a failure.", COUNTER, |r| get(&r.producer_recreations)),
     ("kafka_fatal_errors_total", "librdkafka fatal errors.", COUNTER, |r| get(&r.fatal_errors)),
     ("replay_gap_records_total", "Lost WAL records replay skipped (see wal_lost_records_total).", COUNTER, |r| get(&r.gap_records)),

@@ -253,6 +253,11 @@ async fn open_storage(config: &Config) -> Result<(Arc<OffsetStore>, Arc<Wal>, bo
         for gap in report.lost.iter().filter(|g| g.last < report.next_seq) {
             offsets.record_fate(gap.first, gap.last, crate::replay::offsets::Fate::Lost)?;
         }
+        // Before anything is appended or produced: records below this were
+        // written by a build that let librdkafka choose partitions (only
+        // when the store does not say so already; a new data dir says 1).
+        // Durable before returning, so the boundary never moves.
+        offsets.set_pinning_since(report.next_seq)?;
         Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))
     })
     .await
@@ -461,6 +466,7 @@ async fn spawn_replayer(
                 max_batch: config.archive.commit_records,
             }),
         },
+        routes: Default::default(),
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();
     let nice = config.replay.nice;
