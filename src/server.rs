@@ -109,14 +109,17 @@ pub async fn run(
         source,
     })?;
     let _lock = DataDirLock::acquire(&data_dir)?;
-    // Before replay can produce anything: every record carries this id.
-    let instance =
-        crate::instance::load_or_create(&data_dir).map_err(|source| ServeError::DataDir {
+    let (offsets, wal, offsets_reset) = open_storage(&config).await?;
+    // Before replay can produce anything: every record carries this id. It
+    // is replaced when the storage starts over at seq 1 (see instance.rs).
+    let starts_over = wal.durable().borrow().next_seq == 1;
+    let instance = crate::instance::load_or_create(&data_dir, starts_over).map_err(|source| {
+        ServeError::DataDir {
             path: data_dir.join(crate::instance::FILE),
             source,
-        })?;
+        }
+    })?;
     tracing::info!(%instance, "data directory identity");
-    let (offsets, wal, offsets_reset) = open_storage(&config).await?;
     check_wal_streams(&config, &wal, &offsets).await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
