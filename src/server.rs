@@ -44,6 +44,10 @@ pub enum ServeError {
     Tls(#[from] crate::http::tls::TlsError),
     #[error("{0}")]
     UnknownStreams(String),
+    /// A read at start (the stream scan, the idempotency rebuild) failed;
+    /// retried in place, as replay retries the same reads.
+    #[error("reading at start: {0}")]
+    StartupRead(String),
 }
 
 /// How the daemon ended.
@@ -110,6 +114,7 @@ pub async fn run(
     })?;
     let _lock = DataDirLock::acquire(&data_dir)?;
     let (offsets, wal, offsets_reset) = open_storage(&config).await?;
+    crate::debug::arm_read_failures();
     // Before replay can produce anything: every record carries this id. It
     // is replaced when the storage starts over at seq 1 (see instance.rs).
     let starts_over = wal.durable().borrow().next_seq == 1;
@@ -120,7 +125,10 @@ pub async fn run(
         }
     })?;
     tracing::info!(%instance, "data directory identity");
-    check_wal_streams(&config, &wal, &offsets).await?;
+    retry_startup_read("checking the streams of undelivered WAL records", || {
+        check_wal_streams(&config, &wal, &offsets)
+    })
+    .await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
     let state = build_state(&config, wal.clone(), offsets.clone(), keys);
@@ -139,9 +147,12 @@ pub async fn run(
         tls.clone(),
         std::time::Duration::from_millis(config.auth.reload_interval_ms),
     ));
-    crate::server_idempotency::start(&state, &wal, &offsets)
-        .await
-        .map_err(|e| ServeError::Http(std::io::Error::other(e)))?;
+    retry_startup_read("rebuilding the Idempotency-Key index", || async {
+        crate::server_idempotency::start(&state, &wal, &offsets)
+            .await
+            .map_err(|e| ServeError::StartupRead(e.to_string()))
+    })
+    .await?;
     if offsets_reset {
         state
             .replay
@@ -225,6 +236,46 @@ fn load_credentials(config: &Config) -> Result<Credentials, ServeError> {
     };
     Ok((keys, tls))
 }
+
+/// Runs a start-up step that reads the WAL or the offset store until it
+/// succeeds. Replay treats a read error as retriable; exiting here instead
+/// made the same error a restart loop under systemd (exit 1, restart,
+/// recovery, the same read). Each failure is logged with its reason and the
+/// next wait (doubling, 100 ms to 30 s); systemd is told why the start takes
+/// longer. Any other error ends the start as before.
+async fn retry_startup_read<T, F, Fut>(what: &str, mut step: F) -> Result<T, ServeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ServeError>>,
+{
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut failures = 0u64;
+    loop {
+        match step().await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(failures, "{what}: succeeded after retrying");
+                }
+                return Ok(v);
+            }
+            Err(ServeError::StartupRead(why)) => {
+                failures += 1;
+                STARTUP_READ_FAILURES.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %why, failures, retry_in_ms = wait.as_millis() as u64, "{what}: read failed; retrying (not serving until it succeeds)");
+                let status = format!("{what}: read failed ({failures}x), retrying: {why}");
+                let extend = (wait * 2 + std::time::Duration::from_secs(30)).as_micros();
+                crate::systemd::extend_start(&status, u32::try_from(extend).unwrap_or(u32::MAX));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Start-up reads that failed and were retried (`retry_startup_read`).
+pub static STARTUP_READ_FAILURES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Opens the offset store (reset if unreadable), recovers the WAL from the
 /// committed offset, and records the ranges recovery found lost.
@@ -363,7 +414,8 @@ async fn scan_wal_streams(
         Ok::<_, crate::wal::WalError>((unknown, scanned))
     })
     .await
-    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
+    .map_err(|e| ServeError::StartupRead(format!("WAL from seq {from}: {e}")))?;
     tracing::info!(
         from_seq = from,
         scanned_records = scanned,

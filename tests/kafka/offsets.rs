@@ -364,3 +364,40 @@ fn a_sequence_that_starts_over_takes_a_new_instance_id() {
     let admitted = got.iter().filter(|r| r.3).count();
     assert_eq!(admitted, 6, "5 before, 1 after, each once: {got:?}");
 }
+
+/// A WAL read error while `serve` starts (the Idempotency-Key rebuild reads
+/// what the last checkpoint did not cover) is retried in place, as replay
+/// retries the same error, instead of exiting 1 into a restart loop.
+#[test]
+fn a_wal_read_error_at_start_is_retried_not_a_restart_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), Some(1));
+    let data = dir.path().join("data");
+    let daemon = serve(&data, &broker.addr, &[], &[]);
+    // Killed at once: the rebuild at the next start rescans these records.
+    let last = post_events(&daemon.addr, "before", 0..50);
+    daemon.kill_9();
+    let daemon = serve(
+        &data,
+        &broker.addr,
+        &[("SLUICE_DEBUG_FAIL_WAL_READS", "3")],
+        &[],
+    );
+    let after = post_events(&daemon.addr, "after", 0..5);
+    assert!(after > last);
+    wait_committed(&daemon, after);
+    assert!(
+        metric(&daemon.addr, "sluice_startup_read_failures_total") >= 1.0,
+        "the start met the injected read errors"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("read failed; retrying"), "{log}");
+    assert!(daemon.stop().success());
+    let ids: BTreeSet<String> = consume_all(&broker.addr, "events")
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    for n in 0..50 {
+        assert!(ids.contains(&format!("before-{n}")), "before-{n}");
+    }
+}
