@@ -117,3 +117,30 @@ pub fn fail_read_now() -> bool {
 pub fn fail_read_now() -> bool {
     false
 }
+
+/// Debug builds only: `SLUICE_DEBUG_PARTITIONS_CAP=N` makes replay see at
+/// most N partitions in every topic's metadata. librdkafka's mock cluster
+/// cannot add partitions to a topic, so the chaos harness grows a topic
+/// from sluice's point of view by restarting the daemon without the cap
+/// (the broker's topic has the full count all along, which is what a real
+/// CreatePartitions leaves).
+#[cfg(debug_assertions)]
+pub fn cap_partitions(live: i32) -> i32 {
+    use std::sync::OnceLock;
+    static CAP: OnceLock<Option<i32>> = OnceLock::new();
+    match CAP.get_or_init(|| {
+        std::env::var("SLUICE_DEBUG_PARTITIONS_CAP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|c: &i32| *c > 0)
+    }) {
+        Some(cap) => live.min(*cap),
+        None => live,
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn cap_partitions(live: i32) -> i32 {
+    live
+}

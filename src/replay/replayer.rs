@@ -826,6 +826,7 @@ impl Replayer {
         })
         .await
         .map_err(|e| format!("metadata task: {e}"))??;
+        let live = crate::debug::cap_partitions(live);
         let offsets = self.offsets.clone();
         let durable_next = self.wal.durable().borrow().next_seq;
         let name = topic.to_string();
