@@ -417,7 +417,7 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("kafka_producer_recreations_total", "Producers rebuilt after a failure.", COUNTER, |r| get(&r.producer_recreations)),
     ("kafka_fatal_errors_total", "librdkafka fatal errors.", COUNTER, |r| get(&r.fatal_errors)),
     ("replay_gap_records_total", "Lost WAL records replay skipped (see wal_lost_records_total).", COUNTER, |r| get(&r.gap_records)),
-    ("startup_read_failures_total", "Reads of the WAL or the offset store that failed during start-up (stream scan, Idempotency-Key rebuild) and were retried.", COUNTER, |_| crate::server::STARTUP_READ_FAILURES.load(std::sync::atomic::Ordering::Relaxed) as f64),
+    ("startup_read_failures_total", "Reads of the WAL or the offset store that failed during start-up (stream scan, Idempotency-Key rebuild) and were retried.", COUNTER, |_| crate::datadir::STARTUP_READ_FAILURES.load(std::sync::atomic::Ordering::Relaxed) as f64),
     ("instance_rotations_total", "Instance ids replaced at start because the WAL and the offset store held no sequence number (seq would start over at 1 under the old id).", COUNTER, |_| crate::instance::rotations() as f64),
     ("offset_store_resets_total", "Offset stores found unreadable or missing at start and moved to quarantine/ (replay restarted from the oldest segment).", COUNTER, |r| get(&r.offset_store_resets)),
     ("dead_letter_partial_lines_total", "Partial last lines of the dead-letter file (ENOSPC, kill) truncated before an append.", COUNTER, |r| get(&r.dead_letter_partial_lines)),

@@ -260,7 +260,7 @@ where
             }
             Err(ServeError::StartupRead(why)) => {
                 failures += 1;
-                STARTUP_READ_FAILURES.fetch_add(1, Ordering::Relaxed);
+                crate::datadir::STARTUP_READ_FAILURES.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %why, failures, retry_in_ms = wait.as_millis() as u64, "{what}: read failed; retrying (not serving until it succeeds)");
                 let status = format!("{what}: read failed ({failures}x), retrying: {why}");
                 let extend = (wait * 2 + std::time::Duration::from_secs(30)).as_micros();
@@ -272,10 +272,6 @@ where
         }
     }
 }
-
-/// Start-up reads that failed and were retried (`retry_startup_read`).
-pub static STARTUP_READ_FAILURES: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(0);
 
 /// Opens the offset store (reset if unreadable), recovers the WAL from the
 /// committed offset, and records the ranges recovery found lost.

@@ -816,7 +816,7 @@ impl Replayer {
             if let Some(e) = t.error() {
                 return Err(format!(
                     "metadata for topic {name}: {:?}",
-                    rdkafka::types::RDKafkaRespErr::from(e)
+                    RDKafkaErrorCode::from(e)
                 ));
             }
             match i32::try_from(t.partitions().len()) {
