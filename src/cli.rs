@@ -251,14 +251,27 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Binds `addr`; an error names the setting and the address ("http.listen
+/// 127.0.0.1:8080: Address already in use"), as the admin listener does.
+async fn bind_named(
+    setting: &str,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{setting} {addr}: {e}")))
+}
+
 /// Logs go to stderr (journald captures it under systemd). `RUST_LOG` wins
-/// over the configured level.
+/// over the configured level. Colour codes only on a terminal: journald,
+/// files and pipes get plain text.
 fn init_logging(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().flatten_event(true).try_init()
@@ -454,7 +467,7 @@ fn serve(args: ServeArgs) -> CliResult {
         .max_blocking_threads(blocking_threads())
         .build()?;
     let exit = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.http.listen).await?;
+        let listener = bind_named("http.listen", config.http.listen).await?;
         let admin = crate::http::admin::bind(&config.http).await?;
         // The admin address first: whoever waits for the ingest address
         // (tests, scripts) may then read the admin one without waiting.
@@ -516,7 +529,7 @@ fn archive(args: ArchiveArgs) -> CliResult {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(a.listen))?;
+    let listener = runtime.block_on(bind_named("archive --listen", a.listen))?;
     if let Some(path) = &args.addr_file {
         std::fs::write(path, listener.local_addr()?.to_string())?;
     }
@@ -726,9 +739,13 @@ fn verify(data_dir: &Path) -> CliResult {
             s.name, s.bytes, s.records
         )?;
         if let Some(p) = &s.problem {
+            match s.problem_at {
+                Some(at) => write!(out, "  PROBLEM at byte {at}")?,
+                None => write!(out, "  PROBLEM")?,
+            }
             write!(
                 out,
-                "  PROBLEM at +{} bytes from end: {p}",
+                " ({} bytes after the last intact frame): {p}",
                 s.trailing_bytes
             )?;
         }

@@ -382,7 +382,7 @@ const WAL: &[Row<Wal>] = &[
     ("wal_quota_bytes", "The WAL quota (wal.max-bytes).", GAUGE, |w| w.config().max_bytes as f64),
     ("disk_free_bytes", "Free bytes on the WAL's filesystem.", GAUGE, |w| w.free_bytes().map_or(f64::NAN, |b| b as f64)),
     ("disk_min_free_bytes", "Free space kept (wal.min-free-bytes).", GAUGE, |w| w.config().min_free_bytes as f64),
-    ("wal_truncated_bytes_total", "Bytes cut from a torn tail at recovery.", COUNTER, |w| get(&w.counters().truncated_bytes)),
+    ("wal_truncated_bytes_total", "Bytes cut at recovery: a torn tail of the last segment, or the damaged bytes of a frame inside it (the intact frames after it move to their own segment).", COUNTER, |w| get(&w.counters().truncated_bytes)),
     ("wal_lost_records_total", "Records found unreadable (corrupt or missing), counted once per range.", COUNTER, |w| get(&w.counters().lost_records)),
     ("wal_quarantined_files_total", "Damaged segments or tails copied to quarantine/.", COUNTER, |w| get(&w.counters().quarantined_files)),
     ("wal_quarantine_failures_total", "Damaged bytes recovery could not copy to quarantine/ (disk full); it started without them.", COUNTER, |w| get(&w.counters().quarantine_failures)),

@@ -25,8 +25,12 @@ pub struct SegmentReport {
     pub last_seq: Option<u64>,
     /// Why the walk stopped before the end of the file, if it did.
     pub problem: Option<String>,
-    /// Bytes after the valid prefix.
+    /// Bytes after the last intact frame (0 when intact frames follow the
+    /// damage up to the end of the file).
     pub trailing_bytes: u64,
+    /// Byte offset in the file where the walk stopped (the damage), when
+    /// there is a problem.
+    pub problem_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +130,7 @@ impl Walk<'_> {
             last_seq: None,
             problem: None,
             trailing_bytes: 0,
+            problem_at: None,
         };
         match segment::scan(file)? {
             Err(e) => {
@@ -164,6 +169,7 @@ impl Walk<'_> {
         seg.last_seq = scan.last_seq();
         seg.trailing_bytes = scan.file_len - scan.valid_len;
         seg.problem = scan.stop.as_ref().map(|s| s.to_string());
+        seg.problem_at = scan.stop.as_ref().map(|_| scan.valid_len);
         self.report.records += scan.records;
         if scan.records > 0 {
             self.report.first_seq.get_or_insert(first);

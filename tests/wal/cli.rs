@@ -58,6 +58,12 @@ fn verify_passes_a_healthy_wal_and_fails_a_damaged_one_with_the_lost_range() {
         "{out}"
     );
     assert!(out.contains("DAMAGED"), "{out}");
+    // The problem is located by its byte offset in the file, not as "+0
+    // bytes from end".
+    // The damaged byte is in the first frame: the walk stops at its start.
+    let at = format::HEADER_LEN;
+    assert!(out.contains(&format!("PROBLEM at byte {at} (")), "{out}");
+    assert!(!out.contains("bytes from end"), "{out}");
     // verify is read-only: the damaged file is untouched and nothing is quarantined.
     assert!(!dir.path().join("quarantine").exists());
 }
