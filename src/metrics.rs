@@ -242,11 +242,41 @@ impl Metrics {
             )?,
             registry: r,
         };
+        metrics.zero_known_labels();
         metrics.registry.register(Box::new(pulled(src)?))?;
         metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Arc::new(metrics))
+    }
+
+    /// Creates every known label value at 0, so that a fresh daemon
+    /// already exposes the series: `rate()` and dashboard panels then show
+    /// 0 instead of nothing until the first observation.
+    fn zero_known_labels(&self) {
+        for kind in crate::ingest::EventError::KINDS {
+            self.events_rejected.with_label_values(&[kind]);
+        }
+        for reason in ["missing", "malformed", "unknown"] {
+            self.auth_failures.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            self.auth_reloads.with_label_values(&[result]);
+        }
+        for scope in ["key", "tenant", "stream"] {
+            for unit in ["requests", "events"] {
+                self.rate_limited.with_label_values(&[scope, unit]);
+            }
+        }
+    }
+
+    /// Creates the per-stream series of every configured stream at 0.
+    pub fn zero_streams<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            for outcome in ["accepted", "rejected"] {
+                self.stream_events_total.with_label_values(&[name, outcome]);
+            }
+        }
     }
 
     /// Counts `n` events of `stream` with `outcome` (accepted, rejected).

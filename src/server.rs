@@ -76,6 +76,7 @@ fn build_state(
     );
     let metrics =
         Metrics::install(&sources).expect("metric names and labels are static and unique");
+    metrics.zero_streams(config.streams().all().iter().map(|s| s.name.as_str()));
     Arc::new(AppState::assemble(config, sources, metrics, offsets, keys))
 }
 

@@ -49,6 +49,18 @@ pub enum EventError {
 }
 
 impl EventError {
+    /// Every value [`EventError::kind`] returns, for metrics that exist at 0
+    /// before the first rejection.
+    pub const KINDS: [&'static str; 7] = [
+        "malformed",
+        "not_object",
+        "missing_field",
+        "invalid_field",
+        "too_large",
+        "too_deep",
+        "forbidden",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             EventError::Malformed(_) => "malformed",
