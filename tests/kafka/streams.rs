@@ -481,7 +481,9 @@ fn serve_refuses_a_wal_holding_an_unconfigured_stream_then_delivers_it_when_rest
         .stderr(std::fs::File::create(&log).unwrap())
         .status()
         .unwrap();
-    assert!(!out.success(), "serve must refuse");
+    // A start-up refusal is exit 2, as every configuration error (the docs
+    // said 1 while the code said 2).
+    assert_eq!(out.code(), Some(2), "serve must refuse");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("\"audit\" (2 records, seqs 1..=2)") && text.contains("Refusing to start"),
