@@ -588,6 +588,22 @@ fn analytics(
         Some(path) => crate::config::Config::from_file(path)?.archive,
         None => crate::archive::ArchiveConfig::default(),
     };
+    // A mistyped --dir must not print zeros and exit 0 as if the archive
+    // had seen no traffic.
+    let entries = match std::fs::read_dir(dir) {
+        Ok(mut d) => d.next().is_some(),
+        Err(e) => {
+            eprintln!("error: archive directory {}: {e}", dir.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if !entries {
+        eprintln!(
+            "error: archive directory {} is empty: not an archive written by `sluice archive` or the files sink",
+            dir.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
     let layout = crate::archive::Layout::new(&a.logs_pattern, &a.summaries_pattern)?;
     let view = crate::archive::AnalyticsView::offline(dir, layout, a.top_n);
     match crate::archive::http::query(&view, hour.as_deref(), from.as_deref(), to.as_deref())? {

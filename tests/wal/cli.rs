@@ -245,3 +245,19 @@ fn check_config_refuses_stream_conflicts_and_bad_topics() {
     let (code, _, err) = sluice(&["check-config", "--config", migrate]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// A mistyped `--dir` is an error, not an archive that saw no traffic.
+#[test]
+fn analytics_of_a_missing_or_empty_dir_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexistent");
+    let (code, out, err) = sluice(&["analytics", "--dir", missing.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("nonexistent") && err.contains("No such file"),
+        "{err}"
+    );
+    let (code, out, err) = sluice(&["analytics", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("is empty"), "{err}");
+}
