@@ -814,21 +814,31 @@ fn dump(data_dir: &Path, from: u64, limit: Option<u64>) -> CliResult {
                 return Ok(ControlFlow::Break(()));
             }
             left -= 1;
-            let value = serde_json::from_slice::<serde_json::Value>(&r.value)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&r.value).into_owned().into());
+            let value = inspect::value_json(&r.value);
             let headers: serde_json::Map<String, serde_json::Value> = r
                 .headers
                 .iter()
-                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into()))
+                .map(|(k, v)| (k.clone(), inspect::header_json(v)))
                 .collect();
-            let line = serde_json::json!({
-                "seq": seq,
-                "stream": r.stream,
-                "key": r.key.as_deref().map(String::from_utf8_lossy),
-                "timestamp_ms": r.timestamp_ms,
-                "headers": headers,
-                "value": value,
-            });
+            // A struct, not `json!`: that would parse the raw value into a
+            // `Value` and print it re-serialized.
+            #[derive(serde::Serialize)]
+            struct Line<'a> {
+                seq: u64,
+                stream: &'a str,
+                key: Option<std::borrow::Cow<'a, str>>,
+                timestamp_ms: i64,
+                headers: serde_json::Map<String, serde_json::Value>,
+                value: Box<serde_json::value::RawValue>,
+            }
+            let line = Line {
+                seq,
+                stream: &r.stream,
+                key: r.key.as_deref().map(String::from_utf8_lossy),
+                timestamp_ms: r.timestamp_ms,
+                headers,
+                value,
+            };
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
             Ok(ControlFlow::Continue(()))

@@ -355,3 +355,49 @@ pub fn for_each_record(
     }
     Ok(())
 }
+
+/// A stored value as the tools print it: the stored bytes themselves when
+/// they are JSON (never re-serialized: `1e5` stays `1e5`, `\u00e9` stays an
+/// escape), else a JSON string of the text (invalid UTF-8 replaced).
+pub fn value_json(bytes: &[u8]) -> Box<serde_json::value::RawValue> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| serde_json::value::RawValue::from_string(t.to_string()).ok())
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(bytes);
+            serde_json::value::to_raw_value(&text).unwrap_or_else(|_| {
+                serde_json::value::RawValue::from_string("null".into()).expect("valid JSON")
+            })
+        })
+}
+
+/// A header value as the tools print it: its text when it is UTF-8, else
+/// `{"base64": "..."}` (a binary header such as the internal idempotency
+/// entry must not print as replacement characters).
+pub fn header_json(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_string()),
+        Err(_) => {
+            use base64::Engine;
+            serde_json::json!({"base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
+        }
+    }
+}
+
+#[cfg(test)]
+mod print_tests {
+    use super::*;
+
+    #[test]
+    fn values_print_as_stored_and_binary_headers_as_base64() {
+        let stored = br#"{"n":1e5,"s":"caf\u00e9"}"#;
+        assert_eq!(value_json(stored).get(), r#"{"n":1e5,"s":"caf\u00e9"}"#);
+        assert_eq!(value_json(b"not json").get(), r#""not json""#);
+        assert_eq!(value_json(b"\xff{").get(), "\"\u{fffd}{\"");
+        assert_eq!(header_json(b"abc"), serde_json::json!("abc"));
+        assert_eq!(
+            header_json(&[1, 0xff]),
+            serde_json::json!({"base64": "Af8="})
+        );
+    }
+}
