@@ -261,3 +261,31 @@ fn analytics_of_a_missing_or_empty_dir_is_an_error() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("is empty"), "{err}");
 }
+
+/// The README states the effective event limit with the defaults; it must
+/// be what `check-config` prints (the example config once said 998645).
+#[test]
+fn the_documented_default_event_limit_is_what_check_config_prints() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = root.join("sluice.example.toml");
+    let (code, out, err) = sluice(&["check-config", "--config", example.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let all = format!("{out}{err}");
+    let printed: u64 = all
+        .lines()
+        .find_map(|l| l.strip_prefix("effective limits.max-event-bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no effective limit printed: {all}"));
+    let mut grouped = String::new();
+    for (i, c) in printed.to_string().chars().rev().enumerate() {
+        if i > 0 && i % 3 == 0 {
+            grouped.insert(0, ',');
+        }
+        grouped.insert(0, c);
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("({grouped} bytes with the defaults")),
+        "README should state {grouped}"
+    );
+}
