@@ -748,3 +748,207 @@ async fn a_stream_that_claims_v1_logs_gets_the_otlp_records_under_its_rules() {
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.status_message());
     assert_eq!(h.wal_records().len(), 3);
 }
+
+/// `examples/logs.json` of opentelemetry-proto (tests/fixtures/otlp), as a
+/// Collector with a resource processor adding `tenant.id` sends it: the
+/// text as upstream wrote it, one attribute inserted in front.
+fn upstream_logs_json() -> Vec<u8> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/otlp/logs.json"
+    ))
+    .unwrap();
+    assert!(text.contains("637.704"), "the upstream example, unchanged");
+    text.replacen(
+        r#""attributes": ["#,
+        r#""attributes": [{"key": "tenant.id", "value": {"stringValue": "acme"}},"#,
+        1,
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn the_upstream_logs_json_example_is_accepted_with_every_field_mapped() {
+    let h = harness();
+    let r = send(&h, &[("content-type", JSON)], upstream_logs_json()).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.json()["partialSuccess"].is_null(), "full success");
+    let ev = events(&h);
+    assert_eq!(ev.len(), 1);
+    let e = &ev[0];
+    assert_eq!(e["tenant_id"], "acme");
+    assert_eq!(e["source"], "my.service");
+    assert_eq!(e["message"], "Example log record");
+    assert_eq!(e["severity"], "INFO", "\"Information\" is no level name");
+    assert_eq!(e["timestamp"], "2018-12-13T14:51:00.300Z");
+    assert_eq!(
+        e["metadata"],
+        json!({
+            "trace_id": "5b8efff798038103d269b633813fc60c",
+            "span_id": "eee19b7ec3c1b174",
+            "severity_text": "Information",
+            "observed_timestamp": "2018-12-13T14:51:00.300Z",
+            "attributes": {
+                "string.attribute": "some string",
+                "boolean.attribute": true,
+                "int.attribute": 10,
+                "double.attribute": 637.704,
+                "array.attribute": ["many", "values"],
+                "map.attribute": {"some.map.key": "some value"},
+            },
+            "resource": {"tenant.id": "acme", "service.name": "my.service"},
+            "scope": {
+                "name": "my.library",
+                "version": "1.0.0",
+                "attributes": {"my.scope.attribute": "some scope attribute"},
+            },
+        })
+    );
+    // The same record sent as protobuf becomes the same event.
+    let decoded = sluice::ingest::otlp::decode(
+        sluice::ingest::otlp::Encoding::Json,
+        &upstream_logs_json(),
+        &h.state.limits,
+    )
+    .unwrap();
+    let p = harness();
+    assert_eq!(post_proto(&p, &decoded).await.status, StatusCode::OK);
+    let without_id = |mut v: Vec<Value>| {
+        v.iter_mut().for_each(|e| {
+            e.as_object_mut().unwrap().remove("id");
+        });
+        v
+    };
+    assert_eq!(without_id(events(&p)), without_id(ev));
+}
+
+#[tokio::test]
+async fn otlp_json_reads_every_proto3_json_form() {
+    let h = harness();
+    // proto names instead of lowerCamelCase, 64-bit integers as numbers and
+    // strings, an enum by name, the double names, a double in a string,
+    // base64 both ways, nulls for defaults, an empty AnyValue.
+    let body = format!(
+        r#"{{"resource_logs": [{{
+        "resource": {{"attributes": [
+            {{"key": "service.name", "value": {{"stringValue": "api"}}}},
+            {{"key": "tenant.id", "value": {{"string_value": "acme"}}}}],
+            "droppedAttributesCount": "0"}},
+        "scope_logs": [{{"scope": null, "log_records": [
+            {{"time_unix_nano": {T1}, "severityNumber": "SEVERITY_NUMBER_ERROR",
+             "body": {{"doubleValue": "NaN"}}, "flags": "1", "traceId": "", "spanId": null,
+             "eventName": null, "observedTimeUnixNano": "{T1}",
+             "attributes": [
+                {{"key": "inf", "value": {{"doubleValue": "Infinity"}}}},
+                {{"key": "ninf", "value": {{"doubleValue": "-Infinity"}}}},
+                {{"key": "half", "value": {{"doubleValue": 0.5}}}},
+                {{"key": "exp", "value": {{"doubleValue": 1e300}}}},
+                {{"key": "dstr", "value": {{"doubleValue": "2.5"}}}},
+                {{"key": "min", "value": {{"intValue": "-9223372036854775808"}}}},
+                {{"key": "max", "value": {{"intValue": 9223372036854775807}}}},
+                {{"key": "expint", "value": {{"intValue": 1e3}}}},
+                {{"key": "b64", "value": {{"bytesValue": "3q2+7w=="}}}},
+                {{"key": "b64url", "value": {{"bytesValue": "3q2-7w"}}}},
+                {{"key": "empty", "value": {{}}}},
+                {{"key": "nullv", "value": null}}]}},
+            {{"timeUnixNano": "{T1}", "severityNumber": 21, "body": {{"doubleValue": -1.25}}}}
+        ]}}]}}]}}"#
+    );
+    let r = send(&h, &[("content-type", JSON)], body.into_bytes()).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let ev = events(&h);
+    assert_eq!(ev.len(), 2);
+    let e = &ev[0];
+    assert_eq!(e["timestamp"], "2024-05-01T12:00:00.123456789Z");
+    assert_eq!(e["severity"], "ERROR");
+    assert_eq!(e["message"], "NaN");
+    assert_eq!(e["metadata"]["severity_number"], 17);
+    assert_eq!(e["metadata"]["trace_flags"], 1);
+    assert_eq!(
+        e["metadata"]["attributes"],
+        json!({"inf": "Infinity", "ninf": "-Infinity", "half": 0.5, "exp": 1e300,
+               "dstr": 2.5, "min": i64::MIN, "max": i64::MAX, "expint": 1000,
+               "b64": "3q2+7w==", "b64url": "3q2+7w==", "empty": null, "nullv": null})
+    );
+    assert_eq!(ev[1]["severity"], "FATAL");
+    assert_eq!(ev[1]["message"], "-1.25");
+
+    // What proto3 JSON does not allow is still a 400.
+    for bad in [
+        r#"{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"timeUnixNano": "soon"}]}]}]}"#,
+        r#"{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"traceId": "zz"}]}]}]}"#,
+        r#"{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": {"doubleValue": "inf"}}]}]}]}"#,
+        r#"{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"severityNumber": "LOUD"}]}]}]}"#,
+        r#"{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"flags": -1}]}]}]}"#,
+        r#"{"resourceLogs": []} trailing"#,
+    ] {
+        let r = send(&h, &[("content-type", JSON)], bad.as_bytes().to_vec()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid OTLP/JSON"),
+            "{bad}"
+        );
+    }
+    assert_eq!(events(&h).len(), 2);
+}
+
+#[tokio::test]
+async fn severity_text_honours_the_streams_severity_aliases() {
+    let h = harness_with(
+        |c| {
+            c.streams = vec![sluice::streams::StreamConfig {
+                name: "otel".into(),
+                routes: vec!["/v1/logs".into()],
+                topic: "otel-logs".into(),
+                dead_letter_topic: "otel-logs-dlq".into(),
+                required: Vec::new(),
+                key_field: "tenant_id".into(),
+                allowed_tenants: Vec::new(),
+                response_success_field: false,
+                severity_aliases: [("critical".to_string(), "FATAL".to_string())].into(),
+                requests_per_sec: 0,
+                requests_burst: 0,
+                events_per_sec: 0,
+                events_burst: 0,
+            }];
+        },
+        std::sync::Arc::new(sluice::wal::io::StdFs),
+    );
+    let record = |number: i32, text: &str| LogRecord {
+        severity_number: number,
+        severity_text: text.into(),
+        body: s("m"),
+        ..Default::default()
+    };
+    let req = ExportLogsServiceRequest {
+        resource_logs: vec![resource(
+            service("acme"),
+            vec![scope(vec![
+                record(0, "CRITICAL"),
+                record(0, "Critical"),
+                record(0, "notice"),
+                record(9, "CRITICAL"),
+            ])],
+        )],
+    };
+    assert_eq!(post_proto(&h, &req).await.status, StatusCode::OK);
+    let got: Vec<Value> = events(&h).iter().map(|e| e["severity"].clone()).collect();
+    assert_eq!(
+        got,
+        [json!("FATAL"), json!("FATAL"), json!("INFO"), json!("INFO")],
+        "an alias names a level; an unknown text is the default; the number wins"
+    );
+}
