@@ -131,6 +131,7 @@ pub struct OtlpReply {
     pub status: StatusCode,
     pub content_type: Option<String>,
     pub retry_after: Option<String>,
+    pub replayed: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -153,7 +154,11 @@ impl OtlpReply {
 }
 
 async fn send(h: &Harness, headers: &[(&str, &str)], body: Vec<u8>) -> OtlpReply {
-    let mut req = Request::post("/v1/logs");
+    send_to(h, "/v1/logs", headers, body).await
+}
+
+async fn send_to(h: &Harness, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> OtlpReply {
+    let mut req = Request::post(path);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -168,6 +173,7 @@ async fn send(h: &Harness, headers: &[(&str, &str)], body: Vec<u8>) -> OtlpReply
             .map(|v: &header::HeaderValue| v.to_str().unwrap().to_string())
     };
     let (content_type, retry_after) = (get(header::CONTENT_TYPE), get(header::RETRY_AFTER));
+    let replayed = get(header::HeaderName::from_static("idempotent-replayed"));
     let status = resp.status();
     let body = resp
         .into_body()
@@ -180,6 +186,7 @@ async fn send(h: &Harness, headers: &[(&str, &str)], body: Vec<u8>) -> OtlpReply
         status,
         content_type,
         retry_after,
+        replayed,
         body,
     }
 }
@@ -951,4 +958,125 @@ async fn severity_text_honours_the_streams_severity_aliases() {
         [json!("FATAL"), json!("FATAL"), json!("INFO"), json!("INFO")],
         "an alias names a level; an unknown text is the default; the number wins"
     );
+}
+
+/// Three records and one rejected (no source): a partial success.
+fn partial_request() -> ExportLogsServiceRequest {
+    let mut req = three_records();
+    req.resource_logs[0].scope_logs[0]
+        .log_records
+        .push(LogRecord::default());
+    req
+}
+
+/// An events batch with one rejected event: a 202 with an error list.
+const EVENTS_BODY: &str = r#"[{"tenant_id":"acme","source":"web","message":"one"},{"tenant_id":"acme","message":"no source"},{"tenant_id":"acme","source":"web","message":"two"}]"#;
+
+#[tokio::test]
+async fn an_idempotency_replay_is_the_first_answer_byte_for_byte() {
+    let h = harness();
+    let cases: [(&str, &str, &str, Vec<u8>); 5] = [
+        ("/v1/events", JSON, "ev", EVENTS_BODY.as_bytes().to_vec()),
+        (
+            "/v1/logs",
+            PROTOBUF,
+            "pb",
+            partial_request().encode_to_vec(),
+        ),
+        (
+            "/v1/logs",
+            JSON,
+            "js",
+            serde_json::to_vec(&partial_request()).unwrap(),
+        ),
+        (
+            "/v1/logs",
+            PROTOBUF,
+            "pb-ok",
+            three_records().encode_to_vec(),
+        ),
+        (
+            "/v1/logs",
+            JSON,
+            "js-ok",
+            serde_json::to_vec(&three_records()).unwrap(),
+        ),
+    ];
+    for (path, ct, key, body) in cases {
+        let headers = [("content-type", ct), ("idempotency-key", key)];
+        let first = send_to(&h, path, &headers, body.clone()).await;
+        assert!(first.status.is_success(), "{path} {ct}: {}", first.status);
+        assert_eq!(first.replayed, None);
+        let stored = h.wal_records().len();
+        let again = send_to(&h, path, &headers, body).await;
+        assert_eq!(
+            (again.status, &again.content_type, again.replayed.as_deref()),
+            (first.status, &first.content_type, Some("true")),
+            "{path} {ct}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&again.body),
+            String::from_utf8_lossy(&first.body),
+            "{path} {ct}: the replay is the first answer, byte for byte"
+        );
+        assert_eq!(
+            h.wal_records().len(),
+            stored,
+            "{path} {ct}: nothing appended"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_used_on_one_protocol_is_refused_on_another() {
+    let h = harness();
+    // The same bytes are an events batch and an (empty) OTLP/JSON request:
+    // the key names the events request, so /v1/logs refuses it.
+    let body = br#"{"tenant_id":"acme","source":"web","message":"m"}"#.to_vec();
+    let key = [("content-type", JSON), ("idempotency-key", "k-events")];
+    assert_eq!(
+        send_to(&h, "/v1/events", &key, body.clone()).await.status,
+        202
+    );
+    let r = send(&h, &key, body).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.replayed, None);
+    let msg = r.json()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("already used on an events route"), "{msg}");
+
+    // And the reverse: an OTLP/JSON request's key on /v1/events, and on
+    // /v1/logs as protobuf.
+    let body = serde_json::to_vec(&three_records()).unwrap();
+    let key = [("content-type", JSON), ("idempotency-key", "k-otlp")];
+    assert_eq!(send(&h, &key, body.clone()).await.status, StatusCode::OK);
+    let stored = h.wal_records().len();
+    let r = send_to(&h, "/v1/events", &key, body.clone()).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v = r.json();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/logs as OTLP/JSON"),
+        "{v}"
+    );
+    let pb = [("content-type", PROTOBUF), ("idempotency-key", "k-otlp")];
+    let r = send(&h, &pb, body).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        r.status_message().contains("OTLP/JSON"),
+        "{}",
+        r.status_message()
+    );
+    assert_eq!(h.wal_records().len(), stored, "nothing appended");
 }
