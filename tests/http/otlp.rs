@@ -714,9 +714,12 @@ fn sixteen_parallel_protobuf_bombs_stay_under_512_mib() {
     assert!(peak < 512 * 1024, "peak RSS {peak} kB");
 }
 
-#[tokio::test]
-async fn a_stream_that_claims_v1_logs_gets_the_otlp_records_under_its_rules() {
-    let h = harness_with(
+/// A harness whose stream `otel` claims `/v1/logs`.
+fn otel_stream(
+    allowed_tenants: &[&str],
+    severity_aliases: std::collections::BTreeMap<String, String>,
+) -> Harness {
+    harness_with(
         |c| {
             c.streams = vec![sluice::streams::StreamConfig {
                 name: "otel".into(),
@@ -725,9 +728,9 @@ async fn a_stream_that_claims_v1_logs_gets_the_otlp_records_under_its_rules() {
                 dead_letter_topic: "otel-logs-dlq".into(),
                 required: Vec::new(),
                 key_field: "tenant_id".into(),
-                allowed_tenants: vec!["acme".into()],
+                allowed_tenants: allowed_tenants.iter().map(|t| t.to_string()).collect(),
                 response_success_field: false,
-                severity_aliases: Default::default(),
+                severity_aliases,
                 requests_per_sec: 0,
                 requests_burst: 0,
                 events_per_sec: 0,
@@ -735,7 +738,12 @@ async fn a_stream_that_claims_v1_logs_gets_the_otlp_records_under_its_rules() {
             }];
         },
         std::sync::Arc::new(sluice::wal::io::StdFs),
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_stream_that_claims_v1_logs_gets_the_otlp_records_under_its_rules() {
+    let h = otel_stream(&["acme"], Default::default());
     // The three records carry tenant acme: stored on the claiming stream.
     assert_eq!(
         post_proto(&h, &three_records()).await.status,
@@ -914,26 +922,7 @@ async fn otlp_json_reads_every_proto3_json_form() {
 
 #[tokio::test]
 async fn severity_text_honours_the_streams_severity_aliases() {
-    let h = harness_with(
-        |c| {
-            c.streams = vec![sluice::streams::StreamConfig {
-                name: "otel".into(),
-                routes: vec!["/v1/logs".into()],
-                topic: "otel-logs".into(),
-                dead_letter_topic: "otel-logs-dlq".into(),
-                required: Vec::new(),
-                key_field: "tenant_id".into(),
-                allowed_tenants: Vec::new(),
-                response_success_field: false,
-                severity_aliases: [("critical".to_string(), "FATAL".to_string())].into(),
-                requests_per_sec: 0,
-                requests_burst: 0,
-                events_per_sec: 0,
-                events_burst: 0,
-            }];
-        },
-        std::sync::Arc::new(sluice::wal::io::StdFs),
-    );
+    let h = otel_stream(&[], [("critical".to_string(), "FATAL".to_string())].into());
     let record = |number: i32, text: &str| LogRecord {
         severity_number: number,
         severity_text: text.into(),

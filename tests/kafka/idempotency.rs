@@ -108,6 +108,29 @@ fn labeled_metric(addr: &str, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Enough unkeyed traffic (ids `prefix`N-i) for several 4 KiB segments,
+/// delivered, then waits until GC has removed every segment holding a seq
+/// up to `seq` (so its keys are only in sled).
+fn collect_through(d: &Daemon, prefix: &str, seq: u64) {
+    let mut last = 0;
+    for i in 0..20 {
+        last = super::daemon::post_events(&d.addr, &format!("{prefix}{i}"), 0..10);
+    }
+    wait_committed(d, last);
+    let t0 = Instant::now();
+    while get_json(&d.addr, "/stats")["wal"]["first_seq"]
+        .as_u64()
+        .unwrap_or(0)
+        <= seq
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "segment never collected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn setup() -> (tempfile::TempDir, Broker, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path(), Some(1));
@@ -298,25 +321,7 @@ fn a_key_outlives_the_gc_of_its_segment_and_a_restart() {
     let (status, _, first) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
     assert_eq!(status, 202);
     let range = seqs(&first);
-    // Enough unkeyed traffic for several 4 KiB segments, then wait until
-    // the keyed batch's segment is gone.
-    let mut last = 0;
-    for i in 0..20 {
-        last = super::daemon::post_events(&d.addr, &format!("fill{i}"), 0..10);
-    }
-    wait_committed(&d, last);
-    let t0 = Instant::now();
-    while get_json(&d.addr, "/stats")["wal"]["first_seq"]
-        .as_u64()
-        .unwrap_or(0)
-        <= range.1
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "segment never collected"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    collect_through(&d, "fill", range.1);
     kill9(d);
     let d = serve(&data, &broker.addr, &[], &[]);
     let (status, h, again) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
@@ -468,23 +473,7 @@ fn replays_are_the_first_answer_byte_for_byte_across_kill_9_and_gc() {
     // Now deliver: commits checkpoint the keys into sled, and GC removes
     // the segments that carried them.
     let d = serve(&data, &broker.addr, &[], &[]);
-    let mut last = 0;
-    for i in 0..20 {
-        last = super::daemon::post_events(&d.addr, &format!("bb-fill{i}"), 0..10);
-    }
-    wait_committed(&d, last);
-    let t0 = Instant::now();
-    while get_json(&d.addr, "/stats")["wal"]["first_seq"]
-        .as_u64()
-        .unwrap_or(0)
-        <= last_keyed
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "segment never collected"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    collect_through(&d, "bb-fill", last_keyed);
     check_replays(&d, &requests, &firsts, "after the checkpoint and GC");
     kill9(d);
     let d = serve(&data, &broker.addr, &[], &[]);
