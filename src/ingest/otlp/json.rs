@@ -71,7 +71,7 @@ impl<'de, T: Fields> Deserialize<'de> for Message<T> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message<T>, A::Error> {
                 let mut m = T::default();
-                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Key(name)) = map.next_key::<Key<'de>>()? {
                     if !m.field(&name, &mut map)? {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -80,6 +80,29 @@ impl<'de, T: Fields> Deserialize<'de> for Message<T> {
             }
         }
         d.deserialize_map(V(PhantomData))
+    }
+}
+
+/// A field name, borrowed from the body unless it has escapes (serde's own
+/// `Cow<str>` always copies).
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
