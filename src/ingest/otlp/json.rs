@@ -111,14 +111,35 @@ fn message<'de, A: MapAccess<'de>, T: Fields>(map: &mut A) -> Result<Option<T>, 
     Ok(map.next_value::<Option<Message<T>>>()?.map(|m| m.0))
 }
 
+/// A repeated message field, read straight into its Vec.
+struct Messages<T>(Vec<T>);
+
+impl<'de, T: Fields> Deserialize<'de> for Messages<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Fields> Visitor<'de> for V<T> {
+            type Value = Messages<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON array of OTLP messages")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Messages<T>, A::Error> {
+                // No size hint from JSON; never trust one anyway.
+                let mut out = Vec::new();
+                while let Some(Message(m)) = seq.next_element::<Message<T>>()? {
+                    out.push(m);
+                }
+                Ok(Messages(out))
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
+    }
+}
+
 /// A repeated message field: `null` is empty.
 fn messages<'de, A: MapAccess<'de>, T: Fields>(map: &mut A) -> Result<Vec<T>, A::Error> {
     Ok(map
-        .next_value::<Option<Vec<Message<T>>>>()?
-        .unwrap_or_default()
-        .into_iter()
-        .map(|m| m.0)
-        .collect())
+        .next_value::<Option<Messages<T>>>()?
+        .map_or_else(Vec::new, |m| m.0))
 }
 
 fn string<'de, A: MapAccess<'de>>(map: &mut A) -> Result<String, A::Error> {
@@ -141,7 +162,14 @@ fn scalar<'de, A: MapAccess<'de>, T>(
     if text == "null" {
         return Ok(None);
     }
-    let (text, quoted): (Cow<str>, bool) = if text.starts_with('"') {
+    let (text, quoted): (Cow<str>, bool) = if let Some(inner) = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .filter(|t| !t.contains('\\'))
+    {
+        // No escapes: the text between the quotes is the string.
+        (inner.into(), true)
+    } else if text.starts_with('"') {
         (
             serde_json::from_str::<String>(text)
                 .map_err(de::Error::custom)?
