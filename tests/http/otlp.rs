@@ -1069,3 +1069,29 @@ async fn a_key_used_on_one_protocol_is_refused_on_another() {
     );
     assert_eq!(h.wal_records().len(), stored, "nothing appended");
 }
+
+/// The one documented exception to byte for byte: an answer over 16 KiB is
+/// stored without its error list, so an entry stays bounded.
+#[tokio::test]
+async fn a_replay_of_an_answer_over_16_kib_keeps_its_counts_not_its_errors() {
+    let h = harness();
+    let mut batch = vec![json!({"tenant_id": "acme", "source": "web", "message": "kept"})];
+    batch.extend(
+        (0..500).map(|i| json!({"tenant_id": "acme", "message": format!("no source {i}")})),
+    );
+    let body = serde_json::to_vec(&batch).unwrap();
+    let headers = [("content-type", JSON), ("idempotency-key", "big")];
+    let first = send_to(&h, "/v1/events", &headers, body.clone()).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    assert!(first.body.len() > 16 * 1024, "{}", first.body.len());
+    let again = send_to(&h, "/v1/events", &headers, body).await;
+    assert_eq!(
+        (again.status, &again.content_type, again.replayed.as_deref()),
+        (first.status, &first.content_type, Some("true"))
+    );
+    let (mut f, a) = (first.json(), again.json());
+    assert_eq!(f["errors"].as_array().unwrap().len(), 500);
+    f["errors"] = json!([]);
+    assert_eq!(a, f, "the same answer without its error list");
+    assert!(again.body.len() < 1024);
+}
