@@ -479,3 +479,52 @@ fn replays_are_the_first_answer_byte_for_byte_across_kill_9_and_gc() {
     let d = serve(&data, &broker.addr, &[], &[]);
     check_replays(&d, &requests, &firsts, "after GC and kill -9, from sled");
 }
+
+/// The version-1 data dir (tests/fixtures/wal-v1: its key `fx-idem-1` was
+/// stored by the old build in a version-1 entry, seq 5): this build
+/// answers its retry with the old build's answer byte for byte, and
+/// refuses the key on `/v1/logs`. The window is widened: the fixture's key
+/// is older than a day.
+#[test]
+fn a_version_1_entry_replays_the_old_builds_answer_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wal-v1/data");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&fixture)
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success());
+    let d = serve(
+        &data,
+        "127.0.0.1:1",
+        &[("SLUICE_IDEMPOTENCY_WINDOW_SECS", "315360000")],
+        &[],
+    );
+    let body = br#"{"tenant_id":"globex","source":"billing","message":"idempotent","id":"fx-5"}"#;
+    let key = [
+        ("Content-Type", "application/json"),
+        ("Idempotency-Key", "\"fx-idem-1\""),
+    ];
+    let (status, h, got) = exchange(&d.addr, "/v1/events", &key, body);
+    assert_eq!(
+        (
+            status,
+            header(&h, "content-type"),
+            header(&h, "idempotent-replayed")
+        ),
+        (202, Some("application/json"), Some("true")),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        r#"{"accepted":1,"rejected":0,"errors":[],"first_seq":5,"last_seq":5}"#
+    );
+    let (status, _, got) = exchange(&d.addr, "/v1/logs", &key, body);
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(next_seq(&d), 7, "nothing appended");
+}
