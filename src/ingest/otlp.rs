@@ -848,6 +848,64 @@ mod tests {
             p
         }
 
+        /// What the generator leaves out (serde_json writes a non-finite
+        /// f64 as null): the OTLP/JSON names against prost's doubles.
+        #[test]
+        fn non_finite_doubles_are_the_same_in_both_encodings() {
+            let double = |d: f64| AnyValue {
+                value: Some(any_value::Value::DoubleValue(d)),
+            };
+            let attributes = [
+                ("nan", f64::NAN),
+                ("inf", f64::INFINITY),
+                ("ninf", f64::NEG_INFINITY),
+            ]
+            .into_iter()
+            .map(|(k, d)| KeyValue {
+                key: k.into(),
+                value: Some(double(d)),
+            })
+            .collect();
+            let req = ExportLogsServiceRequest {
+                resource_logs: vec![ResourceLogs {
+                    resource: Some(Resource {
+                        attributes: ["service.name", "tenant.id"]
+                            .into_iter()
+                            .map(|k| KeyValue {
+                                key: k.into(),
+                                value: Some(AnyValue {
+                                    value: Some(any_value::Value::StringValue("s".into())),
+                                }),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    scope_logs: vec![ScopeLogs {
+                        log_records: vec![LogRecord {
+                            body: Some(double(f64::NAN)),
+                            attributes,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    schema_url: String::new(),
+                }],
+            };
+            let json = br#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"s"}},{"key":"tenant.id","value":{"stringValue":"s"}}]},"scopeLogs":[{"logRecords":[{"body":{"doubleValue":"NaN"},"attributes":[{"key":"nan","value":{"doubleValue":"NaN"}},{"key":"inf","value":{"doubleValue":"Infinity"}},{"key":"ninf","value":{"doubleValue":"-Infinity"}}]}]}]}]}"#;
+            let from_proto = events(Encoding::Protobuf, &prost::Message::encode_to_vec(&req));
+            let (accepted, _) = from_proto.clone().unwrap();
+            assert_eq!(accepted.len(), 1);
+            let text = String::from_utf8_lossy(&accepted[0]);
+            assert!(
+                text.contains(r#""message":"NaN""#)
+                    && text.contains(
+                        r#""attributes":{"nan":"NaN","inf":"Infinity","ninf":"-Infinity"}"#
+                    ),
+                "{text}"
+            );
+            assert_eq!(events(Encoding::Json, json), from_proto);
+        }
+
         proptest! {
             #[test]
             fn protobuf_and_otlp_json_give_the_same_events(req in request()) {
