@@ -145,7 +145,9 @@ impl Normalizer {
         Ok(self)
     }
 
-    fn severity(&self, s: &str) -> Option<&'static str> {
+    /// The level a `severity` names: a built-in name or an alias (OTLP's
+    /// `severity_text` is read the same way).
+    pub(crate) fn severity(&self, s: &str) -> Option<&'static str> {
         normalize_severity(s).or_else(|| {
             let up = s.trim().to_ascii_uppercase();
             self.severity_aliases
