@@ -419,6 +419,8 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("dead_letter_partial_lines_total", "Partial last lines of the dead-letter file (ENOSPC, kill) truncated before an append.", COUNTER, |r| get(&r.dead_letter_partial_lines)),
     ("sink_down", "Files sink: 1 while the archive writer is down (replay retries), else 0.", GAUGE, |r| flag(r.sink_down.load(Ordering::Relaxed))),
     ("sink_checkpointed_skipped_total", "Files sink: records found already in the archive checkpoint at start (killed before the offset flush) and not written again.", COUNTER, |r| get(&r.sink_checkpointed_skipped)),
+    ("sink_fsync_failures_total", "Files sink: failed fsyncs of archive files, directories or the checkpoint; each stops the daemon (exit 1) so the restart reads the disk.", COUNTER, |r| get(&r.sink_fsync_failures)),
+    ("sink_checkpoint_entries_dropped_total", "Files sink: archive checkpoint entries an open could not read (dropped after keeping a copy; their lines stay in their files).", COUNTER, |r| get(&r.sink_checkpoint_entries_dropped)),
     ("sink_lines_total", "Files sink: lines written to the hourly files.", COUNTER, |r| get(&r.sink_lines)),
     ("sink_bytes_total", "Files sink: bytes written to the hourly files.", COUNTER, |r| get(&r.sink_bytes)),
     ("sink_fsyncs_total", "Files sink: fdatasyncs and fsyncs of files and directories.", COUNTER, |r| get(&r.sink_fsyncs)),
