@@ -332,8 +332,15 @@ impl Writer {
         for (rel, len) in &bad_files {
             // The committed length is known without naming the hour: cut
             // the uncommitted tail (the source sends it again), keep the
-            // rest. The next checkpoint no longer names the file.
-            self.truncate(&dir.join(rel), *len)?;
+            // rest. The next checkpoint no longer names the file. A file
+            // gone or shorter is the operator's now: logged, never fatal
+            // (a failed fsync still is).
+            match self.truncate(&dir.join(rel), *len) {
+                Err(e) if !e.is_sticky() => {
+                    tracing::warn!(file = %rel, error = %e, "archive: an unreadable checkpoint entry's file left as found");
+                }
+                r => r?,
+            }
         }
         for (h, stats) in hours {
             self.hours.insert(h, stats);
@@ -1328,6 +1335,41 @@ mod tests {
         let e = tempfile::tempdir().unwrap();
         std::fs::write(e.path().join("README"), "x").unwrap();
         Writer::open(opts(e.path())).unwrap();
+    }
+
+    #[test]
+    fn entries_an_open_cannot_name_are_dropped_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut w, _) = Writer::open(opts(d.path())).unwrap();
+            w.append(&ev("2026-11-26T12:00:00Z", "/a"), &pos(0))
+                .unwrap();
+            w.commit(&json!({"next": 1})).unwrap();
+        }
+        let mut cp = checkpoint::read(d.path()).unwrap().unwrap();
+        // An older build's year-10000 hour, its file gone; and a key no
+        // build writes for an hour whose file is on disk.
+        cp.hours
+            .insert("+10000-01-01T00".into(), HourStats::default());
+        cp.files.insert("logs/+10000-01-01/00.log.json".into(), 10);
+        let h12 = cp.hours.remove("2026-11-26T12").unwrap();
+        cp.hours.insert("2026-11-26 12h".into(), h12);
+        checkpoint::write(d.path(), &cp).unwrap();
+        let (w, progress) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(progress, json!({"next": 1}));
+        let m = w.metrics();
+        assert_eq!(m.checkpoint_entries_dropped.load(Relaxed), 3);
+        assert_eq!(m.hours_rebuilt.load(Relaxed), 1);
+        let h = Hour::parse("2026-11-26T12").unwrap();
+        assert_eq!(w.analytics().hour(h).unwrap().unwrap().total, 1);
+        let copies = std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                n.to_string_lossy().starts_with("checkpoint.unreadable-")
+            })
+            .count();
+        assert_eq!(copies, 1);
     }
 
     #[test]
