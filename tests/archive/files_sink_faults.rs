@@ -311,6 +311,7 @@ fn a_failed_directory_fsync_after_the_checkpoint_rename_stops_the_daemon_and_los
     assert!(!acked.is_empty());
     // The restart reads the disk: every acknowledged event exactly once.
     let d = files_sink_serve(tmp.path(), &data, &dir);
+    wait_ready(&d);
     let refs: Vec<&str> = acked.iter().map(String::as_str).collect();
     let all = wait_ids(&dir, &refs, &d);
     let dup: Vec<_> = all.iter().filter(|(_, &n)| n > 1).collect();
