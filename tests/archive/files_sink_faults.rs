@@ -393,37 +393,49 @@ fn every_directory_the_files_sink_creates_is_fsynced_in_its_parent_before_the_co
     std::thread::sleep(Duration::from_millis(1500));
     assert!(d.stop().success());
     let text = std::fs::read_to_string(&trace).unwrap();
-    let calls: Vec<(&str, String, bool)> = text
+    // (syscall, path, succeeded, a file created in the archive)
+    let archive = dir.display().to_string();
+    let calls: Vec<(&str, String, bool, bool)> = text
         .lines()
         .filter_map(|l| {
             let ok = l.ends_with("= 0") || l.contains("<unfinished ...>");
-            strace_call(l).map(|(n, p)| (n, p, ok))
+            let created = l.contains("O_CREAT") && !l.contains("= -1");
+            strace_call(l).map(|(n, p)| {
+                let new_file =
+                    n == "openat" && created && p.starts_with(&archive) && !p.ends_with(".tmp");
+                (n, p, ok, new_file)
+            })
         })
         .collect();
     let root = tmp.path().display().to_string();
-    let mut checked = 0;
+    let (mut checked, mut files) = (0, 0);
     let mut failures = Vec::new();
-    for (i, (name, path, ok)) in calls.iter().enumerate() {
-        if !(*name == "mkdir" || *name == "mkdirat") || !ok || !path.starts_with(&root) {
+    for (i, (name, path, ok, new_file)) in calls.iter().enumerate() {
+        let mkdir = (*name == "mkdir" || *name == "mkdirat") && *ok && path.starts_with(&root);
+        if !mkdir && !new_file {
             continue;
         }
         let parent = Path::new(path).parent().unwrap().display().to_string();
         // The next commit after this mkdir: a rename onto `checkpoint`.
         let commit = calls[i..]
             .iter()
-            .position(|(n, p, _)| {
+            .position(|(n, p, _, _)| {
                 n.starts_with("rename") && p.ends_with(".tmp") && p.contains("checkpoint")
             })
             .map_or(calls.len(), |k| i + k);
         let synced = calls[i..commit]
             .iter()
-            .any(|(n, p, _)| *n == "fsync" && *p == parent);
+            .any(|(n, p, _, _)| *n == "fsync" && *p == parent);
         if !synced {
             failures.push(format!(
                 "{path}: parent {parent} not fsynced before the next checkpoint"
             ));
         }
-        checked += 1;
+        if *new_file {
+            files += 1;
+        } else {
+            checked += 1;
+        }
     }
     let quote: Vec<&str> = text
         .lines()
@@ -436,5 +448,7 @@ fn every_directory_the_files_sink_creates_is_fsynced_in_its_parent_before_the_co
         .collect();
     eprintln!("strace (first lines):\n{}", quote.join("\n"));
     assert!(checked >= 6, "only {checked} mkdirs traced:\n{text}");
+    // a's and b's hourly files and u's unparsed file
+    assert!(files >= 3, "only {files} archive files created:\n{text}");
     assert!(failures.is_empty(), "{failures:#?}");
 }
