@@ -342,36 +342,96 @@ fn strace_call(line: &str) -> Option<(&str, String)> {
     Some((name, path))
 }
 
-#[test]
-fn every_directory_the_files_sink_creates_is_fsynced_in_its_parent_before_the_commit_that_needs_it()
-{
-    // As tests/kafka/offsets.rs: strace present and ptrace permitted.
-    let traced = Command::new("strace")
+/// As tests/kafka/offsets.rs: strace present and ptrace permitted.
+fn strace_ok() -> bool {
+    let ok = Command::new("strace")
         .args(["-f", "-o", "/dev/null", "true"])
         .status()
         .is_ok_and(|s| s.success());
-    if !traced {
+    if !ok {
         eprintln!("SKIPPED: strace is not available (or ptrace is not permitted)");
-        return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
-    let trace = tmp.path().join("strace.txt");
-    let trace_s = trace.display().to_string();
-    // `event_time`: an event without one goes to logs/unparsed/.
-    let extra = "idle-close-secs = 1\ntimestamp-field = \"event_time\"\n";
-    let d = files_sink(tmp.path(), &data, &dir, extra)
+    ok
+}
+
+/// `serve` under `strace -f -y` of the calls that order durability.
+fn traced(serve: support::Serve, trace: &Path) -> support::Daemon {
+    let out = trace.display().to_string();
+    serve
         .wrapper(&[
             "strace",
             "-f",
             "-y",
             "-qq",
             "-o",
-            &trace_s,
+            &out,
             "-e",
             "trace=openat,mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2",
         ])
-        .start();
+        .start()
+}
+
+#[test]
+fn a_restart_fsyncs_the_archive_directory_before_it_trusts_the_checkpoint() {
+    if !strace_ok() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
+    let d = files_sink_serve(tmp.path(), &data, &dir);
+    assert_eq!(
+        post_events(&d.addr, &[event("a", "timestamp", "2026-11-26T12:00:00Z")]),
+        202
+    );
+    wait_ids(&dir, &["a"], &d);
+    // Killed right after a rename, the checkpoint's new name may be in the
+    // page cache only; the next process must make it durable before it
+    // skips records (and lets the WAL go) on its word.
+    d.kill_9();
+    let trace = tmp.path().join("strace.txt");
+    let d = traced(
+        files_sink(tmp.path(), &data, &dir, "idle-close-secs = 1\n"),
+        &trace,
+    );
+    wait_ready(&d);
+    assert!(d.stop().success());
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let archive = dir.display().to_string();
+    let read = text
+        .lines()
+        .position(|l| {
+            l.contains("openat(")
+                && l.contains(&format!("\"{archive}/checkpoint\""))
+                && l.contains("O_RDONLY")
+        })
+        .unwrap_or_else(|| panic!("the checkpoint was never read:\n{text}"));
+    let synced = text
+        .lines()
+        .take(read)
+        .any(|l| l.contains("fsync(") && l.contains(&format!("<{archive}>")));
+    assert!(
+        synced,
+        "the checkpoint was read before any fsync of {archive}:\n{}",
+        text.lines()
+            .take(read + 1)
+            .filter(|l| l.contains(&archive))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn every_directory_the_files_sink_creates_is_fsynced_in_its_parent_before_the_commit_that_needs_it()
+{
+    if !strace_ok() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
+    let trace = tmp.path().join("strace.txt");
+    // `event_time`: an event without one goes to logs/unparsed/.
+    let extra = "idle-close-secs = 1\ntimestamp-field = \"event_time\"\n";
+    let d = traced(files_sink(tmp.path(), &data, &dir, extra), &trace);
     assert_eq!(
         post_events(
             &d.addr,
