@@ -512,3 +512,55 @@ fn every_directory_the_files_sink_creates_is_fsynced_in_its_parent_before_the_co
     assert!(files >= 3, "only {files} archive files created:\n{text}");
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[test]
+fn sluice_archive_takes_a_producer_time_past_year_9999_and_survives_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(tmp.path(), Some(1));
+    let dir = tmp.path().join("archive");
+    // Hours stay open: the checkpoint names them at the kill.
+    let cfg = tmp.path().join("archive-open-hours.toml");
+    std::fs::write(
+        &cfg,
+        "[archive]\ncommit-interval-ms = 150\nidle-close-secs = 3600\n\
+         [archive.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+    )
+    .unwrap();
+    let mut src = Source::new(&broker.addr, "inst");
+    let value = |id: &str, ts: &str| serde_json::to_vec(&event(id, "timestamp", ts)).unwrap();
+    src.send(1, 0, &value("far", "9999-12-31T23:30:00-01:00"));
+    src.send(2, 0, &value("n1", "2026-11-26T12:00:00Z"));
+    src.flush();
+    let mut a = Archiver::start(&dir, &broker.addr, "far", &cfg);
+    a.wait_ready();
+    let t0 = Instant::now();
+    loop {
+        let (_, m) = a.get("/metrics");
+        let cp = std::fs::read_to_string(dir.join("checkpoint")).unwrap_or_default();
+        if m.contains("sluice_archive_unparsed_total 1") && cp.contains("2026-11-26T12") {
+            break;
+        }
+        assert!(t0.elapsed() < WITHIN, "{m}\n{cp}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.kill_9();
+    src.send(3, 0, &value("n2", "2026-11-26T12:05:00Z"));
+    src.flush();
+    let mut a = Archiver::start(&dir, &broker.addr, "far", &cfg);
+    a.wait_ready();
+    let t0 = Instant::now();
+    while !recount(&dir).0.contains_key("n2") {
+        assert!(
+            t0.elapsed() < WITHIN,
+            "{}",
+            std::fs::read_to_string(&a.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.stop().success());
+    settle(&dir);
+    let (all, _) = recount(&dir);
+    assert_eq!(all.get("n1"), Some(&1));
+    assert_eq!(all.keys().filter(|k| k.contains("\"far\"")).count(), 1);
+    assert!(paths_containing(&dir, "10000").is_empty());
+}
