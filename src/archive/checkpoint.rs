@@ -115,17 +115,19 @@ pub fn hour_entries(cp: &Checkpoint) -> (Vec<(Hour, HourStats)>, Vec<String>) {
     (good, bad)
 }
 
-/// Keeps a copy of the checkpoint as `checkpoint.unreadable-<unix secs>`
-/// (durably, next to it) before an open drops entries it cannot read, so
-/// that an operator can still see what they held.
-pub fn quarantine(dir: &Path) -> std::io::Result<std::path::PathBuf> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let to = dir.join(format!("{FILE}.unreadable-{secs}"));
+/// Keeps a copy of the checkpoint as `checkpoint.unreadable-<crc32 of its
+/// bytes>` (durably, next to it) before an open drops entries it cannot
+/// read, so that an operator can still see what they held. Named by content:
+/// an open repeated on the same checkpoint (a sink retrying) finds its copy
+/// and returns `false` instead of piling up copies.
+pub fn quarantine(dir: &Path) -> std::io::Result<(std::path::PathBuf, bool)> {
     let bytes = std::fs::read(dir.join(FILE))?;
+    let to = dir.join(format!("{FILE}.unreadable-{:08x}", crc32fast::hash(&bytes)));
+    if to.exists() {
+        return Ok((to, false));
+    }
     crate::durable::write_file_durable(&to, &bytes)?;
-    Ok(to)
+    Ok((to, true))
 }
 
 #[cfg(test)]

@@ -315,12 +315,17 @@ impl Writer {
             .map(|(rel, &len)| (rel.clone(), len))
             .collect();
         if !bad_hours.is_empty() || !bad_files.is_empty() {
-            let copy = checkpoint::quarantine(&dir).map_err(io(&dir))?;
+            let (copy, first) = checkpoint::quarantine(&dir).map_err(io(&dir))?;
             let n = (bad_hours.len() + bad_files.len()) as u64;
-            self.metrics
-                .checkpoint_entries_dropped
-                .fetch_add(n, Relaxed);
+            // Counted and logged once per checkpoint: a sink reopening the
+            // same one (retrying after another error) finds its copy.
+            if first {
+                self.metrics
+                    .checkpoint_entries_dropped
+                    .fetch_add(n, Relaxed);
+            }
             tracing::error!(
+                again = !first,
                 hours = ?bad_hours,
                 files = ?bad_files,
                 copy = %copy.display(),
@@ -1362,14 +1367,22 @@ mod tests {
         assert_eq!(m.hours_rebuilt.load(Relaxed), 1);
         let h = Hour::parse("2026-11-26T12").unwrap();
         assert_eq!(w.analytics().hour(h).unwrap().unwrap().total, 1);
-        let copies = std::fs::read_dir(d.path())
-            .unwrap()
-            .filter(|e| {
-                let n = e.as_ref().unwrap().file_name();
-                n.to_string_lossy().starts_with("checkpoint.unreadable-")
-            })
-            .count();
-        assert_eq!(copies, 1);
+        let copies = || {
+            std::fs::read_dir(d.path())
+                .unwrap()
+                .filter(|e| {
+                    let n = e.as_ref().unwrap().file_name();
+                    n.to_string_lossy().starts_with("checkpoint.unreadable-")
+                })
+                .count()
+        };
+        assert_eq!(copies(), 1);
+        // Opened again before any commit (a sink retrying): the same copy,
+        // nothing counted twice.
+        drop(w);
+        let (w, _) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(w.metrics().checkpoint_entries_dropped.load(Relaxed), 0);
+        assert_eq!(copies(), 1);
     }
 
     #[test]
