@@ -254,9 +254,11 @@ impl Writer {
         // directory a power cut can still drop, with every file in it.
         crate::durable::create_dir_durable(&dir).map_err(io(&dir))?;
         checkpoint::sync_dir(&dir).map_err(io(&dir))?;
-        if let Some(up) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            checkpoint::sync_dir(up).map_err(io(up))?;
-        }
+        let up = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        checkpoint::sync_dir(up).map_err(io(up))?;
         let cp = match checkpoint::read(&dir)? {
             Some(cp) => cp,
             None => {
