@@ -312,6 +312,16 @@ fn a_failed_directory_fsync_after_the_checkpoint_rename_stops_the_daemon_and_los
     // The restart reads the disk: every acknowledged event exactly once.
     let d = files_sink_serve(tmp.path(), &data, &dir);
     wait_ready(&d);
+    // One more, so that the writer has opened (and cut the files back to
+    // the checkpoint the disk returned) before the count.
+    assert_eq!(
+        post_events(
+            &d.addr,
+            &[event("after", "timestamp", "2026-11-26T12:00:00Z")]
+        ),
+        202
+    );
+    acked.push("after".to_string());
     let refs: Vec<&str> = acked.iter().map(String::as_str).collect();
     let all = wait_ids(&dir, &refs, &d);
     let dup: Vec<_> = all.iter().filter(|(_, &n)| n > 1).collect();
@@ -393,7 +403,12 @@ fn a_restart_fsyncs_the_archive_directory_before_it_trusts_the_checkpoint() {
         files_sink(tmp.path(), &data, &dir, "idle-close-secs = 1\n"),
         &trace,
     );
-    wait_ready(&d);
+    // The writer is open once a new event is in the files.
+    assert_eq!(
+        post_events(&d.addr, &[event("b", "timestamp", "2026-11-26T12:01:00Z")]),
+        202
+    );
+    wait_ids(&dir, &["b"], &d);
     assert!(d.stop().success());
     let text = std::fs::read_to_string(&trace).unwrap();
     let archive = dir.display().to_string();
