@@ -421,6 +421,7 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("sink_checkpointed_skipped_total", "Files sink: records found already in the archive checkpoint at start (killed before the offset flush) and not written again.", COUNTER, |r| get(&r.sink_checkpointed_skipped)),
     ("sink_fsync_failures_total", "Files sink: failed fsyncs of archive files, directories or the checkpoint; each stops the daemon (exit 1) so the restart reads the disk.", COUNTER, |r| get(&r.sink_fsync_failures)),
     ("sink_checkpoint_entries_dropped_total", "Files sink: archive checkpoint entries an open could not read (dropped after keeping a copy; their lines stay in their files).", COUNTER, |r| get(&r.sink_checkpoint_entries_dropped)),
+    ("sink_fresh_archive_records_total", "Files sink: records delivered before a start found a new, empty archive directory (replaced, moved or lost); they are not in its files.", COUNTER, |r| get(&r.sink_fresh_archive_records)),
     ("sink_lines_total", "Files sink: lines written to the hourly files.", COUNTER, |r| get(&r.sink_lines)),
     ("sink_bytes_total", "Files sink: bytes written to the hourly files.", COUNTER, |r| get(&r.sink_bytes)),
     ("sink_fsyncs_total", "Files sink: fdatasyncs and fsyncs of files and directories.", COUNTER, |r| get(&r.sink_fsyncs)),

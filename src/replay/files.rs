@@ -147,6 +147,23 @@ impl Replayer {
             Ok(Err(e)) => return ended("opening the archive", &e),
             Err(e) => return End::Retry(format!("opening the archive: {e}")),
         };
+        if checkpointed.is_null() && *delivered > 0 {
+            // A fresh archive directory, yet replay already delivered records:
+            // to Kafka (the sink was switched), or to an archive directory
+            // that was replaced or moved, or lost (before
+            // issue 25's durable directories a power cut could drop it whole
+            // after the WAL below the offset was deleted). Those records are
+            // not in these files and the WAL no longer holds them: say so.
+            self.stats
+                .sink_fresh_archive_records
+                .fetch_add(*delivered, Ordering::Relaxed);
+            tracing::error!(
+                first_seq = 1,
+                last_seq = *delivered,
+                dir = %sink.writer.dir.display(),
+                "archive files sink: the archive directory is new but records up to last_seq were delivered before it existed (to Kafka, or to an archive directory since replaced, moved or lost): they are not in these files"
+            );
+        }
         match self.resume_point(&checkpointed, *delivered) {
             Ok(Some(through)) => {
                 // Already in the files: killed after the checkpoint's rename
