@@ -195,6 +195,12 @@ async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
         w.recovered_files.load(Relaxed),
     );
     one(
+        "sluice_archive_checkpoint_entries_dropped_total",
+        "counter",
+        "Checkpoint entries the start could not read (dropped after keeping a copy; lines stay).",
+        w.checkpoint_entries_dropped.load(Relaxed),
+    );
+    one(
         "sluice_archive_duplicates_dropped_total",
         "counter",
         "Records dropped by the exactly-once rule.",
