@@ -403,13 +403,13 @@ impl Inner {
         }
     }
 
-    /// While consuming: the broker's view of partition `p` (5 s timeout
+    /// While consuming: the broker's view of partition `p` (1 s timeout
     /// each), None if it cannot be read now.
     fn observe(&self, consumer: &BaseConsumer<Ctx>, p: i32) -> Option<Seen> {
         let (low, high) = consumer
-            .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
+            .fetch_watermarks(&self.topic, p, Duration::from_secs(1))
             .ok()?;
-        let cluster = consumer.client().fetch_cluster_id(Duration::from_secs(5));
+        let cluster = consumer.client().fetch_cluster_id(Duration::from_secs(1));
         Some(Seen { cluster, low, high })
     }
 
@@ -760,4 +760,74 @@ pub fn run(
     consumer.unsubscribe();
     tracing::info!("archive: stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(cluster: Option<&str>, low: i64, high: i64) -> Seen {
+        Seen {
+            cluster: cluster.map(String::from),
+            low,
+            high,
+        }
+    }
+
+    #[test]
+    fn check_tells_a_reset_from_a_gap_and_from_the_same_log() {
+        let a = Some("A");
+        // Same cluster, position inside the log (or at its end).
+        assert_eq!(check(20, a, &seen(a, 0, 20)), Verdict::Same);
+        assert_eq!(check(20, a, &seen(a, 5, 90)), Verdict::Same);
+        // Unknown cluster on either side: the offsets alone decide.
+        assert_eq!(check(20, None, &seen(a, 0, 30)), Verdict::Same);
+        assert_eq!(check(20, a, &seen(None, 0, 30)), Verdict::Same);
+        // Another cluster whose log is longer than our position: only the
+        // cluster id shows that offsets 0..20 are not the archived ones.
+        assert!(matches!(
+            check(20, a, &seen(Some("B"), 0, 90)),
+            Verdict::Reset(r) if r.contains("cluster id")
+        ));
+        // The log ends below the position (recreated topic, truncation).
+        assert!(matches!(
+            check(20, a, &seen(a, 0, 13)),
+            Verdict::Reset(r) if r.contains("ends below")
+        ));
+        // Retention removed 20..25 before they were archived.
+        assert_eq!(check(20, a, &seen(a, 25, 40)), Verdict::Gap);
+        // A fresh position below the log start is no loss of ours.
+        assert_eq!(check(0, None, &seen(a, 25, 40)), Verdict::Same);
+    }
+
+    #[test]
+    fn progress_keeps_the_cluster_id_and_reads_checkpoints_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = super::super::WriterOptions::new(dir.path());
+        let (writer, _) = Writer::open(opts).unwrap();
+        let mut inner = Inner {
+            writer,
+            topic: "events".into(),
+            parts: BTreeMap::new(),
+            assigned: Vec::new(),
+            pending: 0,
+            uncommitted: false,
+            failed: None,
+            on_reset: OnOffsetReset::Fail,
+            retry: None,
+        };
+        // A checkpoint written before the cluster id was kept.
+        inner.restore(&json!({"topic": "events",
+            "partitions": {"0": {"next": 20, "high": {"i1": 58}}}}));
+        assert_eq!(inner.parts[&0].next, 20);
+        assert_eq!(inner.parts[&0].cluster, None);
+        assert_eq!(inner.parts[&0].high["i1"], 58);
+        inner.parts.get_mut(&0).unwrap().cluster = Some("c1".into());
+        let p = inner.progress();
+        assert_eq!(p["partitions"]["0"]["cluster"], json!("c1"));
+        inner.parts.clear();
+        inner.restore(&p);
+        assert_eq!(inner.parts[&0].cluster.as_deref(), Some("c1"));
+        assert_eq!(inner.parts[&0].next, 20);
+    }
 }

@@ -9,16 +9,7 @@ impl Archiver {
     /// The exit status once the archiver exited by itself, None if it still
     /// runs after `within`.
     fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            if t0.elapsed() > within {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_child(&mut self.child, within)
     }
 
     /// The log without terminal colours.
@@ -49,6 +40,19 @@ impl Archiver {
             .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+fn wait_child(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if t0.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -208,18 +212,11 @@ fn archive_with(tmp: &Path, brokers: &str, key: &str, value: &str) -> Option<(i3
         .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let out = std::fs::read_to_string(&log).unwrap_or_default()
         + &std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
     eprintln!("{key} = {value}: {status:?}\n{out}");
