@@ -255,3 +255,54 @@ fn incremental_rebalancing_settings_are_refused_at_start_naming_the_key() {
         assert!(!check.status.success() && text.contains(key), "{text}");
     }
 }
+
+#[test]
+fn records_retention_deleted_before_they_were_archived_are_counted_not_silent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(tmp.path(), Some(3));
+    let dir = tmp.path().join("archive");
+    let cfg = config(tmp.path(), "");
+    let mut ledger = Vec::new();
+    let a = Archiver::start(&dir, &broker.addr, "gap", &cfg);
+    produce(&broker.addr, "i5", 1, 30, &mut ledger);
+    wait_complete(&[&dir], ledger.len());
+    assert!(a.stop().success());
+    // While the archiver is stopped, 120 records of 60 KiB on partition 0
+    // (next offset 10): the dev broker keeps a partition's last 5 MiB, so
+    // the oldest of them are gone before the archiver is back.
+    let big = 120u64;
+    let mut src = Source::new(&broker.addr, "i5");
+    for seq in 31..31 + big {
+        let value = serde_json::to_vec(&json!({"id": format!("i5-{seq}"),
+            "timestamp": "2026-11-26T12:00:00Z", "tenant_id": "t0", "source": "web",
+            "severity": "INFO", "pad": "x".repeat(60 << 10)}))
+        .unwrap();
+        src.send(seq, 0, &value);
+    }
+    src.flush();
+    let a = Archiver::start(&dir, &broker.addr, "gap", &cfg);
+    let sample = "sluice_archive_retention_skipped_total{topic=\"events\",partition=\"0\"}";
+    let t0 = Instant::now();
+    let (skipped, archived) = loop {
+        let skipped = a.metric(sample);
+        let archived = recount(&dir).0.len() as u64 - 30;
+        if skipped > 0 && skipped + archived == big {
+            break (skipped, archived);
+        }
+        assert!(
+            t0.elapsed() < WITHIN,
+            "{skipped} counted as deleted by retention, {archived} of {big} archived:\n{}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let log = a.log_text();
+    assert!(
+        log.contains(&format!("retention removed offsets 10..{}", 10 + skipped)),
+        "{log}"
+    );
+    eprintln!(
+        "retention gap: {skipped} offsets deleted before archiving, counted; {archived} archived"
+    );
+    assert!(a.stop().success());
+}
