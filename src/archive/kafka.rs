@@ -139,6 +139,11 @@ struct Inner {
     on_reset: OnOffsetReset,
     /// Partitions given to us whose assignment waits for a retry.
     retry: Option<Retry>,
+    /// The cluster id the client talks to, read at each assignment and
+    /// when librdkafka reports a change (`Ctx::log`). Read only then:
+    /// rdkafka 0.39's `fetch_cluster_id` leaks the string librdkafka
+    /// allocates for it (`rd_kafka_clusterid` wants `rd_kafka_mem_free`).
+    cluster: Option<String>,
 }
 
 impl Inner {
@@ -263,7 +268,10 @@ impl Inner {
         let committed = consumer
             .committed_offsets(want, ASSIGN_TIMEOUT)
             .map_err(|e| retry(format!("reading the group's committed offsets: {e}")))?;
-        let cluster = consumer.client().fetch_cluster_id(ASSIGN_TIMEOUT);
+        if let Some(c) = consumer.client().fetch_cluster_id(ASSIGN_TIMEOUT) {
+            self.cluster = Some(c);
+        }
+        let cluster = self.cluster.clone();
         let mut read = Vec::with_capacity(ids.len());
         for p in ids {
             let e = committed
@@ -409,8 +417,11 @@ impl Inner {
         let (low, high) = consumer
             .fetch_watermarks(&self.topic, p, Duration::from_secs(1))
             .ok()?;
-        let cluster = consumer.client().fetch_cluster_id(Duration::from_secs(1));
-        Some(Seen { cluster, low, high })
+        Some(Seen {
+            cluster: self.cluster.clone(),
+            low,
+            high,
+        })
     }
 
     /// While consuming: applies [`check`] to partition `p` (`below`: a
@@ -489,11 +500,22 @@ impl Inner {
         if !self.uncommitted {
             return Ok(());
         }
+        let now = self.cluster.clone();
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
             let Some(s) = self.parts.get(p) else { continue };
             if s.next <= 0 {
                 continue;
+            }
+            if let (Some(ours), Some(now)) = (&s.cluster, &now) {
+                if ours != now {
+                    // A position in another cluster's log must not become
+                    // this cluster's group offset (the reset check handles
+                    // the partition; the checkpoint keeps the position).
+                    tracing::warn!(partition = p, checkpoint_cluster = %ours, cluster = %now,
+                        "archive: not committing an offset of another cluster's log");
+                    continue;
+                }
             }
             let mut e = tpl.add_partition(&self.topic, *p);
             if e.set_offset(Offset::Offset(s.next)).is_err() {
@@ -523,9 +545,22 @@ impl Inner {
 struct Ctx {
     inner: Arc<Mutex<Inner>>,
     status: Arc<ArchiveStatus>,
+    /// Set when librdkafka logs a new cluster id; an atomic, not `inner`:
+    /// librdkafka logs from its own threads, which the poll loop may wait
+    /// for while holding `inner`.
+    cluster_changed: Arc<AtomicBool>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // "ClusterId update" (debug) or "reports different ClusterId"
+        // (warning): the brokers behind the bootstrap address changed.
+        if fac == "CLUSTERID" {
+            self.cluster_changed.store(true, Relaxed);
+        }
+        rdkafka::client::DefaultClientContext.log(level, fac, log_message);
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn rebalance(
@@ -600,6 +635,7 @@ pub fn run(
         failed: None,
         on_reset: src.on_reset,
         retry: None,
+        cluster: None,
     };
     inner.restore(&progress);
     let inner = Arc::new(Mutex::new(inner));
@@ -616,9 +652,11 @@ pub fn run(
         .set("group.id", &src.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    let cluster_changed = Arc::new(AtomicBool::new(false));
     let ctx = Ctx {
         inner: inner.clone(),
         status: status.clone(),
+        cluster_changed: cluster_changed.clone(),
     };
     let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(ctx)
@@ -727,6 +765,16 @@ pub fn run(
                     .map_err(|e| format!("archive retention: {e}"))?;
             }
         }
+        if cluster_changed.swap(false, Relaxed) {
+            if let Some(c) = consumer.client().fetch_cluster_id(Duration::from_secs(1)) {
+                if g.cluster.as_ref() != Some(&c) {
+                    tracing::warn!(before = ?g.cluster, now = %c, "archive: the brokers report another cluster id");
+                    g.cluster = Some(c);
+                    // Check the partitions now.
+                    last_lag = Instant::now() - Duration::from_secs(60);
+                }
+            }
+        }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             let mut lag = BTreeMap::new();
@@ -815,6 +863,7 @@ mod tests {
             failed: None,
             on_reset: OnOffsetReset::Fail,
             retry: None,
+            cluster: None,
         };
         // A checkpoint written before the cluster id was kept.
         inner.restore(&json!({"topic": "events",
