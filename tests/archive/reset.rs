@@ -306,3 +306,72 @@ fn records_retention_deleted_before_they_were_archived_are_counted_not_silent() 
     );
     assert!(a.stop().success());
 }
+
+/// A mock cluster in this process (owned by the returned producer), with
+/// the test topic.
+fn mock_cluster() -> (rdkafka::producer::BaseProducer, String) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("test.mock.num.brokers", "1")
+        .create()
+        .unwrap();
+    let m = p.client().mock_cluster().unwrap();
+    m.create_topic(TOPIC, 3, 1).unwrap();
+    let bootstrap = m.bootstrap_servers();
+    drop(m);
+    (p, bootstrap)
+}
+
+#[test]
+fn a_cluster_swapped_behind_the_same_address_while_archiving_is_detected_and_restarted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (owner_a, brokers_a) = mock_cluster();
+    let (_owner_b, brokers_b) = mock_cluster();
+    let dir = tmp.path().join("archive");
+    // Metadata refreshed every second: the swap is seen quickly.
+    let cfg = tmp.path().join("swap.toml");
+    std::fs::write(
+        &cfg,
+        "[archive]\ncommit-interval-ms = 150\non-offset-reset = \"restart\"\n\
+         [archive.librdkafka]\n\"topic.metadata.refresh.interval.ms\" = \"1000\"\n",
+    )
+    .unwrap();
+    let mut ledger = Vec::new();
+    let mut a = Archiver::start(&dir, &brokers_a, "swap", &cfg);
+    produce(&brokers_a, "i6", 1, 60, &mut ledger);
+    let all = wait_complete(&[&dir], ledger.len());
+    assert_exactly_once(&all, &ledger);
+    produce(&brokers_b, "i6", 61, 30, &mut ledger);
+    // Cluster A now advertises its broker at B's address: what a DNS
+    // failover looks like to a running client.
+    let (host, port) = brokers_b.rsplit_once(':').unwrap();
+    let host = std::ffi::CString::new(host).unwrap();
+    // SAFETY: the mock cluster lives as long as `owner_a`, which outlives
+    // the call; `host` is a valid C string for its duration.
+    unsafe {
+        let m = rdkafka::bindings::rd_kafka_handle_mock_cluster(owner_a.client().native_ptr());
+        assert!(!m.is_null());
+        rdkafka::bindings::rd_kafka_mock_broker_set_host_port(
+            m,
+            1,
+            host.as_ptr(),
+            port.parse().unwrap(),
+        );
+    }
+    let all = wait_complete(&[&dir], ledger.len());
+    settle(&dir);
+    assert_exactly_once(&all, &ledger);
+    assert!(
+        a.wait_exit(Duration::from_millis(1)).is_none(),
+        "{}",
+        a.log_text()
+    );
+    let mut resets = 0;
+    for p in 0..3 {
+        resets += a.metric(&format!(
+            "sluice_archive_offset_resets_total{{topic=\"events\",partition=\"{p}\"}}"
+        ));
+    }
+    assert!(resets >= 3, "{resets} resets:\n{}", a.log_text());
+    eprintln!("cluster swap while archiving: {resets} resets, 90 of 90 archived once");
+    assert!(a.stop().success());
+}
