@@ -301,6 +301,7 @@ impl Inner {
         // Decide first, change afterwards: a failing partition leaves every
         // position as it was (the revocation at exit commits them).
         let mut resets = Vec::new();
+        let mut fail = None;
         for (p, group_next, _, seen) in &read {
             let part = self.parts.get(p);
             let ours = part.map_or(0, |s| s.next);
@@ -308,10 +309,16 @@ impl Inner {
             if let Verdict::Reset(reason) =
                 check(next, part.and_then(|s| s.cluster.as_deref()), seen)
             {
-                self.offset_reset(status, *p, reason, next, seen)
-                    .map_err(NotAssigned::Fail)?;
+                // Every reset is logged and counted, the first one failing
+                // names itself in the exit message.
+                if let Err(msg) = self.offset_reset(status, *p, reason, next, seen) {
+                    fail.get_or_insert(msg);
+                }
                 resets.push(*p);
             }
+        }
+        if let Some(msg) = fail {
+            return Err(NotAssigned::Fail(msg));
         }
         let mut assign = TopicPartitionList::new();
         for (p, group_next, group_high, seen) in read {
@@ -320,14 +327,13 @@ impl Inner {
             }
             let part = self.parts.entry(p).or_default();
             if resets.contains(&p) {
-                // `restart`: the old log's position is meaningless here. The
-                // group's offset is a position in this log unless it is past
-                // its end. The seq marks stay: the files hold those records.
-                part.next = if group_next <= seen.high {
-                    group_next
-                } else {
-                    0
-                };
+                // `restart`: the old log's position is meaningless here, and
+                // so may the group's be (committed before the reset was
+                // seen): the new log from its beginning. The seq marks stay
+                // (the files hold those records), and the group's are merged
+                // below: what another archiver of the group already took
+                // from the new log is dropped as duplicates, not skipped.
+                part.next = 0;
                 part.gap_counted_to = 0;
                 tracing::warn!(topic = %topic, partition = p, start = part.next,
                     "archive: archiving the new log from its beginning (on-offset-reset = restart)");
