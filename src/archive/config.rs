@@ -167,20 +167,17 @@ impl ArchiveConfig {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
+    use super::{ArchiveConfig, OnOffsetReset};
 
     #[test]
     fn on_offset_reset_parses_and_consumer_settings_it_owns_are_refused() {
-        let c = Config::from_toml("[archive]\non-offset-reset = \"restart\"\n").unwrap();
-        assert_eq!(c.archive.on_offset_reset, super::OnOffsetReset::Restart);
-        assert!(Config::from_toml("[archive]\non-offset-reset = \"skip\"\n").is_err());
-        let mut c = Config::default();
-        c.apply_env([(
-            "SLUICE_ARCHIVE_ON_OFFSET_RESET".to_string(),
-            "restart".to_string(),
-        )])
-        .unwrap();
-        assert_eq!(c.archive.on_offset_reset, super::OnOffsetReset::Restart);
+        let c: ArchiveConfig = toml::from_str("on-offset-reset = \"restart\"\n").unwrap();
+        assert_eq!(c.on_offset_reset, OnOffsetReset::Restart);
+        assert_eq!(
+            ArchiveConfig::default().on_offset_reset,
+            OnOffsetReset::Fail
+        );
+        assert!(toml::from_str::<ArchiveConfig>("on-offset-reset = \"skip\"\n").is_err());
         for (k, v, want) in [
             ("auto.offset.reset", "latest", "archive.on-offset-reset"),
             (
@@ -190,12 +187,12 @@ mod tests {
             ),
             ("group.protocol", "consumer", "classic"),
         ] {
-            let mut a = super::ArchiveConfig::default();
+            let mut a = ArchiveConfig::default();
             a.librdkafka.insert(k.into(), v.into());
             let err = a.validate().unwrap_err();
             assert!(err.contains(k) && err.contains(want), "{err}");
         }
-        let mut a = super::ArchiveConfig::default();
+        let mut a = ArchiveConfig::default();
         a.librdkafka
             .insert("partition.assignment.strategy".into(), "roundrobin".into());
         a.librdkafka
