@@ -646,6 +646,15 @@ pub fn run(
     inner.restore(&progress);
     let inner = Arc::new(Mutex::new(inner));
     let mut cfg = ClientConfig::new();
+    // librdkafka's warnings reach `Ctx::log` (the CLUSTERID one detects a
+    // cluster change) even when the log filter hides them: rdkafka derives
+    // librdkafka's level from the filter of target `librdkafka`.
+    {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(cfg.log_level, L::Emerg | L::Alert | L::Critical | L::Error) {
+            cfg.set_log_level(L::Warning);
+        }
+    }
     cfg.set("bootstrap.servers", &src.brokers)
         .set("enable.partition.eof", "false");
     for (k, v) in &src.properties {

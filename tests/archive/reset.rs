@@ -321,8 +321,9 @@ fn mock_cluster() -> (rdkafka::producer::BaseProducer, String) {
     (p, bootstrap)
 }
 
-#[test]
-fn a_cluster_swapped_behind_the_same_address_while_archiving_is_detected_and_restarted() {
+/// Archives 60 records from cluster A, then makes A advertise its broker at
+/// B's address, B holding `n_b` records; all must be archived once.
+fn swap_clusters_while_archiving(n_b: u64) {
     let tmp = tempfile::tempdir().unwrap();
     let (owner_a, brokers_a) = mock_cluster();
     let (_owner_b, brokers_b) = mock_cluster();
@@ -340,7 +341,7 @@ fn a_cluster_swapped_behind_the_same_address_while_archiving_is_detected_and_res
     produce(&brokers_a, "i6", 1, 60, &mut ledger);
     let all = wait_complete(&[&dir], ledger.len());
     assert_exactly_once(&all, &ledger);
-    produce(&brokers_b, "i6", 61, 30, &mut ledger);
+    produce(&brokers_b, "i6", 61, n_b, &mut ledger);
     // Cluster A now advertises its broker at B's address: what a DNS
     // failover looks like to a running client.
     let (host, port) = brokers_b.rsplit_once(':').unwrap();
@@ -372,6 +373,22 @@ fn a_cluster_swapped_behind_the_same_address_while_archiving_is_detected_and_res
         ));
     }
     assert!(resets >= 3, "{resets} resets:\n{}", a.log_text());
-    eprintln!("cluster swap while archiving: {resets} resets, 90 of 90 archived once");
+    eprintln!(
+        "cluster swap while archiving, {n_b} records on B: {resets} resets, {} archived once",
+        ledger.len()
+    );
     assert!(a.stop().success());
+}
+
+#[test]
+fn a_cluster_swapped_behind_the_same_address_while_archiving_is_detected_and_restarted() {
+    // B's log (10 per partition) ends below the position (20).
+    swap_clusters_while_archiving(30);
+}
+
+#[test]
+fn a_swapped_cluster_with_a_longer_log_is_detected_by_its_cluster_id() {
+    // B's log (40 per partition) is longer than the position (20): only the
+    // cluster id tells that offsets 0..20 are not the archived ones.
+    swap_clusters_while_archiving(120);
 }
