@@ -1188,6 +1188,9 @@ mod tests {
     fn unparsed_records_keep_their_position_and_are_counted() {
         let d = tempfile::tempdir().unwrap();
         let (mut w, _) = Writer::open(opts(d.path())).unwrap();
+        // Unparsed lines go by arrival hour (the wall clock): a run that
+        // crosses an hour (started at 18:59:59.9) splits them in two files.
+        let arrived = Hour::now();
         let bad: [&[u8]; 4] = [
             b"not json",
             br#"{"no":"time"}"#,
@@ -1202,15 +1205,29 @@ mod tests {
             .unwrap();
         w.commit(&json!({})).unwrap();
         assert_eq!(w.metrics().unparsed.load(Relaxed), 4);
-        let file = d.path().join(w.options().layout.unparsed(Hour::now()));
-        let got = lines(&file);
+        let hours = arrived.0..=Hour::now().0;
+        let got = unparsed_lines(d.path(), &w.options().layout, hours.clone());
         assert_eq!(got.len(), 4);
         assert_eq!(got[1]["position"], pos(1));
         assert_eq!(got[0]["value"], "not json");
         assert!(got[2]["reason"].as_str().unwrap().contains("timestamp"));
         drop(w);
-        let (_w, _) = Writer::open(opts(d.path())).unwrap();
-        assert_eq!(lines(&file).len(), 4);
+        let (w, _) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(
+            unparsed_lines(d.path(), &w.options().layout, hours).len(),
+            4
+        );
+    }
+
+    /// The lines of the unparsed files of `hours`, oldest hour first.
+    fn unparsed_lines(
+        dir: &Path,
+        layout: &Layout,
+        hours: std::ops::RangeInclusive<i64>,
+    ) -> Vec<Value> {
+        hours
+            .flat_map(|h| lines(&dir.join(layout.unparsed(Hour(h)))))
+            .collect()
     }
 
     #[test]
