@@ -477,7 +477,15 @@ fn serve(args: ServeArgs) -> CliResult {
         if let Some(path) = &args.addr_file {
             std::fs::write(path, listener.local_addr()?.to_string())?;
         }
-        let exit = crate::server::run(config, listener, admin, shutdown_signal()).await?;
+        let exit = match crate::server::run(config, listener, admin, shutdown_signal()).await {
+            // Storage that cannot be read at start: exit 1, like a storage
+            // failure while running, so systemd restarts into recovery.
+            Err(crate::server::ServeError::StartupRead(why)) => {
+                eprintln!("error: {why}");
+                crate::server::Exit::WalFailed
+            }
+            other => other?,
+        };
         Ok::<_, Box<dyn std::error::Error>>(exit)
     })?;
     Ok(match exit {

@@ -698,7 +698,10 @@ impl Index {
         let mut scanned = 0u64;
         let mut from_wal = 0;
         while reader.next_seq() < end {
-            match reader.try_next().map_err(|e| e.to_string())? {
+            match reader
+                .try_next()
+                .map_err(|e| format!("{WAL_READ_ERROR}{e}"))?
+            {
                 None => break,
                 Some(ReadItem::Gap(_)) => {}
                 Some(ReadItem::Record { seq, record, .. }) => {
@@ -798,6 +801,10 @@ impl prometheus::core::Collector for Collector {
         out
     }
 }
+
+/// Prefix of a rebuild error that is a failed WAL read (I/O), which `serve`
+/// retries at start; any other rebuild error (a malformed store) is not.
+pub const WAL_READ_ERROR: &str = "WAL read error: ";
 
 /// What open found.
 #[derive(Debug, Clone, Copy)]

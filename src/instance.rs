@@ -25,13 +25,12 @@ pub fn current() -> Option<&'static str> {
 /// Reads `DATA_DIR/instance`, or creates it durably, and makes it
 /// [`current`]. The first id a process installs stays for its life.
 ///
-/// `sequence_starts_over`: the WAL and the offset store hold no trace of any
-/// sequence number (the next one is 1). Under an existing id that means the
-/// numbers would be handed out again (`wal/` and `offsets/` deleted while
-/// `instance` was kept), and a consumer applying the rule would drop every
-/// new event as a repeat of one it saw. So the id is replaced by a new one
-/// (logged, and counted in [`rotations`]); nothing is lost by that, since
-/// there is no record above the committed offset to produce again.
+/// `reuse`: why sequence numbers would be handed out again under an
+/// existing id (the caller's check: the next seq is 1, or at or below what
+/// was already produced), if they would. A consumer applying the rule would
+/// then drop every new event as a repeat of one it saw, so the id is
+/// replaced by a new one (logged with the reason, and counted in
+/// [`rotations`]).
 ///
 /// Creation: write `instance.tmp`, fsync it, rename, fsync the directory.
 /// Dying before the rename leaves the old file (or none) and a `.tmp` that
@@ -40,7 +39,7 @@ pub fn current() -> Option<&'static str> {
 /// before the directory fsync, a power cut may bring the old id back: still
 /// before any record carries the new one, and the next start replaces it
 /// again.
-pub fn load_or_create(data_dir: &Path, sequence_starts_over: bool) -> std::io::Result<String> {
+pub fn load_or_create(data_dir: &Path, reuse: Option<&str>) -> std::io::Result<String> {
     let path = data_dir.join(FILE);
     let id = match std::fs::read(&path) {
         Ok(bytes) => {
@@ -53,10 +52,10 @@ pub fn load_or_create(data_dir: &Path, sequence_starts_over: bool) -> std::io::R
                     ),
                 )
             })?;
-            if sequence_starts_over {
+            if let Some(why) = reuse {
                 let id = write_new(data_dir)?;
                 ROTATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(old_instance = %old, instance = %id, "the WAL and the offset store hold no sequence number under an existing instance id (wal/ and offsets/ deleted or emptied, or nothing was ever written): took a new instance id, so that consumers applying the (instance, partition, seq) rule do not drop new events as repeats");
+                tracing::warn!(old_instance = %old, instance = %id, reason = %why, "sequence numbers would be handed out again under the existing instance id: took a new instance id, so that consumers applying the (instance, partition, seq) rule do not drop new events as repeats");
                 id
             } else {
                 old
@@ -109,7 +108,7 @@ mod tests {
     #[test]
     fn created_once_then_stable_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create(dir.path(), true).unwrap();
+        let a = load_or_create(dir.path(), Some("test")).unwrap();
         assert_eq!(a.len(), ID_LEN);
         let on_disk = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert_eq!(on_disk.trim_end(), a);
@@ -117,7 +116,7 @@ mod tests {
         // Read back, not recreated.
         assert_eq!(parse(on_disk.as_bytes()).as_deref(), Some(a.as_str()));
         std::fs::write(dir.path().join(FILE), "garbage").unwrap();
-        let err = load_or_create(dir.path(), false).unwrap_err();
+        let err = load_or_create(dir.path(), None).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
 }

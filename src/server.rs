@@ -118,13 +118,30 @@ pub async fn run(
     crate::debug::arm_read_failures();
     // Before replay can produce anything: every record carries this id. It
     // is replaced when the storage starts over at seq 1 (see instance.rs).
-    let starts_over = wal.durable().borrow().next_seq == 1;
-    let instance = crate::instance::load_or_create(&data_dir, starts_over).map_err(|source| {
-        ServeError::DataDir {
-            path: data_dir.join(crate::instance::FILE),
-            source,
-        }
-    })?;
+    let next = wal.durable().borrow().next_seq;
+    let held = offsets.durable_through()?;
+    let reuse = if next == 1 {
+        Some("the WAL and the offset store hold no sequence number (wal/ and offsets/ deleted or emptied, or nothing was ever written)".to_string())
+    } else if next <= held {
+        Some(format!(
+            "the WAL ends below what it held before: the next seq is {next}, but seqs up to {held} were durable (and may have reached Kafka) under this id; the WAL lost its tail (deleted, or damaged and cut)"
+        ))
+    } else {
+        None
+    };
+    let instance =
+        crate::instance::load_or_create(&data_dir, reuse.as_deref()).map_err(|source| {
+            ServeError::DataDir {
+                path: data_dir.join(crate::instance::FILE),
+                source,
+            }
+        })?;
+    if reuse.is_some() && held > 0 {
+        // After the new id is durable: the mark belonged to the old one.
+        // Dying in between makes the next start rotate again (no record
+        // was produced under the id in between).
+        offsets.reset_durable_through()?;
+    }
     tracing::info!(%instance, "data directory identity");
     retry_startup_read("checking the streams of undelivered WAL records", || {
         check_wal_streams(&config, &wal, &offsets)
@@ -151,7 +168,16 @@ pub async fn run(
     retry_startup_read("rebuilding the Idempotency-Key index", || async {
         crate::server_idempotency::start(&state, &wal, &offsets)
             .await
-            .map_err(|e| ServeError::StartupRead(e.to_string()))
+            .map_err(|e| {
+                // Only a failed read is worth retrying; a malformed store
+                // is not going to read differently (exit 2, as before).
+                let text = e.to_string();
+                if text.contains(crate::idempotency::WAL_READ_ERROR) {
+                    ServeError::StartupRead(text)
+                } else {
+                    ServeError::Http(std::io::Error::other(text))
+                }
+            })
     })
     .await?;
     if offsets_reset {
@@ -238,19 +264,26 @@ fn load_credentials(config: &Config) -> Result<Credentials, ServeError> {
     Ok((keys, tls))
 }
 
-/// Runs a start-up step that reads the WAL or the offset store until it
-/// succeeds. Replay treats a read error as retriable; exiting here instead
-/// made the same error a restart loop under systemd (exit 1, restart,
-/// recovery, the same read). Each failure is logged with its reason and the
-/// next wait (doubling, 100 ms to 30 s); systemd is told why the start takes
-/// longer. Any other error ends the start as before.
+/// Runs a start-up step that reads the WAL, retrying a failed read a few
+/// times in place (100 ms doubling, 6 attempts, about 6 s in all): a
+/// transient read error (a path failover, a busy device) then costs a
+/// moment, not a restart. A read that keeps failing ends the start with
+/// `ServeError::StartupRead`, which `serve` exits 1 on, like a storage
+/// failure: systemd restarts it into recovery and, if it keeps failing,
+/// marks the unit failed (`StartLimitBurst`), which an operator sees.
+/// Retrying forever instead left a process whose ports accepted
+/// connections but answered nothing, with no metric scraped and no failed
+/// unit (found by the hostile review). Replay can retry forever because
+/// the daemon serves meanwhile; a start cannot serve without this step.
+/// Any other error ends the start at once, as before.
 async fn retry_startup_read<T, F, Fut>(what: &str, mut step: F) -> Result<T, ServeError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ServeError>>,
 {
+    const ATTEMPTS: u32 = 6;
     let mut wait = std::time::Duration::from_millis(100);
-    let mut failures = 0u64;
+    let mut failures = 0u32;
     loop {
         match step().await {
             Ok(v) => {
@@ -262,12 +295,17 @@ where
             Err(ServeError::StartupRead(why)) => {
                 failures += 1;
                 crate::datadir::STARTUP_READ_FAILURES.fetch_add(1, Ordering::Relaxed);
+                if failures >= ATTEMPTS {
+                    tracing::error!(error = %why, failures, "{what}: read failed every time; exiting 1 so that systemd restarts into recovery");
+                    return Err(ServeError::StartupRead(format!("{what}: {why}")));
+                }
                 tracing::error!(error = %why, failures, retry_in_ms = wait.as_millis() as u64, "{what}: read failed; retrying (not serving until it succeeds)");
-                let status = format!("{what}: read failed ({failures}x), retrying: {why}");
-                let extend = (wait * 2 + std::time::Duration::from_secs(30)).as_micros();
-                crate::systemd::extend_start(&status, u32::try_from(extend).unwrap_or(u32::MAX));
+                crate::systemd::extend_start(
+                    &format!("{what}: read failed ({failures}x), retrying: {why}"),
+                    u32::try_from((wait * 2).as_micros()).unwrap_or(u32::MAX),
+                );
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                wait *= 2;
             }
             Err(e) => return Err(e),
         }

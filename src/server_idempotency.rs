@@ -33,8 +33,12 @@ pub(crate) async fn start(
         // Every commit writes the checkpoint first; the durable frontier is
         // read before the index (see `Index::checkpoint`).
         let durable = wal_.durable();
-        offsets_.set_before_flush(Box::new(move |_db| {
+        offsets_.set_before_flush(Box::new(move |db| {
             let next = durable.borrow().next_seq;
+            // With every commit (replay's, and the periodic one below while
+            // ingest moves): what the WAL held, for the reuse check at the
+            // next start (`offsets::note_durable_through`).
+            crate::replay::offsets::note_durable_through(db, next.saturating_sub(1))?;
             index.checkpoint(&tree, next)
         }));
         Ok(report)

@@ -47,6 +47,26 @@ const PINS: &[u8] = b"partition_pins";
 /// seq below the WAL's end at the first start of a pinning build may have
 /// been produced by librdkafka's `consistent_random` partitioner.
 const PINNING_SINCE: &[u8] = b"partition_pinning_since";
+/// Default tree key: the WAL's last durable seq under the current instance
+/// id as of a commit (u64 big-endian); written inside each commit.
+const DURABLE_THROUGH: &[u8] = b"wal_durable_through";
+
+/// Raises the recorded durable-through mark to `seq` (never lowers it),
+/// from inside a commit (the `before_flush` hook), so that the commit's
+/// flush and fsync make it durable. Every seq a process ever produced was
+/// durable in the WAL first, so at the next start a WAL that ends below
+/// this mark lost records (deleted, or damaged and cut) that consumers may
+/// have seen: their numbers must not be handed out again under this id.
+pub fn note_durable_through(db: &sled::Db, seq: u64) -> sled::Result<()> {
+    let current = db
+        .get(DURABLE_THROUGH)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    if seq > current {
+        db.insert(DURABLE_THROUGH, &seq.to_be_bytes())?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
@@ -364,6 +384,25 @@ impl OffsetStore {
             batch.insert(key, &pin.encode_value()[..]);
         }
         tree.apply_batch(batch)?;
+        self.db.flush()?;
+        self.sync()
+    }
+
+    /// The WAL's durable end as of the last commit that recorded it (see
+    /// [`note_durable_through`]); 0 if none was recorded.
+    pub fn durable_through(&self) -> Result<u64, OffsetError> {
+        match self.db.get(DURABLE_THROUGH)? {
+            None => Ok(0),
+            Some(v) => <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| OffsetError::Malformed(v.len())),
+        }
+    }
+
+    /// Forgets the durable-through mark (a new instance id starts with
+    /// none), durably.
+    pub fn reset_durable_through(&self) -> Result<(), OffsetError> {
+        self.db.remove(DURABLE_THROUGH)?;
         self.db.flush()?;
         self.sync()
     }
