@@ -255,3 +255,48 @@ pub fn config_toml(data: &[u8]) {
         }
     }
 }
+
+/// Arbitrary bytes as a config file, for the property `check-config` OK
+/// implies `serve` starts: whenever [`crate::config::Config::validate`]
+/// (the validation `check-config` and `serve` share) accepts the text,
+/// everything `serve` builds from the configuration before it opens its
+/// data directory must build without a panic or an error: the event size
+/// fit, every stream (schema, severity aliases, rates), the rate limiters,
+/// the idempotency index, the admin address, the archive layout, and a
+/// router with the same paths and methods as `http::app`'s. Each stream
+/// also normalizes one event without panicking.
+pub fn config_serve(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = crate::config::Config::from_toml(text) else {
+        return;
+    };
+    if config.validate().is_err() {
+        return;
+    }
+    let fit = config
+        .effective_max_event_bytes()
+        .expect("validate accepted the event size");
+    assert!(fit > 0, "no event could ever fit");
+    let streams = config.streams();
+    for on_ingest in [config.http.metrics_on_ingest, true] {
+        let _ = crate::http::route_table_router(&streams, on_ingest);
+    }
+    let _ = crate::auth::Rates::new(&config.rates);
+    let _ = crate::idempotency::Index::new(config.idempotency.clone());
+    config
+        .http
+        .admin_addr()
+        .expect("validate accepted http.admin-listen");
+    config
+        .archive
+        .writer_options()
+        .expect("validate accepted the archive layout");
+    let now = chrono::Utc::now();
+    for s in streams.all() {
+        let _ = s
+            .normalizer
+            .normalize(serde_json::json!({"message": "m", "severity": "warn"}), now);
+    }
+}

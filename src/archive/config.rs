@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::analytics::AnalyticsSpec;
 use super::layout::{Layout, DEFAULT_LOGS, DEFAULT_SUMMARIES};
 use super::writer::WriterOptions;
+use crate::ingest::config::check_field_name;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -102,8 +103,9 @@ impl ArchiveConfig {
                 return Err(format!("archive.librdkafka cannot set {k}: offsets move only after the files are durable"));
             }
         }
-        if self.timestamp_field.is_empty() {
-            return Err("archive.timestamp-field must not be empty".into());
+        check_field_name("archive.timestamp-field", &self.timestamp_field)?;
+        for f in &self.fields {
+            check_field_name("archive.fields", f)?;
         }
         Ok(())
     }
