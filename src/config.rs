@@ -198,6 +198,9 @@ impl Config {
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
             self.replay.validate()?;
             self.archive.validate()?;
+            for (key, name) in self.archive.field_names() {
+                crate::ingest::config::check_field_name(key, name)?;
+            }
             crate::streams::validate(&self.kafka, &self.streams)?;
             // Each stream's key field and topic bound the value too.
             for st in &self.streams {
@@ -350,10 +353,8 @@ pub fn locate(text: &str, dotted: &str) -> Option<usize> {
         let t = line.trim();
         if let Some(h) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
             current = h.trim().to_string();
-        } else if current == section {
-            if line_key(t) == key {
-                return Some(i + 1);
-            }
+        } else if current == section && line_key(t) == key {
+            return Some(i + 1);
         }
     }
     None

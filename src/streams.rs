@@ -380,26 +380,32 @@ pub fn validate(kafka: &KafkaConfig, streams: &[StreamConfig]) -> Result<(), Str
     Ok(())
 }
 
+/// A stream with every optional setting at its default, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_stream(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
+    StreamConfig {
+        name: name.into(),
+        routes: routes.iter().map(|r| r.to_string()).collect(),
+        topic: topic.into(),
+        dead_letter_topic: format!("{topic}-dlq"),
+        required: Vec::new(),
+        key_field: "tenant_id".into(),
+        allowed_tenants: Vec::new(),
+        response_success_field: false,
+        severity_aliases: BTreeMap::new(),
+        requests_per_sec: 0,
+        requests_burst: 0,
+        events_per_sec: 0,
+        events_burst: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn stream(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
-        StreamConfig {
-            name: name.into(),
-            routes: routes.iter().map(|r| r.to_string()).collect(),
-            topic: topic.into(),
-            dead_letter_topic: format!("{topic}-dlq"),
-            required: Vec::new(),
-            key_field: "tenant_id".into(),
-            allowed_tenants: Vec::new(),
-            response_success_field: false,
-            severity_aliases: BTreeMap::new(),
-            requests_per_sec: 0,
-            requests_burst: 0,
-            events_per_sec: 0,
-            events_burst: 0,
-        }
+        test_stream(name, routes, topic)
     }
 
     #[test]

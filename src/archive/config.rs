@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use super::analytics::AnalyticsSpec;
 use super::layout::{Layout, DEFAULT_LOGS, DEFAULT_SUMMARIES};
 use super::writer::WriterOptions;
-use crate::ingest::config::check_field_name;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -103,11 +102,15 @@ impl ArchiveConfig {
                 return Err(format!("archive.librdkafka cannot set {k}: offsets move only after the files are durable"));
             }
         }
-        check_field_name("archive.timestamp-field", &self.timestamp_field)?;
-        for f in &self.fields {
-            check_field_name("archive.fields", f)?;
-        }
         Ok(())
+    }
+
+    /// The settings naming event fields, with their keys, for the field-name
+    /// rule `Config::validate` applies to every such setting
+    /// (the ingest config module's `check_field_name`).
+    pub fn field_names(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        std::iter::once(("archive.timestamp-field", self.timestamp_field.as_str()))
+            .chain(self.fields.iter().map(|f| ("archive.fields", f.as_str())))
     }
 
     /// The writer's options (after [`ArchiveConfig::validate`]).

@@ -451,21 +451,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn stream(name: &str, routes: Vec<String>) -> StreamConfig {
-        StreamConfig {
-            name: name.into(),
-            routes,
-            topic: name.into(),
-            dead_letter_topic: format!("{name}-dlq"),
-            required: Vec::new(),
-            key_field: "tenant_id".into(),
-            allowed_tenants: Vec::new(),
-            response_success_field: false,
-            severity_aliases: Default::default(),
-            requests_per_sec: 0,
-            requests_burst: 0,
-            events_per_sec: 0,
-            events_burst: 0,
-        }
+        let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+        crate::streams::test_stream(name, &routes, name)
     }
 
     /// Routes every stream validation accepts give a router axum builds
