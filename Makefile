@@ -45,11 +45,13 @@ bench-quick:
 # stable toolchain this project builds with. Each target runs FUZZ_SECONDS.
 # New inputs land in fuzz/corpus/<target>/ (git-ignored except seed-*); a crash
 # is saved in fuzz/artifacts/<target>/ - copy it to the corpus as seed-crash-*
-# so that `make test` replays it forever.
+# so that `make test` replays it forever. fuzz/<target>.dict, when present,
+# gives libFuzzer the target's tokens (config keys, route forms).
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- \
+		dict=; [ -f $$t.dict ] && dict=-dict=$$t.dict; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- $$dict \
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512 \
 			|| exit 1; \
 	done
