@@ -76,6 +76,13 @@ fn config_serve_corpus() {
         sluice::config::Config::from_toml(&text).unwrap().validate()
     };
     validate("seed-good-routes.toml").unwrap();
+    let settings = |name: &str| {
+        let seed = std::fs::read(dir.join(name)).unwrap();
+        sluice::fuzzing::settings_config(&String::from_utf8_lossy(&seed[1..])).validate()
+    };
+    settings("seed-settings-good").unwrap();
+    let e = settings("seed-settings-crash").unwrap_err().to_string();
+    assert!(e.contains("streams.s0.routes: \"/:id\""), "{e}");
     for crash in [
         "seed-crash-route-colon.toml",
         "seed-crash-route-param.toml",
