@@ -335,7 +335,10 @@ pub fn settings_config(text: &str) -> crate::config::Config {
     };
     let mut streams = vec![new_stream(0)];
     for line in text.split('\n') {
-        let (tag, value) = line.split_at(line.len().min(2));
+        let (tag, value) = match (line.get(..2), line.get(2..)) {
+            (Some(tag), Some(value)) => (tag, value),
+            _ => (line, ""),
+        };
         let s = streams.last_mut().expect("one stream at least");
         match tag {
             "r " => s.routes.push(value.to_string()),
