@@ -318,20 +318,9 @@ pub fn config_serve(data: &[u8]) {
 /// first byte).
 pub fn settings_config(text: &str) -> crate::config::Config {
     let mut config = crate::config::Config::default();
-    let new_stream = |i: usize| crate::streams::StreamConfig {
-        name: format!("s{i}"),
-        routes: Vec::new(),
-        topic: format!("s{i}"),
-        dead_letter_topic: format!("s{i}-dlq"),
-        required: Vec::new(),
-        key_field: "tenant_id".into(),
-        allowed_tenants: Vec::new(),
-        response_success_field: false,
-        severity_aliases: Default::default(),
-        requests_per_sec: 0,
-        requests_burst: 0,
-        events_per_sec: 0,
-        events_burst: 0,
+    let new_stream = |i: usize| {
+        let name = format!("s{i}");
+        crate::streams::StreamConfig::new(&name, &[], &name)
     };
     let mut streams = vec![new_stream(0)];
     for line in text.split('\n') {

@@ -90,6 +90,26 @@ fn default_key_field() -> String {
 }
 
 impl StreamConfig {
+    /// A stream on `routes` to `topic` (dead letters to `TOPIC-dlq`) with
+    /// every optional setting at its default.
+    pub fn new(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
+        StreamConfig {
+            name: name.into(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            topic: topic.into(),
+            dead_letter_topic: format!("{topic}-dlq"),
+            required: Vec::new(),
+            key_field: default_key_field(),
+            allowed_tenants: Vec::new(),
+            response_success_field: false,
+            severity_aliases: BTreeMap::new(),
+            requests_per_sec: 0,
+            requests_burst: 0,
+            events_per_sec: 0,
+            events_burst: 0,
+        }
+    }
+
     /// The stream's schema, as `[events]` gives the default stream's.
     fn events(&self) -> EventsConfig {
         EventsConfig {
@@ -380,32 +400,12 @@ pub fn validate(kafka: &KafkaConfig, streams: &[StreamConfig]) -> Result<(), Str
     Ok(())
 }
 
-/// A stream with every optional setting at its default, for unit tests.
-#[cfg(test)]
-pub(crate) fn test_stream(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
-    StreamConfig {
-        name: name.into(),
-        routes: routes.iter().map(|r| r.to_string()).collect(),
-        topic: topic.into(),
-        dead_letter_topic: format!("{topic}-dlq"),
-        required: Vec::new(),
-        key_field: "tenant_id".into(),
-        allowed_tenants: Vec::new(),
-        response_success_field: false,
-        severity_aliases: BTreeMap::new(),
-        requests_per_sec: 0,
-        requests_burst: 0,
-        events_per_sec: 0,
-        events_burst: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn stream(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
-        test_stream(name, routes, topic)
+        StreamConfig::new(name, routes, topic)
     }
 
     #[test]

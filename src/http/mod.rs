@@ -452,7 +452,7 @@ mod tests {
 
     fn stream(name: &str, routes: Vec<String>) -> StreamConfig {
         let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
-        crate::streams::test_stream(name, &routes, name)
+        StreamConfig::new(name, &routes, name)
     }
 
     /// Routes every stream validation accepts give a router axum builds
