@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs
+FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs config_serve
 
 .PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future
 
@@ -69,11 +69,13 @@ bench-quick:
 # stable toolchain this project builds with. Each target runs FUZZ_SECONDS.
 # New inputs land in fuzz/corpus/<target>/ (git-ignored except seed-*); a crash
 # is saved in fuzz/artifacts/<target>/ - copy it to the corpus as seed-crash-*
-# so that `make test` replays it forever.
+# so that `make test` replays it forever. fuzz/<target>.dict, when present,
+# gives libFuzzer the target's tokens (config keys, route forms).
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- \
+		dict=; [ -f $$t.dict ] && dict=-dict=$$t.dict; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- $$dict \
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512 \
 			|| exit 1; \
 	done

@@ -280,34 +280,53 @@ fn init_logging(level: &str, format: &str) {
     };
 }
 
-fn check_config(path: &Path, print: bool) -> CliResult {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("{}: {e}", path.display());
-            return Ok(ExitCode::from(1));
-        }
+/// The configuration as `serve`, `archive` and `check-config` all load it:
+/// the file (or the defaults without one), the `SLUICE_*` environment on
+/// top, then the command's own flags (`flags`), then the one validation
+/// ([`crate::config::Config::validate`]). An error is the message to print:
+/// `FILE:LINE: message` when the message names a setting found in the file
+/// (`FILE: message` otherwise), so `serve` refuses a file exactly as
+/// `check-config` does, before it binds or opens anything.
+fn load_config(
+    path: Option<&Path>,
+    flags: impl FnOnce(&mut crate::config::Config),
+) -> Result<crate::config::Config, String> {
+    let Some(path) = path else {
+        let mut config = crate::config::Config::default();
+        config
+            .apply_env(std::env::vars())
+            .map_err(|e| e.to_string())?;
+        flags(&mut config);
+        config.validate().map_err(|e| e.to_string())?;
+        return Ok(config);
     };
-    let mut config = match crate::config::Config::from_toml(&text) {
-        Ok(c) => c,
-        Err(message) => {
-            // toml's message names the line and column and quotes it.
-            eprintln!("{}: {message}", path.display());
-            return Ok(ExitCode::from(1));
-        }
-    };
-    let result = config
-        .apply_env(std::env::vars())
-        .and_then(|()| config.validate());
-    if let Err(e) = result {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // toml's message names the line and column and quotes it.
+    let mut config = crate::config::Config::from_toml(&text)
+        .map_err(|message| format!("{}: {message}", path.display()))?;
+    let result = config.apply_env(std::env::vars()).and_then(|()| {
+        flags(&mut config);
+        config.validate()
+    });
+    result.map_err(|e| {
         let message = e.to_string();
         let line = crate::config::key_in(&message).and_then(|k| crate::config::locate(&text, k));
         match line {
-            Some(n) => eprintln!("{}:{n}: {message}", path.display()),
-            None => eprintln!("{}: {message}", path.display()),
+            Some(n) => format!("{}:{n}: {message}", path.display()),
+            None => format!("{}: {message}", path.display()),
         }
-        return Ok(ExitCode::from(1));
-    }
+    })?;
+    Ok(config)
+}
+
+fn check_config(path: &Path, print: bool) -> CliResult {
+    let config = match load_config(Some(path), |_| {}) {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("{message}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     if let Ok(fit) = config.effective_max_event_bytes() {
         eprintln!("effective limits.max-event-bytes: {fit}");
     }
@@ -433,27 +452,23 @@ fn consume(
 }
 
 fn serve(args: ServeArgs) -> CliResult {
-    let mut config = match &args.config {
-        Some(path) => crate::config::Config::from_file(path)?,
-        None => crate::config::Config::default(),
-    };
-    config.apply_env(std::env::vars())?;
-    if let Some(d) = args.data_dir {
-        config.data_dir = d;
-    }
-    if let Some(l) = args.listen {
-        config.http.listen = l;
-    }
-    if let Some(b) = args.brokers {
-        config.kafka.brokers = b;
-    }
-    if let Some(t) = args.topic {
-        config.kafka.topic = t;
-    }
-    if args.dev {
-        config.kafka.brokers.clear();
-    }
-    config.validate()?;
+    let config = load_config(args.config.as_deref(), |config| {
+        if let Some(d) = args.data_dir {
+            config.data_dir = d;
+        }
+        if let Some(l) = args.listen {
+            config.http.listen = l;
+        }
+        if let Some(b) = args.brokers {
+            config.kafka.brokers = b;
+        }
+        if let Some(t) = args.topic {
+            config.kafka.topic = t;
+        }
+        if args.dev {
+            config.kafka.brokers.clear();
+        }
+    })?;
     init_logging(&config.log.level, &config.log.format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -497,28 +512,24 @@ fn serve(args: ServeArgs) -> CliResult {
 fn archive(args: ArchiveArgs) -> CliResult {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let mut config = match &args.config {
-        Some(path) => crate::config::Config::from_file(path)?,
-        None => crate::config::Config::default(),
-    };
-    config.apply_env(std::env::vars())?;
-    let a = &mut config.archive;
-    if let Some(d) = args.dir {
-        a.dir = d;
-    }
-    if let Some(g) = args.group {
-        a.group_id = g;
-    }
-    if let Some(l) = args.listen {
-        a.listen = l;
-    }
-    if let Some(b) = args.brokers {
-        config.kafka.brokers = b;
-    }
-    if let Some(t) = args.topic {
-        config.kafka.topic = t;
-    }
-    config.validate()?;
+    let config = load_config(args.config.as_deref(), |config| {
+        let a = &mut config.archive;
+        if let Some(d) = args.dir {
+            a.dir = d;
+        }
+        if let Some(g) = args.group {
+            a.group_id = g;
+        }
+        if let Some(l) = args.listen {
+            a.listen = l;
+        }
+        if let Some(b) = args.brokers {
+            config.kafka.brokers = b;
+        }
+        if let Some(t) = args.topic {
+            config.kafka.topic = t;
+        }
+    })?;
     if config.kafka.brokers.is_empty() {
         return Err("sluice archive needs kafka.brokers (--brokers)".into());
     }

@@ -198,6 +198,9 @@ impl Config {
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
             self.replay.validate()?;
             self.archive.validate()?;
+            for (key, name) in self.archive.field_names() {
+                crate::ingest::config::check_field_name(key, name)?;
+            }
             crate::streams::validate(&self.kafka, &self.streams)?;
             // Each stream's key field and topic bound the value too.
             for st in &self.streams {
@@ -211,6 +214,11 @@ impl Config {
                     .validate(&bounds, self.limits.explicit_max_event_bytes())
                     .map_err(|e| format!("streams.{}: {e}", st.name))?;
             }
+            // What `serve` computes before it binds must not fail after.
+            self.producer_event_fit().map_err(|e| match e {
+                ConfigError::Invalid(m) => m,
+                other => other.to_string(),
+            })?;
             Ok(())
         };
         checks().map_err(ConfigError::Invalid)
@@ -331,32 +339,92 @@ fn env_value(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
     })
 }
 
-/// The 1-based line of `section.key` (or a top-level `key`) in a TOML text,
+/// The 1-based line of `section.key` (or a top-level `key`, or
+/// `streams.NAME.key` for the `[[streams]]` entry named NAME) in a TOML text,
 /// to point at the setting a semantic error names.
 pub fn locate(text: &str, dotted: &str) -> Option<usize> {
+    if let Some(rest) = dotted.strip_prefix("streams.") {
+        let (name, key) = rest.split_once('.')?;
+        return locate_stream(text, name, key);
+    }
     let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
     let mut current = String::new();
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if let Some(h) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
             current = h.trim().to_string();
-        } else if current == section {
-            let k = t.split('=').next().unwrap_or("").trim().trim_matches('"');
-            if k == key {
-                return Some(i + 1);
-            }
+        } else if current == section && line_key(t) == key {
+            return Some(i + 1);
         }
     }
     None
 }
 
-/// The first `section.key` a message mentions, if any.
+/// The key a `key = value` line sets.
+fn line_key(line: &str) -> &str {
+    line.split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"')
+}
+
+/// The line of `key` in the `[[streams]]` entry whose `name` is `name` (its
+/// `[streams.KEY]` sub-table header counts), else the entry's first line.
+fn locate_stream(text: &str, name: &str, key: &str) -> Option<usize> {
+    // The entry being read: its first line, whether it is the one named,
+    // and the line of the key in it.
+    let mut entry: Option<(usize, bool, Option<usize>)> = None;
+    let done = |e: Option<(usize, bool, Option<usize>)>| match e {
+        Some((first, true, at)) => Some(at.unwrap_or(first)),
+        _ => None,
+    };
+    let sub = format!("streams.{key}");
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with("[[") {
+            if let Some(n) = done(entry.take()) {
+                return Some(n);
+            }
+            if t.trim_start_matches('[').trim_end_matches(']').trim() == "streams" {
+                entry = Some((i + 1, false, None));
+            }
+        } else if let Some(e) = entry.as_mut() {
+            let header = t.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+            match header.map(str::trim) {
+                Some(h) if h == sub => e.2 = e.2.or(Some(i + 1)),
+                Some(h) if !h.starts_with("streams.") => {
+                    if let Some(n) = done(entry.take()) {
+                        return Some(n);
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    let k = line_key(t);
+                    let value = t.split_once('=').map(|(_, v)| v.trim().trim_matches('"'));
+                    if k == "name" && value == Some(name) {
+                        e.1 = true;
+                    } else if k == key {
+                        e.2 = e.2.or(Some(i + 1));
+                    }
+                }
+            }
+        }
+    }
+    done(entry)
+}
+
+/// The first `section.key` (or `streams.NAME.key`) a message mentions, if
+/// any.
 pub fn key_in(message: &str) -> Option<&str> {
     message
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
-        .find(|w| {
-            w.split_once('.')
-                .is_some_and(|(sec, k)| SECTIONS.contains(&sec) && !k.is_empty())
+        .split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+        .find(|w| match w.split_once('.') {
+            Some(("streams", rest)) => rest
+                .split_once('.')
+                .is_some_and(|(n, k)| !n.is_empty() && !k.is_empty()),
+            Some((sec, k)) => SECTIONS.contains(&sec) && !k.is_empty(),
+            None => false,
         })
 }
 
@@ -452,6 +520,25 @@ mod tests {
         assert_eq!(key, "limits.max-event-bytes");
         assert_eq!(locate(text, key), Some(4));
         assert_eq!(locate(text, "data-dir"), Some(1));
+    }
+
+    #[test]
+    fn stream_errors_point_at_the_line_of_the_key_in_their_entry() {
+        let text = "[kafka]\ntopic = \"t\"\n[[streams]]\nname = \"a\"\nroutes = [\"/a\"]\ntopic = \"a\"\ndead-letter-topic = \"a-dlq\"\n[[streams]]\nroutes = [\"/:id\"]\nname = \"b_2\"\ntopic = \"b\"\ndead-letter-topic = \"b-dlq\"\n[streams.severity-aliases]\nWARN = \"ERROR\"\n";
+        let mut c = Config::from_toml(text).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        let key = key_in(&err).unwrap();
+        assert_eq!(key, "streams.b_2.routes", "{err}");
+        assert_eq!(locate(text, key), Some(9));
+        c.streams[1].routes = vec!["/b".into()];
+        let err = c.validate().unwrap_err().to_string();
+        let key = key_in(&err).unwrap();
+        assert_eq!(key, "streams.b_2.severity-aliases", "{err}");
+        assert_eq!(locate(text, key), Some(13));
+        // A key the entry does not set: the entry's first line.
+        assert_eq!(locate(text, "streams.a.required"), Some(3));
+        assert_eq!(locate(text, "streams.c.routes"), None);
+        assert_eq!(locate(text, "kafka.topic"), Some(2));
     }
 
     #[test]

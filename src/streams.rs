@@ -89,6 +89,36 @@ fn default_key_field() -> String {
     "tenant_id".into()
 }
 
+impl StreamConfig {
+    /// A stream on `routes` to `topic` (dead letters to `TOPIC-dlq`) with
+    /// every optional setting at its default.
+    pub fn new(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
+        StreamConfig {
+            name: name.into(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            topic: topic.into(),
+            dead_letter_topic: format!("{topic}-dlq"),
+            required: Vec::new(),
+            key_field: default_key_field(),
+            allowed_tenants: Vec::new(),
+            response_success_field: false,
+            severity_aliases: BTreeMap::new(),
+            requests_per_sec: 0,
+            requests_burst: 0,
+            events_per_sec: 0,
+            events_burst: 0,
+        }
+    }
+
+    /// The stream's schema, as `[events]` gives the default stream's.
+    fn events(&self) -> EventsConfig {
+        EventsConfig {
+            required: self.required.clone(),
+            key_field: self.key_field.clone(),
+        }
+    }
+}
+
 /// A stream resolved for serving: its schema (a normalizer) and topics.
 #[derive(Debug)]
 pub struct Stream {
@@ -144,11 +174,7 @@ impl Streams {
             rates: StreamRates::new((0, 0), (0, 0)),
         })];
         for (i, s) in streams.iter().enumerate() {
-            let events = EventsConfig {
-                required: s.required.clone(),
-                key_field: s.key_field.clone(),
-            };
-            let normalizer = Normalizer::new(limits.clone(), events)
+            let normalizer = Normalizer::new(limits.clone(), s.events())
                 .for_stream(&s.name, &s.allowed_tenants)
                 .with_severity_aliases(&s.severity_aliases)
                 .expect("validate checked the aliases");
@@ -225,8 +251,66 @@ pub fn check_topic(what: &str, topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest route a stream may claim.
+pub const MAX_ROUTE_BYTES: usize = 256;
+
+/// The route rule, so that a route serves requests exactly as written:
+/// `/`, or `/` then segments separated by single `/` (a trailing `/` is
+/// allowed), each segment made of RFC 3986 unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`), not `.` or `..`, at most [`MAX_ROUTE_BYTES`].
+/// Routes are matched as sent, not percent-decoded. So the router never
+/// reads a route as a parameter or wildcard (`:id`, `{id}`, `*rest`) or
+/// refuses it (it panics on a segment starting with `:` or `*`), and no route
+/// is one clients cannot send as written: they percent-encode non-ASCII and
+/// spaces and remove dot segments; proxies merge `//`. The error says
+/// what is wrong with the route (the caller names it and the setting).
+pub fn check_route(route: &str) -> Result<(), String> {
+    if !route.starts_with('/') {
+        return Err("must start with /".into());
+    }
+    if route.len() > MAX_ROUTE_BYTES {
+        return Err(format!("is longer than {MAX_ROUTE_BYTES} bytes"));
+    }
+    if let Some(c) = route
+        .chars()
+        .find(|&c| !(c == '/' || c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~')))
+    {
+        let why = match c {
+            ':' | '*' | '{' | '}' => "the router reads it as a path parameter or wildcard",
+            '%' => "routes are matched as sent, not percent-decoded",
+            '?' | '#' => "it ends the path",
+            _ => "clients percent-encode it, so the route would never match",
+        };
+        return Err(format!(
+            "has the character {c:?} ({why}); a route is made of A-Z a-z 0-9 - . _ ~ and /"
+        ));
+    }
+    if route.len() > 1 {
+        let body = route.strip_suffix('/').unwrap_or(route);
+        for segment in body[1..].split('/') {
+            match segment {
+                "" => {
+                    return Err(
+                        "has an empty segment (//); proxies merge it, so the route would not match"
+                            .into(),
+                    )
+                }
+                "." | ".." => {
+                    return Err(format!(
+                        "has the dot segment {segment:?}; clients remove it, so the route would never match"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses streams that cannot work: a bad or duplicate name, a route
-/// claimed twice or reserved, a topic Kafka would refuse, a stream whose
+/// breaking [`check_route`], claimed twice or reserved, a field name
+/// breaking [`crate::ingest::config::check_field_name`], a severity alias of
+/// a built-in name, a topic Kafka would refuse, a stream whose
 /// topic is another stream's dead-letter topic.
 pub fn validate(kafka: &KafkaConfig, streams: &[StreamConfig]) -> Result<(), String> {
     check_topic("kafka.topic", &kafka.topic)?;
@@ -251,27 +335,32 @@ pub fn validate(kafka: &KafkaConfig, streams: &[StreamConfig]) -> Result<(), Str
             ));
         }
         if !names.insert(n.as_str()) {
-            return Err(format!("streams: two streams are named {n:?}"));
+            return Err(format!("streams.{n}.name: two streams are named {n:?}"));
         }
         if s.routes.is_empty() {
-            return Err(format!("streams.{n}: routes must name at least one path"));
+            return Err(format!("streams.{n}.routes: must name at least one path"));
         }
         for r in &s.routes {
-            if !r.starts_with('/') || r.len() > 256 || r.contains(['{', '}', '*', '?', '#', ' ']) {
-                return Err(format!(
-                    "streams.{n}: route {r:?} must be a plain path starting with /"
-                ));
-            }
+            check_route(r).map_err(|e| format!("streams.{n}.routes: {r:?} {e}"))?;
             if RESERVED_PATHS
                 .iter()
                 .any(|p| r == p || r.starts_with(&format!("{p}/")))
             {
-                return Err(format!("streams.{n}: route {r:?} is reserved"));
-            }
-            if let Some(other) = routes.insert(r, n) {
                 return Err(format!(
-                    "streams: route {r:?} is claimed by both {other:?} and {n:?}"
+                    "streams.{n}.routes: {r:?} is reserved for a status endpoint ({})",
+                    RESERVED_PATHS.join(", ")
                 ));
+            }
+            match routes.insert(r, n) {
+                Some(other) if other == n => {
+                    return Err(format!("streams.{n}.routes: {r:?} is listed twice"))
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "streams.{n}.routes: {r:?} is claimed by both {other:?} and {n:?}"
+                    ))
+                }
+                None => {}
             }
         }
         check_topic(&format!("streams.{n}.topic"), &s.topic)?;
@@ -281,22 +370,20 @@ pub fn validate(kafka: &KafkaConfig, streams: &[StreamConfig]) -> Result<(), Str
         )?;
         if s.topic == s.dead_letter_topic {
             return Err(format!(
-                "streams.{n}: dead-letter-topic must differ from topic"
+                "streams.{n}.dead-letter-topic: must differ from topic"
             ));
         }
-        if s.key_field.is_empty() {
-            return Err(format!("streams.{n}: key-field must not be empty"));
-        }
+        s.events().check(&format!("streams.{n}"))?;
         for t in &s.allowed_tenants {
             if !crate::tenant::TenantId::is_valid(t) {
                 return Err(format!(
-                    "streams.{n}: allowed tenant {t:?} must match [A-Za-z0-9._-]{{1,64}}"
+                    "streams.{n}.allowed-tenants: {t:?} must match [A-Za-z0-9._-]{{1,64}}"
                 ));
             }
         }
         Normalizer::new(Limits::default(), EventsConfig::default())
             .with_severity_aliases(&s.severity_aliases)
-            .map_err(|e| format!("streams.{n}: {e}"))?;
+            .map_err(|e| format!("streams.{n}.severity-aliases: {e}"))?;
         topics.push((s.topic.as_str(), s.dead_letter_topic.as_str()));
     }
     // A record dead-lettered by one stream must not read as an event of
@@ -318,21 +405,7 @@ mod tests {
     use super::*;
 
     fn stream(name: &str, routes: &[&str], topic: &str) -> StreamConfig {
-        StreamConfig {
-            name: name.into(),
-            routes: routes.iter().map(|r| r.to_string()).collect(),
-            topic: topic.into(),
-            dead_letter_topic: format!("{topic}-dlq"),
-            required: Vec::new(),
-            key_field: "tenant_id".into(),
-            allowed_tenants: Vec::new(),
-            response_success_field: false,
-            severity_aliases: BTreeMap::new(),
-            requests_per_sec: 0,
-            requests_burst: 0,
-            events_per_sec: 0,
-            events_burst: 0,
-        }
+        StreamConfig::new(name, routes, topic)
     }
 
     #[test]
@@ -385,6 +458,68 @@ mod tests {
         let mut k2 = k.clone();
         k2.topic = "a b".into();
         assert!(validate(&k2, &[]).unwrap_err().contains("kafka.topic"));
+    }
+
+    #[test]
+    fn route_rule_takes_plain_paths_only() {
+        for ok in ["/", "/a", "/a/", "/v2/Events_x-y.z~", "/a.b/..c/d..", "/~"] {
+            check_route(ok).unwrap();
+        }
+        for (bad, why) in [
+            ("", "start with /"),
+            ("a", "start with /"),
+            ("/:id", "parameter"),
+            ("/a:b", "parameter"),
+            ("/{id}", "parameter"),
+            ("/{{x}}", "parameter"),
+            ("/*", "wildcard"),
+            ("/ünï", "percent-encode"),
+            ("/a b", "percent-encode"),
+            ("/a%20", "percent-decoded"),
+            ("/a?b", "ends the path"),
+            ("//", "empty segment"),
+            ("/a//b", "empty segment"),
+            ("/.", "dot segment"),
+            ("/a/../", "dot segment"),
+            (&format!("/{}", "a".repeat(256)), "longer"),
+        ] {
+            let e = check_route(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn field_names_and_aliases_that_could_never_apply_are_refused() {
+        let k = KafkaConfig::default();
+        let err = |s: StreamConfig| validate(&k, &[s]).unwrap_err();
+        let mut s = stream("a", &["/x"], "t");
+        s.required = vec!["message".into(), "".into()];
+        assert!(err(s).starts_with("streams.a.required: field name \"\""));
+        let mut s = stream("a", &["/x"], "t");
+        s.key_field = "type ".into();
+        assert!(err(s).starts_with("streams.a.key-field:"));
+        let mut s = stream("a", &["/x"], "t");
+        s.required = vec!["a\nb".into()];
+        assert!(err(s).contains("control"));
+        for builtin in ["WARN", "warning", " Error "] {
+            let mut s = stream("a", &["/x"], "t");
+            s.severity_aliases.insert(builtin.into(), "ERROR".into());
+            let e = err(s);
+            assert!(
+                e.starts_with("streams.a.severity-aliases:") && e.contains("built-in"),
+                "{e}"
+            );
+        }
+        let mut s = stream("a", &["/x"], "t");
+        s.severity_aliases.insert("crit".into(), "FATAL".into());
+        s.severity_aliases.insert("CRIT".into(), "FATAL".into());
+        assert!(err(s).contains("twice"));
+        // Dotted names are top-level keys of that name: accepted.
+        let mut s = stream("a", &["/x"], "t");
+        s.required = vec!["log.level".into()];
+        s.key_field = "k8s.pod".into();
+        s.severity_aliases.insert("notice".into(), "INFO".into());
+        validate(&k, &[s]).unwrap();
     }
 
     #[test]

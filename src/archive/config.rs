@@ -143,10 +143,15 @@ impl ArchiveConfig {
                 return Err(format!("archive.librdkafka group.protocol = {v:?}: sluice archive supports only the \"classic\" group protocol (\"consumer\", KIP-848, rebalances incrementally)"));
             }
         }
-        if self.timestamp_field.is_empty() {
-            return Err("archive.timestamp-field must not be empty".into());
-        }
         Ok(())
+    }
+
+    /// The settings naming event fields, with their keys, for the field-name
+    /// rule `Config::validate` applies to every such setting
+    /// (the ingest config module's `check_field_name`).
+    pub fn field_names(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        std::iter::once(("archive.timestamp-field", self.timestamp_field.as_str()))
+            .chain(self.fields.iter().map(|f| ("archive.fields", f.as_str())))
     }
 
     /// The writer's options (after [`ArchiveConfig::validate`]).

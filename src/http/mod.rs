@@ -33,7 +33,7 @@ use crate::ingest::config::{EventsConfig, Limits};
 use crate::metrics::{Metrics, Sources};
 use crate::replay::offsets::OffsetStore;
 use crate::replay::ReplayStats;
-use crate::streams::Streams;
+use crate::streams::{Stream, Streams};
 use crate::wal::Wal;
 use config::HttpConfig;
 
@@ -143,10 +143,9 @@ impl AppState {
             &config.streams,
         );
         let route_metrics = RouteMetrics::new(
-            streams
-                .routes()
-                .map(|(path, _)| path.to_string())
-                .chain(OTHER_ROUTES.iter().map(|p| p.to_string())),
+            endpoints(&streams, true)
+                .into_iter()
+                .map(|(path, _)| path.to_string()),
         );
         AppState {
             wal: sources.wal,
@@ -180,42 +179,107 @@ pub use crate::streams::INGEST_PATHS;
 
 pub use crate::streams::OTLP_LOGS_PATH;
 
+/// What serves one path of the ingest listener.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint<'a> {
+    /// A stream's JSON, NDJSON or CSV events (POST).
+    Ingest(&'a Arc<Stream>),
+    /// A stream's OTLP/HTTP logs (POST).
+    OtlpLogs(&'a Arc<Stream>),
+    /// `/stats` (GET).
+    Stats,
+    /// `/metrics` (GET).
+    Metrics,
+    /// `/v1/receipts/{seq}` (GET).
+    Receipt,
+    /// `/health` (GET).
+    Health,
+    /// `/ready` (GET).
+    Ready,
+}
+
+/// Every path the ingest listener serves, with what serves it: each
+/// stream's routes, then the status endpoints (`/stats` and `/metrics` only
+/// when `metrics_on_ingest`). [`app`] registers exactly these; so does
+/// [`route_table_router`], which tests and the `config_serve` fuzz target
+/// build to show that every configuration `Config::validate` accepts gives
+/// a router axum builds (axum panics on a path it refuses, e.g. `/:id`, or
+/// on one registered twice for a method).
+pub fn endpoints(streams: &Streams, metrics_on_ingest: bool) -> Vec<(&str, Endpoint<'_>)> {
+    let mut all: Vec<(&str, Endpoint<'_>)> = streams
+        .routes()
+        .map(|(path, stream)| {
+            let e = if path == OTLP_LOGS_PATH {
+                Endpoint::OtlpLogs(stream)
+            } else {
+                Endpoint::Ingest(stream)
+            };
+            (path, e)
+        })
+        .collect();
+    if metrics_on_ingest {
+        all.push(("/stats", Endpoint::Stats));
+        all.push(("/metrics", Endpoint::Metrics));
+    }
+    all.push(("/v1/receipts/{seq}", Endpoint::Receipt));
+    all.push(("/health", Endpoint::Health));
+    all.push(("/ready", Endpoint::Ready));
+    all
+}
+
+/// A router over [`endpoints`] whose handlers do nothing: the same paths
+/// and methods as [`app`]'s, built without state (no WAL, no data dir).
+pub fn route_table_router(streams: &Streams, metrics_on_ingest: bool) -> Router {
+    endpoints(streams, metrics_on_ingest)
+        .into_iter()
+        .fold(Router::new(), |router, (path, e)| {
+            let noop = || async {};
+            let handler = match e {
+                Endpoint::Ingest(_) | Endpoint::OtlpLogs(_) => post(noop),
+                _ => get(noop),
+            };
+            router.route(path, handler)
+        })
+}
+
 pub fn app(state: SharedState) -> Router {
     let mut router = Router::new();
     // Each route's handler holds its stream, resolved once here: a request
     // never looks its stream up. Every ingest route (OTLP's too) waits for
-    // the parsing budget before its body is read.
-    for (path, stream) in state.streams.routes() {
-        let stream = stream.clone();
-        // The handler itself waits for the budget (a middleware layer costs
-        // a boxed future and a service clone per request).
-        let handler = if path == OTLP_LOGS_PATH {
-            post(move |st: State<SharedState>, req: Request| async move {
-                let _permit = parsing_budget(&st, req.headers()).await;
-                otlp::logs(st, stream, req).await
-            })
-        } else {
-            post(move |st: State<SharedState>, req: Request| async move {
-                let _permit = parsing_budget(&st, req.headers()).await;
-                ingest::ingest(st, stream, req).await
-            })
+    // the parsing budget before its body is read. The handler itself waits
+    // for the budget (a middleware layer costs a boxed future and a service
+    // clone per request).
+    for (path, endpoint) in endpoints(&state.streams, state.http.metrics_on_ingest) {
+        let handler = match endpoint {
+            Endpoint::OtlpLogs(stream) => {
+                let stream = stream.clone();
+                post(move |st: State<SharedState>, req: Request| async move {
+                    let _permit = parsing_budget(&st, req.headers()).await;
+                    otlp::logs(st, stream, req).await
+                })
+            }
+            Endpoint::Ingest(stream) => {
+                let stream = stream.clone();
+                post(move |st: State<SharedState>, req: Request| async move {
+                    let _permit = parsing_budget(&st, req.headers()).await;
+                    ingest::ingest(st, stream, req).await
+                })
+            }
+            // Off unless `http.metrics-on-ingest`: only the admin listener
+            // serves them then (404 here).
+            Endpoint::Stats => get(status::stats),
+            Endpoint::Metrics => get(status::metrics),
+            Endpoint::Receipt => get(status::receipt),
+            Endpoint::Health => get(status::health),
+            Endpoint::Ready => get(status::ready),
         };
         router = router.route(path, handler);
-    }
-    // Off: only the admin listener serves them (404 here).
-    if state.http.metrics_on_ingest {
-        router = router
-            .route("/stats", get(status::stats))
-            .route("/metrics", get(status::metrics));
     }
     // One middleware on every route checks the head and counts the request
     // (each layer costs a boxed future and a service clone per request;
     // three layers here were 7 % of a single-event request's CPU). The
     // fallbacks check the head themselves.
     let router = router
-        .route("/v1/receipts/{seq}", get(status::receipt))
-        .route("/health", get(status::health))
-        .route("/ready", get(status::ready))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -234,15 +298,6 @@ pub fn app(state: SharedState) -> Router {
     };
     router.with_state(state)
 }
-
-/// Routes the ingest listener serves besides the stream routes.
-const OTHER_ROUTES: [&str; 5] = [
-    "/stats",
-    "/metrics",
-    "/v1/receipts/{seq}",
-    "/health",
-    "/ready",
-];
 
 /// Any path that is not an endpoint.
 pub async fn not_found(State(st): State<SharedState>, req: Request) -> Response {
@@ -386,4 +441,86 @@ pub async fn track(
     st.route_metrics
         .observe(&st.metrics, route, resp.status(), started.elapsed());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::KafkaConfig;
+    use crate::streams::StreamConfig;
+    use proptest::prelude::*;
+
+    fn stream(name: &str, routes: Vec<String>) -> StreamConfig {
+        let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+        StreamConfig::new(name, &routes, name)
+    }
+
+    /// Routes every stream validation accepts give a router axum builds
+    /// (it panics on a path it refuses or on one registered twice); the
+    /// routes are drawn from the characters axum and clients treat
+    /// specially, and from the built-in and reserved paths.
+    fn routes_build(sets: Vec<Vec<String>>) -> Result<(), TestCaseError> {
+        let configs: Vec<StreamConfig> = sets
+            .into_iter()
+            .enumerate()
+            .map(|(i, routes)| stream(&format!("s{i}"), routes))
+            .collect();
+        let k = KafkaConfig::default();
+        if crate::streams::validate(&k, &configs).is_ok() {
+            let streams =
+                Streams::resolve(&Limits::default(), &EventsConfig::default(), &k, &configs);
+            for on_ingest in [false, true] {
+                let _ = route_table_router(&streams, on_ingest);
+            }
+        }
+        Ok(())
+    }
+
+    fn route() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "/[a-z:*{}%.~_/ü ?-]{0,8}",
+            "(/[a:*{}.]{0,2}){1,4}/?",
+            prop::sample::select(vec![
+                "/",
+                "/events",
+                "/v1/logs",
+                "/v1/events",
+                "/health",
+                "/v1/receipts/1",
+                "/metrics/",
+                "/stats",
+                "/:id",
+                "/{id}",
+                "/*rest",
+                "/{*rest}",
+                "/a/",
+            ])
+            .prop_map(String::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn every_accepted_route_set_builds_a_router(
+            sets in prop::collection::vec(prop::collection::vec(route(), 1..4), 0..4)
+        ) {
+            routes_build(sets)?;
+        }
+    }
+
+    #[test]
+    fn the_routes_that_crashed_serve_are_refused() {
+        let k = KafkaConfig::default();
+        for r in [
+            "/:id", "/{id}", "/*x", "/a/{*x}", "/a}", "/ünï", "/a%41", "/a/../b",
+        ] {
+            let e = crate::streams::validate(&k, &[stream("a", vec![r.into()])]).unwrap_err();
+            assert!(e.starts_with("streams.a.routes: "), "{r}: {e}");
+        }
+        // What they would do to the router, for the record.
+        let built =
+            std::panic::catch_unwind(|| Router::<()>::new().route("/:id", get(|| async {})));
+        assert!(built.is_err(), "axum now takes /:id: relax check_route?");
+    }
 }

@@ -124,9 +124,47 @@ impl Limits {
 
 impl EventsConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.key_field.is_empty() {
-            return Err("events.key-field must not be empty".into());
-        }
-        Ok(())
+        self.check("events")
     }
+
+    /// The field-name rule ([`check_field_name`]) over `required` and
+    /// `key-field`, for the settings under `section` (`events`, or a
+    /// stream's `streams.NAME`).
+    pub fn check(&self, section: &str) -> Result<(), String> {
+        for name in &self.required {
+            check_field_name(&format!("{section}.required"), name)?;
+        }
+        check_field_name(&format!("{section}.key-field"), &self.key_field)
+    }
+}
+
+/// The longest field name a setting may give.
+pub const MAX_FIELD_NAME_CHARS: usize = 256;
+
+/// The rule for every setting that names an event field (`required`,
+/// `key-field`, `archive.timestamp-field`, `archive.fields`,
+/// `otlp.tenant-attribute`): 1 to 256 characters, no control characters, no
+/// white space at either end. Names are matched exactly, case and dots
+/// included (`log.level` is a top-level key of that name for ingest), so a
+/// name breaking this rule could only match a field no client sends: an
+/// empty `required` entry would refuse every event. `key` is the setting,
+/// for the message.
+pub fn check_field_name(key: &str, name: &str) -> Result<(), String> {
+    let n = name.chars().count();
+    if n == 0 || n > MAX_FIELD_NAME_CHARS {
+        return Err(format!(
+            "{key}: field name {name:?} must have 1 to {MAX_FIELD_NAME_CHARS} characters"
+        ));
+    }
+    if name.trim() != name {
+        return Err(format!(
+            "{key}: field name {name:?} starts or ends with white space; names are matched exactly"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{key}: field name {name:?} contains the control character {c:?}"
+        ));
+    }
+    Ok(())
 }

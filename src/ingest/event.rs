@@ -130,17 +130,32 @@ impl Normalizer {
     }
 
     /// Also takes each `(name, level)` severity, `level` being one of the
-    /// built-in names; an error when one is not.
+    /// built-in names. An error names the alias when `level` is not one, when
+    /// `name` is itself a built-in name (built-in names are looked up first,
+    /// so the alias would never apply), or when two names are the same
+    /// alias (names match trimmed and ASCII case-insensitively).
     pub fn with_severity_aliases(
         mut self,
         aliases: &std::collections::BTreeMap<String, String>,
     ) -> Result<Self, String> {
         for (name, level) in aliases {
+            if let Some(builtin) = normalize_severity(name) {
+                return Err(format!(
+                    "severity alias {name:?}: {:?} is a built-in severity (it means {builtin}) and cannot be redefined; built-in: {}",
+                    name.trim(),
+                    BUILTIN_SEVERITIES
+                ));
+            }
             let level = normalize_severity(level).ok_or_else(|| {
                 format!("severity alias {name:?} maps to {level:?}, which is not one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL")
             })?;
-            self.severity_aliases
-                .push((name.trim().to_ascii_uppercase(), level));
+            let up = name.trim().to_ascii_uppercase();
+            if self.severity_aliases.iter().any(|(n, _)| *n == up) {
+                return Err(format!(
+                    "severity alias {name:?}: {up:?} is given twice (names match without case)"
+                ));
+            }
+            self.severity_aliases.push((up, level));
         }
         Ok(self)
     }
@@ -715,6 +730,9 @@ fn needs_escape(bytes: &[u8]) -> bool {
 fn invalid(msg: impl Into<String>) -> EventError {
     EventError::Invalid(msg.into())
 }
+
+/// The severity names every stream takes, for messages.
+const BUILTIN_SEVERITIES: &str = "TRACE, DEBUG, INFO, WARN, WARNING, ERROR, FATAL";
 
 fn normalize_severity(s: &str) -> Option<&'static str> {
     const LEVELS: [(&str, &str); 7] = [

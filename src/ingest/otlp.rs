@@ -51,10 +51,7 @@ impl Default for OtlpConfig {
 
 impl OtlpConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.tenant_attribute.trim().is_empty() {
-            return Err("otlp.tenant-attribute must not be empty".into());
-        }
-        Ok(())
+        super::config::check_field_name("otlp.tenant-attribute", &self.tenant_attribute)
     }
 }
 

@@ -207,7 +207,7 @@ fn check_config_refuses_stream_conflicts_and_bad_topics() {
         (
             "route.toml",
             stream("a", "/x", "ta") + &stream("b", "/x", "tb"),
-            "route \"/x\" is claimed by both \"a\" and \"b\"",
+            "streams.b.routes: \"/x\" is claimed by both \"a\" and \"b\"",
         ),
         (
             "name.toml",

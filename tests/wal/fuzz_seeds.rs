@@ -63,3 +63,36 @@ fn otlp_logs_corpus() {
 fn config_toml_corpus() {
     replay("config_toml", sluice::fuzzing::config_toml);
 }
+
+/// The property `check-config` OK implies `serve` starts, over the seeds:
+/// the good one really is accepted (so the replay reaches the router) and
+/// the configurations that crashed `serve` really are refused.
+#[test]
+fn config_serve_corpus() {
+    replay("config_serve", sluice::fuzzing::config_serve);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config_serve");
+    let validate = |name: &str| {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap();
+        sluice::config::Config::from_toml(&text).unwrap().validate()
+    };
+    validate("seed-good-routes.toml").unwrap();
+    let settings = |name: &str| {
+        let seed = std::fs::read(dir.join(name)).unwrap();
+        sluice::fuzzing::settings_config(&String::from_utf8_lossy(&seed[1..])).validate()
+    };
+    settings("seed-settings-good").unwrap();
+    let e = settings("seed-settings-crash").unwrap_err().to_string();
+    assert!(e.contains("streams.s0.routes: \"/:id\""), "{e}");
+    for crash in [
+        "seed-crash-route-colon.toml",
+        "seed-crash-route-param.toml",
+        "seed-useless-route-field-alias.toml",
+        "seed-route-twice.toml",
+    ] {
+        let e = validate(crash).unwrap_err().to_string();
+        assert!(
+            e.contains("streams.api.routes") || e.contains("streams.web.routes"),
+            "{crash}: {e}"
+        );
+    }
+}

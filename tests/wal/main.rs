@@ -3,6 +3,7 @@
 
 mod basic;
 mod cli;
+mod config_rules;
 mod crash;
 mod daemon;
 mod damage;
