@@ -248,3 +248,49 @@ impl ClientContext for KafkaHealth {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::headers::Ours;
+
+    /// A record at `value_fit` with every header at its largest fits
+    /// `message.max.bytes` on every path, counted from what
+    /// `headers::Ours` actually sends (an internal header of any size
+    /// included, since it never leaves).
+    #[test]
+    fn value_fit_counts_every_header_that_leaves_on_every_path() {
+        let k = KafkaConfig::default();
+        let bounds = EventBounds {
+            max_id_chars: 256,
+            max_source_chars: 256,
+            key_field: "tenant_id",
+        };
+        let fit = value_fit(&k, &bounds).unwrap();
+        let own: Vec<(String, Vec<u8>)> = vec![
+            (HEADER_ID.into(), vec![b'i'; 4 * bounds.max_id_chars]),
+            (HEADER_TENANT.into(), vec![b't'; 64]),
+            (HEADER_RECEIVED_AT.into(), vec![b'r'; TIMESTAMP_MAX]),
+            (":sluice.idempotency".into(), vec![b'x'; 64 * 1024]),
+        ];
+        let instance = "0".repeat(crate::instance::ID_LEN);
+        let error = [b'e'; ERROR_HEADER_MAX];
+        let extra: [(&str, &[u8]); 2] = [
+            (HEADER_ERROR, &error),
+            (HEADER_ORIGINAL_TOPIC, k.topic.as_bytes()),
+        ];
+        let paths = [
+            Ours::new(u64::MAX, Some(&instance)),
+            Ours::new(u64::MAX, Some(&instance)).extra(&extra),
+            Ours::new(u64::MAX, Some(&instance)).origin(Some(&instance), u64::MAX),
+        ];
+        for ours in &paths {
+            let headers: usize = ours.pairs(&own).map(|(k, v)| 10 + k.len() + v.len()).sum();
+            let record = RECORD_OVERHEAD + 64 + fit + headers;
+            assert!(
+                record <= LIBRDKAFKA_MESSAGE_MAX_BYTES,
+                "{record} bytes with {ours:?}"
+            );
+        }
+    }
+}

@@ -645,3 +645,95 @@ fn a_redriven_record_fills_a_gap_for_rule_consumers_and_a_repeat_adds_nothing() 
     let want: BTreeMap<String, usize> = (1..=12).map(|n| (format!("g-{n}"), 1)).collect();
     assert_eq!(archived, want);
 }
+
+/// Issue 25 item 4: no `:sluice.` header (the idempotency entry holds a
+/// client's Idempotency-Key, body hash, scope and stored response) reaches
+/// Kafka on any path: replay, the dead-letter topic, and redrive from the
+/// WAL, from a quarantined segment and from the dead-letter file. Read from
+/// the raw topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_internal_header_reaches_kafka_on_any_path() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let kafka = super::cluster(1);
+    let topics = ["from-wal", "from-copy", "from-file"];
+    for t in topics {
+        kafka.create_topic(t, 1, 1).unwrap();
+    }
+    let brokers = kafka.bootstrap_servers();
+    let node = super::Node::temp();
+    let append = |n: usize| {
+        tokio::task::block_in_place(|| node.wal.append_blocking(vec![record(n).encode()]))
+            .unwrap()
+            .last
+    };
+    let redrive_to = |topic: &str, source: &[&str]| {
+        let (out, summary) = tokio::task::block_in_place(|| {
+            redrive(&[&["--brokers", &brokers, "--topic", topic][..], source].concat())
+        });
+        assert!(out.status.success(), "{summary}");
+        assert!(summary["delivered"].as_u64().unwrap() > 0, "{summary}");
+    };
+    for n in 1..=3 {
+        append(n);
+    }
+    let data = node.dir.path().to_str().unwrap().to_string();
+    redrive_to("from-wal", &["--data-dir", &data]);
+
+    // Replay, then one record to the dead-letter topic and one to the file.
+    let running = node.start(&brokers, |_, _| {});
+    node.wait_committed(3, Duration::from_secs(30)).await;
+    let too_large = RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE;
+    kafka.request_errors(RDKafkaApiKey::Produce, &[too_large, too_large]);
+    node.wait_committed(append(4), Duration::from_secs(30))
+        .await;
+    let invalid = RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD;
+    kafka.request_errors(RDKafkaApiKey::Produce, &[too_large, too_large, invalid]);
+    node.wait_committed(append(5), Duration::from_secs(30))
+        .await;
+    running.shutdown().await;
+    assert_eq!(
+        node.stats
+            .dead_lettered_topic
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Replay writes the file from what it produced (no internal header);
+    // a line written from the WAL record itself carries it.
+    let file = DeadLetterFile::new(node.dir.path());
+    file.append(6, "events", "too large", &record(6)).unwrap();
+    let lines = std::fs::read_to_string(file.path()).unwrap();
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    assert!(lines.contains(":sluice.idempotency"), "{lines}");
+    redrive_to(
+        "from-file",
+        &["--dead-letter", file.path().to_str().unwrap()],
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let (copy, _, _) = tokio::task::block_in_place(|| quarantined_copy(other.path()));
+    redrive_to("from-copy", &["--segment", copy.to_str().unwrap()]);
+
+    for topic in [super::TOPIC, super::DLQ].into_iter().chain(topics) {
+        let records = tokio::task::block_in_place(|| raw_topic(&brokers, topic));
+        assert!(!records.is_empty(), "{topic} is empty");
+        for r in &records {
+            let leaked: Vec<_> = r
+                .headers
+                .keys()
+                .filter(|k| k.starts_with(":sluice."))
+                .collect();
+            assert!(
+                leaked.is_empty(),
+                "{topic} partition {} offset {}: {leaked:?} in {:?}",
+                r.partition,
+                r.offset,
+                r.headers
+            );
+            assert!(
+                r.header("id").is_some_and(|id| id.starts_with("q-")),
+                "{topic}: {:?}",
+                r.headers
+            );
+        }
+    }
+}
