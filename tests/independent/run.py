@@ -24,6 +24,7 @@ Cases:
 
 Environment: SLUICE (the sluice binary), TANSU (the tansu binary),
 CHAOS_CYCLES (default 3), E2E_CASES (comma list, default all),
+DEDUPE_CONSUMER (another reference consumer script to run the cases with),
 E2E_BROKER (tansu, the default, or dev: `sluice dev-broker`, librdkafka's
 mock cluster, which kafka-python reaches with api_version (0, 11); the
 outage case is skipped there since a restarted dev broker has a new port).
@@ -53,13 +54,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SLUICE = os.environ.get("SLUICE", str(ROOT / "target" / "debug" / "sluice"))
 TANSU = os.environ.get("TANSU", str(ROOT / ".tools" / "bin" / "tansu"))
 TOPIC, DLQ, BACKUP = "events", "events-dlq", "backup"
-GAP, SEQS, META = "gap", "crafted-seq", "crafted-meta"
-ALL_TOPICS = (TOPIC, DLQ, BACKUP, GAP, SEQS, META)
+GAP, SEQS, META, GROUP = "gap", "crafted-seq", "crafted-meta", "crafted-group"
+ALL_TOPICS = (TOPIC, DLQ, BACKUP, GAP, SEQS, META, GROUP)
 BROKER = os.environ.get("E2E_BROKER", "tansu")
 # kafka-python 3.0.12 cannot detect the mock cluster's API versions.
 API = {"api_version": (0, 11)} if BROKER == "dev" else {}
 API_ARGS = ["--api-version", "0.11"] if BROKER == "dev" else []
-DEDUPE = ROOT / "examples" / "dedupe_consumer.py"
+DEDUPE = Path(os.environ.get("DEDUPE_CONSUMER", ROOT / "examples" / "dedupe_consumer.py"))
 PARTITIONS = 3
 DEADLINE = 120.0
 
@@ -439,7 +440,7 @@ def case_exactly_once(ctx):
     kill -9 cycles; then examples/dedupe_consumer.py (kafka-python, the rule
     per (instance, partition), high-water marks in the offset-commit
     metadata) must print every acknowledged id exactly once and nothing else."""
-    script = ROOT / "examples" / "dedupe_consumer.py"
+    script = DEDUPE
     acked, errors = run_chaos(ctx, "eo", int(os.environ.get("CHAOS_CYCLES", "3")), keyed=True)
     r = subprocess.run([sys.executable, str(script), ctx["brokers"], TOPIC,
                         "--group", "e2e-dedupe", "--idle", "5"] + API_ARGS,
@@ -573,19 +574,29 @@ def case_dedupe_metadata(ctx):
 
 def case_dedupe_group(ctx):
     """Item 9: the reference consumer subscribes. Two members of one group
-    read the events topic while one leaves after a third of it (a rebalance
-    hands its partitions, offsets and marks to the other): between them,
-    every distinct (instance, seq) of the topic is printed, and twice only
-    after a commit that a rebalance refused (at-least-once output)."""
+    read a topic of 6,000 records (3,000 seqs of 2 instances spread over the
+    partitions, each seq sent twice) while one leaves after a third of it (a
+    rebalance hands its partitions, offsets and marks to the other): between
+    them, every (instance, seq) is printed, and twice only after a commit
+    that a rebalance refused (at-least-once output)."""
     group = f"members-{random.randrange(1 << 30)}"
-    want = {(headers(m).get("instance"), headers(m).get("seq")) for m in read_topic(ctx["brokers"], TOPIC)}
-    want.discard((None, None))
+    p = KafkaProducer(bootstrap_servers=ctx["brokers"], **API)
+    want = set()
+    for n in range(3000):
+        inst, seq = f"grp-{n % 2}", str(n // 2 + 1)
+        want.add((inst, seq))
+        for _ in range(2):
+            p.send(GROUP, value=json.dumps({"id": f"{inst}-{seq}"}).encode(),
+                   headers=[("instance", inst.encode()), ("seq", seq.encode())],
+                   partition=(n // 2) % PARTITIONS)
+    p.flush()
+    p.close()
     out = {}
 
     def member(name, *extra):
-        out[name] = dedupe(ctx, TOPIC, group, *extra, idle=6)
+        out[name] = dedupe(ctx, GROUP, group, *extra, idle=6)
 
-    threads = [threading.Thread(target=member, args=("a", "--max", str(max(len(want) // 3, 1)))),
+    threads = [threading.Thread(target=member, args=("a", "--max", "2000")),
                threading.Thread(target=member, args=("b",))]
     for th in threads:
         th.start()

@@ -737,3 +737,138 @@ async fn no_internal_header_reaches_kafka_on_any_path() {
         }
     }
 }
+
+/// Issue 25 item 9 (Rust side): of two `seq` headers the last counts, for
+/// `sluice consume --exactly-once` and `sluice archive` alike (the reference
+/// consumer: tests/independent case `dedupe-last-seq`).
+#[test]
+fn rule_consumers_read_the_last_seq_header() {
+    let broker = Broker::with_partitions(&["events", "crafted"], 1);
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .create()
+        .unwrap();
+    let records = [
+        ("ls-1", Some("900"), "1"),
+        ("ls-2", Some("800"), "2"),
+        ("ls-2-repeat", None, "2"),
+    ];
+    for (id, own, seq) in records {
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: "id",
+            value: Some(id),
+        });
+        if let Some(own) = own {
+            headers = headers.insert(Header {
+                key: "seq",
+                value: Some(own),
+            });
+        }
+        let headers = headers
+            .insert(Header {
+                key: "instance",
+                value: Some("crafted"),
+            })
+            .insert(Header {
+                key: "seq",
+                value: Some(seq),
+            });
+        let value = serde_json::json!({"id": id, "tenant_id": "t", "message": "m", "timestamp": "2026-12-01T10:00:00Z"}).to_string();
+        producer
+            .send(
+                BaseRecord::to("crafted")
+                    .key("t")
+                    .payload(&value)
+                    .headers(headers),
+            )
+            .unwrap_or_else(|(e, _)| panic!("{id}: {e}"));
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let (ids, stderr) = consume_exactly_once(&broker.addr, "crafted");
+    assert_eq!(ids, ["ls-1", "ls-2"], "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    let archived = archive_ids(&broker.addr, "crafted", &dir.path().join("archive"), 2);
+    let want: BTreeMap<String, usize> = [("ls-1".into(), 1), ("ls-2".into(), 1)].into();
+    assert_eq!(archived, want);
+}
+
+/// A run stops at its first failure (nothing after it is sent, so each
+/// partition holds a prefix of the run), and the same run again, once the
+/// cause is fixed, leaves every record exactly once after the rule.
+#[test]
+fn a_failed_run_stops_at_its_first_failure_and_the_same_run_again_fills_it_in() {
+    let broker = Broker::with_partitions(&["events", "target"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let wal = Wal::open(
+            {
+                let mut c = WalConfig::new(&data);
+                c.min_free_bytes = 0;
+                c
+            },
+            Arc::new(StdFs) as Arc<dyn Filesystem>,
+            0,
+        )
+        .unwrap()
+        .0;
+        for n in 1..=10 {
+            let mut r = record(n);
+            if n == 6 {
+                // Larger than librdkafka's default message.max.bytes: refused
+                // at produce() time.
+                r.value = serde_json::to_vec(
+                    &serde_json::json!({"id": "q-6", "pad": "x".repeat(1_200_000)}),
+                )
+                .unwrap();
+            }
+            wal.append_blocking(vec![r.encode()]).unwrap();
+        }
+    }
+    let data_arg = data.to_str().unwrap();
+    let common = [
+        "--brokers",
+        &broker.addr,
+        "--topic",
+        "target",
+        "--data-dir",
+        data_arg,
+    ];
+    let (out, first) = redrive(&common);
+    assert_eq!(out.status.code(), Some(1), "{first}");
+    assert_eq!(first["read"], 10);
+    assert_eq!(first["delivered"], 5, "{first}");
+    assert_eq!(
+        first["not_sent"], 4,
+        "7..=10 are not sent after 6 was refused: {first}"
+    );
+    assert_eq!(first["failed"], 5);
+    assert!(
+        first["failures"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("seq 6: "),
+        "{first}"
+    );
+    let (ids, _) = consume_exactly_once(&broker.addr, "target");
+    assert_eq!(ids.len(), 5);
+
+    // The cause fixed (a larger message.max.bytes), the same run again.
+    let config = dir.path().join("big.toml");
+    std::fs::write(
+        &config,
+        "[kafka.librdkafka]\n\"message.max.bytes\" = \"4000000\"\n",
+    )
+    .unwrap();
+    let (out, again) = redrive(&[&common[..], &["--config", config.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{again}");
+    assert_eq!(again["instance"], first["instance"], "the same run");
+    assert_eq!(again["delivered"], 10);
+    assert_eq!(raw_topic(&broker.addr, "target").len(), 15);
+    let (mut ids, stderr) = consume_exactly_once(&broker.addr, "target");
+    ids.sort();
+    let mut want: Vec<String> = (1..=10).map(|n| format!("q-{n}")).collect();
+    want.sort();
+    assert_eq!(ids, want, "{stderr}");
+    assert!(stderr.contains("5 repeated records dropped"), "{stderr}");
+}
