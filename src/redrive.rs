@@ -357,8 +357,7 @@ impl Sender<'_> {
         }
         // Dying here is dying anywhere else: the daemon's state was never
         // touched, and what reached the topic is a prefix per partition.
-        let _ = self
-            .producer
+        self.producer
             .purge(PurgeConfig::default().queue().inflight());
         self.stop(format!(
             "no delivery report for {} ms with {} records in flight",

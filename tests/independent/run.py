@@ -410,18 +410,25 @@ def case_chaos(ctx):
             f"{dups} ids delivered more than once (at-least-once); non-202 answers {errors}")
 
 
+def redrive_range(ctx, first, last, topic):
+    """`sluice wal redrive` of first..=last with the daemon stopped; the
+    JSON summary."""
+    s = ctx["sluice"]
+    s.stop()
+    r = subprocess.run([SLUICE, "wal", "redrive", "--data-dir", str(s.data),
+                        "--from", str(first), "--through", str(last),
+                        "--brokers", ctx["brokers"], "--topic", topic],
+                       capture_output=True, text=True)
+    s.start()
+    check(r.returncode == 0, f"redrive exit {r.returncode}: {r.stdout} {r.stderr}")
+    return json.loads(r.stdout)
+
+
 def case_redrive(ctx):
     s = ctx["sluice"]
     last = s.stats()["replay"]["last_seq"]
     first = max(1, last - 19)
-    s.stop()
-    r = subprocess.run([SLUICE, "wal", "redrive", "--data-dir", str(s.data),
-                        "--from", str(first), "--through", str(last),
-                        "--brokers", ctx["brokers"], "--topic", BACKUP],
-                       capture_output=True, text=True)
-    s.start()
-    check(r.returncode == 0, f"redrive exit {r.returncode}: {r.stdout} {r.stderr}")
-    summary = json.loads(r.stdout)
+    summary = redrive_range(ctx, first, last, BACKUP)
     n = last - first + 1
     check(summary["delivered"] == n, f"summary {summary}")
     recs = read_topic(ctx["brokers"], BACKUP, expect=n)
@@ -504,14 +511,7 @@ def case_redrive_gap(ctx):
           f"before the redrive: {before}")
 
     def redrive():
-        s.stop()
-        r = subprocess.run([SLUICE, "wal", "redrive", "--data-dir", str(s.data),
-                            "--from", str(hole), "--through", str(hole),
-                            "--brokers", ctx["brokers"], "--topic", GAP],
-                           capture_output=True, text=True)
-        s.start()
-        check(r.returncode == 0, f"redrive exit {r.returncode}: {r.stdout} {r.stderr}")
-        return json.loads(r.stdout)
+        return redrive_range(ctx, hole, hole, GAP)
 
     summary = redrive()
     after, lines, err = ids("gap-after")
