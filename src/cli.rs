@@ -251,14 +251,27 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Binds `addr`; an error names the setting and the address ("http.listen
+/// 127.0.0.1:8080: Address already in use"), as the admin listener does.
+async fn bind_named(
+    setting: &str,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{setting} {addr}: {e}")))
+}
+
 /// Logs go to stderr (journald captures it under systemd). `RUST_LOG` wins
-/// over the configured level.
+/// over the configured level. Colour codes only on a terminal: journald,
+/// files and pipes get plain text.
 fn init_logging(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().flatten_event(true).try_init()
@@ -454,7 +467,7 @@ fn serve(args: ServeArgs) -> CliResult {
         .max_blocking_threads(blocking_threads())
         .build()?;
     let exit = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.http.listen).await?;
+        let listener = bind_named("http.listen", config.http.listen).await?;
         let admin = crate::http::admin::bind(&config.http).await?;
         // The admin address first: whoever waits for the ingest address
         // (tests, scripts) may then read the admin one without waiting.
@@ -516,7 +529,7 @@ fn archive(args: ArchiveArgs) -> CliResult {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind(a.listen))?;
+    let listener = runtime.block_on(bind_named("archive --listen", a.listen))?;
     if let Some(path) = &args.addr_file {
         std::fs::write(path, listener.local_addr()?.to_string())?;
     }
@@ -575,6 +588,22 @@ fn analytics(
         Some(path) => crate::config::Config::from_file(path)?.archive,
         None => crate::archive::ArchiveConfig::default(),
     };
+    // A mistyped --dir must not print zeros and exit 0 as if the archive
+    // had seen no traffic.
+    let entries = match std::fs::read_dir(dir) {
+        Ok(mut d) => d.next().is_some(),
+        Err(e) => {
+            eprintln!("error: archive directory {}: {e}", dir.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if !entries {
+        eprintln!(
+            "error: archive directory {} is empty: not an archive written by `sluice archive` or the files sink",
+            dir.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
     let layout = crate::archive::Layout::new(&a.logs_pattern, &a.summaries_pattern)?;
     let view = crate::archive::AnalyticsView::offline(dir, layout, a.top_n);
     match crate::archive::http::query(&view, hour.as_deref(), from.as_deref(), to.as_deref())? {
@@ -726,9 +755,13 @@ fn verify(data_dir: &Path) -> CliResult {
             s.name, s.bytes, s.records
         )?;
         if let Some(p) = &s.problem {
+            match s.problem_at {
+                Some(at) => write!(out, "  PROBLEM at byte {at}")?,
+                None => write!(out, "  PROBLEM")?,
+            }
             write!(
                 out,
-                "  PROBLEM at +{} bytes from end: {p}",
+                " ({} bytes after the last intact frame): {p}",
                 s.trailing_bytes
             )?;
         }
@@ -781,21 +814,31 @@ fn dump(data_dir: &Path, from: u64, limit: Option<u64>) -> CliResult {
                 return Ok(ControlFlow::Break(()));
             }
             left -= 1;
-            let value = serde_json::from_slice::<serde_json::Value>(&r.value)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&r.value).into_owned().into());
+            let value = inspect::value_json(&r.value);
             let headers: serde_json::Map<String, serde_json::Value> = r
                 .headers
                 .iter()
-                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into()))
+                .map(|(k, v)| (k.clone(), inspect::header_json(v)))
                 .collect();
-            let line = serde_json::json!({
-                "seq": seq,
-                "stream": r.stream,
-                "key": r.key.as_deref().map(String::from_utf8_lossy),
-                "timestamp_ms": r.timestamp_ms,
-                "headers": headers,
-                "value": value,
-            });
+            // A struct, not `json!`: that would parse the raw value into a
+            // `Value` and print it re-serialized.
+            #[derive(serde::Serialize)]
+            struct Line<'a> {
+                seq: u64,
+                stream: &'a str,
+                key: Option<std::borrow::Cow<'a, str>>,
+                timestamp_ms: i64,
+                headers: serde_json::Map<String, serde_json::Value>,
+                value: Box<serde_json::value::RawValue>,
+            }
+            let line = Line {
+                seq,
+                stream: &r.stream,
+                key: r.key.as_deref().map(String::from_utf8_lossy),
+                timestamp_ms: r.timestamp_ms,
+                headers,
+                value,
+            };
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
             Ok(ControlFlow::Continue(()))

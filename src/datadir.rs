@@ -85,3 +85,8 @@ impl DataDirLock {
         Ok(DataDirLock { _file: file })
     }
 }
+
+/// Reads of the WAL or the offset store that failed while `serve` started
+/// (the stream scan, the Idempotency-Key rebuild) and were retried there.
+pub static STARTUP_READ_FAILURES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);

@@ -77,3 +77,70 @@ pub fn fail_fsync_now() -> bool {
 pub fn fail_fsync_now() -> bool {
     false
 }
+
+/// Debug builds only: `SLUICE_DEBUG_FAIL_WAL_READS=N` makes the first N WAL
+/// reads after [`arm_read_failures`] fail with EIO (recovery, which runs
+/// before it is armed, reads normally). Lets a test make a real daemon meet
+/// a read error in its start-up scans.
+#[cfg(debug_assertions)]
+static READS_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(debug_assertions)]
+pub fn arm_read_failures() {
+    READS_ARMED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn arm_read_failures() {}
+
+#[cfg(debug_assertions)]
+pub fn fail_read_now() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static COUNT: OnceLock<u64> = OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    if !READS_ARMED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let n = *COUNT.get_or_init(|| {
+        std::env::var("SLUICE_DEBUG_FAIL_WAL_READS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    n > 0 && SEEN.fetch_add(1, Ordering::Relaxed) < n
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn fail_read_now() -> bool {
+    false
+}
+
+/// Debug builds only: `SLUICE_DEBUG_PARTITIONS_CAP=N` makes replay see at
+/// most N partitions in every topic's metadata. librdkafka's mock cluster
+/// cannot add partitions to a topic, so the chaos harness grows a topic
+/// from sluice's point of view by restarting the daemon without the cap
+/// (the broker's topic has the full count all along, which is what a real
+/// CreatePartitions leaves).
+#[cfg(debug_assertions)]
+pub fn cap_partitions(live: i32) -> i32 {
+    use std::sync::OnceLock;
+    static CAP: OnceLock<Option<i32>> = OnceLock::new();
+    match CAP.get_or_init(|| {
+        std::env::var("SLUICE_DEBUG_PARTITIONS_CAP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|c: &i32| *c > 0)
+    }) {
+        Some(cap) => live.min(*cap),
+        None => live,
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn cap_partitions(live: i32) -> i32 {
+    live
+}

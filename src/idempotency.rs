@@ -45,9 +45,18 @@ pub const MAX_KEY_BYTES: usize = 255;
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024;
 /// Version byte in front of every encoded entry (WAL header and sled value).
 /// A later format bumps it; readers refuse versions they do not know.
-const ENTRY_VERSION: u8 = 1;
+/// Version 2 stores the exact answer (status, content type, body with the
+/// places its sequence numbers go) and the protocol; version 1 (a JSON body
+/// with null `first_seq`/`last_seq`, no protocol) is still read: see
+/// [`EntryV1`].
+const ENTRY_VERSION: u8 = 2;
+const ENTRY_VERSION_1: u8 = 1;
+/// Version byte of a sled row (`version ‖ first_seq ‖ encoded entry`): the
+/// row's own layout, unchanged since version 1; the entry inside carries
+/// its own version.
+const STORED_VERSION: u8 = 1;
 /// sled tree of entries: key = scope ‖ idempotency key, value = version ‖
-/// first_seq (u64 BE) ‖ bincode(Entry). The empty key holds the watermark.
+/// first_seq (u64 BE) ‖ encoded Entry. The empty key holds the watermark.
 const TREE: &str = "idempotency";
 const WATERMARK_KEY: &[u8] = b"";
 
@@ -75,7 +84,97 @@ impl Default for IdempotencyConfig {
     }
 }
 
-/// One accepted keyed request, as stored in the WAL and in sled.
+/// Which protocol answered a key: a key names one request, so a retry on
+/// another protocol (or the other OTLP encoding) is refused with 422, never
+/// answered with a body of the wrong kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    /// `/v1/events` and its aliases (a JSON answer with sequence numbers).
+    Events,
+    /// `/v1/logs` with `application/x-protobuf`.
+    OtlpProtobuf,
+    /// `/v1/logs` with `application/json`.
+    OtlpJson,
+}
+
+impl Protocol {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Protocol::Events => "an events route",
+            Protocol::OtlpProtobuf => "/v1/logs as OTLP protobuf",
+            Protocol::OtlpJson => "/v1/logs as OTLP/JSON",
+        }
+    }
+}
+
+/// An answer exactly as sent: status, `Content-Type`, and the body with the
+/// byte offsets where the decimal `first_seq` and `last_seq` go (known only
+/// once the batch has its sequence numbers; empty for an answer without
+/// them). The first answer and every replay are rendered by
+/// [`Answer::render`] from the same value, so they are the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+    /// Ascending offsets into `body`: `[first_seq, last_seq]`, or none.
+    pub seq_at: Vec<u32>,
+}
+
+/// How a JSON answer whose last two fields are the sequence numbers ends
+/// before they are known.
+const NULL_SEQS_TAIL: &[u8] = br#""first_seq":null,"last_seq":null}"#;
+
+impl Answer {
+    /// An answer without sequence numbers.
+    pub fn exact(status: u16, content_type: &str, body: Vec<u8>) -> Answer {
+        Answer {
+            status,
+            content_type: content_type.to_string(),
+            body,
+            seq_at: Vec::new(),
+        }
+    }
+
+    /// An answer from a compact JSON object that ends with
+    /// `"first_seq":null,"last_seq":null}`: the two nulls become the places
+    /// of the numbers. Without that ending the body is kept as it is.
+    pub fn with_seqs(status: u16, content_type: &str, mut body: Vec<u8>) -> Answer {
+        let mut seq_at = Vec::new();
+        if body.ends_with(NULL_SEQS_TAIL) {
+            let tail = body.len() - NULL_SEQS_TAIL.len();
+            let first = tail + br#""first_seq":"#.len();
+            let last = first + br#","last_seq":"#.len();
+            if let (Ok(f), Ok(l)) = (u32::try_from(first), u32::try_from(last)) {
+                body.truncate(tail);
+                body.extend_from_slice(br#""first_seq":,"last_seq":}"#);
+                seq_at = vec![f, l];
+            }
+        }
+        Answer {
+            status,
+            content_type: content_type.to_string(),
+            body,
+            seq_at,
+        }
+    }
+
+    /// The body with the batch's sequence numbers in their places.
+    pub fn render(&self, range: SeqRange) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 40);
+        let mut from = 0;
+        for (at, seq) in self.seq_at.iter().zip([range.first, range.last]) {
+            let at = (*at as usize).clamp(from, self.body.len());
+            out.extend_from_slice(&self.body[from..at]);
+            out.extend_from_slice(seq.to_string().as_bytes());
+            from = at;
+        }
+        out.extend_from_slice(&self.body[from..]);
+        out
+    }
+}
+
+/// One accepted keyed request, as stored in the WAL and in sled (version 2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// SHA-256 of the API key's name (all zero with auth off), cut to 16
@@ -84,13 +183,62 @@ pub struct Entry {
     pub key: String,
     /// SHA-256 of the (decompressed) request body.
     pub body_sha256: [u8; 32],
-    pub status: u16,
-    /// The response body as JSON, with `first_seq`/`last_seq` left null:
-    /// the sequence numbers are assigned after this entry is encoded.
-    pub response: Vec<u8>,
+    pub protocol: Protocol,
+    /// The answer, exactly (its body cut to its counts past
+    /// [`MAX_RESPONSE_BYTES`]).
+    pub answer: Answer,
     pub accepted_ms: i64,
     /// Records of the batch; the entry rides in the first.
     pub records: u64,
+}
+
+/// A version-1 entry, as builds before the exact answer wrote it. Read
+/// only: it becomes an [`Entry`] by [`EntryV1::upgrade`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct EntryV1 {
+    scope: [u8; 16],
+    key: String,
+    body_sha256: [u8; 32],
+    status: u16,
+    /// The response body as JSON (events) with `first_seq`/`last_seq` null,
+    /// or the OTLP response in its encoding.
+    response: Vec<u8>,
+    accepted_ms: i64,
+    records: u64,
+}
+
+impl EntryV1 {
+    /// The answer version 1 gave on a replay, which was the first answer:
+    /// an events body (a JSON object with `accepted`) is 202 JSON with its
+    /// sequence numbers; any other JSON is an OTLP/JSON 200; anything else
+    /// is an OTLP protobuf 200 (version 1 stored 202 for OTLP too, but the
+    /// OTLP handler answered and replayed 200).
+    fn upgrade(self) -> Entry {
+        let json = serde_json::from_slice::<serde_json::Value>(&self.response).ok();
+        let (protocol, answer) = match json {
+            Some(v) if v.get("accepted").is_some() => (
+                Protocol::Events,
+                Answer::with_seqs(self.status, "application/json", self.response),
+            ),
+            Some(_) => (
+                Protocol::OtlpJson,
+                Answer::exact(200, "application/json", self.response),
+            ),
+            None => (
+                Protocol::OtlpProtobuf,
+                Answer::exact(200, "application/x-protobuf", self.response),
+            ),
+        };
+        Entry {
+            scope: self.scope,
+            key: self.key,
+            body_sha256: self.body_sha256,
+            protocol,
+            answer,
+            accepted_ms: self.accepted_ms,
+            records: self.records,
+        }
+    }
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -110,36 +258,32 @@ impl Entry {
         out
     }
 
-    /// Decodes bytes from disk: any input yields an error, never a panic.
+    /// Decodes bytes from disk (version 2, or version 1 upgraded): any input
+    /// yields an error, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<Entry, String> {
-        match bytes.split_first() {
-            Some((&ENTRY_VERSION, rest)) => {
-                let (e, used): (Entry, usize) =
-                    bincode::serde::decode_from_slice(rest, bincode_config())
-                        .map_err(|e| e.to_string())?;
-                if used != rest.len() {
-                    return Err("trailing bytes after idempotency entry".into());
-                }
-                Ok(e)
+        fn whole<T: serde::de::DeserializeOwned>(rest: &[u8]) -> Result<T, String> {
+            let (e, used): (T, usize) = bincode::serde::decode_from_slice(rest, bincode_config())
+                .map_err(|e| e.to_string())?;
+            if used != rest.len() {
+                return Err("trailing bytes after idempotency entry".into());
             }
+            Ok(e)
+        }
+        match bytes.split_first() {
+            Some((&ENTRY_VERSION, rest)) => whole(rest),
+            Some((&ENTRY_VERSION_1, rest)) => whole::<EntryV1>(rest).map(EntryV1::upgrade),
             Some((v, _)) => Err(format!("unknown idempotency entry version {v}")),
             None => Err("empty idempotency entry".into()),
         }
     }
 
-    /// The stored response with its sequence numbers filled in.
+    /// The stored body with its sequence numbers filled in.
     pub fn render(&self, first_seq: u64) -> Vec<u8> {
         let last = first_seq + self.records.saturating_sub(1);
-        match serde_json::from_slice::<serde_json::Value>(&self.response) {
-            Ok(mut v) => {
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("first_seq".into(), first_seq.into());
-                    o.insert("last_seq".into(), last.into());
-                }
-                serde_json::to_vec(&v).unwrap_or_else(|_| self.response.clone())
-            }
-            Err(_) => self.response.clone(),
-        }
+        self.answer.render(SeqRange {
+            first: first_seq,
+            last,
+        })
     }
 }
 
@@ -202,9 +346,15 @@ pub enum Begin {
     /// ends before its batch is durable.
     New(Pending),
     /// Seen and accepted: answer this, append nothing.
-    Replay { status: u16, body: Vec<u8> },
+    Replay {
+        status: u16,
+        content_type: String,
+        body: Vec<u8>,
+    },
     /// Same key, different body.
     Mismatch,
+    /// Same key, first used on another protocol (this one was `stored`).
+    OtherProtocol { stored: Protocol },
     /// The first request with this key has no outcome yet.
     InFlight,
 }
@@ -246,6 +396,7 @@ pub struct IdempotencyCounters {
     pub evicted_cap: AtomicU64,
     pub replayed: AtomicU64,
     pub mismatched: AtomicU64,
+    pub other_protocol: AtomicU64,
     pub in_flight_conflicts: AtomicU64,
     /// Entries in the WAL or sled that did not decode (skipped, logged).
     pub undecodable: AtomicU64,
@@ -298,7 +449,16 @@ impl Index {
         i64::try_from(self.cfg.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
     }
 
-    pub fn begin(self: &Arc<Self>, scope: [u8; 16], key: &str, body_sha256: [u8; 32]) -> Begin {
+    /// What to do with a request carrying `key` on `protocol`. A key is
+    /// one request: the same body on another protocol is refused too (a
+    /// replay there would be an answer of the wrong kind).
+    pub fn begin(
+        self: &Arc<Self>,
+        scope: [u8; 16],
+        key: &str,
+        body_sha256: [u8; 32],
+        protocol: Protocol,
+    ) -> Begin {
         let mk = map_key(&scope, key);
         let mut inner = lock(&self.inner);
         self.evict(&mut inner, now_ms());
@@ -308,9 +468,16 @@ impl Index {
                     self.counters.mismatched.fetch_add(1, Ordering::Relaxed);
                     return Begin::Mismatch;
                 }
+                if entry.protocol != protocol {
+                    self.counters.other_protocol.fetch_add(1, Ordering::Relaxed);
+                    return Begin::OtherProtocol {
+                        stored: entry.protocol,
+                    };
+                }
                 self.counters.replayed.fetch_add(1, Ordering::Relaxed);
                 return Begin::Replay {
-                    status: entry.status,
+                    status: entry.answer.status,
+                    content_type: entry.answer.content_type.clone(),
                     body: entry.render(*first_seq),
                 };
             }
@@ -607,6 +774,7 @@ impl prometheus::core::Collector for Collector {
                 &[
                     ("replayed", &c.replayed),
                     ("mismatch", &c.mismatched),
+                    ("other_protocol", &c.other_protocol),
                     ("in_flight", &c.in_flight_conflicts),
                     ("undecodable_entry", &c.undecodable),
                 ],
@@ -643,7 +811,7 @@ pub struct RebuildReport {
 /// The sled value of an entry: `encoded` is [`Entry::encode`]'s output.
 fn stored_value(encoded: &[u8], first_seq: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(1 + 8 + encoded.len());
-    v.push(ENTRY_VERSION);
+    v.push(STORED_VERSION);
     v.extend_from_slice(&first_seq.to_be_bytes());
     v.extend_from_slice(encoded);
     v
@@ -651,7 +819,7 @@ fn stored_value(encoded: &[u8], first_seq: u64) -> Vec<u8> {
 
 fn decode_stored(v: &[u8]) -> Result<(Entry, u64), String> {
     match v.split_first() {
-        Some((&ENTRY_VERSION, rest)) if rest.len() > 8 => {
+        Some((&STORED_VERSION, rest)) if rest.len() > 8 => {
             let first_seq = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
             Ok((Entry::decode(&rest[8..])?, first_seq))
         }
@@ -722,8 +890,12 @@ mod tests {
             scope: [0; 16],
             key: key.into(),
             body_sha256: [hash; 32],
-            status: 202,
-            response: br#"{"accepted":2,"first_seq":null,"last_seq":null}"#.to_vec(),
+            protocol: Protocol::Events,
+            answer: Answer::with_seqs(
+                202,
+                "application/json",
+                br#"{"accepted":2,"first_seq":null,"last_seq":null}"#.to_vec(),
+            ),
             accepted_ms: ms,
             records: 2,
         }
@@ -735,35 +907,56 @@ mod tests {
             window_secs: 3600,
             max_keys: 2,
         });
-        let Begin::New(p) = idx.begin([0; 16], "a", [1; 32]) else {
+        let Begin::New(p) = idx.begin([0; 16], "a", [1; 32], Protocol::Events) else {
             panic!("new key")
         };
-        assert!(matches!(idx.begin([0; 16], "a", [1; 32]), Begin::InFlight));
+        assert!(matches!(
+            idx.begin([0; 16], "a", [1; 32], Protocol::Events),
+            Begin::InFlight
+        ));
         p.complete(
             entry("a", 1, now_ms()),
             Vec::new(),
             SeqRange { first: 5, last: 6 },
         );
-        match idx.begin([0; 16], "a", [1; 32]) {
-            Begin::Replay { status, body } => {
-                assert_eq!(status, 202);
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                assert_eq!(
-                    (v["first_seq"].as_u64(), v["last_seq"].as_u64()),
-                    (Some(5), Some(6))
-                );
+        match idx.begin([0; 16], "a", [1; 32], Protocol::Events) {
+            Begin::Replay {
+                status,
+                content_type,
+                body,
+            } => {
+                assert_eq!((status, &content_type[..]), (202, "application/json"));
+                assert_eq!(body, br#"{"accepted":2,"first_seq":5,"last_seq":6}"#);
             }
             _ => panic!("replay"),
         }
-        assert!(matches!(idx.begin([0; 16], "a", [2; 32]), Begin::Mismatch));
+        assert!(matches!(
+            idx.begin([0; 16], "a", [2; 32], Protocol::Events),
+            Begin::Mismatch
+        ));
+        // The same body on another protocol names another request.
+        for other in [Protocol::OtlpJson, Protocol::OtlpProtobuf] {
+            assert!(matches!(
+                idx.begin([0; 16], "a", [1; 32], other),
+                Begin::OtherProtocol {
+                    stored: Protocol::Events
+                }
+            ));
+        }
         // Another scope never sees it.
-        assert!(matches!(idx.begin([9; 16], "a", [1; 32]), Begin::New(_)));
+        assert!(matches!(
+            idx.begin([9; 16], "a", [1; 32], Protocol::Events),
+            Begin::New(_)
+        ));
         // A dropped guard releases the key.
-        drop(idx.begin([0; 16], "b", [1; 32]));
-        assert!(matches!(idx.begin([0; 16], "b", [1; 32]), Begin::New(_)));
+        drop(idx.begin([0; 16], "b", [1; 32], Protocol::Events));
+        assert!(matches!(
+            idx.begin([0; 16], "b", [1; 32], Protocol::Events),
+            Begin::New(_)
+        ));
         // Cap 2: the third completed key evicts the oldest.
         for (k, seq) in [("c", 10), ("d", 20)] {
-            let Begin::New(p) = idx.begin([0; 16], k, [1; 32]) else {
+            let Begin::New(p) = idx.begin([0; 16], k, [1; 32], Protocol::Events) else {
                 panic!()
             };
             p.complete(
@@ -777,7 +970,10 @@ mod tests {
         }
         assert_eq!(idx.held(), 2);
         assert_eq!(idx.counters.evicted_cap.load(Ordering::Relaxed), 1);
-        assert!(matches!(idx.begin([0; 16], "a", [1; 32]), Begin::New(_)));
+        assert!(matches!(
+            idx.begin([0; 16], "a", [1; 32], Protocol::Events),
+            Begin::New(_)
+        ));
     }
 
     #[test]
@@ -786,7 +982,7 @@ mod tests {
             window_secs: 60,
             max_keys: 10,
         });
-        let Begin::New(p) = idx.begin([0; 16], "old", [1; 32]) else {
+        let Begin::New(p) = idx.begin([0; 16], "old", [1; 32], Protocol::Events) else {
             panic!()
         };
         p.complete(
@@ -794,7 +990,10 @@ mod tests {
             Vec::new(),
             SeqRange { first: 1, last: 2 },
         );
-        assert!(matches!(idx.begin([0; 16], "old", [1; 32]), Begin::New(_)));
+        assert!(matches!(
+            idx.begin([0; 16], "old", [1; 32], Protocol::Events),
+            Begin::New(_)
+        ));
         assert_eq!(idx.counters.evicted_age.load(Ordering::Relaxed), 1);
     }
 
@@ -805,7 +1004,7 @@ mod tests {
 
     /// Completes a new key at `first_seq` (one record).
     fn accept(idx: &Arc<Index>, key: &str, first_seq: u64) {
-        let Begin::New(p) = idx.begin([0; 16], key, [1; 32]) else {
+        let Begin::New(p) = idx.begin([0; 16], key, [1; 32], Protocol::Events) else {
             panic!("{key} is not new")
         };
         let e = entry(key, 1, now_ms());
@@ -931,9 +1130,12 @@ mod tests {
         .unwrap();
         let report = again.rebuild(&t, &wal, 0).unwrap();
         assert_eq!((report.from_sled, report.from_wal), (2, 0));
-        assert!(matches!(again.begin([0; 16], "a", [1; 32]), Begin::New(_)));
         assert!(matches!(
-            again.begin([0; 16], "c", [1; 32]),
+            again.begin([0; 16], "a", [1; 32], Protocol::Events),
+            Begin::New(_)
+        ));
+        assert!(matches!(
+            again.begin([0; 16], "c", [1; 32], Protocol::Events),
             Begin::Replay { .. }
         ));
     }
@@ -994,13 +1196,89 @@ mod tests {
     #[test]
     fn entries_decode_only_known_versions() {
         let e = entry("k", 3, 1);
+        assert_eq!(e.encode()[0], 2);
         assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
-        let mut v2 = e.encode();
-        v2[0] = 2;
-        assert!(Entry::decode(&v2).is_err());
+        let mut v3 = e.encode();
+        v3[0] = 3;
+        assert!(Entry::decode(&v3).is_err());
+        let mut as_v1 = e.encode();
+        as_v1[0] = 1;
+        assert!(Entry::decode(&as_v1).is_err(), "a v2 body is no v1 entry");
         assert!(Entry::decode(&[]).is_err());
         assert!(Entry::decode(&[1, 0xff, 0xff]).is_err());
+        assert!(Entry::decode(&[2, 0xff, 0xff]).is_err());
         let s = stored_value(&e.encode(), 77);
         assert_eq!(decode_stored(&s).unwrap(), (e, 77));
+    }
+
+    /// A version-1 entry as the previous build encoded it.
+    fn v1(status: u16, response: &[u8]) -> Vec<u8> {
+        let old = EntryV1 {
+            scope: [7; 16],
+            key: "k".into(),
+            body_sha256: [3; 32],
+            status,
+            response: response.to_vec(),
+            accepted_ms: 11,
+            records: 3,
+        };
+        let mut out = vec![1];
+        out.extend(bincode::serde::encode_to_vec(&old, bincode_config()).unwrap());
+        out
+    }
+
+    #[test]
+    fn version_1_entries_still_answer_as_they_did() {
+        // Events: the 202 JSON with its sequence numbers, as first sent.
+        let body = br#"{"accepted":3,"rejected":0,"errors":[],"first_seq":null,"last_seq":null}"#;
+        let e = Entry::decode(&v1(202, body)).unwrap();
+        assert_eq!(
+            (e.protocol, e.records, e.accepted_ms),
+            (Protocol::Events, 3, 11)
+        );
+        assert_eq!(
+            (e.scope, &e.key[..], e.body_sha256),
+            ([7; 16], "k", [3; 32])
+        );
+        assert_eq!(
+            e.render(5),
+            br#"{"accepted":3,"rejected":0,"errors":[],"first_seq":5,"last_seq":7}"#
+        );
+        assert_eq!(
+            (e.answer.status, &e.answer.content_type[..]),
+            (202, "application/json")
+        );
+        // OTLP: 200 in the encoding of the stored body, unchanged.
+        let e = Entry::decode(&v1(202, br#"{"partialSuccess":null}"#)).unwrap();
+        assert_eq!(e.protocol, Protocol::OtlpJson);
+        assert_eq!(e.render(5), br#"{"partialSuccess":null}"#);
+        assert_eq!(
+            (e.answer.status, &e.answer.content_type[..]),
+            (200, "application/json")
+        );
+        for pb in [&b""[..], &b"\x0a\x03\x08\x01"[..]] {
+            let e = Entry::decode(&v1(202, pb)).unwrap();
+            assert_eq!(e.protocol, Protocol::OtlpProtobuf);
+            assert_eq!(e.render(9), pb);
+            assert_eq!(e.answer.content_type, "application/x-protobuf");
+        }
+    }
+
+    #[test]
+    fn an_answer_renders_its_sequence_numbers_in_place() {
+        let a = Answer::with_seqs(
+            202,
+            "application/json",
+            br#"{"errors":["\"first_seq\":null"],"first_seq":null,"last_seq":null}"#.to_vec(),
+        );
+        assert_eq!(
+            a.render(SeqRange {
+                first: 10,
+                last: 12345
+            }),
+            br#"{"errors":["\"first_seq\":null"],"first_seq":10,"last_seq":12345}"#
+        );
+        let plain = Answer::exact(200, "application/x-protobuf", vec![1, 2]);
+        assert_eq!(plain.render(SeqRange { first: 1, last: 2 }), [1, 2]);
     }
 }

@@ -25,38 +25,73 @@ pub fn current() -> Option<&'static str> {
 /// Reads `DATA_DIR/instance`, or creates it durably, and makes it
 /// [`current`]. The first id a process installs stays for its life.
 ///
+/// `sequence_starts_over`: the WAL and the offset store hold no trace of any
+/// sequence number (the next one is 1). Under an existing id that means the
+/// numbers would be handed out again (`wal/` and `offsets/` deleted while
+/// `instance` was kept), and a consumer applying the rule would drop every
+/// new event as a repeat of one it saw. So the id is replaced by a new one
+/// (logged, and counted in [`rotations`]); nothing is lost by that, since
+/// there is no record above the committed offset to produce again.
+///
 /// Creation: write `instance.tmp`, fsync it, rename, fsync the directory.
-/// Dying before the rename leaves a `.tmp` that the next start overwrites
-/// (no id was ever shown or sent); after the rename but before the directory
-/// fsync the name may vanish, and with it an id no record was produced with
-/// yet, because replay starts only after this returns.
-pub fn load_or_create(data_dir: &Path) -> std::io::Result<String> {
+/// Dying before the rename leaves the old file (or none) and a `.tmp` that
+/// the next start overwrites; no record was produced with the new id yet,
+/// because replay starts only after this returns. After the rename and
+/// before the directory fsync, a power cut may bring the old id back: still
+/// before any record carries the new one, and the next start replaces it
+/// again.
+pub fn load_or_create(data_dir: &Path, sequence_starts_over: bool) -> std::io::Result<String> {
     let path = data_dir.join(FILE);
     let id = match std::fs::read(&path) {
-        Ok(bytes) => parse(&bytes).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "{} does not hold an instance id (a UUID): refusing to start under another identity; restore it or remove it to start a new one",
-                    path.display()
-                ),
-            )
-        })?,
+        Ok(bytes) => {
+            let old = parse(&bytes).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} does not hold an instance id (a UUID): refusing to start under another identity; restore it or remove it to start a new one",
+                        path.display()
+                    ),
+                )
+            })?;
+            if sequence_starts_over {
+                let id = write_new(data_dir)?;
+                ROTATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(old_instance = %old, instance = %id, "the WAL and the offset store hold no sequence number under an existing instance id (wal/ and offsets/ deleted or emptied, or nothing was ever written): took a new instance id, so that consumers applying the (instance, partition, seq) rule do not drop new events as repeats");
+                id
+            } else {
+                old
+            }
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = uuid::Uuid::now_v7().hyphenated().to_string();
-            let tmp = data_dir.join(format!("{FILE}.tmp"));
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(format!("{id}\n").as_bytes())?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(data_dir)?.sync_all()?;
+            let id = write_new(data_dir)?;
             tracing::info!(instance = %id, "new data directory identity created");
             id
         }
         Err(e) => return Err(e),
     };
     Ok(CURRENT.get_or_init(|| id).clone())
+}
+
+/// Instance ids replaced at start because the sequence started over.
+static ROTATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times this process replaced its instance id (0 or 1), for
+/// `sluice_instance_rotations_total`.
+pub fn rotations() -> u64 {
+    ROTATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A new id, durable under `DATA_DIR/instance` before this returns.
+fn write_new(data_dir: &Path) -> std::io::Result<String> {
+    let id = uuid::Uuid::now_v7().hyphenated().to_string();
+    let tmp = data_dir.join(format!("{FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{id}\n").as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, data_dir.join(FILE))?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(id)
 }
 
 /// A valid file holds one UUID and an optional newline.
@@ -74,7 +109,7 @@ mod tests {
     #[test]
     fn created_once_then_stable_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create(dir.path()).unwrap();
+        let a = load_or_create(dir.path(), true).unwrap();
         assert_eq!(a.len(), ID_LEN);
         let on_disk = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
         assert_eq!(on_disk.trim_end(), a);
@@ -82,7 +117,7 @@ mod tests {
         // Read back, not recreated.
         assert_eq!(parse(on_disk.as_bytes()).as_deref(), Some(a.as_str()));
         std::fs::write(dir.path().join(FILE), "garbage").unwrap();
-        let err = load_or_create(dir.path()).unwrap_err();
+        let err = load_or_create(dir.path(), false).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
 }

@@ -242,11 +242,41 @@ impl Metrics {
             )?,
             registry: r,
         };
+        metrics.zero_known_labels();
         metrics.registry.register(Box::new(pulled(src)?))?;
         metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Arc::new(metrics))
+    }
+
+    /// Creates every known label value at 0, so that a fresh daemon
+    /// already exposes the series: `rate()` and dashboard panels then show
+    /// 0 instead of nothing until the first observation.
+    fn zero_known_labels(&self) {
+        for kind in crate::ingest::EventError::KINDS {
+            self.events_rejected.with_label_values(&[kind]);
+        }
+        for reason in ["missing", "malformed", "unknown"] {
+            self.auth_failures.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            self.auth_reloads.with_label_values(&[result]);
+        }
+        for scope in ["key", "tenant", "stream"] {
+            for unit in ["requests", "events"] {
+                self.rate_limited.with_label_values(&[scope, unit]);
+            }
+        }
+    }
+
+    /// Creates the per-stream series of every configured stream at 0.
+    pub fn zero_streams<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            for outcome in ["accepted", "rejected"] {
+                self.stream_events_total.with_label_values(&[name, outcome]);
+            }
+        }
     }
 
     /// Counts `n` events of `stream` with `outcome` (accepted, rejected).
@@ -382,7 +412,7 @@ const WAL: &[Row<Wal>] = &[
     ("wal_quota_bytes", "The WAL quota (wal.max-bytes).", GAUGE, |w| w.config().max_bytes as f64),
     ("disk_free_bytes", "Free bytes on the WAL's filesystem.", GAUGE, |w| w.free_bytes().map_or(f64::NAN, |b| b as f64)),
     ("disk_min_free_bytes", "Free space kept (wal.min-free-bytes).", GAUGE, |w| w.config().min_free_bytes as f64),
-    ("wal_truncated_bytes_total", "Bytes cut from a torn tail at recovery.", COUNTER, |w| get(&w.counters().truncated_bytes)),
+    ("wal_truncated_bytes_total", "Bytes cut at recovery: a torn tail of the last segment, or the damaged bytes of a frame inside it (the intact frames after it move to their own segment).", COUNTER, |w| get(&w.counters().truncated_bytes)),
     ("wal_lost_records_total", "Records found unreadable (corrupt or missing), counted once per range.", COUNTER, |w| get(&w.counters().lost_records)),
     ("wal_quarantined_files_total", "Damaged segments or tails copied to quarantine/.", COUNTER, |w| get(&w.counters().quarantined_files)),
     ("wal_quarantine_failures_total", "Damaged bytes recovery could not copy to quarantine/ (disk full); it started without them.", COUNTER, |w| get(&w.counters().quarantine_failures)),
@@ -412,9 +442,13 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("kafka_delivered_total", "Records confirmed by Kafka.", COUNTER, |r| get(&r.delivered)),
     ("replay_retries_total", "Failed deliveries that restarted replay from the last confirmed record.", COUNTER, |r| get(&r.retries)),
     ("replay_isolated_retries_total", "Records produced again alone after a permanent error on their request.", COUNTER, |r| get(&r.isolated_retries)),
+    ("replay_partition_changes_total", "Times a topic's partition count changed and a new count was pinned from a sequence boundary.", COUNTER, |r| get(&r.partition_changes)),
+    ("replay_partition_folds_total", "Records whose pinned partition no longer exists (the topic shrank) and went to another one.", COUNTER, |r| get(&r.partition_folds)),
     ("kafka_producer_recreations_total", "Producers rebuilt after a failure.", COUNTER, |r| get(&r.producer_recreations)),
     ("kafka_fatal_errors_total", "librdkafka fatal errors.", COUNTER, |r| get(&r.fatal_errors)),
     ("replay_gap_records_total", "Lost WAL records replay skipped (see wal_lost_records_total).", COUNTER, |r| get(&r.gap_records)),
+    ("startup_read_failures_total", "Reads of the WAL or the offset store that failed during start-up (stream scan, Idempotency-Key rebuild) and were retried.", COUNTER, |_| crate::datadir::STARTUP_READ_FAILURES.load(std::sync::atomic::Ordering::Relaxed) as f64),
+    ("instance_rotations_total", "Instance ids replaced at start because the WAL and the offset store held no sequence number (seq would start over at 1 under the old id).", COUNTER, |_| crate::instance::rotations() as f64),
     ("offset_store_resets_total", "Offset stores found unreadable or missing at start and moved to quarantine/ (replay restarted from the oldest segment).", COUNTER, |r| get(&r.offset_store_resets)),
     ("dead_letter_partial_lines_total", "Partial last lines of the dead-letter file (ENOSPC, kill) truncated before an append.", COUNTER, |r| get(&r.dead_letter_partial_lines)),
     ("sink_down", "Files sink: 1 while the archive writer is down (replay retries), else 0.", GAUGE, |r| flag(r.sink_down.load(Ordering::Relaxed))),

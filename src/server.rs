@@ -44,6 +44,10 @@ pub enum ServeError {
     Tls(#[from] crate::http::tls::TlsError),
     #[error("{0}")]
     UnknownStreams(String),
+    /// A read at start (the stream scan, the idempotency rebuild) failed;
+    /// retried in place, as replay retries the same reads.
+    #[error("reading at start: {0}")]
+    StartupRead(String),
 }
 
 /// How the daemon ended.
@@ -72,6 +76,7 @@ fn build_state(
     );
     let metrics =
         Metrics::install(&sources).expect("metric names and labels are static and unique");
+    metrics.zero_streams(config.streams().all().iter().map(|s| s.name.as_str()));
     Arc::new(AppState::assemble(config, sources, metrics, offsets, keys))
 }
 
@@ -109,15 +114,22 @@ pub async fn run(
         source,
     })?;
     let _lock = DataDirLock::acquire(&data_dir)?;
-    // Before replay can produce anything: every record carries this id.
-    let instance =
-        crate::instance::load_or_create(&data_dir).map_err(|source| ServeError::DataDir {
+    let (offsets, wal, offsets_reset) = open_storage(&config).await?;
+    crate::debug::arm_read_failures();
+    // Before replay can produce anything: every record carries this id. It
+    // is replaced when the storage starts over at seq 1 (see instance.rs).
+    let starts_over = wal.durable().borrow().next_seq == 1;
+    let instance = crate::instance::load_or_create(&data_dir, starts_over).map_err(|source| {
+        ServeError::DataDir {
             path: data_dir.join(crate::instance::FILE),
             source,
-        })?;
+        }
+    })?;
     tracing::info!(%instance, "data directory identity");
-    let (offsets, wal, offsets_reset) = open_storage(&config).await?;
-    check_wal_streams(&config, &wal, &offsets).await?;
+    retry_startup_read("checking the streams of undelivered WAL records", || {
+        check_wal_streams(&config, &wal, &offsets)
+    })
+    .await?;
 
     let (dev_broker, brokers) = start_kafka(&config)?;
     let state = build_state(&config, wal.clone(), offsets.clone(), keys);
@@ -136,9 +148,12 @@ pub async fn run(
         tls.clone(),
         std::time::Duration::from_millis(config.auth.reload_interval_ms),
     ));
-    crate::server_idempotency::start(&state, &wal, &offsets)
-        .await
-        .map_err(|e| ServeError::Http(std::io::Error::other(e)))?;
+    retry_startup_read("rebuilding the Idempotency-Key index", || async {
+        crate::server_idempotency::start(&state, &wal, &offsets)
+            .await
+            .map_err(|e| ServeError::StartupRead(e.to_string()))
+    })
+    .await?;
     if offsets_reset {
         state
             .replay
@@ -223,6 +238,42 @@ fn load_credentials(config: &Config) -> Result<Credentials, ServeError> {
     Ok((keys, tls))
 }
 
+/// Runs a start-up step that reads the WAL or the offset store until it
+/// succeeds. Replay treats a read error as retriable; exiting here instead
+/// made the same error a restart loop under systemd (exit 1, restart,
+/// recovery, the same read). Each failure is logged with its reason and the
+/// next wait (doubling, 100 ms to 30 s); systemd is told why the start takes
+/// longer. Any other error ends the start as before.
+async fn retry_startup_read<T, F, Fut>(what: &str, mut step: F) -> Result<T, ServeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ServeError>>,
+{
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut failures = 0u64;
+    loop {
+        match step().await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(failures, "{what}: succeeded after retrying");
+                }
+                return Ok(v);
+            }
+            Err(ServeError::StartupRead(why)) => {
+                failures += 1;
+                crate::datadir::STARTUP_READ_FAILURES.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %why, failures, retry_in_ms = wait.as_millis() as u64, "{what}: read failed; retrying (not serving until it succeeds)");
+                let status = format!("{what}: read failed ({failures}x), retrying: {why}");
+                let extend = (wait * 2 + std::time::Duration::from_secs(30)).as_micros();
+                crate::systemd::extend_start(&status, u32::try_from(extend).unwrap_or(u32::MAX));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Opens the offset store (reset if unreadable), recovers the WAL from the
 /// committed offset, and records the ranges recovery found lost.
 async fn open_storage(config: &Config) -> Result<(Arc<OffsetStore>, Arc<Wal>, bool), ServeError> {
@@ -253,6 +304,11 @@ async fn open_storage(config: &Config) -> Result<(Arc<OffsetStore>, Arc<Wal>, bo
         for gap in report.lost.iter().filter(|g| g.last < report.next_seq) {
             offsets.record_fate(gap.first, gap.last, crate::replay::offsets::Fate::Lost)?;
         }
+        // Before anything is appended or produced: records below this were
+        // written by a build that let librdkafka choose partitions (only
+        // when the store does not say so already; a new data dir says 1).
+        // Durable before returning, so the boundary never moves.
+        offsets.set_pinning_since(report.next_seq)?;
         Ok((Arc::new(offsets), Arc::new(wal), reset.is_some()))
     })
     .await
@@ -355,7 +411,8 @@ async fn scan_wal_streams(
         Ok::<_, crate::wal::WalError>((unknown, scanned))
     })
     .await
-    .map_err(|e| ServeError::Http(std::io::Error::other(e)))??;
+    .map_err(|e| ServeError::Http(std::io::Error::other(e)))?
+    .map_err(|e| ServeError::StartupRead(format!("WAL from seq {from}: {e}")))?;
     tracing::info!(
         from_seq = from,
         scanned_records = scanned,
@@ -461,6 +518,7 @@ async fn spawn_replayer(
                 max_batch: config.archive.commit_records,
             }),
         },
+        routes: Default::default(),
     };
     let (replayer_alive, guard) = crate::systemd::Alive::pair();
     let nice = config.replay.nice;

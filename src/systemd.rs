@@ -15,6 +15,15 @@ pub fn ready(status: &str) {
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// Still starting (a retried read): says why, and asks systemd for `usec`
+/// more before its start timeout.
+pub fn extend_start(status: &str, usec: u32) {
+    let _ = sd_notify::notify(&[
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status(status),
+    ]);
+}
+
 pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }

@@ -87,7 +87,7 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u1
 
 /// Every caller kills or waits for the child.
 #[allow(clippy::zombie_processes)]
-fn serve(data: &Path, brokers: &str) -> (Child, String) {
+fn serve(data: &Path, brokers: &str, partitions_cap: Option<u32>) -> (Child, String) {
     let addr_file = data.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let log = std::fs::OpenOptions::new()
@@ -95,11 +95,20 @@ fn serve(data: &Path, brokers: &str) -> (Child, String) {
         .append(true)
         .open(data.join("serve.log"))
         .unwrap();
-    let child = Command::new(EXE)
+    let mut cmd = Command::new(EXE);
+    cmd.arg("serve");
+    if exactly_once::enabled() {
+        let config = data.join("sluice.toml");
+        std::fs::write(&config, exactly_once::config()).unwrap();
+        cmd.arg("--config").arg(config);
+    }
+    if let Some(cap) = partitions_cap {
+        cmd.env("SLUICE_DEBUG_PARTITIONS_CAP", cap.to_string());
+    }
+    let child = cmd
         // No admin listener: its fixed default port would clash between parallel daemons.
         .env("SLUICE_HTTP_ADMIN_LISTEN", "")
         .args([
-            "serve",
             "--listen",
             "127.0.0.1:0",
             "--brokers",
@@ -332,7 +341,12 @@ fn main() -> ExitCode {
     });
 
     for cycle in 0..cycles {
-        let (mut daemon, addr) = serve(&root, &brokers);
+        // Exactly-once mode: the topic "grows" from 8 to 16 partitions
+        // halfway, between a kill and the restart (see
+        // `SLUICE_DEBUG_PARTITIONS_CAP`): records produced again after it
+        // must keep their partition, later ones spread over 16.
+        let cap = (exactly_once::enabled() && cycle < cycles / 2).then_some(8);
+        let (mut daemon, addr) = serve(&root, &brokers, cap);
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..clients)
             .map(|c| {
@@ -368,7 +382,7 @@ fn main() -> ExitCode {
     }
 
     // Drain: a last daemon runs until replay has caught up, then stops cleanly.
-    let (mut daemon, addr) = serve(&root, &brokers);
+    let (mut daemon, addr) = serve(&root, &brokers, None);
     // Every request cut by a kill gets its definitive answer now.
     let (mut retries, mut replayed) = (0, 0);
     for state in eo.iter().flatten() {
@@ -417,6 +431,14 @@ fn main() -> ExitCode {
             v.dropped_by_rule,
             started.elapsed().as_secs_f64()
         );
+        // The growth took effect: records above the boundary use the
+        // partitions the cap hid.
+        let grown = seen.raw.iter().filter(|r| r.partition >= 8).count();
+        println!("chaos: records on partitions 8-15 (after the growth) = {grown}");
+        if cycles >= 2 && grown == 0 {
+            eprintln!("the partition-count change never took effect");
+            return ExitCode::from(1);
+        }
         let bad = v.lost + v.unacknowledged + v.duplicates as usize + v.order_violations as usize;
         if incomplete || bad > 0 || !clean || acked.is_empty() {
             eprintln!(

@@ -16,8 +16,14 @@ pub struct Consumed {
     pub key: Option<String>,
     pub headers: serde_json::Map<String, serde_json::Value>,
     pub timestamp_ms: Option<i64>,
-    /// The value as JSON when it is JSON, else as a string.
+    /// The value as JSON when it is JSON, else as a string (for code that
+    /// reads fields; not printed).
+    #[serde(skip)]
     pub value: serde_json::Value,
+    /// What `sluice consume` prints as `value`: the stored bytes verbatim
+    /// when they are JSON (never re-serialized), else a JSON string.
+    #[serde(rename = "value")]
+    pub raw_value: Box<serde_json::value::RawValue>,
 }
 
 impl Consumed {
@@ -83,8 +89,8 @@ pub fn consume(
                     .map(|h| {
                         h.iter()
                             .map(|h| {
-                                let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                                (h.key.to_string(), serde_json::Value::String(v.into_owned()))
+                                let v = h.value.unwrap_or_default();
+                                (h.key.to_string(), crate::wal::inspect::header_json(v))
                             })
                             .collect()
                     })
@@ -100,6 +106,7 @@ pub fn consume(
                     headers,
                     timestamp_ms: m.timestamp().to_millis(),
                     value,
+                    raw_value: crate::wal::inspect::value_json(payload),
                 });
             }
         }

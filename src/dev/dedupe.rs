@@ -66,6 +66,7 @@ mod tests {
             headers,
             timestamp_ms: None,
             value: serde_json::Value::Null,
+            raw_value: crate::wal::inspect::value_json(b"null"),
         }
     }
 

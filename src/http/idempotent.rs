@@ -1,9 +1,15 @@
 //! The HTTP side of `Idempotency-Key` (the index is `crate::idempotency`).
 //!
 //! - No header: the request behaves as if the feature did not exist.
-//! - Seen and accepted within the window: the stored status and body, with
-//!   `Idempotent-Replayed: true`; nothing is appended.
-//! - Same key, different body: 422. First request still running: 409 with
+//! - Seen and accepted within the window: the first answer exactly (status,
+//!   `Content-Type`, body bytes) with `Idempotent-Replayed: true`; nothing
+//!   is appended. Exactly, because the first answer is itself rendered from
+//!   the stored [`Answer`]: the only exception is a body over
+//!   [`idempotency::MAX_RESPONSE_BYTES`], stored (and replayed) without its
+//!   per-event error list.
+//! - Same key, different body: 422. Same key and body on another protocol
+//!   (events vs OTLP, or the other OTLP encoding): 422 too, naming the
+//!   protocol that used it. First request still running: 409 with
 //!   `Retry-After: 1` (chosen over waiting: a waiting request would hold its
 //!   connection and in-flight budget for as long as the first one's fsync,
 //!   and the client retries anyway).
@@ -16,7 +22,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::{AppError, SharedState};
-use crate::idempotency::{self, Begin, Entry, Pending};
+use crate::idempotency::{self, Answer, Begin, Entry, Pending, Protocol};
 use crate::wal::{SeqRange, WalError};
 
 /// A keyed request allowed to proceed.
@@ -25,6 +31,7 @@ pub(super) struct Keyed {
     scope: [u8; 16],
     key: String,
     body_sha256: [u8; 32],
+    protocol: Protocol,
 }
 
 pub(super) enum Gate {
@@ -32,13 +39,14 @@ pub(super) enum Gate {
     Answer(Response),
 }
 
-/// Decides from the header, the caller's scope and the body.
+/// Decides from the header, the caller's scope, the protocol and the body.
 pub(super) fn gate(
     st: &SharedState,
     headers: &HeaderMap,
     api_key_name: Option<&str>,
     stream: &str,
     body: &[u8],
+    protocol: Protocol,
 ) -> Result<Gate, AppError> {
     let Some(raw) = headers.get(idempotency::REQUEST_HEADER) else {
         return Ok(Gate::Proceed(None));
@@ -47,22 +55,21 @@ pub(super) fn gate(
         .map_err(|why| AppError::BadRequest(why.to_string()))?;
     let scope = idempotency::scope_for(api_key_name, stream);
     let body_sha256 = idempotency::body_hash(body);
-    Ok(match st.idempotency.begin(scope, &key, body_sha256) {
+    Ok(match st.idempotency.begin(scope, &key, body_sha256, protocol) {
         Begin::New(pending) => Gate::Proceed(Some(Keyed {
             pending,
             scope,
             key,
             body_sha256,
+            protocol,
         })),
-        Begin::Replay { status, body } => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
-            let mut resp = (status, body).into_response();
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            h.insert(
+        Begin::Replay {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut resp = answer(status, &content_type, body);
+            resp.headers_mut().insert(
                 idempotency::REPLAYED_HEADER,
                 HeaderValue::from_static("true"),
             );
@@ -72,6 +79,16 @@ pub(super) fn gate(
             (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 Json(json!({ "error": "this Idempotency-Key was already used with a different request body" })),
+            )
+                .into_response(),
+        ),
+        Begin::OtherProtocol { stored } => Gate::Answer(
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({ "error": format!(
+                    "this Idempotency-Key was already used on {}; a key names one request, use a new key here",
+                    stored.describe()
+                ) })),
             )
                 .into_response(),
         ),
@@ -88,21 +105,33 @@ pub(super) fn gate(
     })
 }
 
+/// A response of exactly this status, `Content-Type` and body: a first
+/// answer and its replays are built here from the same [`Answer`].
+pub(super) fn answer(status: u16, content_type: &str, body: Vec<u8>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, body).into_response();
+    let ct = HeaderValue::from_str(content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    resp
+}
+
 /// Appends the batch with its key: the entry rides in the first record and
-/// enters the index when the batch is durable. `response` is the 202 body
-/// with null sequence numbers (cut to its counts if it is long).
+/// enters the index when the batch is durable. `stored` is the answer to
+/// replay (its sequence numbers filled in later; cut to its counts if long,
+/// see [`stored_answer`]).
 pub(super) async fn append(
     st: &SharedState,
     mut payloads: Vec<Vec<u8>>,
     keyed: Keyed,
-    response: Vec<u8>,
+    stored: Answer,
 ) -> Result<SeqRange, WalError> {
     let entry = Entry {
         scope: keyed.scope,
         key: keyed.key,
         body_sha256: keyed.body_sha256,
-        status: StatusCode::ACCEPTED.as_u16(),
-        response,
+        protocol: keyed.protocol,
+        answer: stored,
         accepted_ms: chrono::Utc::now().timestamp_millis(),
         records: payloads.len() as u64,
     };
@@ -125,12 +154,13 @@ pub(super) async fn append(
         .await
 }
 
-/// The stored form of a 202 body: the full body if short, else the same
-/// object without its `errors` list.
-pub(super) fn stored_response(full: Vec<u8>, without_errors: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
-    if full.len() <= idempotency::MAX_RESPONSE_BYTES {
-        full
+/// The stored form of an answer: the answer itself if its body is short,
+/// else `cut()` (the same answer without its per-record error list), so an
+/// entry stays bounded whatever the request.
+pub(super) fn stored_answer(full: &Answer, cut: impl FnOnce() -> Answer) -> Answer {
+    if full.body.len() <= idempotency::MAX_RESPONSE_BYTES {
+        full.clone()
     } else {
-        without_errors()
+        cut()
     }
 }

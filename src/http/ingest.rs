@@ -26,14 +26,16 @@ use crate::streams::Stream;
 const BLOCKING_PARSE_BYTES: usize = 64 * 1024;
 
 /// The ingest response, for 202 and for the 400/413 of "nothing accepted".
+/// `first_seq` and `last_seq` stay the last two fields: a 202 is rendered
+/// from the body with them null (`idempotency::Answer::with_seqs`).
 #[derive(serde::Serialize)]
-struct IngestResponse {
+struct IngestResponse<'a> {
     /// Only on streams with `response-success-field`: no event rejected.
     #[serde(skip_serializing_if = "Option::is_none")]
     success: Option<bool>,
     accepted: usize,
     rejected: usize,
-    errors: Vec<Rejection>,
+    errors: &'a [Rejection],
     first_seq: Option<u64>,
     last_seq: Option<u64>,
 }
@@ -169,6 +171,7 @@ async fn accept(
         admitted.key.as_ref().map(|k| k.name.as_str()),
         &stream.name,
         &bytes,
+        crate::idempotency::Protocol::Events,
     )? {
         super::idempotent::Gate::Proceed(keyed) => keyed,
         super::idempotent::Gate::Answer(resp) => return Ok(resp),
@@ -195,24 +198,22 @@ async fn accept(
         &tenants,
     )?;
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
+    // The 202, before its sequence numbers: sent below and, with a key,
+    // stored for the replay (without the error list past 16 KiB).
+    let answer = accepted_answer(accepted, rejected, &batch.rejected, success);
     let keyed = keyed.map(|k| {
-        (
-            k,
-            stored_response(accepted, rejected, &batch.rejected, success),
-        )
+        let cut = || accepted_answer(accepted, rejected, &[], success);
+        (k, super::idempotent::stored_answer(&answer, cut))
     });
     let range = append(st, payloads, keyed, handed).await?;
     drop(permit);
     st.metrics
         .stream_events(stream, "accepted", accepted as u64);
-    Ok(respond(
-        st,
-        accepted,
-        &tenants,
-        rejected,
-        batch.rejected,
-        range,
-        success,
+    count_accepted(st, accepted, &tenants);
+    Ok(super::idempotent::answer(
+        answer.status,
+        &answer.content_type,
+        answer.render(range),
     ))
 }
 
@@ -377,7 +378,7 @@ fn nothing_accepted(batch: ingest::Batch, rejected: usize, success: Option<bool>
         success,
         accepted: 0,
         rejected,
-        errors: batch.rejected,
+        errors: &batch.rejected,
         first_seq: None,
         last_seq: None,
     };
@@ -388,7 +389,7 @@ fn nothing_accepted(batch: ingest::Batch, rejected: usize, success: Option<bool>
 pub(super) async fn append(
     st: &SharedState,
     payloads: Vec<Vec<u8>>,
-    keyed: Option<(super::idempotent::Keyed, Vec<u8>)>,
+    keyed: Option<(super::idempotent::Keyed, crate::idempotency::Answer)>,
     handed: &AtomicBool,
 ) -> Result<crate::wal::SeqRange, AppError> {
     let retry_after = st.http.retry_after_secs;
@@ -420,49 +421,23 @@ pub(super) async fn append(
     }
 }
 
-/// The 202 body an Idempotency-Key replay answers with: sequence numbers
-/// null (the index fills them in once the batch is durable), cut to its
-/// counts when the error list is long.
-fn stored_response(
+/// The 202 of an accepted batch, its sequence numbers to be filled in.
+fn accepted_answer(
     accepted: usize,
     rejected: usize,
     errors: &[Rejection],
     success: Option<bool>,
-) -> Vec<u8> {
-    let template = |errors: &[Rejection]| {
-        serde_json::to_vec(&IngestResponse {
-            success,
-            accepted,
-            rejected,
-            errors: errors.to_vec(),
-            first_seq: None,
-            last_seq: None,
-        })
-        .unwrap_or_default()
-    };
-    super::idempotent::stored_response(template(errors), || template(&[]))
-}
-
-/// The 202, after counting the accepted events (by tenant too).
-fn respond(
-    st: &SharedState,
-    accepted: usize,
-    tenants: &[(String, u32)],
-    rejected: usize,
-    errors: Vec<Rejection>,
-    range: crate::wal::SeqRange,
-    success: Option<bool>,
-) -> Response {
-    count_accepted(st, accepted, tenants);
-    let body = IngestResponse {
+) -> crate::idempotency::Answer {
+    let body = serde_json::to_vec(&IngestResponse {
         success,
         accepted,
         rejected,
         errors,
-        first_seq: Some(range.first),
-        last_seq: Some(range.last),
-    };
-    (StatusCode::ACCEPTED, Json(body)).into_response()
+        first_seq: None,
+        last_seq: None,
+    })
+    .unwrap_or_default();
+    crate::idempotency::Answer::with_seqs(StatusCode::ACCEPTED.as_u16(), "application/json", body)
 }
 
 /// Counts a durable batch's events (by tenant too), and notes the end of a

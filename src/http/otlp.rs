@@ -13,7 +13,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +23,7 @@ use prost::Message as _;
 
 use super::ingest as stages;
 use super::{AppError, SharedState};
+use crate::idempotency::{Answer, Protocol};
 use crate::ingest::otlp::{self, Encoding, OtlpError};
 use crate::ingest::{self, Rejection};
 use crate::streams::Stream;
@@ -154,9 +154,13 @@ async fn accept(
         admitted.key.as_ref().map(|k| k.name.as_str()),
         &stream.name,
         &bytes,
+        match encoding {
+            Encoding::Protobuf => Protocol::OtlpProtobuf,
+            Encoding::Json => Protocol::OtlpJson,
+        },
     )? {
         super::idempotent::Gate::Proceed(keyed) => keyed,
-        super::idempotent::Gate::Answer(resp) => return replayed(resp, encoding).await,
+        super::idempotent::Gate::Answer(resp) => return replayed(resp).await,
     };
     let batch = parse(st, stream, bytes, encoding, admitted.scope).await?;
     let rejected = stages::count_rejections(st, &batch);
@@ -165,7 +169,8 @@ async fn accept(
     if batch.accepted.is_empty() {
         if rejected == 0 {
             // An empty request: success, nothing to store.
-            return Ok(success(encoding, 0, &[]));
+            let a = success(encoding, 0, &[]);
+            return Ok(super::idempotent::answer(a.status, &a.content_type, a.body));
         }
         return Err(nothing_accepted(&batch));
     }
@@ -183,14 +188,23 @@ async fn accept(
         &tenants,
     )?;
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
-    // The stored answer for a keyed retry: the same response body.
-    let keyed = keyed.map(|k| (k, response_body(encoding, rejected, &batch.rejected)));
-    let _range: SeqRange = stages::append(st, payloads, keyed, handed).await?;
+    // The answer, sent below and, with a key, stored for the replay (with
+    // the rejections only counted past 16 KiB).
+    let answer = success(encoding, rejected, &batch.rejected);
+    let keyed = keyed.map(|k| {
+        let cut = || success(encoding, rejected, &[]);
+        (k, super::idempotent::stored_answer(&answer, cut))
+    });
+    let range: SeqRange = stages::append(st, payloads, keyed, handed).await?;
     drop(permit);
     st.metrics
         .stream_events(stream, "accepted", accepted as u64);
     stages::count_accepted(st, accepted, &tenants);
-    Ok(success(encoding, rejected, &batch.rejected))
+    Ok(super::idempotent::answer(
+        answer.status,
+        &answer.content_type,
+        answer.render(range),
+    ))
 }
 
 /// Decodes and normalizes the records; a large body on the blocking pool.
@@ -272,32 +286,29 @@ fn response_body(encoding: Encoding, rejected: usize, errors: &[Rejection]) -> V
     }
 }
 
-fn success(encoding: Encoding, rejected: usize, errors: &[Rejection]) -> Response {
-    let mut resp = (StatusCode::OK, response_body(encoding, rejected, errors)).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(encoding.content_type()),
-    );
-    resp
+/// The 200 `ExportLogsServiceResponse` in the request's encoding (no
+/// sequence numbers: OTLP answers carry none).
+fn success(encoding: Encoding, rejected: usize, errors: &[Rejection]) -> Answer {
+    Answer::exact(
+        StatusCode::OK.as_u16(),
+        encoding.content_type(),
+        response_body(encoding, rejected, errors),
+    )
 }
 
-/// The Idempotency-Key gate's own answers, in OTLP form: a stored success
-/// is replayed as 200 in the request's encoding; "still in flight" becomes
-/// 503 with its Retry-After (409 is not retryable for OTLP exporters, and
-/// the first request may yet fail); a different body stays 422.
-async fn replayed(resp: Response, encoding: Encoding) -> Result<Response, Failure> {
-    let (mut parts, body) = resp.into_parts();
+/// The Idempotency-Key gate's own answers, in OTLP form: a stored answer is
+/// replayed exactly as it was first sent (status, type, bytes); "still in
+/// flight" becomes 503 with its Retry-After (409 is not retryable for OTLP
+/// exporters, and the first request may yet fail); a different body, or a
+/// key first used on another protocol, stays 422, as a `google.rpc.Status`.
+async fn replayed(resp: Response) -> Result<Response, Failure> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, 1 << 20)
         .await
         .unwrap_or_default();
-    if parts.status.is_success() {
-        parts.status = StatusCode::OK;
-        parts.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(encoding.content_type()),
-        );
-        return Ok(Response::from_parts(parts, Body::from(bytes)));
-    }
     let message = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v.get("error")?.as_str().map(str::to_string))

@@ -207,6 +207,16 @@ impl Read for GzMembers<'_> {
                     self.max_members
                 )));
             }
+            // Bytes after a complete member must be another member: say so
+            // plainly instead of letting a decoder report junk as a short
+            // header ("unexpected end of file").
+            if !rest.starts_with(&[0x1f, 0x8b]) {
+                return Err(invalid(format!(
+                    "{} bytes after gzip member {} are not a gzip member (they do not start with the gzip magic 1f 8b)",
+                    rest.len(),
+                    self.members
+                )));
+            }
             self.members += 1;
             self.member_out = 0;
             self.decoder = Some(flate2::bufread::GzDecoder::new(Budget { rest, left }));
@@ -271,6 +281,17 @@ mod member_tests {
             &mut |_| true,
         )? {}
         Ok(out)
+    }
+
+    #[test]
+    fn junk_after_a_member_is_named_as_such() {
+        let mut body = gz(b"{\"a\":1}");
+        body.extend_from_slice(b"junk!");
+        let err = decode_all(&body, 10).unwrap_err();
+        assert!(
+            matches!(&err, DecodeError::Invalid(m) if m.contains("5 bytes after gzip member 1 are not a gzip member")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -49,6 +49,18 @@ pub enum EventError {
 }
 
 impl EventError {
+    /// Every value [`EventError::kind`] returns, for metrics that exist at 0
+    /// before the first rejection.
+    pub const KINDS: [&'static str; 7] = [
+        "malformed",
+        "not_object",
+        "missing_field",
+        "invalid_field",
+        "too_large",
+        "too_deep",
+        "forbidden",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             EventError::Malformed(_) => "malformed",
@@ -133,7 +145,9 @@ impl Normalizer {
         Ok(self)
     }
 
-    fn severity(&self, s: &str) -> Option<&'static str> {
+    /// The level a `severity` names: a built-in name or an alias (OTLP's
+    /// `severity_text` is read the same way).
+    pub(crate) fn severity(&self, s: &str) -> Option<&'static str> {
         normalize_severity(s).or_else(|| {
             let up = s.trim().to_ascii_uppercase();
             self.severity_aliases
@@ -733,7 +747,17 @@ fn parse_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, EventError> {
         invalid("timestamp must be RFC 3339 (e.g. 2024-05-01T12:00:00Z) or epoch seconds or milliseconds")
     };
     let in_range = |dt: DateTime<Utc>| {
-        if (MIN_TIMESTAMP_MS..=MAX_TIMESTAMP_MS).contains(&dt.timestamp_millis()) {
+        // Compared as instants, not as truncated milliseconds: .9999Z in
+        // the last second of 9999 truncates to .999 but lies past it.
+        let bounds = (
+            Utc.timestamp_millis_opt(MIN_TIMESTAMP_MS).single(),
+            Utc.timestamp_millis_opt(MAX_TIMESTAMP_MS).single(),
+        );
+        let within = match bounds {
+            (Some(lo), Some(hi)) => lo <= dt && dt <= hi,
+            _ => false,
+        };
+        if within {
             Ok(dt)
         } else {
             Err(invalid(
@@ -903,6 +927,28 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains("out of range"));
+    }
+
+    #[test]
+    fn the_last_millisecond_is_the_limit_at_any_precision() {
+        let n = norm();
+        let at = |ts: &str| {
+            n.normalize(
+                json!({"tenant_id": "a", "source": "s", "message": "m", "timestamp": ts}),
+                now(),
+            )
+        };
+        let ok = at("9999-12-31T23:59:59.999Z").unwrap();
+        assert_eq!(value_of(&ok).1["timestamp"], "9999-12-31T23:59:59.999Z");
+        for past in [
+            "9999-12-31T23:59:59.9999Z",
+            "9999-12-31T23:59:59.999000001Z",
+            "9999-12-31T23:30:00-01:00",
+        ] {
+            let err = at(past).unwrap_err();
+            assert!(err.to_string().contains("out of range"), "{past}: {err}");
+        }
+        assert!(at("1970-01-01T00:00:00.0005Z").is_err());
     }
 
     #[test]

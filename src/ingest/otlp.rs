@@ -25,6 +25,8 @@ use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod json;
+
 use super::config::Limits;
 use super::{Batch, EventError, Normalizer, Rejection};
 use crate::auth::{TenantDenied, TenantScope};
@@ -163,12 +165,8 @@ pub fn decode(
             if json_objects(body) > budget {
                 return Err(OtlpError::TooManyMessages(budget));
             }
-            let body = quote_nanos(body);
-            let top: JsonRequest = serde_json::from_slice(&body)
-                .map_err(|e| OtlpError::Malformed(format!("invalid OTLP/JSON: {e}")))?;
-            ExportLogsServiceRequest {
-                resource_logs: top.resource_logs,
-            }
+            json::decode(body)
+                .map_err(|e| OtlpError::Malformed(format!("invalid OTLP/JSON: {e}")))?
         }
     };
     let records: usize = request
@@ -181,15 +179,6 @@ pub fn decode(
         return Err(OtlpError::TooManyRecords(limits.max_events_per_request));
     }
     Ok(request)
-}
-
-/// The request's one field, defaulted: the generated type requires
-/// `resourceLogs`, but proto3 JSON may omit a field at its default, and an
-/// empty request (`{}`) is a success.
-#[derive(Deserialize)]
-struct JsonRequest {
-    #[serde(default, rename = "resourceLogs")]
-    resource_logs: Vec<ResourceLogs>,
 }
 
 enum Scan {
@@ -253,75 +242,6 @@ fn count_messages(
         }
     }
     Ok(())
-}
-
-/// The OTLP/JSON fields the generated serde mapping reads only as strings
-/// while proto3 JSON (and so the OTLP spec) also allows numbers.
-const NANOS_FIELDS: [&[u8]; 2] = [b"timeUnixNano", b"observedTimeUnixNano"];
-
-/// `"timeUnixNano": 123` rewritten as `"timeUnixNano": "123"` (likewise
-/// `observedTimeUnixNano`), in one pass over the text; the body is borrowed
-/// as is when no such number occurs. Numbers anywhere else are left alone.
-fn quote_nanos(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    let mut out: Option<Vec<u8>> = None;
-    let mut copied = 0; // body[..copied] is already in `out`
-    let (mut i, mut key_start) = (0, 0);
-    let (mut in_string, mut escaped) = (false, false);
-    while i < body.len() {
-        let b = body[i];
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => {
-                    in_string = false;
-                    let key = &body[key_start..i];
-                    if NANOS_FIELDS.contains(&key) {
-                        let mut j = i + 1;
-                        while body.get(j).is_some_and(u8::is_ascii_whitespace) {
-                            j += 1;
-                        }
-                        if body.get(j) == Some(&b':') {
-                            j += 1;
-                            while body.get(j).is_some_and(u8::is_ascii_whitespace) {
-                                j += 1;
-                            }
-                            let start = j;
-                            while body
-                                .get(j)
-                                .is_some_and(|c| c.is_ascii_digit() || b"+-.eE".contains(c))
-                            {
-                                j += 1;
-                            }
-                            if j > start {
-                                let o =
-                                    out.get_or_insert_with(|| Vec::with_capacity(body.len() + 64));
-                                o.extend_from_slice(&body[copied..start]);
-                                o.push(b'"');
-                                o.extend_from_slice(&body[start..j]);
-                                o.push(b'"');
-                                copied = j;
-                                i = j;
-                                continue;
-                            }
-                        }
-                    }
-                }
-                _ => {}
-            }
-        } else if b == b'"' {
-            in_string = true;
-            key_start = i + 1;
-        }
-        i += 1;
-    }
-    match out {
-        None => std::borrow::Cow::Borrowed(body),
-        Some(mut o) => {
-            o.extend_from_slice(&body[copied..]);
-            std::borrow::Cow::Owned(o)
-        }
-    }
 }
 
 /// Whether `buf` parses as one level of protobuf fields.
@@ -410,7 +330,7 @@ pub fn prepare(
                     ));
                     continue;
                 }
-                match record_event(record, &resource, scope_meta.as_ref()) {
+                match record_event(record, &resource, scope_meta.as_ref(), normalizer) {
                     Err(e) => batch.rejected.push(rejection(i, e)),
                     Ok(text) => match serde_json::value::RawValue::from_string(text) {
                         Err(e) => batch
@@ -511,6 +431,7 @@ fn record_event(
     r: &LogRecord,
     resource: &ResourcePart,
     scope: Option<&Value>,
+    normalizer: &Normalizer,
 ) -> Result<String, EventError> {
     let mut ev = Map::new();
     if let Some(t) = &resource.tenant {
@@ -522,7 +443,8 @@ fn record_event(
     if let Some(t) = time {
         ev.insert("timestamp".into(), rfc3339_nanos(t)?.into());
     }
-    if let Some(s) = severity(r.severity_number, &r.severity_text) {
+    let named = |text: &str| normalizer.severity(text);
+    if let Some(s) = severity(r.severity_number, &r.severity_text, named) {
         ev.insert("severity".into(), s.into());
     }
     if let Some(s) = &resource.source {
@@ -543,6 +465,8 @@ fn record_event(
 fn message(r: &LogRecord) -> Option<String> {
     match r.body.as_ref().and_then(|b| b.value.as_ref()) {
         Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+        // Its name, not the JSON text of its name (`"NaN"`).
+        Some(any_value::Value::DoubleValue(d)) if !d.is_finite() => Some(double_name(*d).into()),
         Some(_) => Some(any_value(r.body.as_ref()).to_string()),
         None => (!r.event_name.is_empty()).then(|| r.event_name.clone()),
     }
@@ -615,8 +539,15 @@ fn rfc3339_nanos(n: u64) -> Result<String, EventError> {
         .ok_or_else(|| EventError::Invalid(format!("time {n} ns is out of range")))
 }
 
-/// The sluice severity of a record: the number's range, else its text.
-pub fn severity(number: i32, text: &str) -> Option<&'static str> {
+/// The sluice severity of a record: the number's range, else its text as
+/// the stream reads a `severity` (`named`: the built-in names and the
+/// stream's `severity-aliases`). The number wins: it is the normalized
+/// field, the text is the source's own spelling.
+pub fn severity(
+    number: i32,
+    text: &str,
+    named: impl Fn(&str) -> Option<&'static str>,
+) -> Option<&'static str> {
     Some(match number {
         1..=4 => "TRACE",
         5..=8 => "DEBUG",
@@ -624,16 +555,20 @@ pub fn severity(number: i32, text: &str) -> Option<&'static str> {
         13..=16 => "WARN",
         17..=20 => "ERROR",
         21..=24 => "FATAL",
-        _ => match text.trim().to_ascii_uppercase().as_str() {
-            "TRACE" => "TRACE",
-            "DEBUG" => "DEBUG",
-            "INFO" => "INFO",
-            "WARN" | "WARNING" => "WARN",
-            "ERROR" => "ERROR",
-            "FATAL" => "FATAL",
-            _ => return None,
-        },
+        _ if text.trim().is_empty() => return None,
+        _ => return named(text),
     })
+}
+
+/// A non-finite double's OTLP/JSON name.
+fn double_name(d: f64) -> &'static str {
+    if d.is_nan() {
+        "NaN"
+    } else if d > 0.0 {
+        "Infinity"
+    } else {
+        "-Infinity"
+    }
 }
 
 /// Attributes as a JSON object; a repeated key keeps its last value.
@@ -646,8 +581,9 @@ fn attributes(kvs: &[KeyValue]) -> Map<String, Value> {
 }
 
 /// An AnyValue as plain JSON: strings, booleans, numbers, arrays and
-/// objects as themselves; bytes as base64; a non-finite double as its name
-/// (JSON has no NaN); an empty value as null. The nesting is bounded by the
+/// objects as themselves; bytes as base64; a non-finite double as its
+/// OTLP/JSON name (`NaN`, `Infinity`, `-Infinity`: JSON has no NaN); an
+/// empty value as null. The nesting is bounded by the
 /// decoders (prost 100, serde_json 128).
 pub fn any_value(v: Option<&AnyValue>) -> Value {
     use any_value::Value as V;
@@ -659,7 +595,7 @@ pub fn any_value(v: Option<&AnyValue>) -> Value {
         Some(V::IntValue(i)) => (*i).into(),
         Some(V::DoubleValue(d)) => match serde_json::Number::from_f64(*d) {
             Some(n) => Value::Number(n),
-            None => d.to_string().into(),
+            None => double_name(*d).into(),
         },
         Some(V::ArrayValue(a)) => a.values.iter().map(|x| any_value(Some(x))).collect(),
         Some(V::KvlistValue(kv)) => Value::Object(attributes(&kv.values)),
@@ -670,6 +606,10 @@ pub fn any_value(v: Option<&AnyValue>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn builtin(t: &str) -> Option<&'static str> {
+        Normalizer::new(Limits::default(), Default::default()).severity(t)
+    }
 
     #[test]
     fn severity_ranges_and_text() {
@@ -684,23 +624,19 @@ mod tests {
             (21, "FATAL"),
             (24, "FATAL"),
         ] {
-            assert_eq!(severity(n, "info"), Some(want), "{n}");
+            assert_eq!(severity(n, "info", builtin), Some(want), "{n}");
         }
-        assert_eq!(severity(0, "Warning"), Some("WARN"));
-        assert_eq!(severity(99, "error"), Some("ERROR"));
-        assert_eq!(severity(0, "notice"), None);
-        assert_eq!(severity(-3, ""), None);
-    }
-
-    #[test]
-    fn nanos_numbers_become_strings_and_nothing_else_changes() {
-        let body = br#"{"timeUnixNano" : 17, "x":"timeUnixNano", "observedTimeUnixNano":"5", "n": 3, "k":{"timeUnixNano":1e3}}"#;
+        assert_eq!(severity(0, "Warning", builtin), Some("WARN"));
+        assert_eq!(severity(99, "error", builtin), Some("ERROR"));
+        assert_eq!(severity(0, "notice", builtin), None);
+        assert_eq!(severity(-3, "", builtin), None);
+        let critical = |t: &str| (t == "CRITICAL").then_some("FATAL");
+        assert_eq!(severity(0, "CRITICAL", critical), Some("FATAL"));
         assert_eq!(
-            std::str::from_utf8(&quote_nanos(body)).unwrap(),
-            r#"{"timeUnixNano" : "17", "x":"timeUnixNano", "observedTimeUnixNano":"5", "n": 3, "k":{"timeUnixNano":"1e3"}}"#
+            severity(9, "CRITICAL", critical),
+            Some("INFO"),
+            "the number wins"
         );
-        let plain = br#"{"a":"\"timeUnixNano\":1"}"#;
-        assert!(matches!(quote_nanos(plain), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]
@@ -718,5 +654,270 @@ mod tests {
             rfc3339_nanos(u64::MAX).unwrap(),
             "2554-07-21T23:34:33.709551615Z"
         );
+    }
+
+    mod roundtrip {
+        //! Any `ExportLogsServiceRequest`, encoded as protobuf (prost) and as
+        //! OTLP/JSON (opentelemetry-proto's own `Serialize`), becomes the
+        //! same events and the same rejections.
+        use super::super::*;
+        use opentelemetry_proto::tonic::common::v1::{
+            ArrayValue, InstrumentationScope, KeyValueList,
+        };
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        fn any_value() -> impl Strategy<Value = AnyValue> {
+            use any_value::Value as V;
+            let leaf = prop_oneof![
+                Just(None),
+                ".{0,6}".prop_map(|s| Some(V::StringValue(s))),
+                any::<bool>().prop_map(|b| Some(V::BoolValue(b))),
+                any::<i64>().prop_map(|i| Some(V::IntValue(i))),
+                // serde_json writes a non-finite f64 as null, which is not
+                // OTLP/JSON: the names are tested on their own.
+                any::<f64>()
+                    .prop_filter("finite", |d| d.is_finite())
+                    .prop_map(|d| Some(V::DoubleValue(d))),
+                vec(any::<u8>(), 0..6).prop_map(|b| Some(V::BytesValue(b))),
+            ]
+            .prop_map(|value| AnyValue { value });
+            leaf.prop_recursive(3, 16, 3, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..3).prop_map(|values| AnyValue {
+                        value: Some(any_value::Value::ArrayValue(ArrayValue { values })),
+                    }),
+                    vec((key(), proptest::option::of(inner)), 0..3).prop_map(|kvs| AnyValue {
+                        value: Some(any_value::Value::KvlistValue(KeyValueList {
+                            values: kvs
+                                .into_iter()
+                                .map(|(key, value)| KeyValue { key, value })
+                                .collect(),
+                        })),
+                    }),
+                ]
+            })
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![Just("a".to_string()), Just("b.c".to_string()), ".{0,4}"]
+        }
+
+        fn attributes() -> impl Strategy<Value = Vec<KeyValue>> {
+            vec((key(), proptest::option::of(any_value())), 0..4).prop_map(|kvs| {
+                kvs.into_iter()
+                    .map(|(key, value)| KeyValue { key, value })
+                    .collect()
+            })
+        }
+
+        fn id(len: usize) -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                Just(Vec::new()),
+                vec(any::<u8>(), len),
+                vec(any::<u8>(), 0..20)
+            ]
+        }
+
+        fn record() -> impl Strategy<Value = LogRecord> {
+            (
+                (
+                    prop_oneof![Just(0u64), any::<u64>()],
+                    prop_oneof![Just(0u64), any::<u64>()],
+                ),
+                (
+                    -2i32..30,
+                    prop_oneof![Just(""), Just("warning"), Just("CRITICAL"), Just("x")],
+                ),
+                (proptest::option::of(any_value()), attributes()),
+                (any::<u32>(), any::<u32>(), id(16), id(8)),
+                prop_oneof![Just(String::new()), ".{0,5}"],
+            )
+                .prop_map(
+                    |((t, o), (n, text), (body, attributes), (d, f, tr, sp), ev)| LogRecord {
+                        time_unix_nano: t,
+                        observed_time_unix_nano: o,
+                        severity_number: n,
+                        severity_text: text.into(),
+                        body,
+                        attributes,
+                        dropped_attributes_count: d,
+                        flags: f,
+                        trace_id: tr,
+                        span_id: sp,
+                        event_name: ev,
+                    },
+                )
+        }
+
+        fn scope_logs() -> impl Strategy<Value = ScopeLogs> {
+            (
+                proptest::option::of((".{0,4}", ".{0,3}", attributes(), any::<u32>())),
+                vec(record(), 0..4),
+            )
+                .prop_map(|(scope, log_records)| ScopeLogs {
+                    scope: scope.map(|(name, version, attributes, d)| InstrumentationScope {
+                        name,
+                        version,
+                        attributes,
+                        dropped_attributes_count: d,
+                    }),
+                    log_records,
+                    schema_url: String::new(),
+                })
+        }
+
+        fn request() -> impl Strategy<Value = ExportLogsServiceRequest> {
+            let resource = (
+                prop_oneof![Just(None), Just(Some("acme")), Just(Some("not a tenant"))],
+                prop_oneof![Just(None), Just(Some("Checkout"))],
+                attributes(),
+                any::<u32>(),
+            )
+                .prop_map(|(tenant, service, mut attributes, d)| {
+                    let s = |v: &str| {
+                        Some(AnyValue {
+                            value: Some(any_value::Value::StringValue(v.into())),
+                        })
+                    };
+                    if let Some(t) = tenant {
+                        attributes.push(KeyValue {
+                            key: "tenant.id".into(),
+                            value: s(t),
+                        });
+                    }
+                    if let Some(v) = service {
+                        attributes.push(KeyValue {
+                            key: "service.name".into(),
+                            value: s(v),
+                        });
+                    }
+                    Resource {
+                        attributes,
+                        dropped_attributes_count: d,
+                        entity_refs: Vec::new(),
+                    }
+                });
+            vec(
+                (proptest::option::of(resource), vec(scope_logs(), 0..3)),
+                0..3,
+            )
+            .prop_map(|rs| ExportLogsServiceRequest {
+                resource_logs: rs
+                    .into_iter()
+                    .map(|(resource, scope_logs)| ResourceLogs {
+                        resource,
+                        scope_logs,
+                        schema_url: String::new(),
+                    })
+                    .collect(),
+            })
+        }
+
+        type Outcome = Result<(Vec<Vec<u8>>, Vec<Rejection>), OtlpError>;
+
+        fn events(encoding: Encoding, body: &[u8]) -> Outcome {
+            let limits = Limits::default();
+            let aliases = [("CRITICAL".to_string(), "FATAL".to_string())].into();
+            let normalizer = Normalizer::new(limits.clone(), Default::default())
+                .with_severity_aliases(&aliases)
+                .unwrap();
+            let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+            prepare(
+                encoding,
+                body,
+                &limits,
+                &normalizer,
+                &OtlpConfig::default(),
+                at,
+                &TenantScope::Any,
+            )
+            .map(|b| (b.accepted.into_iter().map(without_id).collect(), b.rejected))
+        }
+
+        /// The payload with its generated event id (a fresh UUID each time)
+        /// blanked, wherever it occurs.
+        fn without_id(e: crate::ingest::NormalizedEvent) -> Vec<u8> {
+            let (id, mut p) = (e.id.as_bytes(), e.payload);
+            let mut i = 0;
+            while let Some(at) = p[i..].windows(id.len()).position(|w| w == id) {
+                p[i + at..i + at + id.len()].fill(b'0');
+                i += at + id.len();
+            }
+            p
+        }
+
+        /// What the generator leaves out (serde_json writes a non-finite
+        /// f64 as null): the OTLP/JSON names against prost's doubles.
+        #[test]
+        fn non_finite_doubles_are_the_same_in_both_encodings() {
+            let double = |d: f64| AnyValue {
+                value: Some(any_value::Value::DoubleValue(d)),
+            };
+            let attributes = [
+                ("nan", f64::NAN),
+                ("inf", f64::INFINITY),
+                ("ninf", f64::NEG_INFINITY),
+            ]
+            .into_iter()
+            .map(|(k, d)| KeyValue {
+                key: k.into(),
+                value: Some(double(d)),
+            })
+            .collect();
+            let req = ExportLogsServiceRequest {
+                resource_logs: vec![ResourceLogs {
+                    resource: Some(Resource {
+                        attributes: ["service.name", "tenant.id"]
+                            .into_iter()
+                            .map(|k| KeyValue {
+                                key: k.into(),
+                                value: Some(AnyValue {
+                                    value: Some(any_value::Value::StringValue("s".into())),
+                                }),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    scope_logs: vec![ScopeLogs {
+                        log_records: vec![LogRecord {
+                            body: Some(double(f64::NAN)),
+                            attributes,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    schema_url: String::new(),
+                }],
+            };
+            let json = br#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"s"}},{"key":"tenant.id","value":{"stringValue":"s"}}]},"scopeLogs":[{"logRecords":[{"body":{"doubleValue":"NaN"},"attributes":[{"key":"nan","value":{"doubleValue":"NaN"}},{"key":"inf","value":{"doubleValue":"Infinity"}},{"key":"ninf","value":{"doubleValue":"-Infinity"}}]}]}]}]}"#;
+            let from_proto = events(Encoding::Protobuf, &prost::Message::encode_to_vec(&req));
+            let (accepted, _) = from_proto.clone().unwrap();
+            assert_eq!(accepted.len(), 1);
+            let text = String::from_utf8_lossy(&accepted[0]);
+            assert!(
+                text.contains(r#""message":"NaN""#)
+                    && text.contains(
+                        r#""attributes":{"nan":"NaN","inf":"Infinity","ninf":"-Infinity"}"#
+                    ),
+                "{text}"
+            );
+            assert_eq!(events(Encoding::Json, json), from_proto);
+        }
+
+        proptest! {
+            #[test]
+            fn protobuf_and_otlp_json_give_the_same_events(req in request()) {
+                let json = serde_json::to_vec(&req).unwrap();
+                let from_json = events(Encoding::Json, &json);
+                prop_assert!(from_json.is_ok(), "{:?}: {}", from_json, String::from_utf8_lossy(&json));
+                let from_proto = events(Encoding::Protobuf, &prost::Message::encode_to_vec(&req));
+                prop_assert_eq!(&from_proto, &from_json, "{}", String::from_utf8_lossy(&json));
+                // And the JSON decoder yields the very message protobuf does.
+                let decoded = decode(Encoding::Json, &json, &Limits::default()).unwrap();
+                prop_assert_eq!(decoded, req);
+            }
+        }
     }
 }

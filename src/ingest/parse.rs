@@ -93,9 +93,12 @@ pub fn parse_body<'a>(
     body: &'a [u8],
     limits: &Limits,
 ) -> Result<Vec<Candidate<'a>>, BodyError> {
+    // A UTF-8 byte order mark (editors and some Windows tools write one)
+    // is not part of the JSON text; the CSV reader skips it by itself.
+    let json_text = || body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let candidates = match format {
-        BodyFormat::Json => parse_json(body, limits)?,
-        BodyFormat::Ndjson => parse_ndjson(body, limits)?,
+        BodyFormat::Json => parse_json(json_text(), limits)?,
+        BodyFormat::Ndjson => parse_ndjson(json_text(), limits)?,
         BodyFormat::Csv => parse_csv(body, limits)?,
     };
     if candidates.is_empty() {
@@ -430,11 +433,20 @@ fn csv_row(headers: &[String], row: &csv::ByteRecord) -> Result<Value, String> {
     }
     let mut obj = Map::new();
     let mut metadata = Map::new();
-    for (name, cell) in headers.iter().zip(row.iter()) {
+    for (column, (name, cell)) in headers.iter().zip(row.iter()).enumerate() {
         let cell =
             std::str::from_utf8(cell).map_err(|_| format!("field {name:?} is not valid UTF-8"))?;
-        if cell.is_empty() || name.is_empty() {
+        if cell.is_empty() {
             continue;
+        }
+        // A value under a column the header row does not name would be
+        // dropped: refuse the row instead (an unnamed column that stays
+        // empty, such as a trailing comma, is fine).
+        if name.is_empty() {
+            return Err(format!(
+                "column {} has a value but the header row names no field there",
+                column + 1
+            ));
         }
         if let Some(key) = name.strip_prefix("metadata.") {
             metadata.insert(key.to_string(), Value::String(cell.to_string()));

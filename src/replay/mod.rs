@@ -137,6 +137,10 @@ pub struct ReplayStats {
     pub retries: AtomicU64,
     /// Records produced again alone after a permanent error on their batch.
     pub isolated_retries: AtomicU64,
+    /// Topics whose partition count changed and got a new pin.
+    pub partition_changes: AtomicU64,
+    /// Records whose pinned partition no longer exists (topic shrunk).
+    pub partition_folds: AtomicU64,
     pub producer_recreations: AtomicU64,
     /// librdkafka fatal errors seen (each recreates the producer).
     pub fatal_errors: AtomicU64,

@@ -32,10 +32,21 @@
 
 use std::path::{Path, PathBuf};
 
+use super::partition::{PartitionMap, Pin};
+
 const KEY: &[u8] = b"committed";
 /// sled tree of fates: key = first seq (big-endian), value = last seq
 /// (big-endian) followed by one [`Fate`] byte.
 const FATES: &[u8] = b"fates";
+/// Tree: each topic's pinned partition counts (see `partition.rs`). Key:
+/// topic length (u16 big-endian), topic, first seq (u64 big-endian); value:
+/// [`Pin::encode_value`].
+const PINS: &[u8] = b"partition_pins";
+/// Default tree key: the first seq partitioned by sluice itself (u64
+/// big-endian). Absent in a store written by a build before pinning: every
+/// seq below the WAL's end at the first start of a pinning build may have
+/// been produced by librdkafka's `consistent_random` partitioner.
+const PINNING_SINCE: &[u8] = b"partition_pinning_since";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
@@ -221,6 +232,10 @@ impl OffsetStore {
         let committed = oldest_segment(wal_dir).map_or(0, |first| first - 1);
         let store = Self::open(&dir)?;
         store.commit(committed)?;
+        // The retained records were most likely produced by this build, so
+        // they keep sluice's own partitioning (see `pinning_since`); the
+        // counts pinned in the quarantined store are lost with it.
+        store.set_pinning_since(1)?;
         Ok((
             store,
             Some(Reset {
@@ -315,6 +330,66 @@ impl OffsetStore {
         Ok(Fate::from_byte(value[8]))
     }
 
+    /// Every pin of `topic`, in rising first seq. A pin that does not decode
+    /// is left out and reported in the error list (the caller logs it); the
+    /// pins around it still hold.
+    pub fn partition_pins(&self, topic: &str) -> Result<(PartitionMap, Vec<String>), OffsetError> {
+        let tree = self.db.open_tree(PINS)?;
+        let prefix = pin_prefix(topic);
+        let mut pins = Vec::new();
+        let mut damaged = Vec::new();
+        for entry in tree.scan_prefix(&prefix) {
+            let (k, v) = entry?;
+            let from = k
+                .get(prefix.len()..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
+            match from.and_then(|from| Pin::decode_value(from, &v)) {
+                Some(pin) => pins.push(pin),
+                None => damaged.push(format!("key {:?}, value {:?}", k.as_ref(), v.as_ref())),
+            }
+        }
+        Ok((PartitionMap::new(pins), damaged))
+    }
+
+    /// Adds pins for `topic` and makes them durable (flush and fsync) before
+    /// returning: a record may be produced under a pin only once the pin
+    /// would survive a power cut, or a restart could partition it anew.
+    pub fn add_partition_pins(&self, topic: &str, pins: &[Pin]) -> Result<(), OffsetError> {
+        let tree = self.db.open_tree(PINS)?;
+        let mut batch = sled::Batch::default();
+        for pin in pins {
+            let mut key = pin_prefix(topic);
+            key.extend_from_slice(&pin.from_seq.to_be_bytes());
+            batch.insert(key, &pin.encode_value()[..]);
+        }
+        tree.apply_batch(batch)?;
+        self.db.flush()?;
+        self.sync()
+    }
+
+    /// The first seq that sluice partitioned itself, if recorded.
+    pub fn pinning_since(&self) -> Result<Option<u64>, OffsetError> {
+        match self.db.get(PINNING_SINCE)? {
+            None => Ok(None),
+            Some(v) => <[u8; 8]>::try_from(v.as_ref())
+                .map(|b| Some(u64::from_be_bytes(b)))
+                .map_err(|_| OffsetError::Malformed(v.len())),
+        }
+    }
+
+    /// Records [`OffsetStore::pinning_since`] once (a later call keeps the
+    /// first value) and makes it durable; returns the value in force.
+    pub fn set_pinning_since(&self, seq: u64) -> Result<u64, OffsetError> {
+        if let Some(since) = self.pinning_since()? {
+            return Ok(since);
+        }
+        self.db.insert(PINNING_SINCE, &seq.to_be_bytes())?;
+        self.db.flush()?;
+        self.sync()?;
+        Ok(seq)
+    }
+
     /// fsyncs every file of the store, then its directory (sled creates and
     /// renames snapshot files without syncing the directory).
     fn sync(&self) -> Result<(), OffsetError> {
@@ -334,6 +409,15 @@ impl OffsetStore {
         }
         sync_path(&self.dir)
     }
+}
+
+fn pin_prefix(topic: &str) -> Vec<u8> {
+    let t = topic.as_bytes();
+    let len = u16::try_from(t.len()).unwrap_or(u16::MAX);
+    let mut key = Vec::with_capacity(2 + t.len() + 8);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(t);
+    key
 }
 
 /// The body of `GET /v1/receipts/{seq}`: `written` says the number was
@@ -399,6 +483,7 @@ fn reset_if_rolled_back(
     }
     let floor = oldest - 1;
     store.commit(floor)?;
+    store.set_pinning_since(1)?;
     Ok((
         store,
         Some(Reset {

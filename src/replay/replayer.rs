@@ -68,6 +68,7 @@ use tokio::sync::watch;
 
 use super::dead_letter::DeadLetterFile;
 use super::offsets::{Fate, OffsetStore};
+use super::partition::{PartitionMap, Pin as PartitionPin, Scheme};
 use super::producer::{HEADER_ERROR, HEADER_ORIGINAL_TOPIC, HEADER_SEQ};
 use super::{classify, producer_config, Failure, KafkaHealth, ReplayStats};
 use super::{KafkaConfig, ReplayConfig};
@@ -207,7 +208,28 @@ pub struct Replayer {
     pub streams: super::StreamTopics,
     /// `[sink] kind = "files"`: the archive files instead of Kafka.
     pub files: Option<super::files::FilesSink>,
+    /// Each topic's pinned partitioning, as last resolved (`Default`).
+    pub routes: Routes,
 }
+
+/// Each topic's partitioning as this process last resolved it: the pins
+/// from the offset store and the partition count the broker reported.
+#[derive(Default)]
+pub struct Routes(std::sync::Mutex<std::collections::HashMap<String, Route>>);
+
+struct Route {
+    map: PartitionMap,
+    live: i32,
+    resolved: std::time::Instant,
+}
+
+/// How long a topic's partition count is trusted before it is asked again:
+/// a topic that grows is noticed within this, and switched at a boundary
+/// above everything produced so far.
+const ROUTE_REFRESH: Duration = Duration::from_secs(30);
+
+/// How long a metadata request for a topic's partition count may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Replayer {
     /// Runs until `shutdown` turns true, then drains and flushes the offset.
@@ -451,7 +473,14 @@ impl Replayer {
                                 if seq <= isolate_through {
                                     stats.isolated_retries.fetch_add(1, Ordering::Relaxed);
                                 }
-                                pending.push_back(self.produce(producer, &window, seq, record, burst_started).await);
+                                let partition = match self.partition_of(producer, &record.stream, false, record.key.as_deref(), seq).await {
+                                    Ok(p) => p,
+                                    // Nothing of this record was produced;
+                                    // the next incarnation starts at the first
+                                    // unconfirmed one.
+                                    Err(why) => return End::Retry(why),
+                                };
+                                pending.push_back(self.produce(producer, &window, seq, partition, record, burst_started).await);
                                 stats.produced.fetch_add(1, Ordering::Relaxed);
                             }
                             Ok(ReadItem::Gap(g)) => {
@@ -514,6 +543,7 @@ impl Replayer {
         producer: &Producer_,
         window: &Arc<Window>,
         seq: u64,
+        partition: i32,
         record: Record,
         started: std::time::Instant,
     ) -> Pending {
@@ -534,6 +564,7 @@ impl Replayer {
         let mut fr = FutureRecord::to(&topics.topic)
             .payload(&record.value)
             .headers(headers)
+            .partition(partition)
             .timestamp(record.timestamp_ms);
         if let Some(k) = &record.key {
             fr = fr.key(k);
@@ -647,13 +678,6 @@ impl Replayer {
                 (HEADER_ORIGINAL_TOPIC, topics.topic.as_bytes()),
             ],
         );
-        let mut fr = FutureRecord::to(&topics.dead_letter_topic)
-            .payload(&record.value)
-            .headers(headers)
-            .timestamp(record.timestamp_ms);
-        if let Some(k) = &record.key {
-            fr = fr.key(k);
-        }
         // A producer of its own: the replay producer stopped itself when
         // the broker refused this record (the gapless guarantee). Bounded by
         // the stall limit, since ordering does not matter for one record.
@@ -667,6 +691,19 @@ impl Replayer {
         let producer: Producer_ = config
             .create_with_context(KafkaHealth(self.stats.clone()))
             .map_err(|e| format!("dead-letter producer: {e}"))?;
+        // Pinned like the topic's: a record dead-lettered again after a kill
+        // lands on the same dead-letter partition, where the rule drops it.
+        let partition = self
+            .partition_of(&producer, &record.stream, true, record.key.as_deref(), seq)
+            .await?;
+        let mut fr = FutureRecord::to(&topics.dead_letter_topic)
+            .payload(&record.value)
+            .headers(headers)
+            .partition(partition)
+            .timestamp(record.timestamp_ms);
+        if let Some(k) = &record.key {
+            fr = fr.key(k);
+        }
         let dlq_error = match producer.send_result(fr) {
             Ok(delivery) => match delivery.await {
                 Ok(Ok(_)) => None,
@@ -708,6 +745,157 @@ impl Replayer {
             }
             Some(e) => Err(format!("dead-letter produce for seq {seq}: {e}")),
         }
+    }
+
+    /// The partition of record `seq` of `stream` in its topic (or its
+    /// dead-letter topic): a function of the key, `seq` and the count pinned
+    /// for that seq, never of librdkafka's partitioner (see `partition.rs`).
+    async fn partition_of(
+        &self,
+        producer: &Producer_,
+        stream: &str,
+        dead_letter: bool,
+        key: Option<&[u8]>,
+        seq: u64,
+    ) -> Result<i32, String> {
+        let Some(topics) = self.streams.of(stream) else {
+            return Err(format!("seq {seq}: stream {stream:?} is not configured"));
+        };
+        let topic = if dead_letter {
+            &topics.dead_letter_topic
+        } else {
+            &topics.topic
+        };
+        let fresh = |r: &Route| r.resolved.elapsed() < ROUTE_REFRESH;
+        let cached = {
+            let routes = self.routes.0.lock().map_err(|_| "routes lock poisoned")?;
+            routes
+                .get(topic.as_str())
+                .filter(|r| fresh(r))
+                .and_then(|r| r.map.partition(key, seq, r.live))
+        };
+        let (p, folded) = match cached {
+            Some(hit) => hit,
+            None => {
+                let route = self.resolve(producer, topic).await?;
+                let hit = route
+                    .map
+                    .partition(key, seq, route.live)
+                    .ok_or_else(|| format!("topic {topic}: no partition pin covers seq {seq}"))?;
+                let mut routes = self.routes.0.lock().map_err(|_| "routes lock poisoned")?;
+                routes.insert(topic.clone(), route);
+                hit
+            }
+        };
+        if folded {
+            self.stats.partition_folds.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(seq, topic = %topic, partition = p, "the partition pinned for this record no longer exists (the topic has fewer partitions now): produced to partition {p}, so a consumer rule cannot match it with an earlier copy");
+        }
+        Ok(p)
+    }
+
+    /// Asks the broker for `topic`'s partition count and reconciles it with
+    /// the pins in the offset store: the first use pins the count; a changed
+    /// count is pinned from a boundary above every record any process can
+    /// have produced (the WAL's durable end: replay never produces past it),
+    /// durable before this returns, so no record is ever produced under two
+    /// counts.
+    async fn resolve(&self, producer: &Producer_, topic: &str) -> Result<Route, String> {
+        let client = producer.clone();
+        let name = topic.to_string();
+        let live = tokio::task::spawn_blocking(move || {
+            let md = client
+                .client()
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+                .map_err(|e| format!("metadata for topic {name}: {e}"))?;
+            let t = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == name)
+                .ok_or_else(|| format!("metadata for topic {name}: topic not in the answer"))?;
+            if let Some(e) = t.error() {
+                return Err(format!(
+                    "metadata for topic {name}: {:?}",
+                    RDKafkaErrorCode::from(e)
+                ));
+            }
+            match i32::try_from(t.partitions().len()) {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("metadata for topic {name}: no partitions")),
+            }
+        })
+        .await
+        .map_err(|e| format!("metadata task: {e}"))??;
+        let live = crate::debug::cap_partitions(live);
+        let offsets = self.offsets.clone();
+        let durable_next = self.wal.durable().borrow().next_seq;
+        let name = topic.to_string();
+        let stats = self.stats.clone();
+        let map = tokio::task::spawn_blocking(move || -> Result<PartitionMap, String> {
+            let (mut map, damaged) = offsets
+                .partition_pins(&name)
+                .map_err(|e| format!("reading partition pins of {name}: {e}"))?;
+            for d in &damaged {
+                tracing::error!(topic = %name, entry = %d, "a partition pin does not decode: ignored (records it covered follow the pin before it)");
+            }
+            let new: Vec<PartitionPin> = match map.latest() {
+                None => {
+                    // Records below `since` may have been produced by a build
+                    // that let librdkafka's consistent_random partitioner
+                    // choose (CRC-32 of the key); they keep that scheme.
+                    let since = offsets
+                        .set_pinning_since(durable_next)
+                        .map_err(|e| format!("recording the pinning start: {e}"))?;
+                    let mut pins = Vec::new();
+                    if since > 1 {
+                        pins.push(PartitionPin {
+                            from_seq: 0,
+                            partitions: live,
+                            scheme: Scheme::Crc32,
+                        });
+                    }
+                    pins.push(PartitionPin {
+                        from_seq: if since > 1 { since } else { 0 },
+                        partitions: live,
+                        scheme: Scheme::Murmur2,
+                    });
+                    tracing::info!(topic = %name, partitions = live, from_seq = since, "partition count pinned for the topic");
+                    pins
+                }
+                Some(last) if last.partitions == live => Vec::new(),
+                Some(last) => {
+                    // Everything at or above the boundary is unproduced: the
+                    // WAL's durable end bounds what any process produced,
+                    // since replay reads only durable records.
+                    let boundary = durable_next.max(last.from_seq + 1);
+                    stats.partition_changes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic = %name, from_partitions = last.partitions, to_partitions = live, from_seq = boundary, "the topic's partition count changed: records from this seq on are partitioned over the new count, those below keep the old one");
+                    vec![PartitionPin {
+                        from_seq: boundary,
+                        partitions: live,
+                        scheme: Scheme::Murmur2,
+                    }]
+                }
+            };
+            if !new.is_empty() {
+                // Dying before this returns leaves the old pins: records
+                // above the boundary were not produced yet either way.
+                offsets
+                    .add_partition_pins(&name, &new)
+                    .map_err(|e| format!("pinning partitions of {name}: {e}"))?;
+                for pin in new {
+                    map.push(pin);
+                }
+            }
+            Ok(map)
+        })
+        .await
+        .map_err(|e| format!("pin task: {e}"))??;
+        Ok(Route {
+            map,
+            live,
+            resolved: std::time::Instant::now(),
+        })
     }
 
     /// Flushes the offset, then (only then) lets GC delete segments below it.

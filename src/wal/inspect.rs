@@ -25,8 +25,12 @@ pub struct SegmentReport {
     pub last_seq: Option<u64>,
     /// Why the walk stopped before the end of the file, if it did.
     pub problem: Option<String>,
-    /// Bytes after the valid prefix.
+    /// Bytes after the last intact frame (0 when intact frames follow the
+    /// damage up to the end of the file).
     pub trailing_bytes: u64,
+    /// Byte offset in the file where the walk stopped (the damage), when
+    /// there is a problem.
+    pub problem_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +130,7 @@ impl Walk<'_> {
             last_seq: None,
             problem: None,
             trailing_bytes: 0,
+            problem_at: None,
         };
         match segment::scan(file)? {
             Err(e) => {
@@ -164,6 +169,7 @@ impl Walk<'_> {
         seg.last_seq = scan.last_seq();
         seg.trailing_bytes = scan.file_len - scan.valid_len;
         seg.problem = scan.stop.as_ref().map(|s| s.to_string());
+        seg.problem_at = scan.stop.as_ref().map(|_| scan.valid_len);
         self.report.records += scan.records;
         if scan.records > 0 {
             self.report.first_seq.get_or_insert(first);
@@ -348,4 +354,50 @@ pub fn for_each_record(
         }
     }
     Ok(())
+}
+
+/// A stored value as the tools print it: the stored bytes themselves when
+/// they are JSON (never re-serialized: `1e5` stays `1e5`, `\u00e9` stays an
+/// escape), else a JSON string of the text (invalid UTF-8 replaced).
+pub fn value_json(bytes: &[u8]) -> Box<serde_json::value::RawValue> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| serde_json::value::RawValue::from_string(t.to_string()).ok())
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(bytes);
+            serde_json::value::to_raw_value(&text).unwrap_or_else(|_| {
+                serde_json::value::RawValue::from_string("null".into()).expect("valid JSON")
+            })
+        })
+}
+
+/// A header value as the tools print it: its text when it is UTF-8, else
+/// `{"base64": "..."}` (a binary header such as the internal idempotency
+/// entry must not print as replacement characters).
+pub fn header_json(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_string()),
+        Err(_) => {
+            use base64::Engine;
+            serde_json::json!({"base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
+        }
+    }
+}
+
+#[cfg(test)]
+mod print_tests {
+    use super::*;
+
+    #[test]
+    fn values_print_as_stored_and_binary_headers_as_base64() {
+        let stored = br#"{"n":1e5,"s":"caf\u00e9"}"#;
+        assert_eq!(value_json(stored).get(), r#"{"n":1e5,"s":"caf\u00e9"}"#);
+        assert_eq!(value_json(b"not json").get(), r#""not json""#);
+        assert_eq!(value_json(b"\xff{").get(), "\"\u{fffd}{\"");
+        assert_eq!(header_json(b"abc"), serde_json::json!("abc"));
+        assert_eq!(
+            header_json(&[1, 0xff]),
+            serde_json::json!({"base64": "Af8="})
+        );
+    }
 }

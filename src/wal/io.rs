@@ -65,6 +65,9 @@ impl WalFile for StdFile {
         Ok(self.0.metadata()?.len())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if crate::debug::fail_read_now() {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         FileExt::read_at(&self.0, buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -590,7 +590,10 @@ fn split_at_damage(
         Ok(resumed_len) => {
             file.set_len(bad_at).map_err(io)?;
             file.sync_data().map_err(io)?;
-            let cut = file_len - bad_at;
+            // Only the damaged bytes are gone: the frames after them were
+            // copied to their own segment (counting the whole cut made one
+            // corrupt frame read as 24,600 bytes truncated).
+            let cut = resume_at - bad_at;
             report.truncated_bytes += cut;
             counters.truncated_bytes.fetch_add(cut, Ordering::Relaxed);
             let last = Last::Split {

@@ -46,8 +46,20 @@ pub fn message_timeout_ms() -> &'static str {
     }
 }
 
+/// The stream without a key: its `key-field` is absent from every event,
+/// so its records are produced with no key (see `config()`).
+pub const UNKEYED_ROUTE: &str = "/unkeyed";
+
+/// The daemon's config in exactly-once mode: a second stream into the same
+/// topic whose events carry no key, so a kill that makes replay produce a
+/// record again tests that it lands on the same partition.
+pub fn config() -> &'static str {
+    "[[streams]]\nname = \"unkeyed\"\nroutes = [\"/unkeyed\"]\ntopic = \"events\"\ndead-letter-topic = \"events-dlq\"\nkey-field = \"no_such_field\"\n"
+}
+
 /// A request waiting for its definitive answer.
 pub struct Pending {
+    path: &'static str,
     key: String,
     body: String,
     ids: Vec<String>,
@@ -97,7 +109,14 @@ impl Client {
                     )
                 })
                 .collect();
+            // Half the requests go to the stream without a key.
+            let path = if self.rng.next() % 2 == 0 {
+                "/v1/events"
+            } else {
+                UNKEYED_ROUTE
+            };
             self.pending = Some(Pending {
+                path,
                 key: format!("{}-r{r}", self.tag),
                 body: format!("[{}]", events.join(",")),
                 ids,
@@ -113,7 +132,8 @@ fn post(addr: &str, p: &Pending) -> std::io::Result<(u16, bool, String)> {
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     write!(
         s,
-        "POST /v1/events HTTP/1.1\r\nHost: sluice\r\nContent-Type: application/json\r\nIdempotency-Key: \"{}\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        "POST {} HTTP/1.1\r\nHost: sluice\r\nContent-Type: application/json\r\nIdempotency-Key: \"{}\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        p.path,
         p.key,
         p.body.len(),
         p.body

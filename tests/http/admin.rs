@@ -241,6 +241,40 @@ fn a_taken_admin_port_stops_startup_with_its_name() {
     assert!(!dir.path().join("wal").exists(), "nothing opened: {err}");
 }
 
+/// The ingest listener and `sluice archive --listen` name their address
+/// too (the third report of a bare "Address already in use").
+#[test]
+fn a_taken_port_names_its_setting_and_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(EXE)
+        .args(["serve", "--dev", "--listen", &port, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("SLUICE_HTTP_ADMIN_LISTEN", "")
+        .env("SLUICE_WAL_MIN_FREE_BYTES", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("http.listen {port}: ")), "{err}");
+    // Logs to a pipe carry no colour codes.
+    assert!(
+        !err.contains('\u{1b}'),
+        "ANSI escape in a non-terminal log: {err:?}"
+    );
+
+    let out = Command::new(EXE)
+        .args(["archive", "--brokers", "127.0.0.1:1", "--dir"])
+        .arg(dir.path().join("archive"))
+        .args(["--listen", &port])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("archive --listen {port}: ")), "{err}");
+}
+
 /// `sluice check-config` on `text`, with `env`: exit code and stderr.
 fn check(text: &str, env: &[(&str, &str)]) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();

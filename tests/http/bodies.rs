@@ -137,6 +137,63 @@ async fn csv_row_with_wrong_field_count_is_rejected_alone() {
     );
 }
 
+/// A column the header row does not name: a value under it would be
+/// dropped, so its row is refused; left empty (a trailing comma) it is fine.
+#[tokio::test]
+async fn csv_value_under_an_unnamed_column_is_refused_with_its_row() {
+    let h = harness();
+    let r = h
+        .post(CSV, "tenant_id,source,message,\na,s,ok,\na,s,dropped?,x\n")
+        .await;
+    assert_eq!(r.json["accepted"], 1, "{:?}", r.json);
+    assert_eq!(
+        r.json["errors"],
+        json!([{"index": 1, "line": 3, "id": null, "error": "column 4 has a value but the header row names no field there"}])
+    );
+}
+
+/// A UTF-8 byte order mark before a JSON or NDJSON body is accepted, as it
+/// is before CSV.
+#[tokio::test]
+async fn a_utf8_bom_before_json_and_ndjson_is_accepted() {
+    let h = harness();
+    let body = format!("\u{feff}{}", json!(ev("a", "bom json")));
+    let r = h.post(JSON, body).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.json);
+    let body = format!("\u{feff}{}\n", json!(ev("a", "bom ndjson")));
+    let r = h.post(NDJSON, body).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.json);
+    let body = "\u{feff}tenant_id,source,message\na,s,bom csv\n".to_string();
+    let r = h.post(CSV, body).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.json);
+    let msgs: Vec<_> = h
+        .wal_records()
+        .iter()
+        .map(|(_, r)| value(r)["message"].clone())
+        .collect();
+    assert_eq!(
+        msgs,
+        [json!("bom json"), json!("bom ndjson"), json!("bom csv")]
+    );
+}
+
+/// Valid gzip followed by bytes that are not another member: the error says
+/// so, not "unexpected end of file".
+#[tokio::test]
+async fn junk_after_a_gzip_member_is_named_in_the_400() {
+    let h = harness();
+    let mut body = gzip(json!([ev("a", "gz")]).to_string().as_bytes());
+    body.extend_from_slice(b"trailing junk");
+    let r = post_encoded(&h, "gzip", body).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let text = r.json.to_string();
+    assert!(
+        text.contains("13 bytes after gzip member 1 are not a gzip member"),
+        "{text}"
+    );
+    assert!(!text.contains("unexpected end of file"), "{text}");
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).unwrap();

@@ -179,3 +179,34 @@ fn every_curl_example_in_the_docs_works() {
         }
     }
 }
+
+/// The README's "Without Kafka" configuration, as written (its archive dir
+/// moved into a temp dir), takes the Log Pipeline's own request on `/logs`:
+/// the snippet once lacked the stream and answered 400.
+#[test]
+fn the_without_kafka_snippet_takes_a_log_pipeline_request() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("### Without Kafka")
+        .nth(1)
+        .expect("the section exists");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("its toml block");
+    let archive = tempfile::tempdir().unwrap();
+    let config = block.replace(
+        "\"/var/lib/sluice-archive\"",
+        &format!("{:?}", archive.path().display().to_string()),
+    );
+    assert_ne!(config, block, "the snippet names its archive dir");
+    let d = Daemon::start(&config);
+    let r = d.post(
+        "/logs",
+        &[("Content-Type", "application/json")],
+        br#"{"timestamp":"2026-11-26T12:00:00Z","path":"/checkout","userAgent":"curl/8"}"#,
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+}

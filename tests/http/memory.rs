@@ -84,8 +84,10 @@ fn one_event_holding_millions_of_values_stays_under_512_mib() {
     });
     let peak = d.proc_status_kb("VmHWM");
     eprintln!("VmHWM after 16 one-event bodies {peak} kB; statuses {statuses:?}");
+    // 408: on a loaded machine some of the 16 bodies are not read in time
+    // (the body timeout); that is a refusal too, and it bounds nothing less.
     assert!(
-        statuses.iter().all(|s| *s == 413 || *s == 503),
+        statuses.iter().all(|s| matches!(*s, 413 | 503 | 408)),
         "{statuses:?}"
     );
     assert!(statuses.contains(&413), "{statuses:?}");

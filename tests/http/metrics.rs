@@ -158,3 +158,25 @@ async fn metrics_after_a_known_workload() {
         Err(e) => panic!("promtool required but not runnable: {e}"),
     }
 }
+
+/// A fresh daemon exposes every labelled series it knows at 0, so that
+/// `rate()` and the dashboard show 0, not nothing, before the first event.
+#[test]
+fn a_fresh_daemon_exposes_known_label_values_at_zero() {
+    let d = super::hostile::daemon(&[]);
+    let (status, text) = super::hostile::request(
+        &d.addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    for series in [
+        r#"sluice_events_rejected_total{reason="missing_field"} 0"#,
+        r#"sluice_events_rejected_total{reason="invalid_field"} 0"#,
+        r#"sluice_events_rejected_total{reason="forbidden"} 0"#,
+        r#"sluice_auth_failures_total{reason="unknown"} 0"#,
+        r#"sluice_rate_limited_requests_total{scope="tenant",unit="events"} 0"#,
+        r#"sluice_stream_events_total{outcome="accepted",stream="default"} 0"#,
+    ] {
+        assert!(text.contains(series), "{series} missing in:\n{text}");
+    }
+}

@@ -150,3 +150,60 @@ fn post_json(addr: &str, body: &str) -> String {
     stream.read_to_string(&mut resp).unwrap();
     resp
 }
+
+/// `sluice wal dump` and `sluice consume` show the stored bytes: `1e5` and
+/// `\u00e9` as the client sent them (not re-serialized as `1e+5` and `é`),
+/// and a binary header as base64, not replacement characters.
+#[test]
+fn the_tools_print_the_stored_bytes() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let body =
+        r#"{"id":"raw-1","tenant_id":"acme","source":"web","message":"m","x":1e5,"y":"caf\u00e9"}"#;
+    // Kafka unreachable: the record stays in the WAL for `wal dump`.
+    let serve = Daemon::spawn(&data, Some("127.0.0.1:1"), &[]);
+    let mut s = std::net::TcpStream::connect(&serve.addr).unwrap();
+    write!(
+        s,
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: \"k-1\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    assert!(serve.stop().success());
+
+    let out = Command::new(EXE)
+        .args(["wal", "dump", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(r#""x":1e5"#), "{text}");
+    assert!(text.contains(r#""y":"caf\u00e9""#), "{text}");
+    assert!(
+        !text.contains('\u{fffd}'),
+        "a binary header as replacement characters: {text}"
+    );
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(
+        line["headers"][":sluice.idempotency"]["base64"].is_string(),
+        "{line}"
+    );
+
+    let broker = Broker::start(dir.path(), Some(1));
+    let serve = Daemon::spawn(&data, Some(&broker.addr), &[]);
+    let out = Command::new(EXE)
+        .args(["consume", "--brokers", &broker.addr, "--topic", "events"])
+        .args(["--from-beginning", "--max", "1", "--timeout", "20"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(r#""x":1e5"#), "{text}");
+    assert!(text.contains(r#""y":"caf\u00e9""#), "{text}");
+    assert!(serve.stop().success());
+}

@@ -12,15 +12,17 @@ use sluice::auth::keys::{append_entry, hash_key};
 
 use super::daemon::{get_json, serve, wait_committed, Broker, Daemon};
 
-/// A POST with extra headers; returns status, lower-cased headers, body.
-fn post(
+/// A POST to `path` with `headers`; returns status, lower-cased headers
+/// and the body's bytes exactly as sent.
+fn exchange(
     addr: &str,
+    path: &str,
     headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, Vec<(String, String)>, serde_json::Value) {
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut head = format!(
-        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -28,10 +30,11 @@ fn post(
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(resp[..split].to_vec()).unwrap();
     let mut lines = head.lines();
     let status = lines
         .next()
@@ -45,10 +48,23 @@ fn post(
         .filter_map(|l| l.split_once(": "))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
         .collect();
+    (status, headers, resp[split + 4..].to_vec())
+}
+
+/// A JSON POST to `/v1/events` with extra headers; returns status,
+/// lower-cased headers, body.
+fn post(
+    addr: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, serde_json::Value) {
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    let (status, headers, body) = exchange(addr, "/v1/events", &all, body.as_bytes());
     (
         status,
         headers,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
     )
 }
 
@@ -90,6 +106,29 @@ fn labeled_metric(addr: &str, sample: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Enough unkeyed traffic (ids `prefix`N-i) for several 4 KiB segments,
+/// delivered, then waits until GC has removed every segment holding a seq
+/// up to `seq` (so its keys are only in sled).
+fn collect_through(d: &Daemon, prefix: &str, seq: u64) {
+    let mut last = 0;
+    for i in 0..20 {
+        last = super::daemon::post_events(&d.addr, &format!("{prefix}{i}"), 0..10);
+    }
+    wait_committed(d, last);
+    let t0 = Instant::now();
+    while get_json(&d.addr, "/stats")["wal"]["first_seq"]
+        .as_u64()
+        .unwrap_or(0)
+        <= seq
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "segment never collected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn setup() -> (tempfile::TempDir, Broker, std::path::PathBuf) {
@@ -282,25 +321,7 @@ fn a_key_outlives_the_gc_of_its_segment_and_a_restart() {
     let (status, _, first) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
     assert_eq!(status, 202);
     let range = seqs(&first);
-    // Enough unkeyed traffic for several 4 KiB segments, then wait until
-    // the keyed batch's segment is gone.
-    let mut last = 0;
-    for i in 0..20 {
-        last = super::daemon::post_events(&d.addr, &format!("fill{i}"), 0..10);
-    }
-    wait_committed(&d, last);
-    let t0 = Instant::now();
-    while get_json(&d.addr, "/stats")["wal"]["first_seq"]
-        .as_u64()
-        .unwrap_or(0)
-        <= range.1
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "segment never collected"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    collect_through(&d, "fill", range.1);
     kill9(d);
     let d = serve(&data, &broker.addr, &[], &[]);
     let (status, h, again) = post(&d.addr, &[("Idempotency-Key", "survivor")], &body);
@@ -312,4 +333,198 @@ fn a_key_outlives_the_gc_of_its_segment_and_a_restart() {
     );
     assert_eq!(again, first);
     assert!(d.log_text().contains("idempotency keys rebuilt"));
+}
+
+/// One keyed request of the byte-for-byte test: path, Content-Type, key,
+/// body.
+type Keyed = (&'static str, &'static str, &'static str, Vec<u8>);
+
+/// Keyed requests on every protocol, each with a rejected item so the
+/// answer carries its error text: an events batch, and the same OTLP
+/// request as protobuf and as OTLP/JSON.
+fn keyed_requests() -> Vec<Keyed> {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let s = |v: &str| {
+        Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        })
+    };
+    let kv = |k: &str, v: &str| KeyValue {
+        key: k.into(),
+        value: s(v),
+    };
+    let record = |body: Option<AnyValue>| LogRecord {
+        severity_number: 13,
+        body,
+        ..Default::default()
+    };
+    let otlp = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "checkout"), kv("tenant.id", "t")],
+                ..Default::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![record(s("a")), record(None), record(s("b"))],
+                ..Default::default()
+            }],
+            schema_url: String::new(),
+        }],
+    };
+    let events = r#"[{"id":"bb-1","tenant_id":"t","source":"test","message":"m"},{"id":"bb-2","tenant_id":"t","message":"no source"}]"#;
+    vec![
+        (
+            "/v1/events",
+            "application/json",
+            "bb-events",
+            events.as_bytes().to_vec(),
+        ),
+        (
+            "/v1/logs",
+            "application/x-protobuf",
+            "bb-protobuf",
+            prost::Message::encode_to_vec(&otlp),
+        ),
+        (
+            "/v1/logs",
+            "application/json",
+            "bb-json",
+            serde_json::to_vec(&otlp).unwrap(),
+        ),
+    ]
+}
+
+type Answer = (u16, Option<String>, Vec<u8>);
+
+fn send_keyed(addr: &str, (path, ct, key, body): &Keyed) -> (Answer, Option<String>) {
+    let (status, h, body) = exchange(
+        addr,
+        path,
+        &[("Content-Type", ct), ("Idempotency-Key", key)],
+        body,
+    );
+    let ct = header(&h, "content-type").map(str::to_string);
+    (
+        (status, ct, body),
+        header(&h, "idempotent-replayed").map(str::to_string),
+    )
+}
+
+/// Every key replays its first answer exactly, appends nothing, and is
+/// refused (422) on the other protocols.
+fn check_replays(d: &Daemon, requests: &[Keyed], firsts: &[Answer], when: &str) {
+    let before = next_seq(d);
+    for (req, first) in requests.iter().zip(firsts) {
+        let (again, replayed) = send_keyed(&d.addr, req);
+        assert_eq!(replayed.as_deref(), Some("true"), "{when}: {}", req.2);
+        assert_eq!(
+            (again.0, &again.1, String::from_utf8_lossy(&again.2)),
+            (first.0, &first.1, String::from_utf8_lossy(&first.2)),
+            "{when}: {} replays its first answer byte for byte",
+            req.2
+        );
+        for other in requests.iter().filter(|o| (o.0, o.1) != (req.0, req.1)) {
+            let cross = (other.0, other.1, req.2, req.3.clone());
+            let ((status, _, body), replayed) = send_keyed(&d.addr, &cross);
+            assert_eq!(
+                (status, replayed),
+                (422, None),
+                "{when}: {} reused on {} {}: {}",
+                req.2,
+                other.0,
+                other.1,
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+    assert_eq!(next_seq(d), before, "{when}: nothing appended");
+}
+
+#[test]
+fn replays_are_the_first_answer_byte_for_byte_across_kill_9_and_gc() {
+    let (_dir, broker, data) = setup();
+    // No reachable broker first: nothing commits, so after the kill the
+    // keys come back from the WAL alone.
+    let d = serve(&data, "127.0.0.1:1", &[], &[]);
+    let requests = keyed_requests();
+    let mut firsts = Vec::new();
+    for r in &requests {
+        let (first, replayed) = send_keyed(&d.addr, r);
+        assert!(
+            matches!(first.0, 200 | 202),
+            "{}: {}",
+            r.2,
+            String::from_utf8_lossy(&first.2)
+        );
+        assert_eq!(replayed, None);
+        firsts.push(first);
+    }
+    let last_keyed = next_seq(&d) - 1;
+    check_replays(&d, &requests, &firsts, "same process");
+    kill9(d);
+
+    let d = serve(&data, "127.0.0.1:1", &[], &[]);
+    check_replays(&d, &requests, &firsts, "after kill -9, from the WAL");
+    kill9(d);
+
+    // Now deliver: commits checkpoint the keys into sled, and GC removes
+    // the segments that carried them.
+    let d = serve(&data, &broker.addr, &[], &[]);
+    collect_through(&d, "bb-fill", last_keyed);
+    check_replays(&d, &requests, &firsts, "after the checkpoint and GC");
+    kill9(d);
+    let d = serve(&data, &broker.addr, &[], &[]);
+    check_replays(&d, &requests, &firsts, "after GC and kill -9, from sled");
+}
+
+/// The version-1 data dir (tests/fixtures/wal-v1: its key `fx-idem-1` was
+/// stored by the old build in a version-1 entry, seq 5): this build
+/// answers its retry with the old build's answer byte for byte, and
+/// refuses the key on `/v1/logs`. The window is widened: the fixture's key
+/// is older than a day.
+#[test]
+fn a_version_1_entry_replays_the_old_builds_answer_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wal-v1/data");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&fixture)
+        .arg(&data)
+        .status()
+        .unwrap()
+        .success());
+    let d = serve(
+        &data,
+        "127.0.0.1:1",
+        &[("SLUICE_IDEMPOTENCY_WINDOW_SECS", "315360000")],
+        &[],
+    );
+    let body = br#"{"tenant_id":"globex","source":"billing","message":"idempotent","id":"fx-5"}"#;
+    let key = [
+        ("Content-Type", "application/json"),
+        ("Idempotency-Key", "\"fx-idem-1\""),
+    ];
+    let (status, h, got) = exchange(&d.addr, "/v1/events", &key, body);
+    assert_eq!(
+        (
+            status,
+            header(&h, "content-type"),
+            header(&h, "idempotent-replayed")
+        ),
+        (202, Some("application/json"), Some("true")),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        r#"{"accepted":1,"rejected":0,"errors":[],"first_seq":5,"last_seq":5}"#
+    );
+    let (status, _, got) = exchange(&d.addr, "/v1/logs", &key, body);
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(next_seq(&d), 7, "nothing appended");
 }

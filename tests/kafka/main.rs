@@ -12,6 +12,7 @@ mod limits;
 mod offsets;
 mod ordering;
 mod outage;
+mod partitioning;
 mod redrive;
 mod streams;
 #[path = "../support/mod.rs"]
@@ -114,6 +115,11 @@ impl Node {
             ..ReplayConfig::default()
         };
         tweak(&mut kafka, &mut cfg);
+        // As `serve` does when it opens the WAL: records already there may
+        // have been produced by a build that let librdkafka partition.
+        self.offsets
+            .set_pinning_since(self.wal.durable().borrow().next_seq)
+            .unwrap();
         let streams = sluice::replay::StreamTopics::default_only(&kafka);
         let replayer = Replayer {
             streams,
@@ -126,6 +132,7 @@ impl Node {
             dead_letter: DeadLetterFile::new(self.dir.path()),
             drain: Duration::from_secs(5),
             files: None,
+            routes: Default::default(),
         };
         let (stop, rx) = watch::channel(false);
         Running {

@@ -58,6 +58,12 @@ fn verify_passes_a_healthy_wal_and_fails_a_damaged_one_with_the_lost_range() {
         "{out}"
     );
     assert!(out.contains("DAMAGED"), "{out}");
+    // The problem is located by its byte offset in the file, not as "+0
+    // bytes from end".
+    // The damaged byte is in the first frame: the walk stops at its start.
+    let at = format::HEADER_LEN;
+    assert!(out.contains(&format!("PROBLEM at byte {at} (")), "{out}");
+    assert!(!out.contains("bytes from end"), "{out}");
     // verify is read-only: the damaged file is untouched and nothing is quarantined.
     assert!(!dir.path().join("quarantine").exists());
 }
@@ -238,4 +244,48 @@ fn check_config_refuses_stream_conflicts_and_bad_topics() {
     let migrate = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migrate.toml");
     let (code, _, err) = sluice(&["check-config", "--config", migrate]);
     assert_eq!(code, 0, "{err}");
+}
+
+/// A mistyped `--dir` is an error, not an archive that saw no traffic.
+#[test]
+fn analytics_of_a_missing_or_empty_dir_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexistent");
+    let (code, out, err) = sluice(&["analytics", "--dir", missing.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("nonexistent") && err.contains("No such file"),
+        "{err}"
+    );
+    let (code, out, err) = sluice(&["analytics", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("is empty"), "{err}");
+}
+
+/// The README states the effective event limit with the defaults; it must
+/// be what `check-config` prints (the example config once said 998645).
+#[test]
+fn the_documented_default_event_limit_is_what_check_config_prints() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = root.join("sluice.example.toml");
+    let (code, out, err) = sluice(&["check-config", "--config", example.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let all = format!("{out}{err}");
+    let printed: u64 = all
+        .lines()
+        .find_map(|l| l.strip_prefix("effective limits.max-event-bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no effective limit printed: {all}"));
+    let mut grouped = String::new();
+    for (i, c) in printed.to_string().chars().rev().enumerate() {
+        if i > 0 && i % 3 == 0 {
+            grouped.insert(0, ',');
+        }
+        grouped.insert(0, c);
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("({grouped} bytes with the defaults")),
+        "README should state {grouped}"
+    );
 }
