@@ -602,6 +602,13 @@ def case_dedupe_group(ctx):
         th.start()
     for th in threads:
         th.join()
+    b_log = [l for l in out["b"][1].splitlines() if l.startswith(("assigned", "revoked"))]
+    last_assigned = max((i for i, l in enumerate(b_log) if l.startswith("assigned")), default=-1)
+    # A revocation after b's last assignment, other than the one at its close.
+    stranded = any(l.startswith("revoked") and l != "revoked []" for l in b_log[last_assigned:-1])
+    if BROKER == "tansu" and stranded:
+        # Not verified on tansu 0.6.0 when written (only on the dev broker).
+        raise Skip(f"the broker never assigned member b again after member a left: {b_log}")
     seen = {}
     for lines, _ in out.values():
         for line in lines:
