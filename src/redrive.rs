@@ -857,6 +857,10 @@ fn from_wal(
             if seq > through {
                 return Ok(ControlFlow::Break(()));
             }
+            if seq < args.from {
+                // The walk starts at --from; never number below it.
+                return Ok(ControlFlow::Continue(()));
+            }
             send(summary, seq, seq - args.from + 1, r)?;
             Ok(ControlFlow::Continue(()))
         },
