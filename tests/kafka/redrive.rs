@@ -872,3 +872,57 @@ fn a_failed_run_stops_at_its_first_failure_and_the_same_run_again_fills_it_in() 
     assert_eq!(ids, want, "{stderr}");
     assert!(stderr.contains("5 repeated records dropped"), "{stderr}");
 }
+
+/// A cluster that takes no record (every produce answered with a retriable
+/// error, which librdkafka retries forever): after --timeout-ms without a
+/// delivery report the run purges what is queued and in flight, reports it
+/// failed and exits 1; the same run against a healthy cluster then leaves
+/// every record once after the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_run_purges_stops_and_the_same_run_again_completes() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let kafka = super::cluster(1);
+    kafka.create_topic("stalled", 1, 1).unwrap();
+    let brokers = kafka.bootstrap_servers();
+    let node = super::Node::temp();
+    for n in 1..=20 {
+        tokio::task::block_in_place(|| node.wal.append_blocking(vec![record(n).encode()])).unwrap();
+    }
+    let data = node.dir.path().to_str().unwrap().to_string();
+    let args = [
+        "--brokers",
+        &brokers,
+        "--topic",
+        "stalled",
+        "--data-dir",
+        &data,
+        "--timeout-ms",
+        "2000",
+    ];
+    kafka.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 1000],
+    );
+    let (out, first) = tokio::task::block_in_place(|| redrive(&args));
+    assert_eq!(out.status.code(), Some(1), "{first}");
+    assert_eq!(first["read"], 20);
+    assert_eq!(first["delivered"], 0, "{first}");
+    assert_eq!(first["failed"], 20, "{first}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("stopping: no delivery report for 2000 ms with 20 records in flight"),
+        "{stderr}"
+    );
+
+    kafka.clear_request_errors(RDKafkaApiKey::Produce);
+    let (out, again) = tokio::task::block_in_place(|| redrive(&args));
+    assert!(out.status.success(), "{again}");
+    assert_eq!(again["instance"], first["instance"]);
+    assert_eq!(again["delivered"], 20);
+    let (ids, stderr) = tokio::task::block_in_place(|| consume_exactly_once(&brokers, "stalled"));
+    let mut want: Vec<String> = (1..=20).map(|n| format!("q-{n}")).collect();
+    want.sort();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(ids, want, "{stderr}");
+}
