@@ -565,6 +565,7 @@ fn archive(args: ArchiveArgs) -> CliResult {
         commit_records: a.commit_records,
         retention: (a.retention_days > 0)
             .then(|| std::time::Duration::from_secs(a.retention_days * 86_400)),
+        on_reset: a.on_offset_reset,
     };
     let result = crate::archive::kafka::run(writer, progress, source, status, stop);
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

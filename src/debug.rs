@@ -118,6 +118,36 @@ pub fn fail_read_now() -> bool {
     false
 }
 
+/// Debug builds only: true when the directory fsync after renaming onto `to`
+/// should fail with EIO. `SLUICE_DEBUG_FAIL_RENAME_SYNC="checkpoint@3"` fails
+/// the third such fsync (1-based) for a target named `checkpoint`, once, and
+/// no other. Lets a test make a real daemon meet a failed directory fsync
+/// right after a checkpoint's rename, the page cache showing the new name.
+#[cfg(debug_assertions)]
+pub fn fail_rename_sync_now(to: &std::path::Path) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let Some((name, nth)) = SPEC.get_or_init(|| {
+        let v = std::env::var("SLUICE_DEBUG_FAIL_RENAME_SYNC").ok()?;
+        let (name, n) = v.rsplit_once('@')?;
+        Some((name.to_string(), n.trim().parse().ok()?))
+    }) else {
+        return false;
+    };
+    if to.file_name().and_then(|n| n.to_str()) != Some(name.as_str()) {
+        return false;
+    }
+    SEEN.fetch_add(1, Ordering::Relaxed) + 1 == *nth
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn fail_rename_sync_now(_to: &std::path::Path) -> bool {
+    false
+}
+
 /// Debug builds only: `SLUICE_DEBUG_PARTITIONS_CAP=N` makes replay see at
 /// most N partitions in every topic's metadata. librdkafka's mock cluster
 /// cannot add partitions to a topic, so the chaos harness grows a topic

@@ -29,7 +29,8 @@
 //! - [`config`]: composes each stage's own config section.
 //! - `server` (wiring and shutdown order) and `cli` (subcommands) sit on
 //!   top; [`dev`] holds the development broker and consumer.
-//! - Leaves: [`tenant`], [`systemd`], `debug` (test pause hooks).
+//! - Leaves: [`tenant`], [`systemd`], `debug` (test pause hooks),
+//!   [`durable`] (directories and files made durable through fsync).
 //!
 //! A module uses only modules below it; `tests/architecture.rs` checks the
 //! graph has no cycle.
@@ -46,6 +47,7 @@ pub mod datadir;
 pub mod debug;
 #[cfg(feature = "kafka")]
 pub mod dev;
+pub mod durable;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

@@ -6,16 +6,15 @@
 //! body means the disk returned something else than was written).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::analytics::HourStats;
+use super::layout::Hour;
 
 pub const FILE: &str = "checkpoint";
-const TMP: &str = "checkpoint.tmp";
 const MAGIC: &str = "sluice-archive-checkpoint 1";
 /// A checkpoint holds at most the open hours; anything bigger is not ours.
 const MAX_BYTES: u64 = 256 << 20;
@@ -87,19 +86,48 @@ fn parse(bytes: &[u8]) -> Result<Checkpoint, String> {
 /// stick.
 pub fn write(dir: &Path, cp: &Checkpoint) -> std::io::Result<()> {
     let body = serde_json::to_vec(cp).map_err(std::io::Error::other)?;
-    let tmp = dir.join(TMP);
     let mut bytes = format!("{MAGIC} {:08x}\n", crc32fast::hash(&body)).into_bytes();
     bytes.extend_from_slice(&body);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(FILE))?;
-    sync_dir(dir)
+    // `checkpoint.tmp`, fsync, rename, directory fsync. A failed fsync comes
+    // back as `durable::is_fsync_failure`: the caller must not read the
+    // checkpoint back in this process (the page cache may hold a name the
+    // disk does not).
+    crate::durable::write_file_durable(&dir.join(FILE), &bytes)
 }
 
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::sync_dir(dir)
+}
+
+/// The open hours a checkpoint names, decoded one entry at a time: an entry
+/// whose key is not an hour this build can name (`+10000-01-01T00`, written
+/// by a build that let an event time past year 9999 through) comes back in
+/// the second list instead of failing the whole checkpoint.
+pub fn hour_entries(cp: &Checkpoint) -> (Vec<(Hour, HourStats)>, Vec<String>) {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (key, stats) in &cp.hours {
+        match Hour::parse(key).filter(|h| h.key() == *key) {
+            Some(h) => good.push((h, stats.clone())),
+            None => bad.push(key.clone()),
+        }
+    }
+    (good, bad)
+}
+
+/// Keeps a copy of the checkpoint as `checkpoint.unreadable-<crc32 of its
+/// bytes>` (durably, next to it) before an open drops entries it cannot
+/// read, so that an operator can still see what they held. Named by content:
+/// an open repeated on the same checkpoint (a sink retrying) finds its copy
+/// and returns `false` instead of piling up copies.
+pub fn quarantine(dir: &Path) -> std::io::Result<(std::path::PathBuf, bool)> {
+    let bytes = std::fs::read(dir.join(FILE))?;
+    let to = dir.join(format!("{FILE}.unreadable-{:08x}", crc32fast::hash(&bytes)));
+    if to.exists() {
+        return Ok((to, false));
+    }
+    crate::durable::write_file_durable(&to, &bytes)?;
+    Ok((to, true))
 }
 
 #[cfg(test)]

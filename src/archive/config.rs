@@ -52,12 +52,35 @@ pub struct ArchiveConfig {
     /// (idle `idle-close-secs`); summaries and analytics are unaffected, and
     /// a late event decompresses the hour first. Default false.
     pub compress: bool,
+    /// What to do when a partition's offsets started over: the broker's log
+    /// ends below the offset the archive reached, or the cluster id differs
+    /// from the checkpoint's (another cluster, a recreated topic). `fail`
+    /// refuses to archive the partition and exits non-zero with a message
+    /// naming topic, partition, offsets and cluster ids; `restart` archives
+    /// the new log from its beginning (the old files stay). Either way it
+    /// is logged and counted (`sluice_archive_offset_resets_total`).
+    /// Default `fail`.
+    pub on_offset_reset: OnOffsetReset,
     /// librdkafka consumer properties on top of the archiver's own (e.g.
     /// `session.timeout.ms`); `security.*`, `sasl.*` and `ssl.*` from
     /// `[kafka.librdkafka]` are used too. `enable.auto.commit`,
-    /// `enable.auto.offset.store` and `group.id` are the archiver's and
-    /// cannot be set here. Default empty.
+    /// `enable.auto.offset.store`, `group.id` and `auto.offset.reset` are
+    /// the archiver's and cannot be set here; incremental (cooperative)
+    /// rebalancing (`partition.assignment.strategy = cooperative-sticky`,
+    /// `group.protocol = consumer`) is refused. Default empty.
     pub librdkafka: std::collections::BTreeMap<String, String>,
+}
+
+/// `archive.on-offset-reset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnOffsetReset {
+    /// Refuse to archive the partition: exit non-zero, naming it.
+    #[default]
+    Fail,
+    /// Forget the partition's old position and archive the new log from
+    /// its beginning.
+    Restart,
 }
 
 impl Default for ArchiveConfig {
@@ -80,6 +103,7 @@ impl Default for ArchiveConfig {
             max_tracked: spec.max_tracked,
             retention_days: 0,
             compress: false,
+            on_offset_reset: OnOffsetReset::Fail,
             librdkafka: Default::default(),
         }
     }
@@ -102,6 +126,23 @@ impl ArchiveConfig {
                 return Err(format!("archive.librdkafka cannot set {k}: offsets move only after the files are durable"));
             }
         }
+        if self.librdkafka.contains_key("auto.offset.reset") {
+            return Err("archive.librdkafka cannot set auto.offset.reset: an offset out of range is an offset reset, handled by archive.on-offset-reset".into());
+        }
+        // The rebalance callback assigns and revokes eagerly: every
+        // partition is committed and given up, then the new set assigned.
+        // Incremental protocols call it with deltas, which it would take
+        // for the whole assignment.
+        if let Some(v) = self.librdkafka.get("partition.assignment.strategy") {
+            if v.to_ascii_lowercase().contains("cooperative") {
+                return Err(format!("archive.librdkafka partition.assignment.strategy = {v:?}: incremental (cooperative) rebalancing is not supported by sluice archive; use \"range\" or \"roundrobin\""));
+            }
+        }
+        if let Some(v) = self.librdkafka.get("group.protocol") {
+            if !v.eq_ignore_ascii_case("classic") {
+                return Err(format!("archive.librdkafka group.protocol = {v:?}: sluice archive supports only the \"classic\" group protocol (\"consumer\", KIP-848, rebalances incrementally)"));
+            }
+        }
         if self.timestamp_field.is_empty() {
             return Err("archive.timestamp-field must not be empty".into());
         }
@@ -121,5 +162,41 @@ impl ArchiveConfig {
         o.idle_close = Duration::from_secs(self.idle_close_secs);
         o.compress_sealed = self.compress;
         Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ArchiveConfig, OnOffsetReset};
+
+    #[test]
+    fn on_offset_reset_parses_and_consumer_settings_it_owns_are_refused() {
+        let c: ArchiveConfig = toml::from_str("on-offset-reset = \"restart\"\n").unwrap();
+        assert_eq!(c.on_offset_reset, OnOffsetReset::Restart);
+        assert_eq!(
+            ArchiveConfig::default().on_offset_reset,
+            OnOffsetReset::Fail
+        );
+        assert!(toml::from_str::<ArchiveConfig>("on-offset-reset = \"skip\"\n").is_err());
+        for (k, v, want) in [
+            ("auto.offset.reset", "latest", "archive.on-offset-reset"),
+            (
+                "partition.assignment.strategy",
+                "range,cooperative-sticky",
+                "not supported",
+            ),
+            ("group.protocol", "consumer", "classic"),
+        ] {
+            let mut a = ArchiveConfig::default();
+            a.librdkafka.insert(k.into(), v.into());
+            let err = a.validate().unwrap_err();
+            assert!(err.contains(k) && err.contains(want), "{err}");
+        }
+        let mut a = ArchiveConfig::default();
+        a.librdkafka
+            .insert("partition.assignment.strategy".into(), "roundrobin".into());
+        a.librdkafka
+            .insert("group.protocol".into(), "classic".into());
+        a.validate().unwrap();
     }
 }

@@ -24,8 +24,19 @@ pub struct ArchiveStatus {
     /// Set once the writer is open and the consumer subscribed; cleared on
     /// shutdown.
     pub ready: AtomicBool,
-    /// Per partition: high watermark minus the next offset to archive.
+    /// Per partition: high watermark minus the next offset to archive. Not
+    /// clamped: a negative value is a log that ends below the archive's
+    /// position (an offset reset, see `offset_resets`).
     pub lag: Mutex<BTreeMap<i32, i64>>,
+    /// Offset resets detected, by (topic, partition): the log the broker
+    /// has is not the one the archive's position is in.
+    pub offset_resets: Mutex<BTreeMap<(String, i32), u64>>,
+    /// Offsets that retention removed before they were archived, by
+    /// (topic, partition).
+    pub retention_skipped: Mutex<BTreeMap<(String, i32), u64>>,
+    /// Assignments retried because what they need (the group's committed
+    /// offsets, the watermarks) could not be read.
+    pub assignment_retries: AtomicU64,
     /// Records dropped by the exactly-once rule (seq at or below the high mark).
     pub duplicates: AtomicU64,
     /// Records without `instance`/`seq` headers, archived as they are.
@@ -43,6 +54,9 @@ impl ArchiveStatus {
             writer,
             ready: AtomicBool::new(false),
             lag: Mutex::new(BTreeMap::new()),
+            offset_resets: Mutex::new(BTreeMap::new()),
+            retention_skipped: Mutex::new(BTreeMap::new()),
+            assignment_retries: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             unmarked: AtomicU64::new(0),
             commit_micros_total: AtomicU64::new(0),
@@ -195,6 +209,12 @@ async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
         w.recovered_files.load(Relaxed),
     );
     one(
+        "sluice_archive_checkpoint_entries_dropped_total",
+        "counter",
+        "Checkpoint entries the start could not read (dropped after keeping a copy; lines stay).",
+        w.checkpoint_entries_dropped.load(Relaxed),
+    );
+    one(
         "sluice_archive_duplicates_dropped_total",
         "counter",
         "Records dropped by the exactly-once rule.",
@@ -212,6 +232,31 @@ async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
         "Failed Kafka offset commits.",
         s.kafka_commit_errors.load(Relaxed),
     );
+    one(
+        "sluice_archive_assignment_retries_total",
+        "counter",
+        "Partition assignments retried: the group's committed offsets or the watermarks could not be read.",
+        s.assignment_retries.load(Relaxed),
+    );
+    for (name, help, map) in [
+        (
+            "sluice_archive_offset_resets_total",
+            "Offset resets: the partition's log ends below the archive's position, or the cluster id changed.",
+            &s.offset_resets,
+        ),
+        (
+            "sluice_archive_retention_skipped_total",
+            "Offsets removed by retention before they were archived.",
+            &s.retention_skipped,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        if let Ok(m) = map.lock() {
+            for ((t, p), v) in m.iter() {
+                let _ = writeln!(out, "{name}{{topic=\"{t}\",partition=\"{p}\"}} {v}");
+            }
+        }
+    }
     let last = w.last_commit_micros.load(Relaxed) as f64 / 1e6;
     let total = s.commit_micros_total.load(Relaxed) as f64 / 1e6;
     let _ = writeln!(

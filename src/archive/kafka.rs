@@ -14,6 +14,23 @@
 //! are the maximum of both (a `seq` at or below either was written by some
 //! archiver). On revocation the writer commits and the offsets are committed
 //! synchronously before the partitions are given up.
+//!
+//! Offset resets. A checkpoint's position is only meaningful in the log it
+//! was taken from. Before assigning a partition, and every 5 s while
+//! consuming, the archiver compares the partition's position and cluster id
+//! with the broker's: another cluster id, or a log that ends below the next
+//! offset (or a record delivered below it: librdkafka reset the fetch
+//! position), is an offset reset. It is logged once with the offsets,
+//! counted, and handled by `archive.on-offset-reset`: `fail` exits naming
+//! it, `restart` archives the new log from its beginning (the `seq` marks
+//! stay: the files hold those records). A log that starts above the next
+//! offset lost records to retention: logged and counted, archiving goes on.
+//!
+//! An assignment needs the group's committed offsets, the cluster id and
+//! the watermarks; when one of them cannot be read, nothing is consumed
+//! from a guess: the partitions are not assigned and the assignment is
+//! retried from the poll loop (backoff 0.5 s doubling to 10 s, each retry
+//! logged and counted).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -26,6 +43,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
+use super::config::OnOffsetReset;
 use super::http::ArchiveStatus;
 use super::writer::Writer;
 
@@ -37,12 +55,74 @@ const HEADER_SEQ: &str = "seq";
 /// Kafka's default `offset.metadata.max.bytes` is 4096.
 const MAX_METADATA: usize = 4000;
 
+/// How long one read of the group's offsets, the cluster id or a
+/// partition's watermarks may take during an assignment.
+const ASSIGN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retry backoff of an assignment that could not be planned.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 struct Part {
     /// Next offset to archive (everything below is in the files).
     next: i64,
     /// Highest `seq` written per instance.
     high: BTreeMap<String, u64>,
+    /// The Kafka cluster id of the log `next` is a position in; None in a
+    /// checkpoint from before it was kept (adopted at the next assignment).
+    cluster: Option<String>,
+    /// Retention gaps below this offset were counted (not persisted).
+    gap_counted_to: i64,
+}
+
+/// What the broker says about a partition now.
+struct Seen {
+    cluster: Option<String>,
+    low: i64,
+    high: i64,
+}
+
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Same,
+    /// The broker's log is not the one `next` is a position in.
+    Reset(&'static str),
+    /// Retention removed offsets `next..low` before they were archived.
+    Gap,
+}
+
+/// Whether a position (`next`, taken in `cluster`'s log) still describes
+/// the log the broker has.
+fn check(next: i64, cluster: Option<&str>, seen: &Seen) -> Verdict {
+    if let (Some(ours), Some(now)) = (cluster, seen.cluster.as_deref()) {
+        if ours != now {
+            return Verdict::Reset("the cluster id differs from the checkpoint's");
+        }
+    }
+    if next > seen.high {
+        return Verdict::Reset("the partition's log ends below the next offset to archive");
+    }
+    // A fresh position (0) below the log start is a topic under retention
+    // the archive never read, not a loss.
+    if next > 0 && next < seen.low {
+        return Verdict::Gap;
+    }
+    Verdict::Same
+}
+
+/// An assignment waiting for a retry.
+struct Retry {
+    ids: Vec<i32>,
+    attempt: u32,
+    at: Instant,
+}
+
+/// Why an assignment did not happen.
+enum NotAssigned {
+    /// Something it needs could not be read; try again later.
+    Retry(String),
+    /// An offset reset under `on-offset-reset = "fail"`.
+    Fail(String),
 }
 
 struct Inner {
@@ -56,6 +136,14 @@ struct Inner {
     uncommitted: bool,
     /// Set after a failure: the loop exits and the process restarts.
     failed: Option<String>,
+    on_reset: OnOffsetReset,
+    /// Partitions given to us whose assignment waits for a retry.
+    retry: Option<Retry>,
+    /// The cluster id the client talks to, read at each assignment and
+    /// when librdkafka reports a change (`Ctx::log`). Read only then:
+    /// rdkafka 0.39's `fetch_cluster_id` leaks the string librdkafka
+    /// allocates for it (`rd_kafka_clusterid` wants `rd_kafka_mem_free`).
+    cluster: Option<String>,
 }
 
 impl Inner {
@@ -63,7 +151,13 @@ impl Inner {
         let parts: serde_json::Map<String, Value> = self
             .parts
             .iter()
-            .map(|(p, s)| (p.to_string(), json!({"next": s.next, "high": s.high})))
+            .map(|(p, s)| {
+                let mut v = json!({"next": s.next, "high": s.high});
+                if let Some(c) = &s.cluster {
+                    v["cluster"] = json!(c);
+                }
+                (p.to_string(), v)
+            })
             .collect();
         json!({"topic": self.topic, "partitions": parts})
     }
@@ -86,7 +180,304 @@ impl Inner {
                 .get("high")
                 .and_then(|h| serde_json::from_value(h.clone()).ok())
                 .unwrap_or_default();
-            self.parts.insert(p, Part { next, high });
+            // Absent in checkpoints written before the cluster id was kept.
+            let cluster = v.get("cluster").and_then(Value::as_str).map(String::from);
+            self.parts.insert(
+                p,
+                Part {
+                    next,
+                    high,
+                    cluster,
+                    gap_counted_to: 0,
+                },
+            );
+        }
+    }
+
+    /// Logs and counts an offset reset of partition `p` (position `next`
+    /// in the checkpoint's log, `seen` the broker's); Err with the message
+    /// to exit with under `on-offset-reset = "fail"`.
+    fn offset_reset(
+        &self,
+        status: &ArchiveStatus,
+        p: i32,
+        reason: &str,
+        next: i64,
+        seen: &Seen,
+    ) -> Result<(), String> {
+        let topic = &self.topic;
+        let ours = self.parts.get(&p).and_then(|s| s.cluster.as_deref());
+        if let Ok(mut m) = status.offset_resets.lock() {
+            *m.entry((topic.clone(), p)).or_default() += 1;
+        }
+        tracing::error!(topic = %topic, partition = p, next, checkpoint_cluster = ?ours,
+            cluster = ?seen.cluster, log_start = seen.low, log_end = seen.high,
+            policy = ?self.on_reset,
+            "archive: offset reset: {reason}; offsets {}..{} of the checkpoint's log are not in this one",
+            seen.low.min(next), next);
+        match self.on_reset {
+            OnOffsetReset::Fail => Err(format!(
+                "offset reset on topic {topic} partition {p}: {reason} (the archive's next offset \
+                 is {next} in cluster {}, the broker's log is {}..{} in cluster {}); \
+                 archive.on-offset-reset is \"fail\", so nothing is archived from it. Check the \
+                 brokers; to archive the new log from its beginning set archive.on-offset-reset = \
+                 \"restart\" (the files already written stay)",
+                ours.unwrap_or("unknown"),
+                seen.low,
+                seen.high,
+                seen.cluster.as_deref().unwrap_or("unknown"),
+            )),
+            OnOffsetReset::Restart => Ok(()),
+        }
+    }
+
+    /// Logs and counts, once per range, the offsets retention removed
+    /// before they were archived (`next..seen.low`). Nothing else to do:
+    /// the broker resumes the partition at its log start.
+    fn retention_gap(&mut self, status: &ArchiveStatus, p: i32, seen: &Seen) {
+        let topic = self.topic.clone();
+        let part = self.parts.entry(p).or_default();
+        let from = part.next.max(part.gap_counted_to);
+        if seen.low <= from {
+            return;
+        }
+        part.gap_counted_to = seen.low;
+        if let Ok(mut m) = status.retention_skipped.lock() {
+            *m.entry((topic.clone(), p)).or_default() += (seen.low - from) as u64;
+        }
+        tracing::error!(topic = %topic, partition = p, from, to = seen.low,
+            "archive: retention removed offsets {from}..{} before they were archived", seen.low);
+    }
+
+    /// Reads what assigning `ids` needs (the group's committed offsets, the
+    /// cluster id, each partition's watermarks) and decides where each
+    /// partition starts. Nothing changes unless everything was read and no
+    /// partition fails.
+    fn plan(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        status: &ArchiveStatus,
+        ids: &[i32],
+    ) -> Result<TopicPartitionList, NotAssigned> {
+        let topic = self.topic.clone();
+        let mut want = TopicPartitionList::new();
+        for p in ids {
+            want.add_partition(&topic, *p);
+        }
+        let retry = NotAssigned::Retry;
+        let committed = consumer
+            .committed_offsets(want, ASSIGN_TIMEOUT)
+            .map_err(|e| retry(format!("reading the group's committed offsets: {e}")))?;
+        if let Some(c) = consumer.client().fetch_cluster_id(ASSIGN_TIMEOUT) {
+            self.cluster = Some(c);
+        }
+        let cluster = self.cluster.clone();
+        let mut read = Vec::with_capacity(ids.len());
+        for p in ids {
+            let e = committed
+                .find_partition(&topic, *p)
+                .ok_or_else(|| retry(format!("no committed offset returned for partition {p}")))?;
+            e.error().map_err(|err| {
+                retry(format!(
+                    "reading the group's committed offset of partition {p}: {err}"
+                ))
+            })?;
+            let group_next = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            let group_high: BTreeMap<String, u64> =
+                serde_json::from_str(e.metadata()).unwrap_or_default();
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, *p, ASSIGN_TIMEOUT)
+                .map_err(|e| retry(format!("reading the watermarks of partition {p}: {e}")))?;
+            let seen = Seen {
+                cluster: cluster.clone(),
+                low,
+                high,
+            };
+            read.push((*p, group_next, group_high, seen));
+        }
+        // Decide first, change afterwards: a failing partition leaves every
+        // position as it was (the revocation at exit commits them).
+        let mut resets = Vec::new();
+        let mut fail = None;
+        for (p, group_next, _, seen) in &read {
+            let part = self.parts.get(p);
+            let ours = part.map_or(0, |s| s.next);
+            let next = ours.max(*group_next);
+            if let Verdict::Reset(reason) =
+                check(next, part.and_then(|s| s.cluster.as_deref()), seen)
+            {
+                // Every reset is logged and counted, the first one failing
+                // names itself in the exit message.
+                if let Err(msg) = self.offset_reset(status, *p, reason, next, seen) {
+                    fail.get_or_insert(msg);
+                }
+                resets.push(*p);
+            }
+        }
+        if let Some(msg) = fail {
+            return Err(NotAssigned::Fail(msg));
+        }
+        let mut assign = TopicPartitionList::new();
+        for (p, group_next, group_high, seen) in read {
+            if let Ok(mut m) = status.offset_resets.lock() {
+                m.entry((topic.clone(), p)).or_default();
+            }
+            let part = self.parts.entry(p).or_default();
+            if resets.contains(&p) {
+                // `restart`: the old log's position is meaningless here, and
+                // so may the group's be (committed before the reset was
+                // seen): the new log from its beginning. The seq marks stay
+                // (the files hold those records), and the group's are merged
+                // below: what another archiver of the group already took
+                // from the new log is dropped as duplicates, not skipped.
+                part.next = 0;
+                part.gap_counted_to = 0;
+                tracing::warn!(topic = %topic, partition = p, start = part.next,
+                    "archive: archiving the new log from its beginning (on-offset-reset = restart)");
+            } else {
+                if group_next > part.next {
+                    tracing::info!(partition = p, ours = part.next, group = group_next,
+                        "archive: the group is ahead of our checkpoint (another archiver owned the partition)");
+                }
+                part.next = part.next.max(group_next);
+            }
+            if part.cluster.is_none() || resets.contains(&p) {
+                part.cluster = seen.cluster.clone().or(part.cluster.take());
+            }
+            for (i, s) in group_high {
+                let h = part.high.entry(i).or_insert(0);
+                *h = (*h).max(s);
+            }
+            let start = if part.next > 0 {
+                Offset::Offset(part.next)
+            } else {
+                Offset::Beginning
+            };
+            if check(part.next, None, &seen) == Verdict::Gap {
+                self.retention_gap(status, p, &seen);
+            }
+            let _ = assign.add_partition_offset(&topic, p, start);
+        }
+        if !resets.is_empty() {
+            // The new positions reach the checkpoint with the next commit.
+            self.uncommitted = true;
+        }
+        Ok(assign)
+    }
+
+    /// Assigns `ids` (given by a rebalance, or retried) if [`Inner::plan`]
+    /// can; otherwise consumes nothing and schedules a retry, or fails.
+    fn try_assign(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        status: &ArchiveStatus,
+        ids: Vec<i32>,
+        attempt: u32,
+    ) {
+        match self.plan(consumer, status, &ids) {
+            Ok(tpl) => {
+                tracing::info!(partitions = ?ids, "archive: partitions assigned");
+                if let Err(e) = consumer.assign(&tpl) {
+                    self.failed = Some(format!("assign: {e}"));
+                    return;
+                }
+                self.assigned = ids;
+                status.ready.store(true, Relaxed);
+            }
+            Err(NotAssigned::Retry(reason)) => {
+                status.assignment_retries.fetch_add(1, Relaxed);
+                status.ready.store(false, Relaxed);
+                let delay = RETRY_FIRST
+                    .saturating_mul(1 << attempt.min(6))
+                    .min(RETRY_MAX);
+                tracing::warn!(partitions = ?ids, attempt = attempt + 1, retry_in_ms = delay.as_millis() as u64,
+                    reason = %reason,
+                    "archive: cannot start the assigned partitions yet; consuming nothing until it can");
+                // Acknowledge the rebalance with nothing assigned: no record
+                // is read from a guessed position.
+                if attempt == 0 {
+                    let _ = consumer.assign(&TopicPartitionList::new());
+                }
+                self.assigned.clear();
+                self.retry = Some(Retry {
+                    ids,
+                    attempt: attempt + 1,
+                    at: Instant::now() + delay,
+                });
+            }
+            Err(NotAssigned::Fail(msg)) => {
+                status.ready.store(false, Relaxed);
+                let _ = consumer.assign(&TopicPartitionList::new());
+                self.assigned.clear();
+                self.failed = Some(msg);
+            }
+        }
+    }
+
+    /// While consuming: the broker's view of partition `p` (1 s timeout
+    /// each), None if it cannot be read now.
+    fn observe(&self, consumer: &BaseConsumer<Ctx>, p: i32) -> Option<Seen> {
+        let (low, high) = consumer
+            .fetch_watermarks(&self.topic, p, Duration::from_secs(1))
+            .ok()?;
+        Some(Seen {
+            cluster: self.cluster.clone(),
+            low,
+            high,
+        })
+    }
+
+    /// While consuming: applies [`check`] to partition `p` (`below`: a
+    /// record arrived below the next offset, a reset whatever the
+    /// watermarks say now). A reset fails or restarts the partition at the
+    /// new log's beginning (a seek; librdkafka discards what it fetched
+    /// from the old position).
+    fn recheck(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        status: &ArchiveStatus,
+        p: i32,
+        seen: &Seen,
+        below: bool,
+    ) {
+        let (next, cluster) = match self.parts.get(&p) {
+            Some(s) => (s.next, s.cluster.clone()),
+            None => return,
+        };
+        let verdict = match check(next, cluster.as_deref(), seen) {
+            Verdict::Same | Verdict::Gap if below => Verdict::Reset(
+                "a record was delivered below the next offset to archive (the fetch position was out of range)",
+            ),
+            v => v,
+        };
+        match verdict {
+            Verdict::Same => {}
+            Verdict::Gap => self.retention_gap(status, p, seen),
+            Verdict::Reset(reason) => {
+                if let Err(msg) = self.offset_reset(status, p, reason, next, seen) {
+                    status.ready.store(false, Relaxed);
+                    self.failed = Some(msg);
+                    return;
+                }
+                let topic = self.topic.clone();
+                let part = self.parts.entry(p).or_default();
+                part.next = 0;
+                part.gap_counted_to = 0;
+                part.cluster = seen.cluster.clone().or(part.cluster.take());
+                self.uncommitted = true;
+                // Dying here: the checkpoint still holds the old position and
+                // cluster; the next start detects the reset again.
+                if let Err(e) = consumer.seek(&topic, p, Offset::Beginning, Duration::from_secs(10))
+                {
+                    self.failed = Some(format!("seek {topic}/{p} to the new log's beginning: {e}"));
+                    return;
+                }
+                tracing::warn!(topic = %topic, partition = p,
+                    "archive: archiving the new log from its beginning (on-offset-reset = restart)");
+            }
         }
     }
 
@@ -115,11 +506,22 @@ impl Inner {
         if !self.uncommitted {
             return Ok(());
         }
+        let now = self.cluster.clone();
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
             let Some(s) = self.parts.get(p) else { continue };
             if s.next <= 0 {
                 continue;
+            }
+            if let (Some(ours), Some(now)) = (&s.cluster, &now) {
+                if ours != now {
+                    // A position in another cluster's log must not become
+                    // this cluster's group offset (the reset check handles
+                    // the partition; the checkpoint keeps the position).
+                    tracing::warn!(partition = p, checkpoint_cluster = %ours, cluster = %now,
+                        "archive: not committing an offset of another cluster's log");
+                    continue;
+                }
             }
             let mut e = tpl.add_partition(&self.topic, *p);
             if e.set_offset(Offset::Offset(s.next)).is_err() {
@@ -149,9 +551,22 @@ impl Inner {
 struct Ctx {
     inner: Arc<Mutex<Inner>>,
     status: Arc<ArchiveStatus>,
+    /// Set when librdkafka logs a new cluster id; an atomic, not `inner`:
+    /// librdkafka logs from its own threads, which the poll loop may wait
+    /// for while holding `inner`.
+    cluster_changed: Arc<AtomicBool>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // "ClusterId update" (debug) or "reports different ClusterId"
+        // (warning): the brokers behind the bootstrap address changed.
+        if fac == "CLUSTERID" {
+            self.cluster_changed.store(true, Relaxed);
+        }
+        rdkafka::client::DefaultClientContext.log(level, fac, log_message);
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn rebalance(
@@ -165,56 +580,16 @@ impl ConsumerContext for Ctx {
         };
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let topic = inner.topic.clone();
                 let ids: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                let committed = consumer
-                    .committed_offsets(tpl.clone(), Duration::from_secs(30))
-                    .map_err(|e| tracing::warn!(error = %e, "archive: reading the group's offsets"))
-                    .ok();
-                let mut assign = TopicPartitionList::new();
-                for p in &ids {
-                    let (group_next, group_high) = committed
-                        .as_ref()
-                        .and_then(|c| c.find_partition(&topic, *p))
-                        .map(|e| {
-                            let next = match e.offset() {
-                                Offset::Offset(o) => o,
-                                _ => 0,
-                            };
-                            let high: BTreeMap<String, u64> =
-                                serde_json::from_str(e.metadata()).unwrap_or_default();
-                            (next, high)
-                        })
-                        .unwrap_or_default();
-                    let part = inner.parts.entry(*p).or_default();
-                    if group_next > part.next {
-                        tracing::info!(partition = p, ours = part.next, group = group_next,
-                            "archive: the group is ahead of our checkpoint (another archiver owned the partition)");
-                    }
-                    part.next = part.next.max(group_next);
-                    for (i, s) in group_high {
-                        let h = part.high.entry(i).or_insert(0);
-                        *h = (*h).max(s);
-                    }
-                    let start = if part.next > 0 {
-                        Offset::Offset(part.next)
-                    } else {
-                        Offset::Beginning
-                    };
-                    let _ = assign.add_partition_offset(&topic, *p, start);
-                }
-                inner.assigned = ids.clone();
-                tracing::info!(partitions = ?ids, "archive: partitions assigned");
-                if let Err(e) = consumer.assign(&assign) {
-                    inner.failed = Some(format!("assign: {e}"));
-                }
-                self.status.ready.store(true, Relaxed);
+                inner.retry = None;
+                inner.try_assign(consumer, &self.status, ids, 0);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // Everything read from these partitions is made durable and
                 // its offsets committed before another archiver may start
                 // on them from the group's offset.
                 let ids = std::mem::take(&mut inner.assigned);
+                inner.retry = None;
                 inner.uncommitted = true;
                 if let Err(e) = inner.commit(consumer, &self.status, &ids, CommitMode::Sync) {
                     inner.failed = Some(e);
@@ -227,6 +602,7 @@ impl ConsumerContext for Ctx {
             }
             other => {
                 tracing::error!(error = ?other, "archive: rebalance error");
+                inner.retry = None;
                 let _ = consumer.unassign();
             }
         }
@@ -243,6 +619,8 @@ pub struct Source {
     pub commit_records: u64,
     /// Delete hourly files older than this (summaries stay); None keeps all.
     pub retention: Option<Duration>,
+    /// `archive.on-offset-reset`.
+    pub on_reset: OnOffsetReset,
 }
 
 /// Consumes until `stop` is set (then commits and seals) or a failure.
@@ -261,22 +639,39 @@ pub fn run(
         pending: 0,
         uncommitted: false,
         failed: None,
+        on_reset: src.on_reset,
+        retry: None,
+        cluster: None,
     };
     inner.restore(&progress);
     let inner = Arc::new(Mutex::new(inner));
     let mut cfg = ClientConfig::new();
+    // librdkafka's warnings reach `Ctx::log` (the CLUSTERID one detects a
+    // cluster change) even when the log filter hides them: rdkafka derives
+    // librdkafka's level from the filter of target `librdkafka`.
+    {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(cfg.log_level, L::Emerg | L::Alert | L::Critical | L::Error) {
+            cfg.set_log_level(L::Warning);
+        }
+    }
     cfg.set("bootstrap.servers", &src.brokers)
-        .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
     for (k, v) in &src.properties {
         cfg.set(k, v);
     }
-    cfg.set("group.id", &src.group_id)
+    // A fetch position out of range restarts at the log start, where the
+    // record below `next` that follows is detected as an offset reset
+    // (`auto.offset.reset` is refused in `archive.librdkafka`).
+    cfg.set("auto.offset.reset", "earliest")
+        .set("group.id", &src.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    let cluster_changed = Arc::new(AtomicBool::new(false));
     let ctx = Ctx {
         inner: inner.clone(),
         status: status.clone(),
+        cluster_changed: cluster_changed.clone(),
     };
     let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(ctx)
@@ -294,17 +689,34 @@ pub fn run(
         if let Some(e) = g.failed.take() {
             return Err(e);
         }
+        if let Some(r) = g.retry.take_if(|r| r.at <= Instant::now()) {
+            g.try_assign(&consumer, &status, r.ids, r.attempt);
+            if let Some(e) = g.failed.take() {
+                return Err(e);
+            }
+        }
         match msg {
             None => {}
             Some(Err(e)) => tracing::warn!(error = %e, "archive: consumer error"),
             Some(Ok(m)) => {
                 let p = m.partition();
                 let offset = m.offset();
-                let part = g.parts.entry(p).or_default();
-                if offset < part.next {
-                    // Redelivered below what the files already hold.
+                let next = g.parts.get(&p).map_or(0, |s| s.next);
+                if offset < next {
+                    // librdkafka restarted the fetch below our position: its
+                    // position was out of range (`auto.offset.reset`).
+                    let seen = g.observe(&consumer, p).unwrap_or(Seen {
+                        cluster: None,
+                        low: -1,
+                        high: -1,
+                    });
+                    g.recheck(&consumer, &status, p, &seen, true);
+                    if let Some(e) = g.failed.take() {
+                        return Err(e);
+                    }
                     continue;
                 }
+                let part = g.parts.entry(p).or_default();
                 part.next = offset + 1;
                 let (mut inst, mut seq) = (None, None);
                 if let Some(h) = m.headers() {
@@ -368,15 +780,29 @@ pub fn run(
                     .map_err(|e| format!("archive retention: {e}"))?;
             }
         }
+        if cluster_changed.swap(false, Relaxed) {
+            if let Some(c) = consumer.client().fetch_cluster_id(Duration::from_secs(1)) {
+                if g.cluster.as_ref() != Some(&c) {
+                    tracing::warn!(before = ?g.cluster, now = %c, "archive: the brokers report another cluster id");
+                    g.cluster = Some(c);
+                    // Check the partitions now.
+                    last_lag = Instant::now() - Duration::from_secs(60);
+                }
+            }
+        }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             let mut lag = BTreeMap::new();
             for p in g.assigned.clone() {
+                let Some(seen) = g.observe(&consumer, p) else {
+                    continue;
+                };
+                // Not clamped: below 0 the log ends below our position.
                 let next = g.parts.get(&p).map_or(0, |s| s.next);
-                if let Ok((_, high)) =
-                    consumer.fetch_watermarks(&src.topic, p, Duration::from_secs(1))
-                {
-                    lag.insert(p, (high - next).max(0));
+                lag.insert(p, seen.high - next);
+                g.recheck(&consumer, &status, p, &seen, false);
+                if let Some(e) = g.failed.take() {
+                    return Err(e);
                 }
             }
             if let Ok(mut l) = status.lag.lock() {
@@ -397,4 +823,75 @@ pub fn run(
     consumer.unsubscribe();
     tracing::info!("archive: stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(cluster: Option<&str>, low: i64, high: i64) -> Seen {
+        Seen {
+            cluster: cluster.map(String::from),
+            low,
+            high,
+        }
+    }
+
+    #[test]
+    fn check_tells_a_reset_from_a_gap_and_from_the_same_log() {
+        let a = Some("A");
+        // Same cluster, position inside the log (or at its end).
+        assert_eq!(check(20, a, &seen(a, 0, 20)), Verdict::Same);
+        assert_eq!(check(20, a, &seen(a, 5, 90)), Verdict::Same);
+        // Unknown cluster on either side: the offsets alone decide.
+        assert_eq!(check(20, None, &seen(a, 0, 30)), Verdict::Same);
+        assert_eq!(check(20, a, &seen(None, 0, 30)), Verdict::Same);
+        // Another cluster whose log is longer than our position: only the
+        // cluster id shows that offsets 0..20 are not the archived ones.
+        assert!(matches!(
+            check(20, a, &seen(Some("B"), 0, 90)),
+            Verdict::Reset(r) if r.contains("cluster id")
+        ));
+        // The log ends below the position (recreated topic, truncation).
+        assert!(matches!(
+            check(20, a, &seen(a, 0, 13)),
+            Verdict::Reset(r) if r.contains("ends below")
+        ));
+        // Retention removed 20..25 before they were archived.
+        assert_eq!(check(20, a, &seen(a, 25, 40)), Verdict::Gap);
+        // A fresh position below the log start is no loss of ours.
+        assert_eq!(check(0, None, &seen(a, 25, 40)), Verdict::Same);
+    }
+
+    #[test]
+    fn progress_keeps_the_cluster_id_and_reads_checkpoints_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = super::super::WriterOptions::new(dir.path());
+        let (writer, _) = Writer::open(opts).unwrap();
+        let mut inner = Inner {
+            writer,
+            topic: "events".into(),
+            parts: BTreeMap::new(),
+            assigned: Vec::new(),
+            pending: 0,
+            uncommitted: false,
+            failed: None,
+            on_reset: OnOffsetReset::Fail,
+            retry: None,
+            cluster: None,
+        };
+        // A checkpoint written before the cluster id was kept.
+        inner.restore(&json!({"topic": "events",
+            "partitions": {"0": {"next": 20, "high": {"i1": 58}}}}));
+        assert_eq!(inner.parts[&0].next, 20);
+        assert_eq!(inner.parts[&0].cluster, None);
+        assert_eq!(inner.parts[&0].high["i1"], 58);
+        inner.parts.get_mut(&0).unwrap().cluster = Some("c1".into());
+        let p = inner.progress();
+        assert_eq!(p["partitions"]["0"]["cluster"], json!("c1"));
+        inner.parts.clear();
+        inner.restore(&p);
+        assert_eq!(inner.parts[&0].cluster.as_deref(), Some("c1"));
+        assert_eq!(inner.parts[&0].next, 20);
+    }
 }

@@ -19,6 +19,12 @@ pub const DEFAULT_SUMMARIES: &str = "analytics/%Y-%m-%d/summary_%H.json";
 /// usable event time of their own.
 pub const UNPARSED: &str = "logs/unparsed/%Y-%m-%d/%H.json";
 
+/// Earliest and latest archive time, ms since the epoch: years 0000 to
+/// 9999 in UTC, the hours whose key (`%Y-%m-%dT%H`) and file names have four
+/// year digits and parse back. An event time outside is unparsed.
+pub const MIN_EVENT_MS: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00Z
+pub const MAX_EVENT_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+
 /// An hour: whole hours since the Unix epoch, UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hour(pub i64);
@@ -27,6 +33,11 @@ impl Hour {
     /// The hour holding `ms` milliseconds since the epoch.
     pub fn of_millis(ms: i64) -> Hour {
         Hour(ms.div_euclid(3_600_000))
+    }
+
+    /// Within years 0000 to 9999 in UTC: the only hours an archive names.
+    pub fn in_range(self) -> bool {
+        (Hour::of_millis(MIN_EVENT_MS).0..=Hour::of_millis(MAX_EVENT_MS).0).contains(&self.0)
     }
 
     pub fn now() -> Hour {
@@ -56,7 +67,7 @@ impl Hour {
         }
         let t =
             chrono::NaiveDateTime::parse_from_str(&format!("{head}:00"), "%Y-%m-%dT%H:%M").ok()?;
-        Some(Hour::of_millis(t.and_utc().timestamp_millis()))
+        Some(Hour::of_millis(t.and_utc().timestamp_millis())).filter(|h| h.in_range())
     }
 
     fn format(self, pattern: &str) -> Option<String> {
@@ -178,8 +189,9 @@ fn parse_hour(pattern: &str, s: &str) -> Option<Hour> {
         .ok()?
         .and_time(parsed.to_naive_time().ok()?);
     let hour = Hour::of_millis(t.and_utc().timestamp_millis());
-    // Round trip: refuses inputs the parser accepted loosely.
-    (hour.format(pattern).as_deref() == Some(s)).then_some(hour)
+    // Round trip: refuses inputs the parser accepted loosely, and hours no
+    // archive time can have (`logs/+10000-01-01/00.log.json`).
+    (hour.in_range() && hour.format(pattern).as_deref() == Some(s)).then_some(hour)
 }
 
 #[cfg(test)]
@@ -210,6 +222,15 @@ mod tests {
         );
         assert_eq!(l.classify("logs/2026-11-26/notes.txt"), None);
         assert_eq!(Hour::of_millis(-1).key(), "1969-12-31T23");
+        // Years 0000-9999 only: what a build without the range check wrote.
+        assert_eq!(l.classify("logs/+10000-01-01/00.log.json"), None);
+        assert_eq!(Hour::parse("+10000-01-01T00"), None);
+        let last = Hour::of_millis(MAX_EVENT_MS);
+        assert_eq!(Hour::parse(&last.key()), Some(last));
+        assert_eq!(
+            Hour::parse("0000-01-01T00"),
+            Some(Hour::of_millis(MIN_EVENT_MS))
+        );
     }
 
     #[test]

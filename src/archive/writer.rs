@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::analytics::{AnalyticsSpec, HourStats, Summary};
 use super::checkpoint::{self, Checkpoint, CheckpointError};
-use super::layout::{Hour, Kind, Layout};
+use super::layout::{Hour, Kind, Layout, MAX_EVENT_MS, MIN_EVENT_MS};
 
 /// How the writer behaves. `Default` is the Log Pipeline's layout.
 #[derive(Debug, Clone)]
@@ -68,6 +68,12 @@ pub struct WriterMetrics {
     pub last_commit_micros: AtomicU64,
     /// Files truncated or removed on open (uncommitted tails).
     pub recovered_files: AtomicU64,
+    /// Checkpoint entries an open could not read (an hour key or a file
+    /// outside what this build can name) and dropped, after keeping a copy
+    /// of the checkpoint. The lines stay in their files.
+    pub checkpoint_entries_dropped: AtomicU64,
+    /// Hours whose counts an open rebuilt from the file on disk.
+    pub hours_rebuilt: AtomicU64,
 }
 
 /// Where `append` put a record.
@@ -90,6 +96,23 @@ pub enum ArchiveError {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
     move |e| ArchiveError::Io(path.display().to_string(), e)
+}
+
+impl ArchiveError {
+    /// A failed fsync (of a file, a directory, or the checkpoint). After
+    /// one, what this process reads back may be the page cache's and not the
+    /// disk's (a checkpoint renamed into place whose directory fsync failed
+    /// reads as committed): the writer must not be reopened in the same
+    /// process. The files sink stops the daemon (exit 1); `sluice archive`
+    /// exits. A restart reads what the disk really holds.
+    pub fn is_sticky(&self) -> bool {
+        matches!(self, ArchiveError::Io(_, e) if crate::durable::is_fsync_failure(e))
+    }
+}
+
+/// fdatasync of an archive file; a failure is [`ArchiveError::is_sticky`].
+fn sync_data(f: &File, path: &Path) -> Result<(), ArchiveError> {
+    crate::durable::sync_file_data(f, path).map_err(io(path))
 }
 
 struct OpenFile {
@@ -225,7 +248,17 @@ impl Writer {
     /// (`Value::Null` for a fresh directory).
     pub fn open(opts: WriterOptions) -> Result<(Writer, Value), ArchiveError> {
         let dir = opts.dir.clone();
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // Every missing level created and fsynced with its parent; and the
+        // root's own entry and contents fsynced even if it existed: a
+        // process that died between its mkdir and those fsyncs left a
+        // directory a power cut can still drop, with every file in it.
+        crate::durable::create_dir_durable(&dir).map_err(io(&dir))?;
+        checkpoint::sync_dir(&dir).map_err(io(&dir))?;
+        let up = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        checkpoint::sync_dir(up).map_err(io(up))?;
         let cp = match checkpoint::read(&dir)? {
             Some(cp) => cp,
             None => {
@@ -273,10 +306,51 @@ impl Writer {
     /// Brings the files back to the checkpoint.
     fn recover(&mut self, cp: &Checkpoint) -> Result<(), ArchiveError> {
         let dir = self.opts.dir.clone();
-        for (key, stats) in &cp.hours {
-            let h = Hour::parse(key)
-                .ok_or_else(|| ArchiveError::Inconsistent(format!("checkpoint hour {key:?}")))?;
-            self.hours.insert(h, stats.clone());
+        // Entry by entry: one that this build cannot name must not keep the
+        // archive (and the files sink with it) down forever. See
+        // docs/design.md, "Checkpoint entries that cannot be read".
+        let (hours, bad_hours) = checkpoint::hour_entries(cp);
+        let bad_files: Vec<(String, u64)> = cp
+            .files
+            .iter()
+            .filter(|(rel, _)| self.opts.layout.classify(rel).is_none())
+            .map(|(rel, &len)| (rel.clone(), len))
+            .collect();
+        if !bad_hours.is_empty() || !bad_files.is_empty() {
+            let (copy, first) = checkpoint::quarantine(&dir).map_err(io(&dir))?;
+            let n = (bad_hours.len() + bad_files.len()) as u64;
+            // Counted and logged once per checkpoint: a sink reopening the
+            // same one (retrying after another error) finds its copy.
+            if first {
+                self.metrics
+                    .checkpoint_entries_dropped
+                    .fetch_add(n, Relaxed);
+            }
+            tracing::error!(
+                again = !first,
+                hours = ?bad_hours,
+                files = ?bad_files,
+                copy = %copy.display(),
+                "archive: checkpoint entries this build cannot read: their analytics are dropped; \
+                 each file is cut back to its committed length and left in place, unmanaged \
+                 (its lines stay); a copy of the checkpoint is kept"
+            );
+        }
+        for (rel, len) in &bad_files {
+            // The committed length is known without naming the hour: cut
+            // the uncommitted tail (the source sends it again), keep the
+            // rest. The next checkpoint no longer names the file. A file
+            // gone or shorter is the operator's now: logged, never fatal
+            // (a failed fsync still is).
+            match self.truncate(&dir.join(rel), *len) {
+                Err(e) if !e.is_sticky() => {
+                    tracing::warn!(file = %rel, error = %e, "archive: an unreadable checkpoint entry's file left as found");
+                }
+                r => r?,
+            }
+        }
+        for (h, stats) in hours {
+            self.hours.insert(h, stats);
             self.dirty_hours.insert(h);
         }
         for rel in walk(&dir).map_err(io(&dir))? {
@@ -324,10 +398,20 @@ impl Writer {
         }
         for (rel, &len) in &cp.files {
             let path = dir.join(rel);
-            let (kind, hour) = self.opts.layout.classify(rel).ok_or_else(|| {
-                ArchiveError::Inconsistent(format!("checkpoint names {rel:?}, not in the layout"))
-            })?;
+            let Some((kind, hour)) = self.opts.layout.classify(rel) else {
+                continue; // cut back above, left unmanaged
+            };
             self.truncate(&path, len)?;
+            if kind == Kind::Log && !self.hours.contains_key(&hour) {
+                // Its counts were dropped with an unreadable entry: the file
+                // holds exactly the committed lines, so count them again.
+                let stats = self.rebuild_stats(&path, len)?;
+                tracing::warn!(hour = %hour.key(), lines = stats.total,
+                    "archive: rebuilt an open hour's counts from its file");
+                self.metrics.hours_rebuilt.fetch_add(1, Relaxed);
+                self.hours.insert(hour, stats);
+                self.dirty_hours.insert(hour);
+            }
             self.files.insert(
                 PathBuf::from(rel),
                 OpenFile {
@@ -355,6 +439,38 @@ impl Writer {
         Ok(())
     }
 
+    /// An hour's counts from the first `len` bytes of its file (lines
+    /// read one at a time, so memory stays bounded by the longest line).
+    fn rebuild_stats(&self, path: &Path, len: u64) -> Result<HourStats, ArchiveError> {
+        use std::io::{BufRead, Read};
+        let mut stats = HourStats::default();
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(stats),
+            Err(e) => return Err(io(path)(e)),
+        };
+        let mut r = std::io::BufReader::new(f.take(len));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line).map_err(io(path))?;
+            if n == 0 {
+                break;
+            }
+            let event = serde_json::from_slice::<Value>(&line).ok();
+            let ts = event
+                .as_ref()
+                .and_then(|e| event_time(e, &self.opts.timestamp_field));
+            if let (Some(e), Some(ts)) = (event, ts) {
+                stats.add(&self.opts.analytics, &e, ts, n as u64);
+            } else {
+                // Not ours to judge: keep the bytes counted.
+                stats.bytes += n as u64;
+            }
+        }
+        Ok(stats)
+    }
+
     /// Cuts `path` back to `len` bytes, durably. A file shorter than its
     /// committed length lost committed lines: refuse.
     fn truncate(&self, path: &Path, len: u64) -> Result<(), ArchiveError> {
@@ -374,7 +490,7 @@ impl Writer {
             tracing::warn!(file = %path.display(), committed = len, found = actual,
                 "archive: truncating lines written after the last checkpoint");
             f.set_len(len).map_err(io(path))?;
-            f.sync_data().map_err(io(path))?;
+            sync_data(&f, path)?;
             self.metrics.recovered_files.fetch_add(1, Relaxed);
         }
         Ok(())
@@ -407,7 +523,10 @@ impl Writer {
             Ok(v) => match event_time(&v, &self.opts.timestamp_field) {
                 Some(ts) => (v, ts),
                 None => {
-                    let reason = format!("no usable {:?}", self.opts.timestamp_field);
+                    let reason = format!(
+                        "no usable {:?} (RFC 3339 or epoch s/ms, years 0000-9999 in UTC)",
+                        self.opts.timestamp_field
+                    );
                     return self.unparsed(value, position, reason);
                 }
             },
@@ -483,7 +602,7 @@ impl Writer {
             // A late event for a compressed hour: back to plain first.
             let bytes = std::fs::read(&zst).map_err(io(&zst))?;
             let data = zstd::stream::decode_all(&bytes[..]).map_err(io(&zst))?;
-            replace_durably(&plain, &data).map_err(io(&plain))?;
+            crate::durable::write_file_durable(&plain, &data).map_err(io(&plain))?;
             std::fs::remove_file(&zst).map_err(io(&zst))?;
             if let Some(p) = plain.parent() {
                 checkpoint::sync_dir(p).map_err(io(p))?;
@@ -581,21 +700,14 @@ impl Writer {
         Ok(())
     }
 
-    /// Opens a file for appending; a new file (and new directories) will
-    /// have their directory entries fsynced at the next commit.
+    /// Opens a file for appending. New directories are durable before the
+    /// file is created in them; a new file's entry, and the entries of its
+    /// ancestors up to the archive root, are fsynced at the next commit
+    /// (before its checkpoint), which also covers a directory an earlier
+    /// process created and died before fsyncing.
     fn open_file(&mut self, path: &Path, expected: u64) -> Result<File, ArchiveError> {
         if let Some(parent) = path.parent() {
-            if !parent.exists() {
-                let mut missing = parent;
-                while let Some(up) = missing.parent() {
-                    self.dirs_to_sync.insert(up.to_path_buf());
-                    if up.exists() {
-                        break;
-                    }
-                    missing = up;
-                }
-                std::fs::create_dir_all(parent).map_err(io(parent))?;
-            }
+            crate::durable::create_dir_durable(parent).map_err(io(parent))?;
         }
         let existed = path.exists();
         let f = OpenOptions::new()
@@ -604,9 +716,9 @@ impl Writer {
             .open(path)
             .map_err(io(path))?;
         if !existed {
-            if let Some(p) = path.parent() {
-                self.dirs_to_sync.insert(p.to_path_buf());
-            }
+            // Dying before the commit's directory fsyncs: the file is not
+            // in the checkpoint; the next open removes it if it survived.
+            self.sync_ancestors_at_commit(path);
         }
         let len = f.metadata().map_err(io(path))?.len();
         if len != expected {
@@ -616,6 +728,20 @@ impl Writer {
             )));
         }
         Ok(f)
+    }
+
+    /// Queues the directories from `path`'s parent up to the archive root
+    /// for the next commit's fsyncs.
+    fn sync_ancestors_at_commit(&mut self, path: &Path) {
+        let root = self.opts.dir.clone();
+        let mut d = path.parent();
+        while let Some(dir) = d {
+            self.dirs_to_sync.insert(dir.to_path_buf());
+            if dir == root || !dir.starts_with(&root) {
+                break;
+            }
+            d = dir.parent();
+        }
     }
 
     /// Flushes, fdatasyncs and closes the least recently written open file.
@@ -638,7 +764,7 @@ impl Writer {
         if let Some(f) = self.files.get_mut(rel) {
             if let Some(h) = f.handle.take() {
                 if f.unsynced {
-                    h.sync_data().map_err(io(&path))?;
+                    sync_data(&h, &path)?;
                     self.metrics.fsyncs.fetch_add(1, Relaxed);
                     f.unsynced = false;
                 }
@@ -677,7 +803,7 @@ impl Writer {
             let path = self.opts.dir.join(rel);
             if let Some(f) = self.files.get_mut(rel) {
                 if let (Some(h), true) = (f.handle.as_ref(), f.unsynced) {
-                    h.sync_data().map_err(io(&path))?;
+                    sync_data(h, &path)?;
                     self.metrics.fsyncs.fetch_add(1, Relaxed);
                     f.unsynced = false;
                 }
@@ -784,7 +910,7 @@ impl Writer {
         let data = std::fs::read(&plain).map_err(io(&plain))?;
         let packed = zstd::stream::encode_all(&data[..], 3).map_err(io(&plain))?;
         let zst = zst_path(&plain);
-        replace_durably(&zst, &packed).map_err(io(&zst))?;
+        crate::durable::write_file_durable(&zst, &packed).map_err(io(&zst))?;
         std::fs::remove_file(&plain).map_err(io(&plain))?;
         if let Some(p) = plain.parent() {
             checkpoint::sync_dir(p).map_err(io(p))?;
@@ -808,38 +934,40 @@ impl Writer {
         let body = serde_json::to_vec_pretty(&summary)
             .map_err(|e| ArchiveError::Inconsistent(e.to_string()))?;
         let parent = path.parent().unwrap_or(&self.opts.dir).to_path_buf();
-        if !parent.exists() {
-            // Every new directory's entry must be durable in its parent
-            // before a sealed summary counts as the hour's record.
-            let mut new_dirs = Vec::new();
-            let mut d = parent.as_path();
-            while !d.exists() {
-                new_dirs.push(d.to_path_buf());
-                match d.parent() {
-                    Some(up) => d = up,
-                    None => break,
-                }
-            }
-            std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-            for nd in new_dirs {
-                if let Some(up) = nd.parent() {
-                    checkpoint::sync_dir(up).map_err(io(up))?;
-                    self.metrics.fsyncs.fetch_add(1, Relaxed);
-                }
-            }
+        // Every new directory's entry is durable in its parent before a
+        // sealed summary counts as the hour's record.
+        if crate::durable::create_dir_durable(&parent).map_err(io(&parent))? {
+            self.metrics.fsyncs.fetch_add(2, Relaxed);
         }
+        if durable {
+            // A sealed hour: this summary is the only record of its counts
+            // and of its file's committed length once the checkpoint stops
+            // naming the hour. tmp, fsync, rename, directory fsync; then the
+            // ancestors' entries up to the root (a directory an earlier
+            // process made and died before fsyncing). Dying anywhere in
+            // here: the checkpoint still names the hour, the next open
+            // writes the summary again.
+            crate::durable::write_file_durable(&path, &body).map_err(io(&path))?;
+            let mut d = parent.parent();
+            while let Some(up) = d.filter(|u| u.starts_with(&self.opts.dir)) {
+                checkpoint::sync_dir(up).map_err(io(up))?;
+                self.metrics.fsyncs.fetch_add(1, Relaxed);
+                d = up.parent();
+            }
+            self.metrics.fsyncs.fetch_add(2, Relaxed);
+            return Ok(());
+        }
+        // An open hour: the checkpoint holds its counts, this file is a
+        // readable copy refreshed after each commit. Not fsynced (it would
+        // cost two fsyncs per open hour per commit): a power cut may leave
+        // it old, empty or absent, and the next open writes it again from
+        // the checkpoint, which names the hour until it is sealed (durably,
+        // above).
         let tmp = path.with_extension("json.tmp");
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&body).map_err(io(&tmp))?;
-        if durable {
-            f.sync_all().map_err(io(&tmp))?;
-        }
         drop(f);
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        if durable {
-            checkpoint::sync_dir(&parent).map_err(io(&parent))?;
-            self.metrics.fsyncs.fetch_add(2, Relaxed);
-        }
         Ok(())
     }
 
@@ -900,39 +1028,30 @@ fn zst_path(plain: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// `path` with `data`: tmp, fsync, rename, directory fsync.
-fn replace_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    checkpoint::sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
 /// The event time in milliseconds: an RFC 3339 string, or a number of
-/// epoch seconds (below 10^11) or milliseconds.
+/// epoch seconds (below 10^11) or milliseconds. `None` when absent,
+/// unparseable, or outside [`MIN_EVENT_MS`]..=[`MAX_EVENT_MS`] once in UTC
+/// (`9999-12-31T23:30:00-01:00` is year 10000 in UTC): such a record goes
+/// to the unparsed file.
 pub fn event_time(event: &Value, field: &str) -> Option<i64> {
-    match event.get(field)? {
+    let ms = match event.get(field)? {
         Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
-            .ok()
-            .map(|t| t.timestamp_millis()),
+            .ok()?
+            .timestamp_millis(),
         Value::Number(n) => {
             let f = n.as_f64()?;
             if !f.is_finite() {
                 return None;
             }
             let ms = if f.abs() < 1e11 { f * 1000.0 } else { f };
-            // Years 0..=9999 only: anything else is not an event time.
-            (-62_167_219_200_000.0..=253_402_300_799_000.0)
-                .contains(&ms)
-                .then_some(ms as i64)
+            if !(MIN_EVENT_MS as f64..=MAX_EVENT_MS as f64).contains(&ms) {
+                return None;
+            }
+            ms as i64
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    (MIN_EVENT_MS..=MAX_EVENT_MS).contains(&ms).then_some(ms)
 }
 
 /// Every regular file under `dir`, relative, `/`-separated (the
@@ -1226,6 +1345,49 @@ mod tests {
     }
 
     #[test]
+    fn entries_an_open_cannot_name_are_dropped_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut w, _) = Writer::open(opts(d.path())).unwrap();
+            w.append(&ev("2026-11-26T12:00:00Z", "/a"), &pos(0))
+                .unwrap();
+            w.commit(&json!({"next": 1})).unwrap();
+        }
+        let mut cp = checkpoint::read(d.path()).unwrap().unwrap();
+        // An older build's year-10000 hour, its file gone; and a key no
+        // build writes for an hour whose file is on disk.
+        cp.hours
+            .insert("+10000-01-01T00".into(), HourStats::default());
+        cp.files.insert("logs/+10000-01-01/00.log.json".into(), 10);
+        let h12 = cp.hours.remove("2026-11-26T12").unwrap();
+        cp.hours.insert("2026-11-26 12h".into(), h12);
+        checkpoint::write(d.path(), &cp).unwrap();
+        let (w, progress) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(progress, json!({"next": 1}));
+        let m = w.metrics();
+        assert_eq!(m.checkpoint_entries_dropped.load(Relaxed), 3);
+        assert_eq!(m.hours_rebuilt.load(Relaxed), 1);
+        let h = Hour::parse("2026-11-26T12").unwrap();
+        assert_eq!(w.analytics().hour(h).unwrap().unwrap().total, 1);
+        let copies = || {
+            std::fs::read_dir(d.path())
+                .unwrap()
+                .filter(|e| {
+                    let n = e.as_ref().unwrap().file_name();
+                    n.to_string_lossy().starts_with("checkpoint.unreadable-")
+                })
+                .count()
+        };
+        assert_eq!(copies(), 1);
+        // Opened again before any commit (a sink retrying): the same copy,
+        // nothing counted twice.
+        drop(w);
+        let (w, _) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(w.metrics().checkpoint_entries_dropped.load(Relaxed), 0);
+        assert_eq!(copies(), 1);
+    }
+
+    #[test]
     fn event_times_in_seconds_millis_and_strings() {
         assert_eq!(
             event_time(&json!({"t": 1_700_000_000}), "t"),
@@ -1240,6 +1402,19 @@ mod tests {
             Some(1000)
         );
         assert_eq!(event_time(&json!({"t": 1e300}), "t"), None);
+        // In range in their own zone, outside years 0000-9999 in UTC.
+        assert_eq!(
+            event_time(&json!({"t": "9999-12-31T23:30:00-01:00"}), "t"),
+            None
+        );
+        assert_eq!(
+            event_time(&json!({"t": "0000-01-01T00:30:00+01:00"}), "t"),
+            None
+        );
+        assert_eq!(
+            event_time(&json!({"t": "9999-12-31T23:59:59.999Z"}), "t"),
+            Some(MAX_EVENT_MS)
+        );
         assert_eq!(event_time(&json!({"t": null}), "t"), None);
     }
 }

@@ -108,8 +108,9 @@ impl DeadLetterFile {
         r: &Record,
     ) -> std::io::Result<Appended> {
         let dir = self.path.parent().expect("has a parent");
-        let dir_created = !dir.exists();
-        std::fs::create_dir_all(dir)?;
+        // `dead-letter/` (and any missing parent) durable before a line
+        // goes in it: created, then it and its parent fsynced.
+        crate::durable::create_dir_durable(dir)?;
         let value = match serde_json::from_slice::<serde_json::Value>(&r.value) {
             Ok(v) => serde_json::json!({ "json": v }),
             Err(_) => serde_json::json!({
@@ -167,7 +168,9 @@ impl DeadLetterFile {
         if file_created || check {
             std::fs::File::open(dir)?.sync_all()?;
         }
-        if dir_created || check {
+        // An earlier process may have died between its mkdir and the
+        // parent's fsync: sync the parent once per process too.
+        if check {
             if let Some(parent) = dir.parent() {
                 std::fs::File::open(parent)?.sync_all()?;
             }

@@ -13,7 +13,18 @@
 //!         write, fdatasync files and new entries, checkpoint durable
 //!       delivered = last ──> offset flush (sled), then WAL GC
 //!     any writer error ──> drop the writer, back off, next pass reopens it
+//!     a failed fsync   ──> stop: no reopen, no offset flush past the last
+//!                          good commit; the WAL is failed so the daemon
+//!                          exits 1 and the restart reads the disk
 //! ```
+//!
+//! Why a failed fsync is not retried in this process: after a failed
+//! directory fsync following the checkpoint's rename, a reopen reads the new
+//! checkpoint from the page cache, skips to its `wal_seq`, and the next
+//! commit flushes the offset and lets GC free the WAL. After a power cut the
+//! old checkpoint comes back and those records are in neither place. A
+//! failed fdatasync of a file likewise leaves pages that read back as
+//! written and will never reach the disk.
 //!
 //! What is on disk if the process dies:
 //! - before the checkpoint's rename: the files hold lines past their
@@ -33,7 +44,7 @@ use tokio::sync::watch;
 
 use super::offsets::Fate;
 use super::replayer::Replayer;
-use crate::archive::{Writer, WriterMetrics, WriterOptions};
+use crate::archive::{ArchiveError, Writer, WriterMetrics, WriterOptions};
 use crate::wal::ReadItem;
 
 /// The files sink's settings (from `[archive]`).
@@ -52,6 +63,18 @@ const MAX_BATCH_BYTES: usize = 32 << 20;
 enum End {
     Shutdown,
     Retry(String),
+    /// A failed fsync: the writer must not be reopened in this process.
+    Fatal(String),
+}
+
+/// `Retry`, or `Fatal` for a failed fsync ([`ArchiveError::is_sticky`]).
+fn ended(what: &str, e: &ArchiveError) -> End {
+    let why = format!("{what}: {e}");
+    if e.is_sticky() {
+        End::Fatal(why)
+    } else {
+        End::Retry(why)
+    }
 }
 
 /// The WAL position a commit records: the last sequence number in the
@@ -80,6 +103,18 @@ impl Replayer {
             }
             match end {
                 End::Shutdown => break,
+                End::Fatal(why) => {
+                    // Nothing past `delivered` (the last commit whose every
+                    // fsync succeeded) is flushed; the WAL keeps the rest.
+                    self.stats
+                        .sink_fsync_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats.sink_down.store(true, Ordering::Relaxed);
+                    tracing::error!(reason = %why, committed_through = delivered,
+                        "archive files sink: an fsync failed; what this process reads back may be the page cache's, not the disk's. Stopping the daemon (exit 1) so that the restart recovers from the disk");
+                    self.wal.fail(format!("archive files sink: {why}"));
+                    break;
+                }
                 End::Retry(why) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     if !self.stats.sink_down.swap(true, Ordering::Relaxed) {
@@ -109,9 +144,26 @@ impl Replayer {
         let opened = tokio::task::spawn_blocking(move || Writer::open(opts)).await;
         let (mut writer, checkpointed) = match opened {
             Ok(Ok(w)) => w,
-            Ok(Err(e)) => return End::Retry(format!("opening the archive: {e}")),
+            Ok(Err(e)) => return ended("opening the archive", &e),
             Err(e) => return End::Retry(format!("opening the archive: {e}")),
         };
+        if checkpointed.is_null() && *delivered > 0 {
+            // A fresh archive directory, yet replay already delivered records:
+            // to Kafka (the sink was switched), or to an archive directory
+            // that was replaced or moved, or lost (before
+            // issue 25's durable directories a power cut could drop it whole
+            // after the WAL below the offset was deleted). Those records are
+            // not in these files and the WAL no longer holds them: say so.
+            self.stats
+                .sink_fresh_archive_records
+                .fetch_add(*delivered, Ordering::Relaxed);
+            tracing::error!(
+                first_seq = 1,
+                last_seq = *delivered,
+                dir = %sink.writer.dir.display(),
+                "archive files sink: the archive directory is new but records up to last_seq were delivered before it existed (to Kafka, or to an archive directory since replaced, moved or lost): they are not in these files"
+            );
+        }
         match self.resume_point(&checkpointed, *delivered) {
             Ok(Some(through)) => {
                 // Already in the files: killed after the checkpoint's rename
@@ -135,6 +187,11 @@ impl Replayer {
             Err(why) => return End::Retry(why),
         }
         let metrics = writer.metrics();
+        // Counted once per open (the writer counts what its open dropped).
+        self.stats.sink_checkpoint_entries_dropped.fetch_add(
+            metrics.checkpoint_entries_dropped.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         let base = Totals::of_stats(self);
         let mut reader = self.wal.reader(*delivered + 1);
         // Set on shutdown: the drain deadline.
@@ -167,7 +224,7 @@ impl Replayer {
                             .await;
                             writer = match sealed {
                                 Ok(Ok(w)) => w,
-                                Ok(Err(e)) => return End::Retry(format!("archive commit: {e}")),
+                                Ok(Err(e)) => return ended("archive commit", &e),
                                 Err(e) => return End::Retry(format!("archive commit task: {e}")),
                             };
                             base.publish(self, &metrics);
@@ -232,7 +289,7 @@ impl Replayer {
             .await;
             writer = match written {
                 Ok(Ok(w)) => w,
-                Ok(Err(e)) => return End::Retry(format!("archive write: {e}")),
+                Ok(Err(e)) => return ended("archive write", &e),
                 Err(e) => return End::Retry(format!("archive write task: {e}")),
             };
             self.stats

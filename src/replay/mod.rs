@@ -160,6 +160,13 @@ pub struct ReplayStats {
     /// started above the committed offset (killed between the checkpoint
     /// and the offset flush): skipped, not lost.
     pub sink_checkpointed_skipped: AtomicU64,
+    /// Files sink: failed fsyncs of the archive (each stops the daemon).
+    pub sink_fsync_failures: AtomicU64,
+    /// Files sink: checkpoint entries an open could not read and dropped.
+    pub sink_checkpoint_entries_dropped: AtomicU64,
+    /// Files sink: records delivered to an archive before the open found a
+    /// new (empty) archive directory: not in these files.
+    pub sink_fresh_archive_records: AtomicU64,
     /// Files sink: lines, bytes, fdatasyncs and unparsed records written,
     /// over every writer this process opened.
     pub sink_lines: AtomicU64,

@@ -84,39 +84,12 @@ impl WalFile for StdFile {
     }
 }
 
-/// [`Filesystem::create_dir_all`] on real directories: creates each missing
-/// level top-down and fsyncs its parent, so a directory we created (and the
-/// files we later make durable inside it) survives a power loss. A missing
-/// parent fsync would let a durable file vanish with its unsynced directory.
+/// [`Filesystem::create_dir_all`] on real directories:
+/// [`crate::durable::create_dir_durable`] (each missing level created
+/// top-down, it and its parent fsynced), so a directory we created (and the
+/// files we later make durable inside it) survives a power loss.
 pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
-    let mut missing = Vec::new();
-    let mut cur = dir;
-    while !cur.as_os_str().is_empty() && std::fs::symlink_metadata(cur).is_err() {
-        missing.push(cur);
-        match cur.parent() {
-            Some(p) => cur = p,
-            None => break,
-        }
-    }
-    for d in missing.into_iter().rev() {
-        match std::fs::create_dir(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-        let parent = match d.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    if !dir.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a directory", dir.display()),
-        ));
-    }
-    Ok(())
+    crate::durable::create_dir_durable(dir).map(|_| ())
 }
 
 /// Alignment of `O_DIRECT` transfers: the largest logical block size in use

@@ -451,6 +451,15 @@ impl Wal {
         self.shared.failed()
     }
 
+    /// Fails the log from outside, as a failed fdatasync does: appends are
+    /// refused from now on and the daemon ends with exit 1 (see
+    /// [`Wal::failed`]). For a sink whose durable state this process can no
+    /// longer trust (a failed fsync of its files or checkpoint): only a
+    /// restart reads back what the disk holds.
+    pub fn fail(&self, why: String) {
+        self.shared.set_failed(why);
+    }
+
     /// Resolves once the log has failed (at once if it already has). The
     /// daemon ends on this, whether or not a request was waiting.
     pub fn failed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {

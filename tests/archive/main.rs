@@ -12,6 +12,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod reset;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +24,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use support::{Broker, EXE};
+
+mod files_sink_faults;
 
 const TOPIC: &str = "events";
 /// Generous: the machine is shared and slow.
@@ -581,27 +585,29 @@ fn post(addr: &str, ct: &str, body: &str) -> u16 {
 /// `sluice serve` with `[sink] kind = "files"` on `data`, archiving into
 /// `archive`: no broker at all.
 fn files_sink_serve(tmp: &Path, data: &Path, archive: &Path) -> support::Daemon {
+    files_sink(tmp, data, archive, "idle-close-secs = 1\n").start()
+}
+
+/// The files sink's `Serve`, with `archive_extra` lines in `[archive]`
+/// (`idle-close-secs` among them), before it starts.
+fn files_sink(tmp: &Path, data: &Path, archive: &Path, archive_extra: &str) -> support::Serve {
     let cfg = tmp.join("files-sink.toml");
     std::fs::write(
         &cfg,
         format!(
             "[events]\nrequired = []\n[sink]\nkind = \"files\"\n\
-             [archive]\ndir = {:?}\nidle-close-secs = 1\nmax-open-files = 3\n",
+             [archive]\ndir = {:?}\nmax-open-files = 3\n{archive_extra}",
             archive.display().to_string()
         ),
     )
     .unwrap();
-    support::Serve::new(data)
-        .arg("--config")
-        .arg(&cfg)
-        .envs(&[
-            ("RUST_LOG", "sluice=info"),
-            // Widen the windows before the checkpoint's rename and between
-            // the checkpoint and the offset flush.
-            ("SLUICE_DEBUG_ARCHIVE_PAUSE", "checkpoint=20"),
-            ("SLUICE_DEBUG_PAUSE", "flush=20"),
-        ])
-        .start()
+    support::Serve::new(data).arg("--config").arg(&cfg).envs(&[
+        ("RUST_LOG", "sluice=info"),
+        // Widen the windows before the checkpoint's rename and between
+        // the checkpoint and the offset flush.
+        ("SLUICE_DEBUG_ARCHIVE_PAUSE", "checkpoint=20"),
+        ("SLUICE_DEBUG_PAUSE", "flush=20"),
+    ])
 }
 
 /// POST /logs; 0 when the connection fails or is cut (the daemon died):
