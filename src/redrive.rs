@@ -648,6 +648,9 @@ pub fn dead_letter_record(line: &[u8]) -> Result<(u64, Record), String> {
     #[derive(serde::Deserialize)]
     struct Line {
         seq: u64,
+        /// Written since the instance id existed; older lines lack it.
+        #[serde(default)]
+        instance: Option<String>,
         key: Option<String>,
         timestamp_ms: i64,
         #[serde(default)]
@@ -678,6 +681,13 @@ pub fn dead_letter_record(line: &[u8]) -> Result<(u64, Record), String> {
             other => Err(format!("header {k} is not a string: {other}")),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The instance the line was written under, as the record's own
+    // `instance` header: `Sender::send` makes it the `origin-instance`.
+    let mut headers = headers;
+    if let Some(i) = l.instance {
+        headers.retain(|(k, _)| k != HEADER_INSTANCE);
+        headers.push((HEADER_INSTANCE.to_string(), i.into_bytes()));
+    }
     Ok((
         l.seq,
         Record {
@@ -1086,6 +1096,12 @@ mod tests {
         assert_eq!(r.key.as_deref(), Some(&b"acme"[..]));
         assert_eq!(r.value, br#"{"b":1.50,"a":[1,2]}"#.to_vec());
         assert_eq!(r.header("id"), Some(&b"a-1"[..]));
+        assert_eq!(r.header("instance"), None, "a line without one");
+        let with = br#"{"seq":3,"instance":"0190-x","topic":"t","error":"e","key":null,"timestamp_ms":0,"headers":{},"value":{"json":1}}"#;
+        assert_eq!(
+            dead_letter_record(with).unwrap().1.header("instance"),
+            Some(&b"0190-x"[..])
+        );
         let b64 = br#"{"seq":1,"topic":"t","error":"e","key":null,"timestamp_ms":0,"headers":{},"value":{"base64":"AAEC"}}"#;
         assert_eq!(dead_letter_record(b64).unwrap().1.value, vec![0, 1, 2]);
         assert!(dead_letter_record(b"{\"seq\":1}").is_err());
