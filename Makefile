@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -15,6 +15,30 @@ run:
 
 test:
 	$(CARGO) test --locked --all-features
+
+# `make test` as if it were later: every test process and every daemon it
+# starts sees the wall clock moved by FUTURE (libfaketime, from Debian's
+# `faketime` package; default 35 days), so a test that depends on today's
+# date fails here first. Not in CI. FUTURE takes any libfaketime offset:
+# `make test-future FUTURE=+400d`; for an instant, an offset in seconds, e.g.
+# FUTURE=+$(( $(date -d '2027-12-31 23:59:58' +%s) - $(date +%s) ))s.
+# TEST_FUTURE_ARGS narrows the run: TEST_FUTURE_ARGS='--test archive'.
+# The monotonic clock stays real (Rust's and librdkafka's timed waits use it
+# or a realtime deadline the kernel would wait for in real time); the C shim
+# tests/faketime/cnd_timedwait.c routes librdkafka's cnd_timedwait through
+# libfaketime's pthread_cond_timedwait for the same reason.
+# docs/design.md, "Testing against the clock".
+FUTURE ?= +35d
+FAKETIME_LIB ?= /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
+FAKETIME_SHIM = $(abspath $(or $(CARGO_TARGET_DIR),target))/faketime/libcndshim.so
+test-future:
+	@test -e $(FAKETIME_LIB) || { echo "test-future needs libfaketime: apt-get install faketime" >&2; exit 1; }
+	$(CARGO) test --locked --all-features --no-run $(TEST_FUTURE_ARGS)
+	mkdir -p $(dir $(FAKETIME_SHIM))
+	cc -shared -fPIC -O2 -o $(FAKETIME_SHIM) tests/faketime/cnd_timedwait.c
+	LD_PRELOAD=$(FAKETIME_SHIM):$(FAKETIME_LIB) FAKETIME='$(FUTURE)' \
+		FAKETIME_DONT_FAKE_MONOTONIC=1 FAKETIME_DONT_RESET=1 \
+		$(CARGO) test --locked --all-features $(TEST_FUTURE_ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check

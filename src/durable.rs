@@ -124,11 +124,20 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<bool> {
 /// the directory. When this returns Ok the new content survives a power
 /// cut; if the process dies before the rename the old file is intact.
 pub fn write_file_durable(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_file_durable_with(path, |f| f.write_all(data))
+}
+
+/// [`write_file_durable`] for content written as a stream (`write` fills
+/// the new file), so a large file is never held in memory whole.
+pub fn write_file_durable_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
+    write(&mut f)?;
     // Dying before this fsync: only `path.tmp` may be torn; `path` is the old.
     sync_file(&f, &tmp)?;
     drop(f);

@@ -600,9 +600,14 @@ impl Writer {
         }
         if !plain.exists() && zst.exists() {
             // A late event for a compressed hour: back to plain first.
-            let bytes = std::fs::read(&zst).map_err(io(&zst))?;
-            let data = zstd::stream::decode_all(&bytes[..]).map_err(io(&zst))?;
-            crate::durable::write_file_durable(&plain, &data).map_err(io(&plain))?;
+            // Streamed: a large hour never sits in memory whole (a 394 MB
+            // hour once took RSS from 40 to 532 MiB here).
+            let src = std::fs::File::open(&zst).map_err(io(&zst))?;
+            crate::durable::write_file_durable_with(&plain, |out| {
+                let mut dec = zstd::stream::Decoder::new(src)?;
+                std::io::copy(&mut dec, out).map(|_| ())
+            })
+            .map_err(io(&plain))?;
             std::fs::remove_file(&zst).map_err(io(&zst))?;
             if let Some(p) = plain.parent() {
                 checkpoint::sync_dir(p).map_err(io(p))?;
@@ -907,10 +912,17 @@ impl Writer {
     /// leaves one complete form or both (the next open keeps the plain).
     fn compress(&mut self, rel: &Path) -> Result<(), ArchiveError> {
         let plain = self.opts.dir.join(rel);
-        let data = std::fs::read(&plain).map_err(io(&plain))?;
-        let packed = zstd::stream::encode_all(&data[..], 3).map_err(io(&plain))?;
         let zst = zst_path(&plain);
-        crate::durable::write_file_durable(&zst, &packed).map_err(io(&zst))?;
+        // Streamed through a 1 MiB read buffer and zstd's window, never the
+        // whole hour in memory.
+        let src = std::fs::File::open(&plain).map_err(io(&plain))?;
+        crate::durable::write_file_durable_with(&zst, |out| {
+            let mut enc = zstd::stream::Encoder::new(out, 3)?;
+            let mut src = std::io::BufReader::with_capacity(1 << 20, src);
+            std::io::copy(&mut src, &mut enc)?;
+            enc.finish().map(|_| ())
+        })
+        .map_err(io(&zst))?;
         std::fs::remove_file(&plain).map_err(io(&plain))?;
         if let Some(p) = plain.parent() {
             checkpoint::sync_dir(p).map_err(io(p))?;
@@ -1188,6 +1200,9 @@ mod tests {
     fn unparsed_records_keep_their_position_and_are_counted() {
         let d = tempfile::tempdir().unwrap();
         let (mut w, _) = Writer::open(opts(d.path())).unwrap();
+        // Unparsed lines go by arrival hour (the wall clock): a run that
+        // crosses an hour (started at 18:59:59.9) splits them in two files.
+        let arrived = Hour::now();
         let bad: [&[u8]; 4] = [
             b"not json",
             br#"{"no":"time"}"#,
@@ -1202,15 +1217,29 @@ mod tests {
             .unwrap();
         w.commit(&json!({})).unwrap();
         assert_eq!(w.metrics().unparsed.load(Relaxed), 4);
-        let file = d.path().join(w.options().layout.unparsed(Hour::now()));
-        let got = lines(&file);
+        let hours = arrived.0..=Hour::now().0;
+        let got = unparsed_lines(d.path(), &w.options().layout, hours.clone());
         assert_eq!(got.len(), 4);
         assert_eq!(got[1]["position"], pos(1));
         assert_eq!(got[0]["value"], "not json");
         assert!(got[2]["reason"].as_str().unwrap().contains("timestamp"));
         drop(w);
-        let (_w, _) = Writer::open(opts(d.path())).unwrap();
-        assert_eq!(lines(&file).len(), 4);
+        let (w, _) = Writer::open(opts(d.path())).unwrap();
+        assert_eq!(
+            unparsed_lines(d.path(), &w.options().layout, hours).len(),
+            4
+        );
+    }
+
+    /// The lines of the unparsed files of `hours`, oldest hour first.
+    fn unparsed_lines(
+        dir: &Path,
+        layout: &Layout,
+        hours: std::ops::RangeInclusive<i64>,
+    ) -> Vec<Value> {
+        hours
+            .flat_map(|h| lines(&dir.join(layout.unparsed(Hour(h)))))
+            .collect()
     }
 
     #[test]
