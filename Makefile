@@ -119,11 +119,12 @@ deb-check:
 TOOLS ?= $(CURDIR)/.tools
 TANSU ?= $(TOOLS)/bin/tansu
 E2E_PYTHON ?= $(TOOLS)/venv/bin/python
+E2E_BROKER ?= tansu
 e2e-independent:
-	@test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
+	@test "$(E2E_BROKER)" = dev || test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
 	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
-	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) $(E2E_PYTHON) tests/independent/run.py
+	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) E2E_BROKER=$(E2E_BROKER) $(E2E_PYTHON) tests/independent/run.py
 
 # OpenTelemetry logs from a real OTel client: the Python SDK's LoggerProvider
 # and OTLP/HTTP protobuf exporter (PyPI, pinned, in a venv made here:

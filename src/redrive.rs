@@ -5,11 +5,25 @@
 //!
 //! It never opens the offset store and never writes under the data
 //! directory: the daemon's committed offset and its WAL are exactly as they
-//! were, so redriving cannot make the daemon skip or repeat anything. Each
-//! record keeps its key, value, timestamp and headers, with `seq` (and
-//! `instance`, when the data directory has one) added as replay adds them, so
-//! consumers that deduplicate on (`instance`, `seq`) or `id` treat a redriven
-//! record as the one they may already have.
+//! were, so redriving cannot make the daemon skip or repeat anything.
+//!
+//! **A run is an instance of its own.** Each record keeps its key, value,
+//! timestamp and own headers, but its `instance` and `seq` are the run's:
+//! a UUID derived from what the run sends (see [`run_instance`]) and a seq
+//! that is a function of the record's place in the source (`seq - from + 1`
+//! for a WAL range or a segment copy, the line number for the dead-letter
+//! file). The record's first identity travels in `origin-instance` and
+//! `origin-seq`. So the consumer rule admits a re-sent record even where
+//! later seqs of its original instance already reached the partition (the
+//! gap it was sent to fill), and the same run repeated produces the same
+//! (instance, seq) pairs on the same partitions, which the rule drops.
+//!
+//! Per partition, what a run gets written is a prefix of what it produced
+//! there, in order (the replayer's argument, docs/design.md "Ordering per
+//! partition"): librdkafka never times a record out, a refused batch stops
+//! the producer (gapless guarantee), nothing more is queued after the first
+//! failure, and a stall purges everything and stops. A failed run repeated
+//! therefore fills in exactly what the first one missed.
 //!
 //! The exit status is 0 only when every record read was confirmed by Kafka
 //! (acks=all, idempotent producer) and nothing in the requested range was
@@ -25,15 +39,19 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, ProducerContext};
+use rdkafka::message::Message;
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
+};
 use rdkafka::ClientContext;
+use sha2::{Digest, Sha256};
 
+use crate::replay::headers::Ours;
+use crate::replay::producer::HEADER_INSTANCE;
 use crate::wal::format;
 use crate::wal::io::StdFs;
 use crate::wal::{inspect, Gap, Record};
 
-use crate::replay::producer::{HEADER_INSTANCE, HEADER_SEQ};
 /// Delivery failures kept for the summary (all are counted).
 const FAILURES_KEPT: usize = 20;
 /// The longest dead-letter line read; longer lines are skipped as
@@ -69,9 +87,11 @@ pub struct RedriveArgs {
     /// Last sequence number to send (default: the last one in the source).
     #[arg(long)]
     pub through: Option<u64>,
-    /// Value of the `instance` header for records that lack one. Default:
-    /// the contents of DATA_DIR/instance, if that file exists (for a segment
-    /// copy or dead-letter file, DATA_DIR is two levels up from the file).
+    /// The source's instance id: the `origin-instance` header of records
+    /// that lack an `instance` of their own, and part of the run's identity.
+    /// Default: the contents of DATA_DIR/instance, if that file exists (for
+    /// a segment copy or dead-letter file, DATA_DIR is two levels up from the
+    /// file). At most 36 bytes (a UUID).
     #[arg(long)]
     pub instance: Option<String>,
     /// A sluice config file whose [kafka] section supplies compression and
@@ -79,8 +99,10 @@ pub struct RedriveArgs {
     /// and topic are not used.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// How long librdkafka may try to deliver each record before reporting
-    /// it failed (message.timeout.ms).
+    /// How long the run waits for the topic's metadata, and with records in
+    /// flight and no delivery report, before it gives up: what is still
+    /// queued or in flight is purged and reported failed, and nothing more
+    /// is sent.
     #[arg(long, default_value_t = 60_000)]
     pub timeout_ms: u64,
 }
@@ -90,13 +112,22 @@ pub struct RedriveArgs {
 pub struct Summary {
     pub source: String,
     pub topic: String,
-    pub instance: Option<String>,
+    /// The run's own instance id (the `instance` header it sends).
+    pub instance: String,
+    /// The source's instance id (the `origin-instance` header), if known.
+    pub origin_instance: Option<String>,
+    /// Partitions of the target topic, from its metadata.
+    pub partitions: Option<i32>,
     /// Records read from the source within the range.
     pub read: u64,
     pub delivered: u64,
+    /// Records not confirmed: failed, purged, or not sent after an earlier
+    /// failure (`not_sent` of them).
     pub failed: u64,
+    pub not_sent: u64,
     /// Records in the range that could not be read (damage, not retained, bad lines).
     pub unreadable: u64,
+    /// First and last origin seq read.
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub unreadable_ranges: Vec<String>,
@@ -110,25 +141,52 @@ struct Reports {
     failures: Mutex<Vec<String>>,
 }
 
+impl Reports {
+    fn fail(&self, text: impl FnOnce() -> String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.len() < FAILURES_KEPT {
+            f.push(text());
+        }
+    }
+
+    fn reported(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+}
+
 struct Ctx(std::sync::Arc<Reports>);
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => tracing::error!(fac, message, "librdkafka"),
+            // Set on purpose (see `run`): not worth a warning on every run.
+            Warning if fac == "CONFWARN" && message.contains("enable.gapless.guarantee") => {}
+            Warning => tracing::warn!(fac, message, "librdkafka"),
+            _ => tracing::debug!(fac, message, "librdkafka"),
+        }
+    }
+}
 
 impl ProducerContext for Ctx {
-    type DeliveryOpaque = Box<u64>;
+    /// (origin seq, redrive seq)
+    type DeliveryOpaque = Box<(u64, u64)>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, seqs: Box<(u64, u64)>) {
         match result {
             Ok(_) => {
                 self.0.delivered.fetch_add(1, Ordering::Relaxed);
             }
-            Err((e, m)) => {
-                self.0.failed.fetch_add(1, Ordering::Relaxed);
-                let mut f = self.0.failures.lock().unwrap_or_else(|p| p.into_inner());
-                if f.len() < FAILURES_KEPT {
-                    f.push(format!("seq {seq} (partition {}): {e}", m.partition()));
-                }
-            }
+            Err((e, m)) => self.0.fail(|| {
+                format!(
+                    "seq {} (redrive seq {}, partition {}): {e}",
+                    seqs.0,
+                    seqs.1,
+                    m.partition()
+                )
+            }),
         }
     }
 }
@@ -188,11 +246,151 @@ impl Progress {
     }
 }
 
+/// The producer side of a run: sends in source order, stops at the first
+/// failure, and purges on a stall, so that per partition what the run gets
+/// written is a prefix of what it produced there.
+struct Sender<'a> {
+    producer: BaseProducer<Ctx>,
+    reports: std::sync::Arc<Reports>,
+    topic: &'a str,
+    /// None: the topic's metadata could not be had; nothing is sent.
+    partitions: Option<i32>,
+    instance: &'a str,
+    origin_instance: Option<&'a str>,
+    stall: Duration,
+    /// Records handed to librdkafka; each gets exactly one delivery report.
+    queued: u64,
+    /// Records refused or not sent (counted failed, no report).
+    unqueued: u64,
+    not_sent: u64,
+    first_not_sent: Option<u64>,
+    /// Why nothing more is sent, once something failed.
+    stopped: Option<String>,
+    /// When the count of reports last moved (or the first record was queued).
+    last_progress: Instant,
+    last_reported: u64,
+}
+
+impl Sender<'_> {
+    fn send(&mut self, origin_seq: u64, seq: u64, record: &Record) {
+        if self.stopped.is_none() && self.reports.failed.load(Ordering::Relaxed) > 0 {
+            self.stop("an earlier record failed".into());
+        }
+        let Some(partitions) = self.partitions.filter(|_| self.stopped.is_none()) else {
+            self.not_sent(origin_seq);
+            return;
+        };
+        // The record's own `instance`, if it has one (≤ a UUID's length, as
+        // `value_fit` counts), else the source's.
+        let origin_instance = record
+            .header(HEADER_INSTANCE)
+            .filter(|i| i.len() <= crate::instance::ID_LEN)
+            .and_then(|i| std::str::from_utf8(i).ok())
+            .or(self.origin_instance);
+        let ours = Ours::new(seq, Some(self.instance)).origin(origin_instance, origin_seq);
+        let key = record.key.as_deref();
+        let partition = crate::replay::partition::partition_for(key, seq, partitions);
+        let mut br = BaseRecord::with_opaque_to(self.topic, Box::new((origin_seq, seq)))
+            .payload(&record.value)
+            .headers(ours.kafka(&record.headers))
+            .partition(partition)
+            .timestamp(record.timestamp_ms);
+        if let Some(k) = key {
+            br = br.key(k);
+        }
+        if self.queued == 0 {
+            self.last_progress = Instant::now();
+        }
+        loop {
+            match self.producer.send(br) {
+                Ok(()) => {
+                    self.queued += 1;
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    br = back;
+                    self.producer.poll(Duration::from_millis(50));
+                    if self.stalled() {
+                        self.not_sent(origin_seq);
+                        break;
+                    }
+                }
+                Err((e, _)) => {
+                    // Refused before it was queued: no delivery report
+                    // follows, and nothing after it may be queued.
+                    self.unqueued += 1;
+                    self.reports.fail(|| format!("seq {origin_seq}: {e}"));
+                    self.stop(format!("seq {origin_seq} was refused"));
+                    break;
+                }
+            }
+        }
+        self.producer.poll(Duration::ZERO);
+    }
+
+    /// Counted failed, reported once for the whole run (`finish`).
+    fn not_sent(&mut self, origin_seq: u64) {
+        self.unqueued += 1;
+        self.not_sent += 1;
+        self.first_not_sent.get_or_insert(origin_seq);
+        self.reports.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn stop(&mut self, why: String) {
+        if self.stopped.is_none() {
+            eprintln!("redrive: stopping: {why}; records after it are not sent (run the same range again once the cause is fixed)");
+            self.stopped = Some(why);
+        }
+    }
+
+    /// True (once purged) when records are in flight and no delivery report
+    /// came for `stall`: everything queued or in flight is purged (each gets
+    /// a failed report) and nothing more is sent.
+    fn stalled(&mut self) -> bool {
+        let reported = self.reports.reported() - self.unqueued;
+        if reported != self.last_reported {
+            self.last_reported = reported;
+            self.last_progress = Instant::now();
+        }
+        if reported >= self.queued || self.last_progress.elapsed() < self.stall {
+            return false;
+        }
+        // Dying here is dying anywhere else: the daemon's state was never
+        // touched, and what reached the topic is a prefix per partition.
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        self.stop(format!(
+            "no delivery report for {} ms with {} records in flight",
+            self.stall.as_millis(),
+            self.queued - reported
+        ));
+        true
+    }
+
+    /// Waits for every queued record's report (success, failure, or purge).
+    fn finish(&mut self, progress: &mut Progress, read: u64) {
+        while self.reports.reported() < self.queued + self.unqueued {
+            self.producer.poll(Duration::from_millis(200));
+            self.stalled();
+            progress.update(read, &self.reports);
+        }
+        if let Some(first) = self.first_not_sent {
+            let why = self.stopped.as_deref().unwrap_or("stopped");
+            let text = format!(
+                "seq {first} and {} later records: not sent: {why}",
+                self.not_sent - 1
+            );
+            let mut f = self
+                .reports
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            f.push(text);
+        }
+    }
+}
+
 /// `sluice wal redrive`.
-// Longer than 100 lines on purpose: `send` is a closure over the producer,
-// the report counters and the progress bar, shared by the three sources
-// (`from_wal`, `from_copy`, `from_dead_letters`) and then awaited below; a
-// struct holding those borrows would only move the same lines elsewhere.
 pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let started = Instant::now();
     let through = args.through.unwrap_or(u64::MAX);
@@ -205,10 +403,16 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         (_, _, Some(f)) => (format!("dead-letter {}", f.display()), grandparent(f)),
         _ => return Err("give --data-dir, --segment or --dead-letter".into()),
     };
-    let instance = match &args.instance {
+    let origin_instance = match &args.instance {
         Some(i) => Some(i.clone()),
         None => data_dir.as_deref().and_then(read_instance),
     };
+    if let Some(i) = origin_instance.as_deref() {
+        if i.len() > crate::instance::ID_LEN || i.is_empty() {
+            return Err(format!("instance {i:?} is not an instance id (1 to 36 bytes)").into());
+        }
+    }
+    let instance = run_instance(&args, origin_instance.as_deref())?;
     let mut kafka = match &args.config {
         Some(path) => crate::config::Config::from_file(path)?.kafka,
         None => crate::replay::KafkaConfig::default(),
@@ -219,21 +423,32 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         failed: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
     });
-    // Replay's producer never times a record out (it keeps order by dropping
-    // the whole producer on a stall instead); an offline re-send must end,
-    // so a record still unconfirmed after --timeout-ms is reported failed.
+    // Replay's producer config: librdkafka never times a record out and a
+    // refused batch stops the producer (gapless guarantee), so a record can
+    // fail only with everything after it on its partition failing too;
+    // the stall limit is ours (`Sender::stalled`).
     let producer: BaseProducer<Ctx> = crate::replay::producer_config(&kafka, &args.brokers)
-        .set("message.timeout.ms", args.timeout_ms.to_string())
-        // A gap in a re-send is reported per record, not made fatal (and
-        // librdkafka warns about the experimental property whenever set).
-        .remove("enable.gapless.guarantee")
         .create_with_context(Ctx(reports.clone()))
         .map_err(|e| format!("producer: {e}"))?;
-
+    let stall = Duration::from_millis(args.timeout_ms);
+    let partitions = match partition_count(&producer, &args.topic, stall) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            eprintln!("redrive: {e}");
+            reports
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(e);
+            None
+        }
+    };
     let mut summary = Summary {
         source,
         topic: args.topic.clone(),
         instance: instance.clone(),
+        origin_instance: origin_instance.clone(),
+        partitions,
         ..Summary::default()
     };
     let unreadable = |summary: &mut Summary, first: u64, last: u64, why: &str| {
@@ -251,50 +466,35 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         _ => None,
     };
     let mut progress = Progress::new(total);
-    // Records handed to librdkafka; each gets exactly one delivery report.
-    let mut queued = 0u64;
-    // Records librdkafka refused to queue (counted as failed, no report).
-    let mut refused = 0u64;
-    let mut send = |summary: &mut Summary, seq: u64, record: Record| -> std::io::Result<()> {
+    let mut sender = Sender {
+        producer,
+        reports: reports.clone(),
+        topic: &args.topic,
+        partitions,
+        instance: &instance,
+        origin_instance: origin_instance.as_deref(),
+        stall,
+        queued: 0,
+        unqueued: 0,
+        not_sent: 0,
+        first_not_sent: None,
+        stopped: partitions
+            .is_none()
+            .then(|| "no metadata for the topic".to_string()),
+        last_progress: Instant::now(),
+        last_reported: 0,
+    };
+    let mut send = |summary: &mut Summary, origin_seq: u64, seq: u64, record: Record| {
         summary.read += 1;
-        summary.first_seq.get_or_insert(seq);
-        summary.last_seq = Some(seq);
-        let headers = headers(&record, seq, instance.as_deref());
-        let mut br = BaseRecord::with_opaque_to(&args.topic, Box::new(seq))
-            .payload(&record.value)
-            .headers(headers)
-            .timestamp(record.timestamp_ms);
-        if let Some(k) = &record.key {
-            br = br.key(k);
-        }
-        loop {
-            match producer.send(br) {
-                Ok(()) => {
-                    queued += 1;
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    br = back;
-                    producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => {
-                    // Refused before it was queued: no delivery report follows.
-                    refused += 1;
-                    reports.failed.fetch_add(1, Ordering::Relaxed);
-                    let mut f = reports.failures.lock().unwrap_or_else(|p| p.into_inner());
-                    if f.len() < FAILURES_KEPT {
-                        f.push(format!("seq {seq}: {e}"));
-                    }
-                    break;
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        summary.first_seq.get_or_insert(origin_seq);
+        summary.last_seq = Some(origin_seq);
+        sender.send(origin_seq, seq, &record);
         progress.update(summary.read, &reports);
         Ok(())
     };
 
-    // One source per run; each hands its records to `send` in seq order.
+    // One source per run; each hands its records to `send` in source order
+    // with the redrive seq its place gives (see the module doc).
     if let Some(dir) = &args.data_dir {
         from_wal(dir, &args, through, &mut summary, &mut send, &unreadable)?;
     } else if let Some(path) = &args.segment {
@@ -303,23 +503,119 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         from_dead_letters(path, &args, through, &mut summary, &mut send)?;
     }
 
-    // Every record queued gets a report: success, or failure once
-    // message.timeout.ms has passed. Wait for all of them. (librdkafka's
-    // in-flight count also holds protocol requests, e.g. the idempotent
-    // producer's id requests against a dead broker, so count reports.)
-    let reported =
-        |r: &Reports| r.delivered.load(Ordering::Relaxed) + r.failed.load(Ordering::Relaxed);
-    while reported(&reports) < queued + refused {
-        producer.poll(Duration::from_millis(200));
-        progress.update(summary.read, &reports);
-    }
+    // Every record queued gets a report: success, failure, or purge after a
+    // stall. Wait for all of them. (librdkafka's in-flight count also holds
+    // protocol requests, e.g. the idempotent producer's id requests against
+    // a dead broker, so count reports.)
+    sender.finish(&mut progress, summary.read);
     progress.finish();
+    summary.not_sent = sender.not_sent;
     summary.delivered = reports.delivered.load(Ordering::Relaxed);
     summary.failed = reports.failed.load(Ordering::Relaxed);
     summary.failures =
         std::mem::take(&mut *reports.failures.lock().unwrap_or_else(|p| p.into_inner()));
     summary.seconds = (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
     report(&summary)
+}
+
+/// The run's instance id: a UUID (RFC 9562 version 8) from SHA-256 of what
+/// decides which record gets which redrive seq, so that the same run
+/// repeated sends the same (instance, seq) pairs and the consumer rule drops
+/// the repeats:
+/// - a WAL range or segment copy (redrive seq = origin seq - from + 1): the
+///   source instance (or, without one, the data directory's canonical path
+///   or the copy's file name), `--from`, the topic. WAL and copies of one
+///   instance share it: one origin seq is one record either way.
+/// - the dead-letter file (redrive seq = line number): the source instance,
+///   SHA-256 of the file's first line (a rotated or recreated file is
+///   another file), `--from`, the topic.
+///
+/// `--through` is not part of it: a longer range from the same start gives
+/// the records both runs send the same redrive seqs.
+pub fn run_instance(
+    args: &RedriveArgs,
+    origin_instance: Option<&str>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let fallback = |p: &Path| -> String {
+        match (&args.data_dir, p.file_name()) {
+            (Some(_), _) => format!(
+                "dir:{}",
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .display()
+            ),
+            (None, Some(name)) => format!("copy:{}", name.to_string_lossy()),
+            (None, None) => format!("copy:{}", p.display()),
+        }
+    };
+    let source = match (&args.data_dir, &args.segment, &args.dead_letter) {
+        (Some(p), _, _) | (_, Some(p), _) => match origin_instance {
+            Some(i) => format!("seq:instance:{i}"),
+            None => format!("seq:{}", fallback(p)),
+        },
+        (_, _, Some(p)) => format!(
+            "dead-letter:{}:{}",
+            origin_instance.unwrap_or(""),
+            first_line_digest(p)?
+        ),
+        _ => return Err("give --data-dir, --segment or --dead-letter".into()),
+    };
+    let mut h = Sha256::new();
+    for part in [
+        "sluice wal redrive v1",
+        &source,
+        &args.from.to_string(),
+        &args.topic,
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Ok(uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string())
+}
+
+/// Hex SHA-256 of the first line of a file (at most MAX_LINE_BYTES of it).
+fn first_line_digest(path: &Path) -> Result<String, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut line = Vec::new();
+    std::io::BufReader::new(file)
+        .take(MAX_LINE_BYTES)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Sha256::digest(&line)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The target topic's partition count, from the cluster's metadata.
+fn partition_count(
+    producer: &BaseProducer<Ctx>,
+    topic: &str,
+    within: Duration,
+) -> Result<i32, String> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), within)
+        .map_err(|e| format!("metadata for topic {topic}: {e}"))?;
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| format!("metadata for topic {topic}: not in the answer"))?;
+    match (t.error(), t.partitions().len()) {
+        (None, n) if n > 0 => {
+            i32::try_from(n).map_err(|_| format!("topic {topic}: {n} partitions"))
+        }
+        (e, _) => Err(format!(
+            "topic {topic} does not exist or has no partitions ({e:?})"
+        )),
+    }
 }
 
 fn report_bad_line(summary: &mut Summary, path: &Path, line_no: u64, why: &str) {
@@ -347,37 +643,14 @@ fn read_instance(data_dir: &Path) -> Option<String> {
     (!id.is_empty() && !id.contains('\n')).then(|| id.to_string())
 }
 
-/// The record's own headers (any stale `seq` dropped), then `seq`, then
-/// `instance` unless the record carries one.
-fn headers(record: &Record, seq: u64, instance: Option<&str>) -> OwnedHeaders {
-    let seq_text = seq.to_string();
-    let mut h = OwnedHeaders::new_with_capacity(record.headers.len() + 2);
-    for (key, value) in record.headers.iter().filter(|(k, _)| k != HEADER_SEQ) {
-        h = h.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
-    h = h.insert(Header {
-        key: HEADER_SEQ,
-        value: Some(seq_text.as_bytes()),
-    });
-    if let Some(i) = instance {
-        if record.header(HEADER_INSTANCE).is_none() {
-            h = h.insert(Header {
-                key: HEADER_INSTANCE,
-                value: Some(i.as_bytes()),
-            });
-        }
-    }
-    h
-}
-
 /// One dead-letter line back into the record it holds.
 pub fn dead_letter_record(line: &[u8]) -> Result<(u64, Record), String> {
     #[derive(serde::Deserialize)]
     struct Line {
         seq: u64,
+        /// Written since the instance id existed; older lines lack it.
+        #[serde(default)]
+        instance: Option<String>,
         key: Option<String>,
         timestamp_ms: i64,
         #[serde(default)]
@@ -408,6 +681,13 @@ pub fn dead_letter_record(line: &[u8]) -> Result<(u64, Record), String> {
             other => Err(format!("header {k} is not a string: {other}")),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The instance the line was written under, as the record's own
+    // `instance` header: `Sender::send` makes it the `origin-instance`.
+    let mut headers = headers;
+    if let Some(i) = l.instance {
+        headers.retain(|(k, _)| k != HEADER_INSTANCE);
+        headers.push((HEADER_INSTANCE.to_string(), i.into_bytes()));
+    }
     Ok((
         l.seq,
         Record {
@@ -558,8 +838,8 @@ fn report(summary: &Summary) -> Result<ExitCode, Box<dyn std::error::Error>> {
     })
 }
 
-/// Hands one record (with its seq) to the producer.
-type SendFn<'a> = dyn FnMut(&mut Summary, u64, Record) -> std::io::Result<()> + 'a;
+/// Hands one record to the producer, with its origin seq and its redrive seq.
+type SendFn<'a> = dyn FnMut(&mut Summary, u64, u64, Record) -> std::io::Result<()> + 'a;
 /// Records a range of the source that could not be read.
 type UnreadableFn<'a> = dyn Fn(&mut Summary, u64, u64, &str) + 'a;
 type Result2 = Result<(), Box<dyn std::error::Error>>;
@@ -587,7 +867,11 @@ fn from_wal(
             if seq > through {
                 return Ok(ControlFlow::Break(()));
             }
-            send(summary, seq, r)?;
+            if seq < args.from {
+                // The walk starts at --from; never number below it.
+                return Ok(ControlFlow::Continue(()));
+            }
+            send(summary, seq, seq - args.from + 1, r)?;
             Ok(ControlFlow::Continue(()))
         },
         |g: Gap| gaps.push(g),
@@ -627,7 +911,7 @@ fn from_copy(
             return Ok(());
         }
         match Record::decode(payload) {
-            Ok(r) => send(summary, seq, r),
+            Ok(r) => send(summary, seq, seq - args.from + 1, r),
             Err(e) => {
                 unreadable(summary, seq, seq, &format!("undecodable record: {e}"));
                 Ok(())
@@ -675,7 +959,10 @@ fn from_dead_letters(
             continue;
         }
         match dead_letter_record(&line) {
-            Ok((seq, r)) if seq >= args.from && seq <= through => send(summary, seq, r)?,
+            // The line number is the redrive seq: lines are only ever
+            // appended, and one seq may appear on two lines (a record
+            // dead-lettered again after a crash before the commit).
+            Ok((seq, r)) if seq >= args.from && seq <= through => send(summary, seq, line_no, r)?,
             Ok(_) => {}
             Err(why) => report_bad_line(summary, path, line_no, &why),
         }
@@ -809,6 +1096,12 @@ mod tests {
         assert_eq!(r.key.as_deref(), Some(&b"acme"[..]));
         assert_eq!(r.value, br#"{"b":1.50,"a":[1,2]}"#.to_vec());
         assert_eq!(r.header("id"), Some(&b"a-1"[..]));
+        assert_eq!(r.header("instance"), None, "a line without one");
+        let with = br#"{"seq":3,"instance":"0190-x","topic":"t","error":"e","key":null,"timestamp_ms":0,"headers":{},"value":{"json":1}}"#;
+        assert_eq!(
+            dead_letter_record(with).unwrap().1.header("instance"),
+            Some(&b"0190-x"[..])
+        );
         let b64 = br#"{"seq":1,"topic":"t","error":"e","key":null,"timestamp_ms":0,"headers":{},"value":{"base64":"AAEC"}}"#;
         assert_eq!(dead_letter_record(b64).unwrap().1.value, vec![0, 1, 2]);
         assert!(dead_letter_record(b"{\"seq\":1}").is_err());

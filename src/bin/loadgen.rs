@@ -480,7 +480,7 @@ async fn producer(
         let record = &built[(i % 65_536) as usize];
         let mut rec = FutureRecord::to(topic)
             .payload(&record.value)
-            .headers(sluice::replay::replayer::kafka_headers(record, i + 1, &[]))
+            .headers(sluice::replay::headers::Ours::new(i + 1, None).kafka(&record.headers))
             .timestamp(record.timestamp_ms);
         if let Some(k) = &record.key {
             rec = rec.key(k);

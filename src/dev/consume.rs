@@ -81,6 +81,9 @@ pub fn consume(
             Some(Ok(m)) => {
                 last = Instant::now();
                 n += 1;
+                // Collected into a map: of two headers with one name the
+                // LAST wins, which is the one the consumer rule reads (sluice
+                // sends its own `seq` and `instance` after the record's).
                 let headers = m
                     .headers()
                     .map(|h| {

@@ -3,6 +3,12 @@
 //! or below it. Sound because replay guarantees that, per (instance, topic,
 //! partition), first occurrences come in strictly increasing `seq`: a record
 //! at or below the high-water mark already appeared.
+//!
+//! Of two headers with one name the last counts ([`Consumed`] keeps the
+//! last), as in `sluice archive` and examples/dedupe_consumer.py. A record
+//! re-sent by `sluice wal redrive` has the run's own `instance` and `seq`
+//! (its first identity in `origin-instance` / `origin-seq`), so it is
+//! judged like any other record of that run.
 
 use std::collections::HashMap;
 

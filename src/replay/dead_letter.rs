@@ -122,8 +122,12 @@ impl DeadLetterFile {
             .iter()
             .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into()))
             .collect();
+        // `instance` names the sequence `seq` belongs to (a data directory
+        // can take a new instance id while this file stays); redrive sends
+        // it as `origin-instance`.
         let mut line = serde_json::to_vec(&serde_json::json!({
             "seq": seq,
+            "instance": crate::instance::current(),
             "topic": topic,
             "error": error,
             "key": r.key.as_deref().map(String::from_utf8_lossy),

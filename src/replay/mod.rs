@@ -4,6 +4,7 @@
 //! - [`producer`]: producer config, error classification, connectivity and
 //!   every Kafka header name; the one place the `kafka` feature gates.
 //! - [`dead_letter`]: the last-resort file for records Kafka refuses.
+//! - [`headers`]: which headers leave sluice, for every producer path.
 //! - [`offsets`]: the committed offset (sled) and lost ranges.
 //! - [`config`]: the `[kafka]` and `[replay]` sections.
 //!
@@ -14,6 +15,7 @@ pub mod config;
 pub mod dead_letter;
 #[cfg(feature = "kafka")]
 pub mod files;
+pub mod headers;
 pub mod offsets;
 pub mod partition;
 pub mod producer;

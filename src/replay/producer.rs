@@ -18,7 +18,9 @@ use super::config::KafkaConfig;
 use super::ReplayStats;
 
 /// Kafka header names. Ingest stores the first three in the WAL record;
-/// replay adds `seq` at produce time and the last two on a dead letter.
+/// replay adds `seq` and `instance` at produce time and the last two on a
+/// dead letter; `sluice wal redrive` adds the `origin-*` pair. Which headers
+/// leave sluice is decided in one place: [`super::headers::Ours`].
 pub const HEADER_ID: &str = "id";
 pub const HEADER_TENANT: &str = "tenant";
 pub const HEADER_RECEIVED_AT: &str = "received_at";
@@ -26,6 +28,10 @@ pub const HEADER_SEQ: &str = "seq";
 /// The data directory's stable id (`crate::instance`), next to `seq`: the
 /// consumer rule deduplicates per (instance, partition).
 pub const HEADER_INSTANCE: &str = "instance";
+/// On a re-sent record (`sluice wal redrive`), the instance and seq it was
+/// first sent under; `instance` and `seq` are then the redrive run's own.
+pub const HEADER_ORIGIN_INSTANCE: &str = "origin-instance";
+pub const HEADER_ORIGIN_SEQ: &str = "origin-seq";
 pub const HEADER_ERROR: &str = "error";
 pub const HEADER_ORIGINAL_TOPIC: &str = "original_topic";
 
@@ -87,13 +93,19 @@ pub fn value_fit(k: &KafkaConfig, limits: &EventBounds) -> Result<usize, String>
     // letter.
     let header = |name: &str, value: usize| 10 + name.len() + value;
     let utf8_max = |chars: usize| chars * 4;
+    // A record leaves with the dead-letter pair (replay's dead-letter
+    // topic) or the origin pair (redrive), never both; `:sluice.` headers
+    // never leave (see `headers::Ours`).
+    let dead_letter =
+        header(HEADER_ERROR, ERROR_HEADER_MAX) + header(HEADER_ORIGINAL_TOPIC, k.topic.len());
+    let origin = header(HEADER_ORIGIN_INSTANCE, crate::instance::ID_LEN)
+        + header(HEADER_ORIGIN_SEQ, SEQ_MAX);
     let headers = header(HEADER_ID, utf8_max(limits.max_id_chars))
         + header(HEADER_TENANT, 64)
         + header(HEADER_RECEIVED_AT, TIMESTAMP_MAX)
         + header(HEADER_SEQ, SEQ_MAX)
         + header(HEADER_INSTANCE, crate::instance::ID_LEN)
-        + header(HEADER_ERROR, ERROR_HEADER_MAX)
-        + header(HEADER_ORIGINAL_TOPIC, k.topic.len());
+        + dead_letter.max(origin);
     // The key is one of the event's fields. Known fields have a bound of
     // their own; any other field is part of the value, so at most its size.
     let key = match limits.key_field {
@@ -233,6 +245,52 @@ impl ClientContext for KafkaHealth {
             Emerg | Alert | Critical | Error => tracing::error!(fac, message, "librdkafka"),
             Warning => tracing::debug!(fac, message, "librdkafka"),
             _ => tracing::trace!(fac, message, "librdkafka"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::headers::Ours;
+
+    /// A record at `value_fit` with every header at its largest fits
+    /// `message.max.bytes` on every path, counted from what
+    /// `headers::Ours` actually sends (an internal header of any size
+    /// included, since it never leaves).
+    #[test]
+    fn value_fit_counts_every_header_that_leaves_on_every_path() {
+        let k = KafkaConfig::default();
+        let bounds = EventBounds {
+            max_id_chars: 256,
+            max_source_chars: 256,
+            key_field: "tenant_id",
+        };
+        let fit = value_fit(&k, &bounds).unwrap();
+        let own: Vec<(String, Vec<u8>)> = vec![
+            (HEADER_ID.into(), vec![b'i'; 4 * bounds.max_id_chars]),
+            (HEADER_TENANT.into(), vec![b't'; 64]),
+            (HEADER_RECEIVED_AT.into(), vec![b'r'; TIMESTAMP_MAX]),
+            (":sluice.idempotency".into(), vec![b'x'; 64 * 1024]),
+        ];
+        let instance = "0".repeat(crate::instance::ID_LEN);
+        let error = [b'e'; ERROR_HEADER_MAX];
+        let extra: [(&str, &[u8]); 2] = [
+            (HEADER_ERROR, &error),
+            (HEADER_ORIGINAL_TOPIC, k.topic.as_bytes()),
+        ];
+        let paths = [
+            Ours::new(u64::MAX, Some(&instance)),
+            Ours::new(u64::MAX, Some(&instance)).extra(&extra),
+            Ours::new(u64::MAX, Some(&instance)).origin(Some(&instance), u64::MAX),
+        ];
+        for ours in &paths {
+            let headers: usize = ours.pairs(&own).map(|(k, v)| 10 + k.len() + v.len()).sum();
+            let record = RECORD_OVERHEAD + 64 + fit + headers;
+            assert!(
+                record <= LIBRDKAFKA_MESSAGE_MAX_BYTES,
+                "{record} bytes with {ours:?}"
+            );
         }
     }
 }

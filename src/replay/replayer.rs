@@ -922,26 +922,14 @@ impl Replayer {
     }
 }
 
-/// The record's own headers, then `seq`, then `extra`. Public for the
-/// raw-producer baseline in sluice-loadgen, which must send what replay sends.
+/// The headers replay sends: `headers::Ours` decides (no `:sluice.`
+/// header leaves), with `seq`, this data directory's `instance`, then
+/// `extra`. `seq` is unique per data directory; `instance` names the
+/// directory, so (instance, partition, seq) is what a consumer deduplicates on.
 pub fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> OwnedHeaders {
-    let seq_text = seq.to_string();
+    let ours = crate::replay::headers::Ours::new(seq, crate::instance::current()).extra(extra);
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 2 + extra.len());
-    let ours = [(HEADER_SEQ, seq_text.as_bytes())];
-    // `seq` is unique per data directory; `instance` names the directory, so
-    // (instance, partition, seq) is what a consumer deduplicates on.
-    let instance = crate::instance::current()
-        .map(|id| (crate::replay::producer::HEADER_INSTANCE, id.as_bytes()));
-    let all = record
-        .headers
-        .iter()
-        // Internal metadata (the idempotency entry) stays in the WAL.
-        .filter(|(k, _)| !crate::idempotency::is_internal_header(k))
-        .map(|(k, v)| (k.as_str(), v.as_slice()))
-        .chain(ours)
-        .chain(instance)
-        .chain(extra.iter().copied());
-    for (key, value) in all {
+    for (key, value) in ours.pairs(&record.headers) {
         headers = headers.insert(Header {
             key,
             value: Some(value),
