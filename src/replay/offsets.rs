@@ -135,6 +135,10 @@ pub struct OffsetStore {
     /// Runs inside every commit, before the flush, so what it writes (the
     /// idempotency checkpoint) is durable with the offset it precedes.
     before_flush: std::sync::OnceLock<BeforeFlush>,
+    /// Set while partition pins were written to sled but their fsync has
+    /// not succeeded: sled's memory then shows pins the disk may not hold,
+    /// so reading them syncs first (a failed fsync is not trusted).
+    pins_unsynced: std::sync::atomic::AtomicBool,
 }
 
 /// See [`OffsetStore::set_before_flush`].
@@ -185,6 +189,7 @@ impl OffsetStore {
             fates,
             dir: dir.to_owned(),
             before_flush: std::sync::OnceLock::new(),
+            pins_unsynced: std::sync::atomic::AtomicBool::new(false),
         };
         store.committed()?;
         // A store we just created is durable only once its files, its
@@ -354,6 +359,17 @@ impl OffsetStore {
     /// is left out and reported in the error list (the caller logs it); the
     /// pins around it still hold.
     pub fn partition_pins(&self, topic: &str) -> Result<(PartitionMap, Vec<String>), OffsetError> {
+        if self
+            .pins_unsynced
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // An earlier pin write's fsync failed: what sled shows may not
+            // be on disk. Sync it now, or fail, before anyone produces by it.
+            self.db.flush()?;
+            self.sync()?;
+            self.pins_unsynced
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
         let tree = self.db.open_tree(PINS)?;
         let prefix = pin_prefix(topic);
         let mut pins = Vec::new();
@@ -383,9 +399,14 @@ impl OffsetStore {
             key.extend_from_slice(&pin.from_seq.to_be_bytes());
             batch.insert(key, &pin.encode_value()[..]);
         }
+        self.pins_unsynced
+            .store(true, std::sync::atomic::Ordering::Release);
         tree.apply_batch(batch)?;
         self.db.flush()?;
-        self.sync()
+        self.sync()?;
+        self.pins_unsynced
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// The WAL's durable end as of the last commit that recorded it (see

@@ -221,7 +221,18 @@ struct Route {
     map: PartitionMap,
     live: i32,
     resolved: std::time::Instant,
+    /// A fold was logged for this resolution (one line per topic and
+    /// refresh, not one per record; each record is counted).
+    fold_logged: bool,
+    /// Since when the broker has reported fewer partitions than pinned.
+    fewer_since: Option<std::time::Instant>,
 }
+
+/// How long a topic must keep reporting fewer partitions than pinned before
+/// the smaller count is believed. Kafka never removes partitions; a smaller
+/// answer is a lagging broker's, or the topic was deleted and recreated.
+/// Until then replay waits (retrying) rather than move any record.
+const FEWER_PARTITIONS_CONFIRM: Duration = Duration::from_secs(300);
 
 /// How long a topic's partition count is trusted before it is asked again:
 /// a topic that grows is noticed within this, and switched at a boundary
@@ -767,29 +778,86 @@ impl Replayer {
             &topics.topic
         };
         let fresh = |r: &Route| r.resolved.elapsed() < ROUTE_REFRESH;
-        let cached = {
+        let (cached, stale) = {
             let routes = self.routes.0.lock().map_err(|_| "routes lock poisoned")?;
-            routes
-                .get(topic.as_str())
-                .filter(|r| fresh(r))
-                .and_then(|r| r.map.partition(key, seq, r.live))
+            match routes.get(topic.as_str()) {
+                Some(r) if fresh(r) => (r.map.partition(key, seq, r.live), false),
+                Some(_) => (None, true),
+                None => (None, false),
+            }
         };
         let (p, folded) = match cached {
             Some(hit) => hit,
             None => {
-                let route = self.resolve(producer, topic).await?;
-                let hit = route
-                    .map
-                    .partition(key, seq, route.live)
-                    .ok_or_else(|| format!("topic {topic}: no partition pin covers seq {seq}"))?;
-                let mut routes = self.routes.0.lock().map_err(|_| "routes lock poisoned")?;
-                routes.insert(topic.clone(), route);
-                hit
+                let fewer_since = self
+                    .routes
+                    .0
+                    .lock()
+                    .ok()
+                    .and_then(|r| r.get(topic.as_str()).and_then(|r| r.fewer_since));
+                match self.resolve(producer, topic, fewer_since).await {
+                    Ok(route) => {
+                        let hit = route.map.partition(key, seq, route.live).ok_or_else(|| {
+                            format!("topic {topic}: no partition pin covers seq {seq}")
+                        })?;
+                        let mut routes =
+                            self.routes.0.lock().map_err(|_| "routes lock poisoned")?;
+                        routes.insert(topic.clone(), route);
+                        hit
+                    }
+                    // A refresh that fails keeps the route this process
+                    // already trusts (the pins are durable and the count
+                    // did not change as far as anyone knows): a slow or
+                    // failed metadata request must not end the incarnation
+                    // and send the window again. Asked again in 5 s.
+                    Err(why) if stale => {
+                        let mut routes =
+                            self.routes.0.lock().map_err(|_| "routes lock poisoned")?;
+                        let r = routes.get_mut(topic.as_str()).ok_or("route vanished")?;
+                        if why.contains("fewer partitions") {
+                            r.fewer_since.get_or_insert_with(std::time::Instant::now);
+                        }
+                        tracing::warn!(topic = %topic, error = %why, "refreshing the topic's partition count failed; keeping the pinned route");
+                        r.resolved =
+                            std::time::Instant::now() - ROUTE_REFRESH + Duration::from_secs(5);
+                        r.map.partition(key, seq, r.live).ok_or_else(|| {
+                            format!("topic {topic}: no partition pin covers seq {seq}")
+                        })?
+                    }
+                    Err(why) => {
+                        if why.contains("fewer partitions") {
+                            // Remember when this started, across retries.
+                            let mut routes =
+                                self.routes.0.lock().map_err(|_| "routes lock poisoned")?;
+                            let since = fewer_since.unwrap_or_else(std::time::Instant::now);
+                            routes.entry(topic.clone()).or_insert(Route {
+                                map: PartitionMap::default(),
+                                live: 0,
+                                resolved: std::time::Instant::now() - ROUTE_REFRESH,
+                                fold_logged: false,
+                                fewer_since: Some(since),
+                            });
+                        }
+                        return Err(why);
+                    }
+                }
             }
         };
         if folded {
             self.stats.partition_folds.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(seq, topic = %topic, partition = p, "the partition pinned for this record no longer exists (the topic has fewer partitions now): produced to partition {p}, so a consumer rule cannot match it with an earlier copy");
+            let first = self
+                .routes
+                .0
+                .lock()
+                .ok()
+                .and_then(|mut r| {
+                    r.get_mut(topic.as_str())
+                        .map(|r| !std::mem::replace(&mut r.fold_logged, true))
+                })
+                .unwrap_or(true);
+            if first {
+                tracing::warn!(first_seq = seq, topic = %topic, partition = p, "records whose pinned partition no longer exists (the topic was recreated with fewer partitions) go to another partition; a consumer rule cannot match them with earlier copies (each counted in sluice_replay_partition_folds_total; logged once per refresh)");
+            }
         }
         Ok(p)
     }
@@ -800,7 +868,12 @@ impl Replayer {
     /// have produced (the WAL's durable end: replay never produces past it),
     /// durable before this returns, so no record is ever produced under two
     /// counts.
-    async fn resolve(&self, producer: &Producer_, topic: &str) -> Result<Route, String> {
+    async fn resolve(
+        &self,
+        producer: &Producer_,
+        topic: &str,
+        fewer_since: Option<std::time::Instant>,
+    ) -> Result<Route, String> {
         let client = producer.clone();
         let name = topic.to_string();
         let live = tokio::task::spawn_blocking(move || {
@@ -863,6 +936,18 @@ impl Replayer {
                     pins
                 }
                 Some(last) if last.partitions == live => Vec::new(),
+                // Fewer than pinned: not believed until it has lasted (see
+                // FEWER_PARTITIONS_CONFIRM); the caller retries.
+                Some(last)
+                    if live < last.partitions
+                        && fewer_since.is_none_or(|t| t.elapsed() < FEWER_PARTITIONS_CONFIRM) =>
+                {
+                    return Err(format!(
+                        "topic {name} reports fewer partitions ({live}) than pinned ({}): not believed until it lasts {} s (a lagging broker, or the topic was recreated); retrying",
+                        last.partitions,
+                        FEWER_PARTITIONS_CONFIRM.as_secs()
+                    ));
+                }
                 Some(last) => {
                     // Everything at or above the boundary is unproduced: the
                     // WAL's durable end bounds what any process produced,
@@ -895,6 +980,8 @@ impl Replayer {
             map,
             live,
             resolved: std::time::Instant::now(),
+            fold_logged: false,
+            fewer_since: None,
         })
     }
 
