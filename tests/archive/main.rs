@@ -26,6 +26,8 @@ use serde_json::{json, Value};
 use support::{Broker, EXE};
 
 mod files_sink_faults;
+mod listener;
+mod restart;
 
 const TOPIC: &str = "events";
 /// Generous: the machine is shared and slow.
@@ -40,11 +42,32 @@ struct Archiver {
 
 impl Archiver {
     fn start(dir: &Path, brokers: &str, group: &str, config: &Path) -> Archiver {
+        Archiver::start_with(dir, brokers, group, config, "127.0.0.1:0", None)
+    }
+
+    /// With `listen`, and with `nofile` its open-file limit (`ulimit -n`).
+    fn start_with(
+        dir: &Path,
+        brokers: &str,
+        group: &str,
+        config: &Path,
+        listen: &str,
+        nofile: Option<u32>,
+    ) -> Archiver {
         let addr_file = dir.with_extension("addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = dir.with_extension(format!("log{}", rand_u64() % 1_000_000));
-        let mut child = Command::new(EXE)
-            .args(["archive", "--topic", TOPIC, "--listen", "127.0.0.1:0"])
+        let mut cmd = match nofile {
+            None => Command::new(EXE),
+            Some(n) => {
+                // exec: the child's pid is the archiver's.
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), EXE]);
+                c
+            }
+        };
+        let mut child = cmd
+            .args(["archive", "--topic", TOPIC, "--listen", listen])
             .args(["--brokers", brokers, "--group", group])
             .arg("--config")
             .arg(config)
