@@ -311,6 +311,10 @@ fn check_config(path: &Path, print: bool) -> CliResult {
     if let Ok(fit) = config.effective_max_event_bytes() {
         eprintln!("effective limits.max-event-bytes: {fit}");
     }
+    // Not an error for `serve`, which has no archive listener.
+    if let Err(e) = config.archive.validate_listener() {
+        eprintln!("warning: `sluice archive` would refuse this file: {e}");
+    }
     if print {
         print!("{}", toml::to_string(&config)?);
     }
@@ -511,6 +515,7 @@ fn archive(args: ArchiveArgs) -> CliResult {
         config.kafka.topic = t;
     }
     config.validate()?;
+    config.archive.validate_listener()?;
     if config.kafka.brokers.is_empty() {
         return Err("sluice archive needs kafka.brokers (--brokers)".into());
     }

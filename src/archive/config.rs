@@ -175,14 +175,21 @@ impl ArchiveConfig {
         if self.header_timeout_ms == 0 || self.max_connections == 0 {
             return Err("archive.header-timeout-ms and archive.max-connections must be > 0".into());
         }
+        if self.timestamp_field.is_empty() {
+            return Err("archive.timestamp-field must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// `sluice archive` only (the files sink has no listener, and `serve`
+    /// must not refuse a setting it does not use): a `listen` off loopback
+    /// needs `allow-non-loopback`.
+    pub fn validate_listener(&self) -> Result<(), String> {
         if !self.listen.ip().is_loopback() && !self.allow_non_loopback {
             return Err(format!(
                 "archive.listen {} is not a loopback address: the archive listener has no keys and no TLS, and /v1/analytics shows the top values of the tracked fields of every tenant (paths with their query strings); listen on 127.0.0.1 (behind an authenticating proxy if it must be reached from elsewhere), or set archive.allow-non-loopback = true (docs/security.md)",
                 self.listen
             ));
-        }
-        if self.timestamp_field.is_empty() {
-            return Err("archive.timestamp-field must not be empty".into());
         }
         Ok(())
     }
@@ -244,12 +251,13 @@ mod tests {
             listen: "0.0.0.0:9191".parse().unwrap(),
             ..Default::default()
         };
-        let err = a.validate().unwrap_err();
+        a.validate().unwrap();
+        let err = a.validate_listener().unwrap_err();
         assert!(err.contains("archive.allow-non-loopback"), "{err}");
         a.allow_non_loopback = true;
-        a.validate().unwrap();
+        a.validate_listener().unwrap();
         a.listen = "[::1]:9191".parse().unwrap();
         a.allow_non_loopback = false;
-        a.validate().unwrap();
+        a.validate_listener().unwrap();
     }
 }

@@ -851,6 +851,19 @@ pub fn run(
         match msg {
             None => {}
             Some(Err(e)) => {
+                // A fatal error (FENCED_INSTANCE_ID: another process joined
+                // with this directory's member id) leaves a consumer that
+                // never reads again: exit, so that it is seen.
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    let hint = if member.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; with group.instance.id {member}, another archiver may be running on a copy of this archive directory (its {MEMBER_ID_FILE} file)")
+                    };
+                    return Err(format!(
+                        "fatal Kafka consumer error {code:?}: {reason}{hint}"
+                    ));
+                }
                 let verdict = match limiter.lock() {
                     Ok(mut l) => l.admit(&format!("consumer {e}"), Instant::now()),
                     Err(_) => Some(0),
