@@ -212,7 +212,10 @@ enum WalCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
+    // The daemons set up logging from their config (`log.level`, info by
+    // default); a first `init` here would win and hold `sluice archive` at
+    // warn, silent at the level its config asks for.
+    if !matches!(cli.command, Command::Serve(_) | Command::Archive(_)) {
         init_logging("warn", "text");
     }
     let result = match cli.command {

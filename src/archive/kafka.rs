@@ -586,7 +586,7 @@ impl ClientContext for Ctx {
         }
         match level {
             L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
-                let Some(suppressed) = self.admit(&format!("log {fac} {log_message}")) else {
+                let Some(suppressed) = self.admit(log_message) else {
                     return;
                 };
                 if matches!(level, L::Warning) {
@@ -600,7 +600,7 @@ impl ClientContext for Ctx {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if let Some(suppressed) = self.admit(&format!("error {error} {reason}")) {
+        if let Some(suppressed) = self.admit(reason) {
             tracing::error!(target: "librdkafka", suppressed, "librdkafka: {error}: {reason}");
         }
     }
@@ -631,19 +631,7 @@ impl LogLimiter {
     /// `Some(suppressed since the last line)` to log now, `None` to
     /// suppress.
     pub(crate) fn admit(&mut self, message: &str, now: Instant) -> Option<u64> {
-        let mut key = String::with_capacity(message.len().min(512));
-        let mut in_digits = false;
-        for c in message.chars().take(512) {
-            if c.is_ascii_digit() {
-                if !in_digits {
-                    key.push('#');
-                }
-                in_digits = true;
-            } else {
-                key.push(c);
-                in_digits = false;
-            }
-        }
+        let key = Self::kind(message);
         if let Some((last, suppressed)) = self.kinds.get_mut(&key) {
             if now.saturating_duration_since(*last) < Self::WINDOW {
                 *suppressed += 1;
@@ -658,6 +646,37 @@ impl LogLimiter {
         }
         self.kinds.insert(key, (now, 0));
         Some(0)
+    }
+
+    /// What makes two messages the same: librdkafka's thread prefix
+    /// (`[thrd:...]: `) and its `(after 0ms in state CONNECT, 1 identical
+    /// error(s) suppressed)` tail dropped, so that its log line and its
+    /// error callback for one failed connect are one kind, and digit runs
+    /// collapsed.
+    fn kind(message: &str) -> String {
+        let mut text = message;
+        if let Some(i) = text.find("[thrd:") {
+            if let Some(j) = text[i..].find("]: ") {
+                text = &text[i + j + 3..];
+            }
+        }
+        if let Some(i) = text.find(" (after ") {
+            text = &text[..i];
+        }
+        let mut key = String::with_capacity(text.len().min(512));
+        let mut in_digits = false;
+        for c in text.chars().take(512) {
+            if c.is_ascii_digit() {
+                if !in_digits {
+                    key.push('#');
+                }
+                in_digits = true;
+            } else {
+                key.push(c);
+                in_digits = false;
+            }
+        }
+        key
     }
 }
 
@@ -1058,6 +1077,12 @@ mod tests {
         }
         // Another kind is its own.
         assert_eq!(l.admit("all brokers down", t0), Some(0));
+        // librdkafka's log line and its error callback for one failure are
+        // one kind, with or without its own "identical error(s)" note.
+        let cb = "127.0.0.1:45639/1: Connect to ipv4#127.0.0.1:45639 failed: Connection refused (after 0ms in state CONNECT)";
+        let line = "[thrd:127.0.0.1:45639/1]: 127.0.0.1:45639/1: Connect to ipv4#127.0.0.1:45639 failed: Connection refused (after 0ms in state CONNECT, 1 identical error(s) suppressed)";
+        assert_eq!(l.admit(line, t0), Some(0));
+        assert_eq!(l.admit(cb, t0), None);
         assert_eq!(l.admit(&a(9093, 7), t0 + LogLimiter::WINDOW), Some(39));
         assert_eq!(l.admit(&a(9093, 7), t0 + LogLimiter::WINDOW), None);
         // Bounded: past KINDS the table starts over.

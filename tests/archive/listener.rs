@@ -83,7 +83,15 @@ fn archive_listener_closes_half_sent_requests_and_holds_its_connection_cap() {
     let dir = tmp.path().join("a");
     // An open-file limit below the flood: before the cap, the archiver
     // accepted until EMFILE.
-    let mut a = Archiver::start_with(&dir, &broker.addr, "g", &cfg, "127.0.0.1:0", Some(400));
+    let mut a = Archiver::start_with(
+        &dir,
+        &broker.addr,
+        "g",
+        &cfg,
+        "127.0.0.1:0",
+        Some(400),
+        None,
+    );
     a.wait_ready();
     let fds_before = a.open_fds();
     let hwm_before = a.status_kb("VmHWM");
@@ -187,7 +195,7 @@ fn archive_listener_off_loopback_is_refused_unless_allowed_then_warned() {
     assert!(!dir.join("checkpoint").exists());
 
     let cfg = config(tmp.path(), "allow-non-loopback = true\n");
-    let mut a = Archiver::start_with(&dir, &broker.addr, "g", &cfg, "0.0.0.0:0", None);
+    let mut a = Archiver::start_with(&dir, &broker.addr, "g", &cfg, "0.0.0.0:0", None, None);
     a.wait_ready();
     let log = a.log_text();
     assert!(

@@ -42,10 +42,19 @@ struct Archiver {
 
 impl Archiver {
     fn start(dir: &Path, brokers: &str, group: &str, config: &Path) -> Archiver {
-        Archiver::start_with(dir, brokers, group, config, "127.0.0.1:0", None)
+        Archiver::start_with(
+            dir,
+            brokers,
+            group,
+            config,
+            "127.0.0.1:0",
+            None,
+            Some("sluice=info"),
+        )
     }
 
-    /// With `listen`, and with `nofile` its open-file limit (`ulimit -n`).
+    /// With `listen`, with `nofile` its open-file limit (`ulimit -n`), and
+    /// `rust_log` as `RUST_LOG` (None: unset, the configured level).
     fn start_with(
         dir: &Path,
         brokers: &str,
@@ -53,6 +62,7 @@ impl Archiver {
         config: &Path,
         listen: &str,
         nofile: Option<u32>,
+        rust_log: Option<&str>,
     ) -> Archiver {
         let addr_file = dir.with_extension("addr");
         let _ = std::fs::remove_file(&addr_file);
@@ -75,7 +85,8 @@ impl Archiver {
             .arg(dir)
             .arg("--addr-file")
             .arg(&addr_file)
-            .env("RUST_LOG", "sluice=info")
+            .env_remove("RUST_LOG")
+            .envs(rust_log.map(|l| ("RUST_LOG", l)))
             .env("SLUICE_DEBUG_ARCHIVE_PAUSE", "checkpoint=20,kafka=20")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

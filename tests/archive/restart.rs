@@ -32,7 +32,9 @@ fn restart_logs_start_waiting_and_assignment_and_keeps_its_static_member_id() {
     )
     .unwrap();
     let dir = tmp.path().join("a");
-    let mut a = Archiver::start(&dir, &broker.addr, "slow", &cfg);
+    // No RUST_LOG: the configured level (info by default) must be the one
+    // in force.
+    let mut a = Archiver::start_with(&dir, &broker.addr, "slow", &cfg, "127.0.0.1:0", None, None);
     a.wait_ready();
     let log = a.log_text();
     let start = log
@@ -57,7 +59,7 @@ fn restart_logs_start_waiting_and_assignment_and_keeps_its_static_member_id() {
     a.kill_9();
 
     let t0 = Instant::now();
-    let mut b = Archiver::start(&dir, &broker.addr, "slow", &cfg);
+    let mut b = Archiver::start_with(&dir, &broker.addr, "slow", &cfg, "127.0.0.1:0", None, None);
     b.wait_ready();
     let waited = t0.elapsed();
     let log = b.log_text();
@@ -93,7 +95,8 @@ fn broker_down_errors_are_rate_limited() {
     let mut broker = Broker::start(tmp.path(), Some(2));
     let cfg = config(tmp.path(), "");
     let dir = tmp.path().join("a");
-    let mut a = Archiver::start(&dir, &broker.addr, "down", &cfg);
+    // The default level (info) for every target, librdkafka's included.
+    let mut a = Archiver::start_with(&dir, &broker.addr, "down", &cfg, "127.0.0.1:0", None, None);
     a.wait_ready();
     let before = a.log_text();
     let _ = broker.child.kill();
