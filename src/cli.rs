@@ -212,7 +212,10 @@ enum WalCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
+    // The daemons set up logging from their config (`log.level`, info by
+    // default); a first `init` here would win and hold `sluice archive` at
+    // warn, silent at the level its config asks for.
+    if !matches!(cli.command, Command::Serve(_) | Command::Archive(_)) {
         init_logging("warn", "text");
     }
     let result = match cli.command {
@@ -329,6 +332,10 @@ fn check_config(path: &Path, print: bool) -> CliResult {
     };
     if let Ok(fit) = config.effective_max_event_bytes() {
         eprintln!("effective limits.max-event-bytes: {fit}");
+    }
+    // Not an error for `serve`, which has no archive listener.
+    if let Err(e) = config.archive.validate_listener() {
+        eprintln!("warning: `sluice archive` would refuse this file: {e}");
     }
     if print {
         print!("{}", toml::to_string(&config)?);
@@ -530,11 +537,15 @@ fn archive(args: ArchiveArgs) -> CliResult {
             config.kafka.topic = t;
         }
     })?;
+    config.archive.validate_listener()?;
     if config.kafka.brokers.is_empty() {
         return Err("sluice archive needs kafka.brokers (--brokers)".into());
     }
     init_logging(&config.log.level, &config.log.format);
     let a = config.archive.clone();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), group = %a.group_id, topic = %config.kafka.topic,
+        brokers = %config.kafka.brokers, dir = %a.dir.display(), listen = %a.listen,
+        static_membership = a.static_membership, "archive: starting");
     let (writer, progress) = match crate::archive::Writer::open(a.writer_options()?) {
         Ok(w) => w,
         Err(e) => {
@@ -542,6 +553,19 @@ fn archive(args: ArchiveArgs) -> CliResult {
             return Err(e.into());
         }
     };
+    // After the writer's open, which creates the directory durably.
+    let group_instance_id =
+        if a.static_membership && !a.librdkafka.contains_key("group.instance.id") {
+            match crate::archive::kafka::member_id(&a.dir) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::error!(error = %e, "archive: static membership");
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
     let status = crate::archive::http::ArchiveStatus::new(writer.analytics(), writer.metrics());
     let stop = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -552,11 +576,11 @@ fn archive(args: ArchiveArgs) -> CliResult {
     if let Some(path) = &args.addr_file {
         std::fs::write(path, listener.local_addr()?.to_string())?;
     }
-    let router = crate::archive::http::router(status.clone());
+    // Served until the runtime shuts down after `run` returned.
+    let served = status.clone();
+    let listen_cfg = a.clone();
     runtime.spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "archive: HTTP listener failed");
-        }
+        crate::archive::http::serve(listener, served, &listen_cfg, std::future::pending()).await;
     });
     let flag = stop.clone();
     runtime.spawn(async move {
@@ -585,6 +609,7 @@ fn archive(args: ArchiveArgs) -> CliResult {
         retention: (a.retention_days > 0)
             .then(|| std::time::Duration::from_secs(a.retention_days * 86_400)),
         on_reset: a.on_offset_reset,
+        group_instance_id,
     };
     let result = crate::archive::kafka::run(writer, progress, source, status, stop);
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -17,8 +17,33 @@ pub struct ArchiveConfig {
     pub dir: PathBuf,
     /// Kafka consumer group. Default `sluice-archive`.
     pub group_id: String,
-    /// HTTP listener: analytics, health, readiness, metrics. Default `127.0.0.1:9191`.
+    /// HTTP listener: analytics, health, readiness, metrics. It has no
+    /// keys and no TLS, and `/v1/analytics` shows the top values of the
+    /// tracked fields of every tenant (paths with their query strings), so
+    /// an address off loopback is refused unless `allow-non-loopback`.
+    /// Default `127.0.0.1:9191`.
     pub listen: std::net::SocketAddr,
+    /// Accept a non-loopback `listen` (logged at warn at every start): for
+    /// a network where every client that reaches the port may read the
+    /// analytics, or behind an authenticating proxy. Default false.
+    pub allow_non_loopback: bool,
+    /// Request headers must arrive within this many ms, else the
+    /// connection is closed; it also bounds an idle keep-alive connection.
+    /// Default 10000.
+    pub header_timeout_ms: u64,
+    /// Open connections on `listen` at most; past it, new connections are
+    /// closed at once (`sluice_archive_http_connections_refused_total`).
+    /// Keep it well below the process's open-file limit. Default 256.
+    pub max_connections: usize,
+    /// Static group membership: join the group with a
+    /// `group.instance.id` read from `DIR/member-id` (created once, a
+    /// UUID), so that an archiver restarted within `session.timeout.ms`
+    /// takes its partitions back at once instead of waiting for the group
+    /// to expire its previous incarnation. The price: a stopped archiver
+    /// does not leave the group, and its partitions wait
+    /// `session.timeout.ms` before another member gets them. A
+    /// `group.instance.id` in `archive.librdkafka` wins. Default true.
+    pub static_membership: bool,
     /// Commit (fsync, checkpoint, Kafka offsets) at least this often while
     /// records arrive, in ms. Default 1000.
     pub commit_interval_ms: u64,
@@ -90,6 +115,10 @@ impl Default for ArchiveConfig {
             dir: PathBuf::from("sluice-archive"),
             group_id: "sluice-archive".into(),
             listen: ([127, 0, 0, 1], 9191).into(),
+            allow_non_loopback: false,
+            header_timeout_ms: 10_000,
+            max_connections: 256,
+            static_membership: true,
             commit_interval_ms: 1000,
             commit_records: 50_000,
             max_open_files: 64,
@@ -142,6 +171,22 @@ impl ArchiveConfig {
             if !v.eq_ignore_ascii_case("classic") {
                 return Err(format!("archive.librdkafka group.protocol = {v:?}: sluice archive supports only the \"classic\" group protocol (\"consumer\", KIP-848, rebalances incrementally)"));
             }
+        }
+        if self.header_timeout_ms == 0 || self.max_connections == 0 {
+            return Err("archive.header-timeout-ms and archive.max-connections must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// `sluice archive` only (the files sink has no listener, and `serve`
+    /// must not refuse a setting it does not use): a `listen` off loopback
+    /// needs `allow-non-loopback`.
+    pub fn validate_listener(&self) -> Result<(), String> {
+        if !self.listen.ip().is_loopback() && !self.allow_non_loopback {
+            return Err(format!(
+                "archive.listen {} is not a loopback address: the archive listener has no keys and no TLS, and /v1/analytics shows the top values of the tracked fields of every tenant (paths with their query strings); listen on 127.0.0.1 (behind an authenticating proxy if it must be reached from elsewhere), or set archive.allow-non-loopback = true (docs/security.md)",
+                self.listen
+            ));
         }
         Ok(())
     }
@@ -203,5 +248,21 @@ mod tests {
         a.librdkafka
             .insert("group.protocol".into(), "classic".into());
         a.validate().unwrap();
+    }
+
+    #[test]
+    fn a_non_loopback_listener_needs_allow_non_loopback() {
+        let mut a = ArchiveConfig {
+            listen: "0.0.0.0:9191".parse().unwrap(),
+            ..Default::default()
+        };
+        a.validate().unwrap();
+        let err = a.validate_listener().unwrap_err();
+        assert!(err.contains("archive.allow-non-loopback"), "{err}");
+        a.allow_non_loopback = true;
+        a.validate_listener().unwrap();
+        a.listen = "[::1]:9191".parse().unwrap();
+        a.allow_non_loopback = false;
+        a.validate_listener().unwrap();
     }
 }

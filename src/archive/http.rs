@@ -1,5 +1,9 @@
 //! The archiver's HTTP listener: `GET /v1/analytics?hour=2026-11-26T12`
 //! (or `?from=..&to=..`, inclusive), `/health`, `/ready`, `/metrics`.
+//! Served by the ingest port's hardened accept loop
+//! ([`crate::http::listener::serve`]): header timeout, head size limit,
+//! connection cap. No keys and no TLS: loopback unless
+//! `archive.allow-non-loopback` (see [`serve`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -45,6 +49,10 @@ pub struct ArchiveStatus {
     pub commit_micros_total: AtomicU64,
     /// Kafka offset commits that failed (retried by the next commit).
     pub kafka_commit_errors: AtomicU64,
+    /// The listener's open and refused connections.
+    pub http: Arc<crate::ingest::IngestCounters>,
+    /// librdkafka errors and warnings not logged by the rate limit.
+    pub kafka_log_suppressed: AtomicU64,
 }
 
 impl ArchiveStatus {
@@ -61,6 +69,8 @@ impl ArchiveStatus {
             unmarked: AtomicU64::new(0),
             commit_micros_total: AtomicU64::new(0),
             kafka_commit_errors: AtomicU64::new(0),
+            http: Default::default(),
+            kafka_log_suppressed: AtomicU64::new(0),
         })
     }
 }
@@ -72,6 +82,33 @@ pub fn router(status: Arc<ArchiveStatus>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(status)
+}
+
+/// Serves [`router`] on `listener` until `shutdown`, with the ingest
+/// port's accept loop and limits. A listener off loopback (only reachable
+/// with `archive.allow-non-loopback`, see `ArchiveConfig::validate`) is
+/// announced at warn on every start.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    status: Arc<ArchiveStatus>,
+    cfg: &super::ArchiveConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(%addr, "ARCHIVE LISTENER ON A NON-LOOPBACK ADDRESS (archive.allow-non-loopback): no keys, no TLS; anyone who reaches this port reads /v1/analytics (the top values of the tracked fields of every tenant, paths with their query strings) and /metrics (docs/security.md)");
+    } else {
+        tracing::info!(%addr, max_connections = cfg.max_connections, header_timeout_ms = cfg.header_timeout_ms, "archive: listening");
+    }
+    let http = crate::http::config::HttpConfig {
+        header_timeout_ms: cfg.header_timeout_ms,
+        max_connections: cfg.max_connections,
+        ..Default::default()
+    };
+    let counters = status.http.clone();
+    crate::http::listener::serve(listener, router(status), &http, counters, None, shutdown).await;
 }
 
 #[derive(Deserialize)]
@@ -231,6 +268,24 @@ async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
         "counter",
         "Failed Kafka offset commits.",
         s.kafka_commit_errors.load(Relaxed),
+    );
+    one(
+        "sluice_archive_http_connections_open",
+        "gauge",
+        "Open connections on archive.listen.",
+        s.http.connections_open.load(Relaxed),
+    );
+    one(
+        "sluice_archive_http_connections_refused_total",
+        "counter",
+        "Connections closed at once because archive.max-connections were open.",
+        s.http.connections_refused.load(Relaxed),
+    );
+    one(
+        "sluice_archive_kafka_log_suppressed_total",
+        "counter",
+        "librdkafka errors and warnings not logged by the rate limit (one line per distinct message per 30 s).",
+        s.kafka_log_suppressed.load(Relaxed),
     );
     one(
         "sluice_archive_assignment_retries_total",

@@ -555,16 +555,128 @@ struct Ctx {
     /// librdkafka logs from its own threads, which the poll loop may wait
     /// for while holding `inner`.
     cluster_changed: Arc<AtomicBool>,
+    /// librdkafka's errors and warnings, and the poll loop's consumer
+    /// errors, through one rate limit.
+    limiter: Arc<Mutex<LogLimiter>>,
+}
+
+impl Ctx {
+    /// Whether to log `key` now, and how many lines like it were
+    /// suppressed since the last one (counted in
+    /// `sluice_archive_kafka_log_suppressed_total`).
+    fn admit(&self, key: &str) -> Option<u64> {
+        let verdict = match self.limiter.lock() {
+            Ok(mut l) => l.admit(key, Instant::now()),
+            Err(_) => Some(0),
+        };
+        if verdict.is_none() {
+            self.status.kafka_log_suppressed.fetch_add(1, Relaxed);
+        }
+        verdict
+    }
 }
 
 impl ClientContext for Ctx {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
         // "ClusterId update" (debug) or "reports different ClusterId"
         // (warning): the brokers behind the bootstrap address changed.
         if fac == "CLUSTERID" {
             self.cluster_changed.store(true, Relaxed);
         }
-        rdkafka::client::DefaultClientContext.log(level, fac, log_message);
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+                let Some(suppressed) = self.admit(log_message) else {
+                    return;
+                };
+                if matches!(level, L::Warning) {
+                    tracing::warn!(target: "librdkafka", suppressed, "librdkafka: {fac} {log_message}");
+                } else {
+                    tracing::error!(target: "librdkafka", suppressed, "librdkafka: {fac} {log_message}");
+                }
+            }
+            _ => rdkafka::client::DefaultClientContext.log(level, fac, log_message),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if let Some(suppressed) = self.admit(reason) {
+            tracing::error!(target: "librdkafka", suppressed, "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+/// One log line per distinct message per [`LogLimiter::WINDOW`]: with the
+/// brokers down librdkafka reports every failed connect and every poll
+/// returns the same error, about 40 lines a second. Messages that differ
+/// only in numbers (ports, durations, counts) are one message. The first
+/// of a kind is logged at once; the next one logged, a window later,
+/// carries how many were suppressed in between. Memory is bounded: at
+/// [`LogLimiter::KINDS`] kinds the table is cleared (the next of each kind
+/// is logged again).
+pub(crate) struct LogLimiter {
+    kinds: std::collections::HashMap<String, (Instant, u64)>,
+}
+
+impl LogLimiter {
+    pub(crate) const WINDOW: Duration = Duration::from_secs(30);
+    const KINDS: usize = 256;
+
+    pub(crate) fn new() -> Self {
+        LogLimiter {
+            kinds: Default::default(),
+        }
+    }
+
+    /// `Some(suppressed since the last line)` to log now, `None` to
+    /// suppress.
+    pub(crate) fn admit(&mut self, message: &str, now: Instant) -> Option<u64> {
+        let key = Self::kind(message);
+        if let Some((last, suppressed)) = self.kinds.get_mut(&key) {
+            if now.saturating_duration_since(*last) < Self::WINDOW {
+                *suppressed += 1;
+                return None;
+            }
+            let n = std::mem::take(suppressed);
+            *last = now;
+            return Some(n);
+        }
+        if self.kinds.len() >= Self::KINDS {
+            self.kinds.clear();
+        }
+        self.kinds.insert(key, (now, 0));
+        Some(0)
+    }
+
+    /// What makes two messages the same: librdkafka's thread prefix
+    /// (`[thrd:...]: `) and its `(after 0ms in state CONNECT, 1 identical
+    /// error(s) suppressed)` tail dropped, so that its log line and its
+    /// error callback for one failed connect are one kind, and digit runs
+    /// collapsed.
+    fn kind(message: &str) -> String {
+        let mut text = message;
+        if let Some(i) = text.find("[thrd:") {
+            if let Some(j) = text[i..].find("]: ") {
+                text = &text[i + j + 3..];
+            }
+        }
+        if let Some(i) = text.find(" (after ") {
+            text = &text[..i];
+        }
+        let mut key = String::with_capacity(text.len().min(512));
+        let mut in_digits = false;
+        for c in text.chars().take(512) {
+            if c.is_ascii_digit() {
+                if !in_digits {
+                    key.push('#');
+                }
+                in_digits = true;
+            } else {
+                key.push(c);
+                in_digits = false;
+            }
+        }
+        key
     }
 }
 
@@ -621,7 +733,56 @@ pub struct Source {
     pub retention: Option<Duration>,
     /// `archive.on-offset-reset`.
     pub on_reset: OnOffsetReset,
+    /// `group.instance.id` (static membership), from [`member_id`].
+    pub group_instance_id: Option<String>,
 }
+
+/// Name of the file in the archive directory that holds the archiver's
+/// static group membership id.
+pub const MEMBER_ID_FILE: &str = "member-id";
+
+/// The archive directory's `group.instance.id`: `sluice-archive-<uuid>`,
+/// the UUID read from `DIR/member-id` or created there durably
+/// (`member-id.tmp`, fsync, rename, directory fsync). An id belongs to the
+/// directory, not to the host: a directory moved to another host keeps its
+/// partitions; two archivers started on copies of one directory share an
+/// id and the broker fences one of them (it exits naming the error).
+///
+/// Dying before the rename leaves no id (or a `.tmp` the next start
+/// overwrites); after it and before the directory fsync a power cut may
+/// lose the name, and the next start creates another id: the group then
+/// sees a new member, as without static membership, once.
+pub fn member_id(dir: &std::path::Path) -> Result<String, String> {
+    let path = dir.join(MEMBER_ID_FILE);
+    let uuid = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let text = std::str::from_utf8(&bytes)
+                .unwrap_or("")
+                .trim_end_matches('\n');
+            match uuid::Uuid::parse_str(text) {
+                Ok(u) if u.hyphenated().to_string() == text => text.to_string(),
+                _ => {
+                    return Err(format!(
+                        "{} does not hold a member id (a UUID): restore it, or remove it to join the group as a new static member",
+                        path.display()
+                    ))
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::now_v7().hyphenated().to_string();
+            crate::durable::write_file_durable(&path, format!("{id}\n").as_bytes())
+                .map_err(|e| format!("creating {}: {e}", path.display()))?;
+            tracing::info!(file = %path.display(), "archive: new static member id created");
+            id
+        }
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    Ok(format!("sluice-archive-{uuid}"))
+}
+
+/// How often a member that holds no partition says so at info.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Consumes until `stop` is set (then commits and seals) or a failure.
 pub fn run(
@@ -667,11 +828,16 @@ pub fn run(
         .set("group.id", &src.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    if let Some(id) = &src.group_instance_id {
+        cfg.set("group.instance.id", id);
+    }
     let cluster_changed = Arc::new(AtomicBool::new(false));
+    let limiter = Arc::new(Mutex::new(LogLimiter::new()));
     let ctx = Ctx {
         inner: inner.clone(),
         status: status.clone(),
         cluster_changed: cluster_changed.clone(),
+        limiter: limiter.clone(),
     };
     let consumer: BaseConsumer<Ctx> = cfg
         .create_with_context(ctx)
@@ -679,7 +845,13 @@ pub fn run(
     consumer
         .subscribe(&[&src.topic])
         .map_err(|e| format!("subscribe {}: {e}", src.topic))?;
-    tracing::info!(topic = %src.topic, group = %src.group_id, "archive: consuming");
+    let member = cfg.get("group.instance.id").unwrap_or("").to_string();
+    tracing::info!(topic = %src.topic, group = %src.group_id, group_instance_id = %member,
+        "archive: subscribed; waiting for the group to assign partitions");
+    let started = Instant::now();
+    // Since when this member holds no partition, and when it last said so.
+    let mut idle_since = Some(started);
+    let mut idle_logged = started;
     let mut last_commit = Instant::now();
     let mut last_lag = Instant::now() - Duration::from_secs(60);
     let mut last_retention = None;
@@ -697,7 +869,33 @@ pub fn run(
         }
         match msg {
             None => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "archive: consumer error"),
+            Some(Err(e)) => {
+                // A fatal error (FENCED_INSTANCE_ID: another process joined
+                // with this directory's member id) leaves a consumer that
+                // never reads again: exit, so that it is seen.
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    let hint = if member.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; with group.instance.id {member}, another archiver may be running on a copy of this archive directory (its {MEMBER_ID_FILE} file)")
+                    };
+                    return Err(format!(
+                        "fatal Kafka consumer error {code:?}: {reason}{hint}"
+                    ));
+                }
+                let verdict = match limiter.lock() {
+                    Ok(mut l) => l.admit(&format!("consumer {e}"), Instant::now()),
+                    Err(_) => Some(0),
+                };
+                match verdict {
+                    Some(suppressed) => {
+                        tracing::warn!(error = %e, suppressed, "archive: consumer error")
+                    }
+                    None => {
+                        status.kafka_log_suppressed.fetch_add(1, Relaxed);
+                    }
+                }
+            }
             Some(Ok(m)) => {
                 let p = m.partition();
                 let offset = m.offset();
@@ -790,6 +988,32 @@ pub fn run(
                 }
             }
         }
+        // Waiting is said at info: a restarted member without static
+        // membership holds nothing until the group expires its previous
+        // incarnation (`session.timeout.ms`), which looks like a hang.
+        match (g.assigned.is_empty(), idle_since) {
+            (false, Some(since)) => {
+                tracing::info!(partitions = ?g.assigned, waited_ms = since.elapsed().as_millis() as u64,
+                    since_start_ms = started.elapsed().as_millis() as u64, "archive: holding partitions");
+                idle_since = None;
+            }
+            (true, None) => {
+                idle_since = Some(Instant::now());
+                idle_logged = Instant::now();
+            }
+            (true, Some(since)) if idle_logged.elapsed() >= WAITING_LOG_EVERY => {
+                idle_logged = Instant::now();
+                let static_note = if member.is_empty() {
+                    "no static membership: after a restart the group gives partitions back only once it expired the previous member (session.timeout.ms)"
+                } else {
+                    "static member: a restart within session.timeout.ms takes its partitions back at once; with more members than partitions some hold none"
+                };
+                tracing::info!(group = %src.group_id, topic = %src.topic, group_instance_id = %member,
+                    waited_secs = since.elapsed().as_secs(), note = static_note,
+                    "archive: waiting for the group to assign partitions");
+            }
+            _ => {}
+        }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             let mut lag = BTreeMap::new();
@@ -835,6 +1059,60 @@ mod tests {
             low,
             high,
         }
+    }
+
+    #[test]
+    fn log_limiter_says_each_kind_once_per_window_with_the_count() {
+        let mut l = LogLimiter::new();
+        let t0 = Instant::now();
+        let a = |port: u32, ms: u32| {
+            format!("Connect to ipv4#127.0.0.1:{port} failed: Connection refused (after {ms}ms in state CONNECT)")
+        };
+        assert_eq!(l.admit(&a(9092, 0), t0), Some(0));
+        for i in 0..39 {
+            assert_eq!(
+                l.admit(&a(9092, i), t0 + Duration::from_millis(25 * i as u64)),
+                None
+            );
+        }
+        // Another kind is its own.
+        assert_eq!(l.admit("all brokers down", t0), Some(0));
+        // librdkafka's log line and its error callback for one failure are
+        // one kind, with or without its own "identical error(s)" note.
+        let cb = "127.0.0.1:45639/1: Connect to ipv4#127.0.0.1:45639 failed: Connection refused (after 0ms in state CONNECT)";
+        let line = "[thrd:127.0.0.1:45639/1]: 127.0.0.1:45639/1: Connect to ipv4#127.0.0.1:45639 failed: Connection refused (after 0ms in state CONNECT, 1 identical error(s) suppressed)";
+        assert_eq!(l.admit(line, t0), Some(0));
+        assert_eq!(l.admit(cb, t0), None);
+        assert_eq!(l.admit(&a(9093, 7), t0 + LogLimiter::WINDOW), Some(39));
+        assert_eq!(l.admit(&a(9093, 7), t0 + LogLimiter::WINDOW), None);
+        // Bounded: past KINDS the table starts over.
+        for i in 0..(LogLimiter::KINDS * 2) {
+            let _ = l.admit(
+                &format!(
+                    "kind {}",
+                    char::from(b'a' + (i % 26) as u8)
+                        .to_string()
+                        .repeat(i / 26 + 1)
+                ),
+                t0,
+            );
+        }
+        assert!(l.kinds.len() <= LogLimiter::KINDS);
+    }
+
+    #[test]
+    fn member_id_is_created_once_and_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = member_id(dir.path()).unwrap();
+        assert!(
+            a.starts_with("sluice-archive-") && a.len() == 15 + 36,
+            "{a}"
+        );
+        assert_eq!(member_id(dir.path()).unwrap(), a);
+        assert!(!dir.path().join("member-id.tmp").exists());
+        std::fs::write(dir.path().join(MEMBER_ID_FILE), "garbage").unwrap();
+        let err = member_id(dir.path()).unwrap_err();
+        assert!(err.contains("does not hold a member id"), "{err}");
     }
 
     #[test]

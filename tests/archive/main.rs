@@ -27,6 +27,8 @@ use support::{Broker, EXE};
 
 mod compression;
 mod files_sink_faults;
+mod listener;
+mod restart;
 
 const TOPIC: &str = "events";
 /// Generous: the machine is shared and slow.
@@ -41,11 +43,42 @@ struct Archiver {
 
 impl Archiver {
     fn start(dir: &Path, brokers: &str, group: &str, config: &Path) -> Archiver {
+        Archiver::start_with(
+            dir,
+            brokers,
+            group,
+            config,
+            "127.0.0.1:0",
+            None,
+            Some("sluice=info"),
+        )
+    }
+
+    /// With `listen`, with `nofile` its open-file limit (`ulimit -n`), and
+    /// `rust_log` as `RUST_LOG` (None: unset, the configured level).
+    fn start_with(
+        dir: &Path,
+        brokers: &str,
+        group: &str,
+        config: &Path,
+        listen: &str,
+        nofile: Option<u32>,
+        rust_log: Option<&str>,
+    ) -> Archiver {
         let addr_file = dir.with_extension("addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = dir.with_extension(format!("log{}", rand_u64() % 1_000_000));
-        let mut child = Command::new(EXE)
-            .args(["archive", "--topic", TOPIC, "--listen", "127.0.0.1:0"])
+        let mut cmd = match nofile {
+            None => Command::new(EXE),
+            Some(n) => {
+                // exec: the child's pid is the archiver's.
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), EXE]);
+                c
+            }
+        };
+        let mut child = cmd
+            .args(["archive", "--topic", TOPIC, "--listen", listen])
             .args(["--brokers", brokers, "--group", group])
             .arg("--config")
             .arg(config)
@@ -53,7 +86,8 @@ impl Archiver {
             .arg(dir)
             .arg("--addr-file")
             .arg(&addr_file)
-            .env("RUST_LOG", "sluice=info")
+            .env_remove("RUST_LOG")
+            .envs(rust_log.map(|l| ("RUST_LOG", l)))
             .env("SLUICE_DEBUG_ARCHIVE_PAUSE", "checkpoint=20,kafka=20")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -13,7 +13,7 @@ impl Archiver {
     }
 
     /// The log without terminal colours.
-    fn log_text(&self) -> String {
+    pub(super) fn log_text(&self) -> String {
         let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
         let mut out = String::with_capacity(raw.len());
         let mut chars = raw.chars();
@@ -33,7 +33,7 @@ impl Archiver {
     }
 
     /// The value of one sample line of /metrics (`name{labels}`), 0 if absent.
-    fn metric(&self, sample: &str) -> u64 {
+    pub(super) fn metric(&self, sample: &str) -> u64 {
         let (code, body) = self.get("/metrics");
         assert_eq!(code, 200, "{body}");
         body.lines()
@@ -43,7 +43,7 @@ impl Archiver {
     }
 }
 
-fn wait_child(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+pub(super) fn wait_child(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
     let t0 = Instant::now();
     loop {
         if let Some(st) = child.try_wait().unwrap() {
