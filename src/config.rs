@@ -194,6 +194,7 @@ impl Config {
             self.rates.validate(self.limits.max_events_per_request)?;
             self.log.validate()?;
             self.otlp.validate()?;
+            self.idempotency.validate()?;
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
             self.replay.validate()?;
