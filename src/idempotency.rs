@@ -219,8 +219,8 @@ pub struct Entry {
     /// SHA-256 of the (decompressed) request body.
     pub body_sha256: [u8; 32],
     pub protocol: Protocol,
-    /// The answer, exactly (its body cut to its counts past
-    /// [`MAX_RESPONSE_BYTES`]).
+    /// The answer, exactly as first sent (at most [`MAX_RESPONSE_BYTES`]
+    /// of body: a keyed answer is cut before it is sent).
     pub answer: Answer,
     pub accepted_ms: i64,
     /// Records of the batch; the entry rides in the first.
