@@ -91,9 +91,11 @@ pub struct IdempotencyConfig {
     /// stored entry (the bytes checkpointed into sled: key, body hash,
     /// answer), its key again as the map's key, and
     /// [`KEY_OVERHEAD_BYTES`]. The oldest is forgotten first. Default
-    /// 48 MiB: 100,000 keys of a typical answer (~330 bytes each) fit, the
-    /// hostile shape (answers cut at 2 KiB) holds ~20,000. With sled's
-    /// 8 MiB cache the index stays under about 64 MiB.
+    /// 48 MiB: 100,000 keys of a typical answer (~440 bytes each) fit, the
+    /// hostile shape (answers cut at 2 KiB) holds ~20,000. Counted with
+    /// sled's 8 MiB cache, 56 MiB; sled's own memory beyond its cache (1x
+    /// to 3x the rows it holds) is not counted: see
+    /// docs/design.md "Memory budget".
     pub max_bytes: u64,
 }
 
