@@ -231,7 +231,8 @@ fn keyed_requests_of_many_rejections_stay_within_the_byte_budget() {
     // A debug daemon peaks at ~60 MiB on this load without keys; the index
     // (1 MiB) and sled's cache (8 MiB) add ~10. Before: ~170 MiB.
     assert!(peak < 112 * 1024, "VmHWM grew {before} -> {peak} kB");
-    assert!(offsets < 16 << 20, "offsets/ holds {offsets} bytes");
+    // Before: 88 MiB at 3,000 keys (release build); now 6-12 MiB.
+    assert!(offsets < 24 << 20, "offsets/ holds {offsets} bytes");
     // The newest key replays the first answer byte for byte; the oldest is
     // handled as new (a second append, which is what forgetting means).
     let again = send(KEYS - 1);
