@@ -194,6 +194,7 @@ impl Config {
             self.rates.validate(self.limits.max_events_per_request)?;
             self.log.validate()?;
             self.otlp.validate()?;
+            self.idempotency.validate()?;
             self.kafka
                 .validate(&self.event_bounds(), self.limits.explicit_max_event_bytes())?;
             self.replay.validate()?;
@@ -464,10 +465,12 @@ mod tests {
             ("SLUICE_EVENTS_REQUIRED".into(), "message, source".into()),
             ("SLUICE_DATA_DIR".into(), "/var/lib/sluice".into()),
             ("SLUICE_LOG_FORMAT".into(), "json".into()),
+            ("SLUICE_IDEMPOTENCY_MAX_BYTES".into(), "1048576".into()),
             ("PATH".into(), "/bin".into()),
         ])
         .unwrap();
         assert_eq!(c.wal.segment_bytes, 1_048_576);
+        assert_eq!(c.idempotency.max_bytes, 1_048_576);
         assert_eq!(c.http.listen.port(), 9000);
         assert_eq!(c.events.required, ["message", "source"]);
         assert_eq!(c.data_dir, std::path::PathBuf::from("/var/lib/sluice"));
@@ -482,6 +485,18 @@ mod tests {
             .apply_env([("SLUICE_WAL_MAX_BYTES".to_string(), "lots".to_string())])
             .unwrap_err();
         assert!(err.to_string().contains("not an integer"), "{err}");
+    }
+
+    #[test]
+    fn idempotency_max_bytes_has_a_floor() {
+        let mut c = Config::default();
+        assert_eq!(c.idempotency.max_bytes, 48 << 20);
+        c.idempotency.max_bytes = 1000;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("idempotency.max-bytes (1000) must be at least 65536"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -40,9 +40,21 @@ pub const REQUEST_HEADER: &str = "idempotency-key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 255;
-/// Stored response bodies longer than this keep their counts but not the
-/// per-event error list.
-pub const MAX_RESPONSE_BYTES: usize = 16 * 1024;
+/// The body of a keyed answer is at most this long: past it, the answer
+/// keeps its counts and only the first per-record errors that fit, in the
+/// first answer as in its replays (which are the same bytes). So an entry
+/// is bounded (about this plus the key) whatever the request, and a hostile
+/// shape (one good event and many bad ones) costs the index 2 KiB a key,
+/// not the 15 KB its full error list would.
+pub const MAX_RESPONSE_BYTES: usize = 2 * 1024;
+/// What a held key costs in memory besides its map key and its encoded
+/// entry: the hash map's slot, the eviction queue's row, two reference
+/// counts and the allocator's rounding. Counted against
+/// `idempotency.max-bytes` with them.
+pub const KEY_OVERHEAD_BYTES: usize = 160;
+/// The smallest `idempotency.max-bytes`: room for a few of the largest
+/// entries, so a key is never forgotten the moment it is stored.
+pub const MIN_MAX_BYTES: u64 = 64 * 1024;
 /// Version byte in front of every encoded entry (WAL header and sled value).
 /// A later format bumps it; readers refuse versions they do not know.
 /// Version 2 stores the exact answer (status, content type, body with the
@@ -55,6 +67,8 @@ const ENTRY_VERSION_1: u8 = 1;
 /// row's own layout, unchanged since version 1; the entry inside carries
 /// its own version.
 const STORED_VERSION: u8 = 1;
+/// Bytes in front of the encoded entry in a sled row.
+const STORED_HEAD: usize = 1 + 8;
 /// sled tree of entries: key = scope ‖ idempotency key, value = version ‖
 /// first_seq (u64 BE) ‖ encoded Entry. The empty key holds the watermark.
 const TREE: &str = "idempotency";
@@ -73,6 +87,28 @@ pub struct IdempotencyConfig {
     /// Keys remembered at most; the oldest is forgotten first. About 300
     /// bytes each plus the response. Default 100000.
     pub max_keys: usize,
+    /// Memory the remembered keys may take, in bytes: each counts its
+    /// stored entry (the bytes checkpointed into sled: key, body hash,
+    /// answer), its key again as the map's key, and
+    /// [`KEY_OVERHEAD_BYTES`]. The oldest is forgotten first. Default
+    /// 48 MiB: 100,000 keys of a typical answer (~440 bytes each) fit, the
+    /// hostile shape (answers cut at 2 KiB) holds ~20,000. Counted with
+    /// sled's 8 MiB cache, 56 MiB; sled's own memory beyond its cache (1x
+    /// to 3x the rows it holds) is not counted: see
+    /// docs/design.md "Memory budget".
+    pub max_bytes: u64,
+}
+
+impl IdempotencyConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_bytes < MIN_MAX_BYTES {
+            return Err(format!(
+                "idempotency.max-bytes ({}) must be at least {MIN_MAX_BYTES}",
+                self.max_bytes
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for IdempotencyConfig {
@@ -80,6 +116,7 @@ impl Default for IdempotencyConfig {
         IdempotencyConfig {
             window_secs: 24 * 3600,
             max_keys: 100_000,
+            max_bytes: 48 * 1024 * 1024,
         }
     }
 }
@@ -184,8 +221,8 @@ pub struct Entry {
     /// SHA-256 of the (decompressed) request body.
     pub body_sha256: [u8; 32],
     pub protocol: Protocol,
-    /// The answer, exactly (its body cut to its counts past
-    /// [`MAX_RESPONSE_BYTES`]).
+    /// The answer, exactly as first sent (at most [`MAX_RESPONSE_BYTES`]
+    /// of body: a keyed answer is cut before it is sent).
     pub answer: Answer,
     pub accepted_ms: i64,
     /// Records of the batch; the entry rides in the first.
@@ -360,8 +397,16 @@ pub enum Begin {
 }
 
 enum Slot {
-    InFlight { token: u64 },
-    Done { entry: Arc<Entry>, first_seq: u64 },
+    InFlight {
+        token: u64,
+    },
+    /// Held as its encoded entry (the bytes of the WAL header and the sled
+    /// row), decoded only when a retry meets it: the decoded form would
+    /// cost four more allocations a key for what is read rarely.
+    Done {
+        encoded: Arc<[u8]>,
+        first_seq: u64,
+    },
 }
 
 /// scope ‖ idempotency key. Shared by the map, the eviction order and the
@@ -372,7 +417,12 @@ type MapKey = Arc<[u8]>;
 /// of the WAL header), so the checkpoint neither looks it up nor encodes it.
 struct Unsaved {
     map_key: MapKey,
-    encoded: Vec<u8>,
+    encoded: Arc<[u8]>,
+}
+
+/// What a held key counts against `idempotency.max-bytes`.
+fn cost(map_key: &[u8], encoded: &[u8]) -> u64 {
+    (map_key.len() + encoded.len() + KEY_OVERHEAD_BYTES) as u64
 }
 
 #[derive(Default)]
@@ -386,14 +436,19 @@ struct Inner {
     /// Keys evicted since the last checkpoint, to delete from sled.
     forgotten: Vec<MapKey>,
     done: usize,
+    /// [`cost`] of the done keys, against `max_bytes`.
+    bytes: u64,
 }
 
 /// Counters for `/metrics` and `/stats`.
 #[derive(Debug, Default)]
 pub struct IdempotencyCounters {
     pub held: AtomicU64,
+    /// What the held keys count against `idempotency.max-bytes`.
+    pub held_bytes: AtomicU64,
     pub evicted_age: AtomicU64,
     pub evicted_cap: AtomicU64,
+    pub evicted_bytes: AtomicU64,
     pub replayed: AtomicU64,
     pub mismatched: AtomicU64,
     pub other_protocol: AtomicU64,
@@ -437,6 +492,7 @@ impl Index {
             cfg: IdempotencyConfig {
                 window_secs: cfg.window_secs.max(1),
                 max_keys: cfg.max_keys.max(1),
+                max_bytes: cfg.max_bytes.max(MIN_MAX_BYTES),
             },
             inner: Mutex::new(Inner::default()),
             checkpoint: Mutex::new(0),
@@ -462,8 +518,18 @@ impl Index {
         let mk = map_key(&scope, key);
         let mut inner = lock(&self.inner);
         self.evict(&mut inner, now_ms());
-        match inner.map.get(&mk[..]) {
-            Some(Slot::Done { entry, first_seq }) => {
+        let done = match inner.map.get(&mk[..]) {
+            Some(Slot::Done { encoded, first_seq }) => Some((Entry::decode(encoded), *first_seq)),
+            Some(Slot::InFlight { .. }) => {
+                self.counters
+                    .in_flight_conflicts
+                    .fetch_add(1, Ordering::Relaxed);
+                return Begin::InFlight;
+            }
+            None => None,
+        };
+        match done {
+            Some((Ok(entry), first_seq)) => {
                 if entry.body_sha256 != body_sha256 {
                     self.counters.mismatched.fetch_add(1, Ordering::Relaxed);
                     return Begin::Mismatch;
@@ -475,17 +541,20 @@ impl Index {
                     };
                 }
                 self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+                let body = entry.render(first_seq);
                 return Begin::Replay {
                     status: entry.answer.status,
-                    content_type: entry.answer.content_type.clone(),
-                    body: entry.render(*first_seq),
+                    content_type: entry.answer.content_type,
+                    body,
                 };
             }
-            Some(Slot::InFlight { .. }) => {
-                self.counters
-                    .in_flight_conflicts
-                    .fetch_add(1, Ordering::Relaxed);
-                return Begin::InFlight;
+            Some((Err(why), _)) => {
+                // Unreachable: every held entry decoded (or was encoded
+                // here) before it was inserted. Handled as the WAL's
+                // undecodable entries are: the key is forgotten.
+                self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %why, "held idempotency entry does not decode; key forgotten");
+                self.forget(&mut inner, &mk);
             }
             None => {}
         }
@@ -500,32 +569,49 @@ impl Index {
         })
     }
 
-    /// Records a durable outcome (from the writer, or from the WAL at open).
-    /// `unsaved` holds the encoded entry when sled does not have it yet.
+    /// Removes a done key now (its row in the eviction queue goes stale).
+    fn forget(&self, inner: &mut Inner, mk: &[u8]) {
+        if let Some(Slot::Done { encoded, first_seq }) = inner.map.remove(mk) {
+            inner.unsaved.remove(&first_seq);
+            inner.done -= 1;
+            inner.bytes -= cost(mk, &encoded);
+            inner.forgotten.push(mk.into());
+        }
+    }
+
+    /// Records a durable outcome (from the writer, or from the WAL or sled
+    /// at open). `unsaved`: sled does not have the entry yet.
     fn insert_done(
         &self,
         inner: &mut Inner,
         mk: MapKey,
-        entry: Arc<Entry>,
+        encoded: Arc<[u8]>,
+        accepted_ms: i64,
         first_seq: u64,
-        unsaved: Option<Vec<u8>>,
+        unsaved: bool,
     ) {
-        inner
-            .order
-            .push_back((entry.accepted_ms, first_seq, mk.clone()));
-        if let Some(encoded) = unsaved {
+        inner.order.push_back((accepted_ms, first_seq, mk.clone()));
+        if unsaved {
             inner.unsaved.insert(
                 first_seq,
                 Unsaved {
                     map_key: mk.clone(),
-                    encoded,
+                    encoded: encoded.clone(),
                 },
             );
         }
-        match inner.map.insert(mk, Slot::Done { entry, first_seq }) {
-            Some(Slot::Done { first_seq: old, .. }) => {
+        inner.bytes += cost(&mk, &encoded);
+        match inner
+            .map
+            .insert(mk.clone(), Slot::Done { encoded, first_seq })
+        {
+            Some(Slot::Done {
+                first_seq: old,
+                encoded: was,
+            }) => {
                 // Replaced (the rebuild meets a key in sled and again in
                 // the WAL): the newer row is the one to write.
+                inner.bytes -= cost(&mk, &was);
                 if old != first_seq {
                     inner.unsaved.remove(&old);
                 }
@@ -535,7 +621,8 @@ impl Index {
         self.evict(inner, now_ms());
     }
 
-    /// Forgets keys past the window, then the oldest over the cap.
+    /// Forgets keys past the window, then the oldest while over either cap
+    /// (`max-keys`, `max-bytes`).
     fn evict(&self, inner: &mut Inner, now: i64) {
         let horizon = now.saturating_sub(self.window_ms());
         while let Some((accepted, first_seq, mk)) = inner.order.front().cloned() {
@@ -544,25 +631,25 @@ impl Index {
                 inner.order.pop_front();
                 continue;
             }
-            let expired = accepted < horizon;
-            if !expired && inner.done <= self.cfg.max_keys {
-                break;
-            }
-            inner.order.pop_front();
-            inner.map.remove(&mk);
-            inner.unsaved.remove(&first_seq);
-            inner.forgotten.push(mk);
-            inner.done -= 1;
-            let c = if expired {
+            let c = if accepted < horizon {
                 &self.counters.evicted_age
-            } else {
+            } else if inner.done > self.cfg.max_keys {
                 &self.counters.evicted_cap
+            } else if inner.bytes > self.cfg.max_bytes {
+                &self.counters.evicted_bytes
+            } else {
+                break;
             };
+            inner.order.pop_front();
+            self.forget(inner, &mk);
             c.fetch_add(1, Ordering::Relaxed);
         }
         self.counters
             .held
             .store(inner.done as u64, Ordering::Relaxed);
+        self.counters
+            .held_bytes
+            .store(inner.bytes, Ordering::Relaxed);
     }
 
     /// Writes every entry not yet in sled, drops evicted ones, and sets the
@@ -659,7 +746,7 @@ impl Index {
     ) -> Result<RebuildReport, String> {
         let now = now_ms();
         let horizon = now.saturating_sub(self.window_ms());
-        let mut loaded: Vec<(Arc<Entry>, u64, MapKey)> = Vec::new();
+        let mut loaded: Vec<(i64, u64, MapKey, Arc<[u8]>)> = Vec::new();
         let mut watermark = 0;
         let mut stale = Vec::new();
         for row in tree.iter() {
@@ -673,9 +760,12 @@ impl Index {
                 continue;
             }
             match decode_stored(&v) {
-                Ok((entry, first_seq)) if entry.accepted_ms >= horizon => {
-                    loaded.push((Arc::new(entry), first_seq, k.as_ref().into()))
-                }
+                Ok((entry, first_seq)) if entry.accepted_ms >= horizon => loaded.push((
+                    entry.accepted_ms,
+                    first_seq,
+                    k.as_ref().into(),
+                    v[STORED_HEAD..].into(),
+                )),
                 Ok(_) => stale.push(MapKey::from(k.as_ref())),
                 Err(why) => {
                     self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
@@ -684,11 +774,12 @@ impl Index {
                 }
             }
         }
-        loaded.sort_by_key(|(e, f, _)| (e.accepted_ms, *f));
+        // Oldest first, so that over a cap the oldest are the ones dropped.
+        loaded.sort_by_key(|(accepted_ms, f, _, _)| (*accepted_ms, *f));
         let from_sled = loaded.len();
         let mut inner = lock(&self.inner);
-        for (entry, first_seq, mk) in loaded {
-            self.insert_done(&mut inner, mk, entry, first_seq, None);
+        for (accepted_ms, first_seq, mk, encoded) in loaded {
+            self.insert_done(&mut inner, mk, encoded, accepted_ms, first_seq, false);
         }
         inner.forgotten.extend(stale);
         drop(inner);
@@ -710,7 +801,14 @@ impl Index {
                         if entry.accepted_ms >= horizon {
                             let mk = map_key(&entry.scope, &entry.key).into();
                             let mut inner = lock(&self.inner);
-                            self.insert_done(&mut inner, mk, Arc::new(entry), seq, Some(encoded));
+                            self.insert_done(
+                                &mut inner,
+                                mk,
+                                encoded.into(),
+                                entry.accepted_ms,
+                                seq,
+                                true,
+                            );
                             from_wal += 1;
                         }
                     }
@@ -757,19 +855,32 @@ impl prometheus::core::Collector for Collector {
         let c = &self.0.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = Vec::new();
-        let gauge = prometheus::IntGauge::new(
-            "sluice_idempotency_keys_held",
-            "Idempotency keys remembered in memory",
-        );
-        if let Ok(g) = gauge {
-            g.set(get(&c.held) as i64);
-            out.extend(prometheus::core::Collector::collect(&g));
+        for (name, help, value) in [
+            (
+                "sluice_idempotency_keys_held",
+                "Idempotency keys remembered in memory",
+                &c.held,
+            ),
+            (
+                "sluice_idempotency_bytes_held",
+                "What the remembered idempotency keys count against idempotency.max-bytes",
+                &c.held_bytes,
+            ),
+        ] {
+            if let Ok(g) = prometheus::IntGauge::new(name, help) {
+                g.set(get(value) as i64);
+                out.extend(prometheus::core::Collector::collect(&g));
+            }
         }
         let families: [Family; 2] = [
             (
                 "sluice_idempotency_keys_evicted_total",
-                "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys)",
-                &[("age", &c.evicted_age), ("cap", &c.evicted_cap)],
+                "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys; bytes: over max-bytes)",
+                &[
+                    ("age", &c.evicted_age),
+                    ("cap", &c.evicted_cap),
+                    ("bytes", &c.evicted_bytes),
+                ],
             ),
             (
                 "sluice_idempotency_requests_total",
@@ -817,7 +928,7 @@ pub struct RebuildReport {
 
 /// The sled value of an entry: `encoded` is [`Entry::encode`]'s output.
 fn stored_value(encoded: &[u8], first_seq: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + 8 + encoded.len());
+    let mut v = Vec::with_capacity(STORED_HEAD + encoded.len());
     v.push(STORED_VERSION);
     v.extend_from_slice(&first_seq.to_be_bytes());
     v.extend_from_slice(encoded);
@@ -826,7 +937,7 @@ fn stored_value(encoded: &[u8], first_seq: u64) -> Vec<u8> {
 
 fn decode_stored(v: &[u8]) -> Result<(Entry, u64), String> {
     match v.split_first() {
-        Some((&STORED_VERSION, rest)) if rest.len() > 8 => {
+        Some((&STORED_VERSION, rest)) if rest.len() > STORED_HEAD - 1 => {
             let first_seq = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
             Ok((Entry::decode(&rest[8..])?, first_seq))
         }
@@ -861,16 +972,17 @@ impl Pending {
     /// Called by the WAL writer after the fdatasync that made the batch
     /// durable and before the batch becomes visible to replay. `encoded` is
     /// the entry as stamped, kept for the next checkpoint.
-    pub fn complete(mut self, entry: Entry, encoded: Vec<u8>, range: SeqRange) {
+    pub fn complete(mut self, encoded: Vec<u8>, accepted_ms: i64, range: SeqRange) {
         self.done = true;
         let index = self.index.clone();
         let mut inner = lock(&index.inner);
         index.insert_done(
             &mut inner,
             self.map_key.clone(),
-            Arc::new(entry),
+            encoded.into(),
+            accepted_ms,
             range.first,
-            Some(encoded),
+            true,
         );
     }
 }
@@ -908,11 +1020,17 @@ mod tests {
         }
     }
 
+    /// The writer's completion of `e` at `range`.
+    fn finish(p: Pending, e: Entry, range: SeqRange) {
+        p.complete(e.encode(), e.accepted_ms, range);
+    }
+
     #[test]
     fn outcomes_and_eviction() {
         let idx = Index::new(IdempotencyConfig {
             window_secs: 3600,
             max_keys: 2,
+            ..Default::default()
         });
         let Begin::New(p) = idx.begin([0; 16], "a", [1; 32], Protocol::Events) else {
             panic!("new key")
@@ -921,11 +1039,7 @@ mod tests {
             idx.begin([0; 16], "a", [1; 32], Protocol::Events),
             Begin::InFlight
         ));
-        p.complete(
-            entry("a", 1, now_ms()),
-            Vec::new(),
-            SeqRange { first: 5, last: 6 },
-        );
+        finish(p, entry("a", 1, now_ms()), SeqRange { first: 5, last: 6 });
         match idx.begin([0; 16], "a", [1; 32], Protocol::Events) {
             Begin::Replay {
                 status,
@@ -966,9 +1080,9 @@ mod tests {
             let Begin::New(p) = idx.begin([0; 16], k, [1; 32], Protocol::Events) else {
                 panic!()
             };
-            p.complete(
+            finish(
+                p,
                 entry(k, 1, now_ms()),
-                Vec::new(),
                 SeqRange {
                     first: seq,
                     last: seq + 1,
@@ -984,17 +1098,63 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_keys_are_forgotten_over_the_byte_budget() {
+        let idx = Index::new(IdempotencyConfig {
+            max_bytes: MIN_MAX_BYTES,
+            ..Default::default()
+        });
+        let big = |key: &str| {
+            let mut e = entry(key, 1, now_ms());
+            e.answer = Answer::exact(200, "application/json", vec![b'x'; MAX_RESPONSE_BYTES]);
+            e
+        };
+        let one = cost(&map_key(&[0; 16], "k-0"), &big("k-0").encode());
+        let fits = MIN_MAX_BYTES / one;
+        for i in 0..fits + 3 {
+            let key = format!("k-{i}");
+            let Begin::New(p) = idx.begin([0; 16], &key, [1; 32], Protocol::Events) else {
+                panic!("{key} is not new")
+            };
+            finish(
+                p,
+                big(&key),
+                SeqRange {
+                    first: i + 1,
+                    last: i + 1,
+                },
+            );
+        }
+        assert_eq!(idx.held(), fits);
+        assert_eq!(idx.counters.evicted_bytes.load(Ordering::Relaxed), 3);
+        assert_eq!(idx.counters.evicted_cap.load(Ordering::Relaxed), 0);
+        assert!(idx.counters.held_bytes.load(Ordering::Relaxed) <= MIN_MAX_BYTES);
+        for gone in ["k-0", "k-1", "k-2"] {
+            assert!(matches!(
+                idx.begin([0; 16], gone, [1; 32], Protocol::Events),
+                Begin::New(_)
+            ));
+        }
+        assert!(matches!(
+            idx.begin([0; 16], "k-3", [1; 32], Protocol::Events),
+            Begin::Replay { .. }
+        ));
+        // Forgotten keys leave sled at the next checkpoint.
+        assert_eq!(lock(&idx.inner).forgotten.len(), 3);
+    }
+
+    #[test]
     fn expired_keys_are_forgotten() {
         let idx = Index::new(IdempotencyConfig {
             window_secs: 60,
             max_keys: 10,
+            ..Default::default()
         });
         let Begin::New(p) = idx.begin([0; 16], "old", [1; 32], Protocol::Events) else {
             panic!()
         };
-        p.complete(
+        finish(
+            p,
             entry("old", 1, now_ms() - 61_000),
-            Vec::new(),
             SeqRange { first: 1, last: 2 },
         );
         assert!(matches!(
@@ -1014,11 +1174,9 @@ mod tests {
         let Begin::New(p) = idx.begin([0; 16], key, [1; 32], Protocol::Events) else {
             panic!("{key} is not new")
         };
-        let e = entry(key, 1, now_ms());
-        let encoded = e.encode();
-        p.complete(
-            e,
-            encoded,
+        finish(
+            p,
+            entry(key, 1, now_ms()),
             SeqRange {
                 first: first_seq,
                 last: first_seq,
@@ -1109,6 +1267,7 @@ mod tests {
         let idx = Index::new(IdempotencyConfig {
             window_secs: 3600,
             max_keys: 2,
+            ..Default::default()
         });
         let t = temp_tree();
         accept(&idx, "a", 1);

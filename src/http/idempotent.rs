@@ -4,9 +4,10 @@
 //! - Seen and accepted within the window: the first answer exactly (status,
 //!   `Content-Type`, body bytes) with `Idempotent-Replayed: true`; nothing
 //!   is appended. Exactly, because the first answer is itself rendered from
-//!   the stored [`Answer`]: the only exception is a body over
-//!   [`idempotency::MAX_RESPONSE_BYTES`], stored (and replayed) without its
-//!   per-event error list.
+//!   the stored [`Answer`], with no exception: a keyed answer is cut to
+//!   [`idempotency::MAX_RESPONSE_BYTES`] before it is first sent (its counts
+//!   kept, its per-record errors quoted only as far as they fit; see
+//!   [`fitted`]), so the entry is bounded and the replay is the same bytes.
 //! - Same key, different body: 422. Same key and body on another protocol
 //!   (events vs OTLP, or the other OTLP encoding): 422 too, naming the
 //!   protocol that used it. First request still running: 409 with
@@ -118,8 +119,8 @@ pub(super) fn answer(status: u16, content_type: &str, body: Vec<u8>) -> Response
 
 /// Appends the batch with its key: the entry rides in the first record and
 /// enters the index when the batch is durable. `stored` is the answer to
-/// replay (its sequence numbers filled in later; cut to its counts if long,
-/// see [`stored_answer`]).
+/// replay (its sequence numbers filled in later), the one sent first too
+/// (see [`fitted`]).
 pub(super) async fn append(
     st: &SharedState,
     mut payloads: Vec<Vec<u8>>,
@@ -136,6 +137,7 @@ pub(super) async fn append(
         records: payloads.len() as u64,
     };
     let encoded = entry.encode();
+    let accepted_ms = entry.accepted_ms;
     if let Some(first) = payloads.first_mut() {
         // The payload was encoded by us a moment ago; failing to walk it is
         // a bug, and the request then goes without its key (the payload is
@@ -149,18 +151,59 @@ pub(super) async fn append(
     st.wal
         .append_with(
             payloads,
-            Box::new(move |range| pending.complete(entry, encoded, range)),
+            Box::new(move |range| pending.complete(encoded, accepted_ms, range)),
         )
         .await
 }
 
-/// The stored form of an answer: the answer itself if its body is short,
-/// else `cut()` (the same answer without its per-record error list), so an
-/// entry stays bounded whatever the request.
-pub(super) fn stored_answer(full: &Answer, cut: impl FnOnce() -> Answer) -> Answer {
-    if full.body.len() <= idempotency::MAX_RESPONSE_BYTES {
-        full.clone()
-    } else {
-        cut()
+/// The answer of a keyed request, sent first and stored for the replay:
+/// `render(n)` is the answer quoting the first `n` of its `errors`
+/// per-record errors; this is the one quoting the most whose body fits in
+/// [`idempotency::MAX_RESPONSE_BYTES`] (the counts alone, `n = 0`, always
+/// do). Without a key the caller renders all of them: nothing is stored.
+///
+/// Decision: cut the first answer rather than only the stored one, so that a
+/// replay is the first answer byte for byte with no exception. A client that
+/// needs every rejected record's error sends its batch without a key, or
+/// smaller; the counts are always whole.
+pub(super) fn fitted(errors: usize, render: impl Fn(usize) -> Answer) -> Answer {
+    let fits = |a: &Answer| a.body.len() <= idempotency::MAX_RESPONSE_BYTES;
+    // A quoted error is at least 8 bytes in any encoding: more than this
+    // many never fit.
+    let most = errors.min(idempotency::MAX_RESPONSE_BYTES / 8);
+    let all = render(most);
+    if fits(&all) {
+        return all;
+    }
+    // The body grows with n: the largest n that fits, in [lo, hi).
+    let (mut lo, mut hi, mut best) = (0, most, render(0));
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        let a = render(mid);
+        if fits(&a) {
+            (lo, best) = (mid, a);
+        } else {
+            hi = mid;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitted_quotes_the_most_errors_that_fit() {
+        let render = |n: usize| Answer::exact(200, "text/plain", vec![b'e'; 100 + 50 * n]);
+        let limit = idempotency::MAX_RESPONSE_BYTES;
+        let most = (limit - 100) / 50;
+        for errors in [0, 1, most - 1, most, most + 1, 10_000] {
+            let a = fitted(errors, render);
+            assert_eq!(a.body.len(), 100 + 50 * errors.min(most), "{errors} errors");
+        }
+        // Counts alone always: even when they do not fit.
+        let huge = |n: usize| Answer::exact(200, "text/plain", vec![b'e'; limit + 1 + n]);
+        assert_eq!(fitted(5, huge).body.len(), limit + 1);
     }
 }

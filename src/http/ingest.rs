@@ -199,12 +199,14 @@ async fn accept(
     )?;
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
     // The 202, before its sequence numbers: sent below and, with a key,
-    // stored for the replay (without the error list past 16 KiB).
-    let answer = accepted_answer(accepted, rejected, &batch.rejected, success);
-    let keyed = keyed.map(|k| {
-        let cut = || accepted_answer(accepted, rejected, &[], success);
-        (k, super::idempotent::stored_answer(&answer, cut))
-    });
+    // stored for the replay (then its errors cut to fit 2 KiB, in both).
+    let answer = match keyed {
+        None => accepted_answer(accepted, rejected, &batch.rejected, success),
+        Some(_) => super::idempotent::fitted(batch.rejected.len(), |n| {
+            accepted_answer(accepted, rejected, &batch.rejected[..n], success)
+        }),
+    };
+    let keyed = keyed.map(|k| (k, answer.clone()));
     let range = append(st, payloads, keyed, handed).await?;
     drop(permit);
     st.metrics

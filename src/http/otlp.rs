@@ -188,13 +188,15 @@ async fn accept(
         &tenants,
     )?;
     let payloads = batch.accepted.into_iter().map(|e| e.payload).collect();
-    // The answer, sent below and, with a key, stored for the replay (with
-    // the rejections only counted past 16 KiB).
-    let answer = success(encoding, rejected, &batch.rejected);
-    let keyed = keyed.map(|k| {
-        let cut = || success(encoding, rejected, &[]);
-        (k, super::idempotent::stored_answer(&answer, cut))
-    });
+    // The answer, sent below and, with a key, stored for the replay (then
+    // its quoted rejections cut to fit 2 KiB, in both).
+    let answer = match keyed {
+        None => success(encoding, rejected, &batch.rejected),
+        Some(_) => super::idempotent::fitted(batch.rejected.len(), |n| {
+            success(encoding, rejected, &batch.rejected[..n])
+        }),
+    };
+    let keyed = keyed.map(|k| (k, answer.clone()));
     let range: SeqRange = stages::append(st, payloads, keyed, handed).await?;
     drop(permit);
     st.metrics
@@ -258,15 +260,17 @@ fn nothing_accepted(batch: &ingest::Batch) -> Failure {
     Failure::new(status, summary(batch.rejected.len(), &batch.rejected))
 }
 
-/// "N log records rejected: record i: why; ..." with the first few.
+/// "N log records rejected: record i: why; ..." quoting the first few of
+/// `errors` (the first of the `rejected`).
 fn summary(rejected: usize, errors: &[Rejection]) -> String {
     let mut s = format!("{rejected} log record(s) rejected");
-    for (n, r) in errors.iter().take(QUOTED_REJECTIONS).enumerate() {
+    let quoted = errors.len().min(QUOTED_REJECTIONS);
+    for (n, r) in errors[..quoted].iter().enumerate() {
         s.push_str(if n == 0 { ": " } else { "; " });
         s.push_str(&format!("record {}: {}", r.index, r.error));
     }
-    if errors.len() > QUOTED_REJECTIONS {
-        s.push_str(&format!("; and {} more", errors.len() - QUOTED_REJECTIONS));
+    if quoted > 0 && rejected > quoted {
+        s.push_str(&format!("; and {} more", rejected - quoted));
     }
     s
 }

@@ -68,6 +68,14 @@ pub fn note_durable_through(db: &sled::Db, seq: u64) -> sled::Result<()> {
     Ok(())
 }
 
+/// sled's page cache. sled's default (1 GiB) held every idempotency row a
+/// second time in memory (the index holds them already) and let the daemon
+/// grow by gigabytes under keyed traffic. The store's hot rows are few (the
+/// offset, fates, pins, the watermark); the idempotency rows are written
+/// once a checkpoint and read back only at open, so a small cache costs
+/// only the open's reads.
+pub const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
     #[error("offset store: {0}")]
@@ -156,6 +164,7 @@ impl OffsetStore {
                     .path(dir)
                     // Every write happens in `commit`, which fsyncs itself.
                     .flush_every_ms(None)
+                    .cache_capacity(CACHE_BYTES)
                     .open()
             })
             .map_err(|p| {

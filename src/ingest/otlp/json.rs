@@ -430,4 +430,17 @@ mod tests {
         assert_eq!(double("inf", true), None);
         assert_eq!(double("1e999", false), None);
     }
+
+    /// Issue 26 item 8: the reader before this one (7f2e9fe) was a
+    /// `#[derive(Deserialize)]` struct with one defaulted field, which serde
+    /// also reads from a JSON array (its fields in order), so `[]` was an
+    /// empty request (200, nothing stored). OTLP/JSON is an object.
+    #[test]
+    fn a_request_is_an_object_not_an_array() {
+        for bad in ["[]", "[[]]", "null", "0", "\"\""] {
+            let e = decode(bad.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains("a JSON object"), "{bad}: {e}");
+        }
+        assert_eq!(decode(b"{}").unwrap(), ExportLogsServiceRequest::default());
+    }
 }
