@@ -330,6 +330,13 @@ fn check_config(path: &Path, print: bool) -> CliResult {
             return Ok(ExitCode::from(1));
         }
     };
+    // The files `serve` reads at start (the API keys, the TLS certificate
+    // and key): a missing or unreadable one is refused here too, not
+    // found only when the daemon starts.
+    if let Err(e) = crate::server::load_credentials(&config) {
+        eprintln!("{}: {e}", path.display());
+        return Ok(ExitCode::from(1));
+    }
     if let Ok(fit) = config.effective_max_event_bytes() {
         eprintln!("effective limits.max-event-bytes: {fit}");
     }

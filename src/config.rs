@@ -328,6 +328,11 @@ fn env_value(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
                 _ => return Err(r#"not a TOML array (write ["a", "b"] or a,b)"#.into()),
             }
         }
+        // "" (or only commas) would clear the list silently, e.g. from an
+        // empty line in an EnvironmentFile: the empty list is written `[]`.
+        Value::Array(_) if raw.split(',').all(|s| s.trim().is_empty()) => {
+            return Err(r#"empty: write [] for an empty list, or leave the variable unset"#.into())
+        }
         Value::Array(_) => Value::Array(
             raw.split(',')
                 .map(|s| s.trim())
@@ -514,6 +519,13 @@ mod tests {
         assert_eq!(set("a,b").unwrap(), ["a", "b"]);
         assert_eq!(set(" message , source ").unwrap(), ["message", "source"]);
         assert_eq!(set("message").unwrap(), ["message"]);
+        for empty in ["", " ", ",", " , "] {
+            let err = set(empty).unwrap_err().to_string();
+            assert!(
+                err.contains("SLUICE_EVENTS_REQUIRED") && err.contains("write []"),
+                "{empty:?}: {err}"
+            );
+        }
         let err = set("[a, b]").unwrap_err().to_string();
         assert!(
             err.contains("SLUICE_EVENTS_REQUIRED") && err.contains("TOML array"),

@@ -235,12 +235,12 @@ pub async fn run(
 
 /// The API keys (`None`: auth disabled) and the TLS certificate (`None`:
 /// plain HTTP).
-type Credentials = (
+pub(crate) type Credentials = (
     Option<Arc<crate::auth::KeyStore>>,
     Option<Arc<crate::http::tls::Tls>>,
 );
 
-fn load_credentials(config: &Config) -> Result<Credentials, ServeError> {
+pub(crate) fn load_credentials(config: &Config) -> Result<Credentials, ServeError> {
     let keys = if config.auth.keys_file.as_os_str().is_empty() {
         let exposed = !config.http.listen.ip().is_loopback();
         if exposed {

@@ -289,3 +289,21 @@ fn the_documented_default_event_limit_is_what_check_config_prints() {
         "README should state {grouped}"
     );
 }
+
+/// `check-config` reads the files `serve` reads at start: a keys file that
+/// does not exist is refused, not found only when the daemon starts.
+#[test]
+fn check_config_refuses_a_missing_keys_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    let missing = dir.path().join("no-such-keys.toml");
+    std::fs::write(
+        &cfg,
+        format!("[auth]\nkeys-file = {:?}\n", missing.display().to_string()),
+    )
+    .unwrap();
+    let (code, out, err) = sluice(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no-such-keys.toml"), "{err}");
+    assert!(!err.contains(": OK"), "{err}");
+}
