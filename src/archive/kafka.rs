@@ -961,8 +961,14 @@ pub fn run(
                 }
             }
         }
+        // A quiet topic still seals: with hours open, a commit every
+        // `idle-close-secs` seals (and compresses) those idle that long.
+        // Before, only the next record's commit sealed them (27 s open with
+        // idle-close-secs = 2).
+        let idle_close = g.writer.options().idle_close;
         let due = g.pending >= src.commit_records
-            || ((g.pending > 0 || g.uncommitted) && last_commit.elapsed() >= src.commit_interval);
+            || ((g.pending > 0 || g.uncommitted) && last_commit.elapsed() >= src.commit_interval)
+            || (g.writer.open_files() > 0 && last_commit.elapsed() >= idle_close);
         if due {
             let ids = g.assigned.clone();
             g.commit(&consumer, &status, &ids, CommitMode::Sync)?;

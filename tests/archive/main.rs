@@ -27,6 +27,7 @@ use support::{Broker, EXE};
 
 mod compression;
 mod files_sink_faults;
+mod idle_seal;
 mod listener;
 mod restart;
 
