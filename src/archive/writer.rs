@@ -1047,9 +1047,14 @@ fn zst_path(plain: &Path) -> PathBuf {
 /// to the unparsed file.
 pub fn event_time(event: &Value, field: &str) -> Option<i64> {
     let ms = match event.get(field)? {
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
-            .ok()?
-            .timestamp_millis(),
+        Value::String(s) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s.trim()).ok()?;
+            // A leap second (`23:59:60Z`) is chrono's second 59 with more
+            // than a second of fraction; its millisecond count would fall in
+            // the next day's hour 00. It belongs to the last millisecond of
+            // its own minute.
+            t.timestamp() * 1000 + i64::from(t.timestamp_subsec_millis().min(999))
+        }
         Value::Number(n) => {
             let f = n.as_f64()?;
             if !f.is_finite() {
@@ -1445,5 +1450,17 @@ mod tests {
             Some(MAX_EVENT_MS)
         );
         assert_eq!(event_time(&json!({"t": null}), "t"), None);
+    }
+
+    /// A leap second stays in its own day and hour (it was archived in the
+    /// next day's hour 00).
+    #[test]
+    fn a_leap_second_belongs_to_its_own_hour() {
+        let ms = event_time(&json!({"t": "2026-12-31T23:59:60Z"}), "t").unwrap();
+        let last = event_time(&json!({"t": "2026-12-31T23:59:59.999Z"}), "t").unwrap();
+        assert_eq!(ms, last);
+        let ms = event_time(&json!({"t": "2026-12-31T23:59:60.5Z"}), "t").unwrap();
+        assert_eq!(ms, last);
+        assert_eq!(Hour::of_millis(ms).key(), "2026-12-31T23");
     }
 }
