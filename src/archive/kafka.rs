@@ -763,7 +763,10 @@ pub fn run(
                 }
             }
         }
+        // wants_commit: more open hours than archive.max-open-hours allows
+        // before some must be sealed (which only a commit does).
         let due = g.pending >= src.commit_records
+            || g.writer.wants_commit()
             || ((g.pending > 0 || g.uncommitted) && last_commit.elapsed() >= src.commit_interval);
         if due {
             let ids = g.assigned.clone();
