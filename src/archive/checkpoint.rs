@@ -25,7 +25,7 @@ const MAGIC: &str = "sluice-archive-checkpoint 1";
 /// What [`max_bytes`] allows for the source's `progress` (the files sink's
 /// is ~60 bytes; Kafka's is ~60 bytes per partition plus ~50 per producer
 /// instance mark).
-pub const PROGRESS_ALLOWANCE: u64 = 8 << 20;
+pub const PROGRESS_ALLOWANCE: u64 = 1 << 20;
 /// Unparsed files open at once: the arrival hour, and the previous one
 /// until it is sealed.
 const UNPARSED_FILES: u64 = 4;

@@ -25,6 +25,7 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use support::{Broker, EXE};
 
+mod bounds;
 mod files_sink_faults;
 
 const TOPIC: &str = "events";
