@@ -8,6 +8,14 @@
 use super::files_sink_faults::{edit_checkpoint, metric, wait_ids, wait_metric, wait_ready};
 use super::*;
 
+/// A files-sink serve child in a fresh temp dir, `extra` in `[archive]`.
+fn start_sink(extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf, support::Daemon) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
+    let d = files_sink(tmp.path(), &data, &dir, extra).start();
+    (tmp, data, dir, d)
+}
+
 /// Peak RSS of a process, MiB.
 fn vm_hwm_mib(pid: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -98,13 +106,11 @@ fn big_values(t: usize, i: usize) -> (Vec<String>, Vec<Value>) {
 
 #[test]
 fn analytics_values_of_100_kb_are_cut_and_the_checkpoint_stays_small_through_kill_9() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
     // The hour stays open: its counts are in the checkpoint at every commit.
     // Small bounds, so that the checkpoint an older build left (below) is
     // past them: 3 hours of 5 dimensions of 200 values, ~5.7 MB.
     let extra = "idle-close-secs = 3600\nmax-open-hours = 1\nmax-tracked = 200\nfields = [\"path\", \"request\"]\n";
-    let d = files_sink(tmp.path(), &data, &dir, extra).start();
+    let (tmp, data, dir, d) = start_sink(extra);
     let (acked, cp_max, _) = sampling(&dir, || {
         let acked = send_parallel(&d.addr, 4, 4, big_values);
         let refs: Vec<&str> = acked.iter().map(String::as_str).collect();
@@ -114,7 +120,7 @@ fn analytics_values_of_100_kb_are_cut_and_the_checkpoint_stays_small_through_kil
         acked
     });
     let hwm = vm_hwm_mib(&d.pid());
-    let sent_mb = acked.len() * (BIG_PATH * 3 / 2) >> 20;
+    let sent_mb = (acked.len() * (BIG_PATH * 3 / 2)) >> 20;
     eprintln!(
         "{} events with ~{sent_mb} MB of distinct values: checkpoint at most {cp_max} bytes, \
          serve VmHWM {hwm} MiB",
@@ -210,11 +216,9 @@ fn spread(t: usize, i: usize) -> (Vec<String>, Vec<Value>) {
 
 #[test]
 fn events_over_400_distinct_hours_keep_open_hours_bounded_through_kill_9() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
     // No hour goes idle during the test: only the bound seals.
     let extra = "idle-close-secs = 3600\nmax-open-hours = 4\n";
-    let d = files_sink(tmp.path(), &data, &dir, extra).start();
+    let (tmp, data, dir, d) = start_sink(extra);
     let t0 = Instant::now();
     let (acked, cp_max, hours_max) = sampling(&dir, || {
         let acked = send_parallel(&d.addr, 4, PER_THREAD, spread);
