@@ -1604,6 +1604,58 @@ mod tests {
     }
 
     #[test]
+    fn open_hours_past_the_bound_seal_far_times_first_then_the_least_recent() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        o.max_open_hours = 2;
+        let (mut w, _) = Writer::open(o.clone()).unwrap();
+        // Fixed once: only the far hours (a year away) depend on the clock.
+        let now = Hour::now().0;
+        let at = |h: i64| {
+            let ms = (now + h) * 3_600_000;
+            chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .to_rfc3339()
+        };
+        // Written in this order: now-1, now, a year ago, a year ahead.
+        for (i, h) in [-1, 0, -24 * 365, 24 * 365].into_iter().enumerate() {
+            w.append(&ev(&at(h), "/p"), &pos(i as u64)).unwrap();
+            assert!(!w.wants_commit());
+        }
+        w.commit(&json!({"n": 4})).unwrap();
+        let cp = checkpoint::read(d.path()).unwrap().unwrap();
+        let near: Vec<String> = [-1, 0].iter().map(|&h| Hour(now + h).key()).collect();
+        assert_eq!(cp.hours.keys().cloned().collect::<Vec<_>>(), near);
+        let m = w.metrics();
+        assert_eq!(m.hours_sealed_over_bound.load(Relaxed), 2);
+        assert_eq!(m.events_far_past.load(Relaxed), 1);
+        assert_eq!(m.events_far_future.load(Relaxed), 1);
+        // The far hours' summaries are their record now.
+        let far = Hour(now + 24 * 365);
+        assert_eq!(w.analytics().hour(far).unwrap().unwrap().total, 1);
+        // Five more near hours: past twice the bound the source is asked
+        // to commit; the commit leaves the two most recent open.
+        for h in 1..=5 {
+            w.append(&ev(&at(-1 - h), "/q"), &pos(10 + h as u64))
+                .unwrap();
+        }
+        assert!(w.wants_commit());
+        w.commit(&json!({"n": 9})).unwrap();
+        assert!(!w.wants_commit());
+        let cp = checkpoint::read(d.path()).unwrap().unwrap();
+        let last: Vec<String> = [-6, -5].iter().map(|&h| Hour(now + h).key()).collect();
+        assert_eq!(cp.hours.keys().cloned().collect::<Vec<_>>(), last);
+        assert!(cp.files.len() <= 3, "{:?}", cp.files);
+        drop(w);
+        let (w, p) = Writer::open(o).unwrap();
+        assert_eq!(p, json!({"n": 9}));
+        for h in [-6, -5, -4, -3, -2, -1, 0, 24 * 365, -24 * 365] {
+            let s = w.analytics().hour(Hour(now + h)).unwrap();
+            assert_eq!(s.map(|s| s.total), Some(1), "hour {h}");
+        }
+    }
+
+    #[test]
     fn event_times_in_seconds_millis_and_strings() {
         assert_eq!(
             event_time(&json!({"t": 1_700_000_000}), "t"),
