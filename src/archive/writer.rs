@@ -987,12 +987,12 @@ impl Writer {
     /// `already`, which seal anyway): far-past and far-future hours first,
     /// then the least recently written.
     fn over_bound(&self, already: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+        let now = Hour::now().0;
         let mut open: Vec<(bool, u64, &PathBuf)> = self
             .files
             .iter()
             .filter(|(p, f)| f.kind == Kind::Log && !already.contains(*p))
             .map(|(p, f)| {
-                let now = Hour::now().0;
                 let near = (now - FAR_PAST_HOURS..=now + FAR_FUTURE_HOURS).contains(&f.hour.0);
                 (near, f.tick, p)
             })
