@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Issue 26 items 1 and 2 at the issue's scale against a release `sluice serve`
-with the files sink. Usage: benches/archive_bounds.py EXE values|hours|onehour"""
+with the files sink. Usage: benches/archive_bounds.py EXE values|hours|onehour|fill"""
 import json, os, subprocess, sys, threading, time, http.client, tempfile, shutil
 
 exe, shape = sys.argv[1], sys.argv[2]
@@ -60,6 +60,18 @@ if shape == "values":
             s, b = req(a, "POST", "/logs", json.dumps(ev))
             assert s == 202, (s, b[:200])
     total = 320
+    th = [threading.Thread(target=send, args=(t,)) for t in range(4)]
+elif shape == "fill":
+    # The bound's own worst case for one field: 64 open hours, each with
+    # 1,000 distinct 300-byte paths (cut to 256), 64,000 events.
+    def send(t):
+        for i in range(16):
+            ev = [{"id": "f-%d-%d-%d" % (t, i, k), "timestamp": "2026-11-%02dT%02d:00:00Z" % (1 + (t * 16 + i) // 24, (t * 16 + i) % 24),
+                   "tenant_id": "t", "source": "web", "severity": "INFO", "message": "m",
+                   "path": "/%d-%d-%d/" % (t, i, k) + "p" * 300} for k in range(1000)]
+            s, b = req(a, "POST", "/logs", json.dumps(ev))
+            assert s == 202, (s, b[:200])
+    total = 64_000
     th = [threading.Thread(target=send, args=(t,)) for t in range(4)]
 else:
     # 100,000 events over 100,000 distinct hours, from 2001 on.

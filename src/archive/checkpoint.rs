@@ -63,6 +63,17 @@ pub struct Checkpoint {
     pub progress: Value,
 }
 
+/// What a writer commits: a [`Checkpoint`] serialized from borrowed
+/// counts (the same JSON), so that a commit holds no second copy of the
+/// open hours' analytics.
+#[derive(Debug, Serialize)]
+pub struct CheckpointOut<'a> {
+    pub files: BTreeMap<String, u64>,
+    pub hours: BTreeMap<String, &'a HourStats>,
+    pub unparsed_sealed_through: Option<i64>,
+    pub progress: &'a Value,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot read {0}: {1}")]
@@ -151,10 +162,15 @@ impl<R: std::io::Read> std::io::Read for Crc<R> {
 /// checkpoint survives a crash; if the process dies before the rename the
 /// old one is intact, and after it the directory fsync makes the new name
 /// stick. Returns the checkpoint's size in bytes.
-pub fn write(dir: &Path, cp: &Checkpoint) -> std::io::Result<u64> {
-    let body = serde_json::to_vec(cp).map_err(std::io::Error::other)?;
-    let mut bytes = format!("{MAGIC} {:08x}\n", crc32fast::hash(&body)).into_bytes();
-    bytes.extend_from_slice(&body);
+pub fn write<T: Serialize>(dir: &Path, cp: &T) -> std::io::Result<u64> {
+    // One buffer: the header's fixed width reserved, the body serialized
+    // after it, then the header with the body's CRC written over the
+    // reservation (no second copy of a large body).
+    let header_len = MAGIC.len() + " 00000000\n".len();
+    let mut bytes = vec![b' '; header_len];
+    serde_json::to_writer(&mut bytes, cp).map_err(std::io::Error::other)?;
+    let header = format!("{MAGIC} {:08x}\n", crc32fast::hash(&bytes[header_len..]));
+    bytes[..header_len].copy_from_slice(header.as_bytes());
     // `checkpoint.tmp`, fsync, rename, directory fsync. A failed fsync comes
     // back as `durable::is_fsync_failure`: the caller must not read the
     // checkpoint back in this process (the page cache may hold a name the

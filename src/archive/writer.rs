@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::analytics::{AnalyticsSpec, HourStats, Summary};
-use super::checkpoint::{self, Checkpoint, CheckpointError};
+use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointOut};
 use super::layout::{Hour, Kind, Layout, MAX_EVENT_MS, MIN_EVENT_MS};
 
 /// How the writer behaves. `Default` is the Log Pipeline's layout.
@@ -962,12 +962,15 @@ impl Writer {
         self.log_bound(&over);
         // Summaries of open hours follow the checkpoint (a crash before
         // they are written is repaired by the next open).
-        for h in std::mem::take(&mut self.dirty_hours) {
+        let mut changed = std::mem::take(&mut self.dirty_hours);
+        for &h in &changed {
             if !sealed_hours.contains(&h) {
                 self.write_summary(h)?;
             }
         }
-        self.publish();
+        // The view gets what changed only: cost proportional to the commit.
+        changed.extend(sealed_hours.iter().copied());
+        self.publish_changed(&changed);
         self.metrics.commits.fetch_add(1, Relaxed);
         self.metrics
             .last_commit_micros
@@ -1042,17 +1045,18 @@ impl Writer {
     }
 
     /// The checkpoint of the current state, without the files in `except`
-    /// (and their hours).
-    fn checkpoint_of(
-        &self,
-        progress: &Value,
+    /// (and their hours); it borrows the counts.
+    fn checkpoint_of<'a>(
+        &'a self,
+        progress: &'a Value,
         unparsed_sealed_through: Option<i64>,
         except: &BTreeSet<PathBuf>,
-    ) -> Checkpoint {
-        let mut cp = Checkpoint {
-            progress: progress.clone(),
+    ) -> CheckpointOut<'a> {
+        let mut cp = CheckpointOut {
+            files: Default::default(),
+            hours: Default::default(),
+            progress,
             unparsed_sealed_through,
-            ..Default::default()
         };
         let mut gone = BTreeSet::new();
         for (rel, f) in &self.files {
@@ -1067,14 +1071,14 @@ impl Writer {
         }
         for (h, s) in &self.hours {
             if !gone.contains(h) {
-                cp.hours.insert(h.key(), s.clone());
+                cp.hours.insert(h.key(), s);
             }
         }
         cp
     }
 
     /// Writes `cp` durably, counting its fsyncs and size against the bound.
-    fn write_checkpoint(&mut self, cp: &Checkpoint) -> Result<(), ArchiveError> {
+    fn write_checkpoint(&self, cp: &CheckpointOut) -> Result<(), ArchiveError> {
         let len = checkpoint::write(&self.opts.dir, cp).map_err(io(&self.opts.dir))?;
         self.metrics.fsyncs.fetch_add(2, Relaxed);
         self.metrics.checkpoint_bytes.store(len, Relaxed);
@@ -1185,6 +1189,23 @@ impl Writer {
         drop(f);
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         Ok(())
+    }
+
+    /// Hands the committed counts of the `changed` hours to the view
+    /// (removing the sealed ones: their summaries answer now).
+    fn publish_changed(&self, changed: &BTreeSet<Hour>) {
+        if let Some(Ok(mut m)) = self.view.committed.as_ref().map(|m| m.lock()) {
+            for h in changed {
+                match self.hours.get(h) {
+                    Some(s) => {
+                        m.insert(*h, s.clone());
+                    }
+                    None => {
+                        m.remove(h);
+                    }
+                }
+            }
+        }
     }
 
     /// Hands the committed counts of the open hours to the view.
