@@ -6,11 +6,25 @@
 //! distinct values; once full, lines with a value not yet tracked are
 //! counted in that dimension's `other`. `total` and every dimension's
 //! `sum(counts) + other + missing` are always exact.
+//!
+//! Each tracked value is at most [`MAX_VALUE_BYTES`] bytes: a longer one is
+//! cut at a character boundary and marked with [`CUT_MARK`] (counted in the
+//! dimension's `cut`). So an hour's counts take at most
+//! `dimensions x max_tracked x (MAX_VALUE_BYTES + mark)` bytes of keys,
+//! whatever the events hold (issue 26 item 1: one tenant's 900 KB `path`
+//! values grew the checkpoint to 288 MB).
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// Bytes of a tracked value kept before it is cut (UTF-8, at a character
+/// boundary). Also applied to values read back from a checkpoint or a
+/// summary written before the cap existed.
+pub const MAX_VALUE_BYTES: usize = 256;
+/// Appended to a value cut at [`MAX_VALUE_BYTES`].
+pub const CUT_MARK: &str = "…[cut]";
 
 /// What to count, shared by every hour.
 #[derive(Debug, Clone)]
@@ -46,18 +60,91 @@ impl Default for AnalyticsSpec {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Counter {
+    /// Values (cut to [`MAX_VALUE_BYTES`], marked) and their lines. Keys
+    /// longer than that in an older checkpoint or summary are cut while
+    /// they are read, one at a time, and merged.
+    #[serde(deserialize_with = "cut_keys")]
     pub counts: BTreeMap<String, u64>,
     /// Lines whose value was not tracked because `max_tracked` was reached.
     pub other: u64,
     /// Lines without this field.
     pub missing: u64,
+    /// Lines whose value was longer than [`MAX_VALUE_BYTES`] and was
+    /// counted under its cut, marked form.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cut: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `s` cut to at most [`MAX_VALUE_BYTES`] (at a character boundary) and
+/// marked with [`CUT_MARK`], or `s` itself when it fits.
+pub fn cut_value(s: &str) -> (String, bool) {
+    if s.len() <= MAX_VALUE_BYTES {
+        return (s.to_string(), false);
+    }
+    let mut end = MAX_VALUE_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (format!("{}{CUT_MARK}", &s[..end]), true)
+}
+
+/// Deserializes a count map cutting every key as it arrives, so that an
+/// older checkpoint's huge values are never all in memory at once.
+fn cut_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u64>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = BTreeMap<String, u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of values to counts")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, n)) = m.next_entry::<String, u64>()? {
+                let c: &mut u64 = out.entry(cut_value(&k).0).or_default();
+                *c = c.saturating_add(n);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V)
+}
+
+/// A `fmt::Write`/`io::Write` sink that keeps the first bytes and then
+/// fails, so that serializing a huge non-string value stops early.
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let room = (MAX_VALUE_BYTES + 4).saturating_sub(self.0.len());
+        if room == 0 {
+            return Err(std::io::Error::other("full"));
+        }
+        let n = b.len().min(room);
+        self.0.extend_from_slice(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Counter {
-    fn add(&mut self, value: Option<String>, cap: usize) {
+    /// Counts one line; returns whether its value was cut.
+    fn add(&mut self, value: Option<(String, bool)>, cap: usize) -> bool {
+        let cut = value.as_ref().is_some_and(|v| v.1);
+        if cut {
+            self.cut += 1;
+        }
         match value {
             None => self.missing += 1,
-            Some(v) => {
+            Some((v, _)) => {
                 if let Some(c) = self.counts.get_mut(&v) {
                     *c += 1;
                 } else if self.counts.len() < cap {
@@ -67,6 +154,7 @@ impl Counter {
                 }
             }
         }
+        cut
     }
 
     /// The `n` largest counts, ties by value.
@@ -88,6 +176,7 @@ impl Counter {
         }
         self.other += o.other;
         self.missing += o.missing;
+        self.cut += o.cut;
     }
 }
 
@@ -114,12 +203,29 @@ pub struct HourStats {
     pub fields: BTreeMap<String, Counter>,
 }
 
-/// A value as a count key: strings as they are, other JSON as its text.
-fn key(v: &Value) -> Option<String> {
+/// A value as a count key: strings as they are, other JSON as its text;
+/// cut to [`MAX_VALUE_BYTES`] (the flag says so). Only the first bytes of
+/// a long value are ever copied.
+fn key(v: &Value) -> Option<(String, bool)> {
     match v {
         Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
+        Value::String(s) => Some(cut_value(s)),
+        other => {
+            let mut w = Bounded(Vec::new());
+            // Fails once MAX_VALUE_BYTES + 4 bytes are in: then the text is
+            // longer than the cap and cut_value marks it.
+            let _ = serde_json::to_writer(&mut w, other);
+            let text = match String::from_utf8(w.0) {
+                Ok(t) => t,
+                Err(e) => {
+                    let valid = e.utf8_error().valid_up_to();
+                    let mut b = e.into_bytes();
+                    b.truncate(valid);
+                    String::from_utf8(b).unwrap_or_default()
+                }
+            };
+            Some(cut_value(&text))
+        }
     }
 }
 
@@ -131,20 +237,22 @@ fn lookup<'a>(event: &'a Value, path: &str) -> Option<&'a Value> {
 }
 
 impl HourStats {
-    /// Counts one line of `bytes` bytes (newline included).
-    pub fn add(&mut self, spec: &AnalyticsSpec, event: &Value, ts_ms: i64, bytes: u64) {
+    /// Counts one line of `bytes` bytes (newline included); returns how
+    /// many of its values were cut to [`MAX_VALUE_BYTES`].
+    pub fn add(&mut self, spec: &AnalyticsSpec, event: &Value, ts_ms: i64, bytes: u64) -> u64 {
         self.total += 1;
         self.bytes += bytes;
         self.first_ms = Some(self.first_ms.map_or(ts_ms, |f| f.min(ts_ms)));
         self.last_ms = Some(self.last_ms.map_or(ts_ms, |l| l.max(ts_ms)));
         let cap = spec.max_tracked;
         let get = |f: &str| lookup(event, f).and_then(key);
-        self.by_tenant.add(get(&spec.tenant_field), cap);
-        self.by_source.add(get(&spec.source_field), cap);
-        self.by_severity.add(get(&spec.severity_field), cap);
+        let mut cut = u64::from(self.by_tenant.add(get(&spec.tenant_field), cap));
+        cut += u64::from(self.by_source.add(get(&spec.source_field), cap));
+        cut += u64::from(self.by_severity.add(get(&spec.severity_field), cap));
         for f in &spec.fields {
-            self.fields.entry(f.clone()).or_default().add(get(f), cap);
+            cut += u64::from(self.fields.entry(f.clone()).or_default().add(get(f), cap));
         }
+        cut
     }
 
     /// The summary document of this hour.

@@ -51,6 +51,13 @@ pub struct ArchiveConfig {
     pub commit_records: u64,
     /// Files open at once. Default 64.
     pub max_open_files: usize,
+    /// Open hours (counts in memory and in the checkpoint) kept after a
+    /// commit; beyond it the least recently written are sealed (summary
+    /// durable, dropped from memory and the checkpoint; a late event reopens
+    /// the hour). Far-past and far-future hours are sealed first. Bounds
+    /// memory and the checkpoint whatever the spread of event times.
+    /// Default 64.
+    pub max_open_hours: usize,
     /// Per-file write buffer. Default 262144.
     pub buffer_bytes: usize,
     /// Close a file and seal its hour after this many seconds without a
@@ -122,6 +129,7 @@ impl Default for ArchiveConfig {
             commit_interval_ms: 1000,
             commit_records: 50_000,
             max_open_files: 64,
+            max_open_hours: 64,
             buffer_bytes: 256 << 10,
             idle_close_secs: 300,
             logs_pattern: DEFAULT_LOGS.into(),
@@ -147,8 +155,11 @@ impl ArchiveConfig {
         if self.commit_interval_ms == 0 || self.commit_records == 0 {
             return Err("archive.commit-interval-ms and archive.commit-records must be > 0".into());
         }
-        if self.max_open_files == 0 || self.max_tracked == 0 {
-            return Err("archive.max-open-files and archive.max-tracked must be > 0".into());
+        if self.max_open_files == 0 || self.max_tracked == 0 || self.max_open_hours == 0 {
+            return Err(
+                "archive.max-open-files, archive.max-open-hours and archive.max-tracked must be > 0"
+                    .into(),
+            );
         }
         for k in ["enable.auto.commit", "enable.auto.offset.store", "group.id"] {
             if self.librdkafka.contains_key(k) {
@@ -208,6 +219,7 @@ impl ArchiveConfig {
         o.analytics.max_tracked = self.max_tracked;
         o.timestamp_field = self.timestamp_field.clone();
         o.max_open_files = self.max_open_files;
+        o.max_open_hours = self.max_open_hours;
         o.buffer_bytes = self.buffer_bytes;
         o.idle_close = Duration::from_secs(self.idle_close_secs);
         o.compress_sealed = self.compress;

@@ -252,6 +252,42 @@ async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
         w.checkpoint_entries_dropped.load(Relaxed),
     );
     one(
+        "sluice_archive_values_cut_total",
+        "counter",
+        "Analytics values longer than 256 bytes, counted under their cut form.",
+        w.values_cut.load(Relaxed),
+    );
+    one(
+        "sluice_archive_hours_sealed_over_bound_total",
+        "counter",
+        "Hours sealed because more than archive.max-open-hours were open.",
+        w.hours_sealed_over_bound.load(Relaxed),
+    );
+    one(
+        "sluice_archive_events_far_past_total",
+        "counter",
+        "Events more than 7 days older than the clock (archived in their hour).",
+        w.events_far_past.load(Relaxed),
+    );
+    one(
+        "sluice_archive_events_far_future_total",
+        "counter",
+        "Events more than 1 hour ahead of the clock (archived in their hour).",
+        w.events_far_future.load(Relaxed),
+    );
+    one(
+        "sluice_archive_checkpoint_bytes",
+        "gauge",
+        "Size of the last checkpoint written or read.",
+        w.checkpoint_bytes.load(Relaxed),
+    );
+    one(
+        "sluice_archive_checkpoint_over_bound_total",
+        "counter",
+        "Checkpoints larger than the settings' bound (read at start, or written).",
+        w.checkpoint_over_bound.load(Relaxed),
+    );
+    one(
         "sluice_archive_duplicates_dropped_total",
         "counter",
         "Records dropped by the exactly-once rule.",

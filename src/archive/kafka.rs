@@ -964,9 +964,12 @@ pub fn run(
         // A quiet topic still seals: with hours open, a commit every
         // `idle-close-secs` seals (and compresses) those idle that long.
         // Before, only the next record's commit sealed them (27 s open with
-        // idle-close-secs = 2).
+        // idle-close-secs = 2). wants_commit: more open hours than
+        // archive.max-open-hours allows before some must be sealed (which
+        // only a commit does).
         let idle_close = g.writer.options().idle_close;
         let due = g.pending >= src.commit_records
+            || g.writer.wants_commit()
             || ((g.pending > 0 || g.uncommitted) && last_commit.elapsed() >= src.commit_interval)
             || (g.writer.open_files() > 0 && last_commit.elapsed() >= idle_close);
         if due {

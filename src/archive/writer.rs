@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::analytics::{AnalyticsSpec, HourStats, Summary};
-use super::checkpoint::{self, Checkpoint, CheckpointError};
+use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointOut};
 use super::layout::{Hour, Kind, Layout, MAX_EVENT_MS, MIN_EVENT_MS};
 
 /// How the writer behaves. `Default` is the Log Pipeline's layout.
@@ -38,7 +38,20 @@ pub struct WriterOptions {
     /// zstd-compress a sealed hour's file into `<file>.zst` (the summary
     /// keeps its counts; a late event decompresses it first). Off.
     pub compress_sealed: bool,
+    /// Open hours (analytics in memory and in the checkpoint) kept after a
+    /// commit; the least recently written beyond it are sealed (hours
+    /// outside [`FAR_PAST_HOURS`]/[`FAR_FUTURE_HOURS`] of the clock first).
+    /// Between commits at most twice as many: past that
+    /// [`Writer::wants_commit`] asks the source to commit. 64.
+    pub max_open_hours: usize,
 }
+
+/// An event more than this many hours older than the wall clock is "far
+/// past": archived in its hour like any other, counted, and its hour is
+/// among the first sealed when open hours pass the bound.
+pub const FAR_PAST_HOURS: i64 = 24 * 7;
+/// ... and more than this many hours ahead of it, "far future".
+pub const FAR_FUTURE_HOURS: i64 = 1;
 
 impl WriterOptions {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -51,7 +64,24 @@ impl WriterOptions {
             buffer_bytes: 256 << 10,
             idle_close: Duration::from_secs(300),
             compress_sealed: false,
+            max_open_hours: 64,
         }
+    }
+
+    /// The largest checkpoint these options write
+    /// ([`checkpoint::max_bytes`]).
+    pub fn checkpoint_max_bytes(&self) -> u64 {
+        let h = Hour::parse("2026-01-01T00").unwrap_or(Hour(0));
+        let path = [
+            self.layout.log(h),
+            self.layout.unparsed(h),
+            zst_path(&self.layout.log(h)),
+        ]
+        .iter()
+        .map(|p| p.as_os_str().len())
+        .max()
+        .unwrap_or(0);
+        checkpoint::max_bytes(&self.analytics, 2 * self.max_open_hours.max(1) + 1, path)
     }
 }
 
@@ -74,6 +104,21 @@ pub struct WriterMetrics {
     pub checkpoint_entries_dropped: AtomicU64,
     /// Hours whose counts an open rebuilt from the file on disk.
     pub hours_rebuilt: AtomicU64,
+    /// Tracked values longer than `analytics::MAX_VALUE_BYTES`, counted
+    /// under their cut form.
+    pub values_cut: AtomicU64,
+    /// Hours sealed because open hours passed `max_open_hours` (not idle).
+    pub hours_sealed_over_bound: AtomicU64,
+    /// Events more than [`FAR_PAST_HOURS`] before / [`FAR_FUTURE_HOURS`]
+    /// after the wall clock (archived in their hour all the same).
+    pub events_far_past: AtomicU64,
+    pub events_far_future: AtomicU64,
+    /// Size of the last checkpoint written (or read at open), bytes.
+    pub checkpoint_bytes: AtomicU64,
+    /// Checkpoints larger than these options' bound
+    /// ([`WriterOptions::checkpoint_max_bytes`]): read at open (written by
+    /// other bounds or an older build) or written (a bug). Never refused.
+    pub checkpoint_over_bound: AtomicU64,
 }
 
 /// Where `append` put a record.
@@ -239,7 +284,15 @@ pub struct Writer {
     view: AnalyticsView,
     /// Set after an I/O error: what is on disk is unknown until reopened.
     broken: bool,
+    /// When the last "sealed over the bound" / "far times" lines were
+    /// logged (at most one of each per [`LOG_EVERY`]).
+    logged_bound: Option<Instant>,
+    logged_far: Option<Instant>,
+    far_at_last_log: u64,
 }
+
+/// Rate of the writer's repeated warnings.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Writer {
     /// Opens (or creates) the directory: reads the checkpoint, truncates
@@ -259,8 +312,13 @@ impl Writer {
             _ => Path::new("."),
         };
         checkpoint::sync_dir(up).map_err(io(up))?;
-        let cp = match checkpoint::read(&dir)? {
-            Some(cp) => cp,
+        let bound = opts.checkpoint_max_bytes();
+        let mut read_bytes = 0;
+        let cp = match checkpoint::read_sized(&dir)? {
+            Some((cp, len)) => {
+                read_bytes = len;
+                cp
+            }
             None => {
                 // No checkpoint: only a directory without archive files is
                 // fresh. Files without a checkpoint mean it was lost, and
@@ -284,6 +342,16 @@ impl Writer {
             }
         };
         let metrics = Arc::new(WriterMetrics::default());
+        metrics.checkpoint_bytes.store(read_bytes, Relaxed);
+        if read_bytes > bound {
+            // Valid (its checksum matched), only bigger than these bounds
+            // write: an older build without the value cap or the open-hour
+            // bound, or larger settings. Read anyway, values cut as they
+            // came in; the first commit seals the hours past the bound.
+            metrics.checkpoint_over_bound.fetch_add(1, Relaxed);
+            tracing::warn!(bytes = read_bytes, bound, dir = %dir.display(),
+                "archive: the checkpoint is larger than these settings write (an older build, or larger archive.max-open-hours / max-tracked); read in full, tracked values cut to 256 bytes, hours past the bound sealed at the next commit");
+        }
         let mut view = AnalyticsView::offline(&dir, opts.layout.clone(), opts.analytics.top_n);
         view.committed = Some(Default::default());
         let mut w = Writer {
@@ -298,6 +366,9 @@ impl Writer {
             metrics,
             view,
             broken: false,
+            logged_bound: None,
+            logged_far: None,
+            far_at_last_log: 0,
         };
         w.recover(&cp)?;
         Ok((w, cp.progress))
@@ -432,7 +503,7 @@ impl Writer {
         // Summaries of open hours may be ahead of the checkpoint (written
         // after it, from lines that were then truncated) or behind it.
         for h in self.hours.keys().copied().collect::<Vec<_>>() {
-            self.write_summary(h, false)?;
+            self.write_summary(h)?;
         }
         self.dirty_hours.clear();
         self.publish();
@@ -543,7 +614,16 @@ impl Writer {
         let rel = self.opts.layout.log(hour);
         self.activate(hour, &rel)?;
         let stats = self.hours.entry(hour).or_default();
-        stats.add(&self.opts.analytics, &event, ts, line.len() as u64);
+        let cut = stats.add(&self.opts.analytics, &event, ts, line.len() as u64);
+        if cut > 0 {
+            self.metrics.values_cut.fetch_add(cut, Relaxed);
+        }
+        let now = Hour::now().0;
+        if hour.0 < now - FAR_PAST_HOURS {
+            self.metrics.events_far_past.fetch_add(1, Relaxed);
+        } else if hour.0 > now + FAR_FUTURE_HOURS {
+            self.metrics.events_far_future.fetch_add(1, Relaxed);
+        }
         self.dirty_hours.insert(hour);
         self.push(&rel, Kind::Log, hour, &line)?;
         Ok(Placed::Hour(hour))
@@ -818,36 +898,29 @@ impl Writer {
             checkpoint::sync_dir(&d).map_err(io(&d))?;
             self.metrics.fsyncs.fetch_add(1, Relaxed);
         }
-        // Everything is durable now; idle files close and their hours seal.
-        let idle: Vec<PathBuf> = self
+        // Everything is durable now. Idle files close and their hours seal;
+        // so do the least recently written hours past max_open_hours.
+        let mut victims: BTreeSet<PathBuf> = self
             .files
             .iter()
             .filter(|(_, f)| f.last_write.elapsed() >= self.opts.idle_close)
             .map(|(p, _)| p.clone())
             .collect();
-        let mut sealed = Vec::new();
-        for rel in idle {
-            self.close(&rel)?;
-            sealed.push(rel);
+        let over = self.over_bound(&victims);
+        victims.extend(over.iter().cloned());
+        for rel in &victims {
+            self.close(rel)?;
         }
         let current_unparsed = Hour::now();
         let mut sealed_unparsed = self.unparsed_sealed_through;
-        for rel in &sealed {
-            let Some(f) = self.files.get(rel) else {
-                continue;
-            };
-            match f.kind {
-                // The summary, with the file's length, becomes the hour's
-                // record of what is committed: durable before the
-                // checkpoint stops naming the file.
-                Kind::Log => self.write_summary(f.hour, true)?,
-                _ if f.hour < current_unparsed => {
+        for rel in &victims {
+            if let Some(f) = self.files.get(rel) {
+                if f.kind == Kind::Unparsed && f.hour < current_unparsed {
                     sealed_unparsed = sealed_unparsed.max(Some(f.hour.0));
                 }
-                _ => {}
             }
         }
-        let sealed: Vec<PathBuf> = sealed
+        let sealed: Vec<PathBuf> = victims
             .into_iter()
             .filter(|rel| {
                 self.files
@@ -855,55 +928,176 @@ impl Writer {
                     .is_some_and(|f| f.kind == Kind::Log || Some(f.hour.0) <= sealed_unparsed)
             })
             .collect();
-        let mut cp = Checkpoint {
-            progress: progress.clone(),
-            unparsed_sealed_through: sealed_unparsed,
-            ..Default::default()
-        };
-        for (rel, f) in &self.files {
-            if !sealed.contains(rel) {
-                cp.files
-                    .insert(rel.to_string_lossy().into_owned(), f.written);
-            }
-        }
         let sealed_hours: BTreeSet<Hour> = sealed
             .iter()
             .filter_map(|r| self.files.get(r))
             .filter(|f| f.kind == Kind::Log)
             .map(|f| f.hour)
             .collect();
-        for (h, s) in &self.hours {
-            if !sealed_hours.contains(h) {
-                cp.hours.insert(h.key(), s.clone());
-            }
-        }
-        // Dying here: the lines are durable but not committed; the next
-        // open truncates them and the source resends them.
+        // The checkpoint names every file and hour, the ones about to seal
+        // too: it commits the lines appended since the last one, theirs
+        // included. Dying before its rename: the lines are durable but not
+        // committed; the next open truncates them and the source resends
+        // them.
+        let cp = self.checkpoint_of(progress, sealed_unparsed, &BTreeSet::new());
         super::debug_pause("checkpoint");
-        checkpoint::write(&self.opts.dir, &cp).map_err(io(&self.opts.dir))?;
-        self.metrics.fsyncs.fetch_add(2, Relaxed);
-        // Committed. Summaries of open hours follow the checkpoint (a crash
-        // before they are written is repaired by the next open).
+        self.write_checkpoint(&cp)?;
+        // Committed.
         self.unparsed_sealed_through = sealed_unparsed;
-        for rel in &sealed {
-            let kind = self.files.remove(rel).map(|f| f.kind);
-            if self.opts.compress_sealed && kind == Some(Kind::Log) {
-                self.compress(rel)?;
+        if !sealed.is_empty() {
+            // Seal: each sealed hour's summary (its `bytes` is the length
+            // just checkpointed: the file is synced, closed and not written
+            // again) made durable, then a second checkpoint that no longer
+            // names them. Dying in between: the first checkpoint names them
+            // with the same lengths and counts, and wins.
+            self.seal_summaries(&sealed_hours)?;
+            let sealed_set: BTreeSet<PathBuf> = sealed.iter().cloned().collect();
+            let cp = self.checkpoint_of(progress, sealed_unparsed, &sealed_set);
+            self.write_checkpoint(&cp)?;
+            for rel in &sealed {
+                let kind = self.files.remove(rel).map(|f| f.kind);
+                if self.opts.compress_sealed && kind == Some(Kind::Log) {
+                    self.compress(rel)?;
+                }
+            }
+            for h in &sealed_hours {
+                self.hours.remove(h);
             }
         }
-        for h in std::mem::take(&mut self.dirty_hours) {
+        self.log_bound(&over);
+        // Summaries of open hours follow the checkpoint (a crash before
+        // they are written is repaired by the next open).
+        let mut changed = std::mem::take(&mut self.dirty_hours);
+        for &h in &changed {
             if !sealed_hours.contains(&h) {
-                self.write_summary(h, false)?;
+                self.write_summary(h)?;
             }
         }
-        self.publish();
-        for h in &sealed_hours {
-            self.hours.remove(h);
-        }
+        // The view gets what changed only: cost proportional to the commit.
+        changed.extend(sealed_hours.iter().copied());
+        self.publish_changed(&changed);
         self.metrics.commits.fetch_add(1, Relaxed);
         self.metrics
             .last_commit_micros
             .store(started.elapsed().as_micros() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// True when more hours are open than a commit may leave
+    /// (2 x `max_open_hours`): the source should commit now, which seals
+    /// the least recently written down to `max_open_hours`. Memory, the
+    /// checkpoint and the commit's cost stay proportional to that bound.
+    pub fn wants_commit(&self) -> bool {
+        self.hours.len() > 2 * self.opts.max_open_hours.max(1)
+    }
+
+    /// The open hourly files past `max_open_hours` (not counting
+    /// `already`, which seal anyway): far-past and far-future hours first,
+    /// then the least recently written.
+    fn over_bound(&self, already: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+        let now = Hour::now().0;
+        let mut open: Vec<(bool, u64, &PathBuf)> = self
+            .files
+            .iter()
+            .filter(|(p, f)| f.kind == Kind::Log && !already.contains(*p))
+            .map(|(p, f)| {
+                let near = (now - FAR_PAST_HOURS..=now + FAR_FUTURE_HOURS).contains(&f.hour.0);
+                (near, f.tick, p)
+            })
+            .collect();
+        let max = self.opts.max_open_hours.max(1);
+        if open.len() <= max {
+            return Vec::new();
+        }
+        open.sort();
+        let n = open.len() - max;
+        open.into_iter()
+            .take(n)
+            .map(|(_, _, p)| p.clone())
+            .collect()
+    }
+
+    /// Counts the hours sealed over the bound and logs it (at most once
+    /// per [`LOG_EVERY`], with the totals); the same for far times.
+    fn log_bound(&mut self, over: &[PathBuf]) {
+        let m = &self.metrics;
+        if !over.is_empty() {
+            let total = m
+                .hours_sealed_over_bound
+                .fetch_add(over.len() as u64, Relaxed)
+                + over.len() as u64;
+            if self.logged_bound.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                self.logged_bound = Some(Instant::now());
+                tracing::warn!(
+                    sealed = over.len(),
+                    total,
+                    max_open_hours = self.opts.max_open_hours,
+                    first = %over.first().map(|p| p.display().to_string()).unwrap_or_default(),
+                    "archive: more hours open than archive.max-open-hours; sealed the least recently written (a late event reopens its hour from the summary)"
+                );
+            }
+        }
+        let far = m.events_far_past.load(Relaxed) + m.events_far_future.load(Relaxed);
+        if far > self.far_at_last_log && self.logged_far.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.logged_far = Some(Instant::now());
+            self.far_at_last_log = far;
+            tracing::warn!(
+                far_past = m.events_far_past.load(Relaxed),
+                far_future = m.events_far_future.load(Relaxed),
+                "archive: events more than 7 days old or 1 hour ahead of the clock (archived in their own hours; those hours are sealed first)"
+            );
+        }
+    }
+
+    /// The checkpoint of the current state, without the files in `except`
+    /// (and their hours); it borrows the counts.
+    fn checkpoint_of<'a>(
+        &'a self,
+        progress: &'a Value,
+        unparsed_sealed_through: Option<i64>,
+        except: &BTreeSet<PathBuf>,
+    ) -> CheckpointOut<'a> {
+        let mut cp = CheckpointOut {
+            files: Default::default(),
+            hours: Default::default(),
+            progress,
+            unparsed_sealed_through,
+        };
+        let mut gone = BTreeSet::new();
+        for (rel, f) in &self.files {
+            if except.contains(rel) {
+                if f.kind == Kind::Log {
+                    gone.insert(f.hour);
+                }
+            } else {
+                cp.files
+                    .insert(rel.to_string_lossy().into_owned(), f.written);
+            }
+        }
+        for (h, s) in &self.hours {
+            if !gone.contains(h) {
+                cp.hours.insert(h.key(), s);
+            }
+        }
+        cp
+    }
+
+    /// Writes `cp` durably, counting its fsyncs and size against the bound.
+    fn write_checkpoint(&self, cp: &CheckpointOut) -> Result<(), ArchiveError> {
+        let len = checkpoint::write(&self.opts.dir, cp).map_err(io(&self.opts.dir))?;
+        self.metrics.fsyncs.fetch_add(2, Relaxed);
+        self.metrics.checkpoint_bytes.store(len, Relaxed);
+        let bound = self.opts.checkpoint_max_bytes();
+        if len > bound {
+            // Not refused (the lines are durable, the checkpoint is valid):
+            // a bound computed wrong, which the tests would show.
+            self.metrics.checkpoint_over_bound.fetch_add(1, Relaxed);
+            tracing::error!(
+                bytes = len,
+                bound,
+                "archive: wrote a checkpoint larger than its computed bound"
+            );
+        }
         Ok(())
     }
 
@@ -931,13 +1125,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes hour `h`'s summary (tmp, rename; with fsyncs when `durable`).
-    fn write_summary(&mut self, h: Hour, durable: bool) -> Result<(), ArchiveError> {
+    /// Hour `h`'s summary: its path and JSON, if the hour is open.
+    fn summary_body(&self, h: Hour) -> Result<Option<(PathBuf, Vec<u8>)>, ArchiveError> {
         let Some(stats) = self.hours.get(&h) else {
-            return Ok(());
+            return Ok(None);
         };
-        let rel = self.opts.layout.summary(h);
-        let path = self.opts.dir.join(&rel);
+        let path = self.opts.dir.join(self.opts.layout.summary(h));
         let summary = stats.summary(
             &h.key(),
             &self.opts.layout.log(h).to_string_lossy(),
@@ -945,42 +1138,86 @@ impl Writer {
         );
         let body = serde_json::to_vec_pretty(&summary)
             .map_err(|e| ArchiveError::Inconsistent(e.to_string()))?;
+        Ok(Some((path, body)))
+    }
+
+    /// Creates a summary's directory durably (its entry in its parent).
+    fn summary_dir(&mut self, path: &Path) -> Result<PathBuf, ArchiveError> {
         let parent = path.parent().unwrap_or(&self.opts.dir).to_path_buf();
-        // Every new directory's entry is durable in its parent before a
-        // sealed summary counts as the hour's record.
         if crate::durable::create_dir_durable(&parent).map_err(io(&parent))? {
             self.metrics.fsyncs.fetch_add(2, Relaxed);
         }
-        if durable {
-            // A sealed hour: this summary is the only record of its counts
-            // and of its file's committed length once the checkpoint stops
-            // naming the hour. tmp, fsync, rename, directory fsync; then the
-            // ancestors' entries up to the root (a directory an earlier
-            // process made and died before fsyncing). Dying anywhere in
-            // here: the checkpoint still names the hour, the next open
-            // writes the summary again.
-            crate::durable::write_file_durable(&path, &body).map_err(io(&path))?;
-            let mut d = parent.parent();
+        Ok(parent)
+    }
+
+    /// Makes the summaries of `hours` durable, the record of each hour once
+    /// the checkpoint stops naming it: each written as tmp, fsync, rename;
+    /// then every directory they are in and its ancestors up to the root
+    /// fsynced once (a directory an earlier process made and died before
+    /// fsyncing; one fsync per directory however many hours seal at once).
+    /// Dying anywhere in here: the checkpoint still names the hours; the
+    /// next open writes their summaries again.
+    fn seal_summaries(&mut self, hours: &BTreeSet<Hour>) -> Result<(), ArchiveError> {
+        let mut dirs = BTreeSet::new();
+        for &h in hours {
+            let Some((path, body)) = self.summary_body(h)? else {
+                continue;
+            };
+            let parent = self.summary_dir(&path)?;
+            let tmp = path.with_extension("json.tmp");
+            let mut f = File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&body).map_err(io(&tmp))?;
+            crate::durable::sync_file(&f, &tmp).map_err(io(&tmp))?;
+            drop(f);
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            self.metrics.fsyncs.fetch_add(1, Relaxed);
+            let mut d = Some(parent.as_path());
             while let Some(up) = d.filter(|u| u.starts_with(&self.opts.dir)) {
-                checkpoint::sync_dir(up).map_err(io(up))?;
-                self.metrics.fsyncs.fetch_add(1, Relaxed);
+                dirs.insert(up.to_path_buf());
                 d = up.parent();
             }
-            self.metrics.fsyncs.fetch_add(2, Relaxed);
-            return Ok(());
         }
-        // An open hour: the checkpoint holds its counts, this file is a
-        // readable copy refreshed after each commit. Not fsynced (it would
-        // cost two fsyncs per open hour per commit): a power cut may leave
-        // it old, empty or absent, and the next open writes it again from
-        // the checkpoint, which names the hour until it is sealed (durably,
-        // above).
+        for d in dirs {
+            checkpoint::sync_dir(&d).map_err(io(&d))?;
+            self.metrics.fsyncs.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Writes an open hour's summary (tmp, rename, no fsync). The
+    /// checkpoint holds its counts, this file is a readable copy refreshed
+    /// after each commit. Not fsynced (it would cost two fsyncs per open
+    /// hour per commit): a power cut may leave it old, empty or absent, and
+    /// the next open writes it again from the checkpoint, which names the
+    /// hour until it is sealed ([`Writer::seal_summaries`]).
+    fn write_summary(&mut self, h: Hour) -> Result<(), ArchiveError> {
+        let Some((path, body)) = self.summary_body(h)? else {
+            return Ok(());
+        };
+        self.summary_dir(&path)?;
         let tmp = path.with_extension("json.tmp");
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&body).map_err(io(&tmp))?;
         drop(f);
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         Ok(())
+    }
+
+    /// Hands the committed counts of the `changed` hours to the view
+    /// (removing the sealed ones: their summaries answer now).
+    fn publish_changed(&self, changed: &BTreeSet<Hour>) {
+        if let Some(Ok(mut m)) = self.view.committed.as_ref().map(|m| m.lock()) {
+            for h in changed {
+                match self.hours.get(h) {
+                    Some(s) => {
+                        m.insert(*h, s.clone());
+                    }
+                    None => {
+                        m.remove(h);
+                    }
+                }
+            }
+        }
     }
 
     /// Hands the committed counts of the open hours to the view.
@@ -1419,6 +1656,58 @@ mod tests {
         let (w, _) = Writer::open(opts(d.path())).unwrap();
         assert_eq!(w.metrics().checkpoint_entries_dropped.load(Relaxed), 0);
         assert_eq!(copies(), 1);
+    }
+
+    #[test]
+    fn open_hours_past_the_bound_seal_far_times_first_then_the_least_recent() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts(d.path());
+        o.max_open_hours = 2;
+        let (mut w, _) = Writer::open(o.clone()).unwrap();
+        // Fixed once: only the far hours (a year away) depend on the clock.
+        let now = Hour::now().0;
+        let at = |h: i64| {
+            let ms = (now + h) * 3_600_000;
+            chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .to_rfc3339()
+        };
+        // Written in this order: now-1, now, a year ago, a year ahead.
+        for (i, h) in [-1, 0, -24 * 365, 24 * 365].into_iter().enumerate() {
+            w.append(&ev(&at(h), "/p"), &pos(i as u64)).unwrap();
+            assert!(!w.wants_commit());
+        }
+        w.commit(&json!({"n": 4})).unwrap();
+        let cp = checkpoint::read(d.path()).unwrap().unwrap();
+        let near: Vec<String> = [-1, 0].iter().map(|&h| Hour(now + h).key()).collect();
+        assert_eq!(cp.hours.keys().cloned().collect::<Vec<_>>(), near);
+        let m = w.metrics();
+        assert_eq!(m.hours_sealed_over_bound.load(Relaxed), 2);
+        assert_eq!(m.events_far_past.load(Relaxed), 1);
+        assert_eq!(m.events_far_future.load(Relaxed), 1);
+        // The far hours' summaries are their record now.
+        let far = Hour(now + 24 * 365);
+        assert_eq!(w.analytics().hour(far).unwrap().unwrap().total, 1);
+        // Five more near hours: past twice the bound the source is asked
+        // to commit; the commit leaves the two most recent open.
+        for h in 1..=5 {
+            w.append(&ev(&at(-1 - h), "/q"), &pos(10 + h as u64))
+                .unwrap();
+        }
+        assert!(w.wants_commit());
+        w.commit(&json!({"n": 9})).unwrap();
+        assert!(!w.wants_commit());
+        let cp = checkpoint::read(d.path()).unwrap().unwrap();
+        let last: Vec<String> = [-6, -5].iter().map(|&h| Hour(now + h).key()).collect();
+        assert_eq!(cp.hours.keys().cloned().collect::<Vec<_>>(), last);
+        assert!(cp.files.len() <= 3, "{:?}", cp.files);
+        drop(w);
+        let (w, p) = Writer::open(o).unwrap();
+        assert_eq!(p, json!({"n": 9}));
+        for h in [-6, -5, -4, -3, -2, -1, 0, 24 * 365, -24 * 365] {
+            let s = w.analytics().hour(Hour(now + h)).unwrap();
+            assert_eq!(s.map(|s| s.total), Some(1), "hour {h}");
+        }
     }
 
     #[test]

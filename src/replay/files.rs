@@ -187,6 +187,10 @@ impl Replayer {
             Err(why) => return End::Retry(why),
         }
         let metrics = writer.metrics();
+        self.stats.sink_checkpoint_over_bound.fetch_add(
+            metrics.checkpoint_over_bound.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         // Counted once per open (the writer counts what its open dropped).
         self.stats.sink_checkpoint_entries_dropped.fetch_add(
             metrics.checkpoint_entries_dropped.load(Ordering::Relaxed),
@@ -280,6 +284,12 @@ impl Replayer {
             let written = tokio::task::spawn_blocking(move || {
                 for (seq, value) in &batch {
                     writer.append(value, &json!({ "seq": seq }))?;
+                    if writer.wants_commit() {
+                        // Twice archive.max-open-hours open: commit through
+                        // this record, which seals the least recently
+                        // written hours, before the batch opens more.
+                        writer.commit(&progress(*seq))?;
+                    }
                 }
                 // Dying here (after the fdatasyncs, before the checkpoint's
                 // rename) leaves uncommitted tails that the next open cuts.
@@ -357,6 +367,10 @@ struct Totals {
     bytes: u64,
     fsyncs: u64,
     unparsed: u64,
+    values_cut: u64,
+    sealed_over_bound: u64,
+    far_past: u64,
+    far_future: u64,
 }
 
 impl Totals {
@@ -367,6 +381,10 @@ impl Totals {
             bytes: s.sink_bytes.load(Ordering::Relaxed),
             fsyncs: s.sink_fsyncs.load(Ordering::Relaxed),
             unparsed: s.sink_unparsed.load(Ordering::Relaxed),
+            values_cut: s.sink_values_cut.load(Ordering::Relaxed),
+            sealed_over_bound: s.sink_hours_sealed_over_bound.load(Ordering::Relaxed),
+            far_past: s.sink_events_far_past.load(Ordering::Relaxed),
+            far_future: s.sink_events_far_future.load(Ordering::Relaxed),
         }
     }
 
@@ -382,6 +400,18 @@ impl Totals {
         s.sink_unparsed
             .store(self.unparsed + g(&m.unparsed), Ordering::Relaxed);
         s.sink_files_open.store(g(&m.files_open), Ordering::Relaxed);
+        s.sink_checkpoint_bytes
+            .store(g(&m.checkpoint_bytes), Ordering::Relaxed);
+        s.sink_values_cut
+            .store(self.values_cut + g(&m.values_cut), Ordering::Relaxed);
+        s.sink_hours_sealed_over_bound.store(
+            self.sealed_over_bound + g(&m.hours_sealed_over_bound),
+            Ordering::Relaxed,
+        );
+        s.sink_events_far_past
+            .store(self.far_past + g(&m.events_far_past), Ordering::Relaxed);
+        s.sink_events_far_future
+            .store(self.far_future + g(&m.events_far_future), Ordering::Relaxed);
     }
 }
 

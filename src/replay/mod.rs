@@ -173,6 +173,16 @@ pub struct ReplayStats {
     pub sink_bytes: AtomicU64,
     pub sink_fsyncs: AtomicU64,
     pub sink_unparsed: AtomicU64,
+    /// Files sink (issue 26): tracked values cut to 256 bytes, hours
+    /// sealed over `archive.max-open-hours`, events far from the clock,
+    /// the last checkpoint's size, and checkpoints read at open that were
+    /// larger than the settings' bound.
+    pub sink_values_cut: AtomicU64,
+    pub sink_hours_sealed_over_bound: AtomicU64,
+    pub sink_events_far_past: AtomicU64,
+    pub sink_events_far_future: AtomicU64,
+    pub sink_checkpoint_bytes: AtomicU64,
+    pub sink_checkpoint_over_bound: AtomicU64,
     /// Files sink: files open now, and the last commit's duration (µs).
     pub sink_files_open: AtomicU64,
     pub sink_commit_micros: AtomicU64,

@@ -19,7 +19,7 @@ fn post_events(addr: &str, events: &[Value]) -> u16 {
 
 /// Waits until every id is in the files (hourly or unparsed, where the id
 /// is the raw value); panics with the daemon's log otherwise.
-fn wait_ids(dir: &Path, ids: &[&str], d: &support::Daemon) -> HashMap<String, u64> {
+pub(super) fn wait_ids(dir: &Path, ids: &[&str], d: &support::Daemon) -> HashMap<String, u64> {
     let t0 = Instant::now();
     loop {
         let all = recount(dir).0;
@@ -38,7 +38,7 @@ fn wait_ids(dir: &Path, ids: &[&str], d: &support::Daemon) -> HashMap<String, u6
     }
 }
 
-fn metric(addr: &str, name: &str) -> Option<u64> {
+pub(super) fn metric(addr: &str, name: &str) -> Option<u64> {
     let (_, text) = http_get(addr, "/metrics");
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -48,7 +48,7 @@ fn metric(addr: &str, name: &str) -> Option<u64> {
 
 /// Waits until `name` reads `want` (counters are published after a commit,
 /// a moment after its lines are visible).
-fn wait_metric(d: &support::Daemon, name: &str, want: u64) {
+pub(super) fn wait_metric(d: &support::Daemon, name: &str, want: u64) {
     let t0 = Instant::now();
     loop {
         let got = metric(&d.addr, name);
@@ -64,7 +64,7 @@ fn wait_metric(d: &support::Daemon, name: &str, want: u64) {
     }
 }
 
-fn wait_ready(d: &support::Daemon) {
+pub(super) fn wait_ready(d: &support::Daemon) {
     let t0 = Instant::now();
     loop {
         let (code, body) = http_get(&d.addr, "/ready");
@@ -148,7 +148,7 @@ fn an_event_time_outside_years_0000_to_9999_in_utc_goes_to_unparsed_and_survives
 
 /// Rewrites the checkpoint with `edit` applied to its JSON body, with a
 /// valid checksum: what an older build (or another bug) left, not damage.
-fn edit_checkpoint(dir: &Path, edit: impl FnOnce(&mut Value)) {
+pub(super) fn edit_checkpoint(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let path = dir.join("checkpoint");
     let bytes = std::fs::read(&path).unwrap();
     let nl = bytes.iter().position(|&b| b == b'\n').unwrap();

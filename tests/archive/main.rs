@@ -25,6 +25,7 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use support::{Broker, EXE};
 
+mod bounds;
 mod compression;
 mod files_sink_faults;
 mod idle_seal;
