@@ -254,6 +254,41 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Serves [`router`] on `listener` until `shutdown`, with the ingest
+/// port's accept loop and limits. A listener off loopback (only reachable
+/// with `archive.allow-non-loopback`, see `ArchiveConfig::validate`) is
+/// announced at warn on every start.
+async fn serve_archive_listener(
+    listener: tokio::net::TcpListener,
+    status: std::sync::Arc<crate::archive::http::ArchiveStatus>,
+    cfg: &crate::archive::ArchiveConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(%addr, "ARCHIVE LISTENER ON A NON-LOOPBACK ADDRESS (archive.allow-non-loopback): no keys, no TLS; anyone who reaches this port reads /v1/analytics (the top values of the tracked fields of every tenant, paths with their query strings) and /metrics (docs/security.md)");
+    } else {
+        tracing::info!(%addr, max_connections = cfg.max_connections, header_timeout_ms = cfg.header_timeout_ms, "archive: listening");
+    }
+    let http = crate::http::config::HttpConfig {
+        header_timeout_ms: cfg.header_timeout_ms,
+        max_connections: cfg.max_connections,
+        ..Default::default()
+    };
+    let counters = status.http.clone();
+    crate::http::listener::serve(
+        listener,
+        crate::archive::http::router(status),
+        &http,
+        counters,
+        None,
+        shutdown,
+    )
+    .await;
+}
+
 /// Binds `addr`; an error names the setting and the address ("http.listen
 /// 127.0.0.1:8080: Address already in use"), as the admin listener does.
 async fn bind_named(
@@ -587,7 +622,7 @@ fn archive(args: ArchiveArgs) -> CliResult {
     let served = status.clone();
     let listen_cfg = a.clone();
     runtime.spawn(async move {
-        crate::archive::http::serve(listener, served, &listen_cfg, std::future::pending()).await;
+        serve_archive_listener(listener, served, &listen_cfg, std::future::pending()).await;
     });
     let flag = stop.clone();
     runtime.spawn(async move {

@@ -353,7 +353,12 @@ pub fn locate(text: &str, dotted: &str) -> Option<usize> {
         let (name, key) = rest.split_once('.')?;
         return locate_stream(text, name, key);
     }
-    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    // librdkafka's property names contain dots: `kafka.librdkafka.a.b` is
+    // the key `a.b` of `[kafka.librdkafka]`.
+    let (section, key) = ["kafka.librdkafka.", "archive.librdkafka."]
+        .iter()
+        .find_map(|p| dotted.strip_prefix(p).map(|k| (&p[..p.len() - 1], k)))
+        .unwrap_or_else(|| dotted.rsplit_once('.').unwrap_or(("", dotted)));
     let mut current = String::new();
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
@@ -566,6 +571,12 @@ mod tests {
         assert_eq!(locate(text, "streams.a.required"), Some(3));
         assert_eq!(locate(text, "streams.c.routes"), None);
         assert_eq!(locate(text, "kafka.topic"), Some(2));
+        let text = "[kafka]\ntopic = \"t\"\n[kafka.librdkafka]\n\"linger.ms\" = \"5\"\n\"no.such\" = \"1\"\n";
+        assert_eq!(locate(text, "kafka.librdkafka.no.such"), Some(5));
+        assert_eq!(
+            key_in("kafka.librdkafka.no.such: Client config error"),
+            Some("kafka.librdkafka.no.such")
+        );
     }
 
     #[test]

@@ -163,11 +163,11 @@ impl ArchiveConfig {
         }
         for k in ["enable.auto.commit", "enable.auto.offset.store", "group.id"] {
             if self.librdkafka.contains_key(k) {
-                return Err(format!("archive.librdkafka cannot set {k}: offsets move only after the files are durable"));
+                return Err(format!("archive.librdkafka.{k}: cannot be set, offsets move only after the files are durable"));
             }
         }
         if self.librdkafka.contains_key("auto.offset.reset") {
-            return Err("archive.librdkafka cannot set auto.offset.reset: an offset out of range is an offset reset, handled by archive.on-offset-reset".into());
+            return Err("archive.librdkafka.auto.offset.reset: cannot be set, an offset out of range is an offset reset, handled by archive.on-offset-reset".into());
         }
         // The rebalance callback assigns and revokes eagerly: every
         // partition is committed and given up, then the new set assigned.
@@ -175,12 +175,12 @@ impl ArchiveConfig {
         // for the whole assignment.
         if let Some(v) = self.librdkafka.get("partition.assignment.strategy") {
             if v.to_ascii_lowercase().contains("cooperative") {
-                return Err(format!("archive.librdkafka partition.assignment.strategy = {v:?}: incremental (cooperative) rebalancing is not supported by sluice archive; use \"range\" or \"roundrobin\""));
+                return Err(format!("archive.librdkafka.partition.assignment.strategy = {v:?}: incremental (cooperative) rebalancing is not supported by sluice archive; use \"range\" or \"roundrobin\""));
             }
         }
         if let Some(v) = self.librdkafka.get("group.protocol") {
             if !v.eq_ignore_ascii_case("classic") {
-                return Err(format!("archive.librdkafka group.protocol = {v:?}: sluice archive supports only the \"classic\" group protocol (\"consumer\", KIP-848, rebalances incrementally)"));
+                return Err(format!("archive.librdkafka.group.protocol = {v:?}: sluice archive supports only the \"classic\" group protocol (\"consumer\", KIP-848, rebalances incrementally)"));
             }
         }
         if self.header_timeout_ms == 0 || self.max_connections == 0 {

@@ -1,9 +1,10 @@
 //! The archiver's HTTP listener: `GET /v1/analytics?hour=2026-11-26T12`
 //! (or `?from=..&to=..`, inclusive), `/health`, `/ready`, `/metrics`.
-//! Served by the ingest port's hardened accept loop
-//! ([`crate::http::listener::serve`]): header timeout, head size limit,
+//! Served by the ingest port's hardened accept loop (the http module's
+//! listener, through `cli`'s `serve_archive_listener`, which keeps this
+//! module free of the http module): header timeout, head size limit,
 //! connection cap. No keys and no TLS: loopback unless
-//! `archive.allow-non-loopback` (see [`serve`]).
+//! `archive.allow-non-loopback`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -82,33 +83,6 @@ pub fn router(status: Arc<ArchiveStatus>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(status)
-}
-
-/// Serves [`router`] on `listener` until `shutdown`, with the ingest
-/// port's accept loop and limits. A listener off loopback (only reachable
-/// with `archive.allow-non-loopback`, see `ArchiveConfig::validate`) is
-/// announced at warn on every start.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    status: Arc<ArchiveStatus>,
-    cfg: &super::ArchiveConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let addr = listener
-        .local_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
-        tracing::warn!(%addr, "ARCHIVE LISTENER ON A NON-LOOPBACK ADDRESS (archive.allow-non-loopback): no keys, no TLS; anyone who reaches this port reads /v1/analytics (the top values of the tracked fields of every tenant, paths with their query strings) and /metrics (docs/security.md)");
-    } else {
-        tracing::info!(%addr, max_connections = cfg.max_connections, header_timeout_ms = cfg.header_timeout_ms, "archive: listening");
-    }
-    let http = crate::http::config::HttpConfig {
-        header_timeout_ms: cfg.header_timeout_ms,
-        max_connections: cfg.max_connections,
-        ..Default::default()
-    };
-    let counters = status.http.clone();
-    crate::http::listener::serve(listener, router(status), &http, counters, None, shutdown).await;
 }
 
 #[derive(Deserialize)]

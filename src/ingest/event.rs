@@ -15,8 +15,12 @@ use crate::wal::record;
 #[cfg(test)]
 use crate::wal::Record;
 
-/// Kafka header names set at ingest. The replayer adds `seq`.
-pub use crate::replay::producer::{HEADER_ID, HEADER_RECEIVED_AT, HEADER_TENANT};
+/// Kafka header names set at ingest (the replayer adds `seq`). Defined
+/// here, where the records are built; `replay::producer` re-exports them
+/// (the dependency goes from replay to ingest, never back).
+pub const HEADER_ID: &str = "id";
+pub const HEADER_TENANT: &str = "tenant";
+pub const HEADER_RECEIVED_AT: &str = "received_at";
 
 /// Epoch values at or above this are milliseconds, below it seconds.
 /// 1e11 seconds is the year 5138; 1e11 milliseconds is March 1973.

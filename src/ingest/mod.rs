@@ -14,7 +14,10 @@ use std::sync::atomic::AtomicU64;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-pub use event::{EventError, NormalizedEvent, Normalizer, ReceivedAt};
+pub use event::{
+    EventError, NormalizedEvent, Normalizer, ReceivedAt, HEADER_ID, HEADER_RECEIVED_AT,
+    HEADER_TENANT,
+};
 pub use parse::{BodyError, BodyFormat};
 
 use crate::auth::{TenantDenied, TenantScope};

@@ -21,9 +21,7 @@ use super::ReplayStats;
 /// replay adds `seq` and `instance` at produce time and the last two on a
 /// dead letter; `sluice wal redrive` adds the `origin-*` pair. Which headers
 /// leave sluice is decided in one place: [`super::headers::Ours`].
-pub const HEADER_ID: &str = "id";
-pub const HEADER_TENANT: &str = "tenant";
-pub const HEADER_RECEIVED_AT: &str = "received_at";
+pub use crate::ingest::{HEADER_ID, HEADER_RECEIVED_AT, HEADER_TENANT};
 pub const HEADER_SEQ: &str = "seq";
 /// The data directory's stable id (`crate::instance`), next to `seq`: the
 /// consumer rule deduplicates per (instance, partition).
@@ -151,11 +149,20 @@ pub fn validate(k: &KafkaConfig) -> Result<(), String> {
     for key in k.librdkafka.keys() {
         if RESERVED.contains(&key.as_str()) {
             return bad(format!(
-                "kafka.librdkafka.{key:?} cannot be set: sluice relies on its own value"
+                "kafka.librdkafka.{key}: cannot be set, sluice relies on its own value"
             ));
         }
     }
-    // librdkafka itself rejects unknown properties and bad values.
+    // librdkafka itself rejects unknown properties and bad values; each is
+    // tried alone first, so the error names the property (and check-config
+    // its line).
+    #[cfg(feature = "kafka")]
+    for (key, value) in &k.librdkafka {
+        ClientConfig::new()
+            .set(key, value)
+            .create_native_config()
+            .map_err(|e| format!("kafka.librdkafka.{key}: {e}"))?;
+    }
     #[cfg(feature = "kafka")]
     producer_config(k, "localhost:9092")
         .create_native_config()

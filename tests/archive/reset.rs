@@ -239,7 +239,7 @@ fn incremental_rebalancing_settings_are_refused_at_start_naming_the_key() {
         };
         assert_eq!(code, 2, "{key} = {value}: exit {code}\n{out}");
         assert!(
-            out.contains(&format!("archive.librdkafka {key}")) && out.contains("not supported")
+            out.contains(&format!("archive.librdkafka.{key}")) && out.contains("not supported")
                 || out.contains("supports only"),
             "{key} = {value}:\n{out}"
         );

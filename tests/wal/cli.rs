@@ -307,3 +307,23 @@ fn check_config_refuses_a_missing_keys_file() {
     assert!(err.contains("no-such-keys.toml"), "{err}");
     assert!(!err.contains(": OK"), "{err}");
 }
+
+/// librdkafka's own refusals carry the `FILE:LINE:` form like every other
+/// config error, naming the property.
+#[test]
+fn check_config_points_at_the_line_of_a_bad_librdkafka_property() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    for (text, line) in [
+        ("[kafka]\ntopic = \"t\"\n\n[kafka.librdkafka]\n\"linger.ms\" = \"5\"\n\"no.such.prop\" = \"1\"\n", 6),
+        ("[kafka.librdkafka]\n\"acks\" = \"0\"\n", 2),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let (code, out, err) = sluice(&["check-config", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(
+            err.contains(&format!("sluice.toml:{line}: ")) && err.contains("kafka.librdkafka."),
+            "{err}"
+        );
+    }
+}
