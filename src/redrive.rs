@@ -94,6 +94,18 @@ pub struct RedriveArgs {
     /// file). At most 36 bytes (a UUID).
     #[arg(long)]
     pub instance: Option<String>,
+    /// Only records of this stream (WAL and segment copies). Default: the
+    /// built-in stream `default`. Records of other streams are never mixed
+    /// into `--topic`: they are skipped, listed in the summary
+    /// (`skipped_other`) and make the exit status 1 unless `--stream` was
+    /// given. Run once per stream, each to its own topic.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Dead-letter file only: send the lines whose original topic is this.
+    /// Default: `--topic`. Lines of other topics are skipped and listed as
+    /// for `--stream`.
+    #[arg(long)]
+    pub source_topic: Option<String>,
     /// A sluice config file whose [kafka] section supplies compression and
     /// librdkafka properties (TLS, SASL) for the target cluster. Its brokers
     /// and topic are not used.
@@ -132,6 +144,16 @@ pub struct Summary {
     pub last_seq: Option<u64>,
     pub unreadable_ranges: Vec<String>,
     pub failures: Vec<String>,
+    /// Records not sent because they belong to another stream (WAL, copy)
+    /// or another original topic (`topic <name>`, dead-letter file), by name.
+    pub skipped_other: std::collections::BTreeMap<String, u64>,
+    /// Dead-letter lines whose (instance, seq) an earlier line of the file
+    /// already held (a record dead-lettered again after a crash): sent once.
+    pub duplicate_lines: u64,
+    /// Whether the selection was chosen explicitly (`--stream` or
+    /// `--source-topic`): then skipped records do not fail the run.
+    #[serde(skip)]
+    pub selection_explicit: bool,
     pub seconds: f64,
 }
 
@@ -449,6 +471,7 @@ pub fn run(args: RedriveArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         instance: instance.clone(),
         origin_instance: origin_instance.clone(),
         partitions,
+        selection_explicit: args.stream.is_some() || args.source_topic.is_some(),
         ..Summary::default()
     };
     let unreadable = |summary: &mut Summary, first: u64, last: u64, why: &str| {
@@ -643,11 +666,30 @@ fn read_instance(data_dir: &Path) -> Option<String> {
     (!id.is_empty() && !id.contains('\n')).then(|| id.to_string())
 }
 
+/// Whether `r` belongs to the stream this run sends (`--stream`, default
+/// the built-in one); counts it in `skipped_other` when not.
+fn wanted_stream(args: &RedriveArgs, r: &Record, summary: &mut Summary) -> bool {
+    let wanted = args.stream.as_deref().unwrap_or(crate::wal::DEFAULT_STREAM);
+    if r.stream == wanted {
+        return true;
+    }
+    *summary.skipped_other.entry(r.stream.clone()).or_default() += 1;
+    false
+}
+
 /// One dead-letter line back into the record it holds.
 pub fn dead_letter_record(line: &[u8]) -> Result<(u64, Record), String> {
+    dead_letter_entry(line).map(|(seq, _, r)| (seq, r))
+}
+
+/// One dead-letter line: its seq, the topic the record was refused by (if
+/// the line says), and the record.
+pub fn dead_letter_entry(line: &[u8]) -> Result<(u64, Option<String>, Record), String> {
     #[derive(serde::Deserialize)]
     struct Line {
         seq: u64,
+        #[serde(default)]
+        topic: Option<String>,
         /// Written since the instance id existed; older lines lack it.
         #[serde(default)]
         instance: Option<String>,
@@ -690,6 +732,7 @@ pub fn dead_letter_record(line: &[u8]) -> Result<(u64, Record), String> {
     }
     Ok((
         l.seq,
+        l.topic,
         Record {
             stream: crate::wal::DEFAULT_STREAM.to_string(),
             key: l.key.map(String::into_bytes),
@@ -814,7 +857,21 @@ fn copy_origin(path: &Path) -> Option<(u64, u64)> {
 /// exit status: 0 only if every record read was confirmed and nothing in the
 /// range was unreadable.
 fn report(summary: &Summary) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let ok = summary.failed == 0 && summary.unreadable == 0 && summary.delivered == summary.read;
+    let ok = summary.failed == 0
+        && summary.unreadable == 0
+        && summary.delivered == summary.read
+        && (summary.skipped_other.is_empty() || summary.selection_explicit);
+    if !summary.skipped_other.is_empty() {
+        eprintln!(
+            "redrive: records of other streams or topics were not sent: {:?}{}",
+            summary.skipped_other,
+            if summary.selection_explicit {
+                ""
+            } else {
+                " (run again with --stream NAME, or --source-topic for a dead-letter file, each to its own topic)"
+            }
+        );
+    }
     eprintln!(
         "redrive {}: {} read, {} confirmed by Kafka, {} failed, {} unreadable, seq {}..{} to {} in {:.1} s",
         if ok { "OK" } else { "INCOMPLETE" },
@@ -859,6 +916,8 @@ fn from_wal(
         return Err(format!("{} has no wal/ directory", dir.display()).into());
     }
     let mut gaps = Vec::new();
+    // The first and last seq read, of any stream: what the WAL retains.
+    let (mut walked_first, mut walked_last) = (None::<u64>, None::<u64>);
     inspect::for_each_record(
         &StdFs,
         &wal,
@@ -871,6 +930,11 @@ fn from_wal(
                 // The walk starts at --from; never number below it.
                 return Ok(ControlFlow::Continue(()));
             }
+            walked_first.get_or_insert(seq);
+            walked_last = Some(seq);
+            if !wanted_stream(args, &r, summary) {
+                return Ok(ControlFlow::Continue(()));
+            }
             send(summary, seq, seq - args.from + 1, r)?;
             Ok(ControlFlow::Continue(()))
         },
@@ -881,14 +945,14 @@ fn from_wal(
     }
     // Numbers asked for but not in the WAL: below its first retained
     // record (delivered, then deleted by GC) or past its last one.
-    match summary.first_seq {
+    match walked_first {
         Some(first) if first > args.from => {
             unreadable(summary, args.from, first - 1, "not retained")
         }
         None if args.through.is_some() => unreadable(summary, args.from, through, "not in the WAL"),
         _ => {}
     }
-    if let (Some(last), Some(t)) = (summary.last_seq, args.through) {
+    if let (Some(last), Some(t)) = (walked_last, args.through) {
         if last < t {
             unreadable(summary, last + 1, t, "not in the WAL");
         }
@@ -911,6 +975,7 @@ fn from_copy(
             return Ok(());
         }
         match Record::decode(payload) {
+            Ok(r) if !wanted_stream(args, &r, summary) => Ok(()),
             Ok(r) => send(summary, seq, seq - args.from + 1, r),
             Err(e) => {
                 unreadable(summary, seq, seq, &format!("undecodable record: {e}"));
@@ -942,6 +1007,9 @@ fn from_dead_letters(
     let mut reader = std::io::BufReader::new(file);
     let mut line = Vec::new();
     let mut line_no = 0u64;
+    // (instance, seq) of every line sent: one entry per dead letter, which
+    // are rare by construction.
+    let mut seen: std::collections::HashSet<(Option<Vec<u8>>, u64)> = Default::default();
     loop {
         line.clear();
         let n = (&mut reader)
@@ -958,11 +1026,33 @@ fn from_dead_letters(
             report_bad_line(summary, path, line_no, "longer than the limit");
             continue;
         }
-        match dead_letter_record(&line) {
+        match dead_letter_entry(&line) {
             // The line number is the redrive seq: lines are only ever
             // appended, and one seq may appear on two lines (a record
-            // dead-lettered again after a crash before the commit).
-            Ok((seq, r)) if seq >= args.from && seq <= through => send(summary, seq, line_no, r)?,
+            // dead-lettered again after a crash before the commit): the
+            // second is the same record and is not sent again, or a rule
+            // consumer would see it twice under two redrive seqs.
+            Ok((seq, topic, r)) if seq >= args.from && seq <= through => {
+                let wanted = args.source_topic.as_deref().unwrap_or(&args.topic);
+                if let Some(t) = topic.filter(|t| t != wanted) {
+                    *summary
+                        .skipped_other
+                        .entry(format!("topic {t}"))
+                        .or_default() += 1;
+                    continue;
+                }
+                let instance = r
+                    .headers
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == HEADER_INSTANCE)
+                    .map(|(_, v)| v.clone());
+                if !seen.insert((instance, seq)) {
+                    summary.duplicate_lines += 1;
+                    continue;
+                }
+                send(summary, seq, line_no, r)?
+            }
             Ok(_) => {}
             Err(why) => report_bad_line(summary, path, line_no, &why),
         }

@@ -388,6 +388,10 @@ fn a_quarantined_segment_and_the_dead_letter_file_are_sent_back() {
         "from-dlq",
         "--dead-letter",
         dl.path().to_str().unwrap(),
+        // The lines were refused by `events`; another target is chosen
+        // explicitly.
+        "--source-topic",
+        "events",
     ]);
     assert_eq!(
         out.status.code(),
@@ -706,7 +710,12 @@ async fn no_internal_header_reaches_kafka_on_any_path() {
     assert!(lines.contains(":sluice.idempotency"), "{lines}");
     redrive_to(
         "from-file",
-        &["--dead-letter", file.path().to_str().unwrap()],
+        &[
+            "--dead-letter",
+            file.path().to_str().unwrap(),
+            "--source-topic",
+            "events",
+        ],
     );
 
     let other = tempfile::tempdir().unwrap();
@@ -925,4 +934,121 @@ async fn a_stalled_run_purges_stops_and_the_same_run_again_completes() {
     let mut ids = ids;
     ids.sort();
     assert_eq!(ids, want, "{stderr}");
+}
+
+/// Found by the hostile review: redrive put every stream's records into the
+/// one `--topic` (a restricted stream's events in another stream's topic).
+/// It now sends one stream per run (default: the built-in one); records of
+/// other streams are skipped, listed, and fail the run unless `--stream`
+/// chose explicitly.
+#[test]
+fn a_multi_stream_wal_is_never_mixed_into_one_topic() {
+    let broker = Broker::with_partitions(&["events", "backup", "audit-backup"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let mut c = WalConfig::new(&data);
+        c.min_free_bytes = 0;
+        let wal = Wal::open(c, Arc::new(StdFs) as Arc<dyn Filesystem>, 0)
+            .unwrap()
+            .0;
+        for n in 1..=6 {
+            let mut r = record(n);
+            if n % 2 == 0 {
+                r.stream = "audit".into();
+            }
+            wal.append_blocking(vec![r.encode()]).unwrap();
+        }
+    }
+    let data_arg = data.to_str().unwrap();
+    let (out, s) = redrive(&[
+        "--brokers",
+        &broker.addr,
+        "--topic",
+        "backup",
+        "--data-dir",
+        data_arg,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert_eq!(s["skipped_other"]["audit"], 3, "{s}");
+    assert_eq!(s["delivered"], 3, "{s}");
+    let backup = consume_by(&broker.addr, "backup", 3, "origin-seq");
+    assert_eq!(backup.keys().copied().collect::<Vec<_>>(), [1, 3, 5]);
+
+    let (out, s) = redrive(&[
+        "--brokers",
+        &broker.addr,
+        "--topic",
+        "audit-backup",
+        "--data-dir",
+        data_arg,
+        "--stream",
+        "audit",
+    ]);
+    assert!(out.status.success(), "{s}");
+    assert_eq!(s["skipped_other"]["default"], 3, "{s}");
+    let audit = consume_by(&broker.addr, "audit-backup", 3, "origin-seq");
+    assert_eq!(audit.keys().copied().collect::<Vec<_>>(), [2, 4, 6]);
+}
+
+/// Found by the hostile review: a record dead-lettered again after a crash
+/// is on two lines of the dead-letter file; each line got its own redrive
+/// seq, so a rule consumer saw the event twice. And lines refused by
+/// another topic are not sent to `--topic` unless chosen.
+#[test]
+fn a_dead_letter_on_two_lines_is_sent_once_and_other_topics_are_not_mixed_in() {
+    let broker = Broker::with_partitions(&["events", "audit-backup"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dead-letter.ndjson");
+    let line = |seq: u64, topic: &str| {
+        serde_json::json!({"seq": seq, "instance": "0190aaaa-0000-7000-8000-000000000001",
+            "topic": topic, "error": "refused", "key": "t", "timestamp_ms": 1_714_564_800_000u64,
+            "headers": {"id": format!("a-{seq}")}, "value": {"json": {"id": format!("a-{seq}")}}})
+        .to_string()
+    };
+    std::fs::write(
+        &file,
+        [
+            line(41, "events"),
+            line(42, "events"),
+            line(42, "events"),
+            line(43, "audit"),
+        ]
+        .join("\n")
+            + "\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let (out, s) = redrive(&[
+        "--brokers",
+        &broker.addr,
+        "--topic",
+        "events",
+        "--dead-letter",
+        f,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the audit line was not sent: {s}"
+    );
+    assert_eq!(s["duplicate_lines"], 1, "{s}");
+    assert_eq!(s["skipped_other"]["topic audit"], 1, "{s}");
+    assert_eq!(s["delivered"], 2, "{s}");
+    let (ids, stderr) = consume_exactly_once(&broker.addr, "events");
+    assert_eq!(ids, ["a-41", "a-42"], "{stderr}");
+
+    let (out, s) = redrive(&[
+        "--brokers",
+        &broker.addr,
+        "--topic",
+        "audit-backup",
+        "--dead-letter",
+        f,
+        "--source-topic",
+        "audit",
+    ]);
+    assert!(out.status.success(), "{s}");
+    let (ids, _) = consume_exactly_once(&broker.addr, "audit-backup");
+    assert_eq!(ids, ["a-43"]);
 }
