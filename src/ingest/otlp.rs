@@ -155,6 +155,13 @@ pub fn decode(
                     )))
                 }
             }
+            // Log records are the large messages (about 500 bytes each
+            // once decoded): count them before decoding, so 640,000 empty
+            // records in a 1.3 MB body are refused without the 325 MB
+            // their structs would take (hostile review).
+            if count_log_records(body).is_some_and(|n| n > limits.max_events_per_request) {
+                return Err(OtlpError::TooManyRecords(limits.max_events_per_request));
+            }
             <ExportLogsServiceRequest as prost::Message>::decode(body)
                 .map_err(|e| OtlpError::Malformed(format!("invalid OTLP protobuf: {e}")))?
         }
@@ -162,8 +169,14 @@ pub fn decode(
             if json_objects(body) > budget {
                 return Err(OtlpError::TooManyMessages(budget));
             }
-            json::decode(body)
-                .map_err(|e| OtlpError::Malformed(format!("invalid OTLP/JSON: {e}")))?
+            // The reader refuses the record past the limit as it reads it.
+            json::decode(body, limits.max_events_per_request).map_err(|e| {
+                if e.to_string().contains(json::TOO_MANY_RECORDS) {
+                    OtlpError::TooManyRecords(limits.max_events_per_request)
+                } else {
+                    OtlpError::Malformed(format!("invalid OTLP/JSON: {e}"))
+                }
+            })?
         }
     };
     let records: usize = request
@@ -239,6 +252,51 @@ fn count_messages(
         }
     }
     Ok(())
+}
+
+/// The number of `LogRecord`s in an `ExportLogsServiceRequest` body
+/// (`resource_logs` = 1 -> `scope_logs` = 2 -> `log_records` = 2), read
+/// from the wire without decoding; `None` if the body does not parse (the
+/// decoder then says why).
+fn count_log_records(body: &[u8]) -> Option<usize> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    /// Calls `each` with every length-delimited field `field` of `buf`.
+    fn fields<'a>(
+        mut buf: &'a [u8],
+        field: u32,
+        mut each: impl FnMut(&'a [u8]) -> Option<()>,
+    ) -> Option<()> {
+        while !buf.is_empty() {
+            let (tag, wire) = decode_key(&mut buf).ok()?;
+            match wire {
+                WireType::Varint => {
+                    decode_varint(&mut buf).ok()?;
+                }
+                WireType::SixtyFourBit => buf = buf.get(8..)?,
+                WireType::ThirtyTwoBit => buf = buf.get(4..)?,
+                WireType::LengthDelimited => {
+                    let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+                    let inner = buf.get(..len)?;
+                    buf = &buf[len..];
+                    if tag == field {
+                        each(inner)?;
+                    }
+                }
+                WireType::StartGroup | WireType::EndGroup => return None,
+            }
+        }
+        Some(())
+    }
+    let mut n = 0usize;
+    fields(body, 1, |resource| {
+        fields(resource, 2, |scope| {
+            fields(scope, 2, |_| {
+                n += 1;
+                Some(())
+            })
+        })
+    })?;
+    Some(n)
 }
 
 /// Whether `buf` parses as one level of protobuf fields.
@@ -603,6 +661,46 @@ pub fn any_value(v: Option<&AnyValue>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Log records are counted before they are decoded (protobuf) or as they
+    /// are read (JSON): 640,000 empty records took serve to 326 MB when
+    /// they were decoded first and counted after (hostile review).
+    #[test]
+    fn records_past_the_limit_are_refused_before_they_are_decoded() {
+        use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+        let limits = Limits::default();
+        let over = limits.max_events_per_request + 1;
+        let req = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                scope_logs: vec![ScopeLogs {
+                    log_records: vec![LogRecord::default(); over],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let proto = prost::Message::encode_to_vec(&req);
+        assert_eq!(count_log_records(&proto), Some(over));
+        assert!(matches!(
+            decode(Encoding::Protobuf, &proto, &limits),
+            Err(OtlpError::TooManyRecords(_))
+        ));
+        let json = format!(
+            "{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{}]}}]}}]}}",
+            vec!["{}"; over].join(",")
+        );
+        assert!(matches!(
+            decode(Encoding::Json, json.as_bytes(), &limits),
+            Err(OtlpError::TooManyRecords(_))
+        ));
+        // At the limit both decode.
+        let at = limits.max_events_per_request;
+        let json = format!(
+            "{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{}]}}]}}]}}",
+            vec!["{}"; at].join(",")
+        );
+        assert!(decode(Encoding::Json, json.as_bytes(), &limits).is_ok());
+    }
 
     fn builtin(t: &str) -> Option<&'static str> {
         Normalizer::new(Limits::default(), Default::default()).severity(t)

@@ -43,17 +43,37 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+/// The error text of a body with more log records than allowed.
+pub const TOO_MANY_RECORDS: &str = "more log records than the request limit";
+
+thread_local! {
+    /// Log records the body being read may still hold (see [`decode`]).
+    static RECORDS_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
 /// Decodes a whole OTLP/JSON `ExportLogsServiceRequest` (trailing
-/// whitespace only after it).
-pub fn decode(body: &[u8]) -> Result<ExportLogsServiceRequest, serde_json::Error> {
+/// whitespace only after it), refusing the record past `max_records` as it
+/// is read: a log record is the large message, so a body of 640,000 `{}`
+/// records must not be decoded first and counted after (it took serve to
+/// 326 MB).
+pub fn decode(
+    body: &[u8],
+    max_records: usize,
+) -> Result<ExportLogsServiceRequest, serde_json::Error> {
+    RECORDS_LEFT.with(|c| c.set(max_records));
     let mut de = serde_json::Deserializer::from_slice(body);
-    let request = Message::<ExportLogsServiceRequest>::deserialize(&mut de)?.0;
+    let request = Message::<ExportLogsServiceRequest>::deserialize(&mut de);
+    RECORDS_LEFT.with(|c| c.set(usize::MAX));
+    let request = request?.0;
     de.end()?;
     Ok(request)
 }
 
 /// A protobuf message read from a JSON object, field by field.
 trait Fields: Default {
+    /// Whether a message of this type counts against the record limit.
+    const IS_RECORD: bool = false;
+
     /// Reads the value of field `name` from `map` into `self`; `false` when
     /// the name is not a field (the caller skips the value).
     fn field<'de, A: MapAccess<'de>>(&mut self, name: &str, map: &mut A) -> Result<bool, A::Error>;
@@ -70,6 +90,13 @@ impl<'de, T: Fields> Deserialize<'de> for Message<T> {
                 f.write_str("a JSON object (an OTLP message)")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message<T>, A::Error> {
+                if T::IS_RECORD {
+                    let left = RECORDS_LEFT.with(|c| c.get());
+                    if left == 0 {
+                        return Err(de::Error::custom(TOO_MANY_RECORDS));
+                    }
+                    RECORDS_LEFT.with(|c| c.set(left - 1));
+                }
                 let mut m = T::default();
                 while let Some(Key(name)) = map.next_key::<Key<'de>>()? {
                     if !m.field(&name, &mut map)? {
@@ -325,6 +352,8 @@ impl Fields for InstrumentationScope {
 }
 
 impl Fields for LogRecord {
+    const IS_RECORD: bool = true;
+
     fn field<'de, A: MapAccess<'de>>(&mut self, name: &str, map: &mut A) -> Result<bool, A::Error> {
         match name {
             "timeUnixNano" | "time_unix_nano" => self.time_unix_nano = int(map, name)?,
@@ -438,9 +467,12 @@ mod tests {
     #[test]
     fn a_request_is_an_object_not_an_array() {
         for bad in ["[]", "[[]]", "null", "0", "\"\""] {
-            let e = decode(bad.as_bytes()).unwrap_err().to_string();
+            let e = decode(bad.as_bytes(), usize::MAX).unwrap_err().to_string();
             assert!(e.contains("a JSON object"), "{bad}: {e}");
         }
-        assert_eq!(decode(b"{}").unwrap(), ExportLogsServiceRequest::default());
+        assert_eq!(
+            decode(b"{}", usize::MAX).unwrap(),
+            ExportLogsServiceRequest::default()
+        );
     }
 }
