@@ -572,14 +572,7 @@ impl Replayer {
         };
         let headers = kafka_headers(&record, seq, &[]);
         let stream = record.stream.clone();
-        let mut fr = FutureRecord::to(&topics.topic)
-            .payload(&record.value)
-            .headers(headers)
-            .partition(partition)
-            .timestamp(record.timestamp_ms);
-        if let Some(k) = &record.key {
-            fr = fr.key(k);
-        }
+        let mut fr = future_record(&topics.topic, &record, headers, partition);
         let observer = self.stats.observer();
         loop {
             match producer.send_result(fr) {
@@ -707,14 +700,7 @@ impl Replayer {
         let partition = self
             .partition_of(&producer, &record.stream, true, record.key.as_deref(), seq)
             .await?;
-        let mut fr = FutureRecord::to(&topics.dead_letter_topic)
-            .payload(&record.value)
-            .headers(headers)
-            .partition(partition)
-            .timestamp(record.timestamp_ms);
-        if let Some(k) = &record.key {
-            fr = fr.key(k);
-        }
+        let fr = future_record(&topics.dead_letter_topic, &record, headers, partition);
         let dlq_error = match producer.send_result(fr) {
             Ok(delivery) => match delivery.await {
                 Ok(Ok(_)) => None,
@@ -1023,6 +1009,25 @@ pub fn kafka_headers(record: &Record, seq: u64, extra: &[(&str, &[u8])]) -> Owne
         });
     }
     headers
+}
+
+/// What replay hands librdkafka for `record`: its value, key and timestamp,
+/// `headers`, on the partition sluice chose (never librdkafka's partitioner).
+fn future_record<'a>(
+    topic: &'a str,
+    record: &'a Record,
+    headers: OwnedHeaders,
+    partition: i32,
+) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
+    let fr = FutureRecord::to(topic)
+        .payload(&record.value)
+        .headers(headers)
+        .partition(partition)
+        .timestamp(record.timestamp_ms);
+    match &record.key {
+        Some(k) => fr.key(k),
+        None => fr,
+    }
 }
 
 /// Rebuilds the record from what librdkafka hands back with a failure.
