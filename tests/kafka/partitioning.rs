@@ -51,6 +51,34 @@ fn unkeyed(n: usize) -> Record {
     r
 }
 
+/// Where librdkafka's `partitioner` puts each key: one record per key
+/// produced to the topic `reference`, read back.
+async fn reference_partitions(
+    brokers: &str,
+    partitioner: &str,
+    keys: &[String],
+) -> BTreeMap<String, i32> {
+    let reference: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("partitioner", partitioner)
+        .create()
+        .unwrap();
+    for k in keys {
+        reference
+            .send(
+                FutureRecord::<_, [u8]>::to("reference").key(k.as_str()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    read_topic(brokers, "reference")
+        .await
+        .iter()
+        .map(|c| (c.key.clone().unwrap(), c.partition))
+        .collect()
+}
+
 fn append(node: &Node, records: Vec<Record>) -> u64 {
     let payloads = records.iter().map(Record::encode).collect();
     tokio::task::block_in_place(|| node.wal.append_blocking(payloads))
@@ -132,25 +160,7 @@ async fn keyed_records_land_on_kafkas_murmur2_partition() {
     node.wait_committed(last, Duration::from_secs(60)).await;
     running.shutdown().await;
 
-    let reference: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("partitioner", "murmur2")
-        .create()
-        .unwrap();
-    for t in &tenants {
-        reference
-            .send(
-                FutureRecord::<_, [u8]>::to("reference").key(t.as_str()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
-    let want: BTreeMap<String, i32> = read_topic(&brokers, "reference")
-        .await
-        .iter()
-        .map(|c| (c.key.clone().unwrap(), c.partition))
-        .collect();
+    let want = reference_partitions(&brokers, "murmur2", &tenants).await;
     assert_eq!(want.len(), tenants.len());
     let mut spread = BTreeSet::new();
     for c in read_topic(&brokers, TOPIC).await {
@@ -273,25 +283,7 @@ async fn records_of_a_build_before_pinning_keep_librdkafkas_partitions() {
     assert_eq!(node.offsets.pinning_since().unwrap(), Some(old + 1));
 
     // librdkafka's default partitioner for keyed records.
-    let reference: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("partitioner", "consistent_random")
-        .create()
-        .unwrap();
-    for t in &tenants {
-        reference
-            .send(
-                FutureRecord::<_, [u8]>::to("reference").key(t.as_str()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
-    let legacy: BTreeMap<String, i32> = read_topic(&brokers, "reference")
-        .await
-        .iter()
-        .map(|c| (c.key.clone().unwrap(), c.partition))
-        .collect();
+    let legacy = reference_partitions(&brokers, "consistent_random", &tenants).await;
     let mut differ = 0;
     for c in read_topic(&brokers, TOPIC).await {
         let key = c.key.clone().unwrap();
