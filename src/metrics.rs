@@ -461,7 +461,7 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("sink_fsyncs_total", "Files sink: fdatasyncs and fsyncs of files and directories.", COUNTER, |r| get(&r.sink_fsyncs)),
     ("sink_unparsed_total", "Files sink: records that were not JSON or had no usable timestamp (written to logs/unparsed/).", COUNTER, |r| get(&r.sink_unparsed)),
     ("sink_values_cut_total", "Files sink: analytics values longer than 256 bytes, counted under their cut form (marked \"…[cut]\").", COUNTER, |r| get(&r.sink_values_cut)),
-    ("sink_hours_sealed_over_bound_total", "Files sink: hours sealed because more than archive.max-open-hours were open (least recently written first).", COUNTER, |r| get(&r.sink_hours_sealed_over_bound)),
+    ("sink_files_sealed_over_bound_total", "Files sink: hours sealed because more than archive.max-open-hours were open (least recently written first).", COUNTER, |r| get(&r.sink_files_sealed_over_bound)),
     ("sink_events_far_past_total", "Files sink: events more than 7 days older than the clock (archived in their hour).", COUNTER, |r| get(&r.sink_events_far_past)),
     ("sink_events_far_future_total", "Files sink: events more than 1 hour ahead of the clock (archived in their hour).", COUNTER, |r| get(&r.sink_events_far_future)),
     ("sink_checkpoint_bytes", "Files sink: size of the last archive checkpoint written or read.", GAUGE, |r| get(&r.sink_checkpoint_bytes)),

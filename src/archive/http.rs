@@ -232,10 +232,10 @@ async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
         w.values_cut.load(Relaxed),
     );
     one(
-        "sluice_archive_hours_sealed_over_bound_total",
+        "sluice_archive_files_sealed_over_bound_total",
         "counter",
         "Hours sealed because more than archive.max-open-hours were open.",
-        w.hours_sealed_over_bound.load(Relaxed),
+        w.files_sealed_over_bound.load(Relaxed),
     );
     one(
         "sluice_archive_events_far_past_total",

@@ -108,7 +108,7 @@ pub struct WriterMetrics {
     /// under their cut form.
     pub values_cut: AtomicU64,
     /// Hours sealed because open hours passed `max_open_hours` (not idle).
-    pub hours_sealed_over_bound: AtomicU64,
+    pub files_sealed_over_bound: AtomicU64,
     /// Events more than [`FAR_PAST_HOURS`] before / [`FAR_FUTURE_HOURS`]
     /// after the wall clock (archived in their hour all the same).
     pub events_far_past: AtomicU64,
@@ -1023,7 +1023,7 @@ impl Writer {
         let m = &self.metrics;
         if !over.is_empty() {
             let total = m
-                .hours_sealed_over_bound
+                .files_sealed_over_bound
                 .fetch_add(over.len() as u64, Relaxed)
                 + over.len() as u64;
             if self.logged_bound.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
@@ -1682,7 +1682,7 @@ mod tests {
         let near: Vec<String> = [-1, 0].iter().map(|&h| Hour(now + h).key()).collect();
         assert_eq!(cp.hours.keys().cloned().collect::<Vec<_>>(), near);
         let m = w.metrics();
-        assert_eq!(m.hours_sealed_over_bound.load(Relaxed), 2);
+        assert_eq!(m.files_sealed_over_bound.load(Relaxed), 2);
         assert_eq!(m.events_far_past.load(Relaxed), 1);
         assert_eq!(m.events_far_future.load(Relaxed), 1);
         // The far hours' summaries are their record now.

@@ -382,7 +382,7 @@ impl Totals {
             fsyncs: s.sink_fsyncs.load(Ordering::Relaxed),
             unparsed: s.sink_unparsed.load(Ordering::Relaxed),
             values_cut: s.sink_values_cut.load(Ordering::Relaxed),
-            sealed_over_bound: s.sink_hours_sealed_over_bound.load(Ordering::Relaxed),
+            sealed_over_bound: s.sink_files_sealed_over_bound.load(Ordering::Relaxed),
             far_past: s.sink_events_far_past.load(Ordering::Relaxed),
             far_future: s.sink_events_far_future.load(Ordering::Relaxed),
         }
@@ -404,8 +404,8 @@ impl Totals {
             .store(g(&m.checkpoint_bytes), Ordering::Relaxed);
         s.sink_values_cut
             .store(self.values_cut + g(&m.values_cut), Ordering::Relaxed);
-        s.sink_hours_sealed_over_bound.store(
-            self.sealed_over_bound + g(&m.hours_sealed_over_bound),
+        s.sink_files_sealed_over_bound.store(
+            self.sealed_over_bound + g(&m.files_sealed_over_bound),
             Ordering::Relaxed,
         );
         s.sink_events_far_past

@@ -178,7 +178,7 @@ pub struct ReplayStats {
     /// the last checkpoint's size, and checkpoints read at open that were
     /// larger than the settings' bound.
     pub sink_values_cut: AtomicU64,
-    pub sink_hours_sealed_over_bound: AtomicU64,
+    pub sink_files_sealed_over_bound: AtomicU64,
     pub sink_events_far_past: AtomicU64,
     pub sink_events_far_future: AtomicU64,
     pub sink_checkpoint_bytes: AtomicU64,

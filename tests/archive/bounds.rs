@@ -236,7 +236,7 @@ fn events_over_400_distinct_hours_keep_open_hours_bounded_through_kill_9() {
     assert_eq!(n, 4 * PER_THREAD * 25);
     let refs: Vec<&str> = acked.iter().map(String::as_str).collect();
     wait_ids(&dir, &refs, &d);
-    let sealed = metric(&d.addr, "sluice_sink_hours_sealed_over_bound_total").unwrap_or(0);
+    let sealed = metric(&d.addr, "sluice_sink_files_sealed_over_bound_total").unwrap_or(0);
     let hwm = vm_hwm_mib(&d.pid());
     let files = paths_under(&dir).len();
     eprintln!(
