@@ -268,7 +268,7 @@ async fn serve_archive_listener(
         .local_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
     if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
-        tracing::warn!(%addr, "ARCHIVE LISTENER ON A NON-LOOPBACK ADDRESS (archive.allow-non-loopback): no keys, no TLS; anyone who reaches this port reads /v1/analytics (the top values of the tracked fields of every tenant, paths with their query strings) and /metrics (docs/security.md)");
+        tracing::warn!(%addr, "ARCHIVE LISTENER ON A NON-LOOPBACK ADDRESS (archive.allow-non-loopback): no keys, no TLS; anyone who reaches this port reads /v1/analytics (the top values of the tracked fields of every tenant) and /metrics (docs/security.md)");
     } else {
         tracing::info!(%addr, max_connections = cfg.max_connections, header_timeout_ms = cfg.header_timeout_ms, "archive: listening");
     }

@@ -41,6 +41,11 @@ pub struct AnalyticsSpec {
     pub top_n: usize,
     /// Distinct values tracked per dimension per hour; the rest go to `other`.
     pub max_tracked: usize,
+    /// Keep the query string and fragment of values that are URLs or
+    /// paths (`/reset-password?token=...`). Default false: they are
+    /// removed before counting, so secrets in query strings never reach a
+    /// summary, the checkpoint or `/v1/analytics` (issue 26 item 5).
+    pub keep_query_strings: bool,
 }
 
 impl Default for AnalyticsSpec {
@@ -52,6 +57,7 @@ impl Default for AnalyticsSpec {
             fields: vec!["path".into(), "userAgent".into()],
             top_n: 10,
             max_tracked: 1000,
+            keep_query_strings: false,
         }
     }
 }
@@ -73,6 +79,10 @@ pub struct Counter {
     /// counted under its cut, marked form.
     #[serde(skip_serializing_if = "is_zero")]
     pub cut: u64,
+    /// Lines whose value was a URL or path with a query string or
+    /// fragment, counted without it (unless `keep_query_strings`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub query_removed: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -90,6 +100,23 @@ pub fn cut_value(s: &str) -> (String, bool) {
         end -= 1;
     }
     (format!("{}{CUT_MARK}", &s[..end]), true)
+}
+
+/// `s` without its query string and fragment when it is a path (starts
+/// with `/`) or an absolute URL (`scheme://...`); `None` when there is
+/// nothing to remove or `s` is neither.
+pub fn without_query(s: &str) -> Option<&str> {
+    let is_url = s.starts_with('/')
+        || s.split_once("://").is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        });
+    if !is_url {
+        return None;
+    }
+    s.find(['?', '#']).map(|i| &s[..i])
 }
 
 /// Deserializes a count map cutting every key as it arrives, so that an
@@ -137,14 +164,17 @@ impl std::io::Write for Bounded {
 
 impl Counter {
     /// Counts one line; returns whether its value was cut.
-    fn add(&mut self, value: Option<(String, bool)>, cap: usize) -> bool {
-        let cut = value.as_ref().is_some_and(|v| v.1);
+    fn add(&mut self, value: Option<Key>, cap: usize) -> bool {
+        let cut = value.as_ref().is_some_and(|v| v.cut);
         if cut {
             self.cut += 1;
         }
+        if value.as_ref().is_some_and(|v| v.query_removed) {
+            self.query_removed += 1;
+        }
         match value {
             None => self.missing += 1,
-            Some((v, _)) => {
+            Some(Key { value: v, .. }) => {
                 if let Some(c) = self.counts.get_mut(&v) {
                     *c += 1;
                 } else if self.counts.len() < cap {
@@ -177,6 +207,7 @@ impl Counter {
         self.other += o.other;
         self.missing += o.missing;
         self.cut += o.cut;
+        self.query_removed += o.query_removed;
     }
 }
 
@@ -203,13 +234,27 @@ pub struct HourStats {
     pub fields: BTreeMap<String, Counter>,
 }
 
-/// A value as a count key: strings as they are, other JSON as its text;
-/// cut to [`MAX_VALUE_BYTES`] (the flag says so). Only the first bytes of
-/// a long value are ever copied.
-fn key(v: &Value) -> Option<(String, bool)> {
-    match v {
-        Value::Null => None,
-        Value::String(s) => Some(cut_value(s)),
+/// A value as counted.
+struct Key {
+    value: String,
+    /// Cut to [`MAX_VALUE_BYTES`].
+    cut: bool,
+    /// A query string or fragment was removed ([`without_query`]).
+    query_removed: bool,
+}
+
+/// A value as a count key: strings as they are (without the query string
+/// of a path or URL unless `keep_query`), other JSON as its text; cut to
+/// [`MAX_VALUE_BYTES`]. Only the first bytes of a long value are ever
+/// copied.
+fn key(v: &Value, keep_query: bool) -> Option<Key> {
+    let (value, cut, query_removed) = match v {
+        Value::Null => return None,
+        Value::String(s) => {
+            let stripped = if keep_query { None } else { without_query(s) };
+            let (value, cut) = cut_value(stripped.unwrap_or(s));
+            (value, cut, stripped.is_some())
+        }
         other => {
             let mut w = Bounded(Vec::new());
             // Fails once MAX_VALUE_BYTES + 4 bytes are in: then the text is
@@ -224,9 +269,15 @@ fn key(v: &Value) -> Option<(String, bool)> {
                     String::from_utf8(b).unwrap_or_default()
                 }
             };
-            Some(cut_value(&text))
+            let (value, cut) = cut_value(&text);
+            (value, cut, false)
         }
-    }
+    };
+    Some(Key {
+        value,
+        cut,
+        query_removed,
+    })
 }
 
 fn lookup<'a>(event: &'a Value, path: &str) -> Option<&'a Value> {
@@ -245,7 +296,7 @@ impl HourStats {
         self.first_ms = Some(self.first_ms.map_or(ts_ms, |f| f.min(ts_ms)));
         self.last_ms = Some(self.last_ms.map_or(ts_ms, |l| l.max(ts_ms)));
         let cap = spec.max_tracked;
-        let get = |f: &str| lookup(event, f).and_then(key);
+        let get = |f: &str| lookup(event, f).and_then(|v| key(v, spec.keep_query_strings));
         let mut cut = u64::from(self.by_tenant.add(get(&spec.tenant_field), cap));
         cut += u64::from(self.by_source.add(get(&spec.source_field), cap));
         cut += u64::from(self.by_severity.add(get(&spec.severity_field), cap));
@@ -355,5 +406,17 @@ mod tests {
         let s = h.summary("2026-11-26T12", "logs/x", 10);
         let back: Summary = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
         assert_eq!(back.stats, h);
+    }
+
+    #[test]
+    fn query_strings_of_paths_and_urls_only() {
+        assert_eq!(without_query("/a?token=x"), Some("/a"));
+        assert_eq!(without_query("/a#frag"), Some("/a"));
+        assert_eq!(without_query("https://h/p?q#f"), Some("https://h/p"));
+        assert_eq!(without_query("svc+http://h?x"), Some("svc+http://h"));
+        assert_eq!(without_query("/a"), None);
+        assert_eq!(without_query("why?"), None);
+        assert_eq!(without_query("://x?y"), None);
+        assert_eq!(without_query("a b://x?y"), None);
     }
 }

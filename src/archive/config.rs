@@ -19,7 +19,7 @@ pub struct ArchiveConfig {
     pub group_id: String,
     /// HTTP listener: analytics, health, readiness, metrics. It has no
     /// keys and no TLS, and `/v1/analytics` shows the top values of the
-    /// tracked fields of every tenant (paths with their query strings), so
+    /// tracked fields of every tenant, so
     /// an address off loopback is refused unless `allow-non-loopback`.
     /// Default `127.0.0.1:9191`.
     pub listen: std::net::SocketAddr,
@@ -77,6 +77,12 @@ pub struct ArchiveConfig {
     /// Distinct values tracked per field per hour (the rest count as
     /// `other`). Default 1000.
     pub max_tracked: usize,
+    /// Count URLs and paths with their query string and fragment
+    /// (`/reset-password?token=...`). When false they are counted without
+    /// them (`query_removed` in the summary says how many), so that a
+    /// secret in a query string never reaches a summary, the checkpoint or
+    /// `/v1/analytics`. Default false.
+    pub keep_query_strings: bool,
     /// Delete hourly files older than this many days (summaries stay); 0
     /// keeps everything. Default 0.
     pub retention_days: u64,
@@ -138,6 +144,7 @@ impl Default for ArchiveConfig {
             fields: spec.fields,
             top_n: spec.top_n,
             max_tracked: spec.max_tracked,
+            keep_query_strings: spec.keep_query_strings,
             retention_days: 0,
             compress: false,
             on_offset_reset: OnOffsetReset::Fail,
@@ -195,7 +202,7 @@ impl ArchiveConfig {
     pub fn validate_listener(&self) -> Result<(), String> {
         if !self.listen.ip().is_loopback() && !self.allow_non_loopback {
             return Err(format!(
-                "archive.listen {} is not a loopback address: the archive listener has no keys and no TLS, and /v1/analytics shows the top values of the tracked fields of every tenant (paths with their query strings); listen on 127.0.0.1 (behind an authenticating proxy if it must be reached from elsewhere), or set archive.allow-non-loopback = true (docs/security.md)",
+                "archive.listen {} is not a loopback address: the archive listener has no keys and no TLS, and /v1/analytics shows the top values of the tracked fields of every tenant; listen on 127.0.0.1 (behind an authenticating proxy if it must be reached from elsewhere), or set archive.allow-non-loopback = true (docs/security.md)",
                 self.listen
             ));
         }
@@ -217,6 +224,7 @@ impl ArchiveConfig {
         o.analytics.fields = self.fields.clone();
         o.analytics.top_n = self.top_n;
         o.analytics.max_tracked = self.max_tracked;
+        o.analytics.keep_query_strings = self.keep_query_strings;
         o.timestamp_field = self.timestamp_field.clone();
         o.max_open_files = self.max_open_files;
         o.max_open_hours = self.max_open_hours;

@@ -291,3 +291,71 @@ fn paths_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Issue 26 item 5: `/reset-password?token=...` was listed in a top-N.
+/// Paths and URLs are counted without their query string and fragment
+/// unless `keep-query-strings = true`; the secret is in no summary and no
+/// checkpoint, while the lines themselves keep it (the archive is the log).
+#[test]
+fn query_strings_are_removed_from_analytics_unless_kept() {
+    for keep in [false, true] {
+        let extra = format!("keep-query-strings = {keep}\nfields = [\"path\", \"referer\"]\n");
+        let (_tmp, _data, dir, d) = start_sink(&extra);
+        let mut ids = Vec::new();
+        let events: Vec<Value> = (0..6)
+            .map(|i| {
+                let id = format!("q-{i}");
+                ids.push(id.clone());
+                json!({"id": id, "timestamp": "2026-11-26T12:30:00Z", "tenant_id": "t",
+                       "source": "web", "severity": "INFO", "message": "m",
+                       "path": format!("/reset-password?token=SECRET{i}"),
+                       "referer": format!("https://shop.example/cart#SECRET{i}")})
+            })
+            .chain(std::iter::once(json!({"id": "q-plain",
+                "timestamp": "2026-11-26T12:30:00Z", "tenant_id": "t", "source": "web",
+                "severity": "INFO", "message": "m", "path": "/plain",
+                "referer": "not a url?SECRETX"})))
+            .collect();
+        ids.push("q-plain".into());
+        assert_eq!(
+            post(&d.addr, "application/json", &json!(events).to_string()),
+            202
+        );
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        wait_ids(&dir, &refs, &d);
+        wait_metric(&d, "sluice_sink_lines_total", ids.len() as u64);
+        let (cp, _) = checkpoint(&dir).unwrap();
+        assert!(d.stop().success());
+        settle(&dir);
+        let raw =
+            std::fs::read_to_string(dir.join("analytics/2026-11-26/summary_12.json")).unwrap();
+        let s: Value = serde_json::from_str(&raw).unwrap();
+        let (path, referer) = (&s["fields"]["path"], &s["fields"]["referer"]);
+        if keep {
+            assert_eq!(path["counts"]["/reset-password?token=SECRET3"], 1, "{path}");
+            assert_eq!(path.get("query_removed"), None, "{path}");
+        } else {
+            // Only the value that is no path or URL keeps its `?`.
+            // (in its counts and its top list).
+            assert_eq!(
+                raw.matches("SECRET").count(),
+                raw.matches("SECRETX").count(),
+                "{raw}"
+            );
+            assert_eq!(referer["counts"]["not a url?SECRETX"], 1, "{referer}");
+            assert!(!cp.to_string().contains("SECRET0"), "{cp}");
+            assert_eq!(path["counts"]["/reset-password"], 6, "{path}");
+            assert_eq!(path["counts"]["/plain"], 1, "{path}");
+            assert_eq!(path["query_removed"], 6, "{path}");
+            assert_eq!(
+                referer["counts"]["https://shop.example/cart"], 6,
+                "{referer}"
+            );
+            assert_eq!(referer["query_removed"], 6, "{referer}");
+            assert_eq!(
+                s["top"]["path"][0],
+                json!({"value": "/reset-password", "count": 6})
+            );
+        }
+    }
+}
