@@ -6,6 +6,7 @@
 //!   LOCK                          flock held by the running daemon, holds its pid
 //!   wal/<first seq, 20 digits>.wal  WAL segments (see docs/design.md)
 //!   offsets/                      the committed offset and lost ranges (sled)
+//!   idempotency.log               the Idempotency-Key index's checkpoint
 //!   quarantine/                   damaged segments, tails and offset stores
 //!   dead-letter/dead-letter.ndjson  records Kafka and the dead-letter topic refused
 //! ```
@@ -29,6 +30,14 @@ pub fn wal_dir(data_dir: &Path) -> PathBuf {
 
 pub fn offsets_dir(data_dir: &Path) -> PathBuf {
     data_dir.join(OFFSETS_DIR)
+}
+
+/// Named here for the layout; the file's format is the idempotency
+/// index's (`keylog`).
+pub const IDEMPOTENCY_LOG: &str = "idempotency.log";
+
+pub fn idempotency_log(data_dir: &Path) -> PathBuf {
+    data_dir.join(IDEMPOTENCY_LOG)
 }
 
 pub fn quarantine_dir(data_dir: &Path) -> PathBuf {

@@ -10,15 +10,18 @@
 //! the records to readers, so every key whose records replay can see is in
 //! this index.
 //!
-//! The index in memory is bounded (`idempotency.max-keys`, oldest evicted
-//! first) and forgets keys older than `idempotency.window-secs`. It is
-//! checkpointed into the offsets store (sled) by every offset commit, with
-//! the sequence number it covers ("indexed through"), before that commit's
-//! flush and fsync; GC runs only after a commit, and only below the
-//! committed offset, which is never above the watermark, so a segment is
-//! never unlinked while its keys are only in memory. Open loads sled and
-//! rescans only the records above the watermark (and above the committed
-//! offset), so restart cost does not grow with the backlog.
+//! The index in memory is bounded (`idempotency.max-keys`,
+//! `idempotency.max-bytes`, oldest evicted first) and forgets keys older
+//! than `idempotency.window-secs`. It is checkpointed into its own
+//! append-only file, `DATA_DIR/idempotency.log` ([`keylog`]), by every
+//! offset commit, with the sequence number it covers ("indexed through"),
+//! fdatasynced before that commit's flush and fsync; GC runs only after a
+//! commit, and only below the committed offset, which is never above the
+//! watermark, so a segment is never unlinked while its keys are only in
+//! memory. Open reads the log and rescans only the records above the
+//! watermark (and above the committed offset), so restart cost does not
+//! grow with the backlog. Before version 0.9 the checkpoint was a sled tree
+//! in the offsets store; open moves its rows into the log once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +31,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::wal::{ReadItem, Record, SeqRange, Wal};
+
+mod keylog;
+use keylog::KeyLog;
 
 /// Headers whose names start with this are sluice's own metadata: kept in
 /// the WAL, never produced to Kafka.
@@ -63,14 +69,14 @@ pub const MIN_MAX_BYTES: u64 = 64 * 1024;
 /// [`EntryV1`].
 const ENTRY_VERSION: u8 = 2;
 const ENTRY_VERSION_1: u8 = 1;
-/// Version byte of a sled row (`version ‖ first_seq ‖ encoded entry`): the
-/// row's own layout, unchanged since version 1; the entry inside carries
-/// its own version.
+/// Version byte of a row of the legacy sled tree (`version ‖ first_seq ‖
+/// encoded entry`), read once to move the rows into the log.
 const STORED_VERSION: u8 = 1;
-/// Bytes in front of the encoded entry in a sled row.
+/// Bytes in front of the encoded entry in a legacy sled row.
 const STORED_HEAD: usize = 1 + 8;
-/// sled tree of entries: key = scope ‖ idempotency key, value = version ‖
-/// first_seq (u64 BE) ‖ encoded Entry. The empty key holds the watermark.
+/// The legacy sled tree of entries (before the log): key = scope ‖
+/// idempotency key, value = version ‖ first_seq (u64 BE) ‖ encoded Entry.
+/// The empty key holds the watermark.
 const TREE: &str = "idempotency";
 const WATERMARK_KEY: &[u8] = b"";
 
@@ -88,14 +94,12 @@ pub struct IdempotencyConfig {
     /// bytes each plus the response. Default 100000.
     pub max_keys: usize,
     /// Memory the remembered keys may take, in bytes: each counts its
-    /// stored entry (the bytes checkpointed into sled: key, body hash,
-    /// answer), its key again as the map's key, and
+    /// stored entry (the bytes checkpointed into `idempotency.log`: key,
+    /// body hash, answer), its key again as the map's key, and
     /// [`KEY_OVERHEAD_BYTES`]. The oldest is forgotten first. Default
     /// 48 MiB: 100,000 keys of a typical answer (~440 bytes each) fit, the
-    /// hostile shape (answers cut at 2 KiB) holds ~20,000. Counted with
-    /// sled's 8 MiB cache, 56 MiB; sled's own memory beyond its cache (1x
-    /// to 3x the rows it holds) is not counted: see
-    /// docs/design.md "Memory budget".
+    /// hostile shape (answers cut at 2 KiB) holds ~20,000. The log holds
+    /// the rows on disk only: see docs/design.md "Memory budget".
     pub max_bytes: u64,
 }
 
@@ -413,7 +417,7 @@ enum Slot {
 /// checkpoint rows, so a keyed request copies its key once.
 type MapKey = Arc<[u8]>;
 
-/// A done key not yet in sled: its map key and its encoded entry (the bytes
+/// A done key not yet in the log: its map key and its encoded entry (the bytes
 /// of the WAL header), so the checkpoint neither looks it up nor encodes it.
 struct Unsaved {
     map_key: MapKey,
@@ -430,10 +434,10 @@ struct Inner {
     map: HashMap<MapKey, Slot>,
     /// Done keys in acceptance order, for eviction (stale rows are skipped).
     order: VecDeque<(i64, u64, MapKey)>,
-    /// Done keys not yet written to sled, by first_seq. Only live ones: an
-    /// evicted or replaced key's row is removed with it.
+    /// Done keys not yet written to the log, by first_seq. Only live ones:
+    /// an evicted or replaced key's row is removed with it.
     unsaved: BTreeMap<u64, Unsaved>,
-    /// Keys evicted since the last checkpoint, to delete from sled.
+    /// Keys evicted since the last checkpoint, to delete from the log.
     forgotten: Vec<MapKey>,
     done: usize,
     /// [`cost`] of the done keys, against `max_bytes`.
@@ -453,7 +457,8 @@ pub struct IdempotencyCounters {
     pub mismatched: AtomicU64,
     pub other_protocol: AtomicU64,
     pub in_flight_conflicts: AtomicU64,
-    /// Entries in the WAL or sled that did not decode (skipped, logged).
+    /// Entries in the WAL or the log that did not decode, and damaged log
+    /// tails cut at open (skipped, logged).
     pub undecodable: AtomicU64,
 }
 
@@ -461,13 +466,33 @@ pub struct Index {
     cfg: IdempotencyConfig,
     /// Taken by every keyed request (`begin`), by the WAL writer after each
     /// fdatasync (`complete`) and briefly by a checkpoint: never held across
-    /// sled or any I/O, or ingest stalls behind it.
+    /// the log's writes or any I/O, or ingest stalls behind it.
     inner: Mutex<Inner>,
-    /// Serializes checkpoints and holds the last watermark written. See
-    /// [`Index::checkpoint`].
-    checkpoint: Mutex<u64>,
+    /// Serializes checkpoints; holds the log and the last watermark
+    /// written. See [`Index::checkpoint`].
+    checkpoint: Mutex<Checkpointer>,
     next_token: AtomicU64,
     pub counters: IdempotencyCounters,
+}
+
+/// Every done key with its first seq and encoded entry (the `Arc`s
+/// cloned): what a rewrite of the log writes.
+fn done_rows(inner: &Inner) -> Vec<(MapKey, u64, Arc<[u8]>)> {
+    inner
+        .map
+        .iter()
+        .filter_map(|(k, slot)| match slot {
+            Slot::Done { encoded, first_seq } => Some((k.clone(), *first_seq, encoded.clone())),
+            Slot::InFlight { .. } => None,
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Checkpointer {
+    /// Opened by [`Index::rebuild`]; a checkpoint before it writes nothing.
+    log: Option<KeyLog>,
+    last_watermark: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -495,7 +520,7 @@ impl Index {
                 max_bytes: cfg.max_bytes.max(MIN_MAX_BYTES),
             },
             inner: Mutex::new(Inner::default()),
-            checkpoint: Mutex::new(0),
+            checkpoint: Mutex::new(Checkpointer::default()),
             next_token: AtomicU64::new(1),
             counters: IdempotencyCounters::default(),
         })
@@ -579,8 +604,8 @@ impl Index {
         }
     }
 
-    /// Records a durable outcome (from the writer, or from the WAL or sled
-    /// at open). `unsaved`: sled does not have the entry yet.
+    /// Records a durable outcome (from the writer, or from the WAL or the
+    /// log at open). `unsaved`: the log does not have the entry yet.
     fn insert_done(
         &self,
         inner: &mut Inner,
@@ -609,7 +634,7 @@ impl Index {
                 first_seq: old,
                 encoded: was,
             }) => {
-                // Replaced (the rebuild meets a key in sled and again in
+                // Replaced (the rebuild meets a key in the log and again in
                 // the WAL): the newer row is the one to write.
                 inner.bytes -= cost(&mk, &was);
                 if old != first_seq {
@@ -652,75 +677,94 @@ impl Index {
             .store(inner.bytes, Ordering::Relaxed);
     }
 
-    /// Writes every entry not yet in sled, drops evicted ones, and sets the
-    /// watermark to `durable_next - 1`. Not durable by itself: the caller's
-    /// flush and fsync (an offset commit) follows. `durable_next` must be read
-    /// before this call: the writer completes entries before it publishes, so
-    /// every entry below it is in the index by then.
+    /// Appends every entry not yet in the log, the deletions of forgotten
+    /// keys and the watermark `durable_next - 1` to `idempotency.log`, and
+    /// fdatasyncs it; or, when the log has grown past twice the live rows
+    /// (or an earlier write failed), rewrites it whole from the index. The
+    /// caller (an offset commit) flushes and fsyncs the offset after this
+    /// returns. `durable_next` must be read before this call: the writer
+    /// completes entries before it publishes, so every entry below it is in
+    /// the index by then.
     ///
-    /// The index lock is held only to take the rows (two `mem::take`s), never
-    /// while sled applies them: every keyed request and the WAL writer's
-    /// completion hook take that lock, and a second of keyed ingest is tens
-    /// of thousands of rows (sled applying them under the lock stalled every
-    /// request for ~100 ms once a second).
+    /// The index lock is held only to take the rows (two `mem::take`s, and
+    /// for a rewrite a clone of the map's `Arc`s), never while the log is
+    /// written: every keyed request and the WAL writer's completion hook
+    /// take that lock, and a second of keyed ingest is tens of thousands of
+    /// rows (writing them under the lock stalled every request for ~100 ms
+    /// once a second, when they went to sled).
     ///
-    /// Invariant: a watermark is never written past rows that are not
-    /// written. The rows and the watermark go into sled in one atomic batch;
-    /// checkpoints run one at a time (the replayer's commit and the periodic
-    /// one race), so a later checkpoint cannot apply, and its commit flush,
-    /// a watermark while rows an earlier one took are still on their way;
-    /// and rows a failed apply did not write are put back before the next
-    /// checkpoint may run.
+    /// Invariant: a watermark is never durable past rows that are not.
+    /// Rows and watermark go into one append whose watermark frame is last
+    /// (a torn append is cut at open back to the previous watermark);
+    /// checkpoints run one at a time, so a later checkpoint cannot write a
+    /// watermark while rows an earlier one took are still on their way; and
+    /// rows a failed write did not make durable are put back before the
+    /// next checkpoint may run (which then rewrites the log whole).
     ///
     /// If the process dies:
-    /// - after the rows are taken, before the apply: sled holds the previous
-    ///   checkpoint; the rows are in the WAL above its watermark (GC never
-    ///   passes the committed offset, and this commit has not happened), so
-    ///   the rebuild rescans them;
-    /// - after the apply, before the caller's flush and fsync: sled may or
-    ///   may not have the batch, all of it or none (sled batches are
-    ///   atomic); either way the WAL still holds the rows;
-    /// - after the flush and fsync: sled holds rows and watermark.
-    pub fn checkpoint(&self, tree: &sled::Tree, durable_next: u64) -> sled::Result<()> {
-        self.checkpoint_with(|batch| tree.apply_batch(batch), durable_next)
+    /// - after the rows are taken, before the fdatasync returns: the log
+    ///   holds the previous checkpoint (and perhaps a torn tail, cut at
+    ///   open); the rows are in the WAL above its watermark (GC never passes
+    ///   the committed offset, and this commit has not happened), so the
+    ///   rebuild rescans them;
+    /// - after the fdatasync, before the caller's flush and fsync: the log
+    ///   is ahead of the offset; the rebuild scans from the higher of the
+    ///   two;
+    /// - during a rewrite: the old log (and a `.tmp`, removed at open) or,
+    ///   once the rename is durable, the new one.
+    pub fn checkpoint(&self, durable_next: u64) -> std::io::Result<()> {
+        self.checkpoint_with(|| Ok(()), durable_next)
     }
 
-    /// [`Index::checkpoint`] with the apply step given: tests stall it or
-    /// make it fail, as a full disk or an I/O error in sled would.
+    /// [`Index::checkpoint`] with a step run just before the log is
+    /// written (the rows taken, the checkpoint lock held): tests stall it
+    /// or make it fail, as a full disk would.
     fn checkpoint_with(
         &self,
-        apply: impl FnOnce(sled::Batch) -> sled::Result<()>,
+        before_write: impl FnOnce() -> std::io::Result<()>,
         durable_next: u64,
-    ) -> sled::Result<()> {
-        let mut last_watermark = lock(&self.checkpoint);
-        let (forgotten, unsaved) = {
+    ) -> std::io::Result<()> {
+        let mut guard = lock(&self.checkpoint);
+        let ck = &mut *guard;
+        let Some(log) = ck.log.as_mut() else {
+            return Ok(());
+        };
+        let (forgotten, unsaved, snapshot) = {
             let mut inner = lock(&self.inner);
             self.evict(&mut inner, now_ms());
+            // A rewrite's rows: every done key, taken with the rows below
+            // so that the two agree (a row taken is in the snapshot).
+            let snapshot = log.wants_rewrite(inner.bytes).then(|| done_rows(&inner));
             (
                 std::mem::take(&mut inner.forgotten),
                 std::mem::take(&mut inner.unsaved),
+                snapshot,
             )
         };
-        // Deletions first: a key forgotten and accepted again since the last
-        // checkpoint is in both lists, and a batch keeps the last write of a
-        // key.
-        let mut batch = sled::Batch::default();
-        for mk in &forgotten {
-            batch.remove(&mk[..]);
-        }
-        for (first_seq, row) in &unsaved {
-            batch.insert(&row.map_key[..], stored_value(&row.encoded, *first_seq));
-        }
         // A checkpoint that read the frontier earlier but got the lock later
         // must not move the watermark back (it would only cost a longer
-        // rescan, but it is never needed: this batch holds every row below
+        // rescan, but it is never needed: these rows include every row below
         // the higher one too).
-        let through = durable_next.saturating_sub(1).max(*last_watermark);
-        batch.insert(WATERMARK_KEY, &through.to_be_bytes()[..]);
-        if let Err(e) = apply(batch) {
-            // Nothing was written: put the rows back for the next checkpoint
-            // (which cannot start before this returns). A row whose key was
-            // forgotten meanwhile stays out; its deletion is queued.
+        let through = durable_next.saturating_sub(1).max(ck.last_watermark);
+        let written = before_write().and_then(|()| match &snapshot {
+            Some(rows) => log.rewrite(rows.iter().map(|(k, f, e)| (&k[..], *f, &e[..])), through),
+            // Deletions first: a key forgotten and accepted again since the
+            // last checkpoint is in both lists, and the last frame of a key
+            // wins.
+            None => log.append(
+                forgotten.iter().map(|k| &k[..]),
+                unsaved
+                    .iter()
+                    .map(|(f, row)| (&row.map_key[..], *f, &row.encoded[..])),
+                through,
+            ),
+        });
+        if let Err(e) = written {
+            // Not durable: put the rows back for the next checkpoint (which
+            // cannot start before this returns, and rewrites the log whole
+            // after a failed append). A row whose key was forgotten
+            // meanwhile stays out; its deletion is queued.
+            log.needs_rewrite = true;
             let mut inner = lock(&self.inner);
             inner.forgotten.extend(forgotten);
             for (first_seq, row) in unsaved {
@@ -731,58 +775,120 @@ impl Index {
             }
             return Err(e);
         }
-        *last_watermark = through;
+        if let Some(rows) = snapshot {
+            tracing::debug!(
+                rows = rows.len(),
+                bytes = log.len(),
+                "idempotency log rewritten"
+            );
+        }
+        ck.last_watermark = through;
         Ok(())
     }
 
-    /// Rebuilds the index at open: sled's entries, then the WAL records above
-    /// both the watermark and the committed offset (everything above the
-    /// committed offset is still in the WAL; GC never passes it).
+    /// Rebuilds the index at open: the log's rows (and, once, the rows a
+    /// build before the log left in the sled tree `legacy`), then the WAL
+    /// records above both the watermark and the committed offset
+    /// (everything above the committed offset is still in the WAL; GC never
+    /// passes it).
     pub fn rebuild(
         &self,
-        tree: &sled::Tree,
+        log_path: &std::path::Path,
+        legacy: &sled::Tree,
         wal: &Wal,
         committed: u64,
     ) -> Result<RebuildReport, String> {
         let now = now_ms();
         let horizon = now.saturating_sub(self.window_ms());
-        let mut loaded: Vec<(i64, u64, MapKey, Arc<[u8]>)> = Vec::new();
-        let mut watermark = 0;
-        let mut stale = Vec::new();
-        for row in tree.iter() {
+        let (mut log, read) = KeyLog::open(log_path)
+            .map_err(|e| format!("idempotency log {}: {e}", log_path.display()))?;
+        if let Some((at, len, why)) = &read.cut {
+            self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                path = %log_path.display(),
+                offset = at,
+                bytes = len,
+                reason = %why,
+                "idempotency log: cut from this offset (a torn last write, or damage); keys written after it are forgotten unless the WAL rescan finds them"
+            );
+        }
+        if read.created {
+            tracing::info!(path = %log_path.display(), "idempotency log created");
+        }
+        let mut watermark = read.watermark;
+        let mut rows = read.rows;
+        // Rows of the sled tree a build before the log wrote: merged over
+        // the log's (a downgrade and upgrade leaves both; sled's are then
+        // the newer), written into the log whole below, and only then
+        // removed from sled (made durable by the next offset commit). Dying
+        // between the two: both hold them, and this runs again.
+        let mut legacy_rows = 0usize;
+        for row in legacy.iter() {
             let (k, v) = row.map_err(|e| e.to_string())?;
             if k.as_ref() == WATERMARK_KEY {
-                watermark = v
-                    .as_ref()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| "malformed idempotency watermark".to_string())?;
+                let w = v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+                    "malformed idempotency watermark in the offsets store".to_string()
+                })?;
+                watermark = watermark.max(w);
                 continue;
             }
-            match decode_stored(&v) {
-                Ok((entry, first_seq)) if entry.accepted_ms >= horizon => loaded.push((
-                    entry.accepted_ms,
-                    first_seq,
-                    k.as_ref().into(),
-                    v[STORED_HEAD..].into(),
-                )),
-                Ok(_) => stale.push(MapKey::from(k.as_ref())),
+            legacy_rows += 1;
+            match v.split_first() {
+                Some((&STORED_VERSION, rest)) if rest.len() >= STORED_HEAD - 1 => {
+                    let mut f = [0u8; 8];
+                    f.copy_from_slice(&rest[..8]);
+                    rows.insert(k.to_vec(), (u64::from_be_bytes(f), rest[8..].to_vec()));
+                }
+                _ => {
+                    self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        "idempotency entry in the offsets store does not decode; key forgotten"
+                    );
+                }
+            }
+        }
+        let mut loaded: Vec<(i64, u64, MapKey, Arc<[u8]>)> = Vec::with_capacity(rows.len());
+        let mut stale = Vec::new();
+        for (k, (first_seq, encoded)) in rows {
+            match Entry::decode(&encoded) {
+                Ok(entry) if entry.accepted_ms >= horizon => {
+                    loaded.push((entry.accepted_ms, first_seq, k.into(), encoded.into()))
+                }
+                Ok(_) => stale.push(MapKey::from(k)),
                 Err(why) => {
                     self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %why, "idempotency entry in the offsets store does not decode; key forgotten");
-                    stale.push(MapKey::from(k.as_ref()));
+                    tracing::error!(first_seq, error = %why, "idempotency entry in the log does not decode; key forgotten");
+                    stale.push(MapKey::from(k));
                 }
             }
         }
         // Oldest first, so that over a cap the oldest are the ones dropped.
         loaded.sort_by_key(|(accepted_ms, f, _, _)| (*accepted_ms, *f));
-        let from_sled = loaded.len();
+        let from_log = loaded.len();
         let mut inner = lock(&self.inner);
         for (accepted_ms, first_seq, mk, encoded) in loaded {
             self.insert_done(&mut inner, mk, encoded, accepted_ms, first_seq, false);
         }
         inner.forgotten.extend(stale);
         drop(inner);
+        if legacy_rows > 0 || !legacy.is_empty() {
+            let rows = done_rows(&lock(&self.inner));
+            log.rewrite(rows.iter().map(|(k, f, e)| (&k[..], *f, &e[..])), watermark)
+                .map_err(|e| format!("idempotency log {}: {e}", log_path.display()))?;
+            lock(&self.inner).forgotten.clear();
+            legacy.clear().map_err(|e| e.to_string())?;
+            tracing::info!(
+                rows = legacy_rows,
+                kept = rows.len(),
+                path = %log_path.display(),
+                "idempotency keys moved from the offsets store into their own log"
+            );
+        }
+        {
+            let mut ck = lock(&self.checkpoint);
+            ck.log = Some(log);
+            ck.last_watermark = ck.last_watermark.max(watermark);
+        }
         let start = watermark.max(committed) + 1;
         let end = wal.durable().borrow().next_seq;
         let mut reader = wal.reader(start);
@@ -816,7 +922,8 @@ impl Index {
             }
         }
         Ok(RebuildReport {
-            from_sled,
+            from_log,
+            from_legacy: legacy_rows,
             from_wal,
             scanned_records: scanned,
             scanned_from: start,
@@ -920,32 +1027,16 @@ pub const WAL_READ_ERROR: &str = "WAL read error: ";
 /// What open found.
 #[derive(Debug, Clone, Copy)]
 pub struct RebuildReport {
-    pub from_sled: usize,
+    /// Keys read from the log (or moved from the legacy tree) and kept.
+    pub from_log: usize,
+    /// Rows found in the legacy sled tree (moved into the log).
+    pub from_legacy: usize,
     pub from_wal: usize,
     pub scanned_records: u64,
     pub scanned_from: u64,
 }
 
-/// The sled value of an entry: `encoded` is [`Entry::encode`]'s output.
-fn stored_value(encoded: &[u8], first_seq: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(STORED_HEAD + encoded.len());
-    v.push(STORED_VERSION);
-    v.extend_from_slice(&first_seq.to_be_bytes());
-    v.extend_from_slice(encoded);
-    v
-}
-
-fn decode_stored(v: &[u8]) -> Result<(Entry, u64), String> {
-    match v.split_first() {
-        Some((&STORED_VERSION, rest)) if rest.len() > STORED_HEAD - 1 => {
-            let first_seq = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
-            Ok((Entry::decode(&rest[8..])?, first_seq))
-        }
-        _ => Err("malformed stored idempotency entry".into()),
-    }
-}
-
-/// The sled tree the index is checkpointed into.
+/// The legacy sled tree (read once by [`Index::rebuild`], then emptied).
 pub fn tree(db: &sled::Db) -> sled::Result<sled::Tree> {
     db.open_tree(TREE)
 }
@@ -1138,7 +1229,7 @@ mod tests {
             idx.begin([0; 16], "k-3", [1; 32], Protocol::Events),
             Begin::Replay { .. }
         ));
-        // Forgotten keys leave sled at the next checkpoint.
+        // Forgotten keys leave the log at the next checkpoint.
         assert_eq!(lock(&idx.inner).forgotten.len(), 3);
     }
 
@@ -1169,6 +1260,26 @@ mod tests {
         tree(&db).unwrap()
     }
 
+    fn empty_wal(dir: &std::path::Path) -> crate::wal::Wal {
+        crate::wal::Wal::open(
+            crate::wal::WalConfig::new(dir),
+            Arc::new(crate::wal::io::StdFs),
+            0,
+        )
+        .unwrap()
+        .0
+    }
+
+    /// An index whose log is `dir/idempotency.log` (rebuilt from it).
+    fn opened(cfg: IdempotencyConfig, dir: &std::path::Path) -> (Arc<Index>, RebuildReport) {
+        let idx = Index::new(cfg);
+        let wal = empty_wal(&dir.join("wal"));
+        let report = idx
+            .rebuild(&dir.join("idempotency.log"), &temp_tree(), &wal, 0)
+            .unwrap();
+        (idx, report)
+    }
+
     /// Completes a new key at `first_seq` (one record).
     fn accept(idx: &Arc<Index>, key: &str, first_seq: u64) {
         let Begin::New(p) = idx.begin([0; 16], key, [1; 32], Protocol::Events) else {
@@ -1184,60 +1295,57 @@ mod tests {
         );
     }
 
-    fn sled_keys(t: &sled::Tree) -> Vec<String> {
-        t.iter()
+    /// The keys and the watermark the log at `dir` holds, as a restart
+    /// reads them.
+    fn log_keys(dir: &std::path::Path) -> (Vec<String>, u64) {
+        let (_, l) = KeyLog::open(&dir.join("idempotency.log")).unwrap();
+        let mut keys: Vec<String> = l
+            .rows
             .keys()
-            .map(|k| k.unwrap())
-            // The watermark's key is empty; entries are scope (16) ‖ key.
-            .filter(|k| k.len() > 16)
             .map(|k| String::from_utf8_lossy(&k[16..]).into_owned())
-            .collect()
-    }
-
-    fn watermark(t: &sled::Tree) -> Option<u64> {
-        t.get(WATERMARK_KEY)
-            .unwrap()
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+            .collect();
+        keys.sort();
+        (keys, l.watermark)
     }
 
     /// Generous: a request answered only after this is a stall, not a slow
     /// machine.
     const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
-    /// A checkpoint on its own thread, stalled inside sled's apply (which it
-    /// has entered when this returns) until the sender is used.
+    /// A checkpoint on its own thread, stalled just before it writes the
+    /// log (which it has reached when this returns) until the sender is
+    /// used.
     fn stalled_checkpoint(
         idx: &Arc<Index>,
-        t: &sled::Tree,
         durable_next: u64,
     ) -> (
-        std::thread::JoinHandle<sled::Result<()>>,
+        std::thread::JoinHandle<std::io::Result<()>>,
         std::sync::mpsc::Sender<()>,
     ) {
-        let (in_apply, applying) = std::sync::mpsc::channel();
+        let (in_write, writing) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
-        let (idx, t) = (idx.clone(), t.clone());
+        let idx = idx.clone();
         let handle = std::thread::spawn(move || {
             idx.checkpoint_with(
-                |batch| {
-                    in_apply.send(()).unwrap();
+                || {
+                    in_write.send(()).unwrap();
                     released.recv().unwrap();
-                    t.apply_batch(batch)
+                    Ok(())
                 },
                 durable_next,
             )
         });
-        applying.recv_timeout(PATIENCE).unwrap();
+        writing.recv_timeout(PATIENCE).unwrap();
         (handle, release)
     }
 
     #[test]
-    fn requests_and_the_writer_never_wait_for_sled_during_a_checkpoint() {
-        let idx = Index::new(IdempotencyConfig::default());
-        let t = temp_tree();
+    fn requests_and_the_writer_never_wait_for_the_log_during_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (idx, _) = opened(IdempotencyConfig::default(), dir.path());
         accept(&idx, "a", 1);
-        let (checkpoint, release) = stalled_checkpoint(&idx, &t, 2);
-        // sled is "busy": a keyed request's begin and the writer's
+        let (checkpoint, release) = stalled_checkpoint(&idx, 2);
+        // The log is "busy": a keyed request's begin and the writer's
         // completion hook must still go through.
         let (done, answered) = std::sync::mpsc::channel();
         let request = {
@@ -1253,49 +1361,52 @@ mod tests {
         checkpoint.join().unwrap().unwrap();
         assert!(
             outcome.is_ok(),
-            "a keyed request waited for the checkpoint's sled apply"
+            "a keyed request waited for the checkpoint's write"
         );
         // "b" came after the rows were taken: the next checkpoint has it.
-        assert_eq!(sled_keys(&t), ["a"]);
-        idx.checkpoint(&t, 3).unwrap();
-        assert_eq!(sled_keys(&t), ["a", "b"]);
-        assert_eq!(watermark(&t), Some(2));
+        assert_eq!(log_keys(dir.path()), (vec!["a".into()], 1));
+        idx.checkpoint(3).unwrap();
+        assert_eq!(log_keys(dir.path()), (vec!["a".into(), "b".into()], 2));
     }
 
     #[test]
-    fn a_failed_apply_keeps_rows_and_deletions_for_the_next_checkpoint() {
-        let idx = Index::new(IdempotencyConfig {
+    fn a_failed_write_keeps_rows_and_deletions_for_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = IdempotencyConfig {
             window_secs: 3600,
             max_keys: 2,
             ..Default::default()
-        });
-        let t = temp_tree();
+        };
+        let (idx, _) = opened(cfg.clone(), dir.path());
         accept(&idx, "a", 1);
         accept(&idx, "b", 2);
-        idx.checkpoint(&t, 3).unwrap();
-        assert_eq!(sled_keys(&t), ["a", "b"]);
+        idx.checkpoint(3).unwrap();
+        assert_eq!(log_keys(dir.path()), (vec!["a".into(), "b".into()], 2));
         // "c" evicts "a" (cap 2).
         accept(&idx, "c", 3);
-        let failed =
-            idx.checkpoint_with(|_| Err(sled::Error::Unsupported("disk on fire".into())), 4);
+        let failed = idx.checkpoint_with(|| Err(std::io::Error::other("disk on fire")), 4);
         assert!(failed.is_err());
-        assert_eq!(sled_keys(&t), ["a", "b"], "nothing written");
-        assert_eq!(watermark(&t), Some(2));
-        // The next one writes "c" and deletes "a".
-        idx.checkpoint(&t, 4).unwrap();
-        assert_eq!(sled_keys(&t), ["b", "c"]);
-        assert_eq!(watermark(&t), Some(3));
+        assert_eq!(
+            log_keys(dir.path()),
+            (vec!["a".into(), "b".into()], 2),
+            "nothing written"
+        );
+        // A failed append leaves a partial frame behind: the next
+        // checkpoint rewrites the log from the index, whatever is there.
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.path().join("idempotency.log"))
+                .unwrap();
+            f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        }
+        idx.checkpoint(4).unwrap();
+        assert_eq!(log_keys(dir.path()), (vec!["b".into(), "c".into()], 3));
         // And a restart finds what the index holds.
-        let again = Index::new(IdempotencyConfig::default());
-        let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = crate::wal::Wal::open(
-            crate::wal::WalConfig::new(dir.path()),
-            Arc::new(crate::wal::io::StdFs),
-            0,
-        )
-        .unwrap();
-        let report = again.rebuild(&t, &wal, 0).unwrap();
-        assert_eq!((report.from_sled, report.from_wal), (2, 0));
+        drop(idx);
+        let (again, report) = opened(IdempotencyConfig::default(), dir.path());
+        assert_eq!((report.from_log, report.from_wal), (2, 0));
         assert!(matches!(
             again.begin([0; 16], "a", [1; 32], Protocol::Events),
             Begin::New(_)
@@ -1308,24 +1419,26 @@ mod tests {
 
     #[test]
     fn a_checkpoint_never_writes_its_watermark_before_rows_an_earlier_one_took() {
-        let idx = Index::new(IdempotencyConfig::default());
-        let t = temp_tree();
+        let dir = tempfile::tempdir().unwrap();
+        let (idx, _) = opened(IdempotencyConfig::default(), dir.path());
         accept(&idx, "a", 10);
         accept(&idx, "b", 20);
-        // The first checkpoint takes both and stalls inside sled.
-        let (first, release) = stalled_checkpoint(&idx, &t, 11);
+        // The first checkpoint takes both and stalls before its write.
+        let (first, release) = stalled_checkpoint(&idx, 11);
         // The second (the other committer) covers both: when it writes its
-        // watermark, "a" must already be in sled.
-        let (entered, second_applying) = std::sync::mpsc::channel();
+        // watermark, "a" must already be in the log.
+        let (entered, second_writing) = std::sync::mpsc::channel();
         let second = {
-            let (idx, t) = (idx.clone(), t.clone());
+            let (idx, d) = (idx.clone(), dir.path().to_path_buf());
             std::thread::spawn(move || {
                 idx.checkpoint_with(
-                    |batch| {
+                    || {
                         let _ = entered.send(());
-                        let a_written = sled_keys(&t).contains(&"a".to_string());
-                        t.apply_batch(batch)?;
-                        assert!(a_written, "watermark 20 written while a (seq 10) was not");
+                        let a_written = log_keys(&d).0.contains(&"a".to_string());
+                        assert!(
+                            a_written,
+                            "watermark 20 about to be written while a (seq 10) was not"
+                        );
                         Ok(())
                     },
                     21,
@@ -1334,19 +1447,78 @@ mod tests {
         };
         // Give the second one every chance to overtake; it must wait.
         assert!(
-            second_applying
+            second_writing
                 .recv_timeout(std::time::Duration::from_millis(500))
                 .is_err(),
-            "a second checkpoint applied while the first was applying"
+            "a second checkpoint wrote while the first was writing"
         );
         release.send(()).unwrap();
         first.join().unwrap().unwrap();
         second.join().unwrap().unwrap();
-        assert_eq!(sled_keys(&t), ["a", "b"]);
-        assert_eq!(watermark(&t), Some(20));
+        assert_eq!(log_keys(dir.path()), (vec!["a".into(), "b".into()], 20));
         // A checkpoint that read an older frontier does not move it back.
-        idx.checkpoint(&t, 5).unwrap();
-        assert_eq!(watermark(&t), Some(20));
+        idx.checkpoint(5).unwrap();
+        assert_eq!(log_keys(dir.path()).1, 20);
+    }
+
+    /// The log stays within twice the live rows (and its floor) however
+    /// many keys come and go: a checkpoint rewrites it from the index.
+    #[test]
+    fn churn_keeps_the_log_near_the_live_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (idx, _) = opened(
+            IdempotencyConfig {
+                max_keys: 1000,
+                ..Default::default()
+            },
+            dir.path(),
+        );
+        let path = dir.path().join("idempotency.log");
+        let mut largest = 0;
+        for round in 0..60u64 {
+            for i in 0..1000 {
+                accept(&idx, &format!("k-{round}-{i}"), round * 1000 + i + 1);
+            }
+            idx.checkpoint(round * 1000 + 1001).unwrap();
+            largest = largest.max(std::fs::metadata(&path).unwrap().len());
+        }
+        let live = idx.counters.held_bytes.load(Ordering::Relaxed);
+        assert!(
+            largest <= keylog::COMPACT_MIN_BYTES.max(2 * live) + live,
+            "log reached {largest} bytes for {live} live bytes"
+        );
+        let (keys, watermark) = log_keys(dir.path());
+        assert_eq!((keys.len(), watermark), (1000, 60_000));
+        assert!(keys.iter().all(|k| k.starts_with("k-59-")));
+    }
+
+    /// Rows a build before the log left in sled are moved into the log
+    /// once, and sled's tree is emptied.
+    #[test]
+    fn rows_in_the_legacy_sled_tree_move_into_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = temp_tree();
+        let e = entry("old", 1, now_ms());
+        let mut v = vec![STORED_VERSION];
+        v.extend_from_slice(&7u64.to_be_bytes());
+        v.extend_from_slice(&e.encode());
+        t.insert(map_key(&[0; 16], "old"), v).unwrap();
+        t.insert(b"", &9u64.to_be_bytes()[..]).unwrap();
+        t.insert(map_key(&[0; 16], "junk"), &b"\x09junk"[..])
+            .unwrap();
+        let idx = Index::new(IdempotencyConfig::default());
+        let wal = empty_wal(&dir.path().join("wal"));
+        let r = idx
+            .rebuild(&dir.path().join("idempotency.log"), &t, &wal, 0)
+            .unwrap();
+        assert_eq!((r.from_log, r.from_legacy, r.scanned_from), (1, 2, 10));
+        assert_eq!(idx.counters.undecodable.load(Ordering::Relaxed), 1);
+        assert!(t.is_empty());
+        assert_eq!(log_keys(dir.path()), (vec!["old".into()], 9));
+        assert!(matches!(
+            idx.begin([0; 16], "old", [1; 32], Protocol::Events),
+            Begin::Replay { .. }
+        ));
     }
 
     #[test]
@@ -1373,8 +1545,6 @@ mod tests {
         assert!(Entry::decode(&[]).is_err());
         assert!(Entry::decode(&[1, 0xff, 0xff]).is_err());
         assert!(Entry::decode(&[2, 0xff, 0xff]).is_err());
-        let s = stored_value(&e.encode(), 77);
-        assert_eq!(decode_stored(&s).unwrap(), (e, 77));
     }
 
     /// A version-1 entry as the previous build encoded it.

@@ -166,7 +166,7 @@ pub async fn run(
         std::time::Duration::from_millis(config.auth.reload_interval_ms),
     ));
     retry_startup_read("rebuilding the Idempotency-Key index", || async {
-        crate::server_idempotency::start(&state, &wal, &offsets)
+        crate::server_idempotency::start(&state, &wal, &offsets, &data_dir)
             .await
             .map_err(|e| {
                 // Only a failed read is worth retrying; a malformed store

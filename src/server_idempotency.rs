@@ -1,4 +1,5 @@
-//! `serve`'s part of the idempotency index: rebuild at open, checkpoint with
+//! `serve`'s part of the idempotency index: rebuild at open (from
+//! `DATA_DIR/idempotency.log` and the WAL), checkpoint with
 //! every offset commit, and a periodic commit so the checkpoint advances
 //! while replay is stalled (a broker outage), keeping the rescan at the next
 //! open short.
@@ -21,14 +22,16 @@ pub(crate) async fn start(
     state: &Arc<AppState>,
     wal: &Arc<Wal>,
     offsets: &Arc<OffsetStore>,
+    data_dir: &std::path::Path,
 ) -> Result<(), Error> {
     let (index, wal_, offsets_) = (state.idempotency.clone(), wal.clone(), offsets.clone());
+    let log = crate::datadir::idempotency_log(data_dir);
     let report = tokio::task::spawn_blocking(move || -> Result<_, Error> {
         let tree =
             idempotency::tree(offsets_.db()).map_err(crate::replay::offsets::OffsetError::from)?;
         let committed = offsets_.committed()?;
         let report = index
-            .rebuild(&tree, &wal_, committed)
+            .rebuild(&log, &tree, &wal_, committed)
             .map_err(|e| format!("idempotency index: {e}"))?;
         // Every commit writes the checkpoint first; the durable frontier is
         // read before the index (see `Index::checkpoint`).
@@ -39,13 +42,15 @@ pub(crate) async fn start(
             // ingest moves): what the WAL held, for the reuse check at the
             // next start (`offsets::note_durable_through`).
             crate::replay::offsets::note_durable_through(db, next.saturating_sub(1))?;
-            index.checkpoint(&tree, next)
+            // The log is fdatasynced here, before the offset's flush.
+            index.checkpoint(next).map_err(sled::Error::Io)
         }));
         Ok(report)
     })
     .await??;
     tracing::info!(
-        from_store = report.from_sled,
+        from_log = report.from_log,
+        from_offsets_store = report.from_legacy,
         from_wal = report.from_wal,
         scanned_records = report.scanned_records,
         scanned_from_seq = report.scanned_from,
