@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 26 item 3: peak RSS and offsets/ on disk of a real daemon under keyed
+# Issue 26 item 3: peak RSS, offsets/ and idempotency.log on disk of a real daemon under keyed
 # requests (docs/benchmarks.md "Idempotency-Key memory").
 # usage: benches/idempotency_memory.sh BINARY KEYS THREADS LABEL [extra config lines] ; env NOKEY=1 to send without keys
 set -u
@@ -16,7 +16,8 @@ python3 "$(dirname "$0")/idempotency_memory.py" $ADDR $KEYS $THREADS ${NOKEY:+no
 sleep 3
 H1=$(awk '/VmHWM/{print $2}' /proc/$PID/status); R1=$(awk '/VmRSS/{print $2}' /proc/$PID/status)
 OFF=$(du -sk $D/data/offsets | cut -f1)
+LOG=$(du -sk $D/data/idempotency.log 2>/dev/null | cut -f1)
 M=$(curl -s http://$ADDR/metrics | grep -E '^sluice_idempotency_(keys_held|bytes_held|keys_evicted_total)' | tr '\n' ' ')
-echo "$LABEL keys=$KEYS VmHWM ${H0}->${H1} kB, VmRSS ${R1} kB, offsets/ ${OFF} kB; $M"
+echo "$LABEL keys=$KEYS VmHWM ${H0}->${H1} kB, VmRSS ${R1} kB, offsets/ ${OFF} kB, idempotency.log ${LOG:-0} kB; $M"
 kill $PID; wait $PID 2>/dev/null
 rm -rf $D
