@@ -39,16 +39,34 @@ def hwm(p):
         if l.startswith("VmHWM:"):
             return int(l.split()[1]) // 1024
 
+def checkpoint_size():
+    """DIR/checkpoint and the open hours' files in DIR/checkpoint.d/."""
+    n = os.path.getsize(os.path.join(arch, "checkpoint"))
+    d = os.path.join(arch, "checkpoint.d")
+    for f in os.listdir(d) if os.path.isdir(d) else []:
+        try: n += os.path.getsize(os.path.join(d, f))
+        except OSError: pass
+    return n
+
 cp_max = [0]
+written_max = [0]
 stop = [False]
 def sampler():
     while not stop[0]:
-        try: cp_max[0] = max(cp_max[0], os.path.getsize(os.path.join(arch, "checkpoint")))
+        try: cp_max[0] = max(cp_max[0], checkpoint_size())
+        except OSError: pass
+        time.sleep(0.05)
+
+def written_sampler():
+    # The bytes each commit wrote to the checkpoint (the gauge of the last one).
+    while not stop[0]:
+        try: written_max[0] = max(written_max[0], metric(a, "sluice_sink_checkpoint_written_bytes") or 0)
         except OSError: pass
         time.sleep(0.05)
 
 p, a = start()
 threading.Thread(target=sampler, daemon=True).start()
+threading.Thread(target=written_sampler, daemon=True).start()
 t0 = time.time()
 if shape == "values":
     # The issue's repro: 32 POSTs of 10 events, each a distinct ~900 KB path.
@@ -97,12 +115,24 @@ while metric(a, "sluice_sink_lines_total") != total:
 drained = time.time() - t0
 time.sleep(0.3)
 stop[0] = True
+one_line = None
+if shape == "fill":
+    # One more line, in one of the 64 full hours: what its commit writes.
+    ev = [{"id": "one", "timestamp": "2026-11-01T00:30:00Z", "tenant_id": "t", "source": "web",
+           "severity": "INFO", "message": "m", "path": "/one"}]
+    assert req(a, "POST", "/logs", json.dumps(ev))[0] == 202
+    total += 1
+    while metric(a, "sluice_sink_lines_total") != total:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    one_line = int(metric(a, "sluice_sink_checkpoint_written_bytes"))
 files = sum(len(f) for _, _, f in os.walk(arch))
 print(json.dumps({"shape": shape, "sent_s": round(sent, 1), "drained_s": round(drained, 1),
-    "checkpoint_max_bytes": cp_max[0], "checkpoint_now": os.path.getsize(os.path.join(arch, "checkpoint")),
+    "checkpoint_max_bytes": cp_max[0], "checkpoint_now": checkpoint_size(),
+    "checkpoint_written_max_bytes": int(written_max[0]), "checkpoint_written_one_line_bytes": one_line,
     "files": files, "vmhwm_mib": hwm(p), "fsyncs": metric(a, "sluice_sink_fsyncs_total"),
     "values_cut": metric(a, "sluice_sink_values_cut_total"),
-    "sealed_over_bound": metric(a, "sluice_sink_hours_sealed_over_bound_total")}))
+    "sealed_over_bound": metric(a, "sluice_sink_files_sealed_over_bound_total")}))
 p.kill(); p.wait()
 t1 = time.time()
 p, a = start()

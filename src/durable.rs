@@ -10,6 +10,8 @@
 //! - [`write_file_durable`]: `NAME.tmp`, write, fsync, rename onto `NAME`,
 //!   fsync of the directory. Dying before the rename leaves the old file (and
 //!   a `.tmp` the owner removes); after it, the new one.
+//! - [`replace_file`]: the same without the directory fsync, for a caller
+//!   that replaces many files in one directory and fsyncs it once.
 //! - [`rename_durable`]: rename, then fsync of the target's directory (and of
 //!   the source's, if it is another).
 //!
@@ -133,6 +135,24 @@ pub fn write_file_durable_with(
     path: &Path,
     write: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> io::Result<()> {
+    let tmp = write_tmp_synced(path, write)?;
+    rename_durable(&tmp, path)
+}
+
+/// Replaces `path` with `data` (`path.tmp`, write, fsync, rename) without
+/// the directory fsync: the bytes are durable, the name is not until the
+/// caller fsyncs the directory, once for all the files it replaced there.
+/// Dying before the rename leaves the old file (and a `.tmp`).
+pub fn replace_file(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = write_tmp_synced(path, |f| f.write_all(data))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `path.tmp` written by `write` and fsynced; returns its name.
+fn write_tmp_synced(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<PathBuf> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -140,8 +160,7 @@ pub fn write_file_durable_with(
     write(&mut f)?;
     // Dying before this fsync: only `path.tmp` may be torn; `path` is the old.
     sync_file(&f, &tmp)?;
-    drop(f);
-    rename_durable(&tmp, path)
+    Ok(tmp)
 }
 
 /// Renames `from` onto `to` and fsyncs the directory of `to` (and that of

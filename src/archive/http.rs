@@ -252,8 +252,14 @@ async fn metrics(State(s): State<Arc<ArchiveStatus>>) -> Response {
     one(
         "sluice_archive_checkpoint_bytes",
         "gauge",
-        "Size of the last checkpoint written or read.",
+        "Size of the checkpoint (main file and open hours' files) after the last commit, or as read at start.",
         w.checkpoint_bytes.load(Relaxed),
+    );
+    one(
+        "sluice_archive_checkpoint_written_bytes",
+        "gauge",
+        "Bytes the last commit wrote to the checkpoint (main file and the files of the hours that changed).",
+        w.checkpoint_written_bytes.load(Relaxed),
     );
     one(
         "sluice_archive_checkpoint_over_bound_total",

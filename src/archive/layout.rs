@@ -107,6 +107,16 @@ impl Layout {
                     "archive {name} pattern {p:?} must be a relative path without `..`"
                 ));
             }
+            // The checkpoint's own directory: files there are removed at
+            // open when no checkpoint names them.
+            if path.components().next().map(|c| c.as_os_str())
+                == Some(std::ffi::OsStr::new(super::checkpoint::HOURS_DIR))
+            {
+                return Err(format!(
+                    "archive {name} pattern {p:?} must not be under {}/ (the checkpoint's)",
+                    super::checkpoint::HOURS_DIR
+                ));
+            }
             // Distinct hours must map to distinct files (and parse back):
             // try neighbours in every field.
             let base = Hour(Hour::parse("2026-01-31T23").map_or(0, |h| h.0));
@@ -239,6 +249,7 @@ mod tests {
         assert!(Layout::new("../logs/%Y/%m/%d/%H", DEFAULT_SUMMARIES).is_err());
         assert!(Layout::new("/abs/%Y/%m/%d/%H", DEFAULT_SUMMARIES).is_err());
         assert!(Layout::new(DEFAULT_LOGS, DEFAULT_LOGS).is_err());
+        assert!(Layout::new("checkpoint.d/%Y/%m/%d/%H", DEFAULT_SUMMARIES).is_err());
         let l = Layout::new("events/%Y/%m/%d/%H.ndjson", DEFAULT_SUMMARIES).unwrap();
         let h = Hour::parse("2026-02-01T00").unwrap();
         assert_eq!(l.log(h), PathBuf::from("events/2026/02/01/00.ndjson"));

@@ -5,7 +5,8 @@
 //! open.
 //!
 //! ```text
-//! DIR/checkpoint                          committed lengths, analytics, progress
+//! DIR/checkpoint                          committed lengths, progress, open hours' generations
+//! DIR/checkpoint.d/2026-11-26T12.17.json  an open hour's analytics (written when it changed)
 //! DIR/logs/2026-11-26/12.log.json         one event per line, by event time (UTC)
 //! DIR/logs/unparsed/2026-11-26/12.json    {"position","reason","value"} by arrival
 //! DIR/analytics/2026-11-26/summary_12.json
@@ -33,14 +34,19 @@
 //!   recently written is fdatasynced and closed to make room). Nothing is
 //!   committed until `commit`.
 //! - `commit(progress)`: write buffers → fdatasync dirty files and new
-//!   directory entries → seal idle hours (summary fsynced) → checkpoint (tmp,
-//!   fsync, rename, directory fsync) → refresh open hours' summaries.
+//!   directory entries → checkpoint: the changed hours' files (tmp, fsync,
+//!   rename, one directory fsync), then the main file (tmp, fsync, rename,
+//!   directory fsync), then unlink the hour files it no longer names →
+//!   seal idle hours (summary fsynced, then the checkpoint again without
+//!   them) → refresh open hours' summaries. See [`checkpoint`].
 //! - `open`: truncates every file to its committed length and removes the
 //!   layout's files the checkpoint does not know (created after it: nothing
 //!   in them was committed); other files in the directory are left alone.
 //!   A sealed hour's committed length is in its summary (`bytes`).
 //!   A corrupt checkpoint, or archive files without one, is an error
 //!   ([`CheckpointError::Corrupt`]): starting would duplicate or lose lines.
+//!   A missing or damaged hour file is not: its counts are rebuilt from
+//!   the hour's file (lengths and progress are in the main file).
 //! - After any `Err` from `append` or `commit`, drop the writer and open it
 //!   again; it refuses further use.
 //! - A late event reopens its hour: counts continue from the summary.
@@ -63,8 +69,9 @@ pub use writer::{AnalyticsView, ArchiveError, Placed, Writer, WriterMetrics, Wri
 /// Debug builds: sleeps at a named ordering point so that the chaos test's
 /// SIGKILLs land inside the window more often.
 /// `SLUICE_DEBUG_ARCHIVE_PAUSE="checkpoint=30,kafka=30"`: `checkpoint` is
-/// after the files' fdatasync and before the checkpoint's rename, `kafka`
-/// after the checkpoint and before the Kafka offset commit.
+/// after the files' fdatasync and the changed hours' checkpoint files, and
+/// before the main checkpoint's rename; `kafka` after the checkpoint and
+/// before the Kafka offset commit.
 pub(crate) fn debug_pause(site: &str) {
     if !cfg!(debug_assertions) {
         return;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::analytics::{AnalyticsSpec, HourStats, Summary};
-use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointOut};
+use super::checkpoint::{self, CheckpointError, CheckpointOut, Opened, Store};
 use super::layout::{Hour, Kind, Layout, MAX_EVENT_MS, MIN_EVENT_MS};
 
 /// How the writer behaves. `Default` is the Log Pipeline's layout.
@@ -68,9 +68,9 @@ impl WriterOptions {
         }
     }
 
-    /// The largest checkpoint these options write
-    /// ([`checkpoint::max_bytes`]).
-    pub fn checkpoint_max_bytes(&self) -> u64 {
+    /// The largest checkpoint files these options write
+    /// ([`checkpoint::Bounds`]).
+    pub fn checkpoint_bounds(&self) -> checkpoint::Bounds {
         let h = Hour::parse("2026-01-01T00").unwrap_or(Hour(0));
         let path = [
             self.layout.log(h),
@@ -81,7 +81,7 @@ impl WriterOptions {
         .map(|p| p.as_os_str().len())
         .max()
         .unwrap_or(0);
-        checkpoint::max_bytes(&self.analytics, 2 * self.max_open_hours.max(1) + 1, path)
+        checkpoint::Bounds::new(&self.analytics, 2 * self.max_open_hours.max(1) + 1, path)
     }
 }
 
@@ -99,8 +99,9 @@ pub struct WriterMetrics {
     /// Files truncated or removed on open (uncommitted tails).
     pub recovered_files: AtomicU64,
     /// Checkpoint entries an open could not read (an hour key or a file
-    /// outside what this build can name) and dropped, after keeping a copy
-    /// of the checkpoint. The lines stay in their files.
+    /// outside what this build can name, an hour file in `checkpoint.d/`
+    /// missing or damaged) and dropped, after keeping a copy of the
+    /// checkpoint. The lines stay in their files.
     pub checkpoint_entries_dropped: AtomicU64,
     /// Hours whose counts an open rebuilt from the file on disk.
     pub hours_rebuilt: AtomicU64,
@@ -113,10 +114,15 @@ pub struct WriterMetrics {
     /// after the wall clock (archived in their hour all the same).
     pub events_far_past: AtomicU64,
     pub events_far_future: AtomicU64,
-    /// Size of the last checkpoint written (or read at open), bytes.
+    /// Size of the committed checkpoint (the main file and every hour file
+    /// it names) after the last commit, or as read at open, bytes.
     pub checkpoint_bytes: AtomicU64,
-    /// Checkpoints larger than these options' bound
-    /// ([`WriterOptions::checkpoint_max_bytes`]): read at open (written by
+    /// Bytes the last commit wrote to the checkpoint: the main file and the
+    /// files of the hours that changed (issue 26 item 2: was the whole
+    /// checkpoint, every open hour's counts, at every commit).
+    pub checkpoint_written_bytes: AtomicU64,
+    /// Checkpoint files larger than these options' bounds
+    /// ([`WriterOptions::checkpoint_bounds`]): read at open (written by
     /// other bounds or an older build) or written (a bug). Never refused.
     pub checkpoint_over_bound: AtomicU64,
 }
@@ -278,6 +284,8 @@ pub struct Writer {
     /// Directories whose entries changed since the last commit.
     dirs_to_sync: BTreeSet<PathBuf>,
     unparsed_sealed_through: Option<i64>,
+    /// The checkpoint's files: what the durable main file names.
+    store: Store,
     open: usize,
     tick: u64,
     metrics: Arc<WriterMetrics>,
@@ -304,21 +312,21 @@ impl Writer {
         // Every missing level created and fsynced with its parent; and the
         // root's own entry and contents fsynced even if it existed: a
         // process that died between its mkdir and those fsyncs left a
-        // directory a power cut can still drop, with every file in it.
+        // directory a power cut can still drop, with every file in it. So
+        // the main checkpoint file read next is one the disk holds (a kill
+        // right after its rename may have left the name in the page cache
+        // only).
         crate::durable::create_dir_durable(&dir).map_err(io(&dir))?;
-        checkpoint::sync_dir(&dir).map_err(io(&dir))?;
+        crate::durable::sync_dir(&dir).map_err(io(&dir))?;
         let up = match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        checkpoint::sync_dir(up).map_err(io(up))?;
-        let bound = opts.checkpoint_max_bytes();
-        let mut read_bytes = 0;
-        let cp = match checkpoint::read_sized(&dir)? {
-            Some((cp, len)) => {
-                read_bytes = len;
-                cp
-            }
+        crate::durable::sync_dir(up).map_err(io(up))?;
+        let (mut store, opened) = Store::open(&dir)?;
+        let metrics = Arc::new(WriterMetrics::default());
+        let opened = match opened {
+            Some(o) => o,
             None => {
                 // No checkpoint: only a directory without archive files is
                 // fresh. Files without a checkpoint mean it was lost, and
@@ -336,22 +344,27 @@ impl Writer {
                 }
                 // Written before any archive file exists, so a crash
                 // before the first commit still finds a checkpoint.
-                let cp = Checkpoint::default();
-                checkpoint::write(&dir, &cp).map_err(io(&dir))?;
-                cp
+                let none = Value::Null;
+                let w = store
+                    .commit(&CheckpointOut::empty(&none))
+                    .map_err(io(&dir))?;
+                Opened {
+                    cp: Default::default(),
+                    version: checkpoint::VERSION,
+                    main_bytes: w.main_bytes,
+                    unreadable: Vec::new(),
+                }
             }
         };
-        let metrics = Arc::new(WriterMetrics::default());
-        metrics.checkpoint_bytes.store(read_bytes, Relaxed);
-        if read_bytes > bound {
-            // Valid (its checksum matched), only bigger than these bounds
-            // write: an older build without the value cap or the open-hour
-            // bound, or larger settings. Read anyway, values cut as they
-            // came in; the first commit seals the hours past the bound.
-            metrics.checkpoint_over_bound.fetch_add(1, Relaxed);
-            tracing::warn!(bytes = read_bytes, bound, dir = %dir.display(),
-                "archive: the checkpoint is larger than these settings write (an older build, or larger archive.max-open-hours / max-tracked); read in full, tracked values cut to 256 bytes, hours past the bound sealed at the next commit");
+        // Only now that the checkpoint is known to be usable: a checkpoint
+        // refused above keeps every hour file for whoever restores it.
+        let removed = store.remove_unnamed().map_err(io(&dir))?;
+        if removed > 0 {
+            tracing::info!(removed, dir = %dir.display(),
+                "archive: removed checkpoint hour files no checkpoint names (a commit cut short before its checkpoint's rename, or generations it replaced)");
         }
+        metrics.checkpoint_bytes.store(store.total_bytes(), Relaxed);
+        check_read_bounds(&opts, &store, &opened, &metrics);
         let mut view = AnalyticsView::offline(&dir, opts.layout.clone(), opts.analytics.top_n);
         view.committed = Some(Default::default());
         let mut w = Writer {
@@ -360,7 +373,8 @@ impl Writer {
             hours: HashMap::new(),
             dirty_hours: BTreeSet::new(),
             dirs_to_sync: BTreeSet::new(),
-            unparsed_sealed_through: cp.unparsed_sealed_through,
+            unparsed_sealed_through: opened.cp.unparsed_sealed_through,
+            store,
             open: 0,
             tick: 0,
             metrics,
@@ -370,26 +384,46 @@ impl Writer {
             logged_far: None,
             far_at_last_log: 0,
         };
-        w.recover(&cp)?;
-        Ok((w, cp.progress))
+        w.recover(&opened)?;
+        Ok((w, opened.cp.progress))
     }
 
     /// Brings the files back to the checkpoint.
-    fn recover(&mut self, cp: &Checkpoint) -> Result<(), ArchiveError> {
+    fn recover(&mut self, opened: &Opened) -> Result<(), ArchiveError> {
         let dir = self.opts.dir.clone();
+        let cp = &opened.cp;
         // Entry by entry: one that this build cannot name must not keep the
         // archive (and the files sink with it) down forever. See
-        // docs/design.md, "Checkpoint entries that cannot be read".
+        // docs/design.md, "Checkpoint entries that cannot be read". An hour
+        // file the main file names but that is missing or damaged is one
+        // too: the lengths and the progress are in the main file, so
+        // nothing is duplicated or lost; only the hour's counts are, and
+        // they are rebuilt from its file below, as for a dropped key.
         let (hours, bad_hours) = checkpoint::hour_entries(cp);
+        let unreadable: Vec<String> = opened
+            .unreadable
+            .iter()
+            .map(|u| match &u.file {
+                Some(f) => format!("{} ({}): {}", u.key, f.display(), u.reason),
+                None => format!("{}: {}", u.key, u.reason),
+            })
+            .collect();
         let bad_files: Vec<(String, u64)> = cp
             .files
             .iter()
             .filter(|(rel, _)| self.opts.layout.classify(rel).is_none())
             .map(|(rel, &len)| (rel.clone(), len))
             .collect();
-        if !bad_hours.is_empty() || !bad_files.is_empty() {
-            let (copy, first) = checkpoint::quarantine(&dir).map_err(io(&dir))?;
-            let n = (bad_hours.len() + bad_files.len()) as u64;
+        if !bad_hours.is_empty() || !bad_files.is_empty() || !unreadable.is_empty() {
+            let main = dir.join(checkpoint::FILE);
+            let (copy, first) = checkpoint::quarantine(&dir, &main).map_err(io(&main))?;
+            let mut copies = vec![copy.display().to_string()];
+            let damaged = opened.unreadable.iter().filter(|u| u.on_disk);
+            for f in damaged.filter_map(|u| u.file.as_ref()) {
+                let (copy, _) = checkpoint::quarantine(&dir, f).map_err(io(f))?;
+                copies.push(copy.display().to_string());
+            }
+            let n = (bad_hours.len() + bad_files.len() + unreadable.len()) as u64;
             // Counted and logged once per checkpoint: a sink reopening the
             // same one (retrying after another error) finds its copy.
             if first {
@@ -400,11 +434,13 @@ impl Writer {
             tracing::error!(
                 again = !first,
                 hours = ?bad_hours,
+                hour_files = ?unreadable,
                 files = ?bad_files,
-                copy = %copy.display(),
-                "archive: checkpoint entries this build cannot read: their analytics are dropped; \
-                 each file is cut back to its committed length and left in place, unmanaged \
-                 (its lines stay); a copy of the checkpoint is kept"
+                copies = ?copies,
+                "archive: checkpoint entries this build cannot read: their analytics are dropped \
+                 (an open hour's counts are rebuilt from its file); each file outside the layout \
+                 is cut back to its committed length and left in place, unmanaged (its lines \
+                 stay); a copy of the checkpoint (and of each damaged hour file) is kept"
             );
         }
         for (rel, len) in &bad_files {
@@ -498,7 +534,7 @@ impl Writer {
             );
         }
         for d in std::mem::take(&mut self.dirs_to_sync) {
-            checkpoint::sync_dir(&d).map_err(io(&d))?;
+            crate::durable::sync_dir(&d).map_err(io(&d))?;
         }
         // Summaries of open hours may be ahead of the checkpoint (written
         // after it, from lines that were then truncated) or behind it.
@@ -690,7 +726,7 @@ impl Writer {
             .map_err(io(&plain))?;
             std::fs::remove_file(&zst).map_err(io(&zst))?;
             if let Some(p) = plain.parent() {
-                checkpoint::sync_dir(p).map_err(io(p))?;
+                crate::durable::sync_dir(p).map_err(io(p))?;
             }
             self.metrics.fsyncs.fetch_add(3, Relaxed);
         }
@@ -895,7 +931,7 @@ impl Writer {
             }
         }
         for d in std::mem::take(&mut self.dirs_to_sync) {
-            checkpoint::sync_dir(&d).map_err(io(&d))?;
+            crate::durable::sync_dir(&d).map_err(io(&d))?;
             self.metrics.fsyncs.fetch_add(1, Relaxed);
         }
         // Everything is durable now. Idle files close and their hours seal;
@@ -936,12 +972,19 @@ impl Writer {
             .collect();
         // The checkpoint names every file and hour, the ones about to seal
         // too: it commits the lines appended since the last one, theirs
-        // included. Dying before its rename: the lines are durable but not
-        // committed; the next open truncates them and the source resends
-        // them.
-        let cp = self.checkpoint_of(progress, sealed_unparsed, &BTreeSet::new());
-        super::debug_pause("checkpoint");
-        self.write_checkpoint(&cp)?;
+        // included, and writes the files of the hours they changed. Dying
+        // before its main file's rename: the lines are durable but not
+        // committed; the next open truncates them, removes the new hour
+        // files, and the source resends the lines.
+        let cp = checkpoint_of(
+            &self.files,
+            &self.hours,
+            progress,
+            sealed_unparsed,
+            &BTreeSet::new(),
+            &self.dirty_hours,
+        );
+        write_checkpoint(&mut self.store, &self.opts, &self.metrics, &cp)?;
         // Committed.
         self.unparsed_sealed_through = sealed_unparsed;
         if !sealed.is_empty() {
@@ -952,8 +995,17 @@ impl Writer {
             // with the same lengths and counts, and wins.
             self.seal_summaries(&sealed_hours)?;
             let sealed_set: BTreeSet<PathBuf> = sealed.iter().cloned().collect();
-            let cp = self.checkpoint_of(progress, sealed_unparsed, &sealed_set);
-            self.write_checkpoint(&cp)?;
+            // Nothing changed since the first: only the main file is
+            // written; the sealed hours' files are unlinked after it.
+            let cp = checkpoint_of(
+                &self.files,
+                &self.hours,
+                progress,
+                sealed_unparsed,
+                &sealed_set,
+                &BTreeSet::new(),
+            );
+            write_checkpoint(&mut self.store, &self.opts, &self.metrics, &cp)?;
             for rel in &sealed {
                 let kind = self.files.remove(rel).map(|f| f.kind);
                 if self.opts.compress_sealed && kind == Some(Kind::Log) {
@@ -1049,58 +1101,6 @@ impl Writer {
         }
     }
 
-    /// The checkpoint of the current state, without the files in `except`
-    /// (and their hours); it borrows the counts.
-    fn checkpoint_of<'a>(
-        &'a self,
-        progress: &'a Value,
-        unparsed_sealed_through: Option<i64>,
-        except: &BTreeSet<PathBuf>,
-    ) -> CheckpointOut<'a> {
-        let mut cp = CheckpointOut {
-            files: Default::default(),
-            hours: Default::default(),
-            progress,
-            unparsed_sealed_through,
-        };
-        let mut gone = BTreeSet::new();
-        for (rel, f) in &self.files {
-            if except.contains(rel) {
-                if f.kind == Kind::Log {
-                    gone.insert(f.hour);
-                }
-            } else {
-                cp.files
-                    .insert(rel.to_string_lossy().into_owned(), f.written);
-            }
-        }
-        for (h, s) in &self.hours {
-            if !gone.contains(h) {
-                cp.hours.insert(h.key(), s);
-            }
-        }
-        cp
-    }
-
-    /// Writes `cp` durably, counting its fsyncs and size against the bound.
-    fn write_checkpoint(&self, cp: &CheckpointOut) -> Result<(), ArchiveError> {
-        let len = checkpoint::write(&self.opts.dir, cp).map_err(io(&self.opts.dir))?;
-        self.metrics.fsyncs.fetch_add(2, Relaxed);
-        self.metrics.checkpoint_bytes.store(len, Relaxed);
-        let bound = self.opts.checkpoint_max_bytes();
-        if len > bound {
-            // Not refused (the lines are durable, the checkpoint is valid):
-            // a bound computed wrong, which the tests would show.
-            self.metrics.checkpoint_over_bound.fetch_add(1, Relaxed);
-            tracing::error!(
-                bytes = len,
-                bound,
-                "archive: wrote a checkpoint larger than its computed bound"
-            );
-        }
-        Ok(())
-    }
-
     /// Replaces a sealed hour's file by `<file>.zst`: the compressed copy
     /// is durable under its name before the plain file goes, so a death
     /// leaves one complete form or both (the next open keeps the plain).
@@ -1119,7 +1119,7 @@ impl Writer {
         .map_err(io(&zst))?;
         std::fs::remove_file(&plain).map_err(io(&plain))?;
         if let Some(p) = plain.parent() {
-            checkpoint::sync_dir(p).map_err(io(p))?;
+            crate::durable::sync_dir(p).map_err(io(p))?;
         }
         self.metrics.fsyncs.fetch_add(3, Relaxed);
         Ok(())
@@ -1164,12 +1164,7 @@ impl Writer {
                 continue;
             };
             let parent = self.summary_dir(&path)?;
-            let tmp = path.with_extension("json.tmp");
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&body).map_err(io(&tmp))?;
-            crate::durable::sync_file(&f, &tmp).map_err(io(&tmp))?;
-            drop(f);
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            crate::durable::replace_file(&path, &body).map_err(io(&path))?;
             self.metrics.fsyncs.fetch_add(1, Relaxed);
             let mut d = Some(parent.as_path());
             while let Some(up) = d.filter(|u| u.starts_with(&self.opts.dir)) {
@@ -1178,7 +1173,7 @@ impl Writer {
             }
         }
         for d in dirs {
-            checkpoint::sync_dir(&d).map_err(io(&d))?;
+            crate::durable::sync_dir(&d).map_err(io(&d))?;
             self.metrics.fsyncs.fetch_add(1, Relaxed);
         }
         Ok(())
@@ -1250,7 +1245,7 @@ impl Writer {
             }
         }
         for d in dirs {
-            checkpoint::sync_dir(&d).map_err(io(&d))?;
+            crate::durable::sync_dir(&d).map_err(io(&d))?;
         }
         Ok(removed)
     }
@@ -1268,6 +1263,90 @@ impl Writer {
         let r = self.commit(progress);
         self.opts.idle_close = idle;
         r
+    }
+}
+
+/// The checkpoint of the current state, without the files in `except`
+/// (and their hours); it borrows the counts. `changed`: the hours whose
+/// counts changed since the last checkpoint (their files are written).
+fn checkpoint_of<'a>(
+    files: &'a HashMap<PathBuf, OpenFile>,
+    hours: &'a HashMap<Hour, HourStats>,
+    progress: &'a Value,
+    unparsed_sealed_through: Option<i64>,
+    except: &BTreeSet<PathBuf>,
+    changed: &BTreeSet<Hour>,
+) -> CheckpointOut<'a> {
+    let mut cp = CheckpointOut {
+        files: Default::default(),
+        hours: Default::default(),
+        progress,
+        unparsed_sealed_through,
+    };
+    let mut gone = BTreeSet::new();
+    for (rel, f) in files {
+        if except.contains(rel) {
+            if f.kind == Kind::Log {
+                gone.insert(f.hour);
+            }
+        } else {
+            cp.files
+                .insert(rel.to_string_lossy().into_owned(), f.written);
+        }
+    }
+    for (h, s) in hours {
+        if !gone.contains(h) {
+            cp.hours.insert(h.key(), (s, changed.contains(h)));
+        }
+    }
+    cp
+}
+
+/// Makes `cp` the durable checkpoint, counting its fsyncs and sizes against
+/// the bounds.
+fn write_checkpoint(
+    store: &mut Store,
+    opts: &WriterOptions,
+    metrics: &WriterMetrics,
+    cp: &CheckpointOut,
+) -> Result<(), ArchiveError> {
+    let w = store.commit(cp).map_err(io(&opts.dir))?;
+    metrics.fsyncs.fetch_add(w.fsyncs, Relaxed);
+    metrics.checkpoint_bytes.store(w.total_bytes, Relaxed);
+    metrics
+        .checkpoint_written_bytes
+        .store(w.main_bytes + w.hour_bytes, Relaxed);
+    let b = opts.checkpoint_bounds();
+    if w.main_bytes > b.main || w.largest_hour > b.hour {
+        // Not refused (the lines are durable, the checkpoint is valid):
+        // a bound computed wrong, which the tests would show.
+        metrics.checkpoint_over_bound.fetch_add(1, Relaxed);
+        tracing::error!(
+            main_bytes = w.main_bytes,
+            largest_hour_bytes = w.largest_hour,
+            main_bound = b.main,
+            hour_bound = b.hour,
+            "archive: wrote a checkpoint file larger than its computed bound"
+        );
+    }
+    Ok(())
+}
+
+/// Counts and logs checkpoint files read at open that are larger than
+/// these options write. Valid (their checksums matched), only bigger: an
+/// older build without the value cap or the open-hour bound, or larger
+/// settings. Read anyway, values cut as they came in; the first commit
+/// seals the hours past the bound and rewrites the rest.
+fn check_read_bounds(opts: &WriterOptions, store: &Store, opened: &Opened, m: &WriterMetrics) {
+    let b = opts.checkpoint_bounds();
+    let main_bound = if opened.version == 1 { b.whole } else { b.main };
+    let hours_over = store.named().values().filter(|r| r.bytes > b.hour).count() as u64;
+    let over = u64::from(opened.main_bytes > main_bound) + hours_over;
+    if over > 0 {
+        m.checkpoint_over_bound.fetch_add(over, Relaxed);
+        tracing::warn!(main_bytes = opened.main_bytes, main_bound, hour_files_over = hours_over,
+            hour_bound = b.hour, format = opened.version, dir = %opts.dir.display(),
+            "archive: checkpoint files larger than these settings write (an older build, or larger archive.max-open-hours / max-tracked); read in full, tracked values cut to 256 bytes, hours past the bound sealed at the next commit");
     }
 }
 
@@ -1309,7 +1388,8 @@ pub fn event_time(event: &Value, field: &str) -> Option<i64> {
 }
 
 /// Every regular file under `dir`, relative, `/`-separated (the
-/// checkpoint's own files excluded).
+/// checkpoint's own files excluded: the top-level files and
+/// `checkpoint.d/`).
 fn walk(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
@@ -1318,7 +1398,9 @@ fn walk(dir: &Path) -> std::io::Result<Vec<String>> {
             let entry = entry?;
             let name = rel.join(entry.file_name());
             let ty = entry.file_type()?;
-            if ty.is_dir() {
+            if ty.is_dir() && name.as_os_str() == checkpoint::HOURS_DIR {
+                continue;
+            } else if ty.is_dir() {
                 stack.push(name);
             } else if ty.is_file() && rel.as_os_str().is_empty() {
                 // Top-level files are the checkpoint's and the operator's.
@@ -1632,7 +1714,7 @@ mod tests {
         cp.files.insert("logs/+10000-01-01/00.log.json".into(), 10);
         let h12 = cp.hours.remove("2026-11-26T12").unwrap();
         cp.hours.insert("2026-11-26 12h".into(), h12);
-        checkpoint::write(d.path(), &cp).unwrap();
+        checkpoint::write_v1(d.path(), &cp).unwrap();
         let (w, progress) = Writer::open(opts(d.path())).unwrap();
         assert_eq!(progress, json!({"next": 1}));
         let m = w.metrics();

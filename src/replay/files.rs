@@ -402,6 +402,8 @@ impl Totals {
         s.sink_files_open.store(g(&m.files_open), Ordering::Relaxed);
         s.sink_checkpoint_bytes
             .store(g(&m.checkpoint_bytes), Ordering::Relaxed);
+        s.sink_checkpoint_written_bytes
+            .store(g(&m.checkpoint_written_bytes), Ordering::Relaxed);
         s.sink_values_cut
             .store(self.values_cut + g(&m.values_cut), Ordering::Relaxed);
         s.sink_files_sealed_over_bound.store(

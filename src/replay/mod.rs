@@ -183,6 +183,9 @@ pub struct ReplayStats {
     pub sink_events_far_future: AtomicU64,
     pub sink_checkpoint_bytes: AtomicU64,
     pub sink_checkpoint_over_bound: AtomicU64,
+    /// Files sink: bytes the last commit wrote to the checkpoint (its main
+    /// file and the files of the hours that changed).
+    pub sink_checkpoint_written_bytes: AtomicU64,
     /// Files sink: files open now, and the last commit's duration (µs).
     pub sink_files_open: AtomicU64,
     pub sink_commit_micros: AtomicU64,

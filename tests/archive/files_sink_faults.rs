@@ -146,13 +146,31 @@ fn an_event_time_outside_years_0000_to_9999_in_utc_goes_to_unparsed_and_survives
     assert_eq!(all.values().sum::<u64>(), 4, "{all:?}");
 }
 
-/// Rewrites the checkpoint with `edit` applied to its JSON body, with a
-/// valid checksum: what an older build (or another bug) left, not damage.
+/// The JSON body of a checkpoint file (after its header line).
+pub(super) fn checkpoint_body(path: &Path) -> Option<Value> {
+    let bytes = std::fs::read(path).ok()?;
+    let nl = bytes.iter().position(|&b| b == b'\n')?;
+    serde_json::from_slice(&bytes[nl + 1..]).ok()
+}
+
+/// Rewrites the checkpoint as format 1 (every open hour's counts inline in
+/// `DIR/checkpoint`, as builds before issue 26 item 2 wrote it) with `edit`
+/// applied to its JSON body, with a valid checksum: what an older build (or
+/// another bug) left, not damage. The format-2 hour files stay behind in
+/// `checkpoint.d/`, named by nothing.
 pub(super) fn edit_checkpoint(dir: &Path, edit: impl FnOnce(&mut Value)) {
     let path = dir.join("checkpoint");
-    let bytes = std::fs::read(&path).unwrap();
-    let nl = bytes.iter().position(|&b| b == b'\n').unwrap();
-    let mut body: Value = serde_json::from_slice(&bytes[nl + 1..]).unwrap();
+    let mut body = checkpoint_body(&path).unwrap();
+    if let Some(body) = body.as_object_mut() {
+        // Format 2: `hours` names each hour's file by generation.
+        if body.remove("generation").is_some() {
+            let hours = body["hours"].as_object_mut().unwrap();
+            for (key, gen) in hours.iter_mut() {
+                let file = dir.join(format!("checkpoint.d/{key}.{gen}.json"));
+                *gen = checkpoint_body(&file).unwrap()["stats"].take();
+            }
+        }
+    }
     edit(&mut body);
     let body = serde_json::to_vec(&body).unwrap();
     let mut out = format!(
@@ -366,18 +384,19 @@ fn strace_ok() -> bool {
 
 /// `serve` under `strace -f -y` of the calls that order durability.
 fn traced(serve: support::Serve, trace: &Path) -> support::Daemon {
+    traced_calls(
+        serve,
+        trace,
+        "openat,mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2",
+    )
+}
+
+/// `serve` under `strace -f -y -e trace=CALLS`.
+fn traced_calls(serve: support::Serve, trace: &Path, calls: &str) -> support::Daemon {
     let out = trace.display().to_string();
+    let filter = format!("trace={calls}");
     serve
-        .wrapper(&[
-            "strace",
-            "-f",
-            "-y",
-            "-qq",
-            "-o",
-            &out,
-            "-e",
-            "trace=openat,mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2",
-        ])
+        .wrapper(&["strace", "-f", "-y", "-qq", "-o", &out, "-e", &filter])
         .start()
 }
 
@@ -526,6 +545,122 @@ fn every_directory_the_files_sink_creates_is_fsynced_in_its_parent_before_the_co
     // a's and b's hourly files and u's unparsed file
     assert!(files >= 3, "only {files} archive files created:\n{text}");
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Issue 26 item 2, the commit's order as the kernel saw it: a commit
+/// after a line in one of two open hours writes that hour's checkpoint file
+/// (tmp, fsync, rename, one fsync of `checkpoint.d/`), then the main file
+/// (tmp, fsync, rename, fsync of the archive directory), and only then
+/// unlinks the hour's previous generation; the other hour's file is not
+/// touched.
+#[test]
+fn a_commit_writes_the_changed_hour_then_the_main_checkpoint_then_unlinks_the_old_generation() {
+    if !strace_ok() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, dir) = (tmp.path().join("data"), tmp.path().join("archive"));
+    let trace = tmp.path().join("strace.txt");
+    let d = traced_calls(
+        files_sink(tmp.path(), &data, &dir, "idle-close-secs = 3600\n"),
+        &trace,
+        "openat,fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat",
+    );
+    let main = dir.join("checkpoint");
+    // The generation of each hour's file the main checkpoint names.
+    let gens = || -> BTreeMap<String, u64> {
+        let body = checkpoint_body(&main).unwrap_or_default();
+        body["hours"]
+            .as_object()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, g)| (k.clone(), g.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !done() {
+            assert!(t0.elapsed() < WITHIN, "{what}: {}", d.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let events = [
+        event("a", "timestamp", "2026-11-26T12:00:00Z"),
+        event("b", "timestamp", "2026-11-26T13:00:00Z"),
+    ];
+    assert_eq!(post_events(&d.addr, &events), 202);
+    wait_for("both hours committed", &|| gens().len() == 2);
+    let first = gens();
+    assert_eq!(
+        post_events(&d.addr, &[event("c", "timestamp", "2026-11-26T12:05:00Z")]),
+        202
+    );
+    wait_for("hour 12 committed again", &|| {
+        gens().get("2026-11-26T12") != first.get("2026-11-26T12")
+    });
+    let second = gens();
+    assert_eq!(second["2026-11-26T13"], first["2026-11-26T13"]);
+    assert!(d.stop().success());
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let archive = dir.display().to_string();
+    let hours = format!("{archive}/checkpoint.d");
+    let file = |h: &str, gen: u64| format!("{hours}/2026-11-26T{h}.{gen}.json");
+    let (new, old) = (
+        file("12", second["2026-11-26T12"]),
+        file("12", first["2026-11-26T12"]),
+    );
+    let calls: Vec<(usize, &str, String)> = text
+        .lines()
+        .enumerate()
+        .filter_map(|(i, l)| strace_call(l).map(|(n, p)| (i, n, p)))
+        .collect();
+    let find = |from: usize, what: &str, name: &dyn Fn(&str) -> bool, path: &str| {
+        calls[from..]
+            .iter()
+            .position(|(_, n, p)| name(n) && p == path)
+            .map(|k| from + k)
+            .unwrap_or_else(|| panic!("no {what} of {path} after call {from}:\n{text}"))
+    };
+    let is = |want: &'static str| move |n: &str| n == want;
+    let rename = |n: &str| n.starts_with("rename");
+    let unlink = |n: &str| n.starts_with("unlink");
+    // The order, each step after the one before it.
+    let open = find(0, "open", &is("openat"), &format!("{new}.tmp"));
+    let mut at = open;
+    for (what, name, path) in [
+        (
+            "fsync",
+            &is("fsync") as &dyn Fn(&str) -> bool,
+            format!("{new}.tmp"),
+        ),
+        ("rename", &rename, format!("{new}.tmp")),
+        ("fsync", &is("fsync"), hours.clone()),
+        ("fsync", &is("fsync"), format!("{archive}/checkpoint.tmp")),
+        ("rename", &rename, format!("{archive}/checkpoint.tmp")),
+        ("fsync", &is("fsync"), archive.clone()),
+        ("unlink", &unlink, old.clone()),
+    ] {
+        at = find(at + 1, what, name, &path);
+    }
+    // Hour 13's file is neither written nor removed by that commit.
+    let h13 = format!("{hours}/2026-11-26T13.");
+    let touched: Vec<&str> = calls[open..=at]
+        .iter()
+        .filter(|(_, _, p)| p.starts_with(&h13))
+        .map(|(i, _, _)| text.lines().nth(*i).unwrap_or(""))
+        .collect();
+    assert!(touched.is_empty(), "{touched:#?}");
+    let lines: Vec<&str> = text.lines().collect();
+    let first_line = calls[open].0;
+    let quote: Vec<&str> = lines[first_line..=calls[at].0]
+        .iter()
+        .filter(|l| l.contains(&archive) && !l.contains("/logs/") && !l.contains("/analytics"))
+        .copied()
+        .collect();
+    eprintln!("strace of the commit:\n{}", quote.join("\n"));
 }
 
 #[test]
