@@ -115,13 +115,17 @@ deb-check:
 # tansu (pinned, built from crates.io into .tools/; ~15-20 min the first
 # time) and kafka-python in a venv made here (.tools/venv). Both are skipped
 # when present; point TANSU / E2E_PYTHON at existing ones to reuse them.
+# E2E_BROKER=kafka runs the cases against 3 Apache Kafka nodes instead
+# (tests/apache-kafka/cluster.py; the jars as for kafka-jars), dev against
+# `sluice dev-broker`.
 # tests/independent/run.py lists the cases.
 TOOLS ?= $(CURDIR)/.tools
 TANSU ?= $(TOOLS)/bin/tansu
 E2E_PYTHON ?= $(TOOLS)/venv/bin/python
 E2E_BROKER ?= tansu
 e2e-independent:
-	@test "$(E2E_BROKER)" = dev || test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
+	@test "$(E2E_BROKER)" != tansu || test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
+	@test "$(E2E_BROKER)" != kafka || python3 tests/apache-kafka/cluster.py jars >/dev/null
 	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) E2E_BROKER=$(E2E_BROKER) $(E2E_PYTHON) tests/independent/run.py
