@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs config_serve
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future kafka-jars kafka-up kafka-down
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -115,16 +115,51 @@ deb-check:
 # tansu (pinned, built from crates.io into .tools/; ~15-20 min the first
 # time) and kafka-python in a venv made here (.tools/venv). Both are skipped
 # when present; point TANSU / E2E_PYTHON at existing ones to reuse them.
+# E2E_BROKER=kafka runs the cases against 3 Apache Kafka nodes instead
+# (tests/apache-kafka/cluster.py; the jars as for kafka-jars), dev against
+# `sluice dev-broker`.
 # tests/independent/run.py lists the cases.
 TOOLS ?= $(CURDIR)/.tools
 TANSU ?= $(TOOLS)/bin/tansu
 E2E_PYTHON ?= $(TOOLS)/venv/bin/python
 E2E_BROKER ?= tansu
 e2e-independent:
-	@test "$(E2E_BROKER)" = dev || test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
+	@test "$(E2E_BROKER)" != tansu || test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
+	@test "$(E2E_BROKER)" != kafka || python3 tests/apache-kafka/cluster.py jars >/dev/null
 	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) E2E_BROKER=$(E2E_BROKER) $(E2E_PYTHON) tests/independent/run.py
+
+# A real Apache Kafka cluster without Docker (tests/apache-kafka/cluster.py;
+# README, "Running against Apache Kafka"). kafka-jars copies the broker's
+# jars (version pinned in tests/apache-kafka/pom.xml) with Maven into
+# $${XDG_CACHE_HOME:-~/.cache}/sluice (SLUICE_TEST_KAFKA_CACHE overrides it), once.
+# kafka-up formats and starts KAFKA_NODES combined broker+controller JVMs on
+# 127.0.0.1 with free ports (state, data and logs in KAFKA_STATE, git-ignored),
+# creates KAFKA_TOPICS (NAME:PARTITIONS, replication factor min(3, nodes),
+# min.insync.replicas min(2, nodes)) and prints the bootstrap servers;
+# kafka-down kills the nodes. The same cluster is driven from other shells
+# with `python3 tests/apache-kafka/cluster.py --state-dir KAFKA_STATE
+# status|kill N|stop N|cont N|restart N|leader TOPIC P|create-topic ...`.
+KAFKA_NODES ?= 3
+KAFKA_STATE ?= $(TOOLS)/kafka-cluster
+KAFKA_TOPICS ?= events:3 events-dlq:3
+KAFKA_CLUSTER = python3 tests/apache-kafka/cluster.py --state-dir $(KAFKA_STATE)
+kafka-jars:
+	@python3 tests/apache-kafka/cluster.py jars
+
+kafka-up: kafka-jars
+	@$(KAFKA_CLUSTER) up --nodes $(KAFKA_NODES) $(addprefix --topic ,$(KAFKA_TOPICS)) >/dev/null
+	@b=$$($(KAFKA_CLUSTER) bootstrap); \
+	echo "Apache Kafka: $(KAFKA_NODES) node(s), bootstrap $$b; topics $(KAFKA_TOPICS)"; \
+	echo "point sluice at it:"; \
+	echo "  cargo run --release --bin sluice -- serve --brokers $$b"; \
+	echo "  (or SLUICE_BROKERS=$$b, or brokers = \"$$b\" in [kafka])"; \
+	echo "read back: cargo run --release --bin sluice -- consume --brokers $$b --topic events --from-beginning"; \
+	echo "stop it:   make kafka-down"
+
+kafka-down:
+	@$(KAFKA_CLUSTER) down
 
 # OpenTelemetry logs from a real OTel client: the Python SDK's LoggerProvider
 # and OTLP/HTTP protobuf exporter (PyPI, pinned, in a venv made here:

@@ -135,6 +135,11 @@ def main():
     )
     state = {}  # tp -> Marks, for the partitions this member owns
     listener = Listener(state)
+    # The topic's metadata first: a group leader that assigns before it has
+    # it assigns nothing and rejoins at once, and kafka-python 3.0.12 can
+    # then miss that second assignment and stop heartbeating (seen against
+    # Apache Kafka 4.4: the member sat idle until the broker expired it).
+    consumer.partitions_for_topic(args.topic)
     consumer.subscribe([args.topic], listener=listener)
 
     def marks(tp):

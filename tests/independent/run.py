@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """sluice against a broker and a client that share no code with librdkafka.
 
-Broker: tansu (Rust, crates.io, memory storage engine). Client: kafka-python
-(pure Python). `make e2e-independent` installs both and runs this script with
-the venv's python; see README, "Independent broker".
+Broker: tansu (Rust, crates.io, memory storage engine), or Apache Kafka
+itself (E2E_BROKER=kafka). Client: kafka-python (pure Python). `make
+e2e-independent` installs them and runs this script with the venv's
+python; see README, "Independent broker".
 
 Cases:
   readme       the README quick start: POST one event, read it back, receipt
   headers      keys and headers of a batch; per-key order by seq
-  outage       kill -9 the broker, keep ingesting (202), restart it, all delivered
+  outage       kill -9 the broker (every node of Apache Kafka), keep ingesting
+               (202), restart it, all delivered
   chaos        kill -9 sluice under load N times; every 202 ends up in Kafka
   redrive      `sluice wal redrive` of a seq range to another topic
   exactly-once examples/dedupe_consumer.py against a chaos run (when present)
@@ -25,9 +27,12 @@ Cases:
 Environment: SLUICE (the sluice binary), TANSU (the tansu binary),
 CHAOS_CYCLES (default 3), E2E_CASES (comma list, default all),
 DEDUPE_CONSUMER (another reference consumer script to run the cases with),
-E2E_BROKER (tansu, the default, or dev: `sluice dev-broker`, librdkafka's
-mock cluster, which kafka-python reaches with api_version (0, 11); the
-outage case is skipped there since a restarted dev broker has a new port).
+E2E_BROKER (tansu, the default; kafka: 3 Apache Kafka nodes started by
+tests/apache-kafka/cluster.py, every topic at replication factor 3 with
+min.insync.replicas 2, sluice producing with acks=all; or dev: `sluice
+dev-broker`, librdkafka's mock cluster, which kafka-python reaches with
+api_version (0, 11); the outage case is skipped there since a restarted dev
+broker has a new port).
 
 A case tansu cannot run prints "SKIP <case>: <reason>" and does not fail the
 run; everything else that goes wrong fails it (exit 1).
@@ -186,6 +191,43 @@ class DevBroker:
             self.proc.wait()
 
 
+class ApacheKafka:
+    """Three Apache Kafka nodes (combined broker+controller, KRaft) from
+    tests/apache-kafka/cluster.py, in the work dir. Every topic has
+    replication factor 3 and min.insync.replicas 2. An outage is every node
+    killed with SIGKILL; start() after it restarts them on their ports and
+    directories, so topics and records survive, as on a real cluster."""
+
+    NODES = 3
+
+    def __init__(self, workdir):
+        sys.path.insert(0, str(ROOT / "tests" / "apache-kafka"))
+        import cluster
+        self.cluster = cluster.Cluster(Path(workdir) / "kafka")
+        self.bootstrap = None
+        self.started = False
+
+    def start(self):
+        if not self.started:
+            # The watchdog takes the nodes down if this script dies.
+            self.cluster.up(self.NODES, watch_pid=os.getpid())
+            self.cluster.create_topics((t, PARTITIONS) for t in ALL_TOPICS)
+            self.bootstrap = self.cluster.bootstrap()
+            self.started = True
+            return
+        for n in self.cluster.node_ids():
+            self.cluster.restart(n, wait=False)
+        self.cluster.wait_ready()
+
+    def kill(self):
+        for n in self.cluster.node_ids():
+            self.cluster.kill(n)
+
+    def stop(self):
+        if self.cluster.exists():
+            self.cluster.down()
+
+
 class Sluice:
     def __init__(self, workdir, brokers, name="sluice"):
         self.dir = Path(workdir) / name
@@ -328,23 +370,32 @@ def case_headers(ctx):
 
 
 def case_outage(ctx):
-    s, t = ctx["sluice"], ctx["tansu"]
+    s, t = ctx["sluice"], ctx["broker"]
+    before = set()
+    if BROKER == "kafka":
+        before = {headers(m).get("id") for m in read_topic(ctx["brokers"], TOPIC)}
     t.kill()
     status, resp = s.post([event(i, "outage") for i in range(50)])
     check(status == 202, f"POST during the outage: {status} {resp}")
     wait_until("sluice sees Kafka down", lambda: not s.stats()["kafka"]["connected"], 60)
     lag = s.stats()["replay"]["lag_records"]
     check(lag >= 50, f"lag {lag} during the outage")
-    log("  NOTE: tansu's memory engine forgets topics on restart: the restarted "
-        "broker gets events, events-dlq and backup created again, and records "
-        "delivered before the outage are gone from it; this case checks only "
-        "the events sent during the outage")
+    if BROKER == "tansu":
+        log("  NOTE: tansu's memory engine forgets topics on restart: the restarted "
+            "broker gets events, events-dlq and backup created again, and records "
+            "delivered before the outage are gone from it; this case checks only "
+            "the events sent during the outage")
     t.start()
     s.wait_delivered("after the outage")
-    ids = {headers(m).get("id") for m in read_topic(ctx["brokers"], TOPIC, expect=50)}
+    ids = {headers(m).get("id") for m in read_topic(ctx["brokers"], TOPIC, expect=50 + len(before))}
     missing = [f"outage-{i}" for i in range(50) if f"outage-{i}" not in ids]
     check(not missing, f"missing after the outage: {missing[:5]}")
-    return f"50 events accepted with the broker down (lag {lag}), all delivered after its restart"
+    lost = before - ids
+    check(not lost, f"{len(lost)} records delivered before the outage gone after it, e.g. {sorted(lost)[:5]}")
+    kept = f"; the {len(before)} records from before it still there" if BROKER == "kafka" else ""
+    what = "every node of the cluster" if BROKER == "kafka" else "the broker"
+    return (f"50 events accepted with {what} killed (lag {lag}), all delivered after the "
+            f"restart{kept}")
 
 
 def run_chaos(ctx, prefix, cycles, keyed=False):
@@ -426,8 +477,13 @@ def redrive_range(ctx, first, last, topic):
 
 def case_redrive(ctx):
     s = ctx["sluice"]
-    last = s.stats()["replay"]["last_seq"]
-    first = max(1, last - 19)
+    # Events of its own, in the segment being written: replay deletes a
+    # segment once it is delivered and no longer written to, so the newest
+    # seqs of an earlier case may be gone (after a restart with no write).
+    status, resp = s.post([event(i, "rd") for i in range(20)])
+    check(status == 202, f"POST: {status} {resp}")
+    first, last = json.loads(resp)["first_seq"], json.loads(resp)["last_seq"]
+    s.wait_delivered("redrive")
     summary = redrive_range(ctx, first, last, BACKUP)
     n = last - first + 1
     check(summary["delivered"] == n, f"summary {summary}")
@@ -650,6 +706,9 @@ CASES = [("readme", case_readme), ("headers", case_headers), ("outage", case_out
 
 
 def main():
+    if BROKER not in ("tansu", "kafka", "dev"):
+        print(f"FAIL: E2E_BROKER={BROKER}: tansu, kafka or dev")
+        return 1
     tools = (("SLUICE", SLUICE),) + ((("TANSU", TANSU),) if BROKER == "tansu" else ())
     for name, path in tools:
         if not os.access(path, os.X_OK):
@@ -657,15 +716,19 @@ def main():
             return 1
     wanted = [c for c in os.environ.get("E2E_CASES", "").split(",") if c]
     work = tempfile.mkdtemp(prefix="sluice-independent-")
-    log(f"sluice {SLUICE}\nbroker {TANSU if BROKER == 'tansu' else 'sluice dev-broker'}\nwork dir {work}")
-    tansu = Tansu(work) if BROKER == "tansu" else DevBroker(work)
+    names = {"tansu": TANSU, "dev": "sluice dev-broker",
+             "kafka": "Apache Kafka, 3 nodes (tests/apache-kafka/cluster.py)"}
+    log(f"sluice {SLUICE}\nbroker {names[BROKER]}\nwork dir {work}")
+    broker = {"tansu": Tansu, "dev": DevBroker, "kafka": ApacheKafka}[BROKER](work)
     results = []
     sluice = None
     try:
-        tansu.start()
-        sluice = Sluice(work, tansu.bootstrap)
+        t0 = time.monotonic()
+        broker.start()
+        log(f"broker ready in {time.monotonic() - t0:.1f} s: {broker.bootstrap}")
+        sluice = Sluice(work, broker.bootstrap)
         sluice.start()
-        ctx = {"tansu": tansu, "sluice": sluice, "brokers": tansu.bootstrap}
+        ctx = {"broker": broker, "sluice": sluice, "brokers": broker.bootstrap}
         for name, fn in CASES:
             if wanted and name not in wanted:
                 continue
@@ -683,7 +746,7 @@ def main():
     finally:
         if sluice:
             sluice.stop()
-        tansu.stop()
+        broker.stop()
     failed = [r for r in results if r[1] == "FAIL"]
     log(f"\nbroker ({BROKER}) + independent client (kafka-python): "
         f"{sum(r[1] == 'PASS' for r in results)} passed, "

@@ -1,11 +1,14 @@
 //! Real processes shared by the integration test crates: a `sluice serve`
 //! child that is killed on drop, a `sluice dev-broker` fixture, and the one
-//! `wait_file` they use to learn their addresses. Included with
+//! `wait_file` they use to learn their addresses; `apache_kafka` starts a
+//! real Apache Kafka cluster. Included with
 //! `#[path = "../support/mod.rs"] mod support;` (or `#[path = "support/mod.rs"]`
 //! from a top-level test file).
 
 // Each test crate uses a different part of this module.
 #![allow(dead_code)]
+
+pub mod apache_kafka;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;

@@ -1,0 +1,747 @@
+#!/usr/bin/env python3
+"""A real Apache Kafka cluster on loopback, without Docker (issue 27).
+
+The broker's jars come from Maven Central through Maven (pom.xml beside this
+file pins the version) into a cache outside the clone. Each node is a
+combined broker+controller (KRaft) JVM on 127.0.0.1 with free ports and its
+own directory under a state dir. Python 3 standard library only; usable from
+the command line (`make kafka-up`, the Rust test support, other scripts) and
+as a module (`tests/independent/run.py`).
+
+    cluster.py jars [--check]            fetch the jars (or only check them)
+    cluster.py up [--nodes 3] [--topic NAME[:PARTITIONS]] [--watch-pid PID]
+    cluster.py status | bootstrap [--live] | down | wait-ready
+    cluster.py kill|stop|cont|restart NODE
+    cluster.py create-topic NAME [--partitions 3] [--rf R] [--config K=V]
+    cluster.py describe TOPIC            partitions as JSON
+    cluster.py leader TOPIC [PARTITION]  node id of the partition's leader
+
+Every command takes --state-dir (default: $SLUICE_TEST_KAFKA_STATE, else
+<repo>/.tools/kafka-cluster, git-ignored). The state file
+STATE_DIR/cluster.json holds the bootstrap servers, each node's id, ports,
+directory, pid and state ("up", "stopped" by SIGSTOP, "killed"), so that any
+process can drive the cluster that another one started.
+
+Caches: $SLUICE_TEST_KAFKA_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/sluice;
+the jars in CACHE/kafka-VERSION/libs, Maven's repository in CACHE/m2
+($SLUICE_TEST_MAVEN_REPO overrides it). Broker configuration: replication factor
+min(3, n) for new topics and for the offsets, transaction and share-state
+topics, min.insync.replicas min(2, n), group.initial.rebalance.delay.ms 0,
+auto.create.topics.enable false (sluice never creates topics; whoever starts
+the cluster creates them: `up --topic`, `create-topic`).
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+POM = HERE / "pom.xml"
+STATE_FILE = "cluster.json"
+READY_TOPIC = "__sluice_ready"
+
+# A loaded 2-core machine: JVMs start slowly, elections take seconds.
+READY_TIMEOUT = float(os.environ.get("SLUICE_TEST_KAFKA_READY_TIMEOUT", "180"))
+TOOL_TIMEOUT = 120.0
+# SLUICE_TEST_KAFKA_VERBOSE=1: wait_ready says what it waits for.
+VERBOSE = os.environ.get("SLUICE_TEST_KAFKA_VERBOSE") == "1"
+NODE_HEAP = os.environ.get("SLUICE_TEST_KAFKA_HEAP", "-Xmx384m -Xms128m").split()
+NODE_JVM = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true"]
+# Command-line tools: short-lived, so a small heap and a quick start.
+TOOL_JVM = ["-Xmx192m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto",
+            "-Djava.awt.headless=true"]
+
+
+class ClusterError(Exception):
+    pass
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- jars ----------------------------------------------------------------------
+
+def kafka_version():
+    m = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
+    if not m:
+        raise ClusterError(f"no kafka.version in {POM}")
+    return m.group(1).strip()
+
+
+def cache_dir():
+    if os.environ.get("SLUICE_TEST_KAFKA_CACHE"):
+        return Path(os.environ["SLUICE_TEST_KAFKA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sluice"
+
+
+def libs_dir():
+    return cache_dir() / f"kafka-{kafka_version()}" / "libs"
+
+
+def maven_repo():
+    return Path(os.environ.get("SLUICE_TEST_MAVEN_REPO") or cache_dir() / "m2")
+
+
+def pom_stamp():
+    """What the libs were copied for: the pom's text (version, exclusions)."""
+    import hashlib
+    return hashlib.sha256(POM.read_bytes()).hexdigest()
+
+
+def jars_present():
+    stamp = libs_dir() / ".complete"
+    return stamp.is_file() and stamp.read_text().strip() == pom_stamp()
+
+
+def fetch_jars(quiet=False):
+    """Copies the pinned broker's jars into libs_dir() unless they are there.
+    The copy goes to a temporary directory renamed into place, so a fetch
+    killed half way leaves nothing that looks complete."""
+    libs = libs_dir()
+    if jars_present():
+        return libs
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise ClusterError("mvn not found: install Maven (Debian: apt-get install maven)")
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="libs.", dir=libs.parent))
+    cmd = [mvn, "-q", "-B", "-f", str(POM), f"-Dmaven.repo.local={maven_repo()}",
+           f"-Dkafka.libs={tmp}", "dependency:copy-dependencies"]
+    if not quiet:
+        log(f"fetching Apache Kafka {kafka_version()} into {libs} (Maven repository {maven_repo()})")
+    r = subprocess.run(cmd, cwd=libs.parent, capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}{r.stderr[-2000:]}")
+    (tmp / ".complete").write_text(pom_stamp() + "\n")
+    if libs.exists():
+        shutil.rmtree(libs)
+    tmp.rename(libs)
+    return libs
+
+
+def classpath():
+    if not jars_present():
+        raise ClusterError(f"no Apache Kafka jars in {libs_dir()}: run `make kafka-jars` "
+                           f"(or `{sys.argv[0]} jars`)")
+    return str(libs_dir() / "*")
+
+
+def java():
+    j = shutil.which("java")
+    if not j:
+        raise ClusterError("java not found: Apache Kafka 4 needs Java 17 or later")
+    return j
+
+
+def class_archive():
+    """The class-data-sharing archive of the command-line classes, next to
+    the jars, per java binary: a tool starts in ~0.9 s instead of ~2.3 s."""
+    j = Path(os.path.realpath(java()))
+    tag = f"{j}:{j.stat().st_mtime_ns}:{' '.join(TOOL_JVM)}"
+    import hashlib
+    return libs_dir().parent / f"tools-{hashlib.sha256(tag.encode()).hexdigest()[:12]}.jsa"
+
+
+def tool_cmd(main_class, args, make_archive=False):
+    """The java command line of one of Kafka's command-line classes. With
+    `make_archive` and no archive yet, this run writes one (under a name of
+    its own, renamed into place by run_tool)."""
+    archive = class_archive()
+    if archive.is_file():
+        cds = [f"-XX:SharedArchiveFile={archive}"]
+    elif make_archive:
+        cds = [f"-XX:ArchiveClassesAtExit={archive}.{os.getpid()}.tmp"]
+    else:
+        cds = []
+    return [java()] + TOOL_JVM + cds + [
+        f"-Dlog4j2.configurationFile={HERE / 'tools-log4j2.properties'}",
+        "-cp", classpath(), main_class] + list(args)
+
+
+def run_tool(main_class, args, timeout=TOOL_TIMEOUT, check=True, make_archive=False):
+    """Runs one of Kafka's command-line classes; returns (rc, stdout, stderr)."""
+    cmd = tool_cmd(main_class, args, make_archive)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise ClusterError(f"{main_class} {' '.join(args)}: no answer in {timeout:.0f} s; "
+                           f"stderr: {(e.stderr or b'')[-2000:]!r}")
+    finally:
+        tmp = Path(f"{class_archive()}.{os.getpid()}.tmp")
+        if tmp.exists():
+            os.replace(tmp, class_archive())
+    if check and r.returncode != 0:
+        raise ClusterError(f"{main_class} {' '.join(args)} exit {r.returncode}:\n"
+                           f"{r.stdout[-2000:]}{r.stderr[-3000:]}")
+    return r.returncode, r.stdout, r.stderr
+
+
+# --- processes -------------------------------------------------------------------
+
+def proc_state(pid):
+    """The kernel's state letter of `pid` (R, S, T, ...), None when it is
+    gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    state = stat[stat.rindex(")") + 2]
+    return None if state in "ZX" else state
+
+
+def alive(pid):
+    return pid is not None and proc_state(pid) is not None
+
+
+def free_ports(n):
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def default_state_dir():
+    return Path(os.environ.get("SLUICE_TEST_KAFKA_STATE") or ROOT / ".tools" / "kafka-cluster")
+
+
+class Cluster:
+    """A cluster described by STATE_DIR/cluster.json. Every method re-reads
+    the file, so several processes can drive one cluster in turn."""
+
+    def __init__(self, state_dir=None):
+        self.dir = Path(state_dir or default_state_dir()).resolve()
+        self.file = self.dir / STATE_FILE
+        self._children = {}  # pid -> Popen, for nodes this process started
+
+    # -- state file --
+    def load(self):
+        try:
+            return json.loads(self.file.read_text())
+        except FileNotFoundError:
+            raise ClusterError(f"no cluster in {self.dir} (no {STATE_FILE}): run `up` first")
+
+    def save(self, st):
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st, indent=2) + "\n")
+        os.replace(tmp, self.file)
+
+    def exists(self):
+        return self.file.is_file()
+
+    def node(self, st, node_id):
+        for n in st["nodes"]:
+            if n["id"] == int(node_id):
+                return n
+        raise ClusterError(f"no node {node_id}: nodes are {[n['id'] for n in st['nodes']]}")
+
+    @property
+    def state(self):
+        return self.load()
+
+    def bootstrap(self, live_only=False):
+        """host:port of every node (or of the running ones), comma-separated."""
+        st = self.load()
+        nodes = [n for n in st["nodes"] if not live_only or n["state"] == "up"]
+        return ",".join(f"127.0.0.1:{n['port']}" for n in nodes)
+
+    def node_ids(self):
+        return [n["id"] for n in self.load()["nodes"]]
+
+    # -- lifecycle --
+    def up(self, nodes=3, topics=(), watch_pid=None, wait=True):
+        """Formats and starts a fresh cluster of `nodes` nodes, replacing any
+        cluster this state dir held; waits until it is ready."""
+        if nodes < 1:
+            raise ClusterError("at least one node")
+        classpath()  # the jars are there
+        if self.exists():
+            self.down()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        ports = free_ports(2 * nodes)
+        rf, isr = min(3, nodes), min(2, nodes)
+        st = {
+            "kafka_version": kafka_version(),
+            "libs": str(libs_dir()),
+            "cluster_id": None,
+            "state_dir": str(self.dir),
+            "replication_factor": rf,
+            "min_insync_replicas": isr,
+            "nodes": [],
+        }
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}" for i in range(nodes))
+        for i in range(nodes):
+            nid, port, cport = i + 1, ports[2 * i], ports[2 * i + 1]
+            d = self.dir / f"node-{nid}"
+            (d / "data").mkdir(parents=True)
+            (d / "server.properties").write_text(server_properties(
+                nid, port, cport, voters, d / "data", nodes))
+            st["nodes"].append({"id": nid, "port": port, "controller_port": cport,
+                                "dir": str(d), "pid": None, "state": "new"})
+        # One cluster id for all, as `kafka-storage random-uuid` makes it (a
+        # UUID in unpadded url-safe base64, never starting with '-'); format
+        # the nodes in parallel (a JVM each).
+        t0 = time.monotonic()
+        st["cluster_id"] = "-"
+        while st["cluster_id"].startswith("-"):
+            st["cluster_id"] = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        st["bootstrap"] = ",".join(f"127.0.0.1:{n['port']}" for n in st["nodes"])
+        self.save(st)
+        fmt = [subprocess.Popen(
+            tool_cmd("kafka.tools.StorageTool", ["format", "-t", st["cluster_id"],
+                                                 "-c", str(Path(n["dir"]) / "server.properties")]),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in st["nodes"]]
+        for n, p in zip(st["nodes"], fmt):
+            out, _ = p.communicate(timeout=TOOL_TIMEOUT)
+            if p.returncode != 0:
+                raise ClusterError(f"formatting node {n['id']} failed:\n{out}")
+        self.timings = {"format": time.monotonic() - t0}
+        for n in st["nodes"]:
+            self._start_node(st, n)
+        self.save(st)
+        if watch_pid:
+            self.watch(watch_pid)
+        if wait:
+            t0 = time.monotonic()
+            self.wait_ready()
+            self.timings["ready"] = time.monotonic() - t0
+            t0 = time.monotonic()
+            self.create_topics([(name, int(parts or 3)) for name, _, parts in
+                                (t.partition(":") for t in topics)])
+            self.timings["topics"] = time.monotonic() - t0
+        return self
+
+    def _start_node(self, st, n):
+        d = Path(n["dir"])
+        out = open(d / "stdout.log", "ab")
+        cmd = [java()] + NODE_HEAP + NODE_JVM + [
+            f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={d}",
+            "-cp", classpath(), "kafka.Kafka", str(d / "server.properties")]
+        # Its own session: a Ctrl-C in the terminal that ran `make kafka-up`
+        # does not reach the brokers, and the JVMs outlive this process.
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                             start_new_session=True, cwd=d)
+        out.close()
+        self._children[p.pid] = p
+        n["pid"], n["state"] = p.pid, "up"
+
+    def _reap(self, pid, within=30.0):
+        """Waits until `pid` is gone (reaping it when it is our child)."""
+        p = self._children.pop(pid, None)
+        if p is not None:
+            try:
+                p.wait(within)
+            except subprocess.TimeoutExpired:
+                raise ClusterError(f"pid {pid} did not exit within {within:.0f} s")
+            return
+        t0 = time.monotonic()
+        while alive(pid):
+            if time.monotonic() - t0 > within:
+                raise ClusterError(f"pid {pid} did not exit within {within:.0f} s")
+            time.sleep(0.05)
+
+    def _signal(self, n, sig):
+        if not alive(n["pid"]):
+            raise ClusterError(f"node {n['id']} (pid {n['pid']}) is not running")
+        os.kill(n["pid"], sig)
+
+    def kill(self, node_id):
+        """SIGKILL: the node dies without a word to the cluster."""
+        st = self.load()
+        n = self.node(st, node_id)
+        if alive(n["pid"]):
+            os.kill(n["pid"], signal.SIGKILL)
+            self._reap(n["pid"])
+        n["state"] = "killed"
+        self.save(st)
+
+    def stop(self, node_id):
+        """SIGSTOP: the node freezes, its sockets stay open."""
+        st = self.load()
+        n = self.node(st, node_id)
+        self._signal(n, signal.SIGSTOP)
+        n["state"] = "stopped"
+        self.save(st)
+
+    def cont(self, node_id):
+        st = self.load()
+        n = self.node(st, node_id)
+        self._signal(n, signal.SIGCONT)
+        n["state"] = "up"
+        self.save(st)
+
+    def restart(self, node_id, wait=True):
+        """kill -9 the node if it runs (or is stopped), start it again on its
+        ports and directory, and wait until the cluster is ready."""
+        st = self.load()
+        n = self.node(st, node_id)
+        if alive(n["pid"]):
+            os.kill(n["pid"], signal.SIGKILL)
+            self._reap(n["pid"])
+        self._start_node(st, n)
+        self.save(st)
+        if wait:
+            self.wait_ready()
+
+    def down(self):
+        """kill -9 every node. The state dir stays (logs); `up` wipes it."""
+        st = self.load()
+        for n in st["nodes"]:
+            if alive(n["pid"]):
+                os.kill(n["pid"], signal.SIGKILL)
+        for n in st["nodes"]:
+            if n["pid"]:
+                try:
+                    self._reap(n["pid"])
+                except ClusterError:
+                    pass
+            n["state"] = "down"
+        self.save(st)
+
+    def watch(self, pid):
+        """Starts a detached watchdog that takes the cluster down when
+        process `pid` (a test run) is gone without doing it."""
+        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--state-dir",
+                          str(self.dir), "_watch", str(pid), self.load()["cluster_id"]],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def status(self):
+        st = self.load()
+        rows = []
+        for n in st["nodes"]:
+            state = n["state"]
+            if state in ("up", "stopped") and not alive(n["pid"]):
+                state = "dead"
+            rows.append({"id": n["id"], "port": n["port"], "pid": n["pid"], "state": state,
+                         "dir": n["dir"]})
+        return {"bootstrap": st["bootstrap"], "kafka_version": st["kafka_version"],
+                "replication_factor": st["replication_factor"],
+                "min_insync_replicas": st["min_insync_replicas"], "nodes": rows}
+
+    # -- admin (Kafka's own command-line classes) --
+    def _admin_bootstrap(self):
+        b = self.bootstrap(live_only=True)
+        if not b:
+            raise ClusterError("no node is up")
+        return b
+
+    def create_topic(self, name, partitions=3, rf=None, configs=None):
+        """Creates `name` (if it does not exist) with `rf` replicas (default
+        the cluster's min(3, n)) and min.insync.replicas min(2, n) unless
+        `configs` says otherwise."""
+        st = self.load()
+        configs = dict(configs or {})
+        configs.setdefault("min.insync.replicas", str(st["min_insync_replicas"]))
+        args = ["--bootstrap-server", self._admin_bootstrap(), "--create", "--if-not-exists",
+                "--topic", name, "--partitions", str(partitions),
+                "--replication-factor", str(rf or st["replication_factor"])]
+        for k, v in configs.items():
+            args += ["--config", f"{k}={v}"]
+        run_tool("org.apache.kafka.tools.TopicCommand", args)
+
+    def create_topics(self, specs, configs=None):
+        """create_topic for each (name, partitions) in `specs`, two at a time
+        (a JVM each)."""
+        specs = list(specs)
+        while specs:
+            batch, specs = specs[:2], specs[2:]
+            errors = []
+
+            def one(spec):
+                try:
+                    self.create_topic(spec[0], spec[1], configs=configs)
+                except ClusterError as e:
+                    errors.append(e)
+            threads = [threading.Thread(target=one, args=(s,)) for s in batch]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+
+    def describe(self, topic):
+        """[{partition, leader, replicas, isr}] of `topic`; leader -1 when it
+        has none."""
+        # The first describe (admin client, network) writes the class archive.
+        _, out, _ = run_tool("org.apache.kafka.tools.TopicCommand",
+                             ["--bootstrap-server", self._admin_bootstrap(), "--describe",
+                              "--topic", topic], make_archive=True)
+        parts = []
+        for line in out.splitlines():
+            m = re.search(r"Partition:\s*(\d+)\s+Leader:\s*(-?\w+)\s+Replicas:\s*([\d,]*)\s+Isr:\s*([\d,]*)",
+                          line)
+            if m:
+                leader = m.group(2)
+                parts.append({
+                    "partition": int(m.group(1)),
+                    "leader": int(leader) if leader.lstrip("-").isdigit() else -1,
+                    "replicas": [int(x) for x in m.group(3).split(",") if x],
+                    "isr": [int(x) for x in m.group(4).split(",") if x],
+                })
+        if not parts:
+            raise ClusterError(f"no partitions of {topic} in:\n{out}")
+        return sorted(parts, key=lambda p: p["partition"])
+
+    def leader(self, topic, partition=0):
+        for p in self.describe(topic):
+            if p["partition"] == int(partition):
+                return p["leader"]
+        raise ClusterError(f"{topic} has no partition {partition}")
+
+    def produce_check(self, topic, count):
+        """Sends `count` records with acks=all through Kafka's
+        VerifiableProducer; True when every one was acknowledged."""
+        rc, out, err = run_tool("org.apache.kafka.tools.VerifiableProducer",
+                                ["--bootstrap-server", self._admin_bootstrap(), "--topic", topic,
+                                 "--max-messages", str(count), "--acks", "-1"],
+                               check=False)
+        ok = sum(1 for line in out.splitlines() if '"producer_send_success"' in line)
+        return rc == 0 and ok == count, f"{ok} of {count} acknowledged; {err[-1000:]}"
+
+    def wait_ready(self, timeout=READY_TIMEOUT):
+        """Until every node meant to be up runs and listens, a topic of one
+        partition per node with the cluster's replication factor exists
+        (which needs that many registered brokers), every partition has a
+        leader and every running replica in its ISR, and one record per
+        partition is acknowledged with acks=all."""
+        t0 = time.monotonic()
+        last = "nothing checked yet"
+
+        def left():
+            remaining = timeout - (time.monotonic() - t0)
+            if remaining <= 0:
+                raise ClusterError(f"cluster in {self.dir} not ready in {timeout:.0f} s: {last}")
+            return remaining
+
+        created = False
+        said = None
+        while True:
+            if VERBOSE and last != said:
+                log(f"[{time.monotonic() - t0:5.1f} s] {last}")
+                said = last
+            left()
+            st = self.load()
+            up = [n for n in st["nodes"] if n["state"] == "up"]
+            for n in up:
+                if not alive(n["pid"]):
+                    tail = tail_file(Path(n["dir"]) / "server.log", 30) or tail_file(
+                        Path(n["dir"]) / "stdout.log", 30)
+                    raise ClusterError(f"node {n['id']} (pid {n['pid']}) died:\n{tail}")
+            waiting = [n["id"] for n in up if not listening(n["port"])]
+            if waiting:
+                last = f"nodes {waiting} not listening yet"
+                time.sleep(0.5)
+                continue
+            try:
+                if not created:
+                    self.create_topic(READY_TOPIC, len(st["nodes"]),
+                                      configs={"min.insync.replicas": "1"})
+                    created = True
+                live = {n["id"] for n in up}
+                parts = self.describe(READY_TOPIC)
+                lagging = [p for p in parts
+                           if p["leader"] not in live or not live & set(p["replicas"]) <= set(p["isr"])]
+                if lagging:
+                    last = f"{READY_TOPIC} partitions without a live leader or full ISR: {lagging}"
+                    time.sleep(1)
+                    continue
+                ok, what = self.produce_check(READY_TOPIC, len(parts))
+                if ok:
+                    return
+                last = f"produce to {READY_TOPIC}: {what}"
+            except ClusterError as e:
+                last = str(e)[-1500:]
+            time.sleep(1)
+
+
+def server_properties(nid, port, cport, voters, data, nodes):
+    rf, isr = min(3, nodes), min(2, nodes)
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": nid,
+        "controller.quorum.voters": voters,
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(data),
+        "num.partitions": 3,
+        "default.replication.factor": rf,
+        "min.insync.replicas": isr,
+        "offsets.topic.replication.factor": rf,
+        "offsets.topic.num.partitions": 5,
+        "transaction.state.log.replication.factor": rf,
+        "transaction.state.log.min.isr": isr,
+        "transaction.state.log.num.partitions": 5,
+        "share.coordinator.state.topic.replication.factor": rf,
+        "share.coordinator.state.topic.min.isr": isr,
+        "group.initial.rebalance.delay.ms": 0,
+        # Topics exist because a test or the user created them (`up --topic`,
+        # `create-topic`); a typo in a topic name is an error, not a topic.
+        "auto.create.topics.enable": "false",
+        # Two cores: few threads per node.
+        "num.network.threads": 2,
+        "num.io.threads": 2,
+        "background.threads": 2,
+        "num.replica.fetchers": 1,
+        "num.recovery.threads.per.data.dir": 1,
+        "log.cleaner.threads": 1,
+        "log.retention.hours": 24,
+    }
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def tail_file(path, lines):
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def watch_loop(state_dir, pid, cluster_id):
+    """The watchdog `up --watch-pid` starts: once `pid` is gone, kill -9 the
+    nodes of cluster `cluster_id` (not of a newer cluster in the same dir)."""
+    c = Cluster(state_dir)
+    while True:
+        time.sleep(1)
+        try:
+            st = c.load()
+        except (ClusterError, ValueError):
+            return
+        if st.get("cluster_id") != cluster_id or all(n["state"] == "down" for n in st["nodes"]):
+            return
+        if not alive(int(pid)):
+            c.down()
+            return
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--state-dir", default=None, help="default: $SLUICE_TEST_KAFKA_STATE or .tools/kafka-cluster")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    j = sub.add_parser("jars", help="fetch the broker's jars into the cache (no-op when present)")
+    j.add_argument("--check", action="store_true", help="exit 1 if absent; fetch nothing")
+    j.add_argument("--quiet", action="store_true")
+    u = sub.add_parser("up", help="format and start a fresh cluster; wait until ready")
+    u.add_argument("--nodes", type=int, default=3)
+    u.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
+    u.add_argument("--watch-pid", type=int, help="take the cluster down when this pid exits")
+    u.add_argument("--no-wait", action="store_true")
+    sub.add_parser("down", help="kill -9 every node")
+    sub.add_parser("status", help="bootstrap servers and nodes (JSON)")
+    b = sub.add_parser("bootstrap", help="print the bootstrap servers")
+    b.add_argument("--live", action="store_true", help="only the nodes neither killed nor stopped")
+    sub.add_parser("wait-ready", help="wait until every running node serves")
+    for name, what in (("kill", "kill -9 NODE"), ("stop", "SIGSTOP NODE"),
+                       ("cont", "SIGCONT NODE"), ("restart", "kill -9 NODE if running, start it, wait ready")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("node", type=int)
+        if name == "restart":
+            p.add_argument("--no-wait", action="store_true")
+    t = sub.add_parser("create-topic")
+    t.add_argument("name")
+    t.add_argument("--partitions", type=int, default=3)
+    t.add_argument("--rf", type=int)
+    t.add_argument("--config", action="append", default=[], help="K=V topic config")
+    d = sub.add_parser("describe", help="partitions of TOPIC as JSON")
+    d.add_argument("topic")
+    le = sub.add_parser("leader", help="the node id leading TOPIC's PARTITION")
+    le.add_argument("topic")
+    le.add_argument("partition", type=int, nargs="?", default=0)
+    w = sub.add_parser("_watch")
+    w.add_argument("pid", type=int)
+    w.add_argument("cluster_id")
+    a = ap.parse_args(argv)
+
+    c = Cluster(a.state_dir)
+    try:
+        if a.cmd == "jars":
+            if a.check:
+                print(libs_dir())
+                if not jars_present():
+                    log(f"no Apache Kafka {kafka_version()} jars in {libs_dir()} (make kafka-jars)")
+                    return 1
+                java()
+                return 0
+            t0 = time.monotonic()
+            had = jars_present()
+            fetch_jars(quiet=a.quiet)
+            print(libs_dir())
+            if not a.quiet and not had:
+                log(f"jars fetched in {time.monotonic() - t0:.1f} s")
+        elif a.cmd == "up":
+            t0 = time.monotonic()
+            c.up(a.nodes, a.topic, a.watch_pid, wait=not a.no_wait)
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items())
+            log(f"{a.nodes} node(s) ready in {time.monotonic() - t0:.1f} s ({phases}); state {c.file}")
+            print(c.bootstrap())
+        elif a.cmd == "down":
+            if c.exists():
+                c.down()
+        elif a.cmd == "status":
+            print(json.dumps(c.status(), indent=2))
+        elif a.cmd == "bootstrap":
+            print(c.bootstrap(live_only=a.live))
+        elif a.cmd == "wait-ready":
+            c.wait_ready()
+        elif a.cmd == "kill":
+            c.kill(a.node)
+        elif a.cmd == "stop":
+            c.stop(a.node)
+        elif a.cmd == "cont":
+            c.cont(a.node)
+        elif a.cmd == "restart":
+            c.restart(a.node, wait=not a.no_wait)
+        elif a.cmd == "create-topic":
+            c.create_topic(a.name, a.partitions, a.rf, dict(kv.split("=", 1) for kv in a.config))
+        elif a.cmd == "describe":
+            print(json.dumps(c.describe(a.topic)))
+        elif a.cmd == "leader":
+            print(c.leader(a.topic, a.partition))
+        elif a.cmd == "_watch":
+            watch_loop(c.dir, a.pid, a.cluster_id)
+    except ClusterError as e:
+        log(f"cluster.py {a.cmd}: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+//! A real Apache Kafka cluster for a test: KRaft nodes (combined
+//! broker+controller JVMs) on loopback, started and driven by
+//! `tests/apache-kafka/cluster.py` in a temp state dir, killed on drop.
+//!
+//! The broker's jars come from a cache outside the clone (`make kafka-jars`).
+//! Without them [`Cluster::start`] prints why and returns `None`, so that
+//! `make test` passes on a machine that never fetched them; with
+//! `SLUICE_REQUIRE_KAFKA=1` their absence fails the test instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `tests/apache-kafka/cluster.py`.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apache-kafka/cluster.py")
+}
+
+/// One partition as `cluster.py describe` reports it (node ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    pub partition: i32,
+    /// -1 while the partition has no leader.
+    pub leader: i32,
+    pub replicas: Vec<i32>,
+    pub isr: Vec<i32>,
+}
+
+/// A running cluster. Dropping it (also while a test panics) kills every
+/// node with SIGKILL; a watchdog started with the cluster does the same if
+/// the test process dies without dropping it.
+pub struct Cluster {
+    state: tempfile::TempDir,
+    bootstrap: String,
+    nodes: Vec<u32>,
+}
+
+impl Cluster {
+    /// Formats and starts `nodes` nodes (replication factor min(3, n),
+    /// min.insync.replicas min(2, n)) and waits until they serve. `None` when
+    /// the jars (or java) are missing and `SLUICE_REQUIRE_KAFKA` is not set.
+    pub fn start(nodes: u32) -> Option<Cluster> {
+        let check = Command::new("python3")
+            .arg(script())
+            .args(["jars", "--check"])
+            .output();
+        let missing = match &check {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            Err(e) => Some(format!("python3: {e}")),
+        };
+        if let Some(why) = missing {
+            if std::env::var_os("SLUICE_REQUIRE_KAFKA").is_some_and(|v| v == "1") {
+                panic!("SLUICE_REQUIRE_KAFKA=1 but Apache Kafka cannot run: {why}");
+            }
+            eprintln!(
+                "Apache Kafka not available ({why}): test skipped; `make kafka-jars` \
+                 fetches the broker (SLUICE_REQUIRE_KAFKA=1 makes this a failure)"
+            );
+            return None;
+        }
+        let state = tempfile::Builder::new()
+            .prefix("sluice-kafka-")
+            .tempdir()
+            .unwrap();
+        let mut cluster = Cluster {
+            state,
+            bootstrap: String::new(),
+            nodes: (1..=nodes).collect(),
+        };
+        // From here on, drop takes the nodes down even if `up` fails half way.
+        let out = cluster.run(&[
+            "up",
+            "--nodes",
+            &nodes.to_string(),
+            "--watch-pid",
+            &std::process::id().to_string(),
+        ]);
+        cluster.bootstrap = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(
+            !cluster.bootstrap.is_empty(),
+            "cluster.py up printed no bootstrap"
+        );
+        Some(cluster)
+    }
+
+    /// `host:port` of every node, comma-separated (what a client is given).
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// `host:port` of the nodes neither killed nor stopped.
+    pub fn live_bootstrap(&self) -> String {
+        self.text(&["bootstrap", "--live"])
+    }
+
+    pub fn nodes(&self) -> &[u32] {
+        &self.nodes
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// The directory of node `node` (its `server.log`, its data).
+    pub fn node_dir(&self, node: u32) -> PathBuf {
+        self.state.path().join(format!("node-{node}"))
+    }
+
+    /// Creates `name` with `partitions` partitions, the cluster's
+    /// replication factor and min.insync.replicas, and `configs` on top.
+    pub fn create_topic(&self, name: &str, partitions: u32, configs: &[(&str, &str)]) {
+        let parts = partitions.to_string();
+        let mut args = vec!["create-topic", name, "--partitions", &parts];
+        let kvs: Vec<String> = configs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for kv in &kvs {
+            args.extend(["--config", kv.as_str()]);
+        }
+        self.run(&args);
+    }
+
+    pub fn describe(&self, topic: &str) -> Vec<PartitionState> {
+        let v: serde_json::Value = serde_json::from_str(&self.text(&["describe", topic])).unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<i32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap() as i32)
+                .collect()
+        };
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| PartitionState {
+                partition: p["partition"].as_i64().unwrap() as i32,
+                leader: p["leader"].as_i64().unwrap() as i32,
+                replicas: ids(&p["replicas"]),
+                isr: ids(&p["isr"]),
+            })
+            .collect()
+    }
+
+    /// The node id leading `partition` of `topic` (-1: none).
+    pub fn leader(&self, topic: &str, partition: i32) -> i32 {
+        self.text(&["leader", topic, &partition.to_string()])
+            .parse()
+            .unwrap()
+    }
+
+    /// SIGKILL node `node`.
+    pub fn kill(&self, node: u32) {
+        self.run(&["kill", &node.to_string()]);
+    }
+
+    /// SIGSTOP node `node`: it freezes with its sockets open.
+    pub fn stop(&self, node: u32) {
+        self.run(&["stop", &node.to_string()]);
+    }
+
+    /// SIGCONT node `node`.
+    pub fn cont(&self, node: u32) {
+        self.run(&["cont", &node.to_string()]);
+    }
+
+    /// kill -9 node `node` if it runs, start it again on its ports and
+    /// directory, and wait until the cluster is ready.
+    pub fn restart(&self, node: u32) {
+        self.run(&["restart", &node.to_string()]);
+    }
+
+    /// Until every node that should run serves: brokers registered, every
+    /// partition of a probe topic led with a full ISR, acks=all produce.
+    pub fn wait_ready(&self) {
+        self.run(&["wait-ready"]);
+    }
+
+    fn text(&self, args: &[&str]) -> String {
+        String::from_utf8(self.run(args).stdout)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new("python3")
+            .arg(script())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cluster.py {}: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// The pids in the state file, for the last resort in drop.
+    fn pids(&self) -> Vec<u32> {
+        let Ok(text) = std::fs::read_to_string(self.state.path().join("cluster.json")) else {
+            return Vec::new();
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return Vec::new();
+        };
+        v["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter_map(|n| n["pid"].as_u64())
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("python3")
+            .arg(script())
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("down")
+            .output();
+        // If cluster.py could not run, signal the JVMs ourselves. A pid that
+        // is gone already makes `kill` fail, which is fine; the JVMs are
+        // children of cluster.py, never reused by another cluster's nodes
+        // while this state file names them.
+        for pid in self.pids() {
+            if std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.contains("kafka.Kafka") && c.contains(&*self.state.path().to_string_lossy())
+            }) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
