@@ -142,6 +142,9 @@ e2e-independent:
 # with `python3 tests/apache-kafka/cluster.py --state-dir KAFKA_STATE
 # status|kill N|stop N|cont N|restart N|leader TOPIC P|create-topic ...`.
 KAFKA_NODES ?= 3
+# KAFKA_CONTROLLERS=1: KAFKA_NODES broker-only nodes and one controller-only
+# node (the quorum survives two dead brokers); 0: combined nodes.
+KAFKA_CONTROLLERS ?= 0
 KAFKA_STATE ?= $(TOOLS)/kafka-cluster
 KAFKA_TOPICS ?= events:3 events-dlq:3
 KAFKA_CLUSTER = python3 tests/apache-kafka/cluster.py --state-dir $(KAFKA_STATE)
@@ -149,7 +152,7 @@ kafka-jars:
 	@python3 tests/apache-kafka/cluster.py jars
 
 kafka-up: kafka-jars
-	@$(KAFKA_CLUSTER) up --nodes $(KAFKA_NODES) $(addprefix --topic ,$(KAFKA_TOPICS)) >/dev/null
+	@$(KAFKA_CLUSTER) up --nodes $(KAFKA_NODES) --controllers $(KAFKA_CONTROLLERS) $(addprefix --topic ,$(KAFKA_TOPICS)) >/dev/null
 	@b=$$($(KAFKA_CLUSTER) bootstrap); \
 	echo "Apache Kafka: $(KAFKA_NODES) node(s), bootstrap $$b; topics $(KAFKA_TOPICS)"; \
 	echo "point sluice at it:"; \

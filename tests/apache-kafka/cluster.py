@@ -9,10 +9,11 @@ the command line (`make kafka-up`, the Rust test support, other scripts) and
 as a module (`tests/independent/run.py`).
 
     cluster.py jars [--check]            fetch the jars (or only check them)
-    cluster.py up [--nodes 3] [--topic NAME[:PARTITIONS]] [--watch-pid PID]
+    cluster.py up [--nodes 3] [--controllers 0] [--topic NAME[:PARTITIONS]] [--watch-pid PID]
     cluster.py status | bootstrap [--live] | down | wait-ready
     cluster.py kill|stop|cont|restart NODE
     cluster.py create-topic NAME [--partitions 3] [--rf R] [--config K=V]
+    cluster.py add-partitions TOPIC COUNT  CreatePartitions: grow TOPIC to COUNT
     cluster.py describe TOPIC            partitions as JSON
     cluster.py leader TOPIC [PARTITION]  node id of the partition's leader
 
@@ -21,6 +22,14 @@ Every command takes --state-dir (default: $SLUICE_TEST_KAFKA_STATE, else
 STATE_DIR/cluster.json holds the bootstrap servers, each node's id, ports,
 directory, pid and state ("up", "stopped" by SIGSTOP, "killed"), so that any
 process can drive the cluster that another one started.
+
+Layouts: by default every node is a combined broker+controller (a KRaft
+voter), so losing two of three nodes also loses the controller quorum
+(metadata freezes: no leader election, no ISR change, admin requests time
+out). `up --controllers 1` starts the --nodes brokers as broker-only nodes
+(ids 1..n) plus dedicated controller-only node(s) (ids n+1..), the
+production layout: brokers can die while the quorum stays, so the ISR
+shrinks and `min.insync.replicas` is what refuses writes.
 
 Caches: $SLUICE_TEST_KAFKA_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/sluice;
 the jars in CACHE/kafka-VERSION/libs, Maven's repository in CACHE/m2
@@ -59,6 +68,8 @@ TOOL_TIMEOUT = 120.0
 # SLUICE_TEST_KAFKA_VERBOSE=1: wait_ready says what it waits for.
 VERBOSE = os.environ.get("SLUICE_TEST_KAFKA_VERBOSE") == "1"
 NODE_HEAP = os.environ.get("SLUICE_TEST_KAFKA_HEAP", "-Xmx384m -Xms128m").split()
+# A controller-only node holds the metadata log alone: a smaller heap.
+CONTROLLER_HEAP = os.environ.get("SLUICE_TEST_KAFKA_CONTROLLER_HEAP", "-Xmx256m -Xms64m").split()
 NODE_JVM = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true"]
 # Command-line tools: short-lived, so a small heap and a quick start.
@@ -273,25 +284,30 @@ class Cluster:
     def bootstrap(self, live_only=False):
         """host:port of every node (or of the running ones), comma-separated."""
         st = self.load()
-        nodes = [n for n in st["nodes"] if not live_only or n["state"] == "up"]
+        nodes = [n for n in brokers(st) if not live_only or n["state"] == "up"]
         return ",".join(f"127.0.0.1:{n['port']}" for n in nodes)
 
     def node_ids(self):
         return [n["id"] for n in self.load()["nodes"]]
 
     # -- lifecycle --
-    def up(self, nodes=3, topics=(), watch_pid=None, wait=True):
+    def up(self, nodes=3, topics=(), watch_pid=None, wait=True, controllers=0):
         """Formats and starts a fresh cluster of `nodes` nodes, replacing any
-        cluster this state dir held; waits until it is ready."""
+        cluster this state dir held; waits until it is ready. With
+        `controllers` > 0 the `nodes` are broker-only and that many
+        controller-only nodes hold the quorum (see the module doc)."""
         if nodes < 1:
             raise ClusterError("at least one node")
+        if controllers < 0:
+            raise ClusterError("controllers must be 0 (combined nodes) or more")
         classpath()  # the jars are there
         if self.exists():
             self.down()
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
-        ports = free_ports(2 * nodes)
+        total = nodes + controllers
+        ports = free_ports(2 * total)
         rf, isr = min(3, nodes), min(2, nodes)
         st = {
             "kafka_version": kafka_version(),
@@ -300,16 +316,24 @@ class Cluster:
             "state_dir": str(self.dir),
             "replication_factor": rf,
             "min_insync_replicas": isr,
+            "controllers": controllers,
             "nodes": [],
         }
-        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}" for i in range(nodes))
-        for i in range(nodes):
+        # Voters: every node (combined), or the controller-only ones.
+        first_voter = nodes if controllers else 0
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}"
+                          for i in range(first_voter, total))
+        for i in range(total):
             nid, port, cport = i + 1, ports[2 * i], ports[2 * i + 1]
+            role = "combined" if not controllers else ("broker" if i < nodes else "controller")
             d = self.dir / f"node-{nid}"
             (d / "data").mkdir(parents=True)
             (d / "server.properties").write_text(server_properties(
-                nid, port, cport, voters, d / "data", nodes))
-            st["nodes"].append({"id": nid, "port": port, "controller_port": cport,
+                nid, port, cport, voters, d / "data", nodes, role))
+            # A controller-only node's `port` is its controller port (what
+            # wait_ready checks); it is never in a bootstrap list.
+            st["nodes"].append({"id": nid, "port": cport if role == "controller" else port,
+                                "controller_port": cport, "role": role,
                                 "dir": str(d), "pid": None, "state": "new"})
         # One cluster id for all, as `kafka-storage random-uuid` makes it (a
         # UUID in unpadded url-safe base64, never starting with '-'); format
@@ -318,7 +342,7 @@ class Cluster:
         st["cluster_id"] = "-"
         while st["cluster_id"].startswith("-"):
             st["cluster_id"] = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        st["bootstrap"] = ",".join(f"127.0.0.1:{n['port']}" for n in st["nodes"])
+        st["bootstrap"] = ",".join(f"127.0.0.1:{n['port']}" for n in brokers(st))
         self.save(st)
         fmt = [subprocess.Popen(
             tool_cmd("kafka.tools.StorageTool", ["format", "-t", st["cluster_id"],
@@ -347,7 +371,8 @@ class Cluster:
     def _start_node(self, st, n):
         d = Path(n["dir"])
         out = open(d / "stdout.log", "ab")
-        cmd = [java()] + NODE_HEAP + NODE_JVM + [
+        heap = CONTROLLER_HEAP if n.get("role") == "controller" else NODE_HEAP
+        cmd = [java()] + heap + NODE_JVM + [
             f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={d}",
             "-cp", classpath(), "kafka.Kafka", str(d / "server.properties")]
@@ -448,7 +473,7 @@ class Cluster:
             if state in ("up", "stopped") and not alive(n["pid"]):
                 state = "dead"
             rows.append({"id": n["id"], "port": n["port"], "pid": n["pid"], "state": state,
-                         "dir": n["dir"]})
+                         "role": n.get("role", "combined"), "dir": n["dir"]})
         return {"bootstrap": st["bootstrap"], "kafka_version": st["kafka_version"],
                 "replication_factor": st["replication_factor"],
                 "min_insync_replicas": st["min_insync_replicas"], "nodes": rows}
@@ -494,6 +519,13 @@ class Cluster:
                 t.join()
             if errors:
                 raise errors[0]
+
+    def add_partitions(self, topic, count):
+        """CreatePartitions on the live cluster: `topic` grows to `count`
+        partitions (kafka-topics --alter --partitions)."""
+        run_tool("org.apache.kafka.tools.TopicCommand",
+                 ["--bootstrap-server", self._admin_bootstrap(), "--alter", "--topic", topic,
+                  "--partitions", str(count)])
 
     def describe(self, topic):
         """[{partition, leader, replicas, isr}] of `topic`; leader -1 when it
@@ -570,10 +602,10 @@ class Cluster:
                 continue
             try:
                 if not created:
-                    self.create_topic(READY_TOPIC, len(st["nodes"]),
+                    self.create_topic(READY_TOPIC, len(brokers(st)),
                                       configs={"min.insync.replicas": "1"})
                     created = True
-                live = {n["id"] for n in up}
+                live = {n["id"] for n in brokers(st) if n["state"] == "up"}
                 parts = self.describe(READY_TOPIC)
                 lagging = [p for p in parts
                            if p["leader"] not in live or not live & set(p["replicas"]) <= set(p["isr"])]
@@ -590,17 +622,45 @@ class Cluster:
             time.sleep(1)
 
 
-def server_properties(nid, port, cport, voters, data, nodes):
+def brokers(st):
+    """The nodes that serve clients (combined or broker-only), not the
+    controller-only ones."""
+    return [n for n in st["nodes"] if n.get("role", "combined") != "controller"]
+
+
+def server_properties(nid, port, cport, voters, data, nodes, role="combined"):
+    """`nodes` is the number of brokers (replication factor min(3, nodes)).
+    `role`: "combined" (broker+controller), "broker" or "controller"."""
     rf, isr = min(3, nodes), min(2, nodes)
+    if role == "combined":
+        roles = {
+            "process.roles": "broker,controller",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        }
+    elif role == "broker":
+        roles = {
+            "process.roles": "broker",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        }
+    elif role == "controller":
+        roles = {
+            "process.roles": "controller",
+            "listeners": f"CONTROLLER://127.0.0.1:{cport}",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT",
+        }
+    else:
+        raise ClusterError(f"unknown node role {role!r}")
     props = {
-        "process.roles": "broker,controller",
         "node.id": nid,
         "controller.quorum.voters": voters,
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        **roles,
         "log.dirs": str(data),
         "num.partitions": 3,
         "default.replication.factor": rf,
@@ -661,6 +721,9 @@ def main(argv=None):
     j.add_argument("--quiet", action="store_true")
     u = sub.add_parser("up", help="format and start a fresh cluster; wait until ready")
     u.add_argument("--nodes", type=int, default=3)
+    u.add_argument("--controllers", type=int, default=0,
+                   help="0: every node is broker+controller; N: --nodes broker-only nodes "
+                        "and N controller-only nodes")
     u.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
     u.add_argument("--watch-pid", type=int, help="take the cluster down when this pid exits")
     u.add_argument("--no-wait", action="store_true")
@@ -680,6 +743,9 @@ def main(argv=None):
     t.add_argument("--partitions", type=int, default=3)
     t.add_argument("--rf", type=int)
     t.add_argument("--config", action="append", default=[], help="K=V topic config")
+    g = sub.add_parser("add-partitions", help="grow TOPIC to COUNT partitions (CreatePartitions)")
+    g.add_argument("topic")
+    g.add_argument("count", type=int)
     d = sub.add_parser("describe", help="partitions of TOPIC as JSON")
     d.add_argument("topic")
     le = sub.add_parser("leader", help="the node id leading TOPIC's PARTITION")
@@ -708,9 +774,9 @@ def main(argv=None):
                 log(f"jars fetched in {time.monotonic() - t0:.1f} s")
         elif a.cmd == "up":
             t0 = time.monotonic()
-            c.up(a.nodes, a.topic, a.watch_pid, wait=not a.no_wait)
+            c.up(a.nodes, a.topic, a.watch_pid, wait=not a.no_wait, controllers=a.controllers)
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items())
-            log(f"{a.nodes} node(s) ready in {time.monotonic() - t0:.1f} s ({phases}); state {c.file}")
+            log(f"{a.nodes} broker(s){f' + {a.controllers} controller(s)' if a.controllers else ''} ready in {time.monotonic() - t0:.1f} s ({phases}); state {c.file}")
             print(c.bootstrap())
         elif a.cmd == "down":
             if c.exists():
@@ -731,6 +797,8 @@ def main(argv=None):
             c.restart(a.node, wait=not a.no_wait)
         elif a.cmd == "create-topic":
             c.create_topic(a.name, a.partitions, a.rf, dict(kv.split("=", 1) for kv in a.config))
+        elif a.cmd == "add-partitions":
+            c.add_partitions(a.topic, a.count)
         elif a.cmd == "describe":
             print(json.dumps(c.describe(a.topic)))
         elif a.cmd == "leader":
