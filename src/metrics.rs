@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use MetricType::{COUNTER, GAUGE};
 
 use crate::ingest::IngestCounters;
+use crate::replay::stall::StallCause;
 use crate::replay::{Lag, ReplayObserver, ReplayStats};
 use crate::wal::{Wal, WalObserver};
 
@@ -472,7 +473,33 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("kafka_connected", "1 when the last delivery succeeded, 0 after all brokers went down or a delivery failed.", GAUGE, |r| flag(r.connected.load(Ordering::Relaxed))),
 ];
 
-const REPLAY_LABELLED: &[LabelledRow<ReplayStats>] = &[(
+const REPLAY_LABELLED: &[LabelledRow<ReplayStats>] = &[
+    (
+        "replay_stalls_total",
+        "Stalls (records in flight and no delivery report for kafka.message-timeout-ms), by what the cluster showed: not_enough_replicas (ISR below min.insync.replicas), no_leader, metadata_unavailable, no_delivery_report (nothing wrong in the metadata).",
+        COUNTER,
+        "cause",
+        |r| {
+            StallCause::ALL
+                .iter()
+                .map(|c| (c.label(), get(&r.stalls[c.index()])))
+                .collect()
+        },
+    ),
+    (
+        "replay_stalled",
+        "1 for the cause of the current stall (see replay_stalls_total), 0 for the others; all 0 once a delivery is confirmed again.",
+        GAUGE,
+        "cause",
+        |r| {
+            let now = r.stall().map(|(s, _)| s.cause);
+            StallCause::ALL
+                .iter()
+                .map(|c| (c.label(), flag(now == Some(*c))))
+                .collect()
+        },
+    ),
+    (
     "dead_letter_total",
     "Records Kafka refused for good, by where they went.",
     COUNTER,

@@ -137,11 +137,22 @@ fn streams_state(st: &SharedState) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
+/// Kafka as replay sees it; `stall` (null unless replay is stalled) names
+/// what the cluster showed when no delivery report came in time, e.g.
+/// NOT_ENOUGH_REPLICAS with the partitions and their in-sync replicas.
 fn kafka_state(st: &SharedState) -> serde_json::Value {
     let r = &st.replay;
+    let stall = r.stall().map(|(s, lasted)| {
+        json!({
+            "cause": s.cause.label(),
+            "detail": s.detail,
+            "seconds": lasted.as_secs(),
+        })
+    });
     json!({
         "connected": r.connected.load(Ordering::Relaxed),
         "producer_recreations": r.producer_recreations.load(Ordering::Relaxed),
+        "stall": stall,
     })
 }
 

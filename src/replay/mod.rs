@@ -21,6 +21,7 @@ pub mod partition;
 pub mod producer;
 #[cfg(feature = "kafka")]
 pub mod replayer;
+pub mod stall;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -73,6 +74,14 @@ impl StreamTopics {
 
     pub fn contains(&self, stream: &str) -> bool {
         self.0.contains_key(stream)
+    }
+
+    /// Every stream's topic (not the dead-letter topics), sorted.
+    pub fn topics(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.0.values().map(|t| t.topic.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// Every topic and dead-letter topic, for the dev broker.
@@ -189,6 +198,12 @@ pub struct ReplayStats {
     /// Files sink: files open now, and the last commit's duration (µs).
     pub sink_files_open: AtomicU64,
     pub sink_commit_micros: AtomicU64,
+    /// Why replay stalls now (no delivery report for
+    /// `kafka.message-timeout-ms`), as the cluster showed it; cleared by the
+    /// next confirmed delivery. `/stats`, `/ready`, `sluice_replay_stalled`.
+    stall: std::sync::Mutex<Option<(stall::Stall, std::time::Instant)>>,
+    /// Stalls diagnosed, by `StallCause::index`.
+    pub stalls: [AtomicU64; 4],
     /// Who hears about each delivery report (metrics), when set.
     observer: ObserverSlot,
 }
@@ -216,9 +231,32 @@ impl ReplayStats {
         self.observer.0.get().cloned()
     }
 
+    /// Records the diagnosis of a stall; the episode's start is kept while
+    /// stalls follow each other without a delivery in between.
+    pub fn set_stall(&self, s: stall::Stall) {
+        self.stalls[s.cause.index()].fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut cur) = self.stall.lock() {
+            let since = cur
+                .as_ref()
+                .map_or_else(std::time::Instant::now, |(_, t)| *t);
+            *cur = Some((s, since));
+        }
+    }
+
+    /// The current stall and how long it has lasted, if replay is stalled.
+    pub fn stall(&self) -> Option<(stall::Stall, Duration)> {
+        self.stall
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|(s, t)| (s.clone(), t.elapsed())))
+    }
+
     pub fn set_connected(&self, up: bool, why: &str) {
         if self.connected.swap(up, Ordering::Relaxed) != up {
             if up {
+                if let Ok(mut s) = self.stall.lock() {
+                    *s = None;
+                }
                 tracing::info!("Kafka reachable: deliveries confirmed");
             } else {
                 tracing::warn!(

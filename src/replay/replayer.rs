@@ -178,6 +178,9 @@ const SETTLE_BURST: usize = 1024;
 enum End {
     Shutdown,
     Retry(String),
+    /// No delivery report for the stall limit with records in flight (and
+    /// no failure seen): retried like `Retry`, and the cluster is asked why.
+    Stalled(String),
     /// The producer stopped itself (the gapless guarantee) after a refused
     /// record was dead-lettered: a new one at once, no backoff.
     Renew,
@@ -303,6 +306,9 @@ impl Replayer {
                 self.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(?code, reason = %fatal, "fatal producer error: recreating the producer");
             }
+            if matches!(end, End::Stalled(_)) {
+                self.diagnose_stall();
+            }
             match end {
                 End::Shutdown => break,
                 End::Renew => {
@@ -320,7 +326,7 @@ impl Replayer {
                     // doc. No backoff: Kafka is up, it refused this request.
                     let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
                 }
-                End::Retry(why) => {
+                End::Retry(why) | End::Stalled(why) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     self.stats.set_connected(false, &why);
                     tracing::warn!(
@@ -536,7 +542,7 @@ impl Replayer {
                     if window.stalled(stall) {
                         return match &broken {
                             Some(b) => b.end(reader.next_seq() - 1),
-                            None => End::Retry(format!(
+                            None => End::Stalled(format!(
                                 "no delivery report for {} ms with {} records in flight",
                                 stall.as_millis(),
                                 window.unsettled.load(Ordering::Relaxed)
@@ -846,6 +852,28 @@ impl Replayer {
             }
         }
         Ok(p)
+    }
+
+    /// Asks the cluster why nothing was confirmed (`stall::diagnose`), in a
+    /// task of its own so that the next producer does not wait for it. The
+    /// verdict is kept only if nothing was delivered meanwhile (a delivery
+    /// clears the stall; a late verdict must not bring it back).
+    fn diagnose_stall(&self) {
+        let stats = self.stats.clone();
+        let config = producer_config(&self.kafka, &self.brokers);
+        let topics = self.streams.topics();
+        let before = stats.delivered.load(Ordering::Relaxed);
+        tokio::spawn(async move {
+            let s = super::stall::diagnose(config, topics, super::stall::DIAGNOSE_WITHIN).await;
+            if stats.delivered.load(Ordering::Relaxed) == before {
+                tracing::warn!(
+                    cause = s.cause.label(),
+                    detail = %s.detail,
+                    "replay stalled: no delivery report within kafka.message-timeout-ms; the cluster shows why"
+                );
+                stats.set_stall(s);
+            }
+        });
     }
 
     /// Asks the broker for `topic`'s partition count and reconciles it with
