@@ -291,7 +291,8 @@ class Cluster:
         return [n["id"] for n in self.load()["nodes"]]
 
     # -- lifecycle --
-    def up(self, nodes=3, topics=(), watch_pid=None, wait=True, controllers=0):
+    def up(self, nodes=3, topics=(), watch_pid=None, wait=True, controllers=0,
+           watch_remove=False):
         """Formats and starts a fresh cluster of `nodes` nodes, replacing any
         cluster this state dir held; waits until it is ready. With
         `controllers` > 0 the `nodes` are broker-only and that many
@@ -357,7 +358,7 @@ class Cluster:
             self._start_node(st, n)
         self.save(st)
         if watch_pid:
-            self.watch(watch_pid)
+            self.watch(watch_pid, remove=watch_remove)
         if wait:
             t0 = time.monotonic()
             self.wait_ready()
@@ -457,11 +458,14 @@ class Cluster:
             n["state"] = "down"
         self.save(st)
 
-    def watch(self, pid):
+    def watch(self, pid, remove=False):
         """Starts a detached watchdog that takes the cluster down when
-        process `pid` (a test run) is gone without doing it."""
+        process `pid` (a test run) is gone without doing it; with `remove`
+        it then deletes the state dir too (a test binary's shared cluster,
+        which no destructor takes down)."""
         subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--state-dir",
-                          str(self.dir), "_watch", str(pid), self.load()["cluster_id"]],
+                          str(self.dir), "_watch", str(pid), self.load()["cluster_id"]]
+                         + (["--remove"] if remove else []),
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -695,7 +699,7 @@ def tail_file(path, lines):
         return ""
 
 
-def watch_loop(state_dir, pid, cluster_id):
+def watch_loop(state_dir, pid, cluster_id, remove=False):
     """The watchdog `up --watch-pid` starts: once `pid` is gone, kill -9 the
     nodes of cluster `cluster_id` (not of a newer cluster in the same dir)."""
     c = Cluster(state_dir)
@@ -709,6 +713,8 @@ def watch_loop(state_dir, pid, cluster_id):
             return
         if not alive(int(pid)):
             c.down()
+            if remove and os.environ.get("SLUICE_TEST_KAFKA_KEEP") != "1":
+                shutil.rmtree(c.dir, ignore_errors=True)
             return
 
 
@@ -726,6 +732,9 @@ def main(argv=None):
                         "and N controller-only nodes")
     u.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
     u.add_argument("--watch-pid", type=int, help="take the cluster down when this pid exits")
+    u.add_argument("--watch-remove", action="store_true",
+                   help="with --watch-pid: also delete the state dir then "
+                        "(SLUICE_TEST_KAFKA_KEEP=1 keeps it)")
     u.add_argument("--no-wait", action="store_true")
     sub.add_parser("down", help="kill -9 every node")
     sub.add_parser("status", help="bootstrap servers and nodes (JSON)")
@@ -754,6 +763,7 @@ def main(argv=None):
     w = sub.add_parser("_watch")
     w.add_argument("pid", type=int)
     w.add_argument("cluster_id")
+    w.add_argument("--remove", action="store_true")
     a = ap.parse_args(argv)
 
     c = Cluster(a.state_dir)
@@ -774,7 +784,8 @@ def main(argv=None):
                 log(f"jars fetched in {time.monotonic() - t0:.1f} s")
         elif a.cmd == "up":
             t0 = time.monotonic()
-            c.up(a.nodes, a.topic, a.watch_pid, wait=not a.no_wait, controllers=a.controllers)
+            c.up(a.nodes, a.topic, a.watch_pid, wait=not a.no_wait, controllers=a.controllers,
+                 watch_remove=a.watch_remove)
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items())
             log(f"{a.nodes} broker(s){f' + {a.controllers} controller(s)' if a.controllers else ''} ready in {time.monotonic() - t0:.1f} s ({phases}); state {c.file}")
             print(c.bootstrap())
@@ -804,7 +815,7 @@ def main(argv=None):
         elif a.cmd == "leader":
             print(c.leader(a.topic, a.partition))
         elif a.cmd == "_watch":
-            watch_loop(c.dir, a.pid, a.cluster_id)
+            watch_loop(c.dir, a.pid, a.cluster_id, a.remove)
     except ClusterError as e:
         log(f"cluster.py {a.cmd}: {e}")
         return 1

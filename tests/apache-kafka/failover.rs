@@ -1,123 +1,23 @@
 //! The leader of the busiest partition killed with SIGKILL under load, then
-//! restarted: 3 nodes, the topic at replication factor 3 with
-//! min.insync.replicas 2, sluice producing with acks=all.
+//! restarted: 3 brokers (the shared cluster), the topic at replication
+//! factor 3 with min.insync.replicas 2, sluice producing with acks=all.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use sluice::replay::partition::partition_for;
 
-use crate::support::apache_kafka::Cluster;
+use crate::common::{Load, LoadSpec, WITHIN};
+use crate::support::apache_kafka::shared;
 use crate::support::Serve;
-use crate::{http, stats, wait_delivered};
+use crate::{stats, wait_delivered};
 
 const TOPIC: &str = "events";
 const PARTITIONS: u32 = 3;
-/// A loaded 2-core machine running three JVMs: generous, never a pass/fail
-/// timing by itself.
-const WITHIN: Duration = Duration::from_secs(240);
-
-/// Clients POSTing batches of 20 events until told to stop; every id that
-/// got a 202 goes into `acked`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<String>>>,
-    refused: Arc<Mutex<BTreeMap<u16, usize>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let refused = Arc::new(Mutex::new(BTreeMap::new()));
-        let threads = (0..3)
-            .map(|c| {
-                let (addr, stop, acked, refused) = (
-                    addr.to_string(),
-                    stop.clone(),
-                    acked.clone(),
-                    refused.clone(),
-                );
-                std::thread::spawn(move || {
-                    let mut n = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let ids: Vec<String> = (0..20).map(|i| format!("c{c}-{n}-{i}")).collect();
-                        // Clients 0 and 1 send one hot tenant; client 2 spreads.
-                        let events: Vec<_> = ids
-                            .iter()
-                            .enumerate()
-                            .map(|(i, id)| {
-                                let tenant = if c < 2 {
-                                    "hot".to_string()
-                                } else {
-                                    format!("t{}", (n + i) % 8)
-                                };
-                                serde_json::json!({"id": id, "tenant_id": tenant,
-                                    "source": "failover", "message": format!("event {id}")})
-                            })
-                            .collect();
-                        let (status, _) = http(
-                            &addr,
-                            "POST",
-                            "/v1/events",
-                            &serde_json::to_vec(&events).unwrap(),
-                        );
-                        if status == 202 {
-                            acked.lock().unwrap().extend(ids);
-                            // A steady load, not all the CPU three JVMs need.
-                            std::thread::sleep(Duration::from_millis(10));
-                        } else {
-                            *refused.lock().unwrap().entry(status).or_insert(0) += 1;
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        n += 1;
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            acked,
-            refused,
-            threads,
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Until `more` further events were acknowledged.
-    fn wait_more(&self, more: usize) {
-        let target = self.acked() + more;
-        let t0 = Instant::now();
-        while self.acked() < target {
-            assert!(
-                t0.elapsed() < WITHIN,
-                "{} of {target} acknowledged",
-                self.acked()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(self) -> (Vec<String>, BTreeMap<u16, usize>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
-        let refused = std::mem::take(&mut *self.refused.lock().unwrap());
-        (acked, refused)
-    }
-}
 
 #[test]
 fn the_killed_leader_of_the_busiest_partition_loses_no_acknowledged_event() {
-    let Some(cluster) = Cluster::start(3) else {
+    let Some(cluster) = shared() else {
         return;
     };
     cluster.create_topic(TOPIC, PARTITIONS, &[("min.insync.replicas", "2")]);
@@ -129,7 +29,7 @@ fn the_killed_leader_of_the_busiest_partition_loses_no_acknowledged_event() {
         .envs(&[("SLUICE_KAFKA_MESSAGE_TIMEOUT_MS", "20000")])
         .start();
 
-    let load = Load::start(&daemon.addr);
+    let load = Load::start(&daemon.addr, LoadSpec::default());
     load.wait_more(2_000);
     // The partition of the hot tenant (sluice's own partitioner), and its leader.
     let hot = partition_for(Some(b"hot"), 1, PARTITIONS as i32);

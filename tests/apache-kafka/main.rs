@@ -2,8 +2,15 @@
 //! broker's jars by `cluster.py` beside this file (`support::apache_kafka`).
 //! Skipped, with a line on stderr, when the jars are not in the cache
 //! (`make kafka-jars`) unless `SLUICE_REQUIRE_KAFKA=1`.
+//!
+//! The cases take turns on one cluster per run of this binary
+//! (`apache_kafka::shared`: 3 broker-only nodes and a controller-only one,
+//! started once, 30-60 s here); each brings back what it broke, and the
+//! next turn starts with every node up.
 
+mod common;
 mod failover;
+mod faults;
 #[path = "../support/mod.rs"]
 mod support;
 

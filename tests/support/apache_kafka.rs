@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 /// `tests/apache-kafka/cluster.py`.
 pub fn script() -> PathBuf {
@@ -39,6 +41,20 @@ impl Cluster {
     /// min.insync.replicas min(2, n)) and waits until they serve. `None` when
     /// the jars (or java) are missing and `SLUICE_REQUIRE_KAFKA` is not set.
     pub fn start(nodes: u32) -> Option<Cluster> {
+        Cluster::start_inner(nodes, 0, false)
+    }
+
+    /// `brokers` broker-only nodes (ids 1..=brokers) beside `controllers`
+    /// controller-only nodes (ids after them) that hold the KRaft quorum,
+    /// so brokers can die while the quorum stays (`cluster.py up
+    /// --controllers`). `nodes()` lists the brokers.
+    pub fn start_layout(brokers: u32, controllers: u32) -> Option<Cluster> {
+        Cluster::start_inner(brokers, controllers, false)
+    }
+
+    /// `remove`: the watchdog also deletes the state dir when the test
+    /// process exits (for [`shared`], which is never dropped).
+    fn start_inner(nodes: u32, controllers: u32, remove: bool) -> Option<Cluster> {
         let check = Command::new("python3")
             .arg(script())
             .args(["jars", "--check"])
@@ -68,13 +84,24 @@ impl Cluster {
             nodes: (1..=nodes).collect(),
         };
         // From here on, drop takes the nodes down even if `up` fails half way.
-        let out = cluster.run(&[
+        let (n, c, pid) = (
+            nodes.to_string(),
+            controllers.to_string(),
+            std::process::id().to_string(),
+        );
+        let mut args = vec![
             "up",
             "--nodes",
-            &nodes.to_string(),
+            &n,
+            "--controllers",
+            &c,
             "--watch-pid",
-            &std::process::id().to_string(),
-        ]);
+            &pid,
+        ];
+        if remove {
+            args.push("--watch-remove");
+        }
+        let out = cluster.run(&args);
         cluster.bootstrap = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert!(
             !cluster.bootstrap.is_empty(),
@@ -137,6 +164,74 @@ impl Cluster {
                 isr: ids(&p["isr"]),
             })
             .collect()
+    }
+
+    /// Grows `topic` to `count` partitions on the live cluster
+    /// (CreatePartitions, as `kafka-topics --alter --partitions`).
+    pub fn add_partitions(&self, topic: &str, count: u32) {
+        self.run(&["add-partitions", topic, &count.to_string()]);
+    }
+
+    /// Every node (controller-only ones too): id, role ("combined",
+    /// "broker", "controller") and state ("up", "stopped", "killed",
+    /// "dead": it should run but does not).
+    pub fn node_states(&self) -> Vec<(u32, String, String)> {
+        let v: serde_json::Value = serde_json::from_str(&self.text(&["status"])).unwrap();
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_u64().unwrap() as u32,
+                    n["role"].as_str().unwrap_or("combined").to_string(),
+                    n["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Brings back every node a test left killed, stopped or dead (SIGCONT
+    /// or a restart) and waits until the cluster is ready; nothing when all
+    /// run.
+    pub fn heal(&self) {
+        let mut changed = false;
+        for (id, _, state) in self.node_states() {
+            match state.as_str() {
+                "up" => {}
+                "stopped" => {
+                    self.cont(id);
+                    changed = true;
+                }
+                _ => {
+                    self.run(&["restart", &id.to_string(), "--no-wait"]);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.wait_ready();
+        }
+    }
+
+    /// Until every partition of `topic` has a leader and all its replicas
+    /// in sync (a restarted broker caught up), or panics after `within`.
+    pub fn wait_in_sync(&self, topic: &str, within: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let parts = self.describe(topic);
+            if parts
+                .iter()
+                .all(|p| p.leader > 0 && p.replicas.iter().all(|r| p.isr.contains(r)))
+            {
+                return;
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{topic} not in sync after {within:?}: {parts:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// The node id leading `partition` of `topic` (-1: none).
@@ -239,4 +334,52 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The test binary's shared cluster: 3 broker-only nodes and a
+/// controller-only one, started by the first test that asks (30-60 s on a
+/// loaded 2-core machine) and taken down, with its state dir, by the
+/// watchdog when the test process exits (a static is never dropped).
+static SHARED: OnceLock<Option<Cluster>> = OnceLock::new();
+/// Tests take the shared cluster in turns: most of them kill or stop
+/// brokers.
+static TURN: Mutex<()> = Mutex::new(());
+
+/// One test's turn on the shared cluster; derefs to it.
+pub struct Turn {
+    _turn: MutexGuard<'static, ()>,
+    cluster: &'static Cluster,
+}
+
+impl std::ops::Deref for Turn {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        self.cluster
+    }
+}
+
+/// The shared cluster for one test at a time, every node running and the
+/// cluster ready (a test that failed half way may have left a broker
+/// killed or stopped: it is brought back first). `None` when Apache Kafka
+/// cannot run here and `SLUICE_REQUIRE_KAFKA` is not set, as
+/// [`Cluster::start`]. Topics stay between tests: each test uses its own.
+pub fn shared() -> Option<Turn> {
+    let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+    let cluster = SHARED
+        .get_or_init(|| {
+            let t0 = Instant::now();
+            let c = Cluster::start_inner(3, 1, true)?;
+            eprintln!(
+                "shared Apache Kafka cluster (3 brokers + 1 controller) ready in {:.1} s: {}",
+                t0.elapsed().as_secs_f64(),
+                c.bootstrap()
+            );
+            Some(c)
+        })
+        .as_ref()?;
+    cluster.heal();
+    Some(Turn {
+        _turn: turn,
+        cluster,
+    })
 }
