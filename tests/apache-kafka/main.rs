@@ -8,6 +8,7 @@
 //! started once, 30-60 s here); each brings back what it broke, and the
 //! next turn starts with every node up.
 
+mod archive;
 mod common;
 mod failover;
 mod faults;
