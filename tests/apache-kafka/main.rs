@@ -12,6 +12,7 @@ mod archive;
 mod common;
 mod failover;
 mod faults;
+mod redrive;
 #[path = "../support/mod.rs"]
 mod support;
 
