@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use sluice::replay::partition::partition_for;
 
-use crate::common::{Load, LoadSpec, WITHIN};
+use crate::common::{light_load, serve_to, WITHIN};
 use crate::support::apache_kafka::shared;
-use crate::support::{Serve, EXE};
+use crate::support::EXE;
 use crate::{http, wait_delivered};
 
 const TOPIC: &str = "arch";
@@ -205,22 +205,8 @@ fn two_archivers_hand_partitions_over_on_kill_and_take_them_back_at_once() {
         ),
     )
     .unwrap();
-    let daemon = Serve::new(&tmp.path().join("data"))
-        .brokers(cluster.bootstrap())
-        .envs(&[
-            ("SLUICE_KAFKA_TOPIC", TOPIC),
-            ("SLUICE_KAFKA_DEAD_LETTER_TOPIC", "arch-dlq"),
-        ])
-        .start();
-    let load = Load::start(
-        &daemon.addr,
-        LoadSpec {
-            clients: 2,
-            batch: 10,
-            hot: 0,
-            unkeyed_route: None,
-        },
-    );
+    let daemon = serve_to(cluster.bootstrap(), TOPIC, &tmp.path().join("data")).start();
+    let load = light_load(&daemon.addr, 0);
     let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
     let mut a = Archiver::start(&da, 1, cluster.bootstrap(), &config);
     let mut b = Archiver::start(&db, 1, cluster.bootstrap(), &config);

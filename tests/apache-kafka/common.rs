@@ -315,6 +315,29 @@ pub fn verdict(acked: &[String], records: &[Consumed]) -> Verdict {
     v
 }
 
+/// `sluice serve` on `data` producing to `topic` and its dead-letter topic
+/// `{topic}-dlq` on the cluster at `bootstrap`.
+pub fn serve_to(bootstrap: &str, topic: &str, data: &std::path::Path) -> crate::support::Serve {
+    crate::support::Serve::new(data).brokers(bootstrap).envs(&[
+        ("SLUICE_KAFKA_TOPIC", topic),
+        ("SLUICE_KAFKA_DEAD_LETTER_TOPIC", &format!("{topic}-dlq")),
+    ])
+}
+
+/// Two clients of 10-event batches on `daemon`, keyed by tenant: `hot`
+/// of them on tenant "hot", the others spread over 8 tenants.
+pub fn light_load(addr: &str, hot: usize) -> Load {
+    Load::start(
+        addr,
+        LoadSpec {
+            clients: 2,
+            batch: 10,
+            hot,
+            unkeyed_route: None,
+        },
+    )
+}
+
 /// One sample of `/metrics` (`name` with its labels as printed, e.g.
 /// `sluice_replay_stalled{cause="no_leader"}`).
 pub fn metric(addr: &str, name: &str) -> Option<f64> {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sluice::replay::partition::partition_for;
 
-use crate::common::{log_of, metric, read_topic, verdict, Load, LoadSpec, WITHIN};
+use crate::common::{log_of, metric, read_topic, serve_to, verdict, Load, LoadSpec, WITHIN};
 use crate::support::apache_kafka::shared;
 use crate::support::Serve;
 use crate::{http, stats, wait_delivered};
@@ -18,10 +18,8 @@ use crate::{http, stats, wait_delivered};
 const STALL_MS: u64 = 10_000;
 
 /// A `sluice serve` on `topic` (and `topic-dlq`) with the stall limit above.
-fn serve(bootstrap: &str, topic: &str, dlq: &str, data: &std::path::Path) -> Serve {
-    Serve::new(data).brokers(bootstrap).envs(&[
-        ("SLUICE_KAFKA_TOPIC", topic),
-        ("SLUICE_KAFKA_DEAD_LETTER_TOPIC", dlq),
+fn serve(bootstrap: &str, topic: &str, data: &std::path::Path) -> Serve {
+    serve_to(bootstrap, topic, data).envs(&[
         ("SLUICE_KAFKA_MESSAGE_TIMEOUT_MS", &STALL_MS.to_string()),
         // A small window, so that the records held by a silent leader fill
         // it within seconds and the stall check (no report from any
@@ -41,13 +39,7 @@ fn a_broker_stopped_past_the_stall_limit_loses_nothing_and_keeps_order() {
     cluster.create_topic(topic, 3, &[("min.insync.replicas", "2")]);
     cluster.create_topic("stall-dlq", 1, &[("min.insync.replicas", "2")]);
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = serve(
-        cluster.bootstrap(),
-        topic,
-        "stall-dlq",
-        &tmp.path().join("data"),
-    )
-    .start();
+    let daemon = serve(cluster.bootstrap(), topic, &tmp.path().join("data")).start();
     let load = Load::start(&daemon.addr, LoadSpec::default());
     load.wait_more(2_000);
 
@@ -131,13 +123,7 @@ fn two_brokers_down_stall_replay_with_the_cause_named_and_ingest_goes_on() {
     cluster.create_topic(topic, 3, &[("min.insync.replicas", "2")]);
     cluster.create_topic("isr-dlq", 1, &[("min.insync.replicas", "2")]);
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = serve(
-        cluster.bootstrap(),
-        topic,
-        "isr-dlq",
-        &tmp.path().join("data"),
-    )
-    .start();
+    let daemon = serve(cluster.bootstrap(), topic, &tmp.path().join("data")).start();
     let load = Load::start(&daemon.addr, LoadSpec::default());
     load.wait_more(2_000);
 
@@ -264,7 +250,7 @@ fn partitions_added_while_sluice_replays_keep_every_seq_on_one_partition() {
     )
     .unwrap();
     let start = || {
-        serve(cluster.bootstrap(), topic, "grow-dlq", &data)
+        serve(cluster.bootstrap(), topic, &data)
             .arg("--config")
             .arg(&config)
             // Kills land between confirmed deliveries and the offset

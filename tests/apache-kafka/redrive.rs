@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::common::{read_topic, verdict, Load, LoadSpec, WITHIN};
+use crate::common::{light_load, read_topic, serve_to, verdict, WITHIN};
 use crate::support::apache_kafka::{shared, Cluster};
-use crate::support::{Serve, EXE};
+use crate::support::EXE;
 use crate::{stats, wait_delivered};
 
 const SOURCE: &str = "redrive-src";
@@ -53,22 +53,8 @@ fn a_wal_range_redriven_to_a_second_cluster_arrives_once_after_the_rule() {
     let data = tmp.path().join("data");
     // 64 MiB segments (the default): everything stays in the active
     // segment, which GC never deletes.
-    let daemon = Serve::new(&data)
-        .brokers(cluster.bootstrap())
-        .envs(&[
-            ("SLUICE_KAFKA_TOPIC", SOURCE),
-            ("SLUICE_KAFKA_DEAD_LETTER_TOPIC", "redrive-src-dlq"),
-        ])
-        .start();
-    let load = Load::start(
-        &daemon.addr,
-        LoadSpec {
-            clients: 2,
-            batch: 10,
-            hot: 1,
-            unkeyed_route: None,
-        },
-    );
+    let daemon = serve_to(cluster.bootstrap(), SOURCE, &data).start();
+    let load = light_load(&daemon.addr, 1);
     load.wait_more(3_000);
     let (acked, _) = load.finish();
     let s = wait_delivered(&daemon.addr, WITHIN);
