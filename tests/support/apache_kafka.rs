@@ -262,6 +262,12 @@ impl Cluster {
         self.run(&["restart", &node.to_string()]);
     }
 
+    /// kill -9 node `node` if it runs, start it again; returns at once (the
+    /// node rejoins while the caller goes on; `wait_ready` waits for it).
+    pub fn restart_no_wait(&self, node: u32) {
+        self.run(&["restart", &node.to_string(), "--no-wait"]);
+    }
+
     /// Until every node that should run serves: brokers registered, every
     /// partition of a probe topic led with a full ISR, acks=all produce.
     pub fn wait_ready(&self) {
