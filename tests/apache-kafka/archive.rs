@@ -240,6 +240,10 @@ fn two_archivers_hand_partitions_over_on_kill_and_take_them_back_at_once() {
     load.wait_more(1_000);
     // 3. kill -9 A and restart it at once, within the session timeout: the
     // static member replaces its previous incarnation, B is not revoked.
+    // (B has led the group since A expired, and a static member that is
+    // not the leader gets its cached assignment back; before KIP-814,
+    // JoinGroup v9, which librdkafka 2.12 does not send, a rejoining
+    // static *leader* makes the coordinator rebalance.)
     let a_held2 = a.holds();
     let b_revoked = b.revocations();
     let t_kill = Instant::now();
