@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs config_serve
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future kafka-jars kafka-up kafka-down
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future kafka-jars kafka-up kafka-down e2e-tansu
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -112,23 +112,26 @@ deb-check:
 	bash deploy/deb-check.sh
 
 # sluice against a broker and a client that share no code with librdkafka:
-# tansu (pinned, built from crates.io into .tools/; ~15-20 min the first
-# time) and kafka-python in a venv made here (.tools/venv). Both are skipped
-# when present; point TANSU / E2E_PYTHON at existing ones to reuse them.
-# E2E_BROKER=kafka runs the cases against 3 Apache Kafka nodes instead
-# (tests/apache-kafka/cluster.py; the jars as for kafka-jars), dev against
-# `sluice dev-broker`.
+# 3 Apache Kafka nodes (the default, E2E_BROKER=kafka:
+# tests/apache-kafka/cluster.py; the jars as for kafka-jars) and kafka-python
+# in a venv made here (.tools/venv). E2E_BROKER=tansu runs the cases against
+# tansu instead (pinned, built from crates.io into .tools/; ~15-20 min the
+# first time; `make e2e-tansu`), dev against `sluice dev-broker`. Tools
+# already present are reused; point TANSU / E2E_PYTHON at existing ones.
 # tests/independent/run.py lists the cases.
 TOOLS ?= $(CURDIR)/.tools
 TANSU ?= $(TOOLS)/bin/tansu
 E2E_PYTHON ?= $(TOOLS)/venv/bin/python
-E2E_BROKER ?= tansu
+E2E_BROKER ?= kafka
 e2e-independent:
 	@test "$(E2E_BROKER)" != tansu || test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
 	@test "$(E2E_BROKER)" != kafka || python3 tests/apache-kafka/cluster.py jars >/dev/null
 	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) E2E_BROKER=$(E2E_BROKER) $(E2E_PYTHON) tests/independent/run.py
+
+e2e-tansu:
+	$(MAKE) e2e-independent E2E_BROKER=tansu
 
 # A real Apache Kafka cluster without Docker (tests/apache-kafka/cluster.py;
 # README, "Running against Apache Kafka"). kafka-jars copies the broker's
