@@ -147,6 +147,12 @@ pub struct OffsetStore {
     /// not succeeded: sled's memory then shows pins the disk may not hold,
     /// so reading them syncs first (a failed fsync is not trusted).
     pins_unsynced: std::sync::atomic::AtomicBool,
+    /// Held by a whole commit (and by what [`OffsetStore::commit_then`]
+    /// runs after it): the replayer's commit and GC, and the periodic
+    /// idempotency checkpoint's commit, never interleave, so the only
+    /// writes to the store between a commit's fsync and its GC's unlinks
+    /// are none.
+    commit_lock: std::sync::Mutex<()>,
 }
 
 /// See [`OffsetStore::set_before_flush`].
@@ -199,6 +205,7 @@ impl OffsetStore {
             dir: dir.to_owned(),
             before_flush: std::sync::OnceLock::new(),
             pins_unsynced: std::sync::atomic::AtomicBool::new(false),
+            commit_lock: std::sync::Mutex::new(()),
         };
         store.committed()?;
         // A store we just created is durable only once its files, its
@@ -300,6 +307,25 @@ impl OffsetStore {
     /// of each of its files and of its directory. Lower values are ignored:
     /// the offset never moves back.
     pub fn commit(&self, seq: u64) -> Result<u64, OffsetError> {
+        self.commit_then(seq, || ()).map(|(c, ())| c)
+    }
+
+    /// [`OffsetStore::commit`], then `after` (GC of what the commit covers)
+    /// before another commit may start. `after` runs only if the commit
+    /// succeeded.
+    pub fn commit_then<T>(
+        &self,
+        seq: u64,
+        after: impl FnOnce() -> T,
+    ) -> Result<(u64, T), OffsetError> {
+        // The guarded data is `()`: a panic in another commit leaves
+        // nothing inconsistent to see.
+        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.commit_locked(seq)?;
+        Ok((current, after()))
+    }
+
+    fn commit_locked(&self, seq: u64) -> Result<u64, OffsetError> {
         let mut current = self.committed()?;
         while seq > current {
             let old = (current > 0).then(|| current.to_be_bytes());

@@ -981,10 +981,18 @@ impl Replayer {
             // Dying here leaves delivered records above the flushed offset:
             // the next start produces them again (repeats, never firsts).
             crate::debug::pause(crate::debug::Site::Flush);
-            offsets.commit(delivered).map_err(|e| e.to_string())?;
-            // Dying here leaves consumed segments that the next open removes.
-            crate::debug::pause(crate::debug::Site::Gc);
-            wal.remove_through(delivered).map_err(|e| e.to_string())
+            // GC runs inside the commit's serialization: no other commit
+            // (the periodic idempotency checkpoint) writes to the store
+            // between this fsync and these unlinks.
+            let (_, removed) = offsets
+                .commit_then(delivered, || {
+                    // Dying here leaves consumed segments that the next open
+                    // removes.
+                    crate::debug::pause(crate::debug::Site::Gc);
+                    wal.remove_through(delivered)
+                })
+                .map_err(|e| e.to_string())?;
+            removed.map_err(|e| e.to_string())
         })
         .await;
         match result {
