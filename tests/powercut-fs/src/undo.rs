@@ -255,7 +255,11 @@ mod tests {
         for i in 0..100u64 {
             write(&mut undo, &f, 3 * PAGE + 5 + i * 4096, &[1u8; 4096]);
         }
-        assert_eq!(undo.held_bytes(), 10, "one partial page, whatever was appended");
+        assert_eq!(
+            undo.held_bytes(),
+            10,
+            "one partial page, whatever was appended"
+        );
     }
 
     #[test]
