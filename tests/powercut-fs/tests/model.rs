@@ -144,13 +144,17 @@ impl Mount {
         self.mnt.join(rel)
     }
 
-    /// Writes a file and makes it and its name durable.
-    fn durable(&self, rel: &str, bytes: &[u8]) {
-        let path = self.m(rel);
-        let mut f = File::create(&path).unwrap();
+    /// Writes a file and fsyncs it; its name is not durable yet.
+    fn synced(&self, rel: &str, bytes: &[u8]) {
+        let mut f = File::create(self.m(rel)).unwrap();
         f.write_all(bytes).unwrap();
         f.sync_all().unwrap();
-        fsync_dir(path.parent().unwrap());
+    }
+
+    /// Writes a file and makes it and its name durable.
+    fn durable(&self, rel: &str, bytes: &[u8]) {
+        self.synced(rel, bytes);
+        fsync_dir(self.m(rel).parent().unwrap());
     }
 }
 
@@ -248,17 +252,12 @@ fn sync_file_range_makes_nothing_durable() {
 #[test]
 fn a_new_file_is_gone_unless_its_directory_was_fsynced() {
     let Some(m) = Mount::new() else { return };
-    let mut f = File::create(m.m("kept")).unwrap();
-    f.write_all(b"data").unwrap();
-    f.sync_all().unwrap();
+    m.synced("kept", b"data");
     fsync_dir(&m.mnt);
     let mut f = File::create(m.m("empty")).unwrap();
     f.write_all(b"data never fsynced").unwrap();
     fsync_dir(&m.mnt);
-    let mut f = File::create(m.m("lost")).unwrap();
-    f.write_all(b"data").unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    m.synced("lost", b"data");
     m.cut(None);
     assert!(!m.m("lost").exists());
     assert_eq!(read(&m.m("kept")), b"data");
@@ -274,9 +273,7 @@ fn a_rename_without_a_directory_fsync_is_undone_and_the_old_target_returns() {
     let Some(m) = Mount::new() else { return };
     m.durable("current", b"version 1");
     m.durable("moved", b"moved");
-    let mut tmp = File::create(m.m("current.tmp")).unwrap();
-    tmp.write_all(b"version 2").unwrap();
-    tmp.sync_all().unwrap();
+    m.synced("current.tmp", b"version 2");
     fs::rename(m.m("current.tmp"), m.m("current")).unwrap();
     fs::rename(m.m("moved"), m.m("elsewhere")).unwrap();
     assert_eq!(read(&m.m("current")), b"version 2");
@@ -297,9 +294,7 @@ fn a_rename_with_a_directory_fsync_stays() {
     fs::create_dir(m.m("d")).unwrap();
     fsync_dir(&m.mnt);
     m.durable("d/current", b"version 1");
-    let mut tmp = File::create(m.m("d/current.tmp")).unwrap();
-    tmp.write_all(b"version 2").unwrap();
-    tmp.sync_all().unwrap();
+    m.synced("d/current.tmp", b"version 2");
     fs::rename(m.m("d/current.tmp"), m.m("d/current")).unwrap();
     fsync_dir(&m.m("d"));
     assert!(
@@ -421,9 +416,7 @@ fn sled_style_snapshot_rotation_without_directory_fsync_keeps_the_old_snapshot()
     m.durable("snap.0001", b"old snapshot");
     // sled 0.34: write snap.N.generating, fsync, rename, remove the old one;
     // no directory fsync.
-    let mut f = File::create(m.m("snap.0002.generating")).unwrap();
-    f.write_all(b"new snapshot").unwrap();
-    f.sync_all().unwrap();
+    m.synced("snap.0002.generating", b"new snapshot");
     fs::rename(m.m("snap.0002.generating"), m.m("snap.0002")).unwrap();
     fs::remove_file(m.m("snap.0001")).unwrap();
     m.cut(None);
