@@ -14,6 +14,8 @@
 //! 10), `CHAOS_SEED`, `CHAOS_CLIENTS` (default 4). `make chaos CYCLES=200`.
 //! `CHAOS_MODE=exactly-once` (`make chaos MODE=exactly-once`): see
 //! `chaos/exactly_once.rs`.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 #[path = "chaos/exactly_once.rs"]
 mod exactly_once;

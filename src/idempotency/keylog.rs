@@ -42,7 +42,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::durable;
+use crate::storage::durable;
 
 /// 15 bytes of name and the format version.
 const MAGIC: &[u8; 16] = b"sluice-idem-log\x01";

@@ -257,15 +257,14 @@ impl OffsetStore {
         };
         let quarantined = if dir.exists() {
             let qdir = crate::datadir::quarantine_dir(data_dir);
-            std::fs::create_dir_all(&qdir).map_err(quarantine)?;
+            crate::storage::create_dir_all_durable(&qdir).map_err(quarantine)?;
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis());
             let to = qdir.join(format!("offsets-{stamp}"));
-            std::fs::rename(&dir, &to).map_err(quarantine)?;
-            // The rename is durable once both directories are.
-            sync_path(&qdir)?;
-            sync_path(data_dir)?;
+            // The rename is durable once both directories are: this fsyncs
+            // `quarantine/` and the data dir.
+            crate::storage::rename_durable(&dir, &to).map_err(quarantine)?;
             Some(to)
         } else {
             None
@@ -495,7 +494,7 @@ impl OffsetStore {
         for entry in std::fs::read_dir(&self.dir).map_err(err(&self.dir))? {
             let entry = entry.map_err(err(&self.dir))?;
             let path = entry.path();
-            match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+            match std::fs::File::open(&path).and_then(|f| crate::storage::sync_file(&f, &path)) {
                 Ok(()) => {}
                 // sled removes old snapshots on its own.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -542,12 +541,10 @@ pub fn receipt(seq: u64, written: bool, committed: u64, fate: Option<Fate>) -> s
 }
 
 fn sync_path(path: &Path) -> Result<(), OffsetError> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| OffsetError::Sync {
-            path: path.to_owned(),
-            source,
-        })
+    crate::storage::sync_dir(path).map_err(|source| OffsetError::Sync {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The first sequence number of the oldest segment in `wal_dir`, if any.

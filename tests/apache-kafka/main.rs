@@ -2,6 +2,8 @@
 //! broker's jars by `cluster.py` beside this file (`support::apache_kafka`).
 //! Skipped, with a line on stderr, when the jars are not in the cache
 //! (`make kafka-jars`) unless `SLUICE_REQUIRE_KAFKA=1`.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 mod failover;
 #[path = "../support/mod.rs"]

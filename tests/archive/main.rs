@@ -8,6 +8,8 @@
 //! of exactly one file, and every summary equal to a recount of its file.
 //! `ARCHIVE_CHAOS_CYCLES` (default 4) sets the kill -9 cycles;
 //! `make chaos-archive CYCLES=N` runs a long one.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 #[path = "../support/mod.rs"]
 mod support;
