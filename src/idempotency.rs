@@ -439,6 +439,10 @@ struct Inner {
     unsaved: BTreeMap<u64, Unsaved>,
     /// Keys evicted since the last checkpoint, to delete from the log.
     forgotten: Vec<MapKey>,
+    /// A log write failed: the next checkpoint rewrites the log whole from
+    /// the map, so deletions are not queued meanwhile (the queue would grow
+    /// with every eviction for as long as the disk keeps failing).
+    rewrite_pending: bool,
     done: usize,
     /// [`cost`] of the done keys, against `max_bytes`.
     bytes: u64,
@@ -600,7 +604,9 @@ impl Index {
             inner.unsaved.remove(&first_seq);
             inner.done -= 1;
             inner.bytes -= cost(mk, &encoded);
-            inner.forgotten.push(mk.into());
+            if !inner.rewrite_pending {
+                inner.forgotten.push(mk.into());
+            }
         }
     }
 
@@ -734,7 +740,12 @@ impl Index {
             self.evict(&mut inner, now_ms());
             // A rewrite's rows: every done key, taken with the rows below
             // so that the two agree (a row taken is in the snapshot).
-            let snapshot = log.wants_rewrite(inner.bytes).then(|| done_rows(&inner));
+            let snapshot = (inner.rewrite_pending || log.wants_rewrite(inner.bytes)).then(|| {
+                // Deletions are queued again from here: if this rewrite
+                // fails, the flag is set again and the queue dropped.
+                inner.rewrite_pending = false;
+                done_rows(&inner)
+            });
             (
                 std::mem::take(&mut inner.forgotten),
                 std::mem::take(&mut inner.unsaved),
@@ -764,15 +775,14 @@ impl Index {
             // cannot start before this returns, and rewrites the log whole
             // after a failed append). A row whose key was forgotten
             // meanwhile stays out; its deletion is queued.
+            // The rewrite writes every held key: pending rows and deletions
+            // are not needed, and deletions stop being queued until it has
+            // succeeded.
             log.needs_rewrite = true;
             let mut inner = lock(&self.inner);
-            inner.forgotten.extend(forgotten);
-            for (first_seq, row) in unsaved {
-                let live = matches!(inner.map.get(&row.map_key), Some(Slot::Done { first_seq: f, .. }) if *f == first_seq);
-                if live {
-                    inner.unsaved.insert(first_seq, row);
-                }
-            }
+            inner.rewrite_pending = true;
+            inner.forgotten.clear();
+            drop((forgotten, unsaved));
             return Err(e);
         }
         if let Some(rows) = snapshot {
@@ -817,6 +827,7 @@ impl Index {
         }
         let mut watermark = read.watermark;
         let mut rows = read.rows;
+        let (cut, created) = (read.cut.is_some(), read.created);
         // Rows of the sled tree a build before the log wrote: merged over
         // the log's (a downgrade and upgrade leaves both; sled's are then
         // the newer), written into the log whole below, and only then
@@ -884,13 +895,47 @@ impl Index {
                 "idempotency keys moved from the offsets store into their own log"
             );
         }
+        let end = wal.durable().borrow().next_seq;
+        // The log's watermark says every key at or below it is in the log.
+        // Not to be believed when the log was cut (damage or a torn tail:
+        // keys after the cut are gone), when it is missing while the WAL has
+        // history, or when it is at or past the WAL's end (the WAL started
+        // over, or lost its tail, and seqs are reused): then the rescan
+        // covers every record the WAL still holds, below the committed
+        // offset too, so every key whose record survives is found.
+        let doubt = if cut {
+            Some("the log was cut")
+        } else if created && (committed > 0 || end > 1) {
+            Some("the log is missing while the WAL has history")
+        } else if watermark < committed {
+            // Every commit checkpoints first (the hook runs before the
+            // offset moves), so an intact log is never behind the offset.
+            Some("the log's watermark is below the committed offset (it lost checkpoints)")
+        } else if watermark >= end {
+            Some("the log's watermark is at or past the WAL's end (the WAL started over or lost its tail)")
+        } else {
+            None
+        };
+        let start = match doubt {
+            None => watermark.max(committed) + 1,
+            Some(why) => {
+                tracing::warn!(
+                    watermark,
+                    committed,
+                    wal_end = end,
+                    reason = why,
+                    "idempotency log not trusted: rescanning every record the WAL holds for keys"
+                );
+                1
+            }
+        };
         {
             let mut ck = lock(&self.checkpoint);
             ck.log = Some(log);
-            ck.last_watermark = ck.last_watermark.max(watermark);
+            // A watermark from another WAL life must not hold the next
+            // checkpoints' watermarks up.
+            ck.last_watermark = if watermark >= end { 0 } else { watermark };
         }
-        let start = watermark.max(committed) + 1;
-        let end = wal.durable().borrow().next_seq;
         let mut reader = wal.reader(start);
         let mut scanned = 0u64;
         let mut from_wal = 0;
@@ -1461,6 +1506,34 @@ mod tests {
         assert_eq!(log_keys(dir.path()).1, 20);
     }
 
+    /// Hostile review D4: while the log keeps failing, deletions are not
+    /// queued (the queue grew with every eviction); the rewrite that
+    /// follows writes the held keys only.
+    #[test]
+    fn a_failing_log_queues_no_deletions_and_the_rewrite_holds_the_live_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = IdempotencyConfig {
+            max_keys: 2,
+            ..Default::default()
+        };
+        let (idx, _) = opened(cfg, dir.path());
+        let mut seq = 0;
+        for round in 0..20 {
+            for i in 0..50 {
+                seq += 1;
+                accept(&idx, &format!("k-{round}-{i}"), seq);
+            }
+            let failed = idx.checkpoint_with(|| Err(std::io::Error::other("EIO")), seq + 1);
+            assert!(failed.is_err());
+            assert_eq!(lock(&idx.inner).forgotten.len(), 0, "round {round}");
+        }
+        idx.checkpoint(seq + 1).unwrap();
+        assert_eq!(
+            log_keys(dir.path()),
+            (vec!["k-19-48".into(), "k-19-49".into()], seq)
+        );
+    }
+
     /// The log stays within twice the live rows (and its floor) however
     /// many keys come and go: a checkpoint rewrites it from the index.
     #[test]
@@ -1511,7 +1584,8 @@ mod tests {
         let r = idx
             .rebuild(&dir.path().join("idempotency.log"), &t, &wal, 0)
             .unwrap();
-        assert_eq!((r.from_log, r.from_legacy, r.scanned_from), (1, 2, 10));
+        // Watermark 9 past the empty WAL's end: not trusted, the rescan starts at 1.
+        assert_eq!((r.from_log, r.from_legacy, r.scanned_from), (1, 2, 1));
         assert_eq!(idx.counters.undecodable.load(Ordering::Relaxed), 1);
         assert!(t.is_empty());
         assert_eq!(log_keys(dir.path()), (vec!["old".into()], 9));

@@ -325,6 +325,15 @@ impl OffsetStore {
     }
 
     fn commit_locked(&self, seq: u64) -> Result<u64, OffsetError> {
+        // The hook (the idempotency checkpoint, fdatasynced) runs before the
+        // offset moves, even in sled's memory: any later flush of the store
+        // (this one, a partition pin's, the one at shutdown) may make the
+        // offset durable, and the offset must never be durable past a
+        // checkpoint that failed (keys acknowledged above the log's
+        // watermark would then be neither in the log nor rescanned).
+        if let Some(hook) = self.before_flush.get() {
+            hook(&self.db)?;
+        }
         let mut current = self.committed()?;
         while seq > current {
             let old = (current > 0).then(|| current.to_be_bytes());
@@ -335,9 +344,6 @@ impl OffsetStore {
                 Ok(()) => current = seq,
                 Err(_) => current = self.committed()?,
             }
-        }
-        if let Some(hook) = self.before_flush.get() {
-            hook(&self.db)?;
         }
         self.db.flush()?;
         // If we die here the offset may still be only in the page cache (or
@@ -674,5 +680,33 @@ mod tests {
         let (store, reset) = OffsetStore::open_or_reset(data.path(), &wal).unwrap();
         assert!(reset.is_none());
         assert_eq!(store.committed().unwrap(), 500);
+    }
+
+    /// Hostile review D1: a failed checkpoint hook must not leave the new
+    /// offset in sled's memory, where any later flush (a partition pin's,
+    /// the one at shutdown) would make it durable past the checkpoint.
+    #[test]
+    fn a_failed_hook_leaves_the_offset_where_it_was_for_every_later_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offsets");
+        {
+            let s = OffsetStore::open(&path).unwrap();
+            let calls = std::sync::atomic::AtomicU32::new(0);
+            s.set_before_flush(Box::new(move |_| {
+                if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                    Ok(())
+                } else {
+                    Err(sled::Error::Unsupported("disk full".into()))
+                }
+            }));
+            assert_eq!(s.commit(10).unwrap(), 10);
+            assert!(s.commit(20).is_err());
+            assert_eq!(s.committed().unwrap(), 10);
+            // What a shutdown does: flush and sync without the hook.
+            s.db().flush().unwrap();
+            s.sync().unwrap();
+        }
+        let s = OffsetStore::open(&path).unwrap();
+        assert_eq!(s.committed().unwrap(), 10);
     }
 }

@@ -528,3 +528,66 @@ fn a_version_1_entry_replays_the_old_builds_answer_byte_for_byte() {
     assert_eq!(status, 422, "{}", String::from_utf8_lossy(&got));
     assert_eq!(next_seq(&d), 7, "nothing appended");
 }
+
+/// The retry of `key` gets `first` back, marked replayed.
+fn assert_replayed(d: &Daemon, key: &[(&str, &str)], body: &str, first: &serde_json::Value) {
+    let (status, h, again) = post(&d.addr, key, body);
+    assert_eq!(
+        (status, header(&h, "idempotent-replayed")),
+        (202, Some("true")),
+        "{again}\n{}",
+        d.log_text()
+    );
+    assert_eq!(&again, first);
+}
+
+/// Hostile review of the idempotency log (D2, D3): a log that lost its
+/// checkpoints, or one left behind by a WAL that started over, must not
+/// hide the keys whose records the WAL still holds. An intact log is never
+/// behind the committed offset (every commit checkpoints first), and never
+/// at or past the WAL's end; otherwise the rebuild rescans the whole WAL.
+#[test]
+fn a_log_that_lost_checkpoints_or_outlived_its_wal_hides_no_key() {
+    let (_dir, broker, data) = setup();
+    let d = serve(&data, &broker.addr, &[], &[]);
+    let body = events("lost", 2);
+    let key = [("Idempotency-Key", "kept-in-wal")];
+    let (status, _, first) = post(&d.addr, &key, &body);
+    assert_eq!(status, 202, "{first}");
+    wait_committed(&d, seqs(&first).1);
+    assert!(d.stop().success());
+    // The log cut back to its magic: a valid, empty log whose watermark
+    // (0) is below the committed offset. The key's record is still in the
+    // WAL's active segment.
+    let log = data.join("idempotency.log");
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    f.set_len(16).unwrap();
+    drop(f);
+    let d = serve(&data, &broker.addr, &[], &[]);
+    assert_replayed(&d, &key, &body, &first);
+    assert!(d.log_text().contains("idempotency log not trusted"));
+    // Many keyed requests, so that the log's watermark is far ahead of
+    // what a new WAL will hold; then the WAL and the offsets start over
+    // (an operator removed them), the log stays.
+    for i in 0..30 {
+        let k = format!("filler-{i}");
+        let (status, _, _) = post(&d.addr, &[("Idempotency-Key", &k)], &events(&k, 5));
+        assert_eq!(status, 202);
+    }
+    let last = next_seq(&d) - 1;
+    wait_committed(&d, last);
+    assert!(d.stop().success());
+    std::fs::remove_dir_all(data.join("wal")).unwrap();
+    std::fs::remove_dir_all(data.join("offsets")).unwrap();
+    let d = serve(&data, &broker.addr, &[], &[]);
+    let key = [("Idempotency-Key", "after-the-wal-restarted")];
+    let body = events("restarted", 2);
+    let (status, _, first) = post(&d.addr, &key, &body);
+    assert_eq!(status, 202, "{first}");
+    assert!(seqs(&first).1 < last, "seqs are reused: {first}");
+    // Killed before a periodic checkpoint can have written the key: only
+    // the rescan can find it.
+    kill9(d);
+    let d = serve(&data, &broker.addr, &[], &[]);
+    assert_replayed(&d, &key, &body, &first);
+}
