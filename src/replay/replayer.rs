@@ -336,7 +336,7 @@ impl Replayer {
                 }
                 End::Retry(why) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    self.stats.set_connected(false, &why);
+                    self.stats.failed(&why, delivered + 1);
                     tracing::warn!(
                         from_seq = delivered + 1,
                         reason = %why,
