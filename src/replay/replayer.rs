@@ -63,7 +63,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::watch;
 
 use super::dead_letter::DeadLetterFile;
@@ -540,6 +540,18 @@ impl Replayer {
                 // A delivery behind the queue's head settled: re-check room.
                 _ = window.freed.notified(), if !room => {}
                 _ = tick.tick() => {
+                    // After a fatal error librdkafka sends nothing more, and
+                    // a batch the broker answered OUT_OF_ORDER_SEQUENCE
+                    // (it was in flight behind a refused one) goes back to
+                    // its partition's queue, where no report ever comes
+                    // for it. Purge the queues so that it reports and the
+                    // incarnation ends now, not at the stall limit (on
+                    // Apache Kafka 4.4 a record over the topic's
+                    // max.message.bytes held replay for the whole
+                    // kafka.message-timeout-ms this way).
+                    if broken.is_some() && producer.client().fatal_error().is_some() {
+                        producer.purge(PurgeConfig::default().queue().non_blocking());
+                    }
                     let full = !unflushed(reader.next_seq());
                     if cadence.due(full) {
                         let t0 = std::time::Instant::now();
