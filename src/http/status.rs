@@ -148,6 +148,7 @@ fn kafka_state(st: &SharedState) -> serde_json::Value {
                 "from_seq": f.from_seq,
                 "retries": f.retries,
                 "for_seconds": f.since.elapsed().as_secs(),
+                "client_error": f.client_error,
             })
         })
     });

@@ -138,16 +138,20 @@ pub enum FailureKind {
     /// No delivery report for `kafka.message-timeout-ms` with records in
     /// flight.
     Stall,
+    /// A TLS handshake with a broker failed (its certificate not trusted,
+    /// its name not in the certificate).
+    Tls,
     /// Anything else: brokers down, a fatal producer error, the WAL.
     Other,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 5] = [
+    pub const ALL: [FailureKind; 6] = [
         FailureKind::Authorization,
         FailureKind::UnknownTopic,
         FailureKind::NotEnoughReplicas,
         FailureKind::Stall,
+        FailureKind::Tls,
         FailureKind::Other,
     ];
 
@@ -157,6 +161,7 @@ impl FailureKind {
             FailureKind::UnknownTopic => "unknown_topic",
             FailureKind::NotEnoughReplicas => "not_enough_replicas",
             FailureKind::Stall => "stall",
+            FailureKind::Tls => "tls",
             FailureKind::Other => "other",
         }
     }
@@ -164,7 +169,8 @@ impl FailureKind {
     /// The kind of a failure reason. Replay's reasons carry librdkafka's
     /// error code by its name (`Message production error:
     /// TopicAuthorizationFailed (...)`, `metadata for topic T:
-    /// UnknownTopicOrPartition`), or the stall's own words.
+    /// UnknownTopicOrPartition`, `Authentication: ... SASL authentication
+    /// error`), or the words of the stall and of a failed TLS handshake.
     pub fn of(reason: &str) -> FailureKind {
         const KINDS: &[(&str, FailureKind)] = &[
             ("AuthorizationFailed", FailureKind::Authorization),
@@ -173,6 +179,7 @@ impl FailureKind {
             ("UnknownPartition", FailureKind::UnknownTopic),
             ("NotEnoughReplicas", FailureKind::NotEnoughReplicas),
             ("no delivery report for", FailureKind::Stall),
+            ("SSL handshake failed", FailureKind::Tls),
         ];
         KINDS
             .iter()
@@ -193,6 +200,10 @@ pub struct Failing {
     pub since: std::time::Instant,
     /// Failures since then.
     pub retries: u64,
+    /// The last SASL or TLS error librdkafka reported for a broker
+    /// connection meanwhile: the cause behind a metadata or transport
+    /// failure.
+    pub client_error: Option<String>,
 }
 
 /// Replay state shared with `/stats`, `/ready` and receipts.
@@ -313,20 +324,50 @@ impl ReplayStats {
     /// `from_seq` after its backoff. Counted by kind; `/stats` shows it
     /// until a delivery succeeds.
     pub fn failed(&self, why: &str, from_seq: u64) {
-        let kind = FailureKind::of(why);
-        self.failures[kind as usize].fetch_add(1, Ordering::Relaxed);
+        let mut kind = FailureKind::of(why);
         if let Ok(mut f) = self.failing.lock() {
             let since = f.as_ref().map_or_else(std::time::Instant::now, |f| f.since);
             let retries = f.as_ref().map_or(0, |f| f.retries) + 1;
+            let client_error = f.as_ref().and_then(|f| f.client_error.clone());
+            if kind == FailureKind::Other {
+                kind = client_error.as_deref().map_or(kind, FailureKind::of);
+            }
             *f = Some(Failing {
                 kind,
                 reason: why.to_string(),
                 from_seq,
                 since,
                 retries,
+                client_error,
             });
         }
+        self.failures[kind as usize].fetch_add(1, Ordering::Relaxed);
         self.set_connected(false, why);
+    }
+
+    /// A SASL or TLS error librdkafka reported for a broker connection.
+    /// No delivery report says so (records wait in librdkafka's queue, and
+    /// replay sees a transport failure or a stall), so `kafka.failing`
+    /// carries it while no delivery succeeds.
+    pub fn client_error(&self, what: &str) {
+        if self.connected.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut f) = self.failing.lock() {
+            let from_seq = self.delivered_through.load(Ordering::Relaxed) + 1;
+            let entry = f.get_or_insert_with(|| Failing {
+                kind: FailureKind::of(what),
+                reason: what.to_string(),
+                from_seq,
+                since: std::time::Instant::now(),
+                retries: 0,
+                client_error: None,
+            });
+            if entry.kind == FailureKind::Other {
+                entry.kind = FailureKind::of(what);
+            }
+            entry.client_error = Some(what.to_string());
+        }
     }
 }
 
@@ -345,6 +386,8 @@ mod tests {
             ("metadata for topic events: UnknownTopicOrPartition", FailureKind::UnknownTopic),
             ("seq 7: Message production error: NotEnoughReplicas (Broker: Not enough in-sync replicas)", FailureKind::NotEnoughReplicas),
             ("no delivery report for 20000 ms with 512 records in flight", FailureKind::Stall),
+            ("Authentication: sasl_ssl://127.0.0.1:9093/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512", FailureKind::Authorization),
+            ("SSL: sasl_ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed", FailureKind::Tls),
             ("WAL read: Input/output error", FailureKind::Other),
         ];
         for (reason, kind) in seen {
@@ -369,6 +412,21 @@ mod tests {
             2
         );
         s.set_connected(true, "");
+        assert!(s.failing.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_sasl_error_names_the_kind_of_the_transport_failure_behind_it() {
+        let s = ReplayStats::default();
+        s.client_error("Authentication: SASL authentication error: invalid credentials");
+        s.failed("metadata for topic events: Meta data fetch error: BrokerTransportFailure (Local: Broker transport failure)", 1);
+        let f = s.failing.lock().unwrap().clone().unwrap();
+        assert_eq!(f.kind, FailureKind::Authorization);
+        assert!(f.reason.contains("BrokerTransportFailure"));
+        assert!(f.client_error.unwrap().contains("invalid credentials"));
+        // While deliveries succeed, a connection's error is not a failure.
+        s.set_connected(true, "");
+        s.client_error("SSL: SSL handshake failed");
         assert!(s.failing.lock().unwrap().is_none());
     }
 }
