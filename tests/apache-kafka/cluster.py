@@ -14,6 +14,7 @@ as a module (`tests/independent/run.py`).
     cluster.py status | bootstrap [--live] [--sasl] | down | wait-ready
     cluster.py kill|stop|cont|restart NODE
     cluster.py create-topic NAME [--partitions 3] [--rf R] [--config K=V]
+    cluster.py delete-topic NAME
     cluster.py describe TOPIC            partitions as JSON
     cluster.py leader TOPIC [PARTITION]  node id of the partition's leader
     cluster.py client-config [--user NAME] [--toml]   SASL_SSL client settings
@@ -556,6 +557,12 @@ class Cluster:
             if errors:
                 raise errors[0]
 
+    def delete_topic(self, name):
+        """Deletes `name` (TopicCommand --delete); returns once the
+        controller took the deletion."""
+        run_tool("org.apache.kafka.tools.TopicCommand",
+                 ["--bootstrap-server", self._admin_bootstrap(), "--delete", "--topic", name])
+
     def describe(self, topic):
         """[{partition, leader, replicas, isr}] of `topic`; leader -1 when it
         has none."""
@@ -629,10 +636,13 @@ class Cluster:
     def user_add(self, name, password):
         """Creates (or changes) SCRAM user `name`, both mechanisms."""
         self._sasl()
-        creds = ",".join(f"{m}=[password={password}]" for m in SCRAM_MECHANISMS)
-        run_tool("org.apache.kafka.tools.ConfigCommand",
-                 ["--bootstrap-server", self._admin_bootstrap(), "--alter", "--add-config", creds,
-                  "--entity-type", "users", "--entity-name", name])
+        # One mechanism per request: Kafka 4.4 refuses two in one
+        # ("A user credential cannot be altered twice in the same request").
+        for mech in SCRAM_MECHANISMS:
+            run_tool("org.apache.kafka.tools.ConfigCommand",
+                     ["--bootstrap-server", self._admin_bootstrap(), "--alter",
+                      "--add-config", f"{mech}=[password={password}]",
+                      "--entity-type", "users", "--entity-name", name])
         st = self.load()
         st["sasl"]["users"][name] = password
         self.save(st)
@@ -908,6 +918,8 @@ def main(argv=None):
     t.add_argument("--partitions", type=int, default=3)
     t.add_argument("--rf", type=int)
     t.add_argument("--config", action="append", default=[], help="K=V topic config")
+    dt = sub.add_parser("delete-topic")
+    dt.add_argument("name")
     d = sub.add_parser("describe", help="partitions of TOPIC as JSON")
     d.add_argument("topic")
     le = sub.add_parser("leader", help="the node id leading TOPIC's PARTITION")
@@ -990,6 +1002,8 @@ def main(argv=None):
             c.restart(a.node, wait=not a.no_wait)
         elif a.cmd == "create-topic":
             c.create_topic(a.name, a.partitions, a.rf, dict(kv.split("=", 1) for kv in a.config))
+        elif a.cmd == "delete-topic":
+            c.delete_topic(a.name)
         elif a.cmd == "describe":
             print(json.dumps(c.describe(a.topic)))
         elif a.cmd == "leader":
