@@ -487,7 +487,7 @@ const REPLAY_LABELLED: &[LabelledRow<ReplayStats>] = &[
     ),
     (
         "replay_failures_total",
-        "Failed deliveries that restarted replay, by kind: authorization (ACLs, SASL), unknown_topic (deleted or never created), not_enough_replicas, stall (no report for kafka.message-timeout-ms), tls (handshake failed), other.",
+        "Failed deliveries that restarted replay, by kind: authorization (ACLs, SASL), unknown_topic (deleted or never created), not_enough_replicas, stall (no report for kafka.message-timeout-ms, also for the reports still pending after another failure), tls (handshake failed), other.",
         COUNTER,
         "kind",
         |r| {

@@ -70,7 +70,7 @@ use super::dead_letter::DeadLetterFile;
 use super::offsets::{Fate, OffsetStore};
 use super::partition::{PartitionMap, Pin as PartitionPin, Scheme};
 use super::producer::{HEADER_ERROR, HEADER_ORIGINAL_TOPIC, HEADER_SEQ};
-use super::{classify, producer_config, Failure, KafkaHealth, ReplayStats};
+use super::{classify, producer_config, Failure, FailureKind, KafkaHealth, ReplayStats};
 use super::{KafkaConfig, ReplayConfig};
 use crate::wal::{ReadItem, Record, Wal};
 
@@ -560,7 +560,15 @@ impl Replayer {
                     }
                     if window.stalled(stall) {
                         return match &broken {
-                            Some(b) => b.end(reader.next_seq() - 1),
+                            // After a failure, the reports still pending
+                            // never came: counted as a stall too, since
+                            // replay sat out the whole limit.
+                            Some(b) => {
+                                let pending = window.unsettled.load(Ordering::Relaxed);
+                                tracing::warn!(pending, stall_ms = stall.as_millis() as u64, reason = %b.why, "no report for the records still pending after a failure: ending the incarnation");
+                                stats.failures[FailureKind::Stall as usize].fetch_add(1, Ordering::Relaxed);
+                                b.end(reader.next_seq() - 1)
+                            }
                             None => End::Retry(format!(
                                 "no delivery report for {} ms with {} records in flight",
                                 stall.as_millis(),
