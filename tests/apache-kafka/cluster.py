@@ -652,7 +652,8 @@ class Cluster:
         """Adds (`add`) or removes (`remove`) an allow ACL of `principal` for
         each of `operations` (Write, Read, Describe, IdempotentWrite, ...) on
         one resource, or lists (`list`) ACLs; through Kafka's AclCommand as
-        the super user. Returns AclCommand's output."""
+        the super user. `topic` and `group` may be lists (one ACL each).
+        Returns AclCommand's output."""
         args = ["--bootstrap-server", self._admin_bootstrap(), f"--{action}"]
         if action in ("add", "remove"):
             if not principal or not operations:
@@ -662,10 +663,10 @@ class Cluster:
                 args += ["--operation", op]
         elif principal:
             args += ["--principal", principal]
-        if topic:
-            args += ["--topic", topic]
-        if group:
-            args += ["--group", group]
+        for t in [topic] if isinstance(topic, str) else topic or ():
+            args += ["--topic", t]
+        for g in [group] if isinstance(group, str) else group or ():
+            args += ["--group", g]
         if cluster:
             args += ["--cluster"]
         if prefixed:
@@ -937,8 +938,8 @@ def main(argv=None):
     ac.add_argument("--principal", help="e.g. User:sluice")
     ac.add_argument("--operation", action="append", default=[],
                     help="Write, Read, Describe, IdempotentWrite, All, ...")
-    ac.add_argument("--topic")
-    ac.add_argument("--group")
+    ac.add_argument("--topic", action="append", help="repeat for several")
+    ac.add_argument("--group", action="append", help="repeat for several")
     ac.add_argument("--cluster", action="store_true")
     ac.add_argument("--prefixed", action="store_true", help="the name is a prefix")
     co = sub.add_parser("consume", help="values of TOPIC from the beginning (Java console consumer)")

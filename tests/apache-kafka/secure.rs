@@ -33,15 +33,14 @@ pub fn topics(
     configs: &[(&str, &str)],
     user: &str,
 ) {
-    cluster.create_topic(topic, partitions, configs);
-    cluster.create_topic(&format!("{topic}-dlq"), 1, &[]);
+    let dlq = format!("{topic}-dlq");
+    // A JVM per command: both topics at once.
+    std::thread::scope(|s| {
+        s.spawn(|| cluster.create_topic(topic, partitions, configs));
+        cluster.create_topic(&dlq, 1, &[]);
+    });
     let principal = format!("User:{user}");
-    cluster.acl_add(&principal, &["Write"], Resource::Topic(topic));
-    cluster.acl_add(
-        &principal,
-        &["Write"],
-        Resource::Topic(&format!("{topic}-dlq")),
-    );
+    cluster.acl_add(&principal, &["Write"], Resource::Topics(&[topic, &dlq]));
 }
 
 /// A sluice daemon and the directory of its config file.
@@ -217,12 +216,22 @@ impl Load {
 /// Every record of `topic`, read over the PLAINTEXT listeners (as the
 /// super user) by the project's reader, in (partition, offset) order.
 pub fn read(cluster: &Cluster, topic: &str) -> Vec<Consumed> {
+    read_up_to(cluster, topic, None)
+}
+
+/// As [`read`], stopping at `max` records (or 5 s without one): for a
+/// topic whose count is known, such as the dead-letter topic.
+pub fn read_n(cluster: &Cluster, topic: &str, max: usize) -> Vec<Consumed> {
+    read_up_to(cluster, topic, Some(max))
+}
+
+fn read_up_to(cluster: &Cluster, topic: &str, max: Option<usize>) -> Vec<Consumed> {
     let mut records = Vec::new();
     sluice::dev::consume::consume(
         cluster.bootstrap(),
         topic,
         true,
-        None,
+        max,
         Duration::from_secs(5),
         |c| records.push(c),
     )
@@ -327,6 +336,12 @@ pub fn metric(addr: &str, sample: &str) -> f64 {
                 .and_then(|rest| rest.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// Prints where a case is, with its time since `t0`: the cases' phases
+/// in the test's output.
+pub fn phase(t0: Instant, case: &str, what: &str) {
+    eprintln!("[{:6.1} s] {case}: {what}", t0.elapsed().as_secs_f64());
 }
 
 /// Polls `/stats` until `ok` holds; panics with the last answer after

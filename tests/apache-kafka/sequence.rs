@@ -10,7 +10,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::secure::{
-    self, judge, metric, read, serve_as, topics, wait_stats, Acked, Load, USER, WITHIN,
+    self, judge, metric, phase, read, serve_as, topics, wait_stats, Acked, Load, USER, WITHIN,
 };
 use crate::support::apache_kafka::Cluster;
 use crate::wait_delivered;
@@ -58,27 +58,7 @@ fn out_of_sequence_refusals(cluster: &Cluster, topic: &str) -> usize {
 /// the dead-letter topic exactly `condemned`, each with the broker's error
 /// and its own seq.
 fn assert_landed(cluster: &Cluster, topic: &str, acked: &[Acked], condemned: &[Acked]) {
-    let v = judge(&read(cluster, topic));
-    v.assert_ordered(topic);
-    let condemned_ids: HashSet<&str> = condemned.iter().map(|a| a.id.as_str()).collect();
-    let missing: Vec<_> = v
-        .missing(acked)
-        .into_iter()
-        .filter(|a| !condemned_ids.contains(a.id.as_str()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged events neither in {topic} nor dead-lettered, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
-    for id in &condemned_ids {
-        assert!(
-            !v.ids.contains_key(*id),
-            "{id} is in {topic} and dead-lettered"
-        );
-    }
-    let dlq = read(cluster, &format!("{topic}-dlq"));
+    let dlq = secure::read_n(cluster, &format!("{topic}-dlq"), condemned.len());
     let got: Vec<(String, u64)> = dlq
         .iter()
         .map(|r| {
@@ -100,6 +80,26 @@ fn assert_landed(cluster: &Cluster, topic: &str, acked: &[Acked], condemned: &[A
             r.headers
         );
         assert_eq!(r.header("original_topic"), Some(topic));
+    }
+    let v = judge(&read(cluster, topic));
+    v.assert_ordered(topic);
+    let condemned_ids: HashSet<&str> = condemned.iter().map(|a| a.id.as_str()).collect();
+    let missing: Vec<_> = v
+        .missing(acked)
+        .into_iter()
+        .filter(|a| !condemned_ids.contains(a.id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events neither in {topic} nor dead-lettered, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for id in &condemned_ids {
+        assert!(
+            !v.ids.contains_key(*id),
+            "{id} is in {topic} and dead-lettered"
+        );
     }
 }
 
@@ -125,8 +125,8 @@ fn a_record_over_max_message_bytes_with_batches_in_flight_behind_it_goes_alone_t
         ],
     );
     let addr = &s.daemon.addr;
-    let load = Load::start(addr, "small", 2, 8, Duration::from_millis(20));
-    load.wait_more(500);
+    let load = Load::start(addr, "small", 1, 8, Duration::from_millis(50));
+    load.wait_more(200);
     // Each round: an oversized record among records of its key (so of its
     // partition), batched behind it. Until the brokers logged refusing an
     // out-of-sequence batch, at most 5 rounds.
@@ -159,7 +159,7 @@ fn a_record_over_max_message_bytes_with_batches_in_flight_behind_it_goes_alone_t
             break;
         }
     }
-    load.wait_more(500);
+    load.wait_more(200);
     let (mut acked, refused) = load.finish();
     acked.extend(around);
     acked.extend(condemned.iter().cloned());
@@ -206,31 +206,46 @@ fn batches_over_max_message_bytes_condemn_only_the_oversized_record() {
     let t0 = Instant::now();
     let topic = "oversize-batches";
     topics(cluster, topic, 3, &[("max.message.bytes", "2000")], USER);
-    // sluice's default batch size (1 MB) against a 2,000-byte topic: most
-    // requests are refused, and replay isolates their records round by
-    // round, one at a time.
+    // sluice's default batch size (1 MB) against a 2,000-byte topic: the
+    // requests are refused, and replay isolates their records, one at a
+    // time. A second burst arrives while it does: records wait behind the
+    // last suspect of the round, and go out in batches (refused again)
+    // once it settled.
     let s = serve_as(cluster, USER, topic, &[]);
     let addr = &s.daemon.addr;
     let mut acked = Vec::new();
     let mut condemned = Vec::new();
-    for batch in 0..20 {
-        let events: Vec<_> = (0..20)
-            .map(|i| {
-                if batch == 10 && i == 7 {
-                    serde_json::json!({"id": "big", "tenant_id": "k1", "source": "apache-kafka",
-                        "message": incompressible(6_000)})
-                } else {
-                    secure::event(&format!("o-{batch}-{i}"), &format!("k{}", i % 4))
-                }
-            })
-            .collect();
-        let (status, got) = secure::post(addr, &events);
-        assert_eq!(status, 202);
-        if batch == 10 {
-            condemned.push(got[7].clone());
+    let burst = |name: &str, acked: &mut Vec<Acked>, condemned: &mut Vec<Acked>| {
+        for batch in 0..5 {
+            let events: Vec<_> = (0..20)
+                .map(|i| {
+                    if name == "first" && batch == 2 && i == 7 {
+                        serde_json::json!({"id": "big", "tenant_id": "k1", "source": "apache-kafka",
+                            "message": incompressible(6_000)})
+                    } else {
+                        secure::event(&format!("{name}-{batch}-{i}"), &format!("k{}", i % 4))
+                    }
+                })
+                .collect();
+            let (status, got) = secure::post(addr, &events);
+            assert_eq!(status, 202);
+            if name == "first" && batch == 2 {
+                condemned.push(got[7].clone());
+            }
+            acked.extend(got);
         }
-        acked.extend(got);
+    };
+    burst("first", &mut acked, &mut condemned);
+    let t_isolating = Instant::now();
+    while metric(addr, "sluice_replay_isolated_retries_total") < 1.0 {
+        assert!(
+            t_isolating.elapsed() < WITHIN,
+            "replay never isolated: {}",
+            crate::stats(addr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
+    burst("second", &mut acked, &mut condemned);
     let st = wait_delivered(addr, WITHIN);
     assert_landed(cluster, topic, &acked, &condemned);
     eprintln!(
@@ -259,12 +274,13 @@ fn a_topic_deleted_under_load_holds_replay_until_it_is_recreated() {
     let addr = &s.daemon.addr;
     // librdkafka fails the records of a topic gone from the metadata after
     // topic.metadata.propagation.max.ms (30 s): a steady, modest load.
-    let load = Load::start(addr, "gone", 3, 8, Duration::from_millis(100));
+    let load = Load::start(addr, "gone", 3, 8, Duration::from_millis(200));
     let before = wait_stats(addr, "deliveries under way", |s| {
-        s["replay"]["delivered_through"].as_u64() >= Some(1_000)
+        s["replay"]["delivered_through"].as_u64() >= Some(500)
     })["replay"]["delivered_through"]
         .as_u64()
         .unwrap();
+    phase(t0, "gone", "deleting the topic");
     cluster.delete_topic(topic);
     // Replay fails with the topic gone, then holds what it produced until
     // the topic is back; ingest goes on.
@@ -273,7 +289,7 @@ fn a_topic_deleted_under_load_holds_replay_until_it_is_recreated() {
     });
     let gone = failing["replay"]["delivered_through"].as_u64().unwrap();
     let noticed = t0.elapsed();
-    load.wait_more(2_000);
+    load.wait_more(1_000);
     let held = crate::stats(addr);
     assert_eq!(
         held["replay"]["delivered_through"].as_u64(),
@@ -286,8 +302,10 @@ fn a_topic_deleted_under_load_holds_replay_until_it_is_recreated() {
         noticed.as_secs_f64()
     );
 
+    phase(t0, "gone", "recreating the topic");
     cluster.create_topic(topic, 3, &[]);
-    load.wait_more(1_000);
+    phase(t0, "gone", "recreated");
+    load.wait_more(500);
     let (acked, refused) = load.finish();
     let st = wait_delivered(addr, WITHIN);
     assert!(st["kafka"]["failing"].is_null(), "{st}");
@@ -297,6 +315,7 @@ fn a_topic_deleted_under_load_holds_replay_until_it_is_recreated() {
     }
     // What was confirmed before the deletion went with the old topic; every
     // event after what was confirmed when replay noticed is in the new one.
+    phase(t0, "gone", "delivered; reading back");
     let v = judge(&read(cluster, topic));
     v.assert_ordered(topic);
     let after: Vec<&Acked> = acked.iter().filter(|a| a.seq > gone).collect();

@@ -29,6 +29,8 @@ pub struct PartitionState {
 #[derive(Debug, Clone, Copy)]
 pub enum Resource<'a> {
     Topic(&'a str),
+    /// Several topics in one AclCommand run.
+    Topics(&'a [&'a str]),
     Group(&'a str),
     Cluster,
 }
@@ -266,6 +268,11 @@ impl Cluster {
         }
         match resource {
             Resource::Topic(t) => args.extend(["--topic", t]),
+            Resource::Topics(ts) => {
+                for t in ts {
+                    args.extend(["--topic", t]);
+                }
+            }
             Resource::Group(g) => args.extend(["--group", g]),
             Resource::Cluster => args.push("--cluster"),
         }
