@@ -144,7 +144,11 @@ e2e-tansu:
 # kafka-down kills the nodes. The same cluster is driven from other shells
 # with `python3 tests/apache-kafka/cluster.py --state-dir KAFKA_STATE
 # status|kill N|stop N|cont N|restart N|leader TOPIC P|create-topic ...`.
+# KAFKA_SASL=1 adds a SASL_SSL (SCRAM) listener per node and ACLs
+# (StandardAuthorizer): user `sluice` may write KAFKA_TOPICS, and
+# KAFKA_STATE/sluice-sasl.toml holds the settings that reach it.
 KAFKA_NODES ?= 3
+KAFKA_SASL ?=
 KAFKA_STATE ?= $(TOOLS)/kafka-cluster
 KAFKA_TOPICS ?= events:3 events-dlq:3
 KAFKA_CLUSTER = python3 tests/apache-kafka/cluster.py --state-dir $(KAFKA_STATE)
@@ -152,7 +156,11 @@ kafka-jars:
 	@python3 tests/apache-kafka/cluster.py jars
 
 kafka-up: kafka-jars
-	@$(KAFKA_CLUSTER) up --nodes $(KAFKA_NODES) $(addprefix --topic ,$(KAFKA_TOPICS)) >/dev/null
+	@$(KAFKA_CLUSTER) up --nodes $(KAFKA_NODES) $(if $(KAFKA_SASL),--sasl) $(addprefix --topic ,$(KAFKA_TOPICS)) >/dev/null
+	@test -z "$(KAFKA_SASL)" || { \
+	$(KAFKA_CLUSTER) acl add --principal User:sluice --operation Write $(foreach t,$(KAFKA_TOPICS),--topic $(firstword $(subst :, ,$(t)))) >/dev/null && \
+	$(KAFKA_CLUSTER) client-config --toml > $(KAFKA_STATE)/sluice-sasl.toml && \
+	echo "SASL_SSL: user sluice may write $(KAFKA_TOPICS); cargo run --release --bin sluice -- serve --config $(KAFKA_STATE)/sluice-sasl.toml"; }
 	@b=$$($(KAFKA_CLUSTER) bootstrap); \
 	echo "Apache Kafka: $(KAFKA_NODES) node(s), bootstrap $$b; topics $(KAFKA_TOPICS)"; \
 	echo "point sluice at it:"; \

@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use MetricType::{COUNTER, GAUGE};
 
 use crate::ingest::IngestCounters;
-use crate::replay::{Lag, ReplayObserver, ReplayStats};
+use crate::replay::{FailureKind, Lag, ReplayObserver, ReplayStats};
 use crate::wal::{Wal, WalObserver};
 
 pub struct Metrics {
@@ -472,18 +472,32 @@ const REPLAY: &[Row<ReplayStats>] = &[
     ("kafka_connected", "1 when the last delivery succeeded, 0 after all brokers went down or a delivery failed.", GAUGE, |r| flag(r.connected.load(Ordering::Relaxed))),
 ];
 
-const REPLAY_LABELLED: &[LabelledRow<ReplayStats>] = &[(
-    "dead_letter_total",
-    "Records Kafka refused for good, by where they went.",
-    COUNTER,
-    "target",
-    |r| {
-        vec![
-            ("topic", get(&r.dead_lettered_topic)),
-            ("file", get(&r.dead_lettered_file)),
-        ]
-    },
-)];
+const REPLAY_LABELLED: &[LabelledRow<ReplayStats>] = &[
+    (
+        "dead_letter_total",
+        "Records Kafka refused for good, by where they went.",
+        COUNTER,
+        "target",
+        |r| {
+            vec![
+                ("topic", get(&r.dead_lettered_topic)),
+                ("file", get(&r.dead_lettered_file)),
+            ]
+        },
+    ),
+    (
+        "replay_failures_total",
+        "Failed deliveries that restarted replay, by kind: authorization (ACLs, SASL), unknown_topic (deleted or never created), not_enough_replicas, stall (no report for kafka.message-timeout-ms, also for the reports still pending after another failure), tls (handshake failed), other.",
+        COUNTER,
+        "kind",
+        |r| {
+            FailureKind::ALL
+                .iter()
+                .map(|&k| (k.label(), get(&r.failures[k as usize])))
+                .collect()
+        },
+    ),
+];
 
 /// Metrics that read more than one source.
 const ACROSS: &[Row<Sources>] = &[

@@ -139,9 +139,23 @@ fn streams_state(st: &SharedState) -> serde_json::Value {
 
 fn kafka_state(st: &SharedState) -> serde_json::Value {
     let r = &st.replay;
+    // Why deliveries fail, while they do (null once one succeeds again).
+    let failing = r.failing.lock().ok().and_then(|f| {
+        f.as_ref().map(|f| {
+            json!({
+                "kind": f.kind.label(),
+                "reason": f.reason,
+                "from_seq": f.from_seq,
+                "retries": f.retries,
+                "for_seconds": f.since.elapsed().as_secs(),
+                "client_error": f.client_error,
+            })
+        })
+    });
     json!({
         "connected": r.connected.load(Ordering::Relaxed),
         "producer_recreations": r.producer_recreations.load(Ordering::Relaxed),
+        "failing": failing,
     })
 }
 

@@ -1,11 +1,16 @@
 //! sluice against a real Apache Kafka cluster: KRaft nodes started from the
 //! broker's jars by `cluster.py` beside this file (`support::apache_kafka`).
 //! Skipped, with a line on stderr, when the jars are not in the cache
-//! (`make kafka-jars`) unless `SLUICE_REQUIRE_KAFKA=1`.
+//! (`make kafka-jars`) unless `SLUICE_REQUIRE_KAFKA=1`. `failover` starts
+//! a cluster of its own (it kills a node); `security` and `sequence` share
+//! one SASL cluster (`Cluster::shared_sasl`), each on its own topics.
 // Fixtures use plain std::fs; the product goes through `storage`.
 #![allow(clippy::disallowed_methods)]
 
 mod failover;
+mod secure;
+mod security;
+mod sequence;
 #[path = "../support/mod.rs"]
 mod support;
 
