@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs config_serve
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future kafka-jars kafka-up kafka-down e2e-tansu
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future kafka-jars kafka-up kafka-down e2e-tansu powercut-fs powercut powercut-smoke
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -189,3 +189,21 @@ e2e-otel:
 # as `make chaos`), e.g. `make chaos-archive CYCLES=100`.
 chaos-archive:
 	ARCHIVE_CHAOS_CYCLES=$(CYCLES) $(CARGO) test --locked --all-features --test archive kill_9 -- --nocapture
+
+# Power-cut chaos (tests/powercut.rs): sluice serve (into Kafka, and with the
+# files sink) and sluice archive on a powercut-fs FUSE mount, killed -9 and
+# cut (a third of the cuts torn) at random moments, also inside recovery.
+# CYCLES is the total, split evenly over PC_MODES (default 200: 67 a mode);
+# `make powercut CYCLES=30 PC_MODES=serve` runs one mode. Needs /dev/fuse and
+# root (or fusermount3); skips without them unless SLUICE_REQUIRE_FUSE=1.
+# powercut-smoke is CI's short run: 10 cycles a mode. docs/reliability.md,
+# "Power cut".
+PC_MODES ?= serve,files,archive
+powercut-fs:
+	$(CARGO) build --locked --release --manifest-path tests/powercut-fs/Cargo.toml --target-dir tests/powercut-fs/target
+
+powercut: powercut-fs
+	POWERCUT_CYCLES=$(CYCLES) POWERCUT_MODES=$(PC_MODES) $(CARGO) test --locked --all-features --test powercut
+
+powercut-smoke:
+	$(MAKE) powercut CYCLES=30 PC_MODES=serve,files,archive

@@ -8,7 +8,10 @@
 //! group commit as the records: a 202 implies the key survived. The writer
 //! calls [`Pending::complete`] after that fdatasync and before it publishes
 //! the records to readers, so every key whose records replay can see is in
-//! this index.
+//! this index. The converse does not hold after a power cut: the first
+//! record (with the entry) can survive while later ones of its batch were
+//! torn off, so the rebuild takes a key from the WAL only once its whole
+//! batch was read ([`Index::rebuild`]).
 //!
 //! The index in memory is bounded (`idempotency.max-keys`,
 //! `idempotency.max-bytes`, oldest evicted first) and forgets keys older
@@ -457,6 +460,9 @@ pub struct IdempotencyCounters {
     pub evicted_age: AtomicU64,
     pub evicted_cap: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Keys found in the WAL at open whose batch is not there whole (see
+    /// [`Index::rebuild`]).
+    pub evicted_torn: AtomicU64,
     pub replayed: AtomicU64,
     pub mismatched: AtomicU64,
     pub other_protocol: AtomicU64,
@@ -939,40 +945,99 @@ impl Index {
         let mut reader = wal.reader(start);
         let mut scanned = 0u64;
         let mut from_wal = 0;
+        let mut torn = 0;
+        // A key counts only once every record of its batch is read: the
+        // entry rides in the first record, and a power cut can keep that
+        // record while the batch's later ones were torn off (the tail cut,
+        // or a hole that recovery reports lost). Such a batch was never
+        // acknowledged, since its group commit's fdatasync did not finish;
+        // replaying its answer would acknowledge records that are gone.
+        let mut pending: Option<Rescanned> = None;
         while reader.next_seq() < end {
             match reader
                 .try_next()
                 .map_err(|e| format!("{WAL_READ_ERROR}{e}"))?
             {
                 None => break,
-                Some(ReadItem::Gap(_)) => {}
+                Some(ReadItem::Gap(gap)) => {
+                    if let Some(p) = pending.take() {
+                        torn += 1;
+                        self.forget_torn(
+                            &p,
+                            &format!("records {}..={} are lost", gap.first, gap.last),
+                        );
+                    }
+                }
                 Some(ReadItem::Record { seq, record, .. }) => {
                     scanned += 1;
+                    if let Some(p) = pending.take_if(|p| seq >= p.last) {
+                        if seq == p.last {
+                            self.insert_rebuilt(p);
+                            from_wal += 1;
+                        } else {
+                            torn += 1;
+                            self.forget_torn(&p, &format!("record {} is missing", p.last));
+                        }
+                    }
                     if let Some((entry, encoded)) = self.entry_of(seq, &record) {
                         if entry.accepted_ms >= horizon {
-                            let mk = map_key(&entry.scope, &entry.key).into();
-                            let mut inner = lock(&self.inner);
-                            self.insert_done(
-                                &mut inner,
-                                mk,
-                                encoded.into(),
-                                entry.accepted_ms,
-                                seq,
-                                true,
-                            );
-                            from_wal += 1;
+                            let candidate = Rescanned {
+                                map_key: map_key(&entry.scope, &entry.key).into(),
+                                encoded: encoded.into(),
+                                accepted_ms: entry.accepted_ms,
+                                first: seq,
+                                last: seq + entry.records.saturating_sub(1),
+                            };
+                            if candidate.last <= seq {
+                                self.insert_rebuilt(candidate);
+                                from_wal += 1;
+                            } else if let Some(p) = pending.replace(candidate) {
+                                // Unreachable: the reader reports every
+                                // missing number as a gap.
+                                torn += 1;
+                                self.forget_torn(&p, &format!("record {seq} starts another batch"));
+                            }
                         }
                     }
                 }
             }
         }
+        if let Some(p) = pending {
+            torn += 1;
+            self.forget_torn(&p, &format!("the WAL ends at {}", end.saturating_sub(1)));
+        }
         Ok(RebuildReport {
             from_log,
             from_legacy: legacy_rows,
             from_wal,
+            torn,
             scanned_records: scanned,
             scanned_from: start,
         })
+    }
+
+    fn insert_rebuilt(&self, c: Rescanned) {
+        let mut inner = lock(&self.inner);
+        self.insert_done(
+            &mut inner,
+            c.map_key,
+            c.encoded,
+            c.accepted_ms,
+            c.first,
+            true,
+        );
+    }
+
+    /// Counts and logs a key whose batch the WAL does not hold whole: it
+    /// stays unknown, so a retry appends the batch again.
+    fn forget_torn(&self, c: &Rescanned, why: &str) {
+        self.counters.evicted_torn.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            first_seq = c.first,
+            last_seq = c.last,
+            reason = why,
+            "idempotency key of a batch the WAL does not hold whole (a write torn by a crash before its fdatasync, so never acknowledged): forgotten; a retry appends the batch again"
+        );
     }
 
     fn entry_of(&self, seq: u64, record: &Record) -> Option<(Entry, Vec<u8>)> {
@@ -994,6 +1059,16 @@ impl Index {
 
 /// Name, help, and (label value, counter) rows of one counter family.
 type Family<'a> = (&'a str, &'a str, &'a [(&'a str, &'a AtomicU64)]);
+
+/// A key the WAL rescan found, held until the last record of its batch
+/// (`first..=last`) is read.
+struct Rescanned {
+    map_key: MapKey,
+    encoded: Arc<[u8]>,
+    accepted_ms: i64,
+    first: u64,
+    last: u64,
+}
 
 /// Exposes the index's counters on `/metrics`.
 pub struct Collector(pub Arc<Index>);
@@ -1027,11 +1102,12 @@ impl prometheus::core::Collector for Collector {
         let families: [Family; 2] = [
             (
                 "sluice_idempotency_keys_evicted_total",
-                "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys; bytes: over max-bytes)",
+                "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys; bytes: over max-bytes; torn: at open, the WAL lacks part of the key's batch)",
                 &[
                     ("age", &c.evicted_age),
                     ("cap", &c.evicted_cap),
                     ("bytes", &c.evicted_bytes),
+                    ("torn", &c.evicted_torn),
                 ],
             ),
             (
@@ -1077,6 +1153,8 @@ pub struct RebuildReport {
     /// Rows found in the legacy sled tree (moved into the log).
     pub from_legacy: usize,
     pub from_wal: usize,
+    /// Keys in the WAL whose batch is not there whole: forgotten.
+    pub torn: usize,
     pub scanned_records: u64,
     pub scanned_from: u64,
 }
