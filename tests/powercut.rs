@@ -32,6 +32,8 @@
 //! `POWERCUT_FS` (the powercut-fs binary; default its release build under
 //! tests/powercut-fs/target). Without a usable FUSE it skips, unless
 //! `SLUICE_REQUIRE_FUSE=1` (CI), which makes it fail.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 #[path = "powercut/archive.rs"]
 mod archive;

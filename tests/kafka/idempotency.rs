@@ -590,6 +590,8 @@ fn a_log_that_lost_checkpoints_or_outlived_its_wal_hides_no_key() {
     kill9(d);
     let d = serve(&data, &broker.addr, &[], &[]);
     assert_replayed(&d, &key, &body, &first);
+}
+
 /// A power cut before a group commit's fdatasync can keep a keyed batch's
 /// first record, which carries the key, and lose later ones: the tail cut
 /// at open, or a hole that recovery reports lost. That batch never got its

@@ -87,7 +87,7 @@ pub fn child(data: &Path) -> ExitCode {
             .write_all(format!("{line}\n").as_bytes())
             .expect("journal write");
     };
-    if let Err(e) = sluice::durable::create_dir_durable(data) {
+    if let Err(e) = sluice::storage::durable::create_dir_durable(data) {
         note(format!("open-failed create {}: {e}", data.display()));
         return ExitCode::from(3);
     }
