@@ -6,7 +6,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= wal_segment wal_record ingest_body config_toml otlp_logs config_serve
 
-.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future kafka-jars kafka-up kafka-down
+.PHONY: run test lint fmt bench bench-quick fuzz fuzz-smoke ci docker chaos deb deb-check e2e-independent e2e-otel chaos-exactly-once chaos-archive test-future kafka-jars kafka-up kafka-down e2e-tansu powercut-fs powercut powercut-smoke
 
 # The daemon with the embedded dev broker (data delivered to Kafka lives in
 # memory only). POST to 127.0.0.1:8080, read back with `make consume`.
@@ -119,23 +119,26 @@ deb-check:
 	bash deploy/deb-check.sh
 
 # sluice against a broker and a client that share no code with librdkafka:
-# tansu (pinned, built from crates.io into .tools/; ~15-20 min the first
-# time) and kafka-python in a venv made here (.tools/venv). Both are skipped
-# when present; point TANSU / E2E_PYTHON at existing ones to reuse them.
-# E2E_BROKER=kafka runs the cases against 3 Apache Kafka nodes instead
-# (tests/apache-kafka/cluster.py; the jars as for kafka-jars), dev against
-# `sluice dev-broker`.
+# 3 Apache Kafka nodes (the default, E2E_BROKER=kafka:
+# tests/apache-kafka/cluster.py; the jars as for kafka-jars) and kafka-python
+# in a venv made here (.tools/venv). E2E_BROKER=tansu runs the cases against
+# tansu instead (pinned, built from crates.io into .tools/; ~15-20 min the
+# first time; `make e2e-tansu`), dev against `sluice dev-broker`. Tools
+# already present are reused; point TANSU / E2E_PYTHON at existing ones.
 # tests/independent/run.py lists the cases.
 TOOLS ?= $(CURDIR)/.tools
 TANSU ?= $(TOOLS)/bin/tansu
 E2E_PYTHON ?= $(TOOLS)/venv/bin/python
-E2E_BROKER ?= tansu
+E2E_BROKER ?= kafka
 e2e-independent:
 	@test "$(E2E_BROKER)" != tansu || test -x $(TANSU) || $(CARGO) install --locked tansu --version 0.6.0 --features dynostore --root $(TOOLS)
 	@test "$(E2E_BROKER)" != kafka || python3 tests/apache-kafka/cluster.py jars >/dev/null
 	@$(E2E_PYTHON) -c 'import kafka, lz4' 2>/dev/null || { python3 -m venv $(TOOLS)/venv && $(TOOLS)/venv/bin/pip install --quiet kafka-python==3.0.12 lz4==4.4.5; }
 	$(CARGO) build --locked --bin sluice
 	SLUICE=$${CARGO_TARGET_DIR:-target}/debug/sluice TANSU=$(TANSU) E2E_BROKER=$(E2E_BROKER) $(E2E_PYTHON) tests/independent/run.py
+
+e2e-tansu:
+	$(MAKE) e2e-independent E2E_BROKER=tansu
 
 # A real Apache Kafka cluster without Docker (tests/apache-kafka/cluster.py;
 # README, "Running against Apache Kafka"). kafka-jars copies the broker's
@@ -148,10 +151,15 @@ e2e-independent:
 # kafka-down kills the nodes. The same cluster is driven from other shells
 # with `python3 tests/apache-kafka/cluster.py --state-dir KAFKA_STATE
 # status|kill N|stop N|cont N|restart N|leader TOPIC P|create-topic ...`.
+# KAFKA_SASL=1 adds a SASL_SSL (SCRAM) listener per node and ACLs
+# (StandardAuthorizer): user `sluice` may write KAFKA_TOPICS, and
+# KAFKA_STATE/sluice-sasl.toml holds the settings that reach it.
 KAFKA_NODES ?= 3
 # KAFKA_CONTROLLERS=1: KAFKA_NODES broker-only nodes and one controller-only
-# node (the quorum survives two dead brokers); 0: combined nodes.
+# node (the quorum survives two dead brokers); 0: combined nodes. Not
+# together with KAFKA_SASL yet.
 KAFKA_CONTROLLERS ?= 0
+KAFKA_SASL ?=
 KAFKA_STATE ?= $(TOOLS)/kafka-cluster
 KAFKA_TOPICS ?= events:3 events-dlq:3
 KAFKA_CLUSTER = python3 tests/apache-kafka/cluster.py --state-dir $(KAFKA_STATE)
@@ -159,7 +167,11 @@ kafka-jars:
 	@python3 tests/apache-kafka/cluster.py jars
 
 kafka-up: kafka-jars
-	@$(KAFKA_CLUSTER) up --nodes $(KAFKA_NODES) --controllers $(KAFKA_CONTROLLERS) $(addprefix --topic ,$(KAFKA_TOPICS)) >/dev/null
+	@$(KAFKA_CLUSTER) up --nodes $(KAFKA_NODES) --controllers $(KAFKA_CONTROLLERS) $(if $(KAFKA_SASL),--sasl) $(addprefix --topic ,$(KAFKA_TOPICS)) >/dev/null
+	@test -z "$(KAFKA_SASL)" || { \
+	$(KAFKA_CLUSTER) acl add --principal User:sluice --operation Write $(foreach t,$(KAFKA_TOPICS),--topic $(firstword $(subst :, ,$(t)))) >/dev/null && \
+	$(KAFKA_CLUSTER) client-config --toml > $(KAFKA_STATE)/sluice-sasl.toml && \
+	echo "SASL_SSL: user sluice may write $(KAFKA_TOPICS); cargo run --release --bin sluice -- serve --config $(KAFKA_STATE)/sluice-sasl.toml"; }
 	@b=$$($(KAFKA_CLUSTER) bootstrap); \
 	echo "Apache Kafka: $(KAFKA_NODES) node(s), bootstrap $$b; topics $(KAFKA_TOPICS)"; \
 	echo "point sluice at it:"; \
@@ -188,3 +200,21 @@ e2e-otel:
 # as `make chaos`), e.g. `make chaos-archive CYCLES=100`.
 chaos-archive:
 	ARCHIVE_CHAOS_CYCLES=$(CYCLES) $(CARGO) test --locked --all-features --test archive kill_9 -- --nocapture
+
+# Power-cut chaos (tests/powercut.rs): sluice serve (into Kafka, and with the
+# files sink) and sluice archive on a powercut-fs FUSE mount, killed -9 and
+# cut (a third of the cuts torn) at random moments, also inside recovery.
+# CYCLES is the total, split evenly over PC_MODES (default 200: 67 a mode);
+# `make powercut CYCLES=30 PC_MODES=serve` runs one mode. Needs /dev/fuse and
+# root (or fusermount3); skips without them unless SLUICE_REQUIRE_FUSE=1.
+# powercut-smoke is CI's short run: 10 cycles a mode. docs/reliability.md,
+# "Power cut".
+PC_MODES ?= serve,files,archive
+powercut-fs:
+	$(CARGO) build --locked --release --manifest-path tests/powercut-fs/Cargo.toml --target-dir tests/powercut-fs/target
+
+powercut: powercut-fs
+	POWERCUT_CYCLES=$(CYCLES) POWERCUT_MODES=$(PC_MODES) $(CARGO) test --locked --all-features --test powercut
+
+powercut-smoke:
+	$(MAKE) powercut CYCLES=30 PC_MODES=serve,files,archive

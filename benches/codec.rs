@@ -1,6 +1,8 @@
 //! CPU cost of the hot path without I/O: frame encode/decode, record
 //! encode/decode, and parsing + normalizing a request body in each format
 //! (JSON single, JSON batch, NDJSON, CSV). Run with `make bench`.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sluice::auth::TenantScope;

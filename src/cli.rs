@@ -799,10 +799,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    crate::storage::sync_file(&f, &tmp)?;
     drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(&dir)?.sync_all()
+    // Dying before the rename: the old file (and a `.tmp`); after the
+    // directory fsync, the new one survives a power cut.
+    crate::storage::rename_durable(&tmp, path)
 }
 
 fn run_wal(command: WalCommand) -> CliResult {

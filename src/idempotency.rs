@@ -8,7 +8,10 @@
 //! group commit as the records: a 202 implies the key survived. The writer
 //! calls [`Pending::complete`] after that fdatasync and before it publishes
 //! the records to readers, so every key whose records replay can see is in
-//! this index.
+//! this index. The converse does not hold after a power cut: the first
+//! record (with the entry) can survive while later ones of its batch were
+//! torn off, so the rebuild takes a key from the WAL only once its whole
+//! batch was read ([`Index::rebuild`]).
 //!
 //! The index in memory is bounded (`idempotency.max-keys`,
 //! `idempotency.max-bytes`, oldest evicted first) and forgets keys older
@@ -439,6 +442,10 @@ struct Inner {
     unsaved: BTreeMap<u64, Unsaved>,
     /// Keys evicted since the last checkpoint, to delete from the log.
     forgotten: Vec<MapKey>,
+    /// A log write failed: the next checkpoint rewrites the log whole from
+    /// the map, so deletions are not queued meanwhile (the queue would grow
+    /// with every eviction for as long as the disk keeps failing).
+    rewrite_pending: bool,
     done: usize,
     /// [`cost`] of the done keys, against `max_bytes`.
     bytes: u64,
@@ -453,6 +460,9 @@ pub struct IdempotencyCounters {
     pub evicted_age: AtomicU64,
     pub evicted_cap: AtomicU64,
     pub evicted_bytes: AtomicU64,
+    /// Keys found in the WAL at open whose batch is not there whole (see
+    /// [`Index::rebuild`]).
+    pub evicted_torn: AtomicU64,
     pub replayed: AtomicU64,
     pub mismatched: AtomicU64,
     pub other_protocol: AtomicU64,
@@ -600,7 +610,9 @@ impl Index {
             inner.unsaved.remove(&first_seq);
             inner.done -= 1;
             inner.bytes -= cost(mk, &encoded);
-            inner.forgotten.push(mk.into());
+            if !inner.rewrite_pending {
+                inner.forgotten.push(mk.into());
+            }
         }
     }
 
@@ -734,7 +746,12 @@ impl Index {
             self.evict(&mut inner, now_ms());
             // A rewrite's rows: every done key, taken with the rows below
             // so that the two agree (a row taken is in the snapshot).
-            let snapshot = log.wants_rewrite(inner.bytes).then(|| done_rows(&inner));
+            let snapshot = (inner.rewrite_pending || log.wants_rewrite(inner.bytes)).then(|| {
+                // Deletions are queued again from here: if this rewrite
+                // fails, the flag is set again and the queue dropped.
+                inner.rewrite_pending = false;
+                done_rows(&inner)
+            });
             (
                 std::mem::take(&mut inner.forgotten),
                 std::mem::take(&mut inner.unsaved),
@@ -764,15 +781,14 @@ impl Index {
             // cannot start before this returns, and rewrites the log whole
             // after a failed append). A row whose key was forgotten
             // meanwhile stays out; its deletion is queued.
+            // The rewrite writes every held key: pending rows and deletions
+            // are not needed, and deletions stop being queued until it has
+            // succeeded.
             log.needs_rewrite = true;
             let mut inner = lock(&self.inner);
-            inner.forgotten.extend(forgotten);
-            for (first_seq, row) in unsaved {
-                let live = matches!(inner.map.get(&row.map_key), Some(Slot::Done { first_seq: f, .. }) if *f == first_seq);
-                if live {
-                    inner.unsaved.insert(first_seq, row);
-                }
-            }
+            inner.rewrite_pending = true;
+            inner.forgotten.clear();
+            drop((forgotten, unsaved));
             return Err(e);
         }
         if let Some(rows) = snapshot {
@@ -817,6 +833,7 @@ impl Index {
         }
         let mut watermark = read.watermark;
         let mut rows = read.rows;
+        let (cut, created) = (read.cut.is_some(), read.created);
         // Rows of the sled tree a build before the log wrote: merged over
         // the log's (a downgrade and upgrade leaves both; sled's are then
         // the newer), written into the log whole below, and only then
@@ -884,50 +901,143 @@ impl Index {
                 "idempotency keys moved from the offsets store into their own log"
             );
         }
+        let end = wal.durable().borrow().next_seq;
+        // The log's watermark says every key at or below it is in the log.
+        // Not to be believed when the log was cut (damage or a torn tail:
+        // keys after the cut are gone), when it is missing while the WAL has
+        // history, or when it is at or past the WAL's end (the WAL started
+        // over, or lost its tail, and seqs are reused): then the rescan
+        // covers every record the WAL still holds, below the committed
+        // offset too, so every key whose record survives is found.
+        let doubt = if cut {
+            Some("the log was cut")
+        } else if created && (committed > 0 || end > 1) {
+            Some("the log is missing while the WAL has history")
+        } else if watermark < committed {
+            // Every commit checkpoints first (the hook runs before the
+            // offset moves), so an intact log is never behind the offset.
+            Some("the log's watermark is below the committed offset (it lost checkpoints)")
+        } else if watermark >= end {
+            Some("the log's watermark is at or past the WAL's end (the WAL started over or lost its tail)")
+        } else {
+            None
+        };
+        let start = match doubt {
+            None => watermark.max(committed) + 1,
+            Some(why) => {
+                tracing::warn!(
+                    watermark,
+                    committed,
+                    wal_end = end,
+                    reason = why,
+                    "idempotency log not trusted: rescanning every record the WAL holds for keys"
+                );
+                1
+            }
+        };
         {
             let mut ck = lock(&self.checkpoint);
             ck.log = Some(log);
-            ck.last_watermark = ck.last_watermark.max(watermark);
+            // A watermark from another WAL life must not hold the next
+            // checkpoints' watermarks up.
+            ck.last_watermark = if watermark >= end { 0 } else { watermark };
         }
-        let start = watermark.max(committed) + 1;
-        let end = wal.durable().borrow().next_seq;
         let mut reader = wal.reader(start);
         let mut scanned = 0u64;
         let mut from_wal = 0;
+        let mut torn = 0;
+        // A key counts only once every record of its batch is read: the
+        // entry rides in the first record, and a power cut can keep that
+        // record while the batch's later ones were torn off (the tail cut,
+        // or a hole that recovery reports lost). Such a batch was never
+        // acknowledged, since its group commit's fdatasync did not finish;
+        // replaying its answer would acknowledge records that are gone.
+        let mut pending: Option<Rescanned> = None;
         while reader.next_seq() < end {
             match reader
                 .try_next()
                 .map_err(|e| format!("{WAL_READ_ERROR}{e}"))?
             {
                 None => break,
-                Some(ReadItem::Gap(_)) => {}
+                Some(ReadItem::Gap(gap)) => {
+                    if let Some(p) = pending.take() {
+                        torn += 1;
+                        self.forget_torn(
+                            &p,
+                            &format!("records {}..={} are lost", gap.first, gap.last),
+                        );
+                    }
+                }
                 Some(ReadItem::Record { seq, record, .. }) => {
                     scanned += 1;
+                    if let Some(p) = pending.take_if(|p| seq >= p.last) {
+                        if seq == p.last {
+                            self.insert_rebuilt(p);
+                            from_wal += 1;
+                        } else {
+                            torn += 1;
+                            self.forget_torn(&p, &format!("record {} is missing", p.last));
+                        }
+                    }
                     if let Some((entry, encoded)) = self.entry_of(seq, &record) {
                         if entry.accepted_ms >= horizon {
-                            let mk = map_key(&entry.scope, &entry.key).into();
-                            let mut inner = lock(&self.inner);
-                            self.insert_done(
-                                &mut inner,
-                                mk,
-                                encoded.into(),
-                                entry.accepted_ms,
-                                seq,
-                                true,
-                            );
-                            from_wal += 1;
+                            let candidate = Rescanned {
+                                map_key: map_key(&entry.scope, &entry.key).into(),
+                                encoded: encoded.into(),
+                                accepted_ms: entry.accepted_ms,
+                                first: seq,
+                                last: seq + entry.records.saturating_sub(1),
+                            };
+                            if candidate.last <= seq {
+                                self.insert_rebuilt(candidate);
+                                from_wal += 1;
+                            } else if let Some(p) = pending.replace(candidate) {
+                                // Unreachable: the reader reports every
+                                // missing number as a gap.
+                                torn += 1;
+                                self.forget_torn(&p, &format!("record {seq} starts another batch"));
+                            }
                         }
                     }
                 }
             }
         }
+        if let Some(p) = pending {
+            torn += 1;
+            self.forget_torn(&p, &format!("the WAL ends at {}", end.saturating_sub(1)));
+        }
         Ok(RebuildReport {
             from_log,
             from_legacy: legacy_rows,
             from_wal,
+            torn,
             scanned_records: scanned,
             scanned_from: start,
         })
+    }
+
+    fn insert_rebuilt(&self, c: Rescanned) {
+        let mut inner = lock(&self.inner);
+        self.insert_done(
+            &mut inner,
+            c.map_key,
+            c.encoded,
+            c.accepted_ms,
+            c.first,
+            true,
+        );
+    }
+
+    /// Counts and logs a key whose batch the WAL does not hold whole: it
+    /// stays unknown, so a retry appends the batch again.
+    fn forget_torn(&self, c: &Rescanned, why: &str) {
+        self.counters.evicted_torn.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            first_seq = c.first,
+            last_seq = c.last,
+            reason = why,
+            "idempotency key of a batch the WAL does not hold whole (a write torn by a crash before its fdatasync, so never acknowledged): forgotten; a retry appends the batch again"
+        );
     }
 
     fn entry_of(&self, seq: u64, record: &Record) -> Option<(Entry, Vec<u8>)> {
@@ -949,6 +1059,16 @@ impl Index {
 
 /// Name, help, and (label value, counter) rows of one counter family.
 type Family<'a> = (&'a str, &'a str, &'a [(&'a str, &'a AtomicU64)]);
+
+/// A key the WAL rescan found, held until the last record of its batch
+/// (`first..=last`) is read.
+struct Rescanned {
+    map_key: MapKey,
+    encoded: Arc<[u8]>,
+    accepted_ms: i64,
+    first: u64,
+    last: u64,
+}
 
 /// Exposes the index's counters on `/metrics`.
 pub struct Collector(pub Arc<Index>);
@@ -982,11 +1102,12 @@ impl prometheus::core::Collector for Collector {
         let families: [Family; 2] = [
             (
                 "sluice_idempotency_keys_evicted_total",
-                "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys; bytes: over max-bytes)",
+                "Idempotency keys forgotten, by reason (age: past the window; cap: over max-keys; bytes: over max-bytes; torn: at open, the WAL lacks part of the key's batch)",
                 &[
                     ("age", &c.evicted_age),
                     ("cap", &c.evicted_cap),
                     ("bytes", &c.evicted_bytes),
+                    ("torn", &c.evicted_torn),
                 ],
             ),
             (
@@ -1032,6 +1153,8 @@ pub struct RebuildReport {
     /// Rows found in the legacy sled tree (moved into the log).
     pub from_legacy: usize,
     pub from_wal: usize,
+    /// Keys in the WAL whose batch is not there whole: forgotten.
+    pub torn: usize,
     pub scanned_records: u64,
     pub scanned_from: u64,
 }
@@ -1461,6 +1584,34 @@ mod tests {
         assert_eq!(log_keys(dir.path()).1, 20);
     }
 
+    /// Hostile review D4: while the log keeps failing, deletions are not
+    /// queued (the queue grew with every eviction); the rewrite that
+    /// follows writes the held keys only.
+    #[test]
+    fn a_failing_log_queues_no_deletions_and_the_rewrite_holds_the_live_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = IdempotencyConfig {
+            max_keys: 2,
+            ..Default::default()
+        };
+        let (idx, _) = opened(cfg, dir.path());
+        let mut seq = 0;
+        for round in 0..20 {
+            for i in 0..50 {
+                seq += 1;
+                accept(&idx, &format!("k-{round}-{i}"), seq);
+            }
+            let failed = idx.checkpoint_with(|| Err(std::io::Error::other("EIO")), seq + 1);
+            assert!(failed.is_err());
+            assert_eq!(lock(&idx.inner).forgotten.len(), 0, "round {round}");
+        }
+        idx.checkpoint(seq + 1).unwrap();
+        assert_eq!(
+            log_keys(dir.path()),
+            (vec!["k-19-48".into(), "k-19-49".into()], seq)
+        );
+    }
+
     /// The log stays within twice the live rows (and its floor) however
     /// many keys come and go: a checkpoint rewrites it from the index.
     #[test]
@@ -1511,7 +1662,8 @@ mod tests {
         let r = idx
             .rebuild(&dir.path().join("idempotency.log"), &t, &wal, 0)
             .unwrap();
-        assert_eq!((r.from_log, r.from_legacy, r.scanned_from), (1, 2, 10));
+        // Watermark 9 past the empty WAL's end: not trusted, the rescan starts at 1.
+        assert_eq!((r.from_log, r.from_legacy, r.scanned_from), (1, 2, 1));
         assert_eq!(idx.counters.undecodable.load(Ordering::Relaxed), 1);
         assert!(t.is_empty());
         assert_eq!(log_keys(dir.path()), (vec!["old".into()], 9));

@@ -5,7 +5,6 @@
 //! from. Every Kafka record carries this id in the `instance` header next to
 //! `seq`; `/stats` shows it.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -83,13 +82,8 @@ pub fn rotations() -> u64 {
 /// A new id, durable under `DATA_DIR/instance` before this returns.
 fn write_new(data_dir: &Path) -> std::io::Result<String> {
     let id = uuid::Uuid::now_v7().hyphenated().to_string();
-    let tmp = data_dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(format!("{id}\n").as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, data_dir.join(FILE))?;
-    std::fs::File::open(data_dir)?.sync_all()?;
+    // `instance.tmp`, fsync, rename, directory fsync.
+    crate::storage::replace_durably(&data_dir.join(FILE), format!("{id}\n").as_bytes())?;
     Ok(id)
 }
 

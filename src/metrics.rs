@@ -19,7 +19,7 @@ use MetricType::{COUNTER, GAUGE};
 
 use crate::ingest::IngestCounters;
 use crate::replay::stall::StallCause;
-use crate::replay::{Lag, ReplayObserver, ReplayStats};
+use crate::replay::{FailureKind, Lag, ReplayObserver, ReplayStats};
 use crate::wal::{Wal, WalObserver};
 
 pub struct Metrics {
@@ -500,17 +500,30 @@ const REPLAY_LABELLED: &[LabelledRow<ReplayStats>] = &[
         },
     ),
     (
-    "dead_letter_total",
-    "Records Kafka refused for good, by where they went.",
-    COUNTER,
-    "target",
-    |r| {
-        vec![
-            ("topic", get(&r.dead_lettered_topic)),
-            ("file", get(&r.dead_lettered_file)),
-        ]
-    },
-)];
+        "dead_letter_total",
+        "Records Kafka refused for good, by where they went.",
+        COUNTER,
+        "target",
+        |r| {
+            vec![
+                ("topic", get(&r.dead_lettered_topic)),
+                ("file", get(&r.dead_lettered_file)),
+            ]
+        },
+    ),
+    (
+        "replay_failures_total",
+        "Failed deliveries that restarted replay, by kind: authorization (ACLs, SASL), unknown_topic (deleted or never created), not_enough_replicas, stall (no report for kafka.message-timeout-ms, also for the reports still pending after another failure), tls (handshake failed), other.",
+        COUNTER,
+        "kind",
+        |r| {
+            FailureKind::ALL
+                .iter()
+                .map(|&k| (k.label(), get(&r.failures[k as usize])))
+                .collect()
+        },
+    ),
+];
 
 /// Metrics that read more than one source.
 const ACROSS: &[Row<Sources>] = &[

@@ -52,6 +52,7 @@ pub(crate) async fn start(
         from_log = report.from_log,
         from_offsets_store = report.from_legacy,
         from_wal = report.from_wal,
+        torn_batches = report.torn,
         scanned_records = report.scanned_records,
         scanned_from_seq = report.scanned_from,
         "idempotency keys rebuilt"

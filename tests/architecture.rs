@@ -4,6 +4,8 @@
 //! cannot hide in a function body or a test.
 //!
 //! `cargo test --test architecture -- --nocapture` prints the graph.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

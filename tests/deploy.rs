@@ -3,6 +3,8 @@
 //! `sluice serve --dev` exports after some traffic, every alert has a runbook
 //! line in the README, and list settings given through the environment reach
 //! the daemon as a user writes them.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};

@@ -7,6 +7,8 @@
 //!
 //! Needs `haproxy` on PATH (Debian package `haproxy`). Without it the test
 //! says so and passes, unless SLUICE_REQUIRE_HAPROXY is set (CI sets it).
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

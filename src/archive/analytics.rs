@@ -102,21 +102,44 @@ pub fn cut_value(s: &str) -> (String, bool) {
     (format!("{}{CUT_MARK}", &s[..end]), true)
 }
 
-/// `s` without its query string and fragment when it is a path (starts
-/// with `/`) or an absolute URL (`scheme://...`); `None` when there is
-/// nothing to remove or `s` is neither.
-pub fn without_query(s: &str) -> Option<&str> {
-    let is_url = s.starts_with('/')
-        || s.split_once("://").is_some_and(|(scheme, _)| {
-            !scheme.is_empty()
-                && scheme
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
-        });
-    if !is_url {
-        return None;
+/// `s` with the query string (and fragment) of every URL-like word
+/// removed; `None` when there is nothing to remove. A word (split at ASCII
+/// whitespace, which is kept) loses everything from its first `?` or `#`
+/// when it is URL-shaped (a `/` before that mark: `/reset?token=`,
+/// `www.example.com/r?t=`, `https://h/p#f`), and from its first `?` when
+/// what follows holds a `=` (`reset-password?token=x`). So a request line
+/// (`GET /r?token=x HTTP/1.1`) keeps its method and version, and text
+/// whose `?` ends a question (`why? a=b` splits at the space) is left
+/// alone.
+pub fn without_query(s: &str) -> Option<String> {
+    fn cut(word: &str) -> Option<usize> {
+        let mark = word.find(['?', '#'])?;
+        if word[..mark].contains('/') {
+            return Some(mark);
+        }
+        let q = word.find('?')?;
+        word[q + 1..].contains('=').then_some(q)
     }
-    s.find(['?', '#']).map(|i| &s[..i])
+    let mut out: Option<String> = None;
+    let mut at = 0;
+    for (i, word) in s
+        .split(|c: char| c.is_ascii_whitespace())
+        .scan(0usize, |pos, w| {
+            let start = *pos;
+            *pos += w.len() + 1;
+            Some((start, w))
+        })
+    {
+        if let Some(c) = cut(word) {
+            let o = out.get_or_insert_with(|| String::with_capacity(s.len()));
+            o.push_str(&s[at..i + c]);
+            at = i + word.len();
+        }
+    }
+    out.map(|mut o| {
+        o.push_str(&s[at..]);
+        o
+    })
 }
 
 /// Deserializes a count map cutting every key as it arrives, so that an
@@ -252,7 +275,7 @@ fn key(v: &Value, keep_query: bool) -> Option<Key> {
         Value::Null => return None,
         Value::String(s) => {
             let stripped = if keep_query { None } else { without_query(s) };
-            let (value, cut) = cut_value(stripped.unwrap_or(s));
+            let (value, cut) = cut_value(stripped.as_deref().unwrap_or(s));
             (value, cut, stripped.is_some())
         }
         other => {
@@ -269,8 +292,14 @@ fn key(v: &Value, keep_query: bool) -> Option<Key> {
                     String::from_utf8(b).unwrap_or_default()
                 }
             };
-            let (value, cut) = cut_value(&text);
-            (value, cut, false)
+            // An array or object holding a URL: its text, queries removed.
+            let stripped = if keep_query {
+                None
+            } else {
+                without_query(&text)
+            };
+            let (value, cut) = cut_value(stripped.as_deref().unwrap_or(&text));
+            (value, cut, stripped.is_some())
         }
     };
     Some(Key {
@@ -409,14 +438,30 @@ mod tests {
     }
 
     #[test]
-    fn query_strings_of_paths_and_urls_only() {
-        assert_eq!(without_query("/a?token=x"), Some("/a"));
-        assert_eq!(without_query("/a#frag"), Some("/a"));
-        assert_eq!(without_query("https://h/p?q#f"), Some("https://h/p"));
-        assert_eq!(without_query("svc+http://h?x"), Some("svc+http://h"));
-        assert_eq!(without_query("/a"), None);
-        assert_eq!(without_query("why?"), None);
-        assert_eq!(without_query("://x?y"), None);
-        assert_eq!(without_query("a b://x?y"), None);
+    fn query_strings_of_url_like_words_only() {
+        let w = |s: &str| without_query(s);
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(w("/a?token=x"), some("/a"));
+        assert_eq!(w("/a#frag"), some("/a"));
+        assert_eq!(w("https://h/p?q#f"), some("https://h/p"));
+        assert_eq!(w("svc+http://h?x"), some("svc+http://h"));
+        assert_eq!(w(" /reset?token=x"), some(" /reset"));
+        assert_eq!(w("\t/x?token=y"), some("\t/x"));
+        assert_eq!(w("reset-password?token=s"), some("reset-password"));
+        assert_eq!(
+            w("www.example.com/reset?token=s"),
+            some("www.example.com/reset")
+        );
+        assert_eq!(
+            w("GET /reset-password?token=s HTTP/1.1"),
+            some("GET /reset-password HTTP/1.1")
+        );
+        assert_eq!(w("http:/x?token=s"), some("http:/x"));
+        assert_eq!(w("a /b?c=d e /f#g"), some("a /b e /f"));
+        assert_eq!(w("/a"), None);
+        assert_eq!(w("why?"), None);
+        assert_eq!(w("why? a=b"), None);
+        assert_eq!(w("not a url?SECRETX"), None);
+        assert_eq!(w("é/ü?x=1 ü"), some("é/ü ü"));
     }
 }

@@ -771,7 +771,7 @@ pub fn member_id(dir: &std::path::Path) -> Result<String, String> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::now_v7().hyphenated().to_string();
-            crate::durable::write_file_durable(&path, format!("{id}\n").as_bytes())
+            crate::storage::durable::write_file_durable(&path, format!("{id}\n").as_bytes())
                 .map_err(|e| format!("creating {}: {e}", path.display()))?;
             tracing::info!(file = %path.display(), "archive: new static member id created");
             id

@@ -157,13 +157,13 @@ impl ArchiveError {
     /// process. The files sink stops the daemon (exit 1); `sluice archive`
     /// exits. A restart reads what the disk really holds.
     pub fn is_sticky(&self) -> bool {
-        matches!(self, ArchiveError::Io(_, e) if crate::durable::is_fsync_failure(e))
+        matches!(self, ArchiveError::Io(_, e) if crate::storage::durable::is_fsync_failure(e))
     }
 }
 
 /// fdatasync of an archive file; a failure is [`ArchiveError::is_sticky`].
 fn sync_data(f: &File, path: &Path) -> Result<(), ArchiveError> {
-    crate::durable::sync_file_data(f, path).map_err(io(path))
+    crate::storage::durable::sync_file_data(f, path).map_err(io(path))
 }
 
 struct OpenFile {
@@ -316,13 +316,13 @@ impl Writer {
         // the main checkpoint file read next is one the disk holds (a kill
         // right after its rename may have left the name in the page cache
         // only).
-        crate::durable::create_dir_durable(&dir).map_err(io(&dir))?;
-        crate::durable::sync_dir(&dir).map_err(io(&dir))?;
+        crate::storage::durable::create_dir_durable(&dir).map_err(io(&dir))?;
+        crate::storage::durable::sync_dir(&dir).map_err(io(&dir))?;
         let up = match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        crate::durable::sync_dir(up).map_err(io(up))?;
+        crate::storage::durable::sync_dir(up).map_err(io(up))?;
         let (mut store, opened) = Store::open(&dir)?;
         let metrics = Arc::new(WriterMetrics::default());
         let opened = match opened {
@@ -534,7 +534,7 @@ impl Writer {
             );
         }
         for d in std::mem::take(&mut self.dirs_to_sync) {
-            crate::durable::sync_dir(&d).map_err(io(&d))?;
+            crate::storage::durable::sync_dir(&d).map_err(io(&d))?;
         }
         // Summaries of open hours may be ahead of the checkpoint (written
         // after it, from lines that were then truncated) or behind it.
@@ -719,14 +719,14 @@ impl Writer {
             // Streamed: a large hour never sits in memory whole (a 394 MB
             // hour once took RSS from 40 to 532 MiB here).
             let src = std::fs::File::open(&zst).map_err(io(&zst))?;
-            crate::durable::write_file_durable_with(&plain, |out| {
+            crate::storage::durable::write_file_durable_with(&plain, |out| {
                 let mut dec = zstd::stream::Decoder::new(src)?;
                 std::io::copy(&mut dec, out).map(|_| ())
             })
             .map_err(io(&plain))?;
             std::fs::remove_file(&zst).map_err(io(&zst))?;
             if let Some(p) = plain.parent() {
-                crate::durable::sync_dir(p).map_err(io(p))?;
+                crate::storage::durable::sync_dir(p).map_err(io(p))?;
             }
             self.metrics.fsyncs.fetch_add(3, Relaxed);
         }
@@ -828,7 +828,7 @@ impl Writer {
     /// process created and died before fsyncing.
     fn open_file(&mut self, path: &Path, expected: u64) -> Result<File, ArchiveError> {
         if let Some(parent) = path.parent() {
-            crate::durable::create_dir_durable(parent).map_err(io(parent))?;
+            crate::storage::durable::create_dir_durable(parent).map_err(io(parent))?;
         }
         let existed = path.exists();
         let f = OpenOptions::new()
@@ -931,7 +931,7 @@ impl Writer {
             }
         }
         for d in std::mem::take(&mut self.dirs_to_sync) {
-            crate::durable::sync_dir(&d).map_err(io(&d))?;
+            crate::storage::durable::sync_dir(&d).map_err(io(&d))?;
             self.metrics.fsyncs.fetch_add(1, Relaxed);
         }
         // Everything is durable now. Idle files close and their hours seal;
@@ -1110,7 +1110,7 @@ impl Writer {
         // Streamed through a 1 MiB read buffer and zstd's window, never the
         // whole hour in memory.
         let src = std::fs::File::open(&plain).map_err(io(&plain))?;
-        crate::durable::write_file_durable_with(&zst, |out| {
+        crate::storage::durable::write_file_durable_with(&zst, |out| {
             let mut enc = zstd::stream::Encoder::new(out, 3)?;
             let mut src = std::io::BufReader::with_capacity(1 << 20, src);
             std::io::copy(&mut src, &mut enc)?;
@@ -1119,7 +1119,7 @@ impl Writer {
         .map_err(io(&zst))?;
         std::fs::remove_file(&plain).map_err(io(&plain))?;
         if let Some(p) = plain.parent() {
-            crate::durable::sync_dir(p).map_err(io(p))?;
+            crate::storage::durable::sync_dir(p).map_err(io(p))?;
         }
         self.metrics.fsyncs.fetch_add(3, Relaxed);
         Ok(())
@@ -1144,7 +1144,7 @@ impl Writer {
     /// Creates a summary's directory durably (its entry in its parent).
     fn summary_dir(&mut self, path: &Path) -> Result<PathBuf, ArchiveError> {
         let parent = path.parent().unwrap_or(&self.opts.dir).to_path_buf();
-        if crate::durable::create_dir_durable(&parent).map_err(io(&parent))? {
+        if crate::storage::durable::create_dir_durable(&parent).map_err(io(&parent))? {
             self.metrics.fsyncs.fetch_add(2, Relaxed);
         }
         Ok(parent)
@@ -1164,7 +1164,7 @@ impl Writer {
                 continue;
             };
             let parent = self.summary_dir(&path)?;
-            crate::durable::replace_file(&path, &body).map_err(io(&path))?;
+            crate::storage::durable::replace_file(&path, &body).map_err(io(&path))?;
             self.metrics.fsyncs.fetch_add(1, Relaxed);
             let mut d = Some(parent.as_path());
             while let Some(up) = d.filter(|u| u.starts_with(&self.opts.dir)) {
@@ -1173,7 +1173,7 @@ impl Writer {
             }
         }
         for d in dirs {
-            crate::durable::sync_dir(&d).map_err(io(&d))?;
+            crate::storage::durable::sync_dir(&d).map_err(io(&d))?;
             self.metrics.fsyncs.fetch_add(1, Relaxed);
         }
         Ok(())
@@ -1194,7 +1194,7 @@ impl Writer {
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&body).map_err(io(&tmp))?;
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        crate::storage::rename(&tmp, &path).map_err(io(&path))?;
         Ok(())
     }
 
@@ -1245,7 +1245,7 @@ impl Writer {
             }
         }
         for d in dirs {
-            crate::durable::sync_dir(&d).map_err(io(&d))?;
+            crate::storage::durable::sync_dir(&d).map_err(io(&d))?;
         }
         Ok(removed)
     }

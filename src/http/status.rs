@@ -137,9 +137,12 @@ fn streams_state(st: &SharedState) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-/// Kafka as replay sees it; `stall` (null unless replay is stalled) names
-/// what the cluster showed when no delivery report came in time, e.g.
-/// NOT_ENOUGH_REPLICAS with the partitions and their in-sync replicas.
+/// Kafka as replay sees it. `failing` (null while deliveries succeed) is the
+/// last failure that restarted replay, by kind; `stall` (null unless replay
+/// is stalled) names what the cluster showed when no delivery report came
+/// in time, e.g. NOT_ENOUGH_REPLICAS with the partitions and their in-sync
+/// replicas. During a stall both are set: `failing.kind` is `stall`, and
+/// `stall.cause` says why.
 fn kafka_state(st: &SharedState) -> serde_json::Value {
     let r = &st.replay;
     let stall = r.stall().map(|(s, lasted)| {
@@ -149,9 +152,23 @@ fn kafka_state(st: &SharedState) -> serde_json::Value {
             "seconds": lasted.as_secs(),
         })
     });
+    // Why deliveries fail, while they do (null once one succeeds again).
+    let failing = r.failing.lock().ok().and_then(|f| {
+        f.as_ref().map(|f| {
+            json!({
+                "kind": f.kind.label(),
+                "reason": f.reason,
+                "from_seq": f.from_seq,
+                "retries": f.retries,
+                "for_seconds": f.since.elapsed().as_secs(),
+                "client_error": f.client_error,
+            })
+        })
+    });
     json!({
         "connected": r.connected.load(Ordering::Relaxed),
         "producer_recreations": r.producer_recreations.load(Ordering::Relaxed),
+        "failing": failing,
         "stall": stall,
     })
 }

@@ -42,7 +42,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::durable;
+use crate::storage::durable;
 
 /// 15 bytes of name and the format version.
 const MAGIC: &[u8; 16] = b"sluice-idem-log\x01";
@@ -119,18 +119,53 @@ impl KeyLog {
         let mut file = OpenOptions::new().read(true).write(true).open(path)?;
         let size = file.metadata()?.len();
         let mut loaded = Loaded::default();
-        let mut r = BufReader::with_capacity(64 << 10, &mut file);
         let mut magic = [0u8; 16];
-        if size < MAGIC.len() as u64 || r.read_exact(&mut magic).is_err() || &magic != MAGIC {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
+        let head = if size >= MAGIC.len() as u64 {
+            file.read_exact(&mut magic)?;
+            &magic[..]
+        } else {
+            &[][..]
+        };
+        if head != MAGIC {
+            if head.len() == MAGIC.len() && head[..15] == MAGIC[..15] {
+                // Ours, of another version: a newer build's. Refused, not
+                // moved: a downgrade must not forget its keys silently.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is an idempotency log of version {}; this build reads version {}",
+                        path.display(),
+                        head[15],
+                        MAGIC[15]
+                    ),
+                ));
+            }
+            // Not an idempotency log at all (empty, cut inside its magic,
+            // overwritten): moved aside, and a fresh log started. The caller
+            // sees a cut from 0 and rescans the WAL.
+            drop(file);
+            let quarantine = path.with_file_name(format!(
+                "{}.damaged-{}",
+                path.file_name()
+                    .map_or_else(|| "log".into(), |n| n.to_string_lossy()),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            ));
+            durable::rename_durable(path, &quarantine)?;
+            let (log, mut fresh) = KeyLog::open(path)?;
+            fresh.cut = Some((
+                0,
+                size,
                 format!(
-                    "{} is not an idempotency log of a version this build reads (first bytes {:?})",
-                    path.display(),
-                    String::from_utf8_lossy(&magic[..magic.len().min(size as usize)])
+                    "not an idempotency log ({size} bytes, first bytes {:?}); moved to {}",
+                    String::from_utf8_lossy(head),
+                    quarantine.display()
                 ),
             ));
+            return Ok((log, fresh));
         }
+        let mut r = BufReader::with_capacity(64 << 10, &mut file);
         let mut at = MAGIC.len() as u64;
         let mut body = Vec::new();
         let why = loop {
@@ -445,7 +480,15 @@ mod tests {
             bad[i] ^= 0x5a;
             std::fs::write(&p, &bad).unwrap();
             match KeyLog::open(&p) {
-                Err(e) => assert!(i < 16, "byte {i}: {e}"),
+                // The version byte: a newer build's log is refused.
+                Err(e) => assert_eq!(i, 15, "byte {i}: {e}"),
+                // The name: not a log; moved aside, a fresh one started.
+                Ok((_, l)) if i < 15 => {
+                    let (at, len, why) = l.cut.expect("reported");
+                    assert_eq!((at, len, l.rows.len()), (0, whole.len() as u64, 0));
+                    assert!(why.contains("moved to"), "{why}");
+                    assert_eq!(std::fs::read(&p).unwrap(), MAGIC);
+                }
                 Ok((mut log, l)) => {
                     assert!(i >= 16, "byte {i} of the magic was accepted");
                     let (at, _, _) = l.cut.expect("the damage is reported");
@@ -469,6 +512,29 @@ mod tests {
             let k = starts.iter().rposition(|&s| s <= n).unwrap();
             assert_eq!((l.rows.len(), l.watermark), before[k], "length {n}");
         }
+    }
+
+    #[test]
+    fn an_empty_or_foreign_file_is_moved_aside_not_a_failed_start() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(FILE);
+        for junk in [&b""[..], b"sluice", b"{\"json\": true}\n and more"] {
+            std::fs::write(&p, junk).unwrap();
+            let (_, l) = open(&p);
+            assert_eq!(l.cut.as_ref().map(|c| c.1), Some(junk.len() as u64));
+            assert!(l.created);
+        }
+        let moved = std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".damaged-")
+            })
+            .count();
+        assert!(moved >= 1);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! append of a process, and after any failed append, the file is truncated
 //! back to its last `\n`, so a partial line never swallows the next record.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use crate::storage;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,15 +71,11 @@ impl DeadLetterFile {
         };
         let cut = truncate_partial_line(&mut f)?;
         if cut > 0 {
-            f.sync_data()?;
+            storage::sync_file_data(&f, &self.path)?;
         }
         // An earlier process may have died between creating the file and
         // syncing its directory.
-        let dir = self.path.parent().expect("has a parent");
-        std::fs::File::open(dir)?.sync_all()?;
-        if let Some(parent) = dir.parent() {
-            std::fs::File::open(parent)?.sync_all()?;
-        }
+        sync_dir_and_parent(self.path.parent().expect("has a parent"))?;
         self.check_tail.store(false, Ordering::Relaxed);
         Ok(cut)
     }
@@ -110,7 +107,7 @@ impl DeadLetterFile {
         let dir = self.path.parent().expect("has a parent");
         // `dead-letter/` (and any missing parent) durable before a line
         // goes in it: created, then it and its parent fsynced.
-        crate::durable::create_dir_durable(dir)?;
+        crate::storage::durable::create_dir_durable(dir)?;
         let value = match serde_json::from_slice::<serde_json::Value>(&r.value) {
             Ok(v) => serde_json::json!({ "json": v }),
             Err(_) => serde_json::json!({
@@ -160,23 +157,22 @@ impl DeadLetterFile {
         if check && !file_created {
             appended.truncated_partial = truncate_partial_line(&mut f)?;
             if appended.truncated_partial > 0 {
-                f.sync_data()?;
+                storage::sync_file_data(&f, &self.path)?;
             }
         }
-        f.write_all(&line)?;
-        f.sync_data()?;
+        storage::append(&mut f, &self.path, &line)?;
         // The line is durable only once the file's directory entry is: sync
         // the directory whenever we created the file, and once per process
         // for a file an earlier process created (it may have died before its
         // own directory sync).
         if file_created || check {
-            std::fs::File::open(dir)?.sync_all()?;
+            storage::sync_dir(dir)?;
         }
         // An earlier process may have died between its mkdir and the
         // parent's fsync: sync the parent once per process too.
         if check {
             if let Some(parent) = dir.parent() {
-                std::fs::File::open(parent)?.sync_all()?;
+                storage::sync_dir(parent)?;
             }
         }
         self.check_tail.store(false, Ordering::Relaxed);
@@ -224,9 +220,14 @@ fn sync_dir_entry_if_present(file: &Path) -> std::io::Result<()> {
     if !dir.is_dir() {
         return Ok(());
     }
-    std::fs::File::open(dir)?.sync_all()?;
+    sync_dir_and_parent(dir)
+}
+
+/// fsyncs `dir` and its parent (the data dir).
+fn sync_dir_and_parent(dir: &Path) -> std::io::Result<()> {
+    storage::sync_dir(dir)?;
     if let Some(parent) = dir.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
+        storage::sync_dir(parent)?;
     }
     Ok(())
 }

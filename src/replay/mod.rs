@@ -133,6 +133,88 @@ impl Lag {
     }
 }
 
+/// Why replay's deliveries failed, in a few kinds an operator acts on: a
+/// metric label and a field of `/stats` and `/ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The principal may not write the topic (ACLs), or SASL failed.
+    Authorization,
+    /// The topic (or a partition of it) does not exist: deleted, or never
+    /// created.
+    UnknownTopic,
+    /// Fewer in-sync replicas than the topic's `min.insync.replicas`.
+    NotEnoughReplicas,
+    /// No delivery report for `kafka.message-timeout-ms` with records in
+    /// flight.
+    Stall,
+    /// A TLS handshake with a broker failed (its certificate not trusted,
+    /// its name not in the certificate).
+    Tls,
+    /// Anything else: brokers down, a fatal producer error, the WAL.
+    Other,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::Authorization,
+        FailureKind::UnknownTopic,
+        FailureKind::NotEnoughReplicas,
+        FailureKind::Stall,
+        FailureKind::Tls,
+        FailureKind::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Authorization => "authorization",
+            FailureKind::UnknownTopic => "unknown_topic",
+            FailureKind::NotEnoughReplicas => "not_enough_replicas",
+            FailureKind::Stall => "stall",
+            FailureKind::Tls => "tls",
+            FailureKind::Other => "other",
+        }
+    }
+
+    /// The kind of a failure reason. Replay's reasons carry librdkafka's
+    /// error code by its name (`Message production error:
+    /// TopicAuthorizationFailed (...)`, `metadata for topic T:
+    /// UnknownTopicOrPartition`, `Authentication: ... SASL authentication
+    /// error`), or the words of the stall and of a failed TLS handshake.
+    pub fn of(reason: &str) -> FailureKind {
+        const KINDS: &[(&str, FailureKind)] = &[
+            ("AuthorizationFailed", FailureKind::Authorization),
+            ("Authentication", FailureKind::Authorization),
+            ("UnknownTopic", FailureKind::UnknownTopic),
+            ("UnknownPartition", FailureKind::UnknownTopic),
+            ("NotEnoughReplicas", FailureKind::NotEnoughReplicas),
+            ("no delivery report for", FailureKind::Stall),
+            ("SSL handshake failed", FailureKind::Tls),
+        ];
+        KINDS
+            .iter()
+            .find(|(name, _)| reason.contains(name))
+            .map_or(FailureKind::Other, |&(_, kind)| kind)
+    }
+}
+
+/// The failure replay is backing off from (`ReplayStats::failing`).
+#[derive(Debug, Clone)]
+pub struct Failing {
+    pub kind: FailureKind,
+    /// The last failure's reason, as logged.
+    pub reason: String,
+    /// The first record replay produces again.
+    pub from_seq: u64,
+    /// The first failure since deliveries last succeeded.
+    pub since: std::time::Instant,
+    /// Failures since then.
+    pub retries: u64,
+    /// The last SASL or TLS error librdkafka reported for a broker
+    /// connection meanwhile: the cause behind a metadata or transport
+    /// failure.
+    pub client_error: Option<String>,
+}
+
 /// Replay state shared with `/stats`, `/ready` and receipts.
 #[derive(Debug, Default)]
 pub struct ReplayStats {
@@ -162,6 +244,11 @@ pub struct ReplayStats {
     pub dead_letter_partial_lines: AtomicU64,
     pub in_flight: AtomicU64,
     pub peak_in_flight: AtomicU64,
+    /// Failed deliveries that restarted replay, by [`FailureKind`] (index).
+    pub failures: [AtomicU64; FailureKind::ALL.len()],
+    /// Why deliveries fail now: set by each failure, cleared when a
+    /// delivery succeeds again. `/stats` and `/ready` show it.
+    pub failing: std::sync::Mutex<Option<Failing>>,
     /// Files sink: set while the archive writer is down (a failed append,
     /// fsync or checkpoint; replay retries with back-off). `/ready` says so.
     pub sink_down: AtomicBool,
@@ -257,13 +344,153 @@ impl ReplayStats {
                 if let Ok(mut s) = self.stall.lock() {
                     *s = None;
                 }
+                if let Ok(mut f) = self.failing.lock() {
+                    *f = None;
+                }
                 tracing::info!("Kafka reachable: deliveries confirmed");
             } else {
                 tracing::warn!(
                     reason = why,
-                    "Kafka unreachable: replay backs off; ingest continues until the WAL quota"
+                    kind = FailureKind::of(why).label(),
+                    "Kafka deliveries failing: replay backs off; ingest continues until the WAL quota"
                 );
             }
         }
+    }
+
+    /// A failure that ends an incarnation: replay produces again from
+    /// `from_seq` after its backoff. Counted by kind; `/stats` shows it
+    /// until a delivery succeeds.
+    pub fn failed(&self, why: &str, from_seq: u64) {
+        let mut kind = FailureKind::of(why);
+        if let Ok(mut f) = self.failing.lock() {
+            let since = f.as_ref().map_or_else(std::time::Instant::now, |f| f.since);
+            let retries = f.as_ref().map_or(0, |f| f.retries) + 1;
+            let client_error = f.as_ref().and_then(|f| f.client_error.clone());
+            if kind == FailureKind::Other {
+                kind = client_error.as_deref().map_or(kind, FailureKind::of);
+            }
+            *f = Some(Failing {
+                kind,
+                reason: why.to_string(),
+                from_seq,
+                since,
+                retries,
+                client_error,
+            });
+        }
+        self.failures[kind as usize].fetch_add(1, Ordering::Relaxed);
+        self.set_connected(false, why);
+    }
+
+    /// A SASL or TLS error librdkafka reported for a broker connection.
+    /// No delivery report says so (records wait in librdkafka's queue, and
+    /// replay sees a transport failure or a stall), so `kafka.failing`
+    /// carries it while no delivery succeeds.
+    pub fn client_error(&self, what: &str) {
+        if self.connected.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut f) = self.failing.lock() {
+            let from_seq = self.delivered_through.load(Ordering::Relaxed) + 1;
+            let entry = f.get_or_insert_with(|| Failing {
+                kind: FailureKind::of(what),
+                reason: what.to_string(),
+                from_seq,
+                since: std::time::Instant::now(),
+                retries: 0,
+                client_error: None,
+            });
+            if entry.kind == FailureKind::Other {
+                entry.kind = FailureKind::of(what);
+            }
+            entry.client_error = Some(what.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FailureKind, ReplayStats};
+
+    /// The reasons replay logged against Apache Kafka 4.4 (tests/apache-kafka:
+    /// ACL removed, topic deleted), and reasons of the same form for the rest.
+    #[test]
+    fn failure_kinds_of_the_reasons_seen_on_apache_kafka() {
+        let seen = [
+            ("seq 10164: Message production error: TopicAuthorizationFailed (Broker: Topic authorization failed)", FailureKind::Authorization),
+            ("metadata for topic events: TopicAuthorizationFailed", FailureKind::Authorization),
+            ("seq 40824: Message production error: UnknownPartition (Local: Unknown partition)", FailureKind::UnknownTopic),
+            ("metadata for topic events: UnknownTopicOrPartition", FailureKind::UnknownTopic),
+            ("seq 7: Message production error: NotEnoughReplicas (Broker: Not enough in-sync replicas)", FailureKind::NotEnoughReplicas),
+            ("no delivery report for 20000 ms with 512 records in flight", FailureKind::Stall),
+            ("Authentication: sasl_ssl://127.0.0.1:9093/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512", FailureKind::Authorization),
+            ("SSL: sasl_ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed", FailureKind::Tls),
+            ("WAL read: Input/output error", FailureKind::Other),
+        ];
+        for (reason, kind) in seen {
+            assert_eq!(FailureKind::of(reason), kind, "{reason}");
+        }
+    }
+
+    #[test]
+    fn failing_counts_by_kind_and_clears_when_a_delivery_succeeds() {
+        let s = ReplayStats::default();
+        s.set_connected(true, "");
+        s.failed("metadata for topic events: TopicAuthorizationFailed", 11);
+        s.failed("seq 11: Message production error: TopicAuthorizationFailed (Broker: Topic authorization failed)", 11);
+        let f = s.failing.lock().unwrap().clone().unwrap();
+        assert_eq!(
+            (f.kind, f.from_seq, f.retries),
+            (FailureKind::Authorization, 11, 2)
+        );
+        assert_eq!(
+            s.failures[FailureKind::Authorization as usize]
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        s.set_connected(true, "");
+        assert!(s.failing.lock().unwrap().is_none());
+    }
+
+    /// A stall sets both `failing` (kind `stall`) and, once the cluster was
+    /// asked, `stall` (the cause); one confirmed delivery clears both.
+    #[test]
+    fn a_stall_is_a_failure_of_kind_stall_with_its_cause_and_both_clear() {
+        use super::stall::{Stall, StallCause};
+        let s = ReplayStats::default();
+        s.set_connected(true, "");
+        s.failed(
+            "no delivery report for 10000 ms with 512 records in flight",
+            7,
+        );
+        s.set_stall(Stall {
+            cause: StallCause::NotEnoughReplicas,
+            detail: "NOT_ENOUGH_REPLICAS: topic events partition(s) 0".into(),
+        });
+        let f = s.failing.lock().unwrap().clone().unwrap();
+        assert_eq!(f.kind, FailureKind::Stall);
+        assert_eq!(
+            s.stall().map(|(st, _)| st.cause),
+            Some(StallCause::NotEnoughReplicas)
+        );
+        s.set_connected(true, "");
+        assert!(s.failing.lock().unwrap().is_none());
+        assert!(s.stall().is_none());
+    }
+
+    #[test]
+    fn a_sasl_error_names_the_kind_of_the_transport_failure_behind_it() {
+        let s = ReplayStats::default();
+        s.client_error("Authentication: SASL authentication error: invalid credentials");
+        s.failed("metadata for topic events: Meta data fetch error: BrokerTransportFailure (Local: Broker transport failure)", 1);
+        let f = s.failing.lock().unwrap().clone().unwrap();
+        assert_eq!(f.kind, FailureKind::Authorization);
+        assert!(f.reason.contains("BrokerTransportFailure"));
+        assert!(f.client_error.unwrap().contains("invalid credentials"));
+        // While deliveries succeed, a connection's error is not a failure.
+        s.set_connected(true, "");
+        s.client_error("SSL: SSL handshake failed");
+        assert!(s.failing.lock().unwrap().is_none());
     }
 }

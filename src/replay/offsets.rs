@@ -147,6 +147,12 @@ pub struct OffsetStore {
     /// not succeeded: sled's memory then shows pins the disk may not hold,
     /// so reading them syncs first (a failed fsync is not trusted).
     pins_unsynced: std::sync::atomic::AtomicBool,
+    /// Held by a whole commit (and by what [`OffsetStore::commit_then`]
+    /// runs after it): the replayer's commit and GC, and the periodic
+    /// idempotency checkpoint's commit, never interleave, so the only
+    /// writes to the store between a commit's fsync and its GC's unlinks
+    /// are none.
+    commit_lock: std::sync::Mutex<()>,
 }
 
 /// See [`OffsetStore::set_before_flush`].
@@ -199,6 +205,7 @@ impl OffsetStore {
             dir: dir.to_owned(),
             before_flush: std::sync::OnceLock::new(),
             pins_unsynced: std::sync::atomic::AtomicBool::new(false),
+            commit_lock: std::sync::Mutex::new(()),
         };
         store.committed()?;
         // A store we just created is durable only once its files, its
@@ -250,15 +257,14 @@ impl OffsetStore {
         };
         let quarantined = if dir.exists() {
             let qdir = crate::datadir::quarantine_dir(data_dir);
-            std::fs::create_dir_all(&qdir).map_err(quarantine)?;
+            crate::storage::create_dir_all_durable(&qdir).map_err(quarantine)?;
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis());
             let to = qdir.join(format!("offsets-{stamp}"));
-            std::fs::rename(&dir, &to).map_err(quarantine)?;
-            // The rename is durable once both directories are.
-            sync_path(&qdir)?;
-            sync_path(data_dir)?;
+            // The rename is durable once both directories are: this fsyncs
+            // `quarantine/` and the data dir.
+            crate::storage::rename_durable(&dir, &to).map_err(quarantine)?;
             Some(to)
         } else {
             None
@@ -300,6 +306,34 @@ impl OffsetStore {
     /// of each of its files and of its directory. Lower values are ignored:
     /// the offset never moves back.
     pub fn commit(&self, seq: u64) -> Result<u64, OffsetError> {
+        self.commit_then(seq, || ()).map(|(c, ())| c)
+    }
+
+    /// [`OffsetStore::commit`], then `after` (GC of what the commit covers)
+    /// before another commit may start. `after` runs only if the commit
+    /// succeeded.
+    pub fn commit_then<T>(
+        &self,
+        seq: u64,
+        after: impl FnOnce() -> T,
+    ) -> Result<(u64, T), OffsetError> {
+        // The guarded data is `()`: a panic in another commit leaves
+        // nothing inconsistent to see.
+        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.commit_locked(seq)?;
+        Ok((current, after()))
+    }
+
+    fn commit_locked(&self, seq: u64) -> Result<u64, OffsetError> {
+        // The hook (the idempotency checkpoint, fdatasynced) runs before the
+        // offset moves, even in sled's memory: any later flush of the store
+        // (this one, a partition pin's, the one at shutdown) may make the
+        // offset durable, and the offset must never be durable past a
+        // checkpoint that failed (keys acknowledged above the log's
+        // watermark would then be neither in the log nor rescanned).
+        if let Some(hook) = self.before_flush.get() {
+            hook(&self.db)?;
+        }
         let mut current = self.committed()?;
         while seq > current {
             let old = (current > 0).then(|| current.to_be_bytes());
@@ -310,9 +344,6 @@ impl OffsetStore {
                 Ok(()) => current = seq,
                 Err(_) => current = self.committed()?,
             }
-        }
-        if let Some(hook) = self.before_flush.get() {
-            hook(&self.db)?;
         }
         self.db.flush()?;
         // If we die here the offset may still be only in the page cache (or
@@ -469,7 +500,7 @@ impl OffsetStore {
         for entry in std::fs::read_dir(&self.dir).map_err(err(&self.dir))? {
             let entry = entry.map_err(err(&self.dir))?;
             let path = entry.path();
-            match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+            match std::fs::File::open(&path).and_then(|f| crate::storage::sync_file(&f, &path)) {
                 Ok(()) => {}
                 // sled removes old snapshots on its own.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -516,12 +547,10 @@ pub fn receipt(seq: u64, written: bool, committed: u64, fate: Option<Fate>) -> s
 }
 
 fn sync_path(path: &Path) -> Result<(), OffsetError> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| OffsetError::Sync {
-            path: path.to_owned(),
-            source,
-        })
+    crate::storage::sync_dir(path).map_err(|source| OffsetError::Sync {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The first sequence number of the oldest segment in `wal_dir`, if any.
@@ -651,5 +680,33 @@ mod tests {
         let (store, reset) = OffsetStore::open_or_reset(data.path(), &wal).unwrap();
         assert!(reset.is_none());
         assert_eq!(store.committed().unwrap(), 500);
+    }
+
+    /// Hostile review D1: a failed checkpoint hook must not leave the new
+    /// offset in sled's memory, where any later flush (a partition pin's,
+    /// the one at shutdown) would make it durable past the checkpoint.
+    #[test]
+    fn a_failed_hook_leaves_the_offset_where_it_was_for_every_later_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("offsets");
+        {
+            let s = OffsetStore::open(&path).unwrap();
+            let calls = std::sync::atomic::AtomicU32::new(0);
+            s.set_before_flush(Box::new(move |_| {
+                if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                    Ok(())
+                } else {
+                    Err(sled::Error::Unsupported("disk full".into()))
+                }
+            }));
+            assert_eq!(s.commit(10).unwrap(), 10);
+            assert!(s.commit(20).is_err());
+            assert_eq!(s.committed().unwrap(), 10);
+            // What a shutdown does: flush and sync without the hook.
+            s.db().flush().unwrap();
+            s.sync().unwrap();
+        }
+        let s = OffsetStore::open(&path).unwrap();
+        assert_eq!(s.committed().unwrap(), 10);
     }
 }

@@ -242,6 +242,10 @@ impl ClientContext for KafkaHealth {
     fn error(&self, error: KafkaError, reason: &str) {
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::AllBrokersDown) => self.0.set_connected(false, reason),
+            Some(code @ (RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) => {
+                self.0.client_error(&format!("{code:?}: {reason}"));
+                tracing::debug!(%error, reason, "librdkafka error");
+            }
             _ => tracing::debug!(%error, reason, "librdkafka error"),
         }
     }

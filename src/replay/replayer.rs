@@ -63,14 +63,14 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::watch;
 
 use super::dead_letter::DeadLetterFile;
 use super::offsets::{Fate, OffsetStore};
 use super::partition::{PartitionMap, Pin as PartitionPin, Scheme};
 use super::producer::{HEADER_ERROR, HEADER_ORIGINAL_TOPIC, HEADER_SEQ};
-use super::{classify, producer_config, Failure, KafkaHealth, ReplayStats};
+use super::{classify, producer_config, Failure, FailureKind, KafkaHealth, ReplayStats};
 use super::{KafkaConfig, ReplayConfig};
 use crate::wal::{ReadItem, Record, Wal};
 
@@ -189,6 +189,20 @@ enum End {
         from: u64,
         through: u64,
     },
+}
+
+/// Whether record `next` may be handed to librdkafka with `queued` entries
+/// pending, while `isolate_through` (0: none) is the last suspect of a
+/// refused request. A suspect goes out only with nothing else in flight, and
+/// so does the first record after the suspects: produced while the last
+/// suspect is pending, it can share the suspect's request (same partition,
+/// within the linger), and if the broker refuses that request the suspect
+/// is condemned as if it had been refused alone. On Apache Kafka with a
+/// topic's `max.message.bytes` below the producer's batches, that sent one
+/// innocent record per isolation round to the dead-letter topic (11 of
+/// 6,000 records in a minute) before this waited for it.
+fn may_produce(next: u64, isolate_through: u64, queued: usize) -> bool {
+    queued == 0 || next > isolate_through.saturating_add(1)
 }
 
 /// Records produced one at a time after a permanent error, at most: the
@@ -328,7 +342,7 @@ impl Replayer {
                 }
                 End::Retry(why) | End::Stalled(why) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    self.stats.set_connected(false, &why);
+                    self.stats.failed(&why, delivered + 1);
                     tracing::warn!(
                         from_seq = delivered + 1,
                         reason = %why,
@@ -409,8 +423,7 @@ impl Replayer {
             if deadline.is_some() && caught_up && pending.is_empty() {
                 return End::Shutdown;
             }
-            // A suspect goes out only with nothing else in flight.
-            let alone = |next: u64, queued: usize| next > isolate_through || queued == 0;
+            let alone = |next: u64, queued: usize| may_produce(next, isolate_through, queued);
             // Produced but not flushed, at most: what a kill can make replay
             // produce again.
             let unflushed = |next: u64| {
@@ -533,6 +546,18 @@ impl Replayer {
                 // A delivery behind the queue's head settled: re-check room.
                 _ = window.freed.notified(), if !room => {}
                 _ = tick.tick() => {
+                    // After a fatal error librdkafka sends nothing more, and
+                    // a batch the broker answered OUT_OF_ORDER_SEQUENCE
+                    // (it was in flight behind a refused one) goes back to
+                    // its partition's queue, where no report ever comes
+                    // for it. Purge the queues so that it reports and the
+                    // incarnation ends now, not at the stall limit (on
+                    // Apache Kafka 4.4 a record over the topic's
+                    // max.message.bytes held replay for the whole
+                    // kafka.message-timeout-ms this way).
+                    if broken.is_some() && producer.client().fatal_error().is_some() {
+                        producer.purge(PurgeConfig::default().queue().non_blocking());
+                    }
                     let full = !unflushed(reader.next_seq());
                     if cadence.due(full) {
                         let t0 = std::time::Instant::now();
@@ -541,7 +566,15 @@ impl Replayer {
                     }
                     if window.stalled(stall) {
                         return match &broken {
-                            Some(b) => b.end(reader.next_seq() - 1),
+                            // After a failure, the reports still pending
+                            // never came: counted as a stall too, since
+                            // replay sat out the whole limit.
+                            Some(b) => {
+                                let pending = window.unsettled.load(Ordering::Relaxed);
+                                tracing::warn!(pending, stall_ms = stall.as_millis() as u64, reason = %b.why, "no report for the records still pending after a failure: ending the incarnation");
+                                stats.failures[FailureKind::Stall as usize].fetch_add(1, Ordering::Relaxed);
+                                b.end(reader.next_seq() - 1)
+                            }
                             None => End::Stalled(format!(
                                 "no delivery report for {} ms with {} records in flight",
                                 stall.as_millis(),
@@ -1009,10 +1042,18 @@ impl Replayer {
             // Dying here leaves delivered records above the flushed offset:
             // the next start produces them again (repeats, never firsts).
             crate::debug::pause(crate::debug::Site::Flush);
-            offsets.commit(delivered).map_err(|e| e.to_string())?;
-            // Dying here leaves consumed segments that the next open removes.
-            crate::debug::pause(crate::debug::Site::Gc);
-            wal.remove_through(delivered).map_err(|e| e.to_string())
+            // GC runs inside the commit's serialization: no other commit
+            // (the periodic idempotency checkpoint) writes to the store
+            // between this fsync and these unlinks.
+            let (_, removed) = offsets
+                .commit_then(delivered, || {
+                    // Dying here leaves consumed segments that the next open
+                    // removes.
+                    crate::debug::pause(crate::debug::Site::Gc);
+                    wal.remove_through(delivered)
+                })
+                .map_err(|e| e.to_string())?;
+            removed.map_err(|e| e.to_string())
         })
         .await;
         match result {
@@ -1184,5 +1225,26 @@ impl Cadence {
     fn committed(&mut self, cost: Duration) {
         self.last = std::time::Instant::now();
         self.every = (cost * Self::COST_SHARE).clamp(Self::FLOOR.min(self.max), self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_produce;
+
+    #[test]
+    fn suspects_and_the_record_after_them_go_out_with_nothing_in_flight() {
+        // Not isolating: records go out in batches.
+        assert!(may_produce(5, 0, 100));
+        // Suspects 10..=20: each waits until nothing is in flight.
+        assert!(!may_produce(10, 20, 1));
+        assert!(!may_produce(20, 20, 1));
+        assert!(may_produce(20, 20, 0));
+        // The first record after the last suspect waits for its report too:
+        // sharing its request, a refusal of the request would condemn it.
+        assert!(!may_produce(21, 20, 1));
+        assert!(may_produce(21, 20, 0));
+        // After that, batches again.
+        assert!(may_produce(22, 20, 50));
     }
 }

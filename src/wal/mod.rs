@@ -40,7 +40,9 @@
 pub mod config;
 pub mod format;
 pub mod inspect;
-pub mod io;
+/// The storage layer's file I/O (`crate::storage::io`), named here too: the WAL
+/// is its first user, and its tests and benches reach it as `wal::io`.
+pub use crate::storage::io;
 mod reader;
 pub mod record;
 mod recovery;

@@ -10,12 +10,21 @@ as a module (`tests/independent/run.py`).
 
     cluster.py jars [--check]            fetch the jars (or only check them)
     cluster.py up [--nodes 3] [--controllers 0] [--topic NAME[:PARTITIONS]] [--watch-pid PID]
-    cluster.py status | bootstrap [--live] | down | wait-ready
+                  [--sasl [--user NAME:PASSWORD]...]
+    cluster.py status | bootstrap [--live] [--sasl] | down | wait-ready
     cluster.py kill|stop|cont|restart NODE
     cluster.py create-topic NAME [--partitions 3] [--rf R] [--config K=V]
     cluster.py add-partitions TOPIC COUNT  CreatePartitions: grow TOPIC to COUNT
+    cluster.py delete-topic NAME
     cluster.py describe TOPIC            partitions as JSON
     cluster.py leader TOPIC [PARTITION]  node id of the partition's leader
+    cluster.py client-config [--user NAME] [--toml]   SASL_SSL client settings
+    cluster.py user-add NAME PASSWORD    a SCRAM user (both mechanisms)
+    cluster.py acl add|remove --principal User:NAME --operation OP...
+               (--topic T | --group G | --cluster)
+    cluster.py acl list [--principal User:NAME]
+    cluster.py consume TOPIC --max N [--user NAME] [--timeout-ms MS]
+               values as lines, through Kafka's own (Java) consumer
 
 Every command takes --state-dir (default: $SLUICE_TEST_KAFKA_STATE, else
 <repo>/.tools/kafka-cluster, git-ignored). The state file
@@ -38,6 +47,16 @@ min(3, n) for new topics and for the offsets, transaction and share-state
 topics, min.insync.replicas min(2, n), group.initial.rebalance.delay.ms 0,
 auto.create.topics.enable false (sluice never creates topics; whoever starts
 the cluster creates them: `up --topic`, `create-topic`).
+
+`up --sasl` adds a SASL_SSL listener for clients on each node (SCRAM-SHA-256
+and SCRAM-SHA-512, a certificate for localhost and 127.0.0.1 signed by a CA
+made with openssl at start, in STATE_DIR/tls), KRaft's StandardAuthorizer
+with allow.everyone.if.no.acl.found=false, and the SCRAM users of `--user`
+(default sluice:sluice-secret) written into the storage by `format
+--add-scram`, so they exist before the first node serves. Brokers and
+controllers talk over loopback PLAINTEXT listeners, whose principal
+(User:ANONYMOUS) is the super user; the admin commands here use them too.
+A SASL user can do nothing until ACLs allow it (`acl add`).
 """
 
 import argparse
@@ -75,6 +94,17 @@ NODE_JVM = ["-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryEr
 # Command-line tools: short-lived, so a small heap and a quick start.
 TOOL_JVM = ["-Xmx192m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto",
             "-Djava.awt.headless=true"]
+
+
+# `up --sasl`: the SCRAM mechanisms each user gets credentials for, the
+# users made at format time unless `--user` names others, and the host name
+# the SASL_SSL listeners advertise (the certificate names it, and localhost).
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+DEFAULT_USERS = {"sluice": "sluice-secret"}
+SASL_HOST = "127.0.0.1"
+# The super user: brokers and controllers (and this script's admin
+# commands) over the loopback PLAINTEXT listeners, which do not authenticate.
+SUPER_USER = "User:ANONYMOUS"
 
 
 class ClusterError(Exception):
@@ -281,22 +311,30 @@ class Cluster:
     def state(self):
         return self.load()
 
-    def bootstrap(self, live_only=False):
-        """host:port of every node (or of the running ones), comma-separated."""
+    def bootstrap(self, live_only=False, sasl=False):
+        """host:port of every node (or of the running ones), comma-separated;
+        with `sasl`, of their SASL_SSL listeners."""
         st = self.load()
         nodes = [n for n in brokers(st) if not live_only or n["state"] == "up"]
+        if sasl:
+            if "sasl" not in st:
+                raise ClusterError("this cluster has no SASL_SSL listener (`up --sasl`)")
+            return ",".join(f"{SASL_HOST}:{n['sasl_port']}" for n in nodes)
         return ",".join(f"127.0.0.1:{n['port']}" for n in nodes)
 
     def node_ids(self):
         return [n["id"] for n in self.load()["nodes"]]
 
     # -- lifecycle --
-    def up(self, nodes=3, topics=(), watch_pid=None, wait=True, controllers=0,
-           watch_remove=False):
+    def up(self, nodes=3, topics=(), watch_pid=None, wait=True, sasl=False, users=None,
+           remove_state=False, controllers=0):
         """Formats and starts a fresh cluster of `nodes` nodes, replacing any
-        cluster this state dir held; waits until it is ready. With
+        cluster this state dir held; waits until it is ready. `sasl`: a
+        SASL_SSL listener for clients too, the StandardAuthorizer, and the
+        SCRAM users `users` ({name: password}; default DEFAULT_USERS). With
         `controllers` > 0 the `nodes` are broker-only and that many
-        controller-only nodes hold the quorum (see the module doc)."""
+        controller-only nodes hold the quorum (see the module doc); not
+        together with `sasl` (not written yet)."""
         if nodes < 1:
             raise ClusterError("at least one node")
         if controllers < 0:
@@ -307,8 +345,11 @@ class Cluster:
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
+        if sasl and controllers:
+            raise ClusterError("--sasl with --controllers is not supported")
         total = nodes + controllers
-        ports = free_ports(2 * total)
+        per_node = 3 if sasl else 2
+        ports = free_ports(per_node * total)
         rf, isr = min(3, nodes), min(2, nodes)
         st = {
             "kafka_version": kafka_version(),
@@ -320,22 +361,30 @@ class Cluster:
             "controllers": controllers,
             "nodes": [],
         }
+        if sasl:
+            users = dict(users or DEFAULT_USERS)
+            st["sasl"] = {"mechanisms": list(SCRAM_MECHANISMS), "users": users,
+                          **make_tls(self.dir / "tls")}
         # Voters: every node (combined), or the controller-only ones.
         first_voter = nodes if controllers else 0
-        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[2 * i + 1]}"
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[per_node * i + 1]}"
                           for i in range(first_voter, total))
         for i in range(total):
-            nid, port, cport = i + 1, ports[2 * i], ports[2 * i + 1]
+            nid, port, cport = i + 1, ports[per_node * i], ports[per_node * i + 1]
             role = "combined" if not controllers else ("broker" if i < nodes else "controller")
             d = self.dir / f"node-{nid}"
             (d / "data").mkdir(parents=True)
-            (d / "server.properties").write_text(server_properties(
-                nid, port, cport, voters, d / "data", nodes, role))
+            props = server_properties(nid, port, cport, voters, d / "data", nodes, role)
             # A controller-only node's `port` is its controller port (what
             # wait_ready checks); it is never in a bootstrap list.
-            st["nodes"].append({"id": nid, "port": cport if role == "controller" else port,
-                                "controller_port": cport, "role": role,
-                                "dir": str(d), "pid": None, "state": "new"})
+            node = {"id": nid, "port": cport if role == "controller" else port,
+                    "controller_port": cport, "role": role,
+                    "dir": str(d), "pid": None, "state": "new"}
+            if sasl:
+                node["sasl_port"] = ports[per_node * i + 2]
+                props = sasl_properties(props, port, node["sasl_port"], st["sasl"])
+            (d / "server.properties").write_text(props)
+            st["nodes"].append(node)
         # One cluster id for all, as `kafka-storage random-uuid` makes it (a
         # UUID in unpadded url-safe base64, never starting with '-'); format
         # the nodes in parallel (a JVM each).
@@ -344,10 +393,19 @@ class Cluster:
         while st["cluster_id"].startswith("-"):
             st["cluster_id"] = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         st["bootstrap"] = ",".join(f"127.0.0.1:{n['port']}" for n in brokers(st))
+        scram = []
+        if sasl:
+            st["sasl"]["bootstrap"] = ",".join(f"{SASL_HOST}:{n['sasl_port']}" for n in brokers(st))
+            # The credentials go into the bootstrap metadata: they exist
+            # before any node serves.
+            for name, password in st["sasl"]["users"].items():
+                for mech in SCRAM_MECHANISMS:
+                    scram += ["--add-scram", f"{mech}=[name={name},password={password}]"]
         self.save(st)
         fmt = [subprocess.Popen(
             tool_cmd("kafka.tools.StorageTool", ["format", "-t", st["cluster_id"],
-                                                 "-c", str(Path(n["dir"]) / "server.properties")]),
+                                                 "-c", str(Path(n["dir"]) / "server.properties")]
+                     + scram),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in st["nodes"]]
         for n, p in zip(st["nodes"], fmt):
             out, _ = p.communicate(timeout=TOOL_TIMEOUT)
@@ -358,7 +416,7 @@ class Cluster:
             self._start_node(st, n)
         self.save(st)
         if watch_pid:
-            self.watch(watch_pid, remove=watch_remove)
+            self.watch(watch_pid, remove_state)
         if wait:
             t0 = time.monotonic()
             self.wait_ready()
@@ -458,14 +516,15 @@ class Cluster:
             n["state"] = "down"
         self.save(st)
 
-    def watch(self, pid, remove=False):
+    def watch(self, pid, remove_state=False):
         """Starts a detached watchdog that takes the cluster down when
-        process `pid` (a test run) is gone without doing it; with `remove`
-        it then deletes the state dir too (a test binary's shared cluster,
-        which no destructor takes down)."""
+        process `pid` (a test run) is gone without doing it; with
+        `remove_state`, it then deletes the state dir too (for a cluster a
+        test process shares between its tests and never drops;
+        SLUICE_TEST_KAFKA_KEEP=1 keeps it)."""
         subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--state-dir",
                           str(self.dir), "_watch", str(pid), self.load()["cluster_id"]]
-                         + (["--remove"] if remove else []),
+                         + (["--remove-state"] if remove_state else []),
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -478,9 +537,12 @@ class Cluster:
                 state = "dead"
             rows.append({"id": n["id"], "port": n["port"], "pid": n["pid"], "state": state,
                          "role": n.get("role", "combined"), "dir": n["dir"]})
-        return {"bootstrap": st["bootstrap"], "kafka_version": st["kafka_version"],
-                "replication_factor": st["replication_factor"],
-                "min_insync_replicas": st["min_insync_replicas"], "nodes": rows}
+        out = {"bootstrap": st["bootstrap"], "kafka_version": st["kafka_version"],
+               "replication_factor": st["replication_factor"],
+               "min_insync_replicas": st["min_insync_replicas"], "nodes": rows}
+        if "sasl" in st:
+            out["sasl"] = {k: st["sasl"][k] for k in ("bootstrap", "mechanisms", "users", "ca")}
+        return out
 
     # -- admin (Kafka's own command-line classes) --
     def _admin_bootstrap(self):
@@ -531,6 +593,12 @@ class Cluster:
                  ["--bootstrap-server", self._admin_bootstrap(), "--alter", "--topic", topic,
                   "--partitions", str(count)])
 
+    def delete_topic(self, name):
+        """Deletes `name` (TopicCommand --delete); returns once the
+        controller took the deletion."""
+        run_tool("org.apache.kafka.tools.TopicCommand",
+                 ["--bootstrap-server", self._admin_bootstrap(), "--delete", "--topic", name])
+
     def describe(self, topic):
         """[{partition, leader, replicas, isr}] of `topic`; leader -1 when it
         has none."""
@@ -569,6 +637,101 @@ class Cluster:
                                check=False)
         ok = sum(1 for line in out.splitlines() if '"producer_send_success"' in line)
         return rc == 0 and ok == count, f"{ok} of {count} acknowledged; {err[-1000:]}"
+
+    # -- SASL_SSL clusters (`up --sasl`) --
+    def _sasl(self):
+        st = self.load()
+        if "sasl" not in st:
+            raise ClusterError("this cluster has no SASL_SSL listener (`up --sasl`)")
+        return st["sasl"]
+
+    def client_config(self, user=None, mechanism="SCRAM-SHA-512"):
+        """librdkafka's (and sluice's `[kafka.librdkafka]`) properties for
+        SASL user `user` (default: the first) over the SASL_SSL listener."""
+        sasl = self._sasl()
+        user = user or next(iter(sasl["users"]))
+        if user not in sasl["users"]:
+            raise ClusterError(f"no SASL user {user}: users are {list(sasl['users'])}")
+        return {"security.protocol": "SASL_SSL", "sasl.mechanism": mechanism,
+                "sasl.username": user, "sasl.password": sasl["users"][user],
+                "ssl.ca.location": sasl["ca"]}
+
+    def java_client_file(self, user, mechanism="SCRAM-SHA-512"):
+        """A properties file for Kafka's Java clients as SASL user `user`."""
+        c = self.client_config(user, mechanism)
+        f = self.dir / "tls" / f"client-{user}-{mechanism.lower()}.properties"
+        f.write_text(
+            "security.protocol=SASL_SSL\n"
+            f"sasl.mechanism={mechanism}\n"
+            "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{user}" password="{c["sasl.password"]}";\n'
+            "ssl.truststore.type=PEM\n"
+            f"ssl.truststore.location={c['ssl.ca.location']}\n")
+        return f
+
+    def user_add(self, name, password):
+        """Creates (or changes) SCRAM user `name`, both mechanisms."""
+        self._sasl()
+        # One mechanism per request: Kafka 4.4 refuses two in one
+        # ("A user credential cannot be altered twice in the same request").
+        for mech in SCRAM_MECHANISMS:
+            run_tool("org.apache.kafka.tools.ConfigCommand",
+                     ["--bootstrap-server", self._admin_bootstrap(), "--alter",
+                      "--add-config", f"{mech}=[password={password}]",
+                      "--entity-type", "users", "--entity-name", name])
+        st = self.load()
+        st["sasl"]["users"][name] = password
+        self.save(st)
+
+    def acl(self, action, principal=None, operations=(), topic=None, group=None, cluster=False,
+            prefixed=False):
+        """Adds (`add`) or removes (`remove`) an allow ACL of `principal` for
+        each of `operations` (Write, Read, Describe, IdempotentWrite, ...) on
+        one resource, or lists (`list`) ACLs; through Kafka's AclCommand as
+        the super user. `topic` and `group` may be lists (one ACL each).
+        Returns AclCommand's output."""
+        args = ["--bootstrap-server", self._admin_bootstrap(), f"--{action}"]
+        if action in ("add", "remove"):
+            if not principal or not operations:
+                raise ClusterError(f"acl {action} needs a principal and an operation")
+            args += ["--allow-principal", principal]
+            for op in operations:
+                args += ["--operation", op]
+        elif principal:
+            args += ["--principal", principal]
+        for t in [topic] if isinstance(topic, str) else topic or ():
+            args += ["--topic", t]
+        for g in [group] if isinstance(group, str) else group or ():
+            args += ["--group", g]
+        if cluster:
+            args += ["--cluster"]
+        if prefixed:
+            args += ["--resource-pattern-type", "prefixed"]
+        if action == "remove":
+            args += ["--force"]
+        _, out, _ = run_tool("org.apache.kafka.tools.AclCommand", args)
+        return out
+
+    def consume(self, topic, max_messages, user=None, group=None, timeout_ms=15000):
+        """Up to `max_messages` values of `topic` from the beginning, through
+        Kafka's own (Java) console consumer: over the SASL_SSL listener as
+        `user` (who needs Read on the topic and on `group`), else over
+        PLAINTEXT as the super user."""
+        args = ["--topic", topic, "--from-beginning", "--max-messages", str(max_messages),
+                "--timeout-ms", str(timeout_ms)]
+        if user:
+            args += ["--bootstrap-server", self.bootstrap(sasl=True),
+                     "--command-config", str(self.java_client_file(user))]
+        else:
+            args += ["--bootstrap-server", self._admin_bootstrap()]
+        if group:
+            args += ["--group", group]
+        # The consumer exits 0 on --max-messages and on --timeout-ms alike.
+        rc, out, err = run_tool("org.apache.kafka.tools.consumer.ConsoleConsumer", args,
+                                timeout=TOOL_TIMEOUT + timeout_ms / 1000, check=False)
+        if rc != 0:
+            raise ClusterError(f"console consumer exit {rc}: {err[-3000:]}")
+        return [line for line in out.splitlines() if line.strip()]
 
     def wait_ready(self, timeout=READY_TIMEOUT):
         """Until every node meant to be up runs and listens, a topic of one
@@ -692,6 +855,69 @@ def server_properties(nid, port, cport, voters, data, nodes, role="combined"):
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
+def make_tls(d):
+    """A CA and one broker certificate for localhost and 127.0.0.1 signed by
+    it, made with openssl in `d`: ca.pem (what clients trust) and
+    broker.pem (PKCS#8 key and certificate, Kafka's PEM keystore). Valid
+    from an hour ago (a clock a little behind) for 30 days."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise ClusterError("openssl not found: `up --sasl` makes its certificates with it")
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args):
+        r = subprocess.run([openssl, *args], cwd=d, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ClusterError(f"openssl {' '.join(args)}: {r.stderr[-1500:]}")
+    (d / "ca.cnf").write_text(
+        "[req]\ndistinguished_name=dn\n[dn]\n"
+        "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+        "subjectKeyIdentifier=hash\n"
+        "[broker]\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "authorityKeyIdentifier=keyid\n")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-subj", "/CN=sluice test CA", "-days", "30", "-config", "ca.cnf", "-extensions", "ca")
+    run("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key",
+        "-out", "broker.csr", "-subj", "/CN=localhost", "-config", "ca.cnf")
+    run("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "broker.crt", "-days", "30", "-extfile", "ca.cnf",
+        "-extensions", "broker")
+    (d / "broker.pem").write_text((d / "broker.key").read_text() + (d / "broker.crt").read_text())
+    return {"ca": str(d / "ca.pem"), "keystore": str(d / "broker.pem")}
+
+
+def sasl_properties(props, port, sasl_port, sasl):
+    """`props` (server_properties) with a SASL_SSL listener on `sasl_port`
+    and the StandardAuthorizer."""
+    lines = [line for line in props.splitlines()
+             if not line.startswith(("listeners=", "advertised.listeners=",
+                                     "listener.security.protocol.map="))]
+    extra = {
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{sasl_port},"
+                     f"CONTROLLER://127.0.0.1:{props_port(props, 'CONTROLLER')}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://{SASL_HOST}:{sasl_port}",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+        "sasl.enabled.mechanisms": ",".join(sasl["mechanisms"]),
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.location": sasl["keystore"],
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": SUPER_USER,
+    }
+    for mech in sasl["mechanisms"]:
+        extra[f"listener.name.sasl_ssl.{mech.lower()}.sasl.jaas.config"] = \
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    return "\n".join(lines) + "\n" + "".join(f"{k}={v}\n" for k, v in extra.items())
+
+
+def props_port(props, listener):
+    m = re.search(rf"{listener}://[^:,]+:(\d+)", props)
+    if not m:
+        raise ClusterError(f"no {listener} listener in {props}")
+    return int(m.group(1))
+
+
 def tail_file(path, lines):
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -699,9 +925,10 @@ def tail_file(path, lines):
         return ""
 
 
-def watch_loop(state_dir, pid, cluster_id, remove=False):
+def watch_loop(state_dir, pid, cluster_id, remove_state=False):
     """The watchdog `up --watch-pid` starts: once `pid` is gone, kill -9 the
-    nodes of cluster `cluster_id` (not of a newer cluster in the same dir)."""
+    nodes of cluster `cluster_id` (not of a newer cluster in the same dir);
+    with `remove_state` (`up --remove-state`), delete the state dir then."""
     c = Cluster(state_dir)
     while True:
         time.sleep(1)
@@ -709,12 +936,15 @@ def watch_loop(state_dir, pid, cluster_id, remove=False):
             st = c.load()
         except (ClusterError, ValueError):
             return
-        if st.get("cluster_id") != cluster_id or all(n["state"] == "down" for n in st["nodes"]):
+        if st.get("cluster_id") != cluster_id:
             return
         if not alive(int(pid)):
-            c.down()
-            if remove and os.environ.get("SLUICE_TEST_KAFKA_KEEP") != "1":
+            if not all(n["state"] == "down" for n in st["nodes"]):
+                c.down()
+            if remove_state and os.environ.get("SLUICE_TEST_KAFKA_KEEP") != "1":
                 shutil.rmtree(c.dir, ignore_errors=True)
+            return
+        if all(n["state"] == "down" for n in st["nodes"]) and not remove_state:
             return
 
 
@@ -732,14 +962,19 @@ def main(argv=None):
                         "and N controller-only nodes")
     u.add_argument("--topic", action="append", default=[], help="NAME[:PARTITIONS] to create")
     u.add_argument("--watch-pid", type=int, help="take the cluster down when this pid exits")
-    u.add_argument("--watch-remove", action="store_true",
-                   help="with --watch-pid: also delete the state dir then "
+    u.add_argument("--remove-state", action="store_true",
+                   help="with --watch-pid: also delete the state dir when the pid exits "
                         "(SLUICE_TEST_KAFKA_KEEP=1 keeps it)")
     u.add_argument("--no-wait", action="store_true")
+    u.add_argument("--sasl", action="store_true",
+                   help="a SASL_SSL (SCRAM) listener for clients, ACLs enforced")
+    u.add_argument("--user", action="append", default=[],
+                   help=f"NAME:PASSWORD, a SCRAM user (with --sasl; default {DEFAULT_USERS})")
     sub.add_parser("down", help="kill -9 every node")
     sub.add_parser("status", help="bootstrap servers and nodes (JSON)")
     b = sub.add_parser("bootstrap", help="print the bootstrap servers")
     b.add_argument("--live", action="store_true", help="only the nodes neither killed nor stopped")
+    b.add_argument("--sasl", action="store_true", help="the SASL_SSL listeners")
     sub.add_parser("wait-ready", help="wait until every running node serves")
     for name, what in (("kill", "kill -9 NODE"), ("stop", "SIGSTOP NODE"),
                        ("cont", "SIGCONT NODE"), ("restart", "kill -9 NODE if running, start it, wait ready")):
@@ -755,15 +990,39 @@ def main(argv=None):
     g = sub.add_parser("add-partitions", help="grow TOPIC to COUNT partitions (CreatePartitions)")
     g.add_argument("topic")
     g.add_argument("count", type=int)
+    dt = sub.add_parser("delete-topic")
+    dt.add_argument("name")
     d = sub.add_parser("describe", help="partitions of TOPIC as JSON")
     d.add_argument("topic")
     le = sub.add_parser("leader", help="the node id leading TOPIC's PARTITION")
     le.add_argument("topic")
     le.add_argument("partition", type=int, nargs="?", default=0)
+    cc = sub.add_parser("client-config", help="SASL_SSL client properties (JSON, or TOML for sluice)")
+    cc.add_argument("--user")
+    cc.add_argument("--mechanism", default="SCRAM-SHA-512", choices=SCRAM_MECHANISMS)
+    cc.add_argument("--toml", action="store_true", help="as sluice's [kafka] section")
+    ua = sub.add_parser("user-add", help="create or change a SCRAM user")
+    ua.add_argument("name")
+    ua.add_argument("password")
+    ac = sub.add_parser("acl", help="add, remove or list allow ACLs")
+    ac.add_argument("action", choices=("add", "remove", "list"))
+    ac.add_argument("--principal", help="e.g. User:sluice")
+    ac.add_argument("--operation", action="append", default=[],
+                    help="Write, Read, Describe, IdempotentWrite, All, ...")
+    ac.add_argument("--topic", action="append", help="repeat for several")
+    ac.add_argument("--group", action="append", help="repeat for several")
+    ac.add_argument("--cluster", action="store_true")
+    ac.add_argument("--prefixed", action="store_true", help="the name is a prefix")
+    co = sub.add_parser("consume", help="values of TOPIC from the beginning (Java console consumer)")
+    co.add_argument("topic")
+    co.add_argument("--max", type=int, required=True)
+    co.add_argument("--user", help="as this SASL user over SASL_SSL (default: super user, PLAINTEXT)")
+    co.add_argument("--group")
+    co.add_argument("--timeout-ms", type=int, default=15000)
     w = sub.add_parser("_watch")
     w.add_argument("pid", type=int)
     w.add_argument("cluster_id")
-    w.add_argument("--remove", action="store_true")
+    w.add_argument("--remove-state", action="store_true")
     a = ap.parse_args(argv)
 
     c = Cluster(a.state_dir)
@@ -784,10 +1043,17 @@ def main(argv=None):
                 log(f"jars fetched in {time.monotonic() - t0:.1f} s")
         elif a.cmd == "up":
             t0 = time.monotonic()
-            c.up(a.nodes, a.topic, a.watch_pid, wait=not a.no_wait, controllers=a.controllers,
-                 watch_remove=a.watch_remove)
+            if a.user and not a.sasl:
+                raise ClusterError("--user needs --sasl")
+            users = dict(u.split(":", 1) for u in a.user) if a.user else None
+            c.up(a.nodes, a.topic, a.watch_pid, wait=not a.no_wait, sasl=a.sasl, users=users,
+                 remove_state=a.remove_state, controllers=a.controllers)
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in c.timings.items())
             log(f"{a.nodes} broker(s){f' + {a.controllers} controller(s)' if a.controllers else ''} ready in {time.monotonic() - t0:.1f} s ({phases}); state {c.file}")
+            if a.sasl:
+                log(f"SASL_SSL (SCRAM) listeners: {c.bootstrap(sasl=True)}; users "
+                    f"{list(c.load()['sasl']['users'])}; CA {c.load()['sasl']['ca']}; "
+                    f"`client-config --toml` prints sluice's settings")
             print(c.bootstrap())
         elif a.cmd == "down":
             if c.exists():
@@ -795,7 +1061,7 @@ def main(argv=None):
         elif a.cmd == "status":
             print(json.dumps(c.status(), indent=2))
         elif a.cmd == "bootstrap":
-            print(c.bootstrap(live_only=a.live))
+            print(c.bootstrap(live_only=a.live, sasl=a.sasl))
         elif a.cmd == "wait-ready":
             c.wait_ready()
         elif a.cmd == "kill":
@@ -810,12 +1076,29 @@ def main(argv=None):
             c.create_topic(a.name, a.partitions, a.rf, dict(kv.split("=", 1) for kv in a.config))
         elif a.cmd == "add-partitions":
             c.add_partitions(a.topic, a.count)
+        elif a.cmd == "delete-topic":
+            c.delete_topic(a.name)
         elif a.cmd == "describe":
             print(json.dumps(c.describe(a.topic)))
         elif a.cmd == "leader":
             print(c.leader(a.topic, a.partition))
+        elif a.cmd == "client-config":
+            conf = c.client_config(a.user, a.mechanism)
+            if a.toml:
+                print(f'[kafka]\nbrokers = "{c.bootstrap(sasl=True)}"\n[kafka.librdkafka]')
+                print("".join(f'"{k}" = "{v}"\n' for k, v in conf.items()), end="")
+            else:
+                print(json.dumps(conf, indent=2))
+        elif a.cmd == "user-add":
+            c.user_add(a.name, a.password)
+        elif a.cmd == "acl":
+            print(c.acl(a.action, a.principal, a.operation, a.topic, a.group, a.cluster,
+                        a.prefixed), end="")
+        elif a.cmd == "consume":
+            for line in c.consume(a.topic, a.max, a.user, a.group, a.timeout_ms):
+                print(line)
         elif a.cmd == "_watch":
-            watch_loop(c.dir, a.pid, a.cluster_id, a.remove)
+            watch_loop(c.dir, a.pid, a.cluster_id, a.remove_state)
     except ClusterError as e:
         log(f"cluster.py {a.cmd}: {e}")
         return 1

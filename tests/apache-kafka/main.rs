@@ -3,16 +3,23 @@
 //! Skipped, with a line on stderr, when the jars are not in the cache
 //! (`make kafka-jars`) unless `SLUICE_REQUIRE_KAFKA=1`.
 //!
-//! The cases take turns on one cluster per run of this binary
+//! Most cases take turns on one cluster per run of this binary
 //! (`apache_kafka::shared`: 3 broker-only nodes and a controller-only one,
 //! started once, 30-60 s here); each brings back what it broke, and the
-//! next turn starts with every node up.
+//! next turn starts with every node up (`redrive` also starts a 1-node
+//! target). `security` and `sequence` share a second cluster, with SASL
+//! (`Cluster::shared_sasl`: 3 combined nodes), each on its own topics.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 mod archive;
 mod common;
 mod failover;
 mod faults;
 mod redrive;
+mod secure;
+mod security;
+mod sequence;
 #[path = "../support/mod.rs"]
 mod support;
 

@@ -8,21 +8,26 @@
 //! of exactly one file, and every summary equal to a recount of its file.
 //! `ARCHIVE_CHAOS_CYCLES` (default 4) sets the kill -9 cycles;
 //! `make chaos-archive CYCLES=N` runs a long one.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 #[path = "../support/mod.rs"]
 mod support;
 
+mod recount;
 mod reset;
+mod source;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::ClientConfig;
+use recount::recount;
 use serde_json::{json, Value};
+use source::{ledger_id, Source};
 use support::{Broker, EXE};
 
 mod bounds;
@@ -197,177 +202,6 @@ fn config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
-/// Produces records the way sluice's replay does: `instance` and `seq`
-/// headers, first occurrences in increasing `seq` per partition.
-struct Source {
-    producer: BaseProducer,
-    instance: String,
-    next_seq: u64,
-    /// Value of every produced seq, to resend as duplicates.
-    sent: Vec<(u64, i32, Vec<u8>)>,
-}
-
-impl Source {
-    fn new(brokers: &str, instance: &str) -> Source {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("linger.ms", "5")
-            .create()
-            .unwrap();
-        Source {
-            producer,
-            instance: instance.into(),
-            next_seq: 1,
-            sent: Vec::new(),
-        }
-    }
-
-    fn send(&mut self, seq: u64, partition: i32, value: &[u8]) {
-        let s = seq.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "instance",
-                value: Some(self.instance.as_str()),
-            })
-            .insert(Header {
-                key: "seq",
-                value: Some(s.as_str()),
-            });
-        let mut rec = BaseRecord::<(), [u8]>::to(TOPIC)
-            .partition(partition)
-            .payload(value)
-            .headers(headers);
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    self.producer.poll(Duration::from_millis(50));
-                    rec = r;
-                }
-            }
-        }
-        self.producer.poll(Duration::ZERO);
-    }
-
-    /// A new record; every 50th is not JSON, the hours are out of order.
-    fn next(&mut self) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let value = if seq % 50 == 0 {
-            format!("garbage-{}-{seq}", self.instance).into_bytes()
-        } else {
-            // Hours 10..14 of one day, shuffled: late events throughout.
-            let hour = 10 + (seq * 7) % 5;
-            let ts = format!(
-                "2026-11-26T{hour}:{:02}:{:02}.{:03}Z",
-                seq % 60,
-                (seq / 60) % 60,
-                seq % 1000
-            );
-            serde_json::to_vec(&json!({
-                "id": format!("{}-{seq}", self.instance), "timestamp": ts,
-                "tenant_id": format!("t{}", seq % 3), "source": "web", "severity": "INFO",
-                "path": format!("/p{}", seq % 7), "userAgent": "curl"}))
-            .unwrap()
-        };
-        let partition = (seq % 3) as i32;
-        self.send(seq, partition, &value);
-        self.sent.push((seq, partition, value));
-        seq
-    }
-
-    /// Resends the last `n` records with their own seq: what a sluice
-    /// killed after producing, before committing its offset, does.
-    fn duplicate_tail(&mut self, n: usize) {
-        let from = self.sent.len().saturating_sub(n);
-        let tail: Vec<_> = self.sent[from..].to_vec();
-        for (seq, p, v) in tail {
-            self.send(seq, p, &v);
-        }
-    }
-
-    fn flush(&self) {
-        self.producer.flush(Duration::from_secs(60)).unwrap();
-    }
-}
-
-/// Lines of every file under `dir/logs`, by ledger id (`garbage-…` values
-/// of unparsed lines included), and the problems a recount finds in the
-/// summaries.
-fn recount(dir: &Path) -> (HashMap<String, u64>, Vec<String>) {
-    let mut ids = HashMap::new();
-    let mut problems = Vec::new();
-    let mut stack = vec![dir.join("logs")];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            let text = std::fs::read_to_string(&p).unwrap();
-            let unparsed = p.to_string_lossy().contains("/unparsed/");
-            let mut by_tenant: BTreeMap<String, u64> = BTreeMap::new();
-            let mut n = 0;
-            for line in text.lines() {
-                let v: Value = serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("{}: bad line {line:?}: {e}", p.display()));
-                let id = if unparsed {
-                    v["value"].as_str().unwrap().to_string()
-                } else {
-                    *by_tenant
-                        .entry(v["tenant_id"].as_str().unwrap_or("").into())
-                        .or_default() += 1;
-                    v["id"].as_str().unwrap().to_string()
-                };
-                *ids.entry(id).or_default() += 1;
-                n += 1;
-            }
-            if unparsed {
-                continue;
-            }
-            // logs/2026-11-26/12.log.json -> analytics/2026-11-26/summary_12.json
-            let day = p
-                .parent()
-                .unwrap()
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let hh = &p.file_name().unwrap().to_string_lossy()[..2];
-            let sp = dir.join(format!("analytics/{day}/summary_{hh}.json"));
-            let s: Value = match std::fs::read(&sp) {
-                Ok(b) => serde_json::from_slice(&b).unwrap(),
-                Err(e) => {
-                    problems.push(format!("{}: {e}", sp.display()));
-                    continue;
-                }
-            };
-            if s["total"] != json!(n) || s["bytes"] != json!(text.len()) {
-                problems.push(format!(
-                    "{}: total {} bytes {} but the file has {n} lines, {} bytes",
-                    sp.display(),
-                    s["total"],
-                    s["bytes"],
-                    text.len()
-                ));
-            }
-            let counted: BTreeMap<String, u64> =
-                serde_json::from_value(s["by_tenant"]["counts"].clone()).unwrap();
-            if counted != by_tenant {
-                problems.push(format!(
-                    "{}: by_tenant {counted:?} != {by_tenant:?}",
-                    sp.display()
-                ));
-            }
-        }
-    }
-    (ids, problems)
-}
-
 /// Waits until the archive directories hold every ledger record.
 fn wait_complete(dirs: &[&Path], expected: usize) -> HashMap<String, u64> {
     let t0 = Instant::now();
@@ -398,14 +232,6 @@ fn assert_exactly_once(all: &HashMap<String, u64>, ledger: &[String]) {
         &dup[..dup.len().min(5)],
         &extra[..extra.len().min(5)]
     );
-}
-
-fn ledger_id(instance: &str, seq: u64) -> String {
-    if seq % 50 == 0 {
-        format!("garbage-{instance}-{seq}")
-    } else {
-        format!("{instance}-{seq}")
-    }
 }
 
 /// Wait until the archiver's committed summaries (HTTP) agree with the

@@ -1,6 +1,8 @@
 //! HTTP ingest tests. Most drive `app(state)` with `oneshot` over a real WAL
 //! in a temp dir; `concurrency` and `crash` use real TCP, the latter against a
 //! real `sluice serve` child process.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 #[cfg(feature = "kafka")]
 mod admin;

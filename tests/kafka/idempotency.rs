@@ -528,3 +528,142 @@ fn a_version_1_entry_replays_the_old_builds_answer_byte_for_byte() {
     assert_eq!(status, 422, "{}", String::from_utf8_lossy(&got));
     assert_eq!(next_seq(&d), 7, "nothing appended");
 }
+
+/// The retry of `key` gets `first` back, marked replayed.
+fn assert_replayed(d: &Daemon, key: &[(&str, &str)], body: &str, first: &serde_json::Value) {
+    let (status, h, again) = post(&d.addr, key, body);
+    assert_eq!(
+        (status, header(&h, "idempotent-replayed")),
+        (202, Some("true")),
+        "{again}\n{}",
+        d.log_text()
+    );
+    assert_eq!(&again, first);
+}
+
+/// Hostile review of the idempotency log (D2, D3): a log that lost its
+/// checkpoints, or one left behind by a WAL that started over, must not
+/// hide the keys whose records the WAL still holds. An intact log is never
+/// behind the committed offset (every commit checkpoints first), and never
+/// at or past the WAL's end; otherwise the rebuild rescans the whole WAL.
+#[test]
+fn a_log_that_lost_checkpoints_or_outlived_its_wal_hides_no_key() {
+    let (_dir, broker, data) = setup();
+    let d = serve(&data, &broker.addr, &[], &[]);
+    let body = events("lost", 2);
+    let key = [("Idempotency-Key", "kept-in-wal")];
+    let (status, _, first) = post(&d.addr, &key, &body);
+    assert_eq!(status, 202, "{first}");
+    wait_committed(&d, seqs(&first).1);
+    assert!(d.stop().success());
+    // The log cut back to its magic: a valid, empty log whose watermark
+    // (0) is below the committed offset. The key's record is still in the
+    // WAL's active segment.
+    let log = data.join("idempotency.log");
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    f.set_len(16).unwrap();
+    drop(f);
+    let d = serve(&data, &broker.addr, &[], &[]);
+    assert_replayed(&d, &key, &body, &first);
+    assert!(d.log_text().contains("idempotency log not trusted"));
+    // Many keyed requests, so that the log's watermark is far ahead of
+    // what a new WAL will hold; then the WAL and the offsets start over
+    // (an operator removed them), the log stays.
+    for i in 0..30 {
+        let k = format!("filler-{i}");
+        let (status, _, _) = post(&d.addr, &[("Idempotency-Key", &k)], &events(&k, 5));
+        assert_eq!(status, 202);
+    }
+    let last = next_seq(&d) - 1;
+    wait_committed(&d, last);
+    assert!(d.stop().success());
+    std::fs::remove_dir_all(data.join("wal")).unwrap();
+    std::fs::remove_dir_all(data.join("offsets")).unwrap();
+    let d = serve(&data, &broker.addr, &[], &[]);
+    let key = [("Idempotency-Key", "after-the-wal-restarted")];
+    let body = events("restarted", 2);
+    let (status, _, first) = post(&d.addr, &key, &body);
+    assert_eq!(status, 202, "{first}");
+    assert!(seqs(&first).1 < last, "seqs are reused: {first}");
+    // Killed before a periodic checkpoint can have written the key: only
+    // the rescan can find it.
+    kill9(d);
+    let d = serve(&data, &broker.addr, &[], &[]);
+    assert_replayed(&d, &key, &body, &first);
+}
+
+/// A power cut before a group commit's fdatasync can keep a keyed batch's
+/// first record, which carries the key, and lose later ones: the tail cut
+/// at open, or a hole that recovery reports lost. That batch never got its
+/// 202, so a retry must append it again; a replayed answer would
+/// acknowledge records that are gone, under sequence numbers that are lost
+/// or handed out again. Found by the power-cut harness (`make powercut`,
+/// serve and files modes, a torn cut): a replayed 202 covered 30 records of
+/// a range recovery had reported lost.
+#[test]
+fn a_retry_of_a_keyed_batch_torn_before_its_fdatasync_appends_it_again() {
+    use std::os::unix::fs::FileExt;
+    for hole in [false, true] {
+        let (_dir, broker, data) = setup();
+        let big_segments = ("SLUICE_WAL_SEGMENT_BYTES", "1048576");
+        // On a fresh data dir the first fdatasync is the first segment's
+        // header; the second, the batch's group commit, fails: its frames
+        // are written, never acknowledged, and the daemon exits.
+        let mut d = serve(
+            &data,
+            &broker.addr,
+            &[("SLUICE_DEBUG_FAIL_FSYNC_AFTER", "1"), big_segments],
+            &[],
+        );
+        let body = events("torn", 20);
+        let key = [("Idempotency-Key", "\"torn-batch\"")];
+        let (status, _, v) = post(&d.addr, &key, &body);
+        assert_eq!(status, 503, "{v}");
+        assert!(d.wait_exit(Duration::from_secs(60)).is_some());
+        drop(d);
+        // What the power cut left of the unsynced frames: the first third,
+        // then (hole) zeros where the disk wrote nothing, then the rest.
+        let seg = data.join("wal").join(sluice::wal::format::segment_name(1));
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let head = sluice::wal::format::HEADER_LEN as u64;
+        let frames = len - head;
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        if hole {
+            f.write_all_at(&vec![0u8; frames as usize / 4], head + frames / 3)
+                .unwrap();
+        } else {
+            f.set_len(head + frames / 3).unwrap();
+        }
+        drop(f);
+
+        let d = serve(&data, &broker.addr, &[big_segments], &[]);
+        let (status, h, v) = post(&d.addr, &key, &body);
+        assert_eq!(
+            (status, header(&h, "idempotent-replayed")),
+            (202, None),
+            "hole {hole}: appended again, not replayed: {v}"
+        );
+        assert_eq!(v["accepted"], 20, "{v}");
+        let (first, last) = seqs(&v);
+        wait_committed(&d, last);
+        for seq in first..=last {
+            let r = get_json(&d.addr, &format!("/v1/receipts/{seq}"));
+            assert_eq!(r["status"], "delivered", "hole {hole}: {r}");
+        }
+        assert_eq!(
+            labeled_metric(
+                &d.addr,
+                "sluice_idempotency_keys_evicted_total{reason=\"torn\"}"
+            ),
+            1.0,
+            "hole {hole}"
+        );
+        // The key now stands for the new batch.
+        let (status, h, again) = post(&d.addr, &key, &body);
+        assert_eq!(
+            (status, header(&h, "idempotent-replayed")),
+            (202, Some("true"))
+        );
+        assert_eq!(again, v);
+    }
+}

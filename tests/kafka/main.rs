@@ -1,5 +1,7 @@
 //! Replay tests against librdkafka's mock cluster: the real Kafka protocol
 //! over TCP on localhost, with broker-down and error-injection controls.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 mod cli;
 mod daemon;

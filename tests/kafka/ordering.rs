@@ -63,9 +63,11 @@ async fn append_until(
 /// Appends `count` records one at a time, each confirmed before the next:
 /// no batch of the partition is queued behind a refused one. With one
 /// queued, order rests on the broker refusing an idempotent producer's
-/// out-of-sequence batch, which Kafka does and the mock cluster does not
-/// (it checks sequences only for transactional producers), while
-/// librdkafka sends what was queued before its purge after a fatal error.
+/// out-of-sequence batch, which the mock cluster does not (it checks
+/// sequences only for transactional producers), while librdkafka sends
+/// what was queued before its purge after a fatal error. Apache Kafka 4.4
+/// does refuse it: the batched versions of these paths are in
+/// `tests/apache-kafka/sequence.rs`.
 async fn append_paced(node: &Node, prefix: &str, count: usize) -> u64 {
     let mut last = 0;
     for n in 0..count {

@@ -27,6 +27,16 @@ pub struct PartitionState {
     pub isr: Vec<i32>,
 }
 
+/// What an ACL is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Resource<'a> {
+    Topic(&'a str),
+    /// Several topics in one AclCommand run.
+    Topics(&'a [&'a str]),
+    Group(&'a str),
+    Cluster,
+}
+
 /// A running cluster. Dropping it (also while a test panics) kills every
 /// node with SIGKILL; a watchdog started with the cluster does the same if
 /// the test process dies without dropping it.
@@ -41,7 +51,7 @@ impl Cluster {
     /// min.insync.replicas min(2, n)) and waits until they serve. `None` when
     /// the jars (or java) are missing and `SLUICE_REQUIRE_KAFKA` is not set.
     pub fn start(nodes: u32) -> Option<Cluster> {
-        Cluster::start_inner(nodes, 0, false)
+        Cluster::start_with(nodes, &[])
     }
 
     /// `brokers` broker-only nodes (ids 1..=brokers) beside `controllers`
@@ -49,12 +59,34 @@ impl Cluster {
     /// so brokers can die while the quorum stays (`cluster.py up
     /// --controllers`). `nodes()` lists the brokers.
     pub fn start_layout(brokers: u32, controllers: u32) -> Option<Cluster> {
-        Cluster::start_inner(brokers, controllers, false)
+        Cluster::start_with(brokers, &["--controllers", &controllers.to_string()])
     }
 
-    /// `remove`: the watchdog also deletes the state dir when the test
-    /// process exits (for [`shared`], which is never dropped).
-    fn start_inner(nodes: u32, controllers: u32, remove: bool) -> Option<Cluster> {
+    /// As [`Cluster::start`], with a SASL_SSL listener for clients on each
+    /// node (SCRAM-SHA-256 and -512 over TLS, a CA made at start), KRaft's
+    /// StandardAuthorizer denying what no ACL allows, and the SCRAM user
+    /// `sluice` (password [`Cluster::password`]). [`Cluster::bootstrap`]
+    /// stays the PLAINTEXT listeners, whose principal is the super user.
+    pub fn start_sasl(nodes: u32) -> Option<Cluster> {
+        Cluster::start_with(nodes, &["--sasl"])
+    }
+
+    /// One 3-node [`Cluster::start_sasl`] cluster for every test of this
+    /// process that asks: a cluster takes 30-60 s to start on a loaded
+    /// machine. Tests on it use their own topics, users and ACLs, and do
+    /// not kill nodes. Never dropped: the watchdog takes it down and
+    /// deletes its state once the test process exits.
+    pub fn shared_sasl() -> Option<&'static Cluster> {
+        static SHARED: std::sync::OnceLock<Option<Cluster>> = std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| Cluster::start_with(3, &["--sasl", "--remove-state"]))
+            .as_ref()
+    }
+
+    /// `nodes` brokers; `up_args` go to `cluster.py up` (`--controllers N`,
+    /// `--sasl`, `--remove-state`: the watchdog also deletes the state dir
+    /// when the test process exits, for a cluster never dropped).
+    fn start_with(nodes: u32, up_args: &[&str]) -> Option<Cluster> {
         let check = Command::new("python3")
             .arg(script())
             .args(["jars", "--check"])
@@ -84,24 +116,18 @@ impl Cluster {
             nodes: (1..=nodes).collect(),
         };
         // From here on, drop takes the nodes down even if `up` fails half way.
-        let (n, c, pid) = (
-            nodes.to_string(),
-            controllers.to_string(),
-            std::process::id().to_string(),
+        let out = cluster.run(
+            &[
+                "up",
+                "--nodes",
+                &nodes.to_string(),
+                "--watch-pid",
+                &std::process::id().to_string(),
+            ]
+            .into_iter()
+            .chain(up_args.iter().copied())
+            .collect::<Vec<_>>(),
         );
-        let mut args = vec![
-            "up",
-            "--nodes",
-            &n,
-            "--controllers",
-            &c,
-            "--watch-pid",
-            &pid,
-        ];
-        if remove {
-            args.push("--watch-remove");
-        }
-        let out = cluster.run(&args);
         cluster.bootstrap = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert!(
             !cluster.bootstrap.is_empty(),
@@ -274,6 +300,99 @@ impl Cluster {
         self.run(&["wait-ready"]);
     }
 
+    /// `host:port` of every node's SASL_SSL listener (a `start_sasl` cluster).
+    pub fn sasl_bootstrap(&self) -> String {
+        self.text(&["bootstrap", "--sasl"])
+    }
+
+    /// The librdkafka properties (`[kafka.librdkafka]`) with which SASL user
+    /// `user` reaches the SASL_SSL listeners: protocol, SCRAM-SHA-512,
+    /// name, password, and the CA file.
+    pub fn client_config(&self, user: &str) -> Vec<(String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.text(&["client-config", "--user", user])).unwrap();
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    /// The password of SASL user `user`.
+    pub fn password(&self, user: &str) -> String {
+        self.client_config(user)
+            .into_iter()
+            .find(|(k, _)| k == "sasl.password")
+            .unwrap()
+            .1
+    }
+
+    /// The CA file that signed the brokers' certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.state.path().join("tls/ca.pem")
+    }
+
+    /// Creates (or changes) SCRAM user `name`.
+    pub fn user_add(&self, name: &str, password: &str) {
+        self.run(&["user-add", name, password]);
+    }
+
+    /// Allows `principal` (`User:NAME`) each of `operations` (`Write`,
+    /// `Read`, `Describe`, ...) on `resource`.
+    pub fn acl_add(&self, principal: &str, operations: &[&str], resource: Resource) {
+        self.acl("add", principal, operations, resource);
+    }
+
+    /// Removes the allow ACLs `acl_add` made.
+    pub fn acl_remove(&self, principal: &str, operations: &[&str], resource: Resource) {
+        self.acl("remove", principal, operations, resource);
+    }
+
+    fn acl(&self, action: &str, principal: &str, operations: &[&str], resource: Resource) {
+        let mut args = vec!["acl", action, "--principal", principal];
+        for op in operations {
+            args.extend(["--operation", op]);
+        }
+        match resource {
+            Resource::Topic(t) => args.extend(["--topic", t]),
+            Resource::Topics(ts) => {
+                for t in ts {
+                    args.extend(["--topic", t]);
+                }
+            }
+            Resource::Group(g) => args.extend(["--group", g]),
+            Resource::Cluster => args.push("--cluster"),
+        }
+        self.run(&args);
+    }
+
+    /// Deletes topic `name` (Kafka's TopicCommand `--delete`).
+    pub fn delete_topic(&self, name: &str) {
+        self.run(&["delete-topic", name]);
+    }
+
+    /// Up to `max` values of `topic` from the beginning, read by Kafka's own
+    /// Java console consumer: as SASL user `user` over SASL_SSL (it needs
+    /// Read on the topic and on group `group`), else as the super user.
+    /// Stops after `max` or after 15 s without a record.
+    pub fn consume_values(
+        &self,
+        topic: &str,
+        max: usize,
+        user: Option<(&str, &str)>,
+    ) -> Vec<String> {
+        let max = max.to_string();
+        let mut args = vec!["consume", topic, "--max", &max];
+        if let Some((user, group)) = user {
+            args.extend(["--user", user, "--group", group]);
+        }
+        self.text(&args)
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
     fn text(&self, args: &[&str]) -> String {
         String::from_utf8(self.run(args).stdout)
             .unwrap()
@@ -374,7 +493,7 @@ pub fn shared() -> Option<Turn> {
     let cluster = SHARED
         .get_or_init(|| {
             let t0 = Instant::now();
-            let c = Cluster::start_inner(3, 1, true)?;
+            let c = Cluster::start_with(3, &["--controllers", "1", "--remove-state"])?;
             eprintln!(
                 "shared Apache Kafka cluster (3 brokers + 1 controller) ready in {:.1} s: {}",
                 t0.elapsed().as_secs_f64(),

@@ -1,5 +1,7 @@
 //! WAL integration tests: real files and real fsync unless a test says it
 //! uses the simulated disk (`SimFs`) to model crashes and faults.
+// Fixtures use plain std::fs; the product goes through `storage`.
+#![allow(clippy::disallowed_methods)]
 
 mod basic;
 mod cli;

@@ -231,7 +231,7 @@ pub fn quarantine(dir: &Path, file: &Path) -> std::io::Result<(PathBuf, bool)> {
     if to.exists() {
         return Ok((to, false));
     }
-    crate::durable::write_file_durable(&to, &bytes)?;
+    crate::storage::durable::write_file_durable(&to, &bytes)?;
     Ok((to, true))
 }
 
@@ -240,6 +240,6 @@ pub fn quarantine(dir: &Path, file: &Path) -> std::io::Result<(PathBuf, bool)> {
 #[cfg(test)]
 pub(crate) fn write_v1(dir: &Path, cp: &Checkpoint) -> std::io::Result<u64> {
     let bytes = format::encode(MAIN_MAGIC, 1, cp)?;
-    crate::durable::write_file_durable(&dir.join(FILE), &bytes)?;
+    crate::storage::durable::write_file_durable(&dir.join(FILE), &bytes)?;
     Ok(bytes.len() as u64)
 }

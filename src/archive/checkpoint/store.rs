@@ -258,7 +258,7 @@ impl Store {
     /// to start).
     pub fn open(dir: &Path) -> Result<(Store, Option<Opened>), CheckpointError> {
         let hours_dir = dir.join(HOURS_DIR);
-        crate::durable::create_dir_durable(&hours_dir)
+        crate::storage::durable::create_dir_durable(&hours_dir)
             .map_err(|e| CheckpointError::Io(hours_dir.display().to_string(), e))?;
         let loaded = load(dir)?;
         let mut store = Store {
@@ -334,7 +334,7 @@ impl Store {
             }
         }
         if removed > 0 {
-            crate::durable::sync_dir(&hours_dir)?;
+            crate::storage::durable::sync_dir(&hours_dir)?;
         }
         Ok(removed)
     }
@@ -361,7 +361,7 @@ impl Store {
                     let path = hours_dir.join(hour_file_name(key, gen));
                     // tmp, fsync, rename; dying before the rename leaves a
                     // `.tmp` (garbage); after it, a file no main names yet.
-                    crate::durable::replace_file(&path, &bytes)?;
+                    crate::storage::durable::replace_file(&path, &bytes)?;
                     w.hour_files += 1;
                     w.hour_bytes += bytes.len() as u64;
                     w.largest_hour = w.largest_hour.max(bytes.len() as u64);
@@ -379,7 +379,7 @@ impl Store {
         if w.hour_files > 0 {
             // One directory fsync for all of them: the new names are
             // durable before the main file that names them can be.
-            crate::durable::sync_dir(&hours_dir)?;
+            crate::storage::durable::sync_dir(&hours_dir)?;
             w.fsyncs += 1;
         }
         // Dying here: the old main file names the old generations, all
@@ -394,7 +394,7 @@ impl Store {
             progress: out.progress,
         };
         let bytes = format::encode(MAIN_MAGIC, VERSION, &main)?;
-        crate::durable::write_file_durable(&self.dir.join(FILE), &bytes)?;
+        crate::storage::durable::write_file_durable(&self.dir.join(FILE), &bytes)?;
         w.main_bytes = bytes.len() as u64;
         w.fsyncs += 2;
         // Committed. Step 3: the generations the durable main file no

@@ -85,11 +85,11 @@ impl WalFile for StdFile {
 }
 
 /// [`Filesystem::create_dir_all`] on real directories:
-/// [`crate::durable::create_dir_durable`] (each missing level created
+/// [`crate::storage::durable::create_dir_durable`] (each missing level created
 /// top-down, it and its parent fsynced), so a directory we created (and the
 /// files we later make durable inside it) survives a power loss.
 pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
-    crate::durable::create_dir_durable(dir).map(|_| ())
+    crate::storage::durable::create_dir_durable(dir).map(|_| ())
 }
 
 /// Alignment of `O_DIRECT` transfers: the largest logical block size in use
