@@ -202,14 +202,14 @@ chaos-archive:
 	ARCHIVE_CHAOS_CYCLES=$(CYCLES) $(CARGO) test --locked --all-features --test archive kill_9 -- --nocapture
 
 # Power-cut chaos (tests/powercut.rs): sluice serve (into Kafka, and with the
-# files sink) and sluice archive on a powercut-fs FUSE mount, killed -9 and
-# cut (a third of the cuts torn) at random moments, also inside recovery.
-# CYCLES is the total, split evenly over PC_MODES (default 200: 67 a mode);
-# `make powercut CYCLES=30 PC_MODES=serve` runs one mode. Needs /dev/fuse and
-# root (or fusermount3); skips without them unless SLUICE_REQUIRE_FUSE=1.
-# powercut-smoke is CI's short run: 10 cycles a mode. docs/reliability.md,
-# "Power cut".
-PC_MODES ?= serve,files,archive
+# files sink), sluice archive and the offset store (sled) on a powercut-fs
+# FUSE mount, killed -9 and cut (one cut in three torn) at random moments,
+# also inside recovery. CYCLES is the total, split evenly over PC_MODES
+# (default 200: 50 a mode); `make powercut CYCLES=30 PC_MODES=serve` runs
+# one mode. Needs /dev/fuse and root (or fusermount3); skips without them
+# unless SLUICE_REQUIRE_FUSE=1. powercut-smoke is CI's short run: 10 cycles
+# a mode. docs/reliability.md, "Power cut".
+PC_MODES ?= serve,files,archive,sled
 powercut-fs:
 	$(CARGO) build --locked --release --manifest-path tests/powercut-fs/Cargo.toml --target-dir tests/powercut-fs/target
 
@@ -217,4 +217,4 @@ powercut: powercut-fs
 	POWERCUT_CYCLES=$(CYCLES) POWERCUT_MODES=$(PC_MODES) $(CARGO) test --locked --all-features --test powercut
 
 powercut-smoke:
-	$(MAKE) powercut CYCLES=30 PC_MODES=serve,files,archive
+	$(MAKE) powercut CYCLES=40 PC_MODES=serve,files,archive,sled

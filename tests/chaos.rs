@@ -315,6 +315,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
         let bad = v.lost + v.unacknowledged + v.duplicates as usize + v.order_violations as usize;
+        for (id, seqs) in v.repeated.iter().take(10) {
+            eprintln!(
+                "DUPLICATE after the rule: {id} at seqs {seqs:?} (acknowledged as {:?})",
+                acked.get(id)
+            );
+        }
         if incomplete || bad > 0 || !clean || acked.is_empty() {
             eprintln!(
                 "exactly-once run failed (incomplete read: {incomplete}, clean stop: {clean}); logs kept in {}",

@@ -217,6 +217,8 @@ pub struct Verdict {
     pub raw_duplicates: u64,
     pub order_violations: u64,
     pub dropped_by_rule: u64,
+    /// Ids kept more than once after the rule, with the seq of each copy.
+    pub repeated: Vec<(String, Vec<u64>)>,
 }
 
 /// Applies the consumer rule to `raw` (read in partition order) and checks
@@ -225,7 +227,7 @@ pub fn verdict(acked: &HashMap<String, u64>, raw: &[Raw]) -> Verdict {
     let mut high: HashMap<(&str, i32), u64> = HashMap::new();
     let mut first_high: HashMap<(&str, i32), u64> = HashMap::new();
     let mut seen_seq: HashSet<(&str, u64)> = HashSet::new();
-    let mut kept: HashMap<&str, u64> = HashMap::new();
+    let mut kept: HashMap<&str, Vec<u64>> = HashMap::new();
     let mut raw_ids: HashMap<&str, u64> = HashMap::new();
     let (mut order_violations, mut dropped_by_rule) = (0, 0);
     for r in raw {
@@ -248,7 +250,7 @@ pub fn verdict(acked: &HashMap<String, u64>, raw: &[Raw]) -> Verdict {
         let h = high.entry(k).or_insert(0);
         if r.seq > *h {
             *h = r.seq;
-            *kept.entry(&r.id).or_insert(0) += 1;
+            kept.entry(&r.id).or_default().push(r.seq);
         } else {
             dropped_by_rule += 1;
         }
@@ -258,10 +260,15 @@ pub fn verdict(acked: &HashMap<String, u64>, raw: &[Raw]) -> Verdict {
             .keys()
             .filter(|id| !kept.contains_key(id.as_str()))
             .count(),
-        duplicates: kept.values().map(|c| c - 1).sum(),
+        duplicates: kept.values().map(|c| c.len() as u64 - 1).sum(),
         unacknowledged: kept.keys().filter(|id| !acked.contains_key(**id)).count(),
         raw_duplicates: raw_ids.values().map(|c| c - 1).sum(),
         order_violations,
         dropped_by_rule,
+        repeated: kept
+            .iter()
+            .filter(|(_, seqs)| seqs.len() > 1)
+            .map(|(id, seqs)| (id.to_string(), seqs.clone()))
+            .collect(),
     }
 }

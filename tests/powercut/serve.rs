@@ -11,7 +11,9 @@
 //!   acknowledged seq, and the sum of the ranges the serving processes
 //!   logged equals the sum of their `/stats` `lost_records` (processes
 //!   killed inside recovery log ranges that no `/stats` ever showed: the
-//!   ranges are the authority, the sum a cross-check);
+//!   ranges are the authority, the sum a cross-check; every process that
+//!   reads across a lost range counts it again, so the sum exceeds the
+//!   distinct seqs, `lost_seqs_logged`);
 //! - Kafka: after the consumer rule (first occurrence of (instance, seq)
 //!   per partition, `chaos/exactly_once.rs`) every acknowledged id exactly
 //!   once, nothing that was not acknowledged, first occurrences in rising
@@ -377,6 +379,34 @@ pub fn run(run: &Run, files: bool, cycles: u64, seed: u64) -> Report {
             report.failures.push(format!(
                 "{} acknowledged events lost, e.g. {lost:?}",
                 v.lost
+            ));
+        }
+        // A repeat whose other copies carry seqs no 202 ever named is what
+        // survived of a write torn before its fdatasync, sent again by the
+        // client's retry (see docs/reliability.md, "Power cut").
+        let unacked_copies: usize = v
+            .repeated
+            .iter()
+            .map(|(id, seqs)| seqs.iter().filter(|s| acked.get(id) != Some(s)).count())
+            .sum();
+        let torn_only = v.repeated.iter().all(|(id, seqs)| {
+            seqs.iter().filter(|s| acked.get(id) == Some(*s)).count() == 1
+                && seqs
+                    .iter()
+                    .all(|s| acked.get(id) == Some(s) || !acked_seqs.contains(s))
+        });
+        report.extra = format!(
+            "{} repeated_copies_never_acknowledged={unacked_copies} all_repeats_torn_survivors={torn_only}",
+            report.extra
+        );
+        if !v.repeated.is_empty() {
+            let sample: Vec<_> = v.repeated.iter().take(5).collect();
+            report.failures.push(format!(
+                "ids kept more than once (id, seqs of the copies; acknowledged seq per the ledger), e.g. {:?}",
+                sample
+                    .iter()
+                    .map(|(id, seqs)| (id, seqs, acked.get(id)))
+                    .collect::<Vec<_>>()
             ));
         }
         if v.duplicates > 0 || v.unacknowledged > 0 || v.order_violations > 0 {

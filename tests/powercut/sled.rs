@@ -38,6 +38,10 @@ pub const CHILD_ENV: &str = "POWERCUT_SLED_CHILD";
 const JOURNAL_ENV: &str = "POWERCUT_SLED_JOURNAL";
 /// Set for the last child: open, verify, exit.
 const VERIFY_ONLY_ENV: &str = "POWERCUT_SLED_VERIFY_ONLY";
+/// Set for the `sled-flush-only` experiment: sled alone, trusted as sled
+/// documents it (a write is durable once `flush()` returned), without the
+/// offset store's fsyncs.
+const FLUSH_ONLY_ENV: &str = "POWERCUT_SLED_FLUSH_ONLY";
 const TOPIC: &str = "events";
 
 /// What the journal promises since its last epoch.
@@ -90,6 +94,9 @@ pub fn child(data: &Path) -> ExitCode {
     if let Err(e) = sluice::storage::durable::create_dir_durable(data) {
         note(format!("open-failed create {}: {e}", data.display()));
         return ExitCode::from(3);
+    }
+    if std::env::var_os(FLUSH_ONLY_ENV).is_some() {
+        return flush_only_child(data, &before, &mut note);
     }
     let (store, reset) = match OffsetStore::open_or_reset(data, &data.join("wal")) {
         Ok(v) => v,
@@ -182,7 +189,93 @@ pub fn child(data: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn spawn(data: &Path, journal: &Path, log: &Path, verify_only: bool) -> std::process::Child {
+/// The `sled-flush-only` child: sled 0.34 configured as the offset store
+/// configures it, but promising a value once `flush()` returned, as sled's
+/// documentation does. Opens, checks the last promised value, fsyncs every
+/// file and directory once (so that sled's missing directory fsyncs do not
+/// hide the rest), then inserts and flushes as fast as it can, with no
+/// fsync of its own.
+fn flush_only_child(data: &Path, before: &str, note: &mut impl FnMut(String)) -> ExitCode {
+    let dir = data.join("offsets");
+    let open = || {
+        std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(&dir)
+                .flush_every_ms(None)
+                .cache_capacity(sluice::replay::offsets::CACHE_BYTES)
+                .open()
+        })
+    };
+    let db = match open() {
+        Ok(Ok(db)) => db,
+        broken => {
+            // What open_or_reset does: set the store aside, start afresh.
+            let why = match broken {
+                Ok(Err(e)) => e.to_string(),
+                _ => "sled panicked".to_string(),
+            };
+            note(format!("broken open-error {why}"));
+            note("epoch".into());
+            let aside = data.join(format!("offsets-broken-{}", before.lines().count()));
+            std::fs::rename(&dir, &aside).expect("set the broken store aside");
+            match open() {
+                Ok(Ok(db)) => db,
+                _ => return ExitCode::from(3),
+            }
+        }
+    };
+    let found = db
+        .get(b"committed")
+        .ok()
+        .flatten()
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    // Every name durable (each file of the store, the store's directory
+    // and its entry): what is left to sled is only the bytes it writes
+    // after this, and its flush.
+    for e in std::fs::read_dir(&dir)
+        .expect("read the store's dir")
+        .flatten()
+    {
+        if let Ok(f) = std::fs::File::open(e.path()) {
+            f.sync_all().expect("fsync a store file");
+        }
+    }
+    sluice::durable::sync_dir(&dir).expect("fsync the store's dir");
+    sluice::durable::sync_dir(data).expect("fsync the data dir");
+    let promised = promises(before).commit;
+    note(format!(
+        "open committed={found} promised={promised} fates=0 pins=0 reset=false"
+    ));
+    if found < promised {
+        note(format!(
+            "broken rollback committed={found} promised={promised}"
+        ));
+        note("epoch".into());
+        note(format!("commit {found}"));
+    }
+    if std::env::var_os(VERIFY_ONLY_ENV).is_some() {
+        return ExitCode::SUCCESS;
+    }
+    let mut c = found;
+    for step in 0u64.. {
+        c += 10;
+        db.insert(b"committed", &c.to_be_bytes()).expect("insert");
+        db.insert(format!("filler-{}", step % 64), vec![step as u8; 700])
+            .expect("filler");
+        db.flush().expect("flush");
+        note(format!("commit {c}"));
+    }
+    ExitCode::SUCCESS
+}
+
+fn spawn(
+    data: &Path,
+    journal: &Path,
+    log: &Path,
+    verify_only: bool,
+    flush_only: bool,
+) -> std::process::Child {
     let mut cmd = Command::new(std::env::current_exe().expect("this binary"));
     cmd.env(CHILD_ENV, data)
         .env(JOURNAL_ENV, journal)
@@ -198,11 +291,21 @@ fn spawn(data: &Path, journal: &Path, log: &Path, verify_only: bool) -> std::pro
     if verify_only {
         cmd.env(VERIFY_ONLY_ENV, "1");
     }
+    if flush_only {
+        cmd.env(FLUSH_ONLY_ENV, "1");
+    }
     cmd.spawn().expect("spawn the sled child")
 }
 
-pub fn run(run: &Run, cycles: u64, seed: u64) -> Report {
-    let (mut report, mount) = begin(run, "sled", cycles);
+/// `flush_only`: the `sled-flush-only` experiment, whose broken promises
+/// are findings about sled, not failures of sluice.
+pub fn run(run: &Run, cycles: u64, seed: u64, flush_only: bool) -> Report {
+    let mode = if flush_only {
+        "sled-flush-only"
+    } else {
+        "sled"
+    };
+    let (mut report, mount) = begin(run, mode, cycles);
     let Some(mut mount) = mount else {
         return report;
     };
@@ -220,7 +323,7 @@ pub fn run(run: &Run, cycles: u64, seed: u64) -> Report {
             .lines()
             .count();
         let t0 = Instant::now();
-        let mut child = spawn(&data, &journal, &log, false);
+        let mut child = spawn(&data, &journal, &log, false, flush_only);
         let inside_open = rng.next() % 3 == 0;
         let wait = if inside_open {
             rng.range(0, open_ms + 1)
@@ -266,7 +369,7 @@ pub fn run(run: &Run, cycles: u64, seed: u64) -> Report {
     }
     if report.failures.is_empty() {
         report.starts += 1;
-        let status = spawn(&data, &journal, &log, true)
+        let status = spawn(&data, &journal, &log, true, flush_only)
             .wait()
             .expect("wait for the sled child");
         if !status.success() {
@@ -288,10 +391,14 @@ pub fn run(run: &Run, cycles: u64, seed: u64) -> Report {
         count("pin "),
         count("broken ")
     );
-    for line in text.lines().filter(|l| {
+    let problems = text.lines().filter(|l| {
         l.starts_with("broken ") || l.starts_with("reset ") || l.starts_with("open-failed")
-    }) {
-        report.failures.push(line.to_string());
+    });
+    if flush_only {
+        let sample: Vec<&str> = problems.take(5).collect();
+        report.extra = format!("{} first_broken={sample:?}", report.extra);
+    } else {
+        report.failures.extend(problems.map(str::to_string));
     }
     report
 }
