@@ -241,8 +241,8 @@ fn flush_only_child(data: &Path, before: &str, note: &mut impl FnMut(String)) ->
             f.sync_all().expect("fsync a store file");
         }
     }
-    sluice::durable::sync_dir(&dir).expect("fsync the store's dir");
-    sluice::durable::sync_dir(data).expect("fsync the data dir");
+    sluice::storage::durable::sync_dir(&dir).expect("fsync the store's dir");
+    sluice::storage::durable::sync_dir(data).expect("fsync the data dir");
     let promised = promises(before).commit;
     note(format!(
         "open committed={found} promised={promised} fates=0 pins=0 reset=false"
